@@ -1,0 +1,33 @@
+# Everything runs from a local virtualenv that `setup` creates; no manual steps.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint bench train federate clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy runtime server
+	$(BIN)/mypy models testbed
+
+bench: setup
+	$(BIN)/python bench/run.py --out bench.json
+
+# What runs today, until the testbed issue lands `make campaign`:
+train: setup
+	$(BIN)/orchard train --model cnn --dataset digits --profile width=0.5 --steps 300 --json out.json
+
+clean:
+	rm -rf $(VENV) .cache runs bench.json out.json

@@ -1,0 +1,1 @@
+"""Orchard models: ONNX builders, training artifacts and their cache, datasets, partitions."""

@@ -1,0 +1,152 @@
+"""Generate ONNX Runtime training artifacts per structure, and cache them by structure hash.
+
+Each cache entry `<cache>/<key>/` holds the training, eval and optimizer models, the
+checkpoint and a `manifest.json` (layout in ORT's buffer order, FLOPs, opset, versions, file
+hashes). The key hashes the structure, the optimizer and the versions of the builder, onnx and
+onnxruntime, so the same structure maps to the same directory and is reused. An entry that
+fails verification is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from models.builder import IR_VERSION, LOGITS, OPSET, build
+from models.structure import Structure
+from runtime import __version__ as orchard_version
+from runtime.errors import ArtifactError, ConfigError
+from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
+from runtime.ort import onnxruntime_version, training_artifacts_module
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1  # bump when the builder's graphs change, so old cache entries are not reused
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ORCHARD_CACHE")
+    if env:
+        return Path(env) / "artifacts"
+    return Path.home() / ".cache" / "orchard" / "artifacts"
+
+
+def artifact_key(structure: Structure, optimizer: str) -> str:
+    return structure.key({
+        "optimizer": optimizer, "builder": BUILDER_VERSION, "onnx": onnx.__version__, "ort": onnxruntime_version(),
+    })
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    key: str
+    directory: Path
+    rebuilt_reason: str | None  # why an existing entry was discarded, if it was
+
+
+def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Path | None = None) -> ArtifactSet:
+    """Return a verified artifact directory for `structure`, generating it if needed."""
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = artifact_key(structure, optimizer)
+    target = cache / key
+    reason = None
+    if target.exists():
+        try:
+            read_manifest(target, verify=True)
+            return ArtifactSet(key, target, None)
+        except ArtifactError as exc:
+            reason = str(exc)
+            log.warning("discarding cache entry %s: %s", key, reason)
+            shutil.rmtree(target, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        _generate(structure, optimizer, key, tmp)
+        try:
+            os.rename(tmp, target)  # atomic: readers never see a half-written entry
+        except OSError:
+            # Another process published the same key first; keep theirs if it verifies.
+            read_manifest(target, verify=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ArtifactSet(key, target, reason)
+
+
+@contextlib.contextmanager
+def _native_stderr_captured(what: str) -> Iterator[None]:
+    """Hold back native stderr (ORT's gradient builder logs every graph pass at INFO level,
+    whatever the default logger severity) and show its tail only if the work fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except Exception as exc:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            lines = [ln for ln in sink.read().decode(errors="replace").splitlines() if "[I:" not in ln]
+            tail = " | ".join(lines[-3:])
+            raise ArtifactError(f"{what} failed: {exc}" + (f" (ORT said: {tail})" if tail else "")) from exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None:
+    built = build(structure)
+    art = training_artifacts_module()
+    optim = art.OptimType.SGD if optimizer == "sgd" else art.OptimType.AdamW
+    with _native_stderr_captured(f"generating artifacts for {structure.model} {dict(structure.channels)}"):
+        art.generate_artifacts(
+            built.model,
+            requires_grad=list(built.layout.names),
+            frozen_params=[],
+            loss=art.LossType.CrossEntropyLoss,
+            optimizer=optim,
+            artifact_directory=str(out),
+            additional_output_names=[LOGITS],
+        )
+    # ORT's contiguous buffer follows the training graph's parameter inputs. The builder emits
+    # initializers in layout order; check that ORT kept it rather than trusting it.
+    names = set(built.layout.names)
+    training = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
+    order = tuple(i.name for i in training.graph.input if i.name in names)
+    if order != built.layout.names:
+        raise ArtifactError(f"ORT reordered the parameters of {structure.model}: {order[:4]}... != layout")
+    manifest = {
+        "format": FORMAT,
+        "key": key,
+        "structure": structure.to_dict(),
+        "layout": built.layout.to_dict(),
+        "params": built.layout.total,
+        "flops_per_sample": built.flops_per_sample,
+        "optimizer": optimizer,
+        "loss": "cross_entropy",
+        "opset": OPSET,
+        "ir_version": IR_VERSION,
+        "versions": {"orchard": orchard_version, "onnx": onnx.__version__, "onnxruntime": onnxruntime_version(),
+                     "builder": BUILDER_VERSION},
+        "files": {name: file_sha256(out / name) for name in ARTIFACT_FILES},
+    }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def initial_weights(structure: Structure, seed: int = 0) -> np.ndarray:
+    """Fresh weights for `structure` in layout order (He init from `seed`)."""
+    return build(structure, seed).init

@@ -1,0 +1,125 @@
+"""The one module that touches `onnxruntime.training`.
+
+`onnxruntime/training/__init__.py` imports its optimizers, which import torch
+(microsoft/onnxruntime#22070). A board has no torch, so the package module is registered by
+hand with its `__path__` and only the `api` submodule (and, on the host, `artifacts`) is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime
+
+from runtime.errors import ArtifactError, TrainerError
+from runtime.layout import FloatArray
+from runtime.manifest import Manifest, read_manifest
+
+_LOG_ERROR_ONLY = 3
+
+
+def _register_training_package() -> None:
+    if "onnxruntime.training" in sys.modules:
+        return
+    pkg = types.ModuleType("onnxruntime.training")
+    pkg.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
+    sys.modules["onnxruntime.training"] = pkg
+    onnxruntime.set_default_logger_severity(_LOG_ERROR_ONLY)
+
+
+def training_api() -> Any:
+    _register_training_package()
+    from onnxruntime.training import api
+
+    return api
+
+
+def training_artifacts_module() -> Any:
+    """`onnxruntime.training.artifacts`, for generating artifacts on the host (needs onnx)."""
+    _register_training_package()
+    from onnxruntime.training import artifacts
+
+    return artifacts
+
+
+def onnxruntime_version() -> str:
+    return str(onnxruntime.__version__)
+
+
+def threads_for_quota(cpu_quota_cores: float | None) -> int:
+    """Intra-op threads for a CPU quota.
+
+    Rounded down (at least 1): with more threads than whole cores of quota, every parallel
+    region waits for a thread the CFS throttler has parked, which is slower than fewer threads.
+    """
+    if cpu_quota_cores is None:
+        return os.cpu_count() or 1
+    if not math.isfinite(cpu_quota_cores) or cpu_quota_cores <= 0:
+        raise TrainerError(f"CPU quota {cpu_quota_cores} cores is not a positive number")
+    return max(1, int(cpu_quota_cores))
+
+
+class OrtSession:
+    """Training and eval sessions of one artifact directory, with a flat parameter buffer."""
+
+    def __init__(self, directory: Path | str, threads: int = 1, manifest: Manifest | None = None) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        self.layout = self.manifest.layout
+        api = training_api()
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Spinning threads burn CPU quota while waiting; under a cgroup that is stolen step time.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        d = self.directory
+        try:
+            self._state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
+            self._module = api.Module(str(d / "training_model.onnx"), self._state, str(d / "eval_model.onnx"),
+                                      device="cpu", session_options=opts)
+            self._optimizer = api.Optimizer(str(d / "optimizer_model.onnx"), self._module)
+        except Exception as exc:  # ORT raises its own RuntimeError/Fail types
+            raise ArtifactError(f"artifact directory {d}: ONNX Runtime could not load it: {exc}") from None
+        n = int(self._module.get_parameters_size(True))
+        if n != self.layout.total:
+            raise ArtifactError(f"artifact directory {d}: ORT has {n} parameters, manifest layout {self.layout.total}")
+        self._ortvalue = onnxruntime.OrtValue
+        self.threads = threads
+
+    def set_params(self, flat: npt.NDArray[np.float32]) -> None:
+        buf = np.ascontiguousarray(self.layout.check(flat))
+        # The training API wants the C-level OrtValue, not the Python wrapper.
+        self._module.copy_buffer_to_parameters(self._ortvalue.ortvalue_from_numpy(buf)._ortvalue, True)
+
+    def get_params(self) -> FloatArray:
+        return np.array(self._module.get_contiguous_parameters(True).numpy(), dtype=np.float32, copy=True)
+
+    def set_lr(self, lr: float) -> None:
+        self._optimizer.set_learning_rate(float(lr))
+
+    def train_step(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
+        """One forward/backward/update on a batch; returns the batch's mean loss."""
+        self._module.train()
+        try:
+            out = self._module(x, y)
+            self._optimizer.step()
+            self._module.lazy_reset_grad()
+        except Exception as exc:
+            raise TrainerError(f"ORT train step failed on batch of shape {x.shape}: {exc}") from None
+        return float(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
+
+    def eval_step(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[float, FloatArray]:
+        """Mean loss and logits on a batch, without updating anything."""
+        self._module.eval()
+        try:
+            loss, logits = self._module(x, y)
+        except Exception as exc:
+            raise TrainerError(f"ORT eval step failed on batch of shape {x.shape}: {exc}") from None
+        return float(np.asarray(loss)), np.asarray(logits, dtype=np.float32)

@@ -1,0 +1,91 @@
+"""Profiles: what a device trains.
+
+Grammar: `dense`, or comma-separated `key=value` items, e.g. `width=0.5`,
+`width=0.25,window=rolling`, `classes=0-4`, `classes=0+3+7,width=0.5`.
+Class lists use `+` between items and `a-b` for inclusive ranges (commas separate items).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.errors import ConfigError
+
+WINDOWS = ("leading", "rolling")
+
+
+@dataclass(frozen=True)
+class Profile:
+    width: float = 1.0  # fraction of channels kept in every hidden group, in (0, 1]
+    window: str = "leading"  # leading (HeteroFL, FjORD) | rolling (FedRolex)
+    classes: tuple[int, ...] | None = None  # class subset (Chen & Qin); None = all classes
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.width <= 1.0:
+            raise ConfigError(f"profile width {self.width} is outside (0, 1]")
+        if self.window not in WINDOWS:
+            raise ConfigError(f"profile window {self.window!r} is not one of {', '.join(WINDOWS)}")
+        if self.classes is not None:
+            if not self.classes:
+                raise ConfigError("profile class subset is empty")
+            if min(self.classes) < 0:
+                raise ConfigError(f"profile class subset {list(self.classes)} has a negative class")
+            if len(set(self.classes)) != len(self.classes) or list(self.classes) != sorted(self.classes):
+                raise ConfigError(f"profile class subset {list(self.classes)} must be sorted and unique")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.width == 1.0 and self.classes is None
+
+    def canonical(self) -> str:
+        items = []
+        if self.width != 1.0:
+            items.append(f"width={self.width:g}")
+        if self.window != "leading":
+            items.append(f"window={self.window}")
+        if self.classes is not None:
+            items.append("classes=" + "+".join(str(c) for c in self.classes))
+        return ",".join(items) or "dense"
+
+
+def _parse_classes(text: str) -> tuple[int, ...]:
+    out: set[int] = set()
+    for part in text.split("+"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ConfigError(f"profile class range {part!r} is empty")
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ConfigError(f"profile class list {text!r}: {part!r} is not a class index or a-b range") from None
+    return tuple(sorted(out))
+
+
+def parse_profile(text: str) -> Profile:
+    text = text.strip()
+    if text in ("", "dense"):
+        return Profile()
+    width, window, classes = 1.0, "leading", None
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise ConfigError(f"profile item {item!r} in {text!r} is not key=value")
+        if key == "width":
+            try:
+                width = float(value)
+            except ValueError:
+                raise ConfigError(f"profile width {value!r} is not a number") from None
+        elif key == "window":
+            window = value
+        elif key == "classes":
+            classes = _parse_classes(value)
+        else:
+            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes")
+    return Profile(width=width, window=window, classes=classes)

@@ -1,0 +1,157 @@
+"""Local training on an in-memory shard, through ONNX Runtime training artifacts.
+
+The trainer takes weights in (a flat buffer in the artifact's layout), trains for a number of
+steps or epochs with seeded shuffling, and gives weights out with the figures a device reports:
+loss per step, median step time, peak RSS. A class-subset model (Chen & Qin) sees only the
+samples of its classes, with labels mapped to the model's output rows.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import ConfigError, TrainerError
+from runtime.layout import FloatArray
+from runtime.ort import OrtSession
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # > 0: exactly this many optimizer steps, cycling through epochs
+    epochs: int = 1  # used when steps == 0
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            raise ConfigError(f"training needs steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size} must be at least 1")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ConfigError(f"learning rate {self.lr} must be a positive number")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    weights: FloatArray
+    steps: int
+    n_samples: int
+    loss_per_step: tuple[float, ...]
+    step_ms_median: float
+    ort_ms_median: float  # of which inside ONNX Runtime; the rest is batching overhead
+    train_s: float
+    peak_rss_mb: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    n_samples: int
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    def __init__(self, directory: Path | str, threads: int = 1, classes: tuple[int, ...] | None = None) -> None:
+        self.session = OrtSession(directory, threads=threads)
+        self.manifest = self.session.manifest
+        self.layout = self.session.layout
+        n_out = self.manifest.num_outputs
+        if classes is not None and len(classes) != n_out:
+            raise ConfigError(f"class subset of {len(classes)} classes does not fit a model with {n_out} outputs")
+        self.classes = classes
+
+    def _select(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """Samples this model can learn from, with labels mapped to its output rows."""
+        expected = self.manifest.input_shape
+        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise TrainerError(f"input batch shape {tuple(x.shape)} does not match the model's (N, {expected})")
+        if len(x) != len(y):
+            raise TrainerError(f"{len(x)} inputs but {len(y)} labels")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if self.classes is None:
+            if len(y) and (y.min() < 0 or y.max() >= self.manifest.num_outputs):
+                raise TrainerError(
+                    f"labels span [{y.min()}, {y.max()}] but the model has {self.manifest.num_outputs} outputs")
+            return x, y
+        lut = np.full(max(max(self.classes), int(y.max(initial=0))) + 1, -1, dtype=np.int64)
+        lut[list(self.classes)] = np.arange(len(self.classes))
+        mapped = lut[y]
+        keep = mapped >= 0
+        return x[keep], mapped[keep]
+
+    def train(self, weights: FloatArray | None, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
+              cfg: TrainConfig, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+        """Train from `weights` (None: keep the session's). `progress(step, total, loss)` is called
+        every 10 steps, for command-line progress."""
+        xs, ys = self._select(x, y)
+        n = len(ys)
+        if n == 0:
+            raise TrainerError("the shard has no samples of the model's classes")
+        if weights is not None:
+            self.session.set_params(weights)
+        self.session.set_lr(cfg.lr)
+        rng = np.random.default_rng(cfg.seed)
+        batches_per_epoch = -(-n // cfg.batch_size)
+        total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch
+        losses: list[float] = []
+        step_ms: list[float] = []
+        ort_ms: list[float] = []
+        order = rng.permutation(n)
+        t_start = time.perf_counter()
+        for step in range(total):
+            t0 = time.perf_counter()
+            b = step % batches_per_epoch
+            if b == 0 and step > 0:
+                order = rng.permutation(n)
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            bx, by = xs[idx], ys[idx]
+            t1 = time.perf_counter()
+            loss = self.session.train_step(bx, by)
+            t2 = time.perf_counter()
+            if not np.isfinite(loss):
+                raise TrainerError(f"loss became {loss} at step {step} (lr {cfg.lr}); weights not returned")
+            losses.append(loss)
+            if progress is not None and (step % 10 == 9 or step == total - 1):
+                progress(step + 1, total, loss)
+            ort_ms.append((t2 - t1) * 1e3)
+            step_ms.append((t2 - t0) * 1e3)
+        train_s = time.perf_counter() - t_start
+        return TrainResult(
+            weights=self.session.get_params(),
+            steps=total,
+            n_samples=n,
+            loss_per_step=tuple(losses),
+            step_ms_median=float(np.median(step_ms)),
+            ort_ms_median=float(np.median(ort_ms)),
+            train_s=train_s,
+            peak_rss_mb=peak_rss_mb(),
+        )
+
+    def evaluate(self, weights: FloatArray | None, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
+                 batch_size: int = 256) -> EvalResult:
+        xs, ys = self._select(x, y)
+        if len(ys) == 0:
+            raise TrainerError("the evaluation set has no samples of the model's classes")
+        if weights is not None:
+            self.session.set_params(weights)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(ys), batch_size):
+            bx, by = xs[i : i + batch_size], ys[i : i + batch_size]
+            loss, logits = self.session.eval_step(bx, by)
+            loss_sum += loss * len(by)
+            correct += int(np.sum(np.argmax(logits, axis=1) == by))
+        return EvalResult(loss=loss_sum / len(ys), accuracy=correct / len(ys), n_samples=len(ys))

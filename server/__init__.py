@@ -1,0 +1,1 @@
+"""Orchard aggregator: round engine, strategies, MQTT adapter, checkpoints."""

@@ -1,0 +1,1 @@
+"""Orchard testbed: campaigns of emulated boards, throttling, traces, reports, and the CLI."""

@@ -1,0 +1,140 @@
+"""The `orchard` command line.
+
+Every command has `--help`, shows progress on long work, and on bad input exits non-zero with
+one line `error: ...` (the `OrchardError` message, which names the bad value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import OrchardError
+
+EXIT_USAGE = 2
+
+
+def _progress_printer(enabled: bool) -> Callable[[int, int, float], None] | None:
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(step: int, total: int, loss: float) -> None:
+        width = 30
+        done = int(width * step / total)
+        end = "\n" if step == total else ""
+        sys.stderr.write(f"\r  [{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {loss:.4f}{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.central import CentralRun, train_central
+
+    run = CentralRun(
+        model=args.model, dataset=args.dataset, profile=args.profile, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
+        optimizer=args.optimizer, data_root=args.data_root, test_fraction=args.test_fraction,
+        cache_dir=Path(args.cache) if args.cache else None,
+    )
+    result = train_central(run, progress=_progress_printer(not args.quiet))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("model", "profile", "params", "flops_per_sample", "steps", "loss_first", "loss_last",
+            "eval_accuracy", "step_ms_median", "peak_rss_mb")
+    print("  ".join(f"{k}={_fmt(result[k])}" for k in keys))
+    return 0
+
+
+def cmd_artifacts_build(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.artifacts import ensure_artifacts
+    from models.builder import build
+    from models.datasets import load_dataset
+    from models.structure import full_structure, sub_structure
+    from runtime.profile import parse_profile
+    from runtime.submodel import index_map_for
+
+    ds = load_dataset(args.dataset, args.data_root)
+    full = full_structure(args.model, ds.input_shape, ds.num_classes)
+    groups = build(full).layout.groups
+    for text in args.profiles:
+        imap = index_map_for(parse_profile(text), groups)
+        structure = sub_structure(full, {g: np.zeros(len(ix)) for g, ix in imap.items()})
+        art = ensure_artifacts(structure, args.optimizer, Path(args.cache) if args.cache else None)
+        note = f"  (rebuilt: {art.rebuilt_reason})" if art.rebuilt_reason else ""
+        print(f"{text:<24} {art.key}  {art.directory}{note}")
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line, like every other error (the usage text is in --help)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.structure import MODELS
+
+    p = _Parser(prog="orchard", description="On-device collaborative training and its testbed.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one profile centrally through the device trainer",
+                       description="Train a model centrally through the device trainer and report figures.")
+    t.add_argument("--model", required=True, choices=MODELS)
+    t.add_argument("--dataset", default="digits", help="digits | cifar10 | mnist | fashion-mnist | synthetic")
+    t.add_argument("--data-root", help="folder with the dataset's files (cifar10, mnist, fashion-mnist)")
+    t.add_argument("--profile", default="dense", help="e.g. dense, width=0.5, width=0.5,window=rolling, classes=0-4")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (0: use --epochs)")
+    t.add_argument("--epochs", type=int, default=0, help="passes over the training split, when --steps is 0")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: host cores)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--test-fraction", type=float, default=0.2)
+    t.add_argument("--cache", help="artifact cache folder (default: $ORCHARD_CACHE or ~/.cache/orchard)")
+    t.add_argument("--json", help="write the figures to this JSON file")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("artifacts", help="training artifacts", description="Manage training artifacts.")
+    asub = a.add_subparsers(dest="artifacts_command", required=True, metavar="ACTION", parser_class=_Parser)
+    ab = asub.add_parser("build", help="build artifacts for profiles ahead of time",
+                         description="Generate (or verify the cached) training artifacts for each profile.")
+    ab.add_argument("--model", required=True, choices=MODELS)
+    ab.add_argument("--dataset", default="digits", help="sets input shape and class count")
+    ab.add_argument("--data-root")
+    ab.add_argument("--profiles", nargs="+", default=["dense"], metavar="PROFILE")
+    ab.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    ab.add_argument("--cache")
+    ab.set_defaults(func=cmd_artifacts_build)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except OrchardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
