@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from runtime.trainer import TrainConfig, Trainer, peak_rss_mb  # noqa: E402
+from runtime.trainer import TrainConfig, Trainer, peak_rss_mb
 
 
 def main() -> None:

@@ -20,18 +20,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from models.builder import IR_VERSION, LOGITS, OPSET, build
 from models.structure import Structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
+from runtime.layout import FloatArray
 from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
 from runtime.ort import onnxruntime_version, training_artifacts_module
 
 log = logging.getLogger(__name__)
 
+ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
 BUILDER_VERSION = 1  # bump when the builder's graphs change, so old cache entries are not reused
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -45,7 +46,7 @@ def default_cache_dir() -> Path:
 
 def artifact_key(structure: Structure, optimizer: str) -> str:
     return structure.key({
-        "optimizer": optimizer, "builder": BUILDER_VERSION, "onnx": onnx.__version__, "ort": onnxruntime_version(),
+        "optimizer": optimizer, "builder": BUILDER_VERSION, "onnx": ONNX_VERSION, "ort": onnxruntime_version(),
     })
 
 
@@ -139,7 +140,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None
         "loss": "cross_entropy",
         "opset": OPSET,
         "ir_version": IR_VERSION,
-        "versions": {"orchard": orchard_version, "onnx": onnx.__version__, "onnxruntime": onnxruntime_version(),
+        "versions": {"orchard": orchard_version, "onnx": ONNX_VERSION, "onnxruntime": onnxruntime_version(),
                      "builder": BUILDER_VERSION},
         "files": {name: file_sha256(out / name) for name in ARTIFACT_FILES},
     }
@@ -147,6 +148,6 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def initial_weights(structure: Structure, seed: int = 0) -> np.ndarray:
+def initial_weights(structure: Structure, seed: int = 0) -> FloatArray:
     """Fresh weights for `structure` in layout order (He init from `seed`)."""
     return build(structure, seed).init

@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.structure import Structure
-from runtime.layout import AxisGroup, ParamLayout, ParamSpec
+from runtime.layout import AxisGroup, FloatArray, ParamLayout, ParamSpec
 
 OPSET = 17
 IR_VERSION = 8  # ORT 1.19.2 accepts IR <= 10; onnx 1.17 would stamp 10 by default.
@@ -33,7 +35,7 @@ class BuiltModel:
     model: onnx.ModelProto
     layout: ParamLayout
     flops_per_sample: int  # forward pass, 2 x multiply-accumulates of conv and dense layers
-    init: np.ndarray  # initial flat parameters in layout order
+    init: FloatArray  # initial flat parameters in layout order
 
 
 @dataclass
@@ -52,7 +54,7 @@ class _Graph:
         self.counter += 1
         return f"{stem}_{self.counter}"
 
-    def param(self, name: str, value: np.ndarray, axes: tuple[AxisGroup | None, ...], kind: str) -> str:
+    def param(self, name: str, value: npt.NDArray[Any], axes: tuple[AxisGroup | None, ...], kind: str) -> str:
         self.inits.append(numpy_helper.from_array(value.astype(np.float32), name))
         self.specs.append((name, tuple(value.shape), axes, kind))
         return name

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import numpy.typing as npt
 
 from runtime.errors import ConfigError
 
@@ -68,7 +68,7 @@ def full_structure(model: str, input_shape: tuple[int, ...], num_classes: int) -
     return Structure(model, tuple(input_shape), {**BASE_CHANNELS[model], "classes": num_classes})
 
 
-def sub_structure(full: Structure, index_map: Mapping[str, np.ndarray]) -> Structure:
+def sub_structure(full: Structure, index_map: Mapping[str, npt.NDArray[Any]]) -> Structure:
     """The structure of the submodel that keeps `index_map[group]` channels of each group."""
     channels = dict(full.channels)
     for group, idx in index_map.items():

@@ -191,6 +191,7 @@ _JSON_KINDS: dict[type, str] = {
 }
 _INT_MAX = 2**63 - 1  # every integer must fit an int64 on the other side (numpy, C)
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"; also keeps Python's 4300-digit ValueError away
+_MAX_FREE_DEPTH = 32  # nesting allowed in free-form values (Task.options); deeper breaks re-encoding
 
 # Device ids become topic levels (no "/", "+", "#"); message ids become dict keys in chunks.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -294,14 +295,31 @@ def _plain(value: Any, path: str, ctx: str) -> Any:
     return value
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion (a server re-encodes it later)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > _MAX_FREE_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
     """Check one parsed JSON value against a field's type hint; return it in the field's type."""
 
     def bad(expected: str) -> ProtocolError:
         return ProtocolError(f"{ctx}: field '{path}' must be {expected}, got {show(value)}")
 
-    if hint is Any:
-        return value  # free-form (Task.options): already strict-parsed, so finite and bounded
+    if hint is Any:  # free-form (Task.options): strict-parsed already, so only the depth is left
+        if _depth(value) > _MAX_FREE_DEPTH:
+            raise bad(f"nested at most {_MAX_FREE_DEPTH} deep")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -406,7 +424,9 @@ def decode_json(cls: type[J], data: bytes, *, source: str = "", max_bytes: int =
 
     `source` (device id or topic) names the sender in error messages.
     """
-    kind = _JSON_KINDS[cls]
+    kind = _JSON_KINDS.get(cls)
+    if kind is None:  # a programming error, not bad input
+        raise TypeError(f"decode_json: {cls!r} is not a JSON message type")
     ctx = context(f"{kind} message", source)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(data).__name__}")

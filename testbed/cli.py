@@ -72,6 +72,48 @@ def cmd_artifacts_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from testbed.federate import FederationSpec, run_federation
+
+    params: dict[str, Any] = {}
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OrchardError(f"--param {item!r} is not key=value")
+        params[key] = json.loads(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value
+    spec = FederationSpec(
+        out=Path(args.out), devices=args.devices, strategy=args.strategy, strategy_params=params,
+        rounds=args.rounds, model=args.model, dataset=args.dataset, data_root=args.data_root,
+        partition=args.partition, profiles=tuple(args.profiles), boards=tuple(args.boards),
+        local_steps=args.local_steps, lr=args.lr, batch_size=args.batch, seed=args.seed, broker=args.broker,
+        time_limit_s=args.time_limit,
+    )
+
+    def show(rows: list[dict[str, str]]) -> None:
+        if args.quiet:
+            return
+        r = rows[-1]
+        acc = r["accuracy"] or "-"
+        print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
+              f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
+
+    summary = run_federation(spec, force=args.force, progress=show)
+    print(json.dumps(summary))
+    return 0 if summary["server_exit"] == 0 else 1
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from server.__main__ import main as server_main
+
+    return server_main(args.rest)
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from runtime.__main__ import main as device_main
+
+    return device_main(args.rest)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -119,6 +161,36 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     ab.add_argument("--cache")
     ab.set_defaults(func=cmd_artifacts_build)
+
+    f = sub.add_parser("federate", help="run a local federation: broker, server and N device processes",
+                       description="Run broker, server and N device processes on this host (no throttling).")
+    f.add_argument("--devices", type=int, default=4)
+    f.add_argument("--strategy", default="semi-async",
+                   choices=("fedavg", "fedavg-deadline", "semi-async", "fedbuff", "fedasync"))
+    f.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter, e.g. k=2")
+    f.add_argument("--rounds", type=int, default=10, help="stop after this many aggregations")
+    f.add_argument("--model", default="lenet", choices=MODELS)
+    f.add_argument("--dataset", default="digits")
+    f.add_argument("--data-root")
+    f.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K | classes:0-4;5-9")
+    f.add_argument("--profiles", nargs="+", default=["dense"], help="profiles, cycled over the devices")
+    f.add_argument("--boards", nargs="+", default=["rpi4b-4gb"], help="board configs, cycled over the devices")
+    f.add_argument("--local-steps", type=int, default=20)
+    f.add_argument("--lr", type=float, default=0.1)
+    f.add_argument("--batch", type=int, default=32)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--broker", default="amqtt", help="amqtt (embedded) | mosquitto | mqtt://host:port")
+    f.add_argument("--time-limit", type=float, default=600.0, help="seconds")
+    f.add_argument("--out", required=True, help="run folder")
+    f.add_argument("--force", action="store_true", help="replace an existing run folder")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_federate)
+
+    for name, func, what in (("server", cmd_server, "the aggregator (python -m server)"),
+                             ("device", cmd_device, "a device agent, as a board runs it (python -m runtime)")):
+        s = sub.add_parser(name, help=f"run {what}", add_help=False, description=f"Run {what}.")
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=func)
     return p
 
 

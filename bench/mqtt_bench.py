@@ -1,0 +1,145 @@
+"""10 MB model update device -> server over MQTT (QoS 1), through amqtt and through mosquitto.
+
+For each broker: the "device" is a separate process (as on a real testbed, so its paho thread
+does not share a GIL with the server's) that publishes one 10 MB payload per round; the
+"server" (this process) is subscribed. Per round we record
+  * publish_to_puback_s:  device publish() -> PUBACK from the broker (the device's view),
+  * publish_to_receipt_s: device publish() -> whole message in the server's event queue,
+on CLOCK_MONOTONIC, which is system-wide on Linux, so the two processes' stamps compare.
+The physical reference is a plain loopback TCP send of the same bytes until the reader has
+all of them and answered one byte. Medians of `repeats` rounds.
+
+`run() -> dict` is what bench/run.py merges into bench.json; `python bench/mqtt_bench.py`
+prints it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import OrchardError
+from runtime.mqtt import Message, MqttClient, MqttConfig
+from testbed.broker import AmqttBroker, Broker, MosquittoBroker, find_mosquitto
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD_BYTES = 10 * 1024 * 1024
+TOPIC = "orchard/bench/dev/1/update"
+WAIT_S = 120.0
+
+DEVICE = """
+import hashlib, json, os, sys, time
+from runtime.mqtt import MqttClient, MqttConfig
+url, n_bytes = sys.argv[1], int(sys.argv[2])
+payload = os.urandom(n_bytes)
+c = MqttClient(url, MqttConfig("bench-device", keepalive_s=30))
+c.connect()
+print(json.dumps({"sha256": hashlib.sha256(payload).hexdigest()}), flush=True)
+for line in sys.stdin:
+    if line.strip() != "go":
+        break
+    t0 = time.monotonic()
+    c.publish(sys.argv[3], payload, qos=1, wait_s=120)
+    print(json.dumps({"t_publish": t0, "t_puback": time.monotonic()}), flush=True)
+c.close()
+"""
+
+
+def loopback_send_s(n_bytes: int) -> float:
+    """Seconds to push n_bytes through a 127.0.0.1 TCP socket until the reader has them all."""
+    data = os.urandom(n_bytes)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def reader() -> None:
+            conn, _ = server.accept()
+            with conn:
+                buf = bytearray(n_bytes)
+                view, got = memoryview(buf), 0
+                while got < n_bytes:
+                    got += conn.recv_into(view[got:])
+                conn.sendall(b"k")
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            t0 = time.monotonic()
+            s.sendall(data)
+            s.recv(1)
+            elapsed = time.monotonic() - t0
+        t.join()
+    return elapsed
+
+
+def bench_broker(broker: Broker, repeats: int, n_bytes: int) -> dict[str, Any]:
+    server = MqttClient(broker.url, MqttConfig("bench-server", keepalive_s=30))
+    server.connect()
+    server.subscribe(TOPIC, qos=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    device = subprocess.Popen(
+        [sys.executable, "-c", DEVICE, broker.url, str(n_bytes), TOPIC],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    assert device.stdin is not None and device.stdout is not None
+    puback, receipt, intact = [], [], True
+    try:
+        sha = json.loads(device.stdout.readline())["sha256"]
+        for _ in range(repeats):
+            device.stdin.write("go\n")
+            device.stdin.flush()
+            deadline = time.monotonic() + WAIT_S
+            msg = None
+            while msg is None and time.monotonic() < deadline:
+                ev = server.get(deadline - time.monotonic())
+                if isinstance(ev, Message) and ev.topic == TOPIC:
+                    msg = ev
+            t_receipt = time.monotonic()
+            if msg is None:
+                raise OrchardError(f"bench: no 10 MB message through {broker.url} within {WAIT_S:g} s")
+            stamps = json.loads(device.stdout.readline())
+            intact &= hashlib.sha256(msg.payload).hexdigest() == sha
+            puback.append(stamps["t_puback"] - stamps["t_publish"])
+            receipt.append(t_receipt - stamps["t_publish"])
+    finally:
+        device.stdin.close()
+        device.wait(timeout=30)
+        server.close()
+    med = statistics.median(receipt)
+    return {
+        "publish_to_puback_s": round(statistics.median(puback), 4),
+        "publish_to_receipt_s": round(med, 4),
+        "throughput_MBps": round(n_bytes / med / 1e6, 1),
+        "intact": intact,
+    }
+
+
+def run(repeats: int = 3, n_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "payload_bytes": n_bytes,
+        "qos": 1,
+        "repeats": repeats,
+        "loopback_socket_s": round(statistics.median(loopback_send_s(n_bytes) for _ in range(repeats)), 4),
+    }
+    with AmqttBroker() as amqtt:
+        result["amqtt"] = bench_broker(amqtt, repeats, n_bytes)
+    try:
+        binary = find_mosquitto()
+    except OrchardError as exc:
+        result["mosquitto"] = {"skipped": str(exc)}
+    else:
+        with MosquittoBroker(binary=binary) as mosq:
+            result["mosquitto"] = bench_broker(mosq, repeats, n_bytes)
+    return {"mqtt_10mb": result}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

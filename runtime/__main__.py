@@ -1,0 +1,30 @@
+"""`python -m runtime --config device.toml [--broker URL]`: what a board runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from runtime.errors import OrchardError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime", description="Run an Orchard device agent.")
+    p.add_argument("--config", required=True, help="device TOML ([device] and [broker] tables)")
+    p.add_argument("--broker", help="broker URL, overriding [broker] url (mqtt://host:port)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        from runtime.agent import run_device
+        from runtime.device_config import load_device_config
+
+        return run_device(load_device_config(args.config, args.broker))
+    except OrchardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

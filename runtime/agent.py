@@ -1,0 +1,298 @@
+"""The device agent: what a board runs (`orchard device`, `python -m runtime`).
+
+It owns the MQTT connection, telemetry and the task lifecycle; a trainer child process owns
+ONNX Runtime (see runtime/trainer_proc.py for why). One loop, no callbacks doing work: MQTT
+events come from a queue, the trainer is polled, telemetry is sampled on its schedule.
+
+Faults it survives: the trainer dying mid-task (reported with its cause, restarted), the broker
+going away (paho reconnects with backoff; an update finished meanwhile waits in an outbox and
+goes out on reconnect), bad frames (dropped with a logged reason; the server times the task out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime import __version__
+from runtime.board import load_board
+from runtime.chunks import Reassembler, chunk_frame
+from runtime.device_config import DeviceConfig
+from runtime.errors import OrchardError, TransportError
+from runtime.frames import decode_artifact, decode_task, encode_update
+from runtime.layout import FloatArray
+from runtime.manifest import MANIFEST, read_manifest
+from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
+from runtime.ort import threads_for_quota
+from runtime.profile import parse_profile
+from runtime.protocol import (
+    Artifact,
+    Hello,
+    ServerState,
+    Status,
+    Task,
+    Telemetry,
+    Topics,
+    Update,
+    decode_json,
+    encode_json,
+    validate_tensors,
+)
+from runtime.telemetry import CgroupLimits, Sampler
+from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob
+
+log = logging.getLogger("orchard.device")
+
+TELEMETRY_BATCH_S = 1.0  # publish buffered samples at most this often
+REASSEMBLY_TIMEOUT_S = 60.0
+REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _Running:
+    task: Task
+    weights_in: FloatArray
+    energy_j_at_start: float
+    started_s: float
+
+
+class Agent:
+    def __init__(self, cfg: DeviceConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.device_id
+        self.topics = Topics(cfg.root)
+        self.board = load_board(cfg.board)
+        limits = CgroupLimits()
+        quota = limits.cpu_quota_cores()
+        cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
+        self.threads = cfg.threads or threads_for_quota(cores)
+        cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
+        with np.load(cfg.shard) as shard:
+            labels = shard["y"].astype(np.int64)
+        self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
+        self.trainer = TrainerProcess(cfg.shard, threads=self.threads)
+        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits)
+        self.state = "idle"
+        self.running: _Running | None = None
+        self.waiting_for_artifact: Task | None = None
+        self.outbox: list[tuple[str, list[bytes]]] = []  # (task id, chunks) finished while offline
+        self.server: ServerState | None = None
+        self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES)
+        self.samples: list[object] = []
+        self.stop_event = threading.Event()
+        offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
+        self.mqtt = MqttClient(cfg.broker_url, MqttConfig(
+            client_id=f"orchard-dev-{self.id}", keepalive_s=cfg.keepalive_s, ca_file=cfg.ca_file,
+            will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
+        ))
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        self.mqtt.connect()
+        for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state):
+            self.mqtt.subscribe(topic, qos=1)
+        self._announce()
+        next_sample = next_publish = next_expire = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                event = self.mqtt.get(timeout_s=0.05)
+                if event is not None:
+                    self._on_event(event)
+                self._poll_trainer()
+                now = time.monotonic()
+                if now >= next_sample:
+                    self.samples.append(self.sampler.sample(self.state))
+                    next_sample = now + 1.0 / self.cfg.telemetry_hz
+                if now >= next_publish and self.samples:
+                    self._publish_telemetry()
+                    next_publish = now + TELEMETRY_BATCH_S
+                if now >= next_expire:
+                    for reason in self.reassembler.expire():
+                        log.warning("%s: dropped a partial frame: %s", self.id, reason)
+                    next_expire = now + 5.0
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        try:
+            if self.mqtt.is_connected:
+                status = encode_json(Status(self.id, "offline", time.time(), detail="shut down"))
+                self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
+        except TransportError as exc:
+            log.warning("%s: could not say goodbye: %s", self.id, exc)
+        self.trainer.close()
+        self.mqtt.close()
+
+    def _announce(self) -> None:
+        keys = tuple(sorted(p.name for p in self.cfg.artifact_cache.iterdir() if (p / MANIFEST).is_file()))
+        hello = Hello(
+            device_id=self.id, board=self.board.name, cores=float(self.board.cores), ram_mb=self.board.ram_mb,
+            runtime_version=__version__, profiles=self.cfg.profiles, n_samples=self.trainer.n_samples,
+            label_histogram=self.label_histogram, artifacts=keys,
+        )
+        self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
+        self._set_state(self.state, self.running.task.task_id if self.running else None)
+
+    def _set_state(self, state: str, task_id: str | None = None, detail: str = "") -> None:
+        self.state = state
+        status = Status(self.id, state, time.time(), task_id=task_id, detail=detail)
+        try:
+            self.mqtt.publish(self.topics.status(self.id), encode_json(status), qos=1, retain=True)
+        except TransportError as exc:  # QoS 1 is queued while offline; this is a refused publish
+            log.warning("%s: status %s not sent: %s", self.id, state, exc)
+
+    def _publish_telemetry(self) -> None:
+        batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))  # type: ignore[arg-type]
+        self.samples = []
+        with contextlib.suppress(TransportError):  # QoS 0 while offline: best-effort by design
+            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=0)
+
+    # ------------------------------------------------------------ events
+    def _on_event(self, event: Connected | Disconnected | Message) -> None:
+        if isinstance(event, Connected):
+            if event.reconnect:
+                log.info("%s: reconnected", self.id)
+                self._announce()
+                self._flush_outbox()
+        elif isinstance(event, Disconnected):
+            log.warning("%s: disconnected: %s", self.id, event.reason)
+        else:
+            try:
+                self._on_message(event)
+            except OrchardError as exc:
+                log.warning("%s: dropped message on %s: %s", self.id, event.topic, exc)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.server_state:
+            if msg.payload and msg.payload != b"offline":
+                self.server = decode_json(ServerState, msg.payload, source="server")
+            return
+        frame = self.reassembler.feed(msg.topic, msg.payload)
+        if frame is None:
+            return
+        if msg.topic == self.topics.artifact(self.id):
+            self._store_artifact(decode_artifact(frame, source="server"))
+        elif msg.topic == self.topics.task(self.id):
+            self._on_task(decode_task(frame, source="server"))
+
+    def _store_artifact(self, artifact: Artifact) -> None:
+        target = self.cfg.artifact_cache / artifact.key
+        if not target.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{artifact.key}-", dir=self.cfg.artifact_cache))
+            try:
+                for name, data in artifact.files.items():
+                    (tmp / name).write_bytes(data)
+                read_manifest(tmp)  # verify before publishing it to the cache
+                os.rename(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: stored artifact %s", self.id, artifact.key)
+        pending = self.waiting_for_artifact
+        if pending is not None and pending.artifact_key == artifact.key:
+            self.waiting_for_artifact = None
+            self._on_task(pending)
+
+    def _on_task(self, task: Task) -> None:
+        if self.running is not None:
+            log.warning("%s: task %s refused: still training %s", self.id, task.task_id, self.running.task.task_id)
+            return
+        directory = self.cfg.artifact_cache / task.artifact_key
+        if not (directory / MANIFEST).is_file():
+            log.info("%s: task %s waits for artifact %s", self.id, task.task_id, task.artifact_key)
+            self.waiting_for_artifact = task
+            return
+        try:
+            layout = read_manifest(directory).layout
+            validate_tensors(task.tensors, {p.name: p.shape for p in layout}, source="server")
+            weights = layout.join(task.tensors)  # type: ignore[arg-type]
+            profile = parse_profile(task.profile)
+        except OrchardError as exc:
+            self._set_state("failed", task.task_id, f"task {task.task_id} unusable: {exc}")
+            self._set_state("idle")
+            return
+        seed = zlib.crc32(f"{self.id}/{task.task_id}".encode())
+        job = TrainJob(job_id=task.task_id, artifact_dir=str(directory), classes=profile.classes,
+                       steps=task.local_steps, epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr,
+                       seed=seed)
+        self.trainer.submit(job, weights)
+        self.running = _Running(task, weights, self.sampler.meter.energy_j, time.monotonic())
+        self._set_state("training", task.task_id)
+
+    # ------------------------------------------------------------ training results
+    def _poll_trainer(self) -> None:
+        run = self.running
+        if run is None:
+            return
+        try:
+            outcome = self.trainer.poll()
+        except TrainerDied as exc:
+            self.running = None
+            log.error("%s: %s", self.id, exc)
+            self._set_state("failed", run.task.task_id, str(exc))
+            self.trainer.restart()
+            self._set_state("idle")
+            return
+        if outcome is None:
+            return
+        self.running = None
+        if outcome.weights is None:
+            self._set_state("failed", run.task.task_id, outcome.error or "training failed")
+            self._set_state("idle")
+            return
+        task = run.task
+        upload = str(task.options.get("upload", "weights"))
+        values = outcome.weights - run.weights_in if upload == "delta" else outcome.weights
+        layout = read_manifest(self.cfg.artifact_cache / task.artifact_key, verify=False).layout
+        update = Update(
+            task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
+            train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
+            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=upload,
+            metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
+                     "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
+            tensors=layout.split(values),
+        )
+        encoding = str(task.options.get("encoding", "dense"))
+        frame = encode_update(update, encoding=encoding)
+        attempt = self.trainer.restarts
+        chunks = chunk_frame(frame, f"{task.task_id}.{attempt}.{int(time.time() * 1000) % 10**9}")
+        self._set_state("uploading", task.task_id)
+        self._send_update(task.task_id, chunks)
+        self._set_state("idle")
+
+    def _send_update(self, task_id: str, chunks: list[bytes]) -> None:
+        if not self.mqtt.is_connected:
+            log.warning("%s: offline; update for %s waits in the outbox", self.id, task_id)
+            self.outbox.append((task_id, chunks))
+            return
+        for chunk in chunks:
+            self.mqtt.publish(self.topics.update(self.id), chunk, qos=1)
+
+    def _flush_outbox(self) -> None:
+        # "Still useful" is the server's call (it knows the staleness bound and refuses stale
+        # updates with a reason); the device only drops updates for a campaign that is gone.
+        pending, self.outbox = self.outbox, []
+        for task_id, chunks in pending:
+            if self.server is not None and not self.server.online:
+                log.warning("%s: server offline; dropping outboxed update %s", self.id, task_id)
+                continue
+            log.info("%s: sending outboxed update %s", self.id, task_id)
+            self._send_update(task_id, chunks)
+
+
+def run_device(cfg: DeviceConfig) -> int:
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop_event.set())
+    return agent.run()

@@ -1,0 +1,201 @@
+"""Chunks: how a frame travels over MQTT, and how the receiver puts it back together.
+
+Every frame is sent as one or more chunks — one code path, even for frames that fit in one,
+so the reassembly logic is exercised by every message, not only by big ones. Chunk layout
+(integers little-endian, 22-byte fixed header)::
+
+    b"OCHK" | version u8 | id_len u8 | index u32 | total u32 | frame_len u32 | crc32 u32 | msg_id | payload
+
+The CRC-32 covers the payload: a frame's SHA-256 covers only its body, so the CRC is what
+catches a damaged frame header in transit. `Reassembler` rebuilds frames per (key, msg_id).
+Like the frame decoders, it raises only `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runtime.errors import ProtocolError
+from runtime.protocol import ID_PATTERN, PROTOCOL_VERSION, show
+
+CHUNK_MAGIC = b"OCHK"
+CHUNK_VERSION = PROTOCOL_VERSION
+DEFAULT_CHUNK_BYTES = 256 * 1024
+
+_CHUNK = struct.Struct("<4sBBIIII")  # magic, version, id length, index, total, frame length, crc32
+
+
+def chunk_frame(frame: bytes, msg_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+    """Split a frame into chunks of at most `chunk_bytes` payload each (always at least one chunk).
+
+    `msg_id` must be unique per send (e.g. a uuid4 hex or "<task id>.<attempt>"): the receiver
+    ignores chunks of a msg_id it completed within its timeout, so a re-sent frame needs a new id.
+    """
+    if not isinstance(msg_id, str) or not ID_PATTERN.fullmatch(msg_id):
+        raise ProtocolError(f"chunking: msg_id {show(msg_id)} must match {ID_PATTERN.pattern}")
+    if chunk_bytes < 1:
+        raise ProtocolError(f"chunking: chunk_bytes must be >= 1, got {chunk_bytes}")
+    if not 0 < len(frame) <= 0xFFFFFFFF:
+        raise ProtocolError(f"chunking: frame of {len(frame)} bytes, expected 1..{0xFFFFFFFF}")
+    ident = msg_id.encode("ascii")
+    total = -(-len(frame) // chunk_bytes)
+    chunks = []
+    for index in range(total):
+        payload = frame[index * chunk_bytes : (index + 1) * chunk_bytes]
+        head = _CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), index, total, len(frame), zlib.crc32(payload))
+        chunks.append(head + ident + payload)
+    return chunks
+
+
+@dataclass
+class _Partial:
+    started_s: float
+    total: int
+    frame_len: int
+    parts: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+
+
+class Reassembler:
+    """Rebuilds frames from chunks per (key, msg_id); key is the sender (device id or topic).
+
+    Memory is bounded up front: a partial frame reserves its full `frame_len` against
+    `max_bytes` when its first chunk arrives; if that does not fit, the oldest partials are
+    dropped (with a reason) to make room. Chunks of a msg_id completed within `timeout_s` are
+    ignored, so a QoS-1 redelivery is counted once. Thread-safe (one lock), so the MQTT
+    callback thread may feed while a timer thread calls `expire`.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_partials: int = 256,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.max_partials = max_partials
+        self._clock = clock
+        self._partials: dict[tuple[str, str], _Partial] = {}
+        self._done: dict[tuple[str, str], float] = {}  # completion time, oldest first
+        self._reserved = 0
+        self._reasons: list[str] = []  # drops since the last expire()
+        self._lock = threading.Lock()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes reserved by incomplete frames."""
+        return self._reserved
+
+    def feed(self, key: str, chunk: bytes) -> bytes | None:
+        """Add one chunk; return the whole frame once all its chunks are in, else None."""
+        msg_id, index, total, frame_len, payload = self._parse(key, chunk)
+        ident = (key, msg_id)
+        ctx = f"chunk {index} of {msg_id!r} from {key}"
+        with self._lock:
+            now = self._clock()
+            if ident in self._done:
+                return None
+            partial = self._partials.get(ident)
+            if partial is None:
+                self._make_room(frame_len, now)
+                partial = self._partials[ident] = _Partial(now, total, frame_len)
+                self._reserved += frame_len
+            elif (partial.total, partial.frame_len) != (total, frame_len):
+                self._drop(ident)
+                raise ProtocolError(
+                    f"{ctx}: says {total} chunks / {frame_len} bytes, earlier chunks said "
+                    f"{partial.total} / {partial.frame_len}; partial frame dropped"
+                )
+            if index in partial.parts:
+                if partial.parts[index] == payload:
+                    return None  # redelivered duplicate
+                self._drop(ident)
+                raise ProtocolError(f"{ctx}: duplicate with different content; partial frame dropped")
+            if partial.received + len(payload) > frame_len:
+                self._drop(ident)
+                raise ProtocolError(f"{ctx}: chunks exceed the announced {frame_len} bytes; partial frame dropped")
+            partial.parts[index] = payload
+            partial.received += len(payload)
+            if len(partial.parts) < total:
+                return None
+            self._drop(ident)
+            if partial.received != frame_len:
+                raise ProtocolError(f"{ctx}: chunks hold {partial.received} bytes, announced {frame_len}")
+            self._done[ident] = now
+            while len(self._done) > 4 * self.max_partials:  # bound the memory of finished ids
+                del self._done[next(iter(self._done))]
+            return b"".join(partial.parts[i] for i in range(total))
+
+    def expire(self) -> list[str]:
+        """Drop partial frames older than timeout_s; return why each frame was dropped since last call."""
+        with self._lock:
+            now = self._clock()
+            for ident, partial in list(self._partials.items()):
+                age = now - partial.started_s
+                if age > self.timeout_s:
+                    missing = [i for i in range(partial.total) if i not in partial.parts]
+                    self._drop(ident)
+                    self._reasons.append(
+                        f"dropped frame {ident[1]!r} from {ident[0]}: {len(partial.parts)} of "
+                        f"{partial.total} chunks after {age:.1f} s (timeout {self.timeout_s:g} s), "
+                        f"missing {show(missing, 80)}"
+                    )
+            for ident, done_s in list(self._done.items()):
+                if now - done_s > self.timeout_s:
+                    del self._done[ident]
+            reasons, self._reasons = self._reasons, []
+            return reasons
+
+    def _parse(self, key: str, chunk: bytes) -> tuple[str, int, int, int, bytes]:
+        ctx = f"chunk from {key}"
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise ProtocolError(f"{ctx}: payload must be bytes, got {type(chunk).__name__}")
+        chunk = bytes(chunk)
+        if len(chunk) < _CHUNK.size:
+            raise ProtocolError(f"{ctx}: truncated: {len(chunk)} bytes, shorter than the {_CHUNK.size}-byte header")
+        magic, version, id_len, index, total, frame_len, crc = _CHUNK.unpack_from(chunk)
+        if magic != CHUNK_MAGIC:
+            raise ProtocolError(f"{ctx}: bad magic {magic!r}, expected {CHUNK_MAGIC!r}")
+        if version != CHUNK_VERSION:
+            raise ProtocolError(f"{ctx}: chunk version {version}, this side speaks {CHUNK_VERSION}")
+        start = _CHUNK.size + id_len
+        if len(chunk) <= start:
+            raise ProtocolError(f"{ctx}: truncated: {len(chunk)} bytes leaves no payload after a {id_len}-byte id")
+        try:
+            msg_id = chunk[_CHUNK.size : start].decode("ascii")
+        except UnicodeDecodeError:
+            msg_id = ""
+        if not ID_PATTERN.fullmatch(msg_id):
+            raise ProtocolError(f"{ctx}: msg id {show(chunk[_CHUNK.size : start])} must match {ID_PATTERN.pattern}")
+        payload = chunk[start:]
+        ctx = f"chunk {index} of {msg_id!r} from {key}"
+        if not index < total <= frame_len:
+            raise ProtocolError(f"{ctx}: index {index}, total {total}, frame length {frame_len} are inconsistent")
+        if frame_len > self.max_bytes:
+            raise ProtocolError(f"{ctx}: frame of {frame_len} bytes exceeds the reassembly limit of {self.max_bytes}")
+        if zlib.crc32(payload) != crc:
+            raise ProtocolError(f"{ctx}: crc32 mismatch (header {crc:08x}, payload {zlib.crc32(payload):08x})")
+        return msg_id, index, total, frame_len, payload
+
+    def _make_room(self, frame_len: int, now: float) -> None:
+        while self._partials and (
+            self._reserved + frame_len > self.max_bytes or len(self._partials) >= self.max_partials
+        ):
+            ident, partial = next(iter(self._partials.items()))  # oldest first (insertion order)
+            self._drop(ident)
+            self._reasons.append(
+                f"dropped frame {ident[1]!r} from {ident[0]}: evicted after {now - partial.started_s:.1f} s "
+                f"to make room ({len(partial.parts)} of {partial.total} chunks in)"
+            )
+
+    def _drop(self, ident: tuple[str, str]) -> None:
+        partial = self._partials.pop(ident, None)
+        if partial is not None:
+            self._reserved -= partial.frame_len

@@ -1,0 +1,78 @@
+"""What one device is told at start: its id, board, data shard, artifact cache and broker.
+
+    [device]
+    id = "dev0"
+    board = "rpi4b-4gb"              # a name in firmware_configs/ or a path to a board TOML
+    shard = "shards/dev0.npz"        # x: float32 (N, C, H, W), y: int64 (N,)
+    artifact_cache = "artifacts"     # artifact directories by key; pushed ones are stored here
+    profiles = ["dense", "width=0.5"]
+    threads = 0                      # ORT threads; 0 = from the cgroup CPU quota or the board
+    telemetry_hz = 1.0
+    sysfs_root = "/"                 # where power sensors are looked up (tests use a fake tree)
+
+    [broker]
+    url = "mqtt://127.0.0.1:1883"    # mqtt:// or mqtts://, optional user:password@
+    root = "orchard/default"         # topic root of the campaign
+    keepalive_s = 10
+    ca_file = "ca.crt"               # optional, for mqtts://
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.profile import parse_profile
+from runtime.tomlconf import TomlTable, check_tables, load_toml
+
+_DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
+                          "sysfs_root"})
+_BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file"})
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    board: str
+    shard: Path
+    artifact_cache: Path
+    profiles: tuple[str, ...]
+    broker_url: str
+    root: str
+    threads: int = 0
+    telemetry_hz: float = 1.0
+    keepalive_s: int = 10
+    ca_file: str | None = None
+    sysfs_root: str = "/"
+
+
+def load_device_config(path: str | Path, broker_url: str | None = None) -> DeviceConfig:
+    """Load a device TOML; relative paths are relative to the file. `broker_url` overrides [broker] url."""
+    p = Path(path)
+    data = load_toml(p)
+    check_tables(str(p), data, ("device", "broker"))
+    dev = TomlTable(str(p), "device", data.get("device", {}), _DEVICE_KEYS)
+    brk = TomlTable(str(p), "broker", data.get("broker", {}), _BROKER_KEYS)
+    base = p.parent
+
+    def resolve(text: str) -> Path:
+        q = Path(text)
+        return q if q.is_absolute() else base / q
+
+    profiles = dev.strings("profiles", default=("dense",))
+    for text in profiles:
+        parse_profile(text)  # raises ConfigError naming the bad profile
+    return DeviceConfig(
+        device_id=dev.string("id"),
+        board=dev.string("board"),
+        shard=resolve(dev.string("shard")),
+        artifact_cache=resolve(dev.string("artifact_cache")),
+        profiles=tuple(parse_profile(t).canonical() for t in profiles),
+        broker_url=broker_url or brk.string("url"),
+        root=brk.string("root", default="orchard/default"),
+        threads=dev.integer("threads", 0, 256, default=0),
+        telemetry_hz=dev.number("telemetry_hz", 0.0, 50.0, default=1.0, lo_open=True),
+        keepalive_s=brk.integer("keepalive_s", 2, 3600, default=10),
+        ca_file=brk.optional_string("ca_file"),
+        sysfs_root=dev.string("sysfs_root", default="/"),
+    )

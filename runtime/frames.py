@@ -1,0 +1,452 @@
+"""Binary frames for task, update and artifact messages: layout, encoders, validating decoders.
+
+Frame (all integers little-endian)::
+
+    b"ORCH" | version u8 | header_len u32 | header (UTF-8 JSON, header_len bytes) | body
+
+The header is one canonical JSON object (sorted keys, no whitespace)::
+
+    {"msg": "task"|"update"|"artifact", "fields": {message fields except tensors/files},
+     "tensors": [{"name", "dtype", "shape", "encoding", "offset", "length"
+                  (+ "nnz", "index_dtype" for sparse-coo)}, ...],
+     "files": [{"name", "offset", "length"}, ...],      # artifact files; [] otherwise
+     "body_len": int, "body_sha256": hex}
+
+Body entries are packed back to back in table order (tensors, then files) with no gaps, so
+"inside the body and not overlapping" reduces to "each offset equals the previous end".
+Encodings: `dense` = float32; `fp16` = float16 on the wire, chosen per tensor by the sender
+and widened to float32 on decode; `sparse-coo` = nnz indices (int32 when every index of the
+shape fits, else int64) followed by nnz float32 values, indices strictly increasing.
+
+Decoded arrays are *writable, owned float32 copies* (sparse indices: int64 copies): the server
+merges them in place and the frame's bytes can be freed at once; fp16 needs a new array anyway.
+
+Every decoder raises only `ProtocolError`, with one line naming the message, the sender, the
+field or tensor and the value. There is no catch-all: each failure is checked explicitly, and
+the fuzz tests feed random and mutated bytes to prove nothing else escapes.
+
+Frames travel over MQTT as chunks: see `runtime.chunks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import ProtocolError
+from runtime.protocol import (
+    NAME_PATTERN,
+    PROTOCOL_VERSION,
+    Artifact,
+    SparseTensor,
+    Task,
+    Tensor,
+    Update,
+    context,
+    dumps_canonical,
+    fields_from_json,
+    fields_to_json,
+    loads_strict,
+    show,
+)
+
+FRAME_MAGIC = b"ORCH"
+FRAME_VERSION = PROTOCOL_VERSION
+ENCODINGS = ("dense", "fp16", "sparse-coo")
+
+_PREFIX = struct.Struct("<4sBI")  # magic, version, header length
+_HEADER_KEYS = frozenset({"msg", "fields", "tensors", "files", "body_len", "body_sha256"})
+_TENSOR_KEYS = frozenset({"name", "dtype", "shape", "encoding", "offset", "length"})
+_SPARSE_KEYS = _TENSOR_KEYS | {"nnz", "index_dtype"}
+_FILE_KEYS = frozenset({"name", "offset", "length"})
+_WIRE_DTYPE = {"dense": "float32", "fp16": "float16", "sparse-coo": "float32"}
+_ITEM_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8}
+_MAX_NAME_CHARS = 256
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Caps a receiver enforces before allocating anything; senders check the same ones."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 1024 * 1024
+    max_tensors: int = 4096  # table entries: tensors plus artifact files
+    max_ndim: int = 8
+    max_tensor_elements: int = 1 << 28  # dense size a shape may claim (sparse shapes included)
+
+
+DEFAULT_LIMITS = FrameLimits()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    encoding: str  # one of ENCODINGS, or "file"
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+    nnz: int = 0
+    index_dtype: str = ""
+
+
+# ---------------------------------------------------------------- encode
+def encode_task(
+    task: Task, *, encoding: str | Mapping[str, str] = "dense", limits: FrameLimits = DEFAULT_LIMITS
+) -> bytes:
+    """Task -> frame. `encoding` is "dense"/"fp16" for every dense tensor, or a per-name mapping."""
+    return _encode("task", task, task.tensors, {}, encoding, limits)
+
+
+def encode_update(
+    update: Update, *, encoding: str | Mapping[str, str] = "dense", limits: FrameLimits = DEFAULT_LIMITS
+) -> bytes:
+    """Update -> frame; `encoding` as for `encode_task`. SparseTensor values always go sparse-coo."""
+    return _encode("update", update, update.tensors, {}, encoding, limits)
+
+
+def encode_artifact(artifact: Artifact, *, limits: FrameLimits = DEFAULT_LIMITS) -> bytes:
+    """Artifact -> frame; each file is a raw byte entry of the body."""
+    return _encode("artifact", artifact, {}, artifact.files, "dense", limits)
+
+
+def _encode(
+    kind: str,
+    msg: Task | Update | Artifact,
+    tensors: Mapping[str, Tensor],
+    files: Mapping[str, bytes],
+    encoding: str | Mapping[str, str],
+    limits: FrameLimits,
+) -> bytes:
+    ctx = f"encoding {kind} frame"
+    header_fields = fields_to_json(msg, ctx, exclude=frozenset({"tensors", "files"}))
+    if len(tensors) + len(files) > limits.max_tensors:
+        raise ProtocolError(f"{ctx}: {len(tensors) + len(files)} entries exceeds the limit of {limits.max_tensors}")
+    if isinstance(encoding, str):
+        choice: Mapping[str, str] = {}
+        default = encoding
+    else:
+        choice, default = encoding, "dense"
+        extra = sorted(set(choice) - set(tensors))
+        if extra:
+            raise ProtocolError(f"{ctx}: encoding given for unknown tensor {extra[0]!r}")
+    parts: list[bytes] = []
+    table: list[dict[str, Any]] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        _check_name(name, ctx)
+        entry, data = _pack_tensor(name, tensor, choice.get(name, default), limits, ctx)
+        table.append({**entry, "offset": offset, "length": len(data)})
+        parts.append(data)
+        offset += len(data)
+    file_table: list[dict[str, Any]] = []
+    for name, blob in files.items():
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ProtocolError(f"{ctx}: file name {show(name)} must match {NAME_PATTERN.pattern}")
+        if not isinstance(blob, bytes):
+            raise ProtocolError(f"{ctx}: file {name!r} must be bytes, got {type(blob).__name__}")
+        file_table.append({"name": name, "offset": offset, "length": len(blob)})
+        parts.append(blob)
+        offset += len(blob)
+    body = b"".join(parts)
+    header = {
+        "msg": kind,
+        "fields": header_fields,
+        "tensors": table,
+        "files": file_table,
+        "body_len": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    header_bytes = dumps_canonical(header, ctx)
+    if len(header_bytes) > limits.max_header_bytes:
+        raise ProtocolError(f"{ctx}: header of {len(header_bytes)} bytes exceeds {limits.max_header_bytes}")
+    frame = _PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, len(header_bytes)) + header_bytes + body
+    if len(frame) > limits.max_frame_bytes:
+        raise ProtocolError(f"{ctx}: {len(frame)} bytes exceeds the frame limit of {limits.max_frame_bytes}")
+    return frame
+
+
+def _pack_tensor(
+    name: str, tensor: Tensor, encoding: str, limits: FrameLimits, ctx: str
+) -> tuple[dict[str, Any], bytes]:
+    if isinstance(tensor, SparseTensor):
+        if encoding == "fp16":
+            raise ProtocolError(f"{ctx}: tensor {name!r} is sparse; fp16 applies to dense tensors only")
+        shape = _check_shape(tensor.shape, name, limits, ctx)
+        numel = math.prod(shape)
+        idx, vals = np.asarray(tensor.indices), np.asarray(tensor.values)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise ProtocolError(f"{ctx}: tensor {name!r} indices must be 1-D integers, got {idx.dtype} {idx.shape}")
+        if vals.ndim != 1 or vals.dtype != np.float32 or len(vals) != len(idx):
+            raise ProtocolError(
+                f"{ctx}: tensor {name!r} values must be 1-D float32 matching {len(idx)} indices, "
+                f"got {vals.dtype} {vals.shape}"
+            )
+        order = np.argsort(idx, kind="stable")  # canonical: decoders require increasing indices
+        idx, vals = idx[order].astype(np.int64), vals[order]
+        _check_sparse_indices(idx, numel, name, ctx)
+        _check_finite(vals, name, ctx)
+        index_dtype = "int32" if numel <= 2**31 else "int64"  # max index numel-1 must fit
+        data = idx.astype("<i4" if index_dtype == "int32" else "<i8").tobytes() + vals.astype("<f4").tobytes()
+        entry = {
+            "name": name,
+            "dtype": "float32",
+            "shape": list(shape),
+            "encoding": "sparse-coo",
+            "nnz": len(idx),
+            "index_dtype": index_dtype,
+        }
+        return entry, data
+    if not isinstance(tensor, np.ndarray) or tensor.dtype != np.float32:
+        got = tensor.dtype if isinstance(tensor, np.ndarray) else type(tensor).__name__
+        raise ProtocolError(f"{ctx}: tensor {name!r} must be a float32 array or SparseTensor, got {got}")
+    if encoding not in ("dense", "fp16"):
+        raise ProtocolError(f"{ctx}: tensor {name!r}: encoding must be 'dense' or 'fp16', got {show(encoding)}")
+    shape = _check_shape(tensor.shape, name, limits, ctx)
+    _check_finite(tensor, name, ctx)
+    if encoding == "fp16":
+        peak = float(np.max(np.abs(tensor))) if tensor.size else 0.0
+        if peak > _FP16_MAX:  # would become inf on the wire, and the receiver rejects inf
+            raise ProtocolError(f"{ctx}: tensor {name!r} overflows float16 (max |value| {peak:g} > {_FP16_MAX:g})")
+        data = tensor.astype("<f2").tobytes()
+    else:
+        data = tensor.astype("<f4", copy=False).tobytes()
+    return {"name": name, "dtype": _WIRE_DTYPE[encoding], "shape": list(shape), "encoding": encoding}, data
+
+
+# ---------------------------------------------------------------- decode
+def decode_task(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Task:
+    fields, tensors, _ = _decode("task", Task, frame, source, limits)
+    return Task(**fields, tensors=tensors)
+
+
+def decode_update(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Update:
+    fields, tensors, _ = _decode("update", Update, frame, source, limits)
+    return Update(**fields, tensors=tensors)
+
+
+def decode_artifact(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Artifact:
+    fields, _, files = _decode("artifact", Artifact, frame, source, limits)
+    return Artifact(**fields, files=files)
+
+
+def _decode(
+    kind: str, cls: type, frame: bytes, source: str, limits: FrameLimits
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bytes]]:
+    ctx = context(f"{kind} frame", source)
+    if not isinstance(frame, bytes | bytearray | memoryview):
+        raise ProtocolError(f"{ctx}: payload must be bytes, got {type(frame).__name__}")
+    view = memoryview(frame if isinstance(frame, bytes) else bytes(frame))  # slices below are views, no copies
+    size = len(view)
+    if size > limits.max_frame_bytes:
+        raise ProtocolError(f"{ctx}: {size} bytes exceeds the frame limit of {limits.max_frame_bytes}")
+    if size < _PREFIX.size:
+        raise ProtocolError(f"{ctx}: truncated: {size} bytes, shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, header_len = _PREFIX.unpack_from(view)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError(f"{ctx}: bad magic {bytes(magic)!r}, expected {FRAME_MAGIC!r}")
+    if version != FRAME_VERSION:
+        raise ProtocolError(f"{ctx}: frame version {version}, this side speaks {FRAME_VERSION}")
+    if header_len > limits.max_header_bytes:
+        raise ProtocolError(f"{ctx}: header length {header_len} exceeds the limit of {limits.max_header_bytes}")
+    if _PREFIX.size + header_len > size:
+        raise ProtocolError(
+            f"{ctx}: header length {header_len} runs past the frame ({size - _PREFIX.size} bytes after the prefix)"
+        )
+    header = loads_strict(view[_PREFIX.size : _PREFIX.size + header_len], f"{ctx}: header")
+    body = view[_PREFIX.size + header_len :]
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{ctx}: header must be a JSON object, got {show(header)}")
+    _check_keys(header, _HEADER_KEYS, "header", ctx)
+    if header["msg"] != kind:
+        raise ProtocolError(f"{ctx}: header says this is a {show(header['msg'])} frame, expected {kind!r}")
+    body_len = _int(header["body_len"], "body_len", ctx)
+    if body_len != len(body):
+        raise ProtocolError(f"{ctx}: body has {len(body)} bytes, header says body_len {body_len} (truncated?)")
+    sha = header["body_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ProtocolError(f"{ctx}: body_sha256 must be 64 hex characters, got {show(sha)}")
+    tables = header["tensors"], header["files"]
+    if not isinstance(tables[0], list) or not isinstance(tables[1], list):
+        raise ProtocolError(f"{ctx}: 'tensors' and 'files' must be lists")
+    if kind == "artifact" and tables[0]:
+        raise ProtocolError(f"{ctx}: artifact frames carry files, not tensors ({len(tables[0])} tensors)")
+    if kind != "artifact" and tables[1]:
+        raise ProtocolError(f"{ctx}: {kind} frames carry tensors, not files ({len(tables[1])} files)")
+    if len(tables[0]) + len(tables[1]) > limits.max_tensors:
+        raise ProtocolError(
+            f"{ctx}: {len(tables[0]) + len(tables[1])} entries exceeds the limit of {limits.max_tensors}"
+        )
+    fields = fields_from_json(cls, header["fields"], ctx, exclude=frozenset({"tensors", "files"}))
+    entries: list[_Entry] = []
+    offset = 0
+    for i, raw in enumerate(tables[0]):
+        entries.append(_parse_tensor_entry(raw, i, offset, body_len, limits, ctx))
+        offset += entries[-1].length
+    for i, raw in enumerate(tables[1]):
+        entries.append(_parse_file_entry(raw, i, offset, body_len, ctx))
+        offset += entries[-1].length
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ProtocolError(f"{ctx}: name {dup!r} appears twice in the table")
+    if offset != body_len:
+        raise ProtocolError(f"{ctx}: table covers {offset} bytes but the body has {body_len}")
+    # Hash last among the cheap checks: it is the one pass over the whole body.
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != sha:
+        raise ProtocolError(f"{ctx}: body sha256 mismatch (header {sha[:12]}..., body {actual[:12]}...)")
+    tensors: dict[str, Tensor] = {}
+    files: dict[str, bytes] = {}
+    for e in entries:
+        if e.encoding == "file":
+            files[e.name] = bytes(body[e.offset : e.offset + e.length])
+        else:
+            tensors[e.name] = _read_tensor(body, e, ctx)
+    return fields, tensors, files
+
+
+def _parse_tensor_entry(raw: Any, i: int, offset: int, body_len: int, limits: FrameLimits, ctx: str) -> _Entry:
+    where = f"tensor #{i}"
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{ctx}: {where} must be a JSON object, got {show(raw)}")
+    encoding = raw.get("encoding")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(f"{ctx}: {where} encoding must be one of {', '.join(ENCODINGS)}, got {show(encoding)}")
+    _check_keys(raw, _SPARSE_KEYS if encoding == "sparse-coo" else _TENSOR_KEYS, where, ctx)
+    name = raw["name"]
+    _check_name(name, ctx)
+    where = f"tensor {name!r}"
+    shape = _check_shape(raw["shape"], name, limits, ctx)
+    if raw["dtype"] != _WIRE_DTYPE[encoding]:
+        raise ProtocolError(
+            f"{ctx}: {where} dtype {show(raw['dtype'])} does not match encoding {encoding!r} "
+            f"(expected {_WIRE_DTYPE[encoding]!r})"
+        )
+    numel = math.prod(shape)
+    nnz, index_dtype = 0, ""
+    if encoding == "sparse-coo":
+        nnz = _int(raw["nnz"], f"{where} nnz", ctx)
+        index_dtype = raw["index_dtype"]
+        if index_dtype not in ("int32", "int64"):
+            raise ProtocolError(f"{ctx}: {where} index_dtype must be 'int32' or 'int64', got {show(index_dtype)}")
+        if nnz > numel:
+            raise ProtocolError(f"{ctx}: {where} has nnz {nnz} > {numel} elements of shape {shape}")
+        want = nnz * (_ITEM_BYTES[index_dtype] + 4)
+    else:
+        want = numel * _ITEM_BYTES[_WIRE_DTYPE[encoding]]
+    entry_offset = _int(raw["offset"], f"{where} offset", ctx)
+    length = _int(raw["length"], f"{where} length", ctx)
+    _check_span(where, entry_offset, length, offset, body_len, ctx)
+    if length != want:
+        raise ProtocolError(
+            f"{ctx}: {where} length {length} does not match {encoding} {_WIRE_DTYPE[encoding]} "
+            f"shape {shape}{f' nnz {nnz}' if nnz else ''} ({want} bytes)"
+        )
+    return _Entry(name, encoding, shape, entry_offset, length, nnz, index_dtype)
+
+
+def _parse_file_entry(raw: Any, i: int, offset: int, body_len: int, ctx: str) -> _Entry:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{ctx}: file #{i} must be a JSON object, got {show(raw)}")
+    _check_keys(raw, _FILE_KEYS, f"file #{i}", ctx)
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ProtocolError(f"{ctx}: file name {show(name)} must match {NAME_PATTERN.pattern}")
+    entry_offset = _int(raw["offset"], f"file {name!r} offset", ctx)
+    length = _int(raw["length"], f"file {name!r} length", ctx)
+    _check_span(f"file {name!r}", entry_offset, length, offset, body_len, ctx)
+    return _Entry(name, "file", (length,), entry_offset, length)
+
+
+def _read_tensor(body: memoryview, e: _Entry, ctx: str) -> Tensor:
+    """Copy one entry out of the body into an owned native-order array, then check its values."""
+    if e.encoding == "sparse-coo":
+        index_bytes = _ITEM_BYTES[e.index_dtype]
+        idx = np.frombuffer(body, "<i4" if index_bytes == 4 else "<i8", count=e.nnz, offset=e.offset)
+        vals = np.frombuffer(body, "<f4", count=e.nnz, offset=e.offset + e.nnz * index_bytes)
+        indices, values = idx.astype(np.int64), vals.astype(np.float32)
+        _check_sparse_indices(indices, math.prod(e.shape), e.name, ctx)
+        _check_finite(values, e.name, ctx)
+        return SparseTensor(shape=e.shape, indices=indices, values=values)
+    numel = math.prod(e.shape)
+    wire = np.frombuffer(body, "<f2" if e.encoding == "fp16" else "<f4", count=numel, offset=e.offset)
+    arr = wire.reshape(e.shape).astype(np.float32)  # astype copies: writable, owned, aligned
+    _check_finite(arr, e.name, ctx)
+    return arr
+
+
+# ---------------------------------------------------------------- checks
+def _int(value: Any, what: str, ctx: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{ctx}: {what} must be a non-negative integer, got {show(value)}")
+    return value
+
+
+def _check_keys(obj: dict[str, Any], allowed: frozenset[str], where: str, ctx: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ProtocolError(f"{ctx}: {where} has unknown key {unknown[0]!r}")
+    missing = sorted(allowed - set(obj))
+    if missing:
+        raise ProtocolError(f"{ctx}: {where} is missing key {missing[0]!r}")
+
+
+def _check_name(name: Any, ctx: str) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME_CHARS:
+        raise ProtocolError(f"{ctx}: tensor name must be a string of 1-{_MAX_NAME_CHARS} characters, got {show(name)}")
+
+
+def _check_shape(shape: Any, name: str, limits: FrameLimits, ctx: str) -> tuple[int, ...]:
+    if not isinstance(shape, list | tuple) or len(shape) > limits.max_ndim:
+        raise ProtocolError(
+            f"{ctx}: tensor {name!r} shape must be a list of at most {limits.max_ndim} sizes, got {show(shape)}"
+        )
+    dims = [int(d) if isinstance(d, np.integer) else d for d in shape]  # numpy shapes may hold np.int64
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+        raise ProtocolError(f"{ctx}: tensor {name!r} shape must hold non-negative integers, got {show(shape)}")
+    if math.prod(dims) > limits.max_tensor_elements:
+        raise ProtocolError(f"{ctx}: tensor {name!r} shape {tuple(dims)} exceeds {limits.max_tensor_elements} elements")
+    return tuple(dims)
+
+
+def _check_span(where: str, offset: int, length: int, expected: int, body_len: int, ctx: str) -> None:
+    if offset != expected:
+        raise ProtocolError(f"{ctx}: {where} offset {offset} must follow the previous entry at {expected}")
+    if offset + length > body_len:
+        raise ProtocolError(f"{ctx}: {where} spans bytes {offset}..{offset + length}, past the {body_len}-byte body")
+
+
+def _check_finite(arr: npt.NDArray[np.float32], name: str, ctx: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        flat = bad.reshape(-1)
+        first = int(np.argmax(flat))
+        kind = "NaN" if np.isnan(arr.reshape(-1)[first]) else "Inf"
+        raise ProtocolError(
+            f"{ctx}: tensor {name!r} has {kind} at flat index {first} "
+            f"({int(flat.sum())} non-finite of {arr.size} values)"
+        )
+
+
+def _check_sparse_indices(idx: npt.NDArray[np.int64], numel: int, name: str, ctx: str) -> None:
+    if idx.size == 0:
+        return
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= numel:
+        value = low if low < 0 else high
+        raise ProtocolError(f"{ctx}: tensor {name!r} sparse index {value} out of range [0, {numel})")
+    steps = np.diff(idx)
+    if steps.size and (steps <= 0).any():
+        at = int(np.argmax(steps <= 0))
+        raise ProtocolError(
+            f"{ctx}: tensor {name!r} sparse indices repeat or go backwards at position {at + 1} "
+            f"({int(idx[at])} then {int(idx[at + 1])})"
+        )

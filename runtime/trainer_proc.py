@@ -1,0 +1,202 @@
+"""The trainer child: a long-lived process that owns ONNX Runtime and the data shard.
+
+ONNX Runtime's training step holds the GIL for the whole step, so an MQTT client or a
+telemetry sampler in the same process would stall (missed keepalives, a false Last Will,
+holes in the traces). The agent therefore talks to this child over a pipe. Weights travel as
+one flat float32 buffer (`send_bytes`, no pickle of arrays). If the child dies, for instance
+SIGKILLed by the kernel under a memory cap, the agent sees it through `poll()` and restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import OrchardError, TrainerError
+from runtime.layout import FloatArray
+
+_KEEP_SESSIONS = 2  # sessions cached per artifact; each holds its model and gradient buffers
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    job_id: str
+    artifact_dir: str
+    classes: tuple[int, ...] | None
+    steps: int
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    job_id: str
+    weights: FloatArray | None  # None when training failed
+    error: str | None
+    n_samples: int = 0
+    steps: int = 0
+    train_s: float = 0.0
+    step_ms_median: float = 0.0
+    peak_rss_mb: float = 0.0
+    loss_first: float = float("nan")
+    loss_last: float = float("nan")
+
+
+class TrainerDied(TrainerError):
+    """The child exited while a job was running; `exitcode` is negative for a signal."""
+
+    def __init__(self, message: str, exitcode: int | None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode == -signal.SIGKILL or exitcode == 137:
+        return f"killed by SIGKILL (exit {exitcode}); under a memory cap this is the OOM killer"
+    if exitcode < 0:
+        return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
+    # The agent handles Ctrl-C and shutdown; the child must not die halfway through a reply.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from runtime.trainer import TrainConfig, Trainer
+
+    with np.load(shard_path) as shard:
+        x, y = shard["x"].astype(np.float32), shard["y"].astype(np.int64)
+    sessions: OrderedDict[tuple[str, tuple[int, ...] | None], Trainer] = OrderedDict()
+    conn.send({"ready": True, "pid": os.getpid(), "n_samples": len(y)})
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg.get("op") == "stop":
+            return
+        job = TrainJob(**msg["job"])
+        weights = np.frombuffer(conn.recv_bytes(), dtype=np.float32).copy()
+        try:
+            key = (job.artifact_dir, job.classes)
+            trainer = sessions.pop(key, None) or Trainer(job.artifact_dir, threads=threads, classes=job.classes)
+            sessions[key] = trainer
+            while len(sessions) > _KEEP_SESSIONS:
+                sessions.popitem(last=False)
+            cfg = TrainConfig(steps=job.steps, epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed)
+            r = trainer.train(weights, x, y, cfg)
+            reply: dict[str, Any] = {
+                "job_id": job.job_id, "error": None, "n_samples": r.n_samples, "steps": r.steps,
+                "train_s": r.train_s, "step_ms_median": r.step_ms_median, "peak_rss_mb": r.peak_rss_mb,
+                "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1],
+            }
+            conn.send(reply)
+            conn.send_bytes(r.weights.tobytes())
+        except OrchardError as exc:
+            conn.send({"job_id": job.job_id, "error": str(exc)})
+            conn.send_bytes(b"")
+
+
+class TrainerProcess:
+    """Agent-side handle: start, submit a job, poll for its outcome, restart after a death."""
+
+    def __init__(self, shard_path: Path | str, threads: int = 1, start_timeout_s: float = 60.0) -> None:
+        self.shard_path = str(shard_path)
+        self.threads = threads
+        self.start_timeout_s = start_timeout_s
+        self.n_samples = 0
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: mpc.Connection | None = None
+        self._job: TrainJob | None = None
+        self.start()
+
+    def start(self) -> None:
+        # spawn, not fork: ORT's thread pools do not survive a fork, and the agent has paho threads.
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(child, self.shard_path, self.threads), daemon=True,
+                           name="orchard-trainer")
+        proc.start()
+        child.close()
+        if not parent.poll(self.start_timeout_s):
+            proc.kill()
+            raise TrainerError(f"trainer did not start within {self.start_timeout_s:.0f} s")
+        try:
+            hello = parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise TrainerDied(f"trainer died while loading {self.shard_path}: {describe_exit(proc.exitcode)}",
+                              proc.exitcode) from None
+        self.n_samples = int(hello["n_samples"])
+        self._proc, self._conn, self._job = proc, parent, None
+
+    @property
+    def pid(self) -> int | None:
+        return int(self._proc.pid) if self._proc is not None and self._proc.is_alive() else None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def submit(self, job: TrainJob, weights: FloatArray) -> None:
+        if self._job is not None:
+            raise TrainerError(f"trainer is busy with job {self._job.job_id}; cannot start {job.job_id}")
+        assert self._conn is not None
+        self._conn.send({"op": "train", "job": asdict(job)})
+        self._conn.send_bytes(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        self._job = job
+
+    def poll(self, timeout_s: float = 0.0) -> TrainOutcome | None:
+        """The running job's outcome if it is done; raises TrainerDied if the child died."""
+        if self._job is None or self._conn is None:
+            return None
+        job = self._job
+        try:
+            if not self._conn.poll(timeout_s):
+                if not self._proc.is_alive():
+                    raise EOFError
+                return None
+            reply = self._conn.recv()
+            payload = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            code = self._proc.exitcode
+            self._job = None
+            raise TrainerDied(f"trainer died during job {job.job_id}: {describe_exit(code)}", code) from None
+        self._job = None
+        if reply.get("error"):
+            return TrainOutcome(job_id=job.job_id, weights=None, error=str(reply["error"]))
+        weights = np.frombuffer(payload, dtype=np.float32).copy()
+        fields = {k: reply[k] for k in ("n_samples", "steps", "train_s", "step_ms_median", "peak_rss_mb",
+                                        "loss_first", "loss_last")}
+        return TrainOutcome(job_id=job.job_id, weights=weights, error=None, **fields)
+
+    def restart(self) -> None:
+        self.close()
+        self.restarts += 1
+        self.start()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):  # the child may already be gone
+                self._conn.send({"op": "stop"})
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(2)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(2)
+        self._proc, self._conn, self._job = None, None, None

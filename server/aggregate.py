@@ -1,0 +1,319 @@
+"""Aggregation math: pure numpy functions over flat float32 parameter buffers.
+
+Every update is an `UpdateContribution`: values at flat `indices` of the global buffer (None =
+the whole buffer), plus a scalar weight. Submodels (HeteroFL, FedRolex, FjORD, Chen & Qin,
+Co-S²P masks, ZeroFL top-k) all reduce to an index array (`runtime.submodel`), so the same
+functions serve every method.
+
+Rules every merge follows:
+- inputs are validated first (finite values and weights, matching lengths, indices in range and
+  unique), and a `RoundError` names the offending contribution;
+- the result is a NEW float32 array; the global buffer passed in is never written to, so a failed
+  merge leaves the old global model intact;
+- sums are accumulated in float64 and rounded to float32 once, so results do not depend on the
+  order of updates beyond float64 rounding.
+
+Formulas are those of research/methods.md §1.3 (Co-S²P), §6.1 (FedAvg), §6.3 (HeteroFL), §6.5
+(FedAsync) and §6.6 (FedBuff).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import RoundError
+
+FloatArray = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
+IndexArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateContribution:
+    """One update as the merge functions see it.
+
+    `values` are weights or a delta (the function decides which it expects) at `indices` of the
+    global buffer; `indices=None` means the values cover the whole buffer in order.
+    """
+
+    indices: IndexArray | None
+    values: FloatArray
+    weight: float
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0])
+
+
+# ---------------------------------------------------------------- validation
+def check_global(global_flat: npt.NDArray[np.float32], what: str = "global model") -> FloatArray:
+    arr = np.asarray(global_flat)
+    if arr.dtype != np.float32 or arr.ndim != 1:
+        raise RoundError(f"{what} must be a 1-D float32 buffer, got {arr.dtype} of shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise RoundError(f"{what} holds {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+def check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
+    """`indices` as a 1-D int64 array of unique coordinates in [0, n_params), or raise."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise RoundError(f"{what}: indices must be a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size == 0:
+        return idx
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n_params:
+        raise RoundError(f"{what}: indices span [{lo}, {hi}], outside the model's [0, {n_params})")
+    # Scatter-adds below use `acc[idx] += x`, which is only correct for unique indices; a boolean
+    # scratch buffer checks that in O(n) without sorting.
+    seen = np.zeros(n_params, dtype=bool)
+    seen[idx] = True
+    n_unique = int(np.count_nonzero(seen))
+    if n_unique != idx.size:
+        raise RoundError(f"{what}: {idx.size - n_unique} repeated indices")
+    return idx
+
+
+def check_contributions(n_params: int, contributions: Sequence[UpdateContribution]) -> None:
+    """Raise `RoundError` naming the first contribution that does not fit a model of `n_params`."""
+    for i, c in enumerate(contributions):
+        what = f"contribution {i}"
+        values = np.asarray(c.values)
+        if values.dtype != np.float32 or values.ndim != 1:
+            raise RoundError(f"{what}: values must be 1-D float32, got {values.dtype}, shape {values.shape}")
+        expected = n_params if c.indices is None else int(np.asarray(c.indices).shape[0])
+        if c.indices is not None:
+            check_indices(c.indices, n_params, what)
+        if values.shape[0] != expected:
+            raise RoundError(f"{what}: {values.shape[0]} values, expected {expected}")
+        if not np.isfinite(values).all():
+            raise RoundError(f"{what}: {int((~np.isfinite(values)).sum())} non-finite values")
+        if not math.isfinite(c.weight) or c.weight < 0:
+            raise RoundError(f"{what}: weight {c.weight} must be finite and >= 0")
+
+
+def _finish(out: Float64Array, what: str) -> FloatArray:
+    with np.errstate(over="ignore"):  # overflow is reported below, with a count
+        result = out.astype(np.float32)
+    if not np.isfinite(result).all():
+        # float32 overflow of a finite float64 sum; refuse rather than publish inf.
+        raise RoundError(f"{what} produced {int((~np.isfinite(result)).sum())} non-finite values")
+    return result
+
+
+# ---------------------------------------------------------------- merges
+def weighted_average(global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+    """FedAvg: `Σ n_i w_i / Σ n_i` over dense weight vectors (weights = n_i)."""
+    g = check_global(global_flat)
+    check_contributions(g.size, contributions)
+    if not contributions:
+        raise RoundError("weighted average of zero contributions")
+    if any(c.indices is not None for c in contributions):
+        raise RoundError("weighted_average takes full-model updates; per_element_average takes submodels")
+    total = sum(c.weight for c in contributions)
+    if total <= 0:
+        raise RoundError(f"weighted average: weights sum to {total}, need > 0")
+    acc = np.zeros(g.size, dtype=np.float64)
+    for c in contributions:
+        acc += c.weight * c.values.astype(np.float64)
+    return _finish(acc / total, "weighted average")
+
+
+def _coverage_sums(
+    n_params: int, contributions: Sequence[UpdateContribution]
+) -> tuple[Float64Array, Float64Array]:
+    """Per coordinate: Σ γ_i v_i over the contributions covering it, and Σ γ_i of those."""
+    num = np.zeros(n_params, dtype=np.float64)
+    den = np.zeros(n_params, dtype=np.float64)
+    for c in contributions:
+        weighted = c.weight * c.values.astype(np.float64)
+        if c.indices is None:
+            num += weighted
+            den += c.weight
+        else:
+            # Indices are unique (checked), so fancy-index += is an exact scatter-add.
+            num[c.indices] += weighted
+            den[c.indices] += c.weight
+    return num, den
+
+
+def per_element_average(global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+    """HeteroFL/FjORD/FedRolex/Chen & Qin merge of submodel WEIGHTS.
+
+    `W[j] = Σ_{i∋j} γ_i w_i[j] / Σ_{i∋j} γ_i`; coordinates nobody covers (or covers with weight 0)
+    keep the global value. With unit weights this is HeteroFL's count average (methods.md §6.3).
+    """
+    g = check_global(global_flat)
+    check_contributions(g.size, contributions)
+    num, den = _coverage_sums(g.size, contributions)
+    out = g.astype(np.float64)
+    covered = den > 0
+    out[covered] = num[covered] / den[covered]
+    return _finish(out, "per-element average")
+
+
+def per_element_delta(
+    global_flat: FloatArray, contributions: Sequence[UpdateContribution], server_lr: float = 1.0
+) -> FloatArray:
+    """Per-element merge of DELTAS: `W[j] + η Σ_{i∋j} γ_i Δ_i[j] / Σ_{i∋j} γ_i`.
+
+    Equals `per_element_average` when every delta is taken against the current global model; it
+    is the form that stays meaningful when updates start from different (stale) base versions.
+    """
+    g = check_global(global_flat)
+    check_contributions(g.size, contributions)
+    _check_lr(server_lr)
+    num, den = _coverage_sums(g.size, contributions)
+    out = g.astype(np.float64)
+    covered = den > 0
+    out[covered] += server_lr * (num[covered] / den[covered])
+    return _finish(out, "per-element delta merge")
+
+
+def apply_deltas(
+    global_flat: FloatArray, contributions: Sequence[UpdateContribution], server_lr: float = 1.0
+) -> FloatArray:
+    """`W + η Σ γ_i Δ_i`, each Δ_i scattered at its indices (dense when indices is None).
+
+    No per-coordinate normalisation: this is Co-S²P's masked-delta merge (a coordinate held by
+    few clients takes a smaller step, methods.md §1.3) and ZeroFL's "diff" merge. The caller
+    picks γ_i (normalised or not).
+    """
+    g = check_global(global_flat)
+    check_contributions(g.size, contributions)
+    _check_lr(server_lr)
+    acc = np.zeros(g.size, dtype=np.float64)
+    for c in contributions:
+        weighted = c.weight * c.values.astype(np.float64)
+        if c.indices is None:
+            acc += weighted
+        else:
+            acc[c.indices] += weighted
+    return _finish(g.astype(np.float64) + server_lr * acc, "delta merge")
+
+
+def masked_delta_merge(
+    global_flat: FloatArray, contributions: Sequence[UpdateContribution], server_lr: float = 1.0
+) -> FloatArray:
+    """Co-S²P server step: γ L1-normalised over this round, then `W + η Σ γ_i Δ_i` (no per-element norm)."""
+    gammas = normalise_l1(np.array([c.weight for c in contributions], dtype=np.float64))
+    scaled = [
+        UpdateContribution(c.indices, c.values, float(w)) for c, w in zip(contributions, gammas, strict=True)
+    ]
+    return apply_deltas(global_flat, scaled, server_lr)
+
+
+def fedbuff_apply(
+    global_flat: FloatArray, contributions: Sequence[UpdateContribution], server_lr: float = 1.0
+) -> FloatArray:
+    """FedBuff flush: `W + η_g · (Σ_i s(τ_i) Δ_i) / K` with K = the number of buffered updates.
+
+    Weights are the staleness factors s(τ_i); they are NOT renormalised (methods.md §6.6).
+    """
+    if not contributions:
+        raise RoundError("FedBuff flush of an empty buffer")
+    k = len(contributions)
+    return apply_deltas(global_flat, contributions, server_lr / k)
+
+
+def fedasync_mix(global_flat: FloatArray, contribution: UpdateContribution) -> FloatArray:
+    """FedAsync: `W = (1 − α_t) W + α_t w_new` with α_t = `contribution.weight` in [0, 1].
+
+    `contribution.values` are the client's WEIGHTS; for a submodel only its coordinates mix.
+    """
+    g = check_global(global_flat)
+    check_contributions(g.size, [contribution])
+    alpha = contribution.weight
+    if alpha > 1.0:
+        raise RoundError(f"FedAsync mixing weight {alpha} is above 1")
+    out = g.astype(np.float64)
+    new = contribution.values.astype(np.float64)
+    if contribution.indices is None:
+        out = (1.0 - alpha) * out + alpha * new
+    else:
+        idx = contribution.indices
+        out[idx] = (1.0 - alpha) * out[idx] + alpha * new
+    return _finish(out, "FedAsync mix")
+
+
+def _check_lr(server_lr: float) -> None:
+    if not math.isfinite(server_lr) or server_lr < 0:
+        raise RoundError(f"server learning rate {server_lr} must be finite and >= 0")
+
+
+# ---------------------------------------------------------------- weights
+def normalise_l1(weights: npt.NDArray[np.float64]) -> Float64Array:
+    """`w / Σ|w|`; all-zero weights become equal weights (their updates are then all zero in
+    Co-S²P, so any split is the same, but 0/0 must not reach the model)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0:
+        return w
+    if not np.isfinite(w).all():
+        raise RoundError(f"cannot normalise non-finite weights {w.tolist()}")
+    total = float(np.abs(w).sum())
+    if total == 0.0:
+        return np.full(w.shape, 1.0 / w.size)
+    result: Float64Array = w / total
+    return result
+
+
+def staleness_polynomial(staleness: int, a: float) -> float:
+    """FedAsync polynomial `(1 + s)^-a`."""
+    return float((1.0 + _check_staleness(staleness)) ** (-a))
+
+
+def staleness_sqrt(staleness: int) -> float:
+    """FedBuff `1 / sqrt(1 + s)`."""
+    return 1.0 / math.sqrt(1.0 + _check_staleness(staleness))
+
+
+def staleness_hinge(staleness: int, a: float, b: float) -> float:
+    """FedAsync hinge: 1 while `s <= b`, then `1 / (a (s − b) + 1)`."""
+    s = _check_staleness(staleness)
+    return 1.0 if s <= b else 1.0 / (a * (s - b) + 1.0)
+
+
+def staleness_constant(staleness: int) -> float:
+    _check_staleness(staleness)
+    return 1.0
+
+
+def _check_staleness(staleness: int) -> int:
+    if staleness < 0:
+        raise RoundError(f"staleness {staleness} is negative (update from a future version?)")
+    return staleness
+
+
+def l1_norm(values: npt.NDArray[np.float32]) -> float:
+    return float(np.abs(np.asarray(values, dtype=np.float64)).sum())
+
+
+def l1_drift(current: FloatArray, base: FloatArray) -> float:
+    """`Σ_k ‖W^(t)[k] − W^(τ)[k]‖_1` over all tensors k = the L1 norm of the flat difference."""
+    if current.shape != base.shape:
+        raise RoundError(f"model versions differ in shape: {current.shape} vs {base.shape}")
+    return float(np.abs(current.astype(np.float64) - base.astype(np.float64)).sum())
+
+
+def cos2p_weights(
+    delta_l1: Sequence[float], rates: Sequence[float], drift_l1: Sequence[float]
+) -> Float64Array:
+    """Co-S²P importance over staleness, L1-normalised over the round (methods.md §1.3):
+
+    `γ̃_i = (‖Δ_i‖_1 / rate_i) / (‖W^(t) − W^(τ_i)‖_1 + 1)`, `γ_i = γ̃_i / Σ_j γ̃_j`.
+    """
+    d = np.asarray(delta_l1, dtype=np.float64)
+    r = np.asarray(rates, dtype=np.float64)
+    s = np.asarray(drift_l1, dtype=np.float64)
+    if not d.shape == r.shape == s.shape:
+        raise RoundError(f"Co-S²P weights: {d.size} deltas, {r.size} rates, {s.size} drifts")
+    if np.any(r <= 0) or np.any(s < 0) or np.any(d < 0):
+        raise RoundError(f"Co-S²P weights need rates > 0 and norms >= 0, got rates {r.tolist()}")
+    return normalise_l1((d / r) / (s + 1.0))

@@ -1,0 +1,135 @@
+"""The aggregator's TOML config (`orchard server --config server.toml`).
+
+    [server]
+    id = "server"
+    root = "orchard/demo"           # topic root of the campaign
+    artifacts = "artifacts.json"    # the model: global init, layout and one artifact per profile
+    eval_data = "eval.npz"          # held-out split the global model is scored on (x, y)
+    broker = "mqtt://127.0.0.1:1883"
+    seed = 0
+
+    [rounds]
+    strategy = "semi-async"         # fedavg | fedavg-deadline | semi-async | fedbuff | fedasync
+    target_version = 10             # stop after this many aggregations
+    time_limit_s = 600
+    min_devices = 3                 # no task goes out before this many devices said hello
+    task_timeout_s = 120            # a task unanswered this long is abandoned
+    eval_every = 1
+
+    [strategy]                      # parameters of the chosen strategy, e.g. k_fraction, deadline_s
+    k_fraction = 0.5
+
+    [train]                         # what each task asks of a device
+    local_steps = 20
+    local_epochs = 0
+    lr = 0.1
+    batch_size = 32
+    upload = "weights"              # weights | delta
+    encoding = "dense"              # dense | fp16
+
+    [assign]                        # profile per device; default for the rest
+    default = "dense"
+    devices = { dev0 = "width=0.5" }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError
+from runtime.profile import parse_profile
+from runtime.tomlconf import TomlTable, check_tables, load_toml
+from server.records import EngineConfig
+from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
+
+_SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed"})
+_ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every"})
+_TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
+_ASSIGN_KEYS = frozenset({"default", "devices"})
+
+
+@dataclass(frozen=True)
+class TrainKnobs:
+    local_steps: int = 20
+    local_epochs: int = 0
+    lr: float = 0.1
+    batch_size: int = 32
+    upload: str = "weights"
+    encoding: str = "dense"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_id: str
+    root: str
+    artifacts: Path
+    eval_data: Path
+    broker: str
+    strategy: str
+    strategy_params: Mapping[str, Any]
+    engine: EngineConfig
+    train: TrainKnobs
+    default_profile: str = "dense"
+    device_profiles: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+
+def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
+    p = Path(path)
+    file = str(p)
+    data = load_toml(p)
+    check_tables(file, data, ("server", "rounds", "strategy", "train", "assign"))
+    srv = TomlTable(file, "server", data.get("server", {}), _SERVER_KEYS)
+    rnd = TomlTable(file, "rounds", data.get("rounds", {}), _ROUND_KEYS)
+    trn = TomlTable(file, "train", data.get("train", {}), _TRAIN_KEYS)
+    asg = TomlTable(file, "assign", data.get("assign", {}), _ASSIGN_KEYS)
+
+    def resolve(text: str) -> Path:
+        q = Path(text)
+        return q if q.is_absolute() else p.parent / q
+
+    strategy = rnd.string("strategy", STRATEGY_NAMES, default=DEFAULT_STRATEGY)
+    params = dict(data.get("strategy", {}))
+    try:
+        get_strategy(strategy, **params)  # validate now: unknown parameter or bad value names itself
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [strategy] {exc}") from None
+    time_limit = rnd.optional_number("time_limit_s", 0.0, 1e7, lo_open=True)
+    timeout = rnd.optional_number("task_timeout_s", 0.0, 1e7, lo_open=True)
+    target = rnd.integer("target_version", 1, 10**7) if "target_version" in rnd.data else None
+    engine = EngineConfig(
+        target_version=target, time_limit_s=time_limit, task_timeout_s=timeout,
+        min_devices=rnd.integer("min_devices", 0, 100_000, default=1),
+        eval_every=rnd.integer("eval_every", 0, 10**6, default=1),
+    )
+    train = TrainKnobs(
+        local_steps=trn.integer("local_steps", 0, 10**7, default=20),
+        local_epochs=trn.integer("local_epochs", 0, 10**5, default=0),
+        lr=trn.number("lr", 0.0, 100.0, default=0.1, lo_open=True),
+        batch_size=trn.integer("batch_size", 1, 1 << 16, default=32),
+        upload=trn.string("upload", ("weights", "delta"), default="weights"),
+        encoding=trn.string("encoding", ("dense", "fp16"), default="dense"),
+    )
+    if train.local_steps == 0 and train.local_epochs == 0:
+        raise ConfigError(f"{file}: [train] needs local_steps > 0 or local_epochs > 0")
+    devices = asg.data.get("devices", {})
+    if not isinstance(devices, dict) or not all(isinstance(v, str) for v in devices.values()):
+        raise ConfigError(f"{file}: [assign] devices must map device ids to profile strings")
+    default_profile = parse_profile(asg.string("default", default="dense")).canonical()
+    return ServerConfig(
+        server_id=srv.string("id", default="server"),
+        root=srv.string("root"),
+        artifacts=resolve(srv.string("artifacts")),
+        eval_data=resolve(srv.string("eval_data")),
+        broker=broker or srv.string("broker", default="mqtt://127.0.0.1:1883"),
+        strategy=strategy,
+        strategy_params=params,
+        engine=engine,
+        train=train,
+        default_profile=default_profile,
+        device_profiles={str(k): parse_profile(v).canonical() for k, v in devices.items()},
+        seed=srv.integer("seed", 0, 2**31, default=0),
+    )

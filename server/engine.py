@@ -1,0 +1,434 @@
+"""The round engine: a pure state machine with an injected clock.
+
+`Engine.handle(event) -> [action]` is the whole interface (events and actions: `server/events.py`).
+It tracks devices (online; idle / busy / done-for-this-round), outstanding tasks, the global
+model and its recent versions, and pending updates; a `Strategy` (`server/policies.py`) says
+when a round closes, how updates weigh and merge. No I/O, no threads: the MQTT adapter and the
+in-memory transport drive it the same way, so everything here is testable on a virtual clock.
+
+Invariants:
+- the global buffer is only replaced by a fully validated new array, never written in place;
+- an update counts once: it must answer an outstanding task (device, task id), which it then
+  closes, so a redelivered QoS-1 message is refused as a duplicate;
+- staleness = current version − the task's base version; above `max_staleness` it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ConfigError, RoundError
+from server import aggregate as agg
+from server.admission import admit_payload
+from server.aggregate import FloatArray, IndexArray, UpdateContribution
+from server.events import (
+    Action,
+    DeviceHello,
+    DeviceOffline,
+    DeviceStatus,
+    Evaluate,
+    Event,
+    Finish,
+    Log,
+    NewGlobal,
+    SendTask,
+    Tick,
+    UpdateReceived,
+)
+from server.policies import AssignPolicy, FixedProfile, ModelOps, RoundView, Strategy, WeightInput
+from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, TaskRecord, TaskTimeMedian
+
+__all__ = ["AcceptedUpdate", "DeviceRecord", "Engine", "EngineConfig", "TaskRecord"]
+
+def _frozen(arr: FloatArray) -> FloatArray:
+    arr.flags.writeable = False  # a stray in-place write raises instead of corrupting the model
+    return arr
+
+
+class Engine:
+    def __init__(
+        self,
+        strategy: Strategy,
+        model: ModelOps,
+        initial_global: FloatArray,
+        *,
+        clock: Callable[[], float],
+        config: EngineConfig | None = None,
+        assign: AssignPolicy | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.model = model
+        self.config = config or EngineConfig()
+        self.assign: AssignPolicy = assign or FixedProfile()
+        self._clock = clock
+        try:
+            g = agg.check_global(np.array(initial_global, dtype=np.float32), "initial global model")
+        except RoundError as exc:
+            raise ConfigError(str(exc)) from None
+        if g.size != model.n_params:
+            raise ConfigError(f"initial global model has {g.size} values, the model has {model.n_params}")
+        self._global = _frozen(g)
+        self.version = 0
+        self.round = 0
+        self.finished = False
+        self._history: dict[int, FloatArray] = {0: self._global}
+        self._devices: dict[str, DeviceRecord] = {}
+        self._online: set[str] = set()
+        self._idle: set[str] = set()  # online and idle: who can take a task now
+        self._tasks: dict[str, TaskRecord] = {}  # insertion order = dispatch order
+        self._pending: list[AcceptedUpdate] = []
+        self._closed: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._task_time = TaskTimeMedian()  # over online devices
+        self._task_seq = 0
+        self._start_s = clock()
+        self._round_started_s = self._start_s
+        self._started = False
+        self._index_cache: dict[tuple[str, int], IndexArray | None] = {}
+
+    # ------------------------------------------------------------ read-only views
+    @property
+    def global_flat(self) -> FloatArray:
+        """The current global model (read-only array)."""
+        return self._global
+
+    @property
+    def devices(self) -> Mapping[str, DeviceRecord]:
+        return MappingProxyType(self._devices)
+
+    @property
+    def outstanding(self) -> Mapping[str, TaskRecord]:
+        return MappingProxyType(self._tasks)
+
+    @property
+    def n_pending(self) -> int:
+        return len(self._pending)
+
+    def model_at(self, version: int) -> FloatArray | None:
+        """Global model `version` if still retained (current, or the base of an outstanding task)."""
+        return self._history.get(version)
+
+    def next_deadline(self) -> float | None:
+        """The next clock time at which a Tick may change something, if any."""
+        now = self._clock()
+        times = [self.strategy.close.deadline_at(self._view(now))]
+        if self.config.task_timeout_s is not None and self._tasks:
+            first = next(iter(self._tasks.values()))
+            times.append(first.dispatched_s + self.config.task_timeout_s)
+        if self.config.time_limit_s is not None:
+            times.append(self._start_s + self.config.time_limit_s)
+        future = [t for t in times if t is not None and t > now]
+        return min(future) if future else None
+
+    # ------------------------------------------------------------ events
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return what to do. A hello only registers the device: tasks go out
+        on the next other event or Tick, so a fleet that connects together starts together."""
+        if self.finished:
+            return []
+        now = event.now if isinstance(event, Tick) and event.now is not None else self._clock()
+        out: list[Action] = []
+        if isinstance(event, DeviceHello):
+            self._on_hello(event, now, out)
+            return out
+        if isinstance(event, DeviceStatus):
+            self._on_status(event, now, out)
+        elif isinstance(event, DeviceOffline):
+            self._on_offline(event.device_id, event.reason, now, out)
+        elif isinstance(event, UpdateReceived):
+            self._on_update(event, now, out)
+        elif isinstance(event, Tick):
+            self._expire_tasks(now, out)
+        self._progress(now, out)
+        return out
+
+    def _on_hello(self, event: DeviceHello, now: float, out: list[Action]) -> None:
+        dev = self._devices.get(event.device_id)
+        if dev is None:
+            dev = self._devices[event.device_id] = DeviceRecord(event.device_id, event.hello, online=False)
+        else:
+            # A known device reconnecting keeps its task: its trainer may still be running.
+            dev.hello = event.hello
+        if not dev.online and dev.task_id is None:
+            dev.state = "idle"
+        self._set(dev, online=True)
+        out.append(self._log(now, "device_hello", device=event.device_id, board=event.hello.board,
+                             n_samples=event.hello.n_samples))
+
+    def _on_status(self, event: DeviceStatus, now: float, out: list[Action]) -> None:
+        status = event.status
+        dev = self._devices.get(event.device_id)
+        if dev is None:
+            out.append(self._log(now, "status_rejected", device=event.device_id, state=status.state,
+                                 reason=f"status {status.state!r} from unknown device {event.device_id!r}"))
+            return
+        if status.state == "offline":
+            self._on_offline(event.device_id, "status offline", now, out)
+            return
+        self._set(dev, online=True)
+        if status.state == "failed" and dev.task_id is not None:
+            task = self._tasks[dev.task_id]
+            if status.task_id in (None, task.task_id):
+                self._abandon(task, now, f"device failed: {status.detail or 'no detail'}", out)
+
+    def _on_offline(self, device_id: str, reason: str, now: float, out: list[Action]) -> None:
+        dev = self._devices.get(device_id)
+        if dev is None:
+            out.append(self._log(now, "status_rejected", device=device_id, state="offline",
+                                 reason=f"offline notice for unknown device {device_id!r}"))
+            return
+        if dev.task_id is not None:
+            self._abandon(self._tasks[dev.task_id], now, f"device offline ({reason})", out)
+        self._set(dev, online=False, state="idle")
+        out.append(self._log(now, "device_offline", device=device_id, reason=reason))
+
+    def _on_update(self, event: UpdateReceived, now: float, out: list[Action]) -> None:
+        upd = event.update
+        try:
+            accepted = self.check_update(event)
+        except RoundError as exc:
+            task = self._tasks.get(upd.task_id)
+            if task is not None and task.device_id == event.device_id:
+                self._resolve(task, "already answered by a refused update", "idle")  # answered, if badly
+            if event.device_id in self._devices:
+                self._devices[event.device_id].n_rejected += 1
+            out.append(self._log(now, "update_rejected", device=event.device_id, task_id=upd.task_id,
+                                 base_version=upd.base_version, reason=str(exc)))
+            return
+        task = accepted.task
+        after = "idle" if self.strategy.close.dispatch == "continuous" else "done"
+        self._resolve(task, f"already accepted in round {self.round} (duplicate delivery)", after)
+        self._devices[task.device_id].n_accepted += 1
+        self._set_task_time(self._devices[task.device_id], max(0.0, now - task.dispatched_s))
+        self._pending.append(accepted)
+        out.append(self._log(now, "update_accepted", device=task.device_id, task_id=task.task_id,
+                             task_round=task.round, base_version=task.base_version,
+                             staleness=accepted.staleness, n_samples=accepted.n_samples, kind=upd.kind,
+                             n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j))
+
+    # ------------------------------------------------------------ update validation
+    def check_update(self, event: UpdateReceived) -> AcceptedUpdate:
+        """Validate an update against the round state without changing anything; RoundError
+        names the device, the task and the offending value."""
+        upd, device_id = event.update, event.device_id
+        who = f"update from device {device_id!r} for task {upd.task_id!r}"
+        if device_id not in self._devices:
+            raise RoundError(f"{who}: unknown device")
+        if upd.device_id != device_id:
+            raise RoundError(f"{who}: the update names device {upd.device_id!r}")
+        closed = self._closed.get((device_id, upd.task_id))
+        if closed is not None:
+            raise RoundError(f"{who}: task {closed}")
+        task = self._tasks.get(upd.task_id)
+        if task is None or task.device_id != device_id:
+            raise RoundError(f"{who}: unknown task (not outstanding for this device)")
+        if upd.base_version != task.base_version:
+            raise RoundError(f"{who}: base version {upd.base_version}, the task was sent at {task.base_version}")
+        staleness = self.version - task.base_version
+        cap = self.strategy.max_staleness
+        if cap is not None and staleness > cap:
+            raise RoundError(f"{who}: too stale, base version {task.base_version} is {staleness} versions "
+                             f"behind {self.version} (max_staleness {cap})")
+        base = self._history.get(task.base_version)
+        if base is None:  # cannot happen while the cap holds; refuse rather than guess
+            raise RoundError(f"{who}: base version {task.base_version} is no longer retained")
+        payload = admit_payload(event, task, base, self.strategy, who)
+        return AcceptedUpdate(task=task, staleness=staleness, n_samples=upd.n_samples, indices=payload.indices,
+                              values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate)
+
+    # ------------------------------------------------------------ rounds
+    def _progress(self, now: float, out: list[Action]) -> None:
+        limit = self.config.time_limit_s
+        if limit is not None and now >= self._start_s + limit:
+            self._finish(f"time limit {limit:g} s reached", now, out)
+            return
+        reason = self.strategy.close.should_close(self._view(now))
+        if reason is not None:
+            self._close(reason, now, out)
+        if not self.finished:
+            self._dispatch(now, out)
+
+    def _view(self, now: float) -> RoundView:
+        return RoundView(now_s=now, round_started_s=self._round_started_s, n_pending=len(self._pending),
+                         n_outstanding=len(self._tasks), n_active=len(self._online),
+                         median_task_s=self._task_time.median())
+
+    def _close(self, reason: str, now: float, out: list[Action]) -> None:
+        pending, self._pending = self._pending, []
+        new: FloatArray | None = None
+        try:
+            new = self._merge(pending)
+        except RoundError as exc:
+            out.append(self._log(now, "aggregation_failed", reason=str(exc),
+                                 devices=[p.task.device_id for p in pending]))
+        closed_round = self.round
+        self.round += 1
+        self._round_started_s = now
+        if new is not None:
+            self.version += 1
+            self._global = _frozen(new)
+            self._history[self.version] = self._global
+            devices = tuple(p.task.device_id for p in pending)
+            staleness = tuple(p.staleness for p in pending)
+            out.append(self._log(now, "aggregated", closed_round=closed_round, reason=reason,
+                                 devices=list(devices), staleness=list(staleness)))
+            out.append(NewGlobal(self.version, closed_round, now, len(pending), devices, staleness, reason))
+        if self.strategy.close.abandon_at_close:
+            for task in list(self._tasks.values()):
+                self._abandon(task, now, f"straggler dropped when round {closed_round} closed", out, slow=True)
+        for dev in self._devices.values():
+            if dev.state == "done":
+                self._set(dev, state="idle")
+        self._prune_history()
+        if new is None:
+            return
+        target = self.config.target_version
+        reached = target is not None and self.version >= target
+        every = self.config.eval_every
+        if (every and self.version % every == 0) or reached:
+            out.append(Evaluate(self.version))
+        if reached:
+            self._finish(f"reached version {self.version}", now, out)
+
+    def _merge(self, pending: list[AcceptedUpdate]) -> FloatArray:
+        drift: dict[int, float] = {}
+        items = []
+        for p in pending:
+            base = p.task.base_version
+            if self.strategy.weight.needs_drift and base not in drift:
+                drift[base] = agg.l1_drift(self._global, self._history[base])
+            items.append(WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, drift.get(base, 0.0)))
+        gammas = self.strategy.weight.weights(items)
+        contributions = [UpdateContribution(p.indices, p.values, g) for p, g in zip(pending, gammas, strict=True)]
+        new = agg.check_global(self.strategy.merge.merge(self._global, contributions), "merged model")
+        if new is self._global or new.size != self._global.size:
+            raise RoundError(f"merge returned {new.size} values for a model of {self._global.size}")
+        return new
+
+    def _prune_history(self) -> None:
+        # Keep the current model and every base an outstanding task may still be measured
+        # against (within the staleness cap): at most one copy per in-flight base version.
+        cap = self.strategy.max_staleness
+        keep = {self.version} | {
+            t.base_version for t in self._tasks.values() if cap is None or self.version - t.base_version <= cap
+        }
+        for v in [v for v in self._history if v not in keep]:
+            del self._history[v]
+
+    def _finish(self, reason: str, now: float, out: list[Action]) -> None:
+        self.finished = True
+        out.append(self._log(now, "finished", reason=reason))
+        out.append(Finish(reason, self.version))
+
+    # ------------------------------------------------------------ tasks
+    def _dispatch(self, now: float, out: list[Action]) -> None:
+        if not self._started:
+            if len(self._online) < max(1, self.config.min_devices):
+                return
+            self._started = True
+        in_progress = bool(self._tasks or self._pending)
+        if (self.strategy.close.dispatch == "round" and in_progress) or not self._idle:
+            return
+        slots = len(self._idle)
+        if self.strategy.concurrency is not None:
+            slots = min(slots, self.strategy.concurrency - len(self._tasks))
+        if slots <= 0:
+            return
+        if not in_progress:
+            self._round_started_s = now  # an idle spell does not count against the deadline
+        deadline_s: float | None = None
+        if self.strategy.close.abandon_at_close:
+            at = self.strategy.close.deadline_at(self._view(now))
+            deadline_s = None if at is None else max(0.0, at - now)
+        # Least recently served first, so a concurrency limit rotates through the fleet.
+        chosen = sorted(self._idle, key=self._lru_key)[:slots]
+        for device_id in chosen:
+            self._send(self._devices[device_id], now, deadline_s, out)
+
+    def _lru_key(self, device_id: str) -> tuple[float, str]:
+        last = self._devices[device_id].last_dispatch_s
+        return (-math.inf if last is None else last, device_id)
+
+    def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
+        profile = self.assign.profile_for(dev.device_id, dev.hello, self.round)
+        indices = self._indices(profile, self.round)
+        if indices is not None and not self.strategy.merge.accepts_submodels:
+            raise ConfigError(f"strategy {self.strategy.name!r} merges full models only, but device "
+                              f"{dev.device_id!r} was assigned submodel profile {profile!r}")
+        self._task_seq += 1
+        task = TaskRecord(f"t{self._task_seq}", dev.device_id, self.round, self.version, profile, now, indices)
+        self._tasks[task.task_id] = task
+        dev.task_id, dev.last_dispatch_s = task.task_id, now
+        self._set(dev, state="busy")
+        out.append(SendTask(dev.device_id, task.task_id, task.round, task.base_version, profile, indices, deadline_s))
+        out.append(self._log(now, "task_sent", device=dev.device_id, task_id=task.task_id,
+                             base_version=task.base_version, profile=profile))
+
+    def _indices(self, profile: str, round_index: int) -> IndexArray | None:
+        key = (profile, round_index)
+        if key not in self._index_cache:
+            if len(self._index_cache) > 64:  # profiles × a few rounds; FedRolex changes per round
+                self._index_cache.clear()
+            raw = self.model.indices_for(profile, round_index)
+            try:
+                idx = None if raw is None else agg.check_indices(raw, self.model.n_params, f"profile {profile!r}")
+            except RoundError as exc:
+                raise ConfigError(str(exc)) from None
+            if idx is not None:
+                idx.flags.writeable = False
+            self._index_cache[key] = idx
+        return self._index_cache[key]
+
+    def _resolve(self, task: TaskRecord, closed_reason: str, state: str) -> None:
+        del self._tasks[task.task_id]
+        self._closed[(task.device_id, task.task_id)] = closed_reason
+        while len(self._closed) > self.config.remember_tasks:
+            self._closed.popitem(last=False)
+        dev = self._devices[task.device_id]
+        dev.task_id = None
+        self._set(dev, state=state)
+
+    def _abandon(self, task: TaskRecord, now: float, reason: str, out: list[Action], *, slow: bool = False) -> None:
+        """`slow`: dropped for taking too long, so its elapsed time is a lower bound on its task time."""
+        self._resolve(task, f"was abandoned ({reason})", "idle")
+        dev = self._devices[task.device_id]
+        dev.n_abandoned += 1
+        if slow:
+            self._set_task_time(dev, max(dev.task_s or 0.0, now - task.dispatched_s))
+        out.append(self._log(now, "task_abandoned", device=task.device_id, task_id=task.task_id,
+                             base_version=task.base_version, reason=reason))
+
+    def _expire_tasks(self, now: float, out: list[Action]) -> None:
+        timeout = self.config.task_timeout_s
+        if timeout is None:
+            return
+        for task in list(self._tasks.values()):  # dispatch order: stop at the first young task
+            if now - task.dispatched_s < timeout:
+                break
+            self._abandon(task, now, f"no update within task_timeout_s={timeout:g}", out, slow=True)
+
+    def _set_task_time(self, dev: DeviceRecord, task_s: float) -> None:
+        if dev.online:
+            self._task_time.remove(dev.task_s)
+            self._task_time.add(task_s)
+        dev.task_s = task_s
+
+    def _set(self, dev: DeviceRecord, *, online: bool | None = None, state: str | None = None) -> None:
+        if online is not None and online != dev.online:
+            (self._task_time.add if online else self._task_time.remove)(dev.task_s)
+            dev.online = online
+        if state is not None:
+            dev.state = state
+        for bucket, member in ((self._online, dev.online), (self._idle, dev.online and dev.state == "idle")):
+            if member:
+                bucket.add(dev.device_id)
+            else:
+                bucket.discard(dev.device_id)
+
+    def _log(self, now: float, event: str, **fields: Any) -> Log:
+        return Log({"event": event, "t": now, "round": self.round, "version": self.version, **fields})

@@ -1,0 +1,97 @@
+"""The server's view of the model: global layout and weights, and one artifact per profile.
+
+The host side (`models/`, which needs onnx) generates artifacts and writes `artifacts.json`:
+
+    {"model": "lenet", "init": "init.npy", "global": "<artifact dir>",
+     "profiles": {"dense": "<artifact dir>", "width=0.5": "<artifact dir>"}}
+
+(paths relative to the file). The server only reads them, so it runs without onnx, like a board.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ConfigError, OrchardError
+from runtime.layout import FloatArray, ParamLayout
+from runtime.manifest import ARTIFACT_FILES, MANIFEST, Manifest, read_manifest
+from runtime.profile import parse_profile
+from runtime.submodel import IndexArray, Submodel, index_map_for
+
+_SUBMODEL_CACHE = 256  # rolling windows make one submodel per (profile, round)
+
+
+@dataclass(frozen=True)
+class ProfileArtifact:
+    profile: str
+    directory: Path
+    manifest: Manifest
+
+
+class ServerModel:
+    """Implements the engine's `ModelOps`, plus what the MQTT service needs to build tasks."""
+
+    def __init__(self, artifacts_json: Path | str) -> None:
+        path = Path(artifacts_json)
+        try:
+            spec = json.loads(path.read_text())
+            base = path.parent
+            self.model_name = str(spec["model"])
+            self.global_dir = base / spec["global"]
+            self.global_manifest = read_manifest(self.global_dir)
+            init = np.load(base / spec["init"], allow_pickle=False)
+            profiles = {parse_profile(k).canonical(): base / v for k, v in spec["profiles"].items()}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: {exc.filename} not found") from None
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: malformed artifacts description: {exc!r}") from None
+        self.layout: ParamLayout = self.global_manifest.layout
+        self.init: FloatArray = self.layout.check(init.astype(np.float32), f"{path}: initial weights")
+        self.profiles: dict[str, ProfileArtifact] = {}
+        for profile, directory in profiles.items():
+            self.profiles[profile] = ProfileArtifact(profile, directory, read_manifest(directory))
+        self._submodels: OrderedDict[tuple[str, int], Submodel] = OrderedDict()
+        for profile, art in self.profiles.items():
+            sub = self.submodel(profile, 0)
+            if sub.sub_layout != art.manifest.layout:
+                raise ConfigError(f"{path}: artifact for {profile!r} does not match the global layout's slice")
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.total
+
+    def submodel(self, profile: str, round_index: int) -> Submodel:
+        p = parse_profile(profile)
+        if p.canonical() not in self.profiles:
+            raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
+        key = (p.canonical(), round_index if p.window == "rolling" else -1)
+        sub = self._submodels.get(key)
+        if sub is None:
+            sub = Submodel.of(self.layout, index_map_for(p, self.layout.groups, round_index))
+            self._submodels[key] = sub
+            while len(self._submodels) > _SUBMODEL_CACHE:
+                self._submodels.popitem(last=False)
+        return sub
+
+    def indices_for(self, profile: str, round_index: int) -> IndexArray | None:
+        sub = self.submodel(profile, round_index)
+        return None if sub.is_full else sub.indices
+
+    def artifact(self, profile: str) -> ProfileArtifact:
+        art = self.profiles.get(parse_profile(profile).canonical())
+        if art is None:
+            raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
+        return art
+
+    def artifact_files(self, profile: str) -> dict[str, bytes]:
+        """The files a device needs to train `profile`, for an Artifact frame."""
+        d = self.artifact(profile).directory
+        try:
+            return {name: (d / name).read_bytes() for name in (*ARTIFACT_FILES, MANIFEST)}
+        except OSError as exc:
+            raise OrchardError(f"artifact {d} unreadable: {exc}") from None

@@ -1,0 +1,379 @@
+"""The small pieces a strategy is made of: when a round closes, how updates are weighted, how
+they merge, and which profile (submodel) each device trains.
+
+A `Strategy` is a named composition of one close policy, one weight policy and one merge
+policy plus a staleness cap and a concurrency limit (see `server/strategies/`). The engine
+(`server/engine.py`) owns all state; these pieces are stateless and see only what they need.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from runtime.errors import ConfigError, RoundError
+from runtime.protocol import Hello
+from server import aggregate as agg
+from server.aggregate import FloatArray, IndexArray, UpdateContribution
+
+# How tasks go out. "round": only at round start, to every idle device (sync FedAvg, stragglers
+# dropped at close). "semi": at round start to every idle device, and mid-round to devices that
+# have not taken part in this round yet (joiners, failed tasks); devices whose update was taken
+# wait for the next global model (methods.md §1.4). "continuous": any idle device gets the latest
+# model at once, up to the concurrency limit (FedBuff, FedAsync).
+DISPATCH_MODES = ("round", "semi", "continuous")
+
+
+# ---------------------------------------------------------------- close
+@dataclass(frozen=True)
+class RoundView:
+    """What a close policy may look at."""
+
+    now_s: float
+    round_started_s: float
+    n_pending: int  # accepted updates waiting for this round's merge
+    n_outstanding: int  # tasks handed out and not yet answered, abandoned or timed out
+    n_active: int  # devices online now
+    median_task_s: float | None  # median task time over the online fleet; None until half were timed
+
+
+class ClosePolicy(ABC):
+    dispatch: ClassVar[str]
+    abandon_at_close: ClassVar[bool]  # stragglers' tasks are cancelled when the round closes
+
+    def deadline_at(self, view: RoundView) -> float | None:
+        """Absolute clock time at which the round may close with fewer updates, or None."""
+        return None
+
+    @abstractmethod
+    def should_close(self, view: RoundView) -> str | None:
+        """The reason to close now, or None to keep waiting. Never closes with zero updates."""
+
+
+def _adaptive_deadline(deadline_s: float | None, factor: float, view: RoundView) -> float | None:
+    # methods.md §1.4: default D ≈ 1.5 × the median client round time. Until half the fleet has
+    # been timed there is no deadline, so the first round waits for K (or for everyone).
+    if deadline_s is not None:
+        return view.round_started_s + deadline_s
+    if view.median_task_s is None or view.median_task_s <= 0:
+        return None
+    return view.round_started_s + factor * view.median_task_s
+
+
+@dataclass(frozen=True)
+class CloseAll(ClosePolicy):
+    """Sync FedAvg: wait for every task of the round (offline devices' tasks are abandoned)."""
+
+    dispatch: ClassVar[str] = "round"
+    abandon_at_close: ClassVar[bool] = True
+
+    def should_close(self, view: RoundView) -> str | None:
+        if view.n_pending >= 1 and view.n_outstanding == 0:
+            return f"all {view.n_pending} updates in"
+        return None
+
+
+@dataclass(frozen=True)
+class CloseDeadline(ClosePolicy):
+    """FedAvg with a deadline: close when all are in or the deadline passed; drop stragglers."""
+
+    deadline_s: float | None = None  # None: deadline_factor × median task time of the fleet
+    deadline_factor: float = 1.5
+    dispatch: ClassVar[str] = "round"
+    abandon_at_close: ClassVar[bool] = True
+
+    def deadline_at(self, view: RoundView) -> float | None:
+        return _adaptive_deadline(self.deadline_s, self.deadline_factor, view)
+
+    def should_close(self, view: RoundView) -> str | None:
+        if view.n_pending == 0:
+            return None
+        if view.n_outstanding == 0:
+            return f"all {view.n_pending} updates in"
+        deadline = self.deadline_at(view)
+        if deadline is not None and view.now_s >= deadline:
+            return f"deadline passed with {view.n_pending} updates, {view.n_outstanding} stragglers dropped"
+        return None
+
+
+@dataclass(frozen=True)
+class CloseKOrDeadline(ClosePolicy):
+    """Semi-async (Co-S²P, methods.md §1.4): K = ceil(k_fraction · N_active) updates or the
+    deadline, whichever first. Stragglers keep training on their stale base."""
+
+    k: int | None = None  # fixed K; None: ceil(k_fraction × devices online)
+    k_fraction: float = 0.5
+    deadline_s: float | None = None
+    deadline_factor: float = 1.5
+    dispatch: ClassVar[str] = "semi"
+    abandon_at_close: ClassVar[bool] = False
+
+    def k_for(self, n_active: int) -> int:
+        if self.k is not None:
+            return self.k
+        return max(1, math.ceil(self.k_fraction * n_active))
+
+    def deadline_at(self, view: RoundView) -> float | None:
+        return _adaptive_deadline(self.deadline_s, self.deadline_factor, view)
+
+    def should_close(self, view: RoundView) -> str | None:
+        if view.n_pending == 0:
+            return None
+        k = self.k_for(view.n_active)
+        if view.n_pending >= k:
+            return f"K={k} of N={view.n_active} updates in"
+        if view.n_outstanding == 0:
+            return f"no task outstanding, closing with {view.n_pending} of K={k}"
+        deadline = self.deadline_at(view)
+        if deadline is not None and view.now_s >= deadline:
+            return f"deadline passed with {view.n_pending} of K={k} updates"
+        return None
+
+
+@dataclass(frozen=True)
+class CloseBuffer(ClosePolicy):
+    """FedBuff (K updates in the buffer) and FedAsync (K = 1)."""
+
+    k: int = 10
+    dispatch: ClassVar[str] = "continuous"
+    abandon_at_close: ClassVar[bool] = False
+
+    def should_close(self, view: RoundView) -> str | None:
+        if view.n_pending >= self.k:
+            return f"buffer of K={self.k} full"
+        return None
+
+
+# ---------------------------------------------------------------- weight
+@dataclass(frozen=True)
+class WeightInput:
+    n_samples: int
+    staleness: int  # version at acceptance − base version
+    delta_l1: float  # ‖Δ_i‖_1
+    rate: float  # fraction of the global coordinates the update covers
+    drift_l1: float  # ‖W^(t) − W^(τ_i)‖_1 (0 unless the policy needs it)
+
+
+class WeightPolicy(ABC):
+    needs_drift: ClassVar[bool] = False
+
+    @abstractmethod
+    def weights(self, items: Sequence[WeightInput]) -> list[float]:
+        """Raw weight γ̃_i per update; the merge decides whether to normalise."""
+
+
+@dataclass(frozen=True)
+class SampleWeight(WeightPolicy):
+    """FedAvg: n_i. If every update reports 0 samples, all weigh the same."""
+
+    def weights(self, items: Sequence[WeightInput]) -> list[float]:
+        if all(it.n_samples == 0 for it in items):
+            return [1.0] * len(items)
+        return [float(it.n_samples) for it in items]
+
+
+STALENESS_FUNCTIONS = ("polynomial", "sqrt", "hinge", "constant")
+
+
+@dataclass(frozen=True)
+class StalenessWeight(WeightPolicy):
+    """`scale · s(staleness)` (× n_i if by_samples). FedAsync uses scale = α, FedBuff sqrt."""
+
+    function: str = "polynomial"
+    a: float = 0.5
+    b: float = 4.0
+    scale: float = 1.0
+    by_samples: bool = False
+
+    def factor(self, staleness: int) -> float:
+        if self.function == "polynomial":
+            return agg.staleness_polynomial(staleness, self.a)
+        if self.function == "sqrt":
+            return agg.staleness_sqrt(staleness)
+        if self.function == "hinge":
+            return agg.staleness_hinge(staleness, self.a, self.b)
+        return agg.staleness_constant(staleness)
+
+    def weights(self, items: Sequence[WeightInput]) -> list[float]:
+        return [
+            self.scale * self.factor(it.staleness) * (float(it.n_samples) if self.by_samples else 1.0)
+            for it in items
+        ]
+
+
+@dataclass(frozen=True)
+class CoS2PWeight(WeightPolicy):
+    """Co-S²P importance over staleness, normalised over the round (methods.md §1.3)."""
+
+    needs_drift: ClassVar[bool] = True
+
+    def weights(self, items: Sequence[WeightInput]) -> list[float]:
+        gammas = agg.cos2p_weights(
+            [it.delta_l1 for it in items], [it.rate for it in items], [it.drift_l1 for it in items]
+        )
+        return [float(g) for g in gammas]
+
+
+# ---------------------------------------------------------------- merge
+class MergePolicy(ABC):
+    form: ClassVar[str] = "delta"  # what contribution.values hold: "delta" (vs its base) or "weights"
+    accepts_submodels: ClassVar[bool] = True
+
+    @abstractmethod
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        """A new global buffer; raises RoundError and leaves `global_flat` untouched on bad input."""
+
+
+def _normalised(contributions: Sequence[UpdateContribution]) -> list[UpdateContribution]:
+    total = sum(c.weight for c in contributions)
+    if not total > 0:
+        raise RoundError(f"weights of {len(contributions)} updates sum to {total}, need > 0")
+    return [UpdateContribution(c.indices, c.values, c.weight / total) for c in contributions]
+
+
+@dataclass(frozen=True)
+class DenseMerge(MergePolicy):
+    """FedAvg `W + Σ γ_i Δ_i / Σ γ_i` over full-model deltas; equals `Σ n_i w_i / Σ n_i` when
+    every update starts from the current model (sync rounds)."""
+
+    accepts_submodels: ClassVar[bool] = False
+    server_lr: float = 1.0
+
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        return agg.apply_deltas(global_flat, _normalised(contributions), self.server_lr)
+
+
+@dataclass(frozen=True)
+class PerElementMerge(MergePolicy):
+    """HeteroFL/FedRolex/FjORD/Chen & Qin: per-coordinate weighted average of the covering deltas."""
+
+    server_lr: float = 1.0
+
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        return agg.per_element_delta(global_flat, contributions, self.server_lr)
+
+
+@dataclass(frozen=True)
+class MaskedDeltaMerge(MergePolicy):
+    """Co-S²P / ZeroFL: γ L1-normalised, `W + η Σ γ_i Δ_i` scattered, no per-coordinate norm."""
+
+    server_lr: float = 1.0
+
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        return agg.masked_delta_merge(global_flat, contributions, self.server_lr)
+
+
+@dataclass(frozen=True)
+class BufferMerge(MergePolicy):
+    """FedBuff flush: `W + η_g Σ s_i Δ_i / K`."""
+
+    server_lr: float = 1.0
+
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        return agg.fedbuff_apply(global_flat, contributions, self.server_lr)
+
+
+@dataclass(frozen=True)
+class MixMerge(MergePolicy):
+    """FedAsync: `W ← (1 − α_t) W + α_t w_new` per update, in arrival order."""
+
+    form: ClassVar[str] = "weights"
+
+    def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
+        out = global_flat
+        for c in contributions:
+            out = agg.fedasync_mix(out, c)
+        return out
+
+
+# ---------------------------------------------------------------- assign
+class ModelOps(Protocol):
+    """What the engine needs to know about the model: its size, and which global coordinates a
+    profile trains in a round (`runtime.submodel` computes these from a ParamLayout)."""
+
+    @property
+    def n_params(self) -> int: ...
+
+    def indices_for(self, profile: str, round_index: int) -> IndexArray | None:
+        """Flat indices into the global buffer for `profile` in `round_index`; None = full model."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseModel:
+    """Every profile trains the full model."""
+
+    n_params: int
+
+    def indices_for(self, profile: str, round_index: int) -> IndexArray | None:
+        return None
+
+
+@dataclass(frozen=True)
+class TableModel:
+    """Fixed index array per profile name (e.g. precomputed HeteroFL tiers); "dense" = full model."""
+
+    n_params: int
+    table: Mapping[str, IndexArray | None] = field(default_factory=dict)
+
+    def indices_for(self, profile: str, round_index: int) -> IndexArray | None:
+        if profile == "dense":
+            return None
+        if profile not in self.table:
+            raise ConfigError(f"no index array for profile {profile!r}; known: {sorted(self.table)}")
+        return self.table[profile]
+
+
+class AssignPolicy(ABC):
+    @abstractmethod
+    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
+        """The profile `device_id` trains in `round_index`."""
+
+
+@dataclass(frozen=True)
+class FixedProfile(AssignPolicy):
+    profile: str = "dense"
+
+    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
+        return self.profile
+
+
+@dataclass(frozen=True)
+class ProfileByDevice(AssignPolicy):
+    """Server-assigned tiers by device id (a campaign lists them)."""
+
+    profiles: Mapping[str, str]
+    default: str = "dense"
+
+    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
+        return self.profiles.get(device_id, self.default)
+
+
+@dataclass(frozen=True)
+class ProfileByCapability(AssignPolicy):
+    """Tiers by RAM: the first `(min_ram_mb, profile)` the device meets (largest first) and, if
+    the device lists the profiles it can run, one it lists; else `default`."""
+
+    tiers: tuple[tuple[int, str], ...]
+    default: str = "dense"
+
+    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
+        for min_ram_mb, profile in sorted(self.tiers, key=lambda t: -t[0]):
+            if hello.ram_mb >= min_ram_mb and (not hello.profiles or profile in hello.profiles):
+                return profile
+        return self.default
+
+
+# ---------------------------------------------------------------- strategy
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    close: ClosePolicy
+    weight: WeightPolicy
+    merge: MergePolicy
+    max_staleness: int | None  # updates with version − base_version above this are dropped
+    concurrency: int | None = None  # most tasks out at once; None = every available device
+    params: Mapping[str, Any] = field(default_factory=dict)  # as configured, for logs and checkpoints

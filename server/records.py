@@ -1,0 +1,106 @@
+"""The round engine's configuration and the state records it keeps (devices, tasks, updates)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from runtime.errors import ConfigError
+from runtime.protocol import Hello
+from server.aggregate import FloatArray, IndexArray
+
+UPDATE_KINDS = ("weights", "delta")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    target_version: int | None = None  # Finish once this version is published
+    time_limit_s: float | None = None  # Finish this long after the engine started (engine clock)
+    eval_every: int = 1  # emit Evaluate every N versions; 0 = never
+    min_devices: int = 1  # hand out no task before this many devices are online (campaign start)
+    task_timeout_s: float | None = None  # abandon tasks unanswered this long (lost messages)
+    remember_tasks: int = 100_000  # closed task ids kept to name duplicates in the log
+
+    def __post_init__(self) -> None:
+        if self.target_version is not None and self.target_version < 1:
+            raise ConfigError(f"target_version={self.target_version} must be >= 1")
+        for name in ("time_limit_s", "task_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value} must be > 0")
+        if self.eval_every < 0 or self.min_devices < 0 or self.remember_tasks < 0:
+            raise ConfigError("eval_every, min_devices and remember_tasks must be >= 0")
+
+
+@dataclass
+class DeviceRecord:
+    """Engine-owned and mutable; read it through `Engine.devices`, never change it."""
+
+    device_id: str
+    hello: Hello
+    online: bool = True
+    state: str = "idle"  # idle | busy | done (its update is in this round; waits for the next model)
+    task_id: str | None = None
+    last_dispatch_s: float | None = None
+    task_s: float | None = None  # last dispatch-to-update time; a lower bound if it was dropped as a straggler
+    n_accepted: int = 0
+    n_rejected: int = 0
+    n_abandoned: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class TaskRecord:
+    task_id: str
+    device_id: str
+    round: int
+    base_version: int
+    profile: str
+    dispatched_s: float
+    indices: IndexArray | None  # recomputed from (profile, round) on restore, never stored
+
+
+@dataclass(frozen=True, eq=False)
+class AcceptedUpdate:
+    task: TaskRecord
+    staleness: int
+    n_samples: int
+    indices: IndexArray | None
+    values: FloatArray  # in the merge's form: delta against the base, or weights
+    delta_l1: float
+    rate: float  # fraction of the global coordinates the task's profile covers
+
+
+class TaskTimeMedian:
+    """Median of the devices' task times over the online fleet, kept incrementally (a sorted list
+    and a count) because the engine consults it on every event.
+
+    A device never timed counts as +inf (unknown, maybe slow): averaging only the updates that
+    came back would be biased toward fast devices (stragglers dropped at a deadline never report),
+    and a deadline derived from it would ratchet down. So the median is None until half the
+    online fleet has been timed, and stragglers enter with their elapsed time as a lower bound.
+    """
+
+    def __init__(self) -> None:
+        self._sorted: list[float] = []
+        self._untimed = 0
+
+    def add(self, task_s: float | None) -> None:
+        if task_s is None:
+            self._untimed += 1
+        else:
+            bisect.insort(self._sorted, task_s)
+
+    def remove(self, task_s: float | None) -> None:
+        if task_s is None:
+            self._untimed -= 1
+        else:
+            del self._sorted[bisect.bisect_left(self._sorted, task_s)]
+
+    def median(self) -> float | None:
+        total = len(self._sorted) + self._untimed
+        if total == 0:
+            return None
+        k = (total - 1) // 2  # lower median: the time by which half the fleet is done
+        value = self._sorted[k] if k < len(self._sorted) else math.inf
+        return value if math.isfinite(value) else None

@@ -1,0 +1,302 @@
+"""The aggregator process: the round engine driven over MQTT (`orchard server`).
+
+MQTT messages become engine events; engine actions become publishes, checkpoints and output
+rows. Every frame is validated before it reaches the engine, and a bad one is logged with its
+reason in events.jsonl and dropped: the global model never sees it.
+
+Outputs in the run folder: events.jsonl (one JSON object per line), server.csv (one row per
+aggregation), devices/<id>.csv (telemetry), checkpoint/ (global model + engine state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from runtime.chunks import Reassembler, chunk_frame
+from runtime.errors import OrchardError, ProtocolError
+from runtime.frames import decode_update, encode_artifact, encode_task
+from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
+from runtime.protocol import (
+    ID_PATTERN,
+    Artifact,
+    Hello,
+    ServerState,
+    Status,
+    Task,
+    Telemetry,
+    Topics,
+    decode_json,
+    encode_json,
+    validate_tensors,
+)
+from runtime.trainer import Trainer
+from server import checkpoint
+from server.config import ServerConfig
+from server.engine import Engine
+from server.events import (
+    Action,
+    DeviceHello,
+    DeviceStatus,
+    Evaluate,
+    Event,
+    Finish,
+    Log,
+    NewGlobal,
+    SendTask,
+    Tick,
+    UpdateReceived,
+)
+from server.model import ServerModel
+from server.policies import ProfileByDevice
+from server.strategies import get_strategy
+
+log = logging.getLogger("orchard.server")
+
+TICK_S = 0.2
+SERVER_CSV = ("round", "version", "wall_s", "accuracy", "loss", "n_updates", "accepted", "rejected",
+              "staleness_mean", "staleness_max", "devices", "reason")
+DEVICE_CSV = ("t", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
+              "power_w", "energy_j", "temp_c", "power_source")
+
+
+class Outputs:
+    """events.jsonl, server.csv and devices/<id>.csv, flushed line by line so a crash loses nothing."""
+
+    def __init__(self, run_dir: Path, resume: bool) -> None:
+        self.run_dir = run_dir
+        (run_dir / "devices").mkdir(parents=True, exist_ok=True)
+        events = run_dir / "events.jsonl"
+        self.events: TextIO = events.open("a") if resume else events.open("w")
+        new_csv = not resume or not (run_dir / "server.csv").exists()
+        self._server_file: TextIO = (run_dir / "server.csv").open("w" if new_csv else "a", newline="")
+        self.server = csv.writer(self._server_file)
+        if new_csv:
+            self.server.writerow(SERVER_CSV)
+        self._devices: dict[str, tuple[TextIO, Any]] = {}
+        self.accepted = self.rejected = 0
+
+    def event(self, record: dict[str, Any]) -> None:
+        record.setdefault("wall_t", round(time.time(), 3))
+        kind = record.get("event", "")
+        if kind == "update_accepted":
+            self.accepted += 1
+        elif kind.endswith("_rejected"):
+            self.rejected += 1
+        self.events.write(json.dumps(record, default=str) + "\n")
+        self.events.flush()
+
+    def server_row(self, row: dict[str, Any]) -> None:
+        self.server.writerow([row.get(k, "") for k in SERVER_CSV])
+        self._server_file.flush()
+
+    def telemetry(self, t: Telemetry) -> None:
+        if t.device_id not in self._devices:
+            path = self.run_dir / "devices" / f"{t.device_id}.csv"
+            fresh = not path.exists()
+            handle: TextIO = path.open("a", newline="")
+            writer = csv.writer(handle)
+            if fresh:
+                writer.writerow(DEVICE_CSV)
+            self._devices[t.device_id] = (handle, writer)
+        f, w = self._devices[t.device_id]
+        for s in t.samples:
+            w.writerow([s.t, s.state, s.cpu_pct, s.rss_agent_mb, s.rss_trainer_mb, s.mem_limit_mb,
+                        s.cpu_quota_cores, s.power_w, s.energy_j, s.temp_c, t.power_source])
+        f.flush()
+
+    def close(self) -> None:
+        self.events.close()
+        self._server_file.close()
+        for f, _ in self._devices.values():
+            f.close()
+
+
+class Service:
+    def __init__(self, cfg: ServerConfig, run_dir: Path, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.topics = Topics(cfg.root)
+        self.model = ServerModel(cfg.artifacts)
+        with np.load(cfg.eval_data) as data:
+            self.eval_x, self.eval_y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+        self.evaluator = Trainer(self.model.global_dir, threads=1)
+        strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
+        assign = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
+        self._t0 = time.monotonic()
+        clock = self._clock
+        if resume and checkpoint.latest_version(run_dir) is not None:
+            self.engine = checkpoint.load(run_dir, model=self.model, clock=clock, strategy=strategy,
+                                          config=cfg.engine, assign=assign)
+        else:
+            self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign)
+        self.out = Outputs(run_dir, resume)
+        self.out.event({"event": "server_start", "version": self.engine.version, "strategy": cfg.strategy,
+                        "resume": resume, "model": self.model.model_name})
+        self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024)
+        self.known_artifacts: dict[str, set[str]] = {}
+        self.pending_row: dict[str, Any] | None = None
+        self.finished: str | None = None
+        self._send_seq = 0
+        offline = encode_json(self._state(online=False))
+        self.mqtt = MqttClient(cfg.broker, MqttConfig(
+            client_id=f"orchard-{cfg.server_id}", keepalive_s=10,
+            will=Will(self.topics.server_state, offline, qos=1, retain=True)))
+
+    def _clock(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _state(self, online: bool = True) -> ServerState:
+        return ServerState(self.cfg.server_id, self.model.model_name, self.engine.version, self.cfg.strategy, online)
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> str:
+        self.mqtt.connect()
+        self.mqtt.subscribe(f"{self.cfg.root}/dev/+/+", qos=1)
+        self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
+        next_tick = time.monotonic()
+        try:
+            while self.finished is None:
+                event = self.mqtt.get(timeout_s=0.05)
+                if isinstance(event, Message):
+                    self._on_message(event)
+                elif isinstance(event, Connected) and event.reconnect:
+                    self.out.event({"event": "broker_reconnected"})
+                    self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
+                elif isinstance(event, Disconnected):
+                    self.out.event({"event": "broker_disconnected", "reason": event.reason})
+                if time.monotonic() >= next_tick:
+                    self._feed(Tick())
+                    for reason in self.reassembler.expire():
+                        self.out.event({"event": "frame_rejected", "reason": reason})
+                    next_tick = time.monotonic() + TICK_S
+        finally:
+            self._flush_row()
+            with contextlib.suppress(OrchardError):  # the broker may be gone; the Will covers it
+                self.mqtt.publish(self.topics.server_state, encode_json(self._state(online=False)), qos=1,
+                                  retain=True, wait_s=2.0)
+            self.mqtt.close()
+            self.out.event({"event": "server_stop", "version": self.engine.version, "reason": self.finished})
+            self.out.close()
+        return self.finished or "stopped"
+
+    def stop(self, reason: str = "stopped") -> None:
+        self.finished = reason
+
+    def _feed(self, event: Event) -> None:
+        for action in self.engine.handle(event):
+            self._act(action)
+
+    # ------------------------------------------------------------ messages -> events
+    def _on_message(self, msg: Message) -> None:
+        parts = msg.topic[len(self.cfg.root) + 1:].split("/")
+        if len(parts) != 3 or parts[0] != "dev" or not ID_PATTERN.fullmatch(parts[1]):
+            return
+        device_id, kind = parts[1], parts[2]
+        try:
+            if kind == "hello":
+                hello = decode_json(Hello, msg.payload, source=device_id)
+                self._check_sender(device_id, hello.device_id)
+                self.known_artifacts[device_id] = set(hello.artifacts)
+                self._feed(DeviceHello(device_id, hello))
+            elif kind == "status":
+                status = decode_json(Status, msg.payload, source=device_id)
+                self._check_sender(device_id, status.device_id)
+                self.out.event({"event": "device_status", "device": device_id, "state": status.state,
+                                "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
+                self._feed(DeviceStatus(device_id, status))
+            elif kind == "telemetry":
+                telemetry = decode_json(Telemetry, msg.payload, source=device_id)
+                self._check_sender(device_id, telemetry.device_id)
+                self.out.telemetry(telemetry)
+            elif kind == "update":
+                frame = self.reassembler.feed(msg.topic, msg.payload)
+                if frame is not None:
+                    self._on_update_frame(device_id, frame)
+        except ProtocolError as exc:
+            self.out.event({"event": f"{kind}_rejected", "device": device_id, "reason": str(exc)})
+
+    @staticmethod
+    def _check_sender(topic_id: str, claimed: str) -> None:
+        if topic_id != claimed:
+            raise ProtocolError(f"message on the topic of {topic_id!r} claims to be from {claimed!r}")
+
+    def _on_update_frame(self, device_id: str, frame: bytes) -> None:
+        update = decode_update(frame, source=device_id)
+        task = self.engine.outstanding.get(update.task_id)
+        if task is None or task.device_id != device_id:
+            # Let the engine name the reason (unknown task, duplicate, wrong device).
+            self._feed(UpdateReceived(device_id, update, np.zeros(0, dtype=np.float32)))
+            return
+        sub_layout = self.model.submodel(task.profile, task.round).sub_layout
+        validate_tensors(update.tensors, {p.name: p.shape for p in sub_layout}, source=device_id)
+        values = sub_layout.join(update.tensors)  # type: ignore[arg-type]
+        self._feed(UpdateReceived(device_id, update, values))
+
+    # ------------------------------------------------------------ actions -> the world
+    def _act(self, action: Action) -> None:
+        if isinstance(action, Log):
+            self.out.event(dict(action.event))
+        elif isinstance(action, SendTask):
+            self._send_task(action)
+        elif isinstance(action, NewGlobal):
+            checkpoint.save(self.run_dir, self.engine)
+            self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
+            self._flush_row()
+            stale = action.staleness
+            self.pending_row = {
+                "round": action.round, "version": action.version, "wall_s": round(action.t, 3),
+                "n_updates": action.n_updates, "devices": " ".join(action.device_ids), "reason": action.reason,
+                "staleness_mean": round(float(np.mean(stale)), 3) if stale else 0,
+                "staleness_max": max(stale) if stale else 0,
+            }
+        elif isinstance(action, Evaluate):
+            ev = self.evaluator.evaluate(np.asarray(self.engine.global_flat), self.eval_x, self.eval_y)
+            self.out.event({"event": "evaluate", "version": action.version, "accuracy": ev.accuracy,
+                            "loss": ev.loss, "t": round(self._clock(), 3)})
+            if self.pending_row is not None and self.pending_row["version"] == action.version:
+                self.pending_row.update(accuracy=round(ev.accuracy, 5), loss=round(ev.loss, 5))
+            self._flush_row()
+            log.info("version %d: accuracy %.4f", action.version, ev.accuracy)
+        elif isinstance(action, Finish):
+            self.finished = action.reason
+
+    def _flush_row(self) -> None:
+        if self.pending_row is not None:
+            self.pending_row.update(accepted=self.out.accepted, rejected=self.out.rejected)
+            self.out.server_row(self.pending_row)
+            self.pending_row = None
+
+    def _send_task(self, action: SendTask) -> None:
+        art = self.model.artifact(action.profile)
+        sub = self.model.submodel(action.profile, action.round)
+        flat = np.asarray(self.engine.global_flat)
+        weights = flat if action.indices is None else flat[action.indices]
+        known = self.known_artifacts.setdefault(action.device_id, set())
+        if art.manifest.key not in known:
+            frame = encode_artifact(Artifact(art.manifest.key, self.model.artifact_files(action.profile)))
+            self._publish_chunks(self.topics.artifact(action.device_id), frame)
+            known.add(art.manifest.key)
+            self.out.event({"event": "artifact_sent", "device": action.device_id, "key": art.manifest.key,
+                            "bytes": len(frame)})
+        knobs = self.cfg.train
+        task = Task(
+            task_id=action.task_id, round=action.round, base_version=action.base_version,
+            model_id=self.model.model_name, profile=action.profile, artifact_key=art.manifest.key,
+            local_steps=knobs.local_steps, local_epochs=knobs.local_epochs, lr=knobs.lr,
+            batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0,
+            tensors=sub.sub_layout.split(weights), options={"upload": knobs.upload, "encoding": knobs.encoding},
+        )
+        self._publish_chunks(self.topics.task(action.device_id), encode_task(task))
+
+    def _publish_chunks(self, topic: str, frame: bytes) -> None:
+        self._send_seq += 1
+        for chunk in chunk_frame(frame, f"s{self._send_seq}-{int(time.time() * 1000) % 10**9}"):
+            self.mqtt.publish(topic, chunk, qos=1)

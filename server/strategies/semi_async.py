@@ -1,0 +1,51 @@
+"""`semi-async` (the default): Co-S²P's round (methods.md §1.3-1.4). A round closes at
+K = ceil(k_fraction · N_active) updates or at the deadline, whichever comes first; clients still
+training keep their stale base and land in a later round, weighted by importance over staleness;
+updates staler than `max_staleness` (Co-S²P's stale_ths = 10) are dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.policies import CloseKOrDeadline, Strategy
+from server.strategies._params import (
+    make_merge,
+    make_weight,
+    param_float,
+    param_int,
+    param_optional_float,
+    param_optional_int,
+)
+
+NAME = "semi-async"
+
+
+def build(
+    *,
+    k: Any = None,
+    k_fraction: Any = 0.5,
+    deadline_s: Any = None,
+    deadline_factor: Any = 1.5,
+    max_staleness: Any = 10,
+    weight: Any = "cos2p",
+    staleness_a: Any = 0.5,
+    staleness_b: Any = 4.0,
+    merge: Any = "masked-delta",
+    server_lr: Any = 1.0,
+    concurrency: Any = None,
+) -> Strategy:
+    """`weight`: cos2p | samples | polynomial | sqrt | hinge | constant; `merge`: masked-delta |
+    per-element | dense. Non-cos2p weights are normalised over the round by the merge."""
+    return Strategy(
+        name=NAME,
+        close=CloseKOrDeadline(
+            k=param_optional_int(NAME, "k", k),
+            k_fraction=param_float(NAME, "k_fraction", k_fraction, hi=1.0),
+            deadline_s=param_optional_float(NAME, "deadline_s", deadline_s),
+            deadline_factor=param_float(NAME, "deadline_factor", deadline_factor),
+        ),
+        weight=make_weight(NAME, weight, staleness_a, staleness_b),
+        merge=make_merge(NAME, merge, param_float(NAME, "server_lr", server_lr)),
+        max_staleness=param_int(NAME, "max_staleness", max_staleness, lo=0),
+        concurrency=param_optional_int(NAME, "concurrency", concurrency),
+    )

@@ -1,0 +1,423 @@
+"""MQTT brokers for campaigns and tests, behind one interface.
+
+* `AmqttBroker`: the embedded broker (amqtt, pure Python). It runs in a CHILD PROCESS
+  (`python -m testbed.broker --port N`), not in a thread of the caller. The harness process
+  also runs GIL-heavy work (ONNX Runtime training holds the GIL for a whole step: a background
+  thread got ~10 ticks in 0.5 s, platform.md 4.3), and a broker starved of the GIL stops
+  answering PINGREQs, so every client looks dead and the broker fires false Last Wills. A child
+  process also makes stop/restart a real crash-and-recover, and leaves no asyncio loop behind.
+* `MosquittoBroker`: mosquitto with a generated config in a temp dir: one listener on
+  127.0.0.1, anonymous, no persistence, `max_packet_size` large enough for 10 MB+ frames.
+* `ExternalBroker`: a URL; nothing to start or stop.
+
+All of them: `with open_broker("amqtt") as b: b.url` ... and `stop()` / `start()` /
+`restart()` on the same port. `start()` returns once the port accepts connections; `stop()`
+kills the whole process group and waits for it, so nothing is left behind.
+
+amqtt 0.12.1 quirks, handled in the child (see `_patch_amqtt`):
+  1. The broker never enforces keepalive: on a read timeout its handler does nothing
+     (`BrokerProtocolHandler.handle_read_timeout` is `pass`), so a frozen client (SIGSTOP, a
+     frozen cgroup: how the testbed takes a device offline) never loses its session and its
+     Last Will never fires. We close the connection on timeout, which fires the will.
+  2. Its timeout is keepalive + `timeout-disconnect-delay` seconds (not the 1.5 x keepalive of
+     MQTT 3.1.1 section 3.1.2.10), and it races paho, which pings only once keepalive has
+     elapsed. We set the delay to 0 and scale the session's keepalive by 1.5.
+  3. No packet or message size limit exists, so 10 MB+ payloads pass as they are (tested).
+  4. The default config enables `$SYS` publishing and packet logging; we load only the
+     anonymous-auth plugin. Anonymous access is why the listener is loopback-only. The
+     documented hyphenated keys ("timeout-disconnect-delay") are rejected by 0.12's strict
+     dict loader: use underscores.
+  5. `Broker._run_broadcast` logs f"Processing broadcast message: {broadcast}" without checking
+     the log level, so every forwarded message has its payload repr()'d on the event loop:
+     ~165 ms per 10 MB, during which the broker answers nobody. We hand it a bytes subclass
+     whose repr is short.
+  6. On every CONNECT it replays retained messages for every filter in its *global*
+     subscription table, not the session's own, so a client receives retained messages it
+     never subscribed to (a device got other devices' statuses because the server holds
+     `dev/+/+`). We let the replay through only for filters the session itself holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError, TransportError
+from runtime.mqtt import parse_broker_url
+
+LOOPBACK = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_accepts(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto")
+    if path is None and os.path.exists("/usr/sbin/mosquitto"):  # not on PATH for non-root users
+        path = "/usr/sbin/mosquitto"
+    if path is None:
+        raise ConfigError(
+            "mosquitto is not installed (looked on PATH and in /usr/sbin): install it "
+            "(apt-get install mosquitto) or use the embedded broker (amqtt) or an external URL"
+        )
+    return path
+
+
+def _require_loopback(host: str) -> None:
+    # The embedded brokers accept anonymous clients, so they must never listen beyond this host.
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"embedded brokers listen on loopback only (anonymous access), not {host!r}")
+
+
+class Broker:
+    """Base: a broker reachable at `url`. Use as a context manager, or start()/close()."""
+
+    kind = "broker"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @property
+    def running(self) -> bool:
+        return True
+
+    def start(self) -> Broker:
+        return self
+
+    def stop(self) -> None:
+        return None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url})"
+
+
+class ExternalBroker(Broker):
+    """A broker someone else runs. start/stop are no-ops; restart is impossible."""
+
+    kind = "external"
+
+    def __init__(self, url: str) -> None:
+        parse_broker_url(url)  # ConfigError on a bad URL, before anything connects
+        super().__init__(url)
+
+    def restart(self) -> None:
+        raise ConfigError(f"cannot restart the external broker {self.url}: Orchard does not run it")
+
+
+class _ProcessBroker(Broker):
+    """A broker in its own process group on 127.0.0.1:port; the port survives restarts."""
+
+    def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0) -> None:
+        _require_loopback(host)
+        self.host = host
+        self.port = port or free_port(host)
+        self.start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        super().__init__(f"mqtt://{host}:{self.port}")
+
+    @property
+    def workdir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"orchard-{self.kind}-")
+        return Path(self._tmp.name)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "broker.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self) -> Broker:
+        if self.running:
+            return self
+        if port_accepts(self.host, self.port):
+            raise TransportError(f"{self.kind} broker: {self.host}:{self.port} is taken by another process")
+        cmd = self._command()
+        with open(self.log_path, "ab") as log:
+            # Own session = own process group, so stop() can kill it and anything it spawned.
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(), start_new_session=True
+            )
+        deadline = time.monotonic() + self.start_timeout_s
+        while not port_accepts(self.host, self.port):
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise TransportError(
+                    f"{self.kind} broker on {self.url} exited with code {code} while starting: "
+                    f"{self._log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TransportError(
+                    f"{self.kind} broker on {self.url} did not accept connections within "
+                    f"{self.start_timeout_s:g} s: {self._log_tail()}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `grace_s`, and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The group leader may be gone while a grandchild lives on: sweep the group once more.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def kill(self) -> None:
+        """Crash the broker (SIGKILL, no shutdown), as a fault test wants."""
+        self.stop(grace_s=0.0)
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _log_tail(self, n_chars: int = 600) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip()
+        except OSError:
+            return "(no log)"
+        return text[-n_chars:] if text else "(empty log)"
+
+
+class AmqttBroker(_ProcessBroker):
+    """The embedded broker: amqtt in a child process (why: module docstring)."""
+
+    kind = "amqtt"
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port)]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The child must import this package even when the caller runs from another directory.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
+
+
+class MosquittoBroker(_ProcessBroker):
+    """mosquitto with a generated config; `binary` defaults to PATH or /usr/sbin/mosquitto."""
+
+    kind = "mosquitto"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = LOOPBACK,
+        binary: str | None = None,
+        max_packet_bytes: int = 64 * 1024 * 1024,
+        start_timeout_s: float = 10.0,
+    ) -> None:
+        self.binary = binary or find_mosquitto()
+        # 0 would mean unlimited; an explicit cap documents the budget (a 10 MB update plus
+        # the frame header fits many times) and an oversize sender is disconnected, not
+        # silently dropped as with message_size_limit (platform.md 4.1).
+        self.max_packet_bytes = max_packet_bytes
+        super().__init__(port, host, start_timeout_s)
+
+    def config_text(self) -> str:
+        return "\n".join([
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "persistence false",
+            f"max_packet_size {self.max_packet_bytes}",
+            "max_inflight_messages 20",
+            # The default of 1000 queued messages per client is fine; bytes are unbounded.
+            "max_queued_messages 1000",
+            "set_tcp_nodelay true",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "",
+        ])
+
+    def _command(self) -> list[str]:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        return [self.binary, "-c", str(conf)]
+
+
+def open_broker(spec: str = "amqtt", port: int | None = None) -> Broker:
+    """`amqtt` (or `embedded`), `mosquitto`, or an mqtt:// / mqtts:// URL of an external broker.
+
+    Returns an unstarted broker; `with open_broker(...) as b:` starts it and cleans up."""
+    if spec in ("amqtt", "embedded"):
+        return AmqttBroker(port)
+    if spec == "mosquitto":
+        return MosquittoBroker(port)
+    if "://" in spec:
+        return ExternalBroker(spec)
+    raise ConfigError(f"broker {spec!r}: expected 'amqtt', 'mosquitto' or an mqtt://host:port URL")
+
+
+# ----- the amqtt child process ----------------------------------------------------------------
+
+
+class _QuietBytes(bytes):
+    """A payload with a short repr (quirk 5 in the module doc)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
+def _patch_amqtt() -> None:
+    """Fix amqtt quirks 1, 2, 5 and 6 (module doc) by wrapping four of its methods."""
+    import asyncio
+    import math
+
+    from amqtt.broker import Broker as AmqttCore
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    def handle_read_timeout(self: BrokerProtocolHandler) -> None:
+        # Treat silence past the keepalive as a dead client: the broker then fires the will.
+        self._orchard_close = asyncio.ensure_future(self.handle_connection_closed())  # keep a ref
+
+    original_init = AmqttCore._initialize_client_session
+
+    async def initialize_client_session(self: AmqttCore, *args: Any, **kwargs: Any) -> Any:
+        handler, session = await original_init(self, *args, **kwargs)
+        if session.keep_alive > 0:
+            session.keep_alive = math.ceil(session.keep_alive * 1.5)
+        return handler, session
+
+    original_broadcast = AmqttCore._broadcast_message
+
+    async def broadcast_message(
+        self: AmqttCore, session: Any, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
+    ) -> None:
+        if data is not None and len(data) > 1024:
+            data = _QuietBytes(data)  # one copy (~3 ms for 10 MB) instead of a ~165 ms repr
+        await original_broadcast(self, session, topic, data, force_qos)
+
+    original_retained = AmqttCore._publish_retained_messages_for_subscription
+
+    async def publish_retained_for_subscription(self: AmqttCore, subscription: Any, session: Any) -> None:
+        # Quirk 6: on every CONNECT, amqtt 0.12.1 replays retained messages for *every* filter in
+        # its global subscription table, so a device received other devices' retained statuses
+        # because the server subscribes to dev/+/+. Only the session's own filters may match.
+        holders = self._subscriptions.get(subscription[0], [])
+        if any(s.client_id == session.client_id for s, _ in holders):
+            await original_retained(self, subscription, session)
+
+    AmqttCore._publish_retained_messages_for_subscription = publish_retained_for_subscription
+    BrokerProtocolHandler.handle_read_timeout = handle_read_timeout
+    AmqttCore._broadcast_message = broadcast_message
+    AmqttCore._initialize_client_session = initialize_client_session
+
+
+def amqtt_config(host: str, port: int) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # Underscore: 0.12 loads the dict strictly into a dataclass and rejects the documented
+        # hyphenated key "timeout-disconnect-delay".
+        "timeout_disconnect_delay": 0,
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+def serve_amqtt(host: str, port: int) -> None:
+    """Run an amqtt broker until SIGTERM/SIGINT (the body of `python -m testbed.broker`)."""
+    import asyncio
+    import logging
+
+    from amqtt.broker import Broker as AmqttCore
+
+    _require_loopback(host)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s amqtt %(levelname)s %(name)s: %(message)s")
+    # amqtt logs every dropped connection (our readiness probes included) at WARNING/ERROR.
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    _patch_amqtt()
+
+    async def main() -> None:
+        broker = AmqttCore(amqtt_config(host, port))
+        await broker.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        await broker.shutdown()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testbed.broker", description="Run the embedded broker.")
+    parser.add_argument("--host", default=LOOPBACK, help="loopback address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    args = parser.parse_args(argv)
+    try:
+        serve_amqtt(args.host, args.port)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The cgroup v2 and v1 backends: a group per device, its live limits, freezing, counters and
+removal. `testbed.throttle` is the public face; `testbed.cgroups` holds the file-level mechanics."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from os.path import dirname, join
+
+from runtime.errors import ConfigError, OrchardError
+from testbed.cgroups import (
+    CPU_PERIOD_US,
+    DEFAULT_ROOT,
+    FREEZE_TIMEOUT_S,
+    MIB,
+    POLL_S,
+    CgroupFs,
+    GroupPlace,
+    GroupStats,
+    check_name,
+    cpu_quota_us,
+    default_run_id,
+    get,
+    host_cpu_cores,
+    make_group_dirs,
+    mem_limit_bytes,
+    parse_keyed,
+    probe_writable,
+    prune_empty,
+    put,
+    read_pids,
+    remove_trees,
+)
+
+# Every live group this process made, so cleanup_all() and atexit can find them.
+_registry: dict[str, CgroupGroup] = {}
+_registry_lock = threading.Lock()
+tree_lock = threading.Lock()  # create vs prune of shared parent dirs within this process
+
+
+def registered_groups() -> list[CgroupGroup]:
+    with _registry_lock:
+        return list(_registry.values())
+
+
+@atexit.register
+def _destroy_registered_at_exit() -> None:
+    for group in registered_groups():
+        try:
+            group.destroy()
+        except OrchardError as exc:
+            print(f"orchard: could not remove cgroup at exit: {exc}", file=sys.stderr)
+
+
+class CgroupGroup(ABC):
+    """What v1 and v2 groups share: validation, locking, freeze polling, destroy, registry."""
+
+    backend: str
+
+    def __init__(self, place: GroupPlace, fs: CgroupFs, host_cores: int) -> None:
+        self.place = place
+        self.name = place.name
+        self.cpu_quota_cores: float | None = None
+        self.mem_limit_mb: int | None = None
+        self._fs = fs
+        self._host_cores = host_cores
+        self._lock = threading.RLock()
+        self._destroyed = False
+        self._peak_seen_bytes = 0
+        with _registry_lock:
+            _registry[place.leaves[0]] = self
+
+    @property
+    def path(self) -> str:
+        return self.place.leaves[0]
+
+    def _check_live(self) -> None:
+        if self._destroyed:
+            raise OrchardError(f"device group {self.name} at {self.path} was already destroyed")
+
+    def add_pid(self, pid: int) -> None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ConfigError(f"pid {pid!r} is not a process id")
+        with self._lock:
+            self._check_live()
+            for leaf in self.place.leaves:
+                put(self._fs, join(leaf, "cgroup.procs"), str(pid))
+
+    def set_cpu_quota(self, cores: float | None) -> None:
+        quota_us = cpu_quota_us(cores, self._host_cores)
+        with self._lock:
+            self._check_live()
+            self._write_cpu_quota(quota_us)
+            self.cpu_quota_cores = cores
+
+    def set_mem_limit(self, mb: int | None) -> None:
+        limit_bytes = mem_limit_bytes(mb)
+        with self._lock:
+            self._check_live()
+            self._write_mem_limit(limit_bytes)
+            self.mem_limit_mb = mb
+
+    def freeze(self) -> None:
+        self._set_frozen(True)
+
+    def thaw(self) -> None:
+        self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        with self._lock:
+            self._check_live()
+            deadline = time.monotonic() + FREEZE_TIMEOUT_S
+            next_write = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= next_write:  # re-request now and then: a v1 freeze can stall in FREEZING
+                    self._write_frozen(frozen)
+                    next_write = now + 0.25
+                if self._read_frozen() == frozen:
+                    return
+                if now > deadline:
+                    state = "frozen" if frozen else "thawed"
+                    raise OrchardError(
+                        f"device group {self.name} at {self.path} did not become {state} within "
+                        f"{FREEZE_TIMEOUT_S:g} s (a task stuck in uninterruptible I/O?)"
+                    )
+                time.sleep(POLL_S)
+
+    def stats(self) -> GroupStats:
+        with self._lock:
+            self._check_live()
+            return self._read_stats()
+
+    def _peak(self, current_bytes: int, kernel_peak_bytes: int | None) -> float:
+        self._peak_seen_bytes = max(self._peak_seen_bytes, current_bytes, kernel_peak_bytes or 0)
+        return self._peak_seen_bytes / MIB
+
+    def destroy(self) -> None:
+        """Kill what is left (thawing first), remove the group and any parents it leaves empty."""
+        with self._lock:
+            if self._destroyed:
+                return
+            with tree_lock:
+                remove_trees(self._fs, self.place.leaves)
+                for leaf, top in zip(self.place.leaves, self.place.hierarchy_roots, strict=True):
+                    prune_empty(self._fs, dirname(leaf), top)
+            self._destroyed = True
+        with _registry_lock:
+            _registry.pop(self.path, None)
+
+    @abstractmethod
+    def _write_cpu_quota(self, quota_us: int | None) -> None: ...
+
+    @abstractmethod
+    def _write_mem_limit(self, limit_bytes: int | None) -> None: ...
+
+    @abstractmethod
+    def _write_frozen(self, frozen: bool) -> None: ...
+
+    @abstractmethod
+    def _read_frozen(self) -> bool: ...
+
+    @abstractmethod
+    def _read_stats(self) -> GroupStats: ...
+
+
+class _CgroupThrottle:
+    """Shared by both cgroup backends: validation before any mkdir, and close()."""
+
+    backend = ""
+
+    def __init__(self, root: str, prefix: str, run_id: str | None, host_cores: int | None,
+                 fs: CgroupFs | None) -> None:
+        self.root = root
+        self.prefix = check_name("cgroup prefix", prefix)
+        self.run_id = check_name("run id", run_id or default_run_id())
+        self.host_cores = host_cores or host_cpu_cores()
+        self.warning: str | None = None
+        self._fs = fs or CgroupFs()
+        self._groups: list[CgroupGroup] = []
+        self._lock = threading.Lock()
+
+    def create(self, name: str, cpu_quota_cores: float | None, mem_limit_mb: int | None) -> CgroupGroup:
+        check_name("device name", name)
+        cpu_quota_us(cpu_quota_cores, self.host_cores)  # ConfigError before touching cgroupfs
+        mem_limit_bytes(mem_limit_mb)
+        group = self._make(name)
+        try:
+            group.set_cpu_quota(cpu_quota_cores)
+            group.set_mem_limit(mem_limit_mb)
+        except BaseException:
+            group.destroy()
+            raise
+        with self._lock:
+            self._groups.append(group)
+        return group
+
+    def close(self) -> None:
+        """Destroy every group this throttle created (idempotent)."""
+        with self._lock:
+            groups, self._groups = self._groups, []
+        for group in groups:
+            group.destroy()
+
+    def _make(self, name: str) -> CgroupGroup:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------- v2
+class V2Group(CgroupGroup):
+    backend = "cgroup2"
+
+    def _file(self, name: str) -> str:
+        return join(self.path, name)
+
+    def _write_cpu_quota(self, quota_us: int | None) -> None:
+        if quota_us is None and not self._fs.exists(self._file("cpu.max")):
+            return  # no cpu controller (V2Throttle.warning says so): unlimited is all there is
+        put(self._fs, self._file("cpu.max"), f"{'max' if quota_us is None else quota_us} {CPU_PERIOD_US}")
+
+    def _write_mem_limit(self, limit_bytes: int | None) -> None:
+        if limit_bytes is None and not self._fs.exists(self._file("memory.max")):
+            return  # no memory controller, as above
+        put(self._fs, self._file("memory.max"), "max" if limit_bytes is None else str(limit_bytes))
+        if self._fs.exists(self._file("memory.swap.max")):  # absent without swap accounting
+            put(self._fs, self._file("memory.swap.max"), "0")  # host swap must not hide the cap
+
+    def _write_frozen(self, frozen: bool) -> None:
+        put(self._fs, self._file("cgroup.freeze"), "1" if frozen else "0")
+
+    def _read_frozen(self) -> bool:
+        # cgroup.freeze is the request; cgroup.events "frozen" flips once every task has stopped.
+        return parse_keyed(get(self._fs, self._file("cgroup.events"))).get("frozen") == 1
+
+    def _read_stats(self) -> GroupStats:
+        fs = self._fs
+        cpu = parse_keyed(get(fs, self._file("cpu.stat")))
+        has_mem = fs.exists(self._file("memory.current"))
+        current = int(get(fs, self._file("memory.current"))) if has_mem else 0
+        has_peak = fs.exists(self._file("memory.peak"))  # 5.19+
+        kernel_peak = int(get(fs, self._file("memory.peak"))) if has_peak else None
+        events = parse_keyed(get(fs, self._file("memory.events"))) if has_mem else {}
+        return GroupStats(
+            cpu_usage_s=cpu.get("usage_usec", 0) / 1e6,
+            nr_periods=cpu.get("nr_periods", 0),
+            nr_throttled=cpu.get("nr_throttled", 0),
+            throttled_s=cpu.get("throttled_usec", 0) / 1e6,
+            mem_current_mb=current / MIB,
+            mem_peak_mb=self._peak(current, kernel_peak),
+            mem_limit_hits=events.get("max", 0),
+            oom_kills=events.get("oom_kill"),  # in memory.events since 4.13
+            frozen=self._read_frozen(),
+            pids=tuple(read_pids(fs, self.path)),
+        )
+
+
+class V2Throttle(_CgroupThrottle):
+    """Unified hierarchy: `<root>/<prefix>/<run_id>/<device>`, controllers enabled on the way down."""
+
+    backend = "cgroup2"
+    WANTED = ("cpu", "memory")
+
+    def __init__(self, root: str = DEFAULT_ROOT, prefix: str = "orchard", *, run_id: str | None = None,
+                 host_cores: int | None = None, fs: CgroupFs | None = None) -> None:
+        super().__init__(root, prefix, run_id, host_cores, fs)
+        controllers_file = join(root, "cgroup.controllers")
+        if not self._fs.exists(controllers_file):
+            raise OrchardError(f"{root} is not a cgroup v2 hierarchy (no {controllers_file})")
+        available = get(self._fs, controllers_file).split()
+        self.controllers = tuple(c for c in self.WANTED if c in available)
+        missing = [c for c in self.WANTED if c not in available]
+        if missing:
+            self.warning = (
+                f"cgroup v2 at {root} lacks the {' and '.join(missing)} controller(s) (on a Pi add "
+                "cgroup_enable=memory cgroup_memory=1 to cmdline.txt); those limits will fail"
+            )
+        probe_writable(self._fs, join(root, self.prefix))
+
+    def _enable_controllers(self, cgroup_dir: str) -> None:
+        # "No internal processes": only dirs without member processes may enable controllers for
+        # children; our prefix and run dirs never hold processes, the root is exempt.
+        path = join(cgroup_dir, "cgroup.subtree_control")
+        enabled = get(self._fs, path).split()
+        todo = [c for c in self.controllers if c not in enabled]
+        if todo:
+            put(self._fs, path, " ".join(f"+{c}" for c in todo))
+
+    def _make(self, name: str) -> CgroupGroup:
+        with tree_lock:
+            leaf = make_group_dirs(self._fs, self.root, self.prefix, self.run_id, name,
+                                   prepare=self._enable_controllers)
+        place = GroupPlace(self.root, self.prefix, self.run_id, name, (leaf,), (self.root,))
+        return V2Group(place, self._fs, self.host_cores)
+
+
+# ----------------------------------------------------------------------------------------- v1
+V1_CONTROLLERS = {  # controller -> a file its hierarchy root always has
+    "cpu": "cpu.cfs_quota_us",
+    "cpuacct": "cpuacct.usage",
+    "memory": "memory.limit_in_bytes",
+    "freezer": "cgroup.procs",  # the root freezer group has no freezer.state
+}
+
+
+class V1Group(CgroupGroup):
+    backend = "cgroup1"
+
+    def __init__(self, place: GroupPlace, fs: CgroupFs, host_cores: int, dirs: dict[str, str]) -> None:
+        super().__init__(place, fs, host_cores)
+        self.dirs = dirs  # controller -> leaf dir (cpu and cpuacct may share one when co-mounted)
+
+    def _file(self, controller: str, name: str) -> str:
+        return join(self.dirs[controller], name)
+
+    def _write_cpu_quota(self, quota_us: int | None) -> None:
+        put(self._fs, self._file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+        put(self._fs, self._file("cpu", "cpu.cfs_quota_us"), "-1" if quota_us is None else str(quota_us))
+
+    def _write_mem_limit(self, limit_bytes: int | None) -> None:
+        mem = self._file("memory", "memory.limit_in_bytes")
+        memsw = self._file("memory", "memory.memsw.limit_in_bytes")
+        new = "-1" if limit_bytes is None else str(limit_bytes)
+        if not self._fs.exists(memsw):  # kernel without swap accounting: see V1Throttle.warning
+            put(self._fs, mem, new)
+            return
+        # The kernel insists memsw >= limit at every moment, so raise memsw first and lower it last.
+        growing = limit_bytes is None or limit_bytes >= int(get(self._fs, mem))
+        for path in (memsw, mem) if growing else (mem, memsw):
+            put(self._fs, path, new)
+
+    def _write_frozen(self, frozen: bool) -> None:
+        put(self._fs, self._file("freezer", "freezer.state"), "FROZEN" if frozen else "THAWED")
+
+    def _read_frozen(self) -> bool:
+        return get(self._fs, self._file("freezer", "freezer.state")) == "FROZEN"  # FREEZING = not yet
+
+    def _counter(self, name: str) -> int:
+        path = self._file("memory", name)
+        return int(get(self._fs, path)) if self._fs.exists(path) else 0
+
+    def _read_stats(self) -> GroupStats:
+        fs = self._fs
+        cpu = parse_keyed(get(fs, self._file("cpu", "cpu.stat")))
+        current = int(get(fs, self._file("memory", "memory.usage_in_bytes")))
+        oom = parse_keyed(get(fs, self._file("memory", "memory.oom_control")))
+        pids = sorted({pid for leaf in self.place.leaves for pid in read_pids(fs, leaf)})
+        return GroupStats(
+            cpu_usage_s=int(get(fs, self._file("cpuacct", "cpuacct.usage"))) / 1e9,
+            nr_periods=cpu.get("nr_periods", 0),
+            nr_throttled=cpu.get("nr_throttled", 0),
+            throttled_s=cpu.get("throttled_time", 0) / 1e9,
+            mem_current_mb=current / MIB,
+            mem_peak_mb=self._peak(current, int(get(fs, self._file("memory", "memory.max_usage_in_bytes")))),
+            mem_limit_hits=sum(self._counter(f) for f in ("memory.failcnt", "memory.memsw.failcnt")),
+            oom_kills=oom.get("oom_kill"),  # oom_control gained the counter in 4.13
+            frozen=self._read_frozen(),
+            pids=tuple(pids),
+        )
+
+
+class V1Throttle(_CgroupThrottle):
+    """One dir per device under each of cpu, cpuacct, memory and freezer."""
+
+    backend = "cgroup1"
+
+    def __init__(self, root: str = DEFAULT_ROOT, prefix: str = "orchard", *, run_id: str | None = None,
+                 host_cores: int | None = None, fs: CgroupFs | None = None) -> None:
+        super().__init__(root, prefix, run_id, host_cores, fs)
+        missing = [c for c, marker in V1_CONTROLLERS.items() if not self._fs.exists(join(root, c, marker))]
+        if missing:
+            raise OrchardError(f"cgroup v1 controller(s) {', '.join(missing)} not mounted under {root}")
+        # Distros often co-mount cpu,cpuacct with cpu and cpuacct as symlinks: one hierarchy, one dir.
+        self.mounts = {c: os.path.realpath(join(root, c)) for c in V1_CONTROLLERS}
+        self.hierarchies = tuple(dict.fromkeys(self.mounts.values()))
+        if not self._fs.exists(join(self.mounts["memory"], "memory.memsw.limit_in_bytes")):
+            self.warning = ("memory.memsw.* is absent (kernel without swap accounting, e.g. swapaccount=0): "
+                            "a device may page to host swap instead of hitting its memory cap")
+        for hierarchy in self.hierarchies:
+            probe_writable(self._fs, join(hierarchy, self.prefix))
+
+    def _make(self, name: str) -> CgroupGroup:
+        leaves: list[str] = []
+        try:
+            with tree_lock:
+                for hierarchy in self.hierarchies:
+                    leaves.append(make_group_dirs(self._fs, hierarchy, self.prefix, self.run_id, name))
+        except BaseException:
+            remove_trees(self._fs, leaves)
+            for leaf, hierarchy in zip(leaves, self.hierarchies, strict=False):
+                prune_empty(self._fs, os.path.dirname(leaf), hierarchy)
+            raise
+        dirs = {c: join(m, self.prefix, self.run_id, name) for c, m in self.mounts.items()}
+        place = GroupPlace(self.root, self.prefix, self.run_id, name, tuple(leaves), self.hierarchies)
+        return V1Group(place, self._fs, self.host_cores, dirs)
+

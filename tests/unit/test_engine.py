@@ -1,0 +1,442 @@
+"""Round engine: event handling, round closing, idempotency, staleness, and model safety."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from runtime.errors import ConfigError, RoundError
+from runtime.protocol import Hello, Status, Update
+from server import aggregate as agg
+from server.engine import Engine, EngineConfig
+from server.events import (
+    Action,
+    DeviceHello,
+    DeviceOffline,
+    DeviceStatus,
+    Evaluate,
+    Event,
+    Finish,
+    Log,
+    NewGlobal,
+    SendTask,
+    Tick,
+    UpdateReceived,
+)
+from server.policies import DenseModel, ModelOps, ProfileByDevice, Strategy, TableModel
+from server.strategies import get_strategy
+
+N = 8
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_hello(device_id: str, n_samples: int = 10) -> Hello:
+    return Hello(device_id=device_id, board="test", cores=1.0, ram_mb=512, runtime_version="t",
+                 profiles=(), n_samples=n_samples, label_histogram=())
+
+
+class Rig:
+    """Drives an engine by hand and remembers what came out."""
+
+    def __init__(self, strategy: Strategy, devices: int = 3, *, model: ModelOps | None = None,
+                 config: EngineConfig | None = None, assign: Any = None) -> None:
+        self.clock = Clock()
+        self.g0 = np.arange(N, dtype=np.float32)
+        self.engine = Engine(strategy, model or DenseModel(N), self.g0, clock=self.clock, config=config,
+                             assign=assign)
+        self.tasks: dict[str, SendTask] = {}
+        self.logs: list[Mapping[str, Any]] = []
+        self.globals: list[NewGlobal] = []
+        self.actions: list[Action] = []
+        self.ids = [f"d{i}" for i in range(devices)]
+        for d in self.ids:
+            self.send(DeviceHello(d, make_hello(d)))
+        self.send(Tick())
+
+    def send(self, event: Event) -> list[Action]:
+        out = self.engine.handle(event)
+        self.actions += out
+        for a in out:
+            if isinstance(a, SendTask):
+                self.tasks[a.device_id] = a
+            elif isinstance(a, Log):
+                self.logs.append(a.event)
+            elif isinstance(a, NewGlobal):
+                self.globals.append(a)
+        return out
+
+    def at(self, t: float) -> Rig:
+        self.clock.now = t
+        return self
+
+    def update(self, device: str, values: np.ndarray | None = None, *, kind: str = "delta",
+               task: SendTask | None = None, n_samples: int = 10, indices: np.ndarray | None = None) -> list[Action]:
+        task = task or self.tasks[device]
+        size = N if task.indices is None else task.indices.size
+        if values is None:
+            values = np.full(size, float(self.ids.index(device) + 1), np.float32)
+        upd = Update(task_id=task.task_id, device_id=device, base_version=task.base_version, n_samples=n_samples,
+                     train_s=1.0, peak_rss_mb=1.0, energy_j=None, kind=kind)
+        return self.send(UpdateReceived(device, upd, values, indices))
+
+    def events(self, name: str) -> list[Mapping[str, Any]]:
+        return [e for e in self.logs if e["event"] == name]
+
+
+def sent(actions: list[Action]) -> list[SendTask]:
+    return [a for a in actions if isinstance(a, SendTask)]
+
+
+# ---------------------------------------------------------------- sync FedAvg
+def test_sync_fedavg_waits_for_all_then_averages() -> None:
+    rig = Rig(get_strategy("fedavg"))
+    assert set(rig.tasks) == set(rig.ids) and all(t.base_version == 0 for t in rig.tasks.values())
+    rig.at(1).update("d0", n_samples=10)
+    rig.at(2).update("d1", n_samples=30)
+    assert rig.globals == []
+    rig.at(9).update("d2", n_samples=60)
+    assert [g.version for g in rig.globals] == [1]
+    expected = agg.weighted_average(rig.g0, [
+        agg.UpdateContribution(None, rig.g0 + np.float32(k), float(n)) for k, n in ((1, 10), (2, 30), (3, 60))])
+    np.testing.assert_allclose(rig.engine.global_flat, expected, atol=1e-6)
+    # The next round went out at once, from the new version.
+    assert all(t.round == 1 and t.base_version == 1 for t in rig.tasks.values())
+
+
+def test_weights_kind_update_is_converted_against_its_base() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    for d in rig.ids:
+        rig.update(d, rig.g0 + 2.0, kind="weights")
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + 2.0, atol=1e-6)
+
+
+def test_device_offline_mid_round_abandons_its_task_and_round_still_closes() -> None:
+    rig = Rig(get_strategy("fedavg"))
+    old_task = rig.tasks["d2"]
+    rig.update("d0")
+    rig.send(DeviceOffline("d2", "last will"))
+    assert rig.events("task_abandoned")[0]["device"] == "d2"
+    rig.update("d1")
+    assert [g.device_ids for g in rig.globals] == [("d0", "d1")]
+    # Its late update is refused with the reason; the model does not move.
+    before = rig.engine.global_flat.copy()
+    rig.update("d2", task=old_task)
+    assert "abandoned" in rig.events("update_rejected")[-1]["reason"]
+    np.testing.assert_array_equal(rig.engine.global_flat, before)
+    # Back online: it gets work in the next round, not this one.
+    rig.send(DeviceHello("d2", make_hello("d2")))
+    assert rig.tasks["d2"] is old_task
+    rig.update("d0")
+    rig.update("d1")
+    assert rig.tasks["d2"].base_version == 2
+
+
+def test_failed_status_abandons_task() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    task = rig.tasks["d1"]
+    rig.send(DeviceStatus("d1", Status("d1", "failed", 0.0, task.task_id, "trainer killed (exit 137, OOM)")))
+    assert "OOM" in rig.events("task_abandoned")[0]["reason"]
+    rig.update("d0")
+    assert len(rig.globals) == 1
+
+
+def test_fedavg_deadline_closes_with_fewer_and_drops_stragglers() -> None:
+    rig = Rig(get_strategy("fedavg-deadline", deadline_s=10.0))
+    assert rig.tasks["d0"].deadline_s == pytest.approx(10.0)
+    late = rig.tasks["d2"]
+    rig.at(3).update("d0")
+    rig.at(9.9).send(Tick())
+    assert rig.globals == []
+    assert rig.engine.next_deadline() == pytest.approx(10.0)
+    rig.at(10).send(Tick())
+    assert [g.device_ids for g in rig.globals] == [("d0",)]
+    assert {e["device"] for e in rig.events("task_abandoned")} == {"d1", "d2"}
+    rig.at(11).update("d2", task=late)
+    assert "straggler" in rig.events("update_rejected")[-1]["reason"]
+
+
+# ---------------------------------------------------------------- idempotency and refusals
+def test_redelivered_update_counts_once() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    task = rig.tasks["d0"]
+    rig.update("d0")
+    rig.update("d0", task=task)
+    rejected = rig.events("update_rejected")
+    assert len(rejected) == 1 and "duplicate" in rejected[0]["reason"] and "d0" in rejected[0]["reason"]
+    assert rig.engine.n_pending == 1
+    rig.update("d1")
+    assert rig.globals[0].n_updates == 2
+
+
+def test_unknown_device_and_unknown_task_are_refused_with_reasons() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    upd = Update(task_id="t999", device_id="ghost", base_version=0, n_samples=1, train_s=0.0, peak_rss_mb=0.0,
+                 energy_j=None, kind="delta")
+    event = UpdateReceived("ghost", upd, np.zeros(N, np.float32))
+    with pytest.raises(RoundError, match=r"'ghost'.*unknown device"):
+        rig.engine.check_update(event)
+    rig.send(event)
+    upd2 = Update(task_id="t999", device_id="d0", base_version=0, n_samples=1, train_s=0.0, peak_rss_mb=0.0,
+                  energy_j=None, kind="delta")
+    rig.send(UpdateReceived("d0", upd2, np.zeros(N, np.float32)))
+    reasons = [e["reason"] for e in rig.events("update_rejected")]
+    assert "unknown device" in reasons[0] and "unknown task" in reasons[1] and "t999" in reasons[1]
+    # Another device's task is not yours.
+    rig.update("d1", task=rig.tasks["d0"])
+    assert "unknown task" in rig.events("update_rejected")[-1]["reason"]
+    assert rig.engine.n_pending == 0 and len(rig.engine.outstanding) == 2
+
+
+@pytest.mark.parametrize("bad", ["nan", "length", "int", "base", "kind"])
+def test_bad_update_is_refused_and_global_unchanged(bad: str) -> None:
+    rig = Rig(get_strategy("fedavg"), devices=1)
+    before = rig.engine.global_flat.copy()
+    task = rig.tasks["d0"]
+    values = np.ones(N, np.float32)
+    kind = "delta"
+    if bad == "nan":
+        values[3] = np.nan
+    elif bad == "length":
+        values = np.ones(N + 1, np.float32)
+    elif bad == "int":
+        values = np.ones(N, np.int32)  # type: ignore[assignment]
+    elif bad == "kind":
+        kind = "gradients"
+    if bad == "base":
+        upd = Update(task.task_id, "d0", 5, 1, 0.0, 0.0, None, kind)
+        rig.send(UpdateReceived("d0", upd, values))
+    else:
+        rig.update("d0", values, kind=kind)
+    assert len(rig.events("update_rejected")) == 1
+    assert rig.globals == [] and rig.engine.version == 0
+    np.testing.assert_array_equal(rig.engine.global_flat, before)
+    assert not rig.engine.global_flat.flags.writeable
+
+
+def test_failed_merge_keeps_the_old_global(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    before = rig.engine.global_flat.copy()
+
+    def broken(*args: Any, **kwargs: Any) -> np.ndarray:
+        raise RoundError("merged model holds 3 non-finite values")
+
+    monkeypatch.setattr(agg, "apply_deltas", broken)
+    rig.update("d0")
+    rig.update("d1")
+    assert rig.events("aggregation_failed") and rig.globals == []
+    assert rig.engine.version == 0 and rig.engine.round == 1
+    np.testing.assert_array_equal(rig.engine.global_flat, before)
+
+
+# ---------------------------------------------------------------- semi-async
+def test_semi_async_closes_at_k_before_deadline_and_stale_updates_land_later() -> None:
+    rig = Rig(get_strategy("semi-async", deadline_s=100.0, weight="samples"), devices=4)
+    slow = rig.tasks["d3"]
+    rig.at(1).update("d0")
+    assert rig.globals == []
+    rig.at(2).update("d1")  # K = ceil(0.5 * 4) = 2
+    assert [g.n_updates for g in rig.globals] == [1 + 1]
+    # Stragglers keep their tasks; the two that were taken got version 1.
+    assert rig.engine.outstanding.keys() >= {slow.task_id}
+    assert rig.tasks["d0"].base_version == 1 and rig.tasks["d2"].base_version == 0
+    rig.at(3).update("d3", task=slow)
+    accepted = rig.events("update_accepted")[-1]
+    assert accepted["staleness"] == 1 and accepted["device"] == "d3"
+
+
+def test_semi_async_deadline_closes_with_fewer_than_k() -> None:
+    rig = Rig(get_strategy("semi-async", deadline_s=5.0, weight="samples"), devices=4)
+    rig.at(1).update("d0")
+    rig.at(4).send(Tick())
+    assert rig.globals == []
+    rig.at(5).send(Tick())
+    assert [g.n_updates for g in rig.globals] == [1]
+    assert "deadline" in rig.globals[0].reason
+    assert len(rig.engine.outstanding) == 4  # d1..d3 still training, d0 got a new task
+
+
+def test_semi_async_drops_updates_over_max_staleness() -> None:
+    rig = Rig(get_strategy("semi-async", k=1, max_staleness=1, weight="samples"), devices=2)
+    slow = rig.tasks["d1"]
+    rig.update("d0")
+    rig.update("d0")
+    assert rig.engine.version == 2
+    rig.update("d1", task=slow)
+    reason = rig.events("update_rejected")[-1]["reason"]
+    assert "too stale" in reason and "d1" in reason and "max_staleness 1" in reason
+    # The old base is no longer retained once nothing in flight can use it.
+    assert rig.engine.model_at(0) is None
+
+
+def test_cos2p_weighted_merge_matches_formula() -> None:
+    rig = Rig(get_strategy("semi-async", k=2), devices=3)
+    slow = rig.tasks["d2"]
+    rig.at(1).update("d0")
+    rig.at(2).update("d1")  # version 1
+    v0, v1 = rig.g0.copy(), rig.engine.global_flat.copy()
+    rig.at(3).update("d0")
+    rig.at(3.2).update("d2", np.full(N, 3.0, np.float32), task=slow)  # staleness 1
+    assert [g.staleness for g in rig.globals] == [(0, 0), (0, 1)]
+    d0, d2 = np.full(N, 1.0), np.full(N, 3.0)
+    drift = np.abs(v1.astype(np.float64) - v0).sum()
+    g = np.array([np.abs(d0).sum() / 1.0, np.abs(d2).sum() / 1.0 / (drift + 1)])
+    g /= g.sum()
+    np.testing.assert_allclose(rig.engine.global_flat, v1 + g[0] * d0 + g[1] * d2, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- buffered async
+def test_fedbuff_aggregates_every_k_with_concurrency_limit() -> None:
+    rig = Rig(get_strategy("fedbuff", k=2, concurrency=3), devices=5)
+    assert len(rig.engine.outstanding) == 3
+    rig.update("d0")
+    assert rig.globals == [] and len(rig.engine.outstanding) == 3  # d0 re-dispatched at once (LRU)
+    rig.update("d1")
+    assert [g.n_updates for g in rig.globals] == [2]
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + (1.0 + 2.0) / 2, atol=1e-6)
+
+
+def test_fedasync_merges_every_update() -> None:
+    rig = Rig(get_strategy("fedasync", alpha=0.5, staleness="constant"), devices=2)
+    rig.update("d0", rig.g0 + 4.0, kind="weights")
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + 2.0, atol=1e-6)
+    rig.update("d1")  # delta 2.0 on base v0 -> w_new = g0 + 2 ; mix with g0 + 2 -> g0 + 2
+    assert [g.n_updates for g in rig.globals] == [1, 1]
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + 2.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- submodels
+def heterofl_rig(strategy: Strategy) -> Rig:
+    table = {"half": np.arange(N // 2, dtype=np.int64), "quarter": np.array([0, 5], dtype=np.int64)}
+    assign = ProfileByDevice({"d1": "half", "d2": "quarter"})
+    return Rig(strategy, devices=3, model=TableModel(N, table), assign=assign)
+
+
+def test_per_element_merge_with_submodel_profiles() -> None:
+    rig = heterofl_rig(get_strategy("fedavg", merge="per-element"))
+    assert rig.tasks["d1"].profile == "half" and rig.tasks["d1"].indices.size == N // 2
+    for d in rig.ids:
+        rig.update(d)
+    contributions = [agg.UpdateContribution(t.indices, (rig.g0 if t.indices is None else rig.g0[t.indices])
+                                            + float(i + 1), 10.0) for i, t in enumerate(
+        rig.tasks[d] for d in rig.ids)]
+    # tasks were re-sent for round 1 with the same indices, so rebuild the reference from them
+    np.testing.assert_allclose(rig.engine.global_flat, agg.per_element_average(rig.g0, contributions), atol=1e-6)
+
+
+def test_sparse_upload_must_stay_inside_the_profile() -> None:
+    rig = heterofl_rig(get_strategy("semi-async", k=3))
+    rig.update("d1", np.ones(2, np.float32), indices=np.array([0, 3]))
+    assert rig.events("update_accepted")
+    rig.update("d2", np.ones(2, np.float32), indices=np.array([0, 6]))
+    assert "outside profile 'quarter'" in rig.events("update_rejected")[-1]["reason"]
+
+
+def test_dense_merge_refuses_submodel_profiles() -> None:
+    with pytest.raises(ConfigError, match="full models only"):
+        heterofl_rig(get_strategy("fedavg"))
+
+
+# ---------------------------------------------------------------- lifecycle
+def test_min_devices_target_version_and_evaluate() -> None:
+    clock = Clock()
+    engine = Engine(get_strategy("fedavg"), DenseModel(N), np.zeros(N, np.float32), clock=clock,
+                    config=EngineConfig(min_devices=2, target_version=2, eval_every=5))
+    engine.handle(DeviceHello("a", make_hello("a")))
+    assert sent(engine.handle(Tick())) == []
+    engine.handle(DeviceHello("b", make_hello("b")))
+    tasks = sent(engine.handle(Tick()))
+    assert len(tasks) == 2
+    out: list[Action] = []
+    for _ in range(2):
+        for t in tasks:
+            upd = Update(t.task_id, t.device_id, t.base_version, 1, 0.0, 0.0, None, "delta")
+            out = engine.handle(UpdateReceived(t.device_id, upd, np.ones(N, np.float32)))
+        tasks = sent(out)
+    assert [type(a) for a in out if not isinstance(a, Log)] == [NewGlobal, Evaluate, Finish]
+    assert engine.finished and engine.handle(Tick()) == []
+
+
+def test_time_limit_and_task_timeout() -> None:
+    rig = Rig(get_strategy("fedbuff", k=5), devices=2,
+              config=EngineConfig(task_timeout_s=30.0, time_limit_s=100.0))
+    first = rig.tasks["d0"]
+    assert rig.engine.next_deadline() == pytest.approx(30.0)
+    rig.at(31).send(Tick())
+    assert len(rig.events("task_abandoned")) == 2
+    assert rig.tasks["d0"] is not first  # handed new work
+    out = rig.at(100).send(Tick())
+    assert any(isinstance(a, Finish) for a in out)
+
+
+def test_status_and_offline_from_unknown_devices_are_logged() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=1)
+    rig.send(DeviceStatus("zz", Status("zz", "idle", 0.0)))
+    rig.send(DeviceOffline("zz"))
+    assert [e["event"] for e in rig.logs[-2:]] == ["status_rejected", "status_rejected"]
+
+
+def test_engine_config_and_initial_global_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        EngineConfig(target_version=0)
+    with pytest.raises(ConfigError, match="non-finite"):
+        Engine(get_strategy(), DenseModel(2), np.array([np.nan, 0], np.float32), clock=Clock())
+    with pytest.raises(ConfigError, match="3 values"):
+        Engine(get_strategy(), DenseModel(2), np.zeros(3, np.float32), clock=Clock())
+
+
+def test_caller_buffer_reuse_does_not_change_a_pending_update() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    buf = np.ones(N, np.float32)
+    rig.update("d0", buf)
+    buf[:] = 1e6  # a transport reusing its receive buffer
+    rig.update("d1", np.ones(N, np.float32))
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + 1.0, atol=1e-6)
+
+
+def test_clients_per_round_rotates_least_recently_served() -> None:
+    rig = Rig(get_strategy("fedavg", clients_per_round=2), devices=3)
+    first = {t.device_id for t in rig.engine.outstanding.values()}
+    assert first == {"d0", "d1"}
+    rig.at(1).update("d0")
+    rig.at(2).update("d1")
+    assert {t.device_id for t in rig.engine.outstanding.values()} == {"d2", "d0"}
+
+
+def test_adaptive_deadline_waits_until_half_the_fleet_is_timed() -> None:
+    rig = Rig(get_strategy("fedavg-deadline"), devices=4)
+    assert rig.tasks["d0"].deadline_s is None  # nobody timed yet
+    rig.at(1).update("d0")
+    rig.at(50).send(Tick())
+    assert rig.globals == []  # one of four timed: the median is still unknown
+    rig.at(60).update("d1")  # lower median of {1, 60, inf, inf} = 60 -> deadline at 1.5 * 60
+    assert rig.engine.next_deadline() == pytest.approx(90.0)
+    rig.at(90).send(Tick())
+    assert [g.n_updates for g in rig.globals] == [2]
+    # The dropped stragglers enter the median with their elapsed time (a lower bound), so the
+    # next deadline does not ratchet down to the fast devices.
+    assert rig.engine.devices["d2"].task_s == pytest.approx(90.0)
+    assert rig.tasks["d0"].deadline_s == pytest.approx(1.5 * 60.0)
+
+
+def test_task_time_median_counts_untimed_devices_as_slow() -> None:
+    from server.records import TaskTimeMedian
+
+    m = TaskTimeMedian()
+    for v in (None, None, 3.0):
+        m.add(v)
+    assert m.median() is None
+    m.add(1.0)
+    assert m.median() == 3.0  # lower median of {1, 3, inf, inf}
+    m.remove(None)
+    m.remove(None)
+    assert m.median() == 1.0
