@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint bench train federate clean
+.PHONY: setup campaign test lint bench train clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/run.py --out bench.json
 
-# What runs today, until the testbed issue lands `make campaign`:
+# The main job: eight emulated boards, embedded broker, bundled dataset; leaves runs/default/.
+campaign: setup
+	$(BIN)/orchard campaign run campaigns/default.toml --out runs/default --force --quiet
+
+# Central training through the device trainer (one profile).
 train: setup
 	$(BIN)/orchard train --model cnn --dataset digits --profile width=0.5 --steps 300 --json out.json
 

@@ -18,9 +18,9 @@ from models.artifacts import ensure_artifacts
 from models.builder import build
 from models.datasets import load_dataset, train_test_split
 from models.structure import full_structure, sub_structure
-from runtime.ort import threads_for_quota
 from runtime.profile import parse_profile
 from runtime.submodel import Submodel, index_map_for
+from runtime.telemetry import threads_for_quota
 from runtime.trainer import TrainConfig, Trainer
 
 

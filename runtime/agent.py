@@ -5,8 +5,9 @@ ONNX Runtime (see runtime/trainer_proc.py for why). One loop, no callbacks doing
 events come from a queue, the trainer is polled, telemetry is sampled on its schedule.
 
 Faults it survives: the trainer dying mid-task (reported with its cause, restarted), the broker
-going away (paho reconnects with backoff; an update finished meanwhile waits in an outbox and
-goes out on reconnect), bad frames (dropped with a logged reason; the server times the task out).
+or the server going away (paho reconnects with backoff; the hello and any update finished
+meanwhile wait until the server's retained state says it is online again), bad frames (dropped
+with a logged reason; the server times the task out).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from runtime.frames import decode_artifact, decode_task, encode_update
 from runtime.layout import FloatArray
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
-from runtime.ort import threads_for_quota
 from runtime.profile import parse_profile
 from runtime.protocol import (
     Artifact,
@@ -49,7 +49,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.telemetry import CgroupLimits, Sampler
+from runtime.telemetry import CgroupLimits, Sampler, threads_for_quota
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob
 
 log = logging.getLogger("orchard.device")
@@ -86,8 +86,13 @@ class Agent:
         self.state = "idle"
         self.running: _Running | None = None
         self.waiting_for_artifact: Task | None = None
+        # A task that arrived while the trainer was busy. The server only sends one when it has
+        # given up on the running task (timed out, or the device was marked offline), so this is
+        # the one that counts; it starts as soon as the trainer is free.
+        self.queued: Task | None = None
         self.outbox: list[tuple[str, list[bytes]]] = []  # (task id, chunks) finished while offline
         self.server: ServerState | None = None
+        self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
         self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES)
         self.samples: list[object] = []
         self.stop_event = threading.Event()
@@ -102,7 +107,8 @@ class Agent:
         self.mqtt.connect()
         for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state):
             self.mqtt.subscribe(topic, qos=1)
-        self._announce()
+        # No hello yet: it goes out when the server's (retained) state says it is online (see
+        # _on_message). A hello sent before the server subscribed would be lost for good.
         next_sample = next_publish = next_expire = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -163,11 +169,13 @@ class Agent:
     def _on_event(self, event: Connected | Disconnected | Message) -> None:
         if isinstance(event, Connected):
             if event.reconnect:
+                # Hello and outbox wait for the server's state: retained on the broker if only we
+                # dropped out, or published by the server once it is back if the broker restarted
+                # (and lost it). Sent now, they could beat the server's own re-subscription.
                 log.info("%s: reconnected", self.id)
-                self._announce()
-                self._flush_outbox()
         elif isinstance(event, Disconnected):
             log.warning("%s: disconnected: %s", self.id, event.reason)
+            self.greeted = False
         else:
             try:
                 self._on_message(event)
@@ -178,6 +186,15 @@ class Agent:
         if msg.topic == self.topics.server_state:
             if msg.payload and msg.payload != b"offline":
                 self.server = decode_json(ServerState, msg.payload, source="server")
+                if not self.server.online:
+                    self.greeted = False
+                elif not self.greeted:
+                    # First sight of an online server since we (re)connected or it (re)started:
+                    # a fresh server has not heard our hello, a resumed one only knows its
+                    # checkpoint. Tell it who we are, then send what finished meanwhile.
+                    self.greeted = True
+                    self._announce()
+                    self._flush_outbox()
             return
         frame = self.reassembler.feed(msg.topic, msg.payload)
         if frame is None:
@@ -206,7 +223,10 @@ class Agent:
 
     def _on_task(self, task: Task) -> None:
         if self.running is not None:
-            log.warning("%s: task %s refused: still training %s", self.id, task.task_id, self.running.task.task_id)
+            # Refusing it silently would leave the server waiting for it until task_timeout_s
+            # (forever without one). Newest wins: an older queued task was given up on as well.
+            log.warning("%s: task %s queued: still training %s", self.id, task.task_id, self.running.task.task_id)
+            self.queued = task
             return
         directory = self.cfg.artifact_cache / task.artifact_key
         if not (directory / MANIFEST).is_file():
@@ -234,6 +254,9 @@ class Agent:
     def _poll_trainer(self) -> None:
         run = self.running
         if run is None:
+            if self.queued is not None:
+                task, self.queued = self.queued, None
+                self._on_task(task)
             return
         try:
             outcome = self.trainer.poll()
@@ -272,21 +295,21 @@ class Agent:
         self._set_state("idle")
 
     def _send_update(self, task_id: str, chunks: list[bytes]) -> None:
-        if not self.mqtt.is_connected:
-            log.warning("%s: offline; update for %s waits in the outbox", self.id, task_id)
+        if not (self.mqtt.is_connected and self.greeted):
+            # Published now it would reach no server: a crashed one (its Last Will said offline)
+            # is not subscribed, and after a reconnect we wait for its state. A resumed server
+            # still holds the task from its checkpoint, so the update counts when it gets there.
+            log.warning("%s: server not reachable; update for %s waits in the outbox", self.id, task_id)
             self.outbox.append((task_id, chunks))
             return
         for chunk in chunks:
             self.mqtt.publish(self.topics.update(self.id), chunk, qos=1)
 
     def _flush_outbox(self) -> None:
-        # "Still useful" is the server's call (it knows the staleness bound and refuses stale
-        # updates with a reason); the device only drops updates for a campaign that is gone.
+        # Called once the server is back. "Still useful" is its call: it knows the staleness
+        # bound and refuses stale or abandoned updates with a reason.
         pending, self.outbox = self.outbox, []
         for task_id, chunks in pending:
-            if self.server is not None and not self.server.online:
-                log.warning("%s: server offline; dropping outboxed update %s", self.id, task_id)
-                continue
             log.info("%s: sending outboxed update %s", self.id, task_id)
             self._send_update(task_id, chunks)
 

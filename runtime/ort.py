@@ -7,7 +7,6 @@ hand with its `__path__` and only the `api` submodule (and, on the host, `artifa
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import types
@@ -51,19 +50,6 @@ def training_artifacts_module() -> Any:
 
 def onnxruntime_version() -> str:
     return str(onnxruntime.__version__)
-
-
-def threads_for_quota(cpu_quota_cores: float | None) -> int:
-    """Intra-op threads for a CPU quota.
-
-    Rounded down (at least 1): with more threads than whole cores of quota, every parallel
-    region waits for a thread the CFS throttler has parked, which is slower than fewer threads.
-    """
-    if cpu_quota_cores is None:
-        return os.cpu_count() or 1
-    if not math.isfinite(cpu_quota_cores) or cpu_quota_cores <= 0:
-        raise TrainerError(f"CPU quota {cpu_quota_cores} cores is not a positive number")
-    return max(1, int(cpu_quota_cores))
 
 
 class OrtSession:

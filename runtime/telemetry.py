@@ -16,6 +16,7 @@ import psutil
 
 from runtime.board import BoardConfig
 from runtime.energy import EnergyMeter, make_power_source
+from runtime.errors import TrainerError
 from runtime.protocol import TelemetrySample
 
 MB = 1024.0 * 1024.0
@@ -40,6 +41,19 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+def threads_for_quota(cpu_quota_cores: float | None) -> int:
+    """Intra-op threads for a CPU quota.
+
+    Rounded down (at least 1): with more threads than whole cores of quota, every parallel
+    region waits for a thread the CFS throttler has parked, which is slower than fewer threads.
+    """
+    if cpu_quota_cores is None:
+        return os.cpu_count() or 1
+    if not math.isfinite(cpu_quota_cores) or cpu_quota_cores <= 0:
+        raise TrainerError(f"CPU quota {cpu_quota_cores} cores is not a positive number")
+    return max(1, int(cpu_quota_cores))
 
 
 class CgroupLimits:

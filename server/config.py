@@ -30,6 +30,8 @@
     [assign]                        # profile per device; default for the rest
     default = "dense"
     devices = { dev0 = "width=0.5" }
+    downgrade_on_oom = true         # a task killed by OOM moves its device to the next smaller
+                                    # profile its hello lists (dense > width=0.75 > width=0.5)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
 _SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed"})
 _ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every"})
 _TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
-_ASSIGN_KEYS = frozenset({"default", "devices"})
+_ASSIGN_KEYS = frozenset({"default", "devices", "downgrade_on_oom"})
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ServerConfig:
     default_profile: str = "dense"
     device_profiles: Mapping[str, str] = field(default_factory=dict)
     seed: int = 0
+    downgrade_on_oom: bool = True
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
@@ -132,4 +135,5 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         default_profile=default_profile,
         device_profiles={str(k): parse_profile(v).canonical() for k, v in devices.items()},
         seed=srv.integer("seed", 0, 2**31, default=0),
+        downgrade_on_oom=asg.boolean("downgrade_on_oom", default=True),
     )

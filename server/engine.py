@@ -154,6 +154,8 @@ class Engine:
         else:
             # A known device reconnecting keeps its task: its trainer may still be running.
             dev.hello = event.hello
+            if dev.profile_override is not None and dev.profile_override not in event.hello.profiles:
+                dev.profile_override = None  # it no longer offers the fallback: back to the policy's choice
         if not dev.online and dev.task_id is None:
             dev.state = "idle"
         self._set(dev, online=True)
@@ -175,6 +177,16 @@ class Engine:
             task = self._tasks[dev.task_id]
             if status.task_id in (None, task.task_id):
                 self._abandon(task, now, f"device failed: {status.detail or 'no detail'}", out)
+                self._after_failure(dev, task.profile, status.detail, now, out)
+
+    def _after_failure(self, dev: DeviceRecord, profile: str, detail: str, now: float, out: list[Action]) -> None:
+        """Let the assign policy move a device off a profile it cannot train (e.g. out of memory)."""
+        new = self.assign.after_failure(dev.device_id, dev.hello, profile, detail)
+        if new is None or new == profile:
+            return
+        dev.profile_override = new
+        out.append(self._log(now, "profile_downgraded", device=dev.device_id, **{"from": profile, "to": new},
+                             reason=detail))
 
     def _on_offline(self, device_id: str, reason: str, now: float, out: list[Action]) -> None:
         dev = self._devices.get(device_id)
@@ -355,7 +367,7 @@ class Engine:
         return (-math.inf if last is None else last, device_id)
 
     def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
-        profile = self.assign.profile_for(dev.device_id, dev.hello, self.round)
+        profile = dev.profile_override or self.assign.profile_for(dev.device_id, dev.hello, self.round)
         indices = self._indices(profile, self.round)
         if indices is not None and not self.strategy.merge.accepts_submodels:
             raise ConfigError(f"strategy {self.strategy.name!r} merges full models only, but device "

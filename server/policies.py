@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from runtime.errors import ConfigError, RoundError
+from runtime.profile import parse_profile
 from runtime.protocol import Hello
 from server import aggregate as agg
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
@@ -332,6 +333,13 @@ class AssignPolicy(ABC):
     def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
         """The profile `device_id` trains in `round_index`."""
 
+    def after_failure(self, device_id: str, hello: Hello, profile: str, detail: str) -> str | None:
+        """The engine calls this when `device_id` reports its task (trained under `profile`)
+        failed with `detail`. Return the profile the device should train from now on instead, or
+        None to keep assigning as before. Policies stay stateless: the engine remembers the
+        answer per device (`DeviceRecord.profile_override`, checkpointed with it)."""
+        return None
+
 
 @dataclass(frozen=True)
 class FixedProfile(AssignPolicy):
@@ -365,6 +373,54 @@ class ProfileByCapability(AssignPolicy):
             if hello.ram_mb >= min_ram_mb and (not hello.profiles or profile in hello.profiles):
                 return profile
         return self.default
+
+
+# Words a failure detail carries when the trainer ran out of memory: the kernel's OOM killer
+# sends SIGKILL (exit 137 / -9, runtime.trainer_proc.describe_exit), Python raises MemoryError.
+OOM_MARKERS = ("sigkill", "oom", "out of memory", "exit 137", "exit -9", "memoryerror")
+
+
+def looks_like_oom(detail: str) -> bool:
+    text = detail.lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def smaller_profiles(profile: str, offered: Sequence[str]) -> list[str]:
+    """The profiles in `offered` that train strictly fewer channels than `profile`, largest first.
+
+    Only the width may shrink: a different channel window or class subset is another method
+    (FedRolex, Chen & Qin), not a lighter version of the same task."""
+    current = parse_profile(profile)
+    found: dict[str, float] = {}
+    for text in offered:
+        try:
+            p = parse_profile(text)
+        except ConfigError:
+            continue  # a device's list is input; a bad entry is just not a candidate
+        if p.width < current.width and p.window == current.window and p.classes == current.classes:
+            found[p.canonical()] = p.width
+    return sorted(found, key=lambda name: -found[name])
+
+
+@dataclass(frozen=True)
+class DowngradeOnOom(AssignPolicy):
+    """Wraps another assign policy: a device whose task died of an out-of-memory cause is moved
+    to the next smaller profile its Hello lists (dense > width=0.75 > width=0.5), among those the
+    server has artifacts for (`available`; None = any). DESIGN: "retries with a smaller profile"."""
+
+    inner: AssignPolicy
+    available: frozenset[str] | None = None
+
+    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
+        return self.inner.profile_for(device_id, hello, round_index)
+
+    def after_failure(self, device_id: str, hello: Hello, profile: str, detail: str) -> str | None:
+        if not looks_like_oom(detail):
+            return self.inner.after_failure(device_id, hello, profile, detail)
+        for candidate in smaller_profiles(profile, hello.profiles):
+            if self.available is None or candidate in self.available:
+                return candidate
+        return None  # nothing smaller to offer: keep the profile, the device may fail again
 
 
 # ---------------------------------------------------------------- strategy

@@ -47,6 +47,7 @@ class DeviceRecord:
     n_accepted: int = 0
     n_rejected: int = 0
     n_abandoned: int = 0
+    profile_override: str | None = None  # set by the assign policy after a failure (OOM: a smaller profile)
 
 
 @dataclass(frozen=True, eq=False)

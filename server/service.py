@@ -55,7 +55,7 @@ from server.events import (
     UpdateReceived,
 )
 from server.model import ServerModel
-from server.policies import ProfileByDevice
+from server.policies import AssignPolicy, DowngradeOnOom, ProfileByDevice
 from server.strategies import get_strategy
 
 log = logging.getLogger("orchard.server")
@@ -74,7 +74,10 @@ class Outputs:
         self.run_dir = run_dir
         (run_dir / "devices").mkdir(parents=True, exist_ok=True)
         events = run_dir / "events.jsonl"
-        self.events: TextIO = events.open("a") if resume else events.open("w")
+        if not resume:
+            events.write_text("")
+        # O_APPEND: the campaign runner appends its own events (availability, OOM) to this file.
+        self.events: TextIO = events.open("a")
         new_csv = not resume or not (run_dir / "server.csv").exists()
         self._server_file: TextIO = (run_dir / "server.csv").open("w" if new_csv else "a", newline="")
         self.server = csv.writer(self._server_file)
@@ -82,6 +85,12 @@ class Outputs:
             self.server.writerow(SERVER_CSV)
         self._devices: dict[str, tuple[TextIO, Any]] = {}
         self.accepted = self.rejected = 0
+        if not new_csv:  # resumed: the counts are over the campaign, so go on from the last row
+            with (run_dir / "server.csv").open(newline="") as f:
+                last = list(csv.DictReader(f))[-1:]
+            if last:
+                self.accepted = int(last[0].get("accepted") or 0)
+                self.rejected = int(last[0].get("rejected") or 0)
 
     def event(self, record: dict[str, Any]) -> None:
         record.setdefault("wall_t", round(time.time(), 3))
@@ -129,7 +138,9 @@ class Service:
             self.eval_x, self.eval_y = data["x"].astype(np.float32), data["y"].astype(np.int64)
         self.evaluator = Trainer(self.model.global_dir, threads=1)
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
-        assign = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
+        assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
+        if cfg.downgrade_on_oom:
+            assign = DowngradeOnOom(assign, available=frozenset(self.model.profiles))
         self._t0 = time.monotonic()
         clock = self._clock
         if resume and checkpoint.latest_version(run_dir) is not None:

@@ -102,6 +102,39 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0 if summary["server_exit"] == 0 else 1
 
 
+def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from testbed.campaign import load_campaign
+    from testbed.runner import CampaignRunner
+
+    campaign = load_campaign(args.campaign)
+    out = Path(args.out) if args.out else Path("runs") / campaign.name
+    runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
+                            broker=args.broker)
+    summary = runner.execute()
+    keys = ("campaign", "strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
+            "updates_accepted", "updates_rejected", "utilization")
+    print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
+    print(f"stopped: {runner.stop_reason}\nreport: {out / 'report.html'}")
+    return 130 if runner.stop_reason and runner.stop_reason.startswith("interrupted") else 0
+
+
+def cmd_campaign_compare(args: argparse.Namespace) -> int:
+    from testbed.compare import compare_runs
+
+    out = Path(args.out)
+    compare_runs([Path(r) for r in args.runs], out)
+    print((out / "compare.md").read_text())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.report import write_report
+
+    summary = write_report(Path(args.run))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from server.__main__ import main as server_main
 
@@ -185,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="replace an existing run folder")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_federate)
+
+    c = sub.add_parser("campaign", help="testbed campaigns of emulated boards",
+                       description="Run and compare testbed campaigns.")
+    csub = c.add_subparsers(dest="campaign_command", required=True, metavar="ACTION", parser_class=_Parser)
+    cr = csub.add_parser("run", help="run a campaign file", description="Run a campaign of emulated boards.")
+    cr.add_argument("campaign", help="campaign TOML, e.g. campaigns/default.toml")
+    cr.add_argument("--out", help="run folder (default: runs/<campaign name>)")
+    cr.add_argument("--broker", help="override [broker]: amqtt | mosquitto | mqtt://host:port")
+    cr.add_argument("--force", action="store_true", help="replace an existing run folder")
+    cr.add_argument("--no-throttle", action="store_true", help="run without cgroups (the report says so)")
+    cr.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    cr.set_defaults(func=cmd_campaign_run)
+    cc = csub.add_parser("compare", help="overlay several runs", description="Overlay runs: plot and table.")
+    cc.add_argument("runs", nargs="+", help="run folders")
+    cc.add_argument("--out", required=True, help="folder for compare.png, compare.md, compare.csv, compare.html")
+    cc.set_defaults(func=cmd_campaign_compare)
+
+    r = sub.add_parser("report", help="rebuild plots, report.html and summary.json of a run",
+                       description="Rebuild plots/*.png, report.html and summary.json of a run folder.")
+    r.add_argument("run", help="run folder")
+    r.set_defaults(func=cmd_report)
 
     for name, func, what in (("server", cmd_server, "the aggregator (python -m server)"),
                              ("device", cmd_device, "a device agent, as a board runs it (python -m runtime)")):

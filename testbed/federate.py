@@ -48,6 +48,9 @@ class FederationSpec:
     data_root: str | None = None
     partition: str = "iid"
     profiles: tuple[str, ...] = ("dense",)  # cycled over the devices
+    # Listed in every device's hello after its own profile, with artifacts built, so the server
+    # can move a device down to one of them (e.g. after an out-of-memory kill).
+    fallback_profiles: tuple[str, ...] = ()
     boards: tuple[str, ...] = ("rpi4b-4gb",)  # cycled over the devices
     local_steps: int = 20
     lr: float = 0.1
@@ -111,7 +114,8 @@ def prepare(spec: FederationSpec, force: bool = False) -> Path:
     ids = spec.device_ids()
     profile_of = {d: parse_profile(spec.profiles[i % len(spec.profiles)]).canonical() for i, d in enumerate(ids)}
     dirs: dict[str, str] = {}
-    for profile in sorted({*profile_of.values(), "dense"}):
+    fallbacks = tuple(parse_profile(p).canonical() for p in spec.fallback_profiles)
+    for profile in sorted({*profile_of.values(), *fallbacks, "dense"}):
         imap = index_map_for(parse_profile(profile), built.layout.groups)
         structure = sub_structure(full, imap)
         dirs[profile] = str(ensure_artifacts(structure).directory)
@@ -124,7 +128,7 @@ def prepare(spec: FederationSpec, force: bool = False) -> Path:
         write_toml(run / "configs" / f"{device_id}.toml", {
             "device": {"id": device_id, "board": spec.boards[i % len(spec.boards)],
                        "shard": f"../shards/{device_id}.npz", "artifact_cache": f"../cache/{device_id}",
-                       "profiles": [profile_of[device_id]]},
+                       "profiles": list(dict.fromkeys((profile_of[device_id], *fallbacks)))},
             "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": spec.keepalive_s},
         })
     write_toml(run / "configs" / "server.toml", {

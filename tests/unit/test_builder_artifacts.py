@@ -13,7 +13,8 @@ from models.builder import build
 from models.structure import MODELS, full_structure, sub_structure
 from runtime.errors import ArtifactError, ConfigError, LayoutError
 from runtime.manifest import read_manifest
-from runtime.ort import OrtSession, threads_for_quota
+from runtime.ort import OrtSession
+from runtime.telemetry import threads_for_quota
 from runtime.trainer import TrainConfig, Trainer
 
 

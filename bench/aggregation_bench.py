@@ -1,0 +1,136 @@
+"""Aggregation throughput: how fast the server merges one round of 100 updates of a ~1M-parameter
+float32 model, next to a plain memory copy of the same bytes.
+
+The model is the VGG-style CNN on 32x32x3 with every channel group widened 1.3x (994,263 float32
+parameters, ~4 MB), so the submodel index sets below are the real ones `runtime.submodel` makes.
+Cases, each one call of the server's merge (the `MergePolicy` the strategies use, which runs the
+validation in `server/aggregate.py` as part of the merge, as the engine does):
+  * dense:                DenseMerge (`apply_deltas` on L1-normalised weights): FedAvg of full deltas;
+  * fedavg_weights:       `weighted_average` of full weight vectors (the textbook FedAvg form);
+  * per_element_random:   PerElementMerge (`per_element_delta`), each update covers a random half;
+  * per_element_leading:  PerElementMerge, each update is a leading-width 0.7 submodel (HeteroFL,
+                          50% of the coordinates, strided through every tensor);
+  * sparse:               MaskedDeltaMerge (Co-S²P / ZeroFL) with each update at a random ~10%.
+Reference (`memcpy`): `np.copyto` of every update's values into a preallocated buffer: the bytes
+the merge has to read at least once, moved at this machine's memory bandwidth.
+
+Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
+median seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes, and
+`fraction_of_memcpy` = merge MB/s / memcpy MB/s.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from server.aggregate import FloatArray, UpdateContribution, weighted_average
+from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
+
+N_UPDATES = 100
+REPEATS = 5
+WIDTH_SCALE = 1.3  # cnn channels x1.3 -> 994,263 parameters
+LEADING_WIDTH = 0.7  # covers ~50% of the coordinates
+SPARSE_FRACTION = 0.10
+MB = 1e6
+
+
+def model_layout() -> tuple[int, np.ndarray]:
+    """(n_params, flat indices of the leading-width submodel) of the widened CNN."""
+    from models.builder import build
+    from models.structure import BASE_CHANNELS, Structure
+    from runtime.profile import Profile
+    from runtime.submodel import Submodel, index_map_for
+
+    channels = {k: round(v * WIDTH_SCALE) for k, v in BASE_CHANNELS["cnn"].items()}
+    built = build(Structure("cnn", (3, 32, 32), {**channels, "classes": 10}))
+    sub = Submodel.of(built.layout, index_map_for(Profile(width=LEADING_WIDTH), built.layout.groups))
+    return built.layout.total, sub.indices
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: page faults of first-touch buffers, allocator pools
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _memcpy_s(values: list[FloatArray], repeats: int) -> float:
+    dest = np.empty(max(v.size for v in values), dtype=np.float32)
+
+    def copy_all() -> None:
+        for v in values:
+            np.copyto(dest[: v.size], v)
+
+    return _median_s(copy_all, repeats)
+
+
+def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndarray) -> list[UpdateContribution]:
+    out = []
+    for i in range(N_UPDATES):
+        if kind == "dense":
+            idx = None
+        elif kind == "random_half":
+            idx = np.sort(rng.permutation(n)[: n // 2]).astype(np.int64)
+        elif kind == "leading":
+            idx = leading  # the same tier for every update, as a HeteroFL fleet of one tier would send
+        else:
+            idx = np.sort(rng.choice(n, int(n * SPARSE_FRACTION), replace=False)).astype(np.int64)
+        size = n if idx is None else idx.size
+        values = (rng.standard_normal(size, dtype=np.float32) * 0.01).astype(np.float32)
+        out.append(UpdateContribution(idx, values, float(50 + i % 50)))
+    return out
+
+
+def run(repeats: int = REPEATS) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    n, leading = model_layout()
+    global_flat = rng.standard_normal(n, dtype=np.float32)
+    cases: list[tuple[str, str, Callable[[FloatArray, list[UpdateContribution]], FloatArray]]] = [
+        ("dense", "dense", DenseMerge().merge),
+        ("fedavg_weights", "dense", weighted_average),
+        ("per_element_random", "random_half", PerElementMerge().merge),
+        ("per_element_leading", "leading", PerElementMerge().merge),
+        ("sparse", "sparse", MaskedDeltaMerge().merge),
+    ]
+    rows = []
+    contributions: list[UpdateContribution] = []
+    made_for = ""
+    for name, kind, merge in cases:
+        if kind != made_for:
+            contributions = []
+            gc.collect()
+            contributions = _contributions(rng, n, kind, leading)
+            made_for = kind
+        values = [c.values for c in contributions]
+        update_bytes = sum(v.nbytes for v in values)
+        index_bytes = sum(c.indices.nbytes for c in contributions if c.indices is not None)
+        merge_s = _median_s(lambda m=merge, c=contributions: m(global_flat, c), repeats)
+        copy_s = _memcpy_s(values, repeats)
+        merge_mbs, copy_mbs = update_bytes / MB / merge_s, update_bytes / MB / copy_s
+        coverage = sum(v.size for v in values) / (n * len(values))
+        rows.append({
+            "case": name, "updates": len(values), "n_params": n, "coverage": round(coverage, 3),
+            "update_mb": round(update_bytes / MB, 1), "index_mb": round(index_bytes / MB, 1),
+            "merge_s_median": round(merge_s, 4), "merge_mb_s": round(merge_mbs, 1),
+            "memcpy_s_median": round(copy_s, 5), "memcpy_mb_s": round(copy_mbs, 1),
+            "fraction_of_memcpy": round(merge_mbs / copy_mbs, 4),
+        })
+        print(f"  aggregation {name:<20} {len(values)} x {coverage:4.0%} of {n:,} params"
+              f" ({update_bytes / MB:6.1f} MB): {merge_s * 1e3:8.1f} ms = {merge_mbs:7.0f} MB/s;"
+              f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}", flush=True)
+    return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "rows": rows}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=1))

@@ -1,0 +1,228 @@
+"""Campaign files: the fleet, the model and data, the method and the round policy, in one TOML.
+
+    [campaign]  name, seed, description
+    [stop]      rounds (aggregations), wall_s, target_accuracy        (whichever comes first)
+    [model]     name, dataset, data_root, partition, eval_fraction, samples, input_shape (synthetic)
+    [strategy]  name, and any strategy parameter (k_fraction, deadline_s, max_staleness, ...)
+    [train]     local_steps, local_epochs, lr, batch_size, upload, encoding
+    [broker]    kind = embedded | mosquitto | url, url, keepalive_s (devices; the broker declares a
+                silent device offline after 1.5 x this, so it bounds how fast an outage is seen)
+    [throttle]  backend = auto | cgroup2 | cgroup1 | none, require, max_oversubscription
+    [[fleet]]   name, board, count, profile | profiles, availability = {...}, cpu = {...},
+                mem_limit_mb (override the board's cap), bandwidth_mbit
+
+Every table rejects unknown keys and every value is checked, so errors name the file, the
+table and the field. Traces are validated here too (by building them), so a bad trace fails
+before any process starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.partition import parse_partition
+from models.structure import MODELS
+from runtime.board import load_board
+from runtime.errors import ConfigError
+from runtime.profile import parse_profile
+from runtime.tomlconf import TomlTable, check_tables, load_toml
+from server.strategies import STRATEGY_NAMES, get_strategy
+
+BROKER_KINDS = ("embedded", "mosquitto", "url")
+THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
+_TABLES = ("campaign", "stop", "model", "strategy", "train", "broker", "throttle", "fleet")
+_KEYS = {
+    "campaign": frozenset({"name", "seed", "description"}),
+    "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
+    "model": frozenset({"name", "dataset", "data_root", "partition", "eval_fraction", "samples", "input_shape"}),
+    "train": frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"}),
+    "broker": frozenset({"kind", "url", "keepalive_s"}),
+    "throttle": frozenset({"backend", "require", "max_oversubscription"}),
+    "fleet": frozenset({"name", "board", "count", "profile", "profiles", "availability", "cpu", "mem_limit_mb",
+                        "bandwidth_mbit"}),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    board: str
+    count: int
+    profiles: tuple[str, ...]  # the first is what the server assigns; the rest are fallbacks it may use
+    availability: Mapping[str, Any] = field(default_factory=lambda: {"kind": "always"})
+    cpu: Mapping[str, Any] = field(default_factory=lambda: {"kind": "constant", "value": 1.0})
+    mem_limit_mb: int | None = None
+    bandwidth_mbit: float | None = None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    name: str
+    seed: int
+    description: str
+    rounds: int | None
+    wall_s: float
+    target_accuracy: float | None
+    model: str
+    dataset: str
+    data_root: str | None
+    partition: str
+    eval_fraction: float
+    samples: int | None
+    input_shape: tuple[int, ...] | None
+    strategy: str
+    strategy_params: Mapping[str, Any]
+    local_steps: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    upload: str
+    encoding: str
+    broker: str  # embedded | mosquitto | an mqtt:// URL
+    keepalive_s: int
+    throttle_backend: str
+    throttle_require: bool
+    max_oversubscription: float
+    fleet: tuple[Group, ...]
+    source: Path | None = None
+
+    @property
+    def n_devices(self) -> int:
+        return sum(g.count for g in self.fleet)
+
+    def devices(self) -> list[tuple[str, Group]]:
+        """(device id, group) for every device, ids `<group>-<i>`."""
+        return [(f"{g.name}-{i}", g) for g in self.fleet for i in range(g.count)]
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    p = Path(path)
+    file = str(p)
+    data = load_toml(p)
+    check_tables(file, data, _TABLES)
+
+    def table(name: str) -> TomlTable:
+        return TomlTable(file, name, data.get(name, {}), _KEYS[name])
+
+    camp, stop, model, train = table("campaign"), table("stop"), table("model"), table("train")
+    broker, throttle = table("broker"), table("throttle")
+
+    strat_data = dict(data.get("strategy", {}))
+    strategy = strat_data.pop("name", "semi-async")
+    if strategy not in STRATEGY_NAMES:
+        raise ConfigError(f"{file}: [strategy] name must be one of {', '.join(STRATEGY_NAMES)}; got {strategy!r}")
+    try:
+        get_strategy(strategy, **strat_data)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [strategy] {exc}") from None
+
+    partition = model.string("partition", default="iid")
+    try:
+        parse_partition(partition)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [model] partition: {exc}") from None
+
+    kind = broker.string("kind", BROKER_KINDS, default="embedded")
+    url = broker.optional_string("url")
+    if kind == "url" and not url:
+        raise ConfigError(f"{file}: [broker] kind = \"url\" needs url = \"mqtt://host:port\"")
+
+    groups = data.get("fleet", [])
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError(f"{file}: needs at least one [[fleet]] group")
+    fleet = tuple(_group(file, i, g) for i, g in enumerate(groups))
+    names = [g.name for g in fleet]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{file}: [[fleet]] group names must be unique, got {names}")
+
+    rounds = stop.integer("rounds", 1, 10**6) if "rounds" in stop.data else None
+    target = stop.optional_number("target_accuracy", 0.0, 1.0, lo_open=True)
+    local_steps = train.integer("local_steps", 0, 10**6, default=20)
+    local_epochs = train.integer("local_epochs", 0, 10**4, default=0)
+    if local_steps == 0 and local_epochs == 0:
+        raise ConfigError(f"{file}: [train] needs local_steps > 0 or local_epochs > 0")
+    return Campaign(
+        name=camp.string("name", default=p.stem),
+        seed=camp.integer("seed", 0, 2**31, default=0),
+        description=str(camp.data.get("description", "")),
+        rounds=rounds,
+        wall_s=stop.number("wall_s", 1.0, 7 * 24 * 3600.0, default=600.0),
+        target_accuracy=target,
+        model=model.string("name", MODELS, default="lenet"),
+        dataset=model.string("dataset", default="digits"),
+        data_root=model.optional_string("data_root"),
+        partition=partition,
+        eval_fraction=model.number("eval_fraction", 0.0, 0.9, default=0.2, lo_open=True),
+        samples=model.integer("samples", 10, 10**8) if "samples" in model.data else None,
+        input_shape=_shape(file, model.data.get("input_shape")),
+        strategy=strategy,
+        strategy_params=strat_data,
+        local_steps=local_steps,
+        local_epochs=local_epochs,
+        lr=train.number("lr", 0.0, 100.0, default=0.1, lo_open=True),
+        batch_size=train.integer("batch_size", 1, 1 << 16, default=32),
+        upload=train.string("upload", ("weights", "delta"), default="weights"),
+        encoding=train.string("encoding", ("dense", "fp16"), default="dense"),
+        broker=url if kind == "url" and url else ("amqtt" if kind == "embedded" else kind),
+        keepalive_s=broker.integer("keepalive_s", 2, 3600, default=5),
+        throttle_backend=throttle.string("backend", THROTTLE_BACKENDS, default="auto"),
+        throttle_require=throttle.boolean("require", default=False),
+        max_oversubscription=throttle.number("max_oversubscription", 1.0, 64.0, default=4.0),
+        fleet=fleet,
+        source=p,
+    )
+
+
+def _shape(file: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in value)):
+        raise ConfigError(f"{file}: [model] input_shape must be [channels, height, width], got {value!r}")
+    return tuple(value)
+
+
+def _group(file: str, index: int, raw: Any) -> Group:
+    t = TomlTable(file, f"fleet.{index}", raw, _KEYS["fleet"])
+    name = t.string("name")
+    where = f"[[fleet]] {name!r}"
+    if not all(c.isalnum() or c in "_" for c in name):
+        raise ConfigError(f"{file}: {where}: name may use letters, digits and _ only (it becomes device ids)")
+    board = t.string("board")
+    try:
+        load_board(board)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {where} board: {exc}") from None
+    if "profile" in t.data and "profiles" in t.data:
+        raise ConfigError(f"{file}: {where}: give profile or profiles, not both")
+    texts = t.strings("profiles") if "profiles" in t.data else (t.string("profile", default="dense"),)
+    try:
+        profiles = tuple(parse_profile(x).canonical() for x in texts)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {where}: {exc}") from None
+    for key in ("availability", "cpu"):
+        if key in t.data and not isinstance(t.data[key], dict):
+            raise ConfigError(f"{file}: {where}: {key} must be an inline table like {{ kind = \"always\" }}")
+    group = Group(
+        name=name, board=board, count=t.integer("count", 1, 10_000, default=1), profiles=profiles,
+        availability=dict(t.data.get("availability", {"kind": "always"})),
+        cpu=dict(t.data.get("cpu", {"kind": "constant", "value": 1.0})),
+        mem_limit_mb=t.integer("mem_limit_mb", 16, 1 << 20) if "mem_limit_mb" in t.data else None,
+        bandwidth_mbit=t.optional_number("bandwidth_mbit", 0.0, 100_000.0, lo_open=True),
+    )
+    _check_traces(file, where, group)
+    return group
+
+
+def _check_traces(file: str, where: str, group: Group) -> None:
+    from testbed.traces import make_availability, make_cpu_trace
+
+    base = Path(file).parent
+    try:
+        make_availability(group.availability, seed=0, base_dir=base)
+        make_cpu_trace(group.cpu, seed=0, base_dir=base)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {where}: {exc}") from None

@@ -1,0 +1,114 @@
+"""Lay out a run folder the way a real deployment has it.
+
+Per-device data shards and TOML configs, the server's TOML, the training artifacts (generated
+here, where onnx is; each device starts with an empty artifact cache and receives them over
+MQTT), the initial global weights and the held-out evaluation split.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.artifacts import ensure_artifacts
+from models.builder import build
+from models.datasets import load_dataset, train_test_split
+from models.partition import parse_partition, partition
+from models.structure import full_structure, sub_structure
+from runtime.errors import ConfigError
+from runtime.profile import parse_profile
+from runtime.submodel import index_map_for
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device_id: str
+    board: str
+    profiles: tuple[str, ...]  # the first is assigned; the others are what it may fall back to
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    model: str
+    dataset: str = "digits"
+    data_root: str | None = None
+    partition: str = "iid"
+    eval_fraction: float = 0.2
+    seed: int = 0
+    samples: int | None = None  # a stratified subset (or, for synthetic, how many to generate)
+    input_shape: tuple[int, ...] | None = None  # synthetic only: per-sample (C, H, W)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, tables: Mapping[str, Mapping[str, Any]]) -> None:
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def fresh_run_dir(run: Path, force: bool) -> None:
+    if run.exists():
+        if not force:
+            raise ConfigError(f"run folder {run} exists; pass --force to replace it")
+        shutil.rmtree(run)
+    for sub in ("shards", "configs", "cache", "logs", "devices"):
+        (run / sub).mkdir(parents=True)
+
+
+def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
+                keepalive_s: int = 5) -> dict[str, str]:
+    """Write shards, artifacts, init weights, eval split and every config into `run` (which
+    `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
+    server TOML. Returns the artifact directory per profile."""
+    ds = load_dataset(data.dataset, data.data_root, seed=data.seed, n=data.samples, shape=data.input_shape)
+    train, held_out = train_test_split(ds, data.eval_fraction, seed=data.seed)
+    np.savez(run / "eval.npz", x=held_out.x, y=held_out.y)
+    scheme, kwargs = parse_partition(data.partition)
+    parts = partition(train.y, len(devices), scheme, seed=data.seed, **kwargs)
+
+    full = full_structure(data.model, ds.input_shape, ds.num_classes)
+    built = build(full, seed=data.seed)
+    np.save(run / "init.npy", built.init)
+    dirs: dict[str, str] = {}
+    for profile in sorted({p for d in devices for p in d.profiles} | {"dense"}):
+        imap = index_map_for(parse_profile(profile), built.layout.groups)
+        dirs[profile] = str(ensure_artifacts(sub_structure(full, imap)).directory)
+    (run / "artifacts.json").write_text(json.dumps(
+        {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
+
+    root = f"orchard/{run.name}"
+    for plan, idx in zip(devices, parts, strict=True):
+        np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])
+        write_toml(run / "configs" / f"{plan.device_id}.toml", {
+            "device": {"id": plan.device_id, "board": plan.board, "shard": f"../shards/{plan.device_id}.npz",
+                       "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles)},
+            "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s},
+        })
+    write_toml(run / "configs" / "server.toml", {
+        "server": {"id": "server", "root": root, "artifacts": "../artifacts.json", "eval_data": "../eval.npz",
+                   "seed": data.seed},
+        **server,
+        "assign": {"default": "dense", "devices": {d.device_id: d.profiles[0] for d in devices}},
+    })
+    return dirs

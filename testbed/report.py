@@ -1,0 +1,442 @@
+"""The report of one run folder: `summary.json`, `plots/*.png` and a self-contained `report.html`.
+
+`load_run` reads what the server and the campaign runner left (events.jsonl, server.csv,
+devices/<id>.csv, and fleet.json / config.toml when present); `summarise` turns it into the
+headline figures; `write_report` writes everything. Partial runs (Ctrl-C, SIGKILL: short or
+half-written files) are reported for what ran; unreadable lines are counted, not fatal.
+
+Clock: every time is in seconds since the first `server_start` event (the origin of server.csv's
+`wall_s`); events before it (campaign set-up) get negative times. `wall_s` of the run is the time
+of its last event.
+
+Definitions (also written into summary.json under "definitions"):
+- A *round* is the span between two aggregations; the first starts at the first `task_sent`.
+  The updates merged in a round are the `update_accepted` events logged after the previous
+  `aggregated` event and before its own (exactly the engine's pending list).
+- time_to_target_s: time of the aggregation that published the first version whose accuracy
+  reached config.toml's [stop] target_accuracy (server.csv wall_s; null without a target).
+- utilization (Co-S²P, methods.md §1.3): `U = Σ_i train_s_i / (N · T)`, with `train_s_i` the
+  device-reported training time of every update merged into a published version, N the number
+  of devices in the fleet (fleet.json, else every device seen in the run), and T the time from
+  the first dispatch to the last aggregation (= Σ of the round lengths). Per round, the same
+  ratio over that round's updates and length.
+- device train_s: Σ device-reported `train_s` of its accepted updates (the time its trainer
+  worked on tasks that counted); `timeline_training_s` is the time in the 'training' state.
+- idle_s / offline_s: time in idle|online / offline state on the timeline built from
+  device_status, device_hello, device_offline, device_exit (failed) and availability events,
+  until the last event.
+- device energy_j: telemetry's cumulative energy at its last sample; a drop (agent restart)
+  starts a new segment whose energy is added.
+- energy per round: `energy_j_updates` is Σ of the merged updates' `energy_j` (training only);
+  `energy_j_telemetry` is the whole fleet's telemetry energy (idle included) between the round's
+  start and end, interpolated between samples (a trace is flat outside its samples; None
+  when no device has two samples).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tomllib
+
+from runtime.errors import ConfigError
+
+log = logging.getLogger("orchard.report")
+
+FloatArray = npt.NDArray[np.float64]
+STATES = ("training", "uploading", "idle", "online", "offline", "failed")
+
+
+@dataclass
+class Segment:
+    state: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Update:
+    device: str
+    task_id: str
+    t_s: float
+    train_s: float
+    energy_j: float
+    staleness: int
+    profile: str | None
+    version: int | None = None  # the version it was merged into; None = never merged
+
+
+@dataclass
+class Round:
+    version: int
+    t_s: float  # end of the round: its aggregation
+    accuracy: float | None = None
+    loss: float | None = None
+    start_s: float | None = None
+    n_updates: int = 0
+    train_s: float = 0.0
+    energy_j_updates: float = 0.0
+    energy_j_telemetry: float | None = None
+    utilization: float | None = None
+    logged: bool = False  # its `aggregated` event was read, so its updates are known
+
+
+@dataclass
+class Trace:
+    """One device's telemetry, columns as arrays, time in seconds since the origin."""
+
+    t_s: FloatArray
+    cpu_pct: FloatArray
+    rss_agent_mb: FloatArray
+    rss_trainer_mb: FloatArray
+    mem_limit_mb: FloatArray  # nan where the device has no limit
+    energy_j: FloatArray  # cumulative, corrected for agent restarts
+    power_source: str
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    campaign: str
+    strategy: str | None
+    fleet: dict[str, Any] | None
+    config_text: str | None
+    target_accuracy: float | None
+    devices: list[str]
+    boards: dict[str, str]
+    end_s: float
+    rounds: list[Round]
+    updates: list[Update]
+    rejected: int
+    timeline: dict[str, list[Segment]]
+    ooms: dict[str, list[tuple[float, int]]]  # device -> (t_s, cumulative oom_kills)
+    traces: dict[str, Trace]
+    stop_reason: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _num(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _read_events(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    events, bad = [], 0
+    with path.open(errors="replace") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                bad += line.strip() != ""
+                continue
+            if isinstance(e, dict) and isinstance(e.get("event"), str) and _num(e.get("wall_t")) is not None:
+                events.append(e)
+            else:
+                bad += 1
+    if bad:
+        warnings.append(f"events.jsonl: skipped {bad} unreadable line(s) (a run cut short?)")
+    return sorted(events, key=lambda e: float(e["wall_t"]))  # stable: the writers' order within a tick
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", errors="replace") as f:
+        return [row for row in csv.DictReader(f) if None not in row.values()]  # drops a half-written last line
+
+
+def _read_trace(path: Path, origin: float) -> Trace | None:
+    rows = [r for r in _read_csv(path) if _num(r.get("t")) is not None]
+    if not rows:
+        return None
+
+    def col(name: str) -> FloatArray:
+        return np.array([v if (v := _num(r.get(name))) is not None else np.nan for r in rows])
+
+    energy = np.nan_to_num(col("energy_j"))
+    # The counter restarts at 0 with the agent: add each drop back so the curve stays cumulative.
+    drops = np.concatenate([[0.0], np.where(np.diff(energy) < 0, energy[:-1], 0.0)])
+    sources = [r.get("power_source") or "" for r in rows]
+    return Trace(t_s=col("t") - origin, cpu_pct=col("cpu_pct"), rss_agent_mb=np.nan_to_num(col("rss_agent_mb")),
+                 rss_trainer_mb=np.nan_to_num(col("rss_trainer_mb")), mem_limit_mb=col("mem_limit_mb"),
+                 energy_j=energy + np.cumsum(drops), power_source=next((s for s in reversed(sources) if s), ""))
+
+
+DOWN = Segment("offline", 0.0, 0.0)
+
+
+def _timeline(events: list[dict[str, Any]], origin: float, end_s: float) -> dict[str, list[Segment]]:
+    current: dict[str, Segment] = {}
+    segments: dict[str, list[Segment]] = {}
+
+    def enter(device: str, state: str, t_s: float) -> None:
+        cur = current.get(device)
+        if cur is not None and cur.state == state:
+            return
+        if cur is not None:
+            cur.end_s = t_s
+            if t_s > cur.start_s:
+                segments.setdefault(device, []).append(cur)
+        current[device] = Segment(state, t_s, t_s)
+
+    for e in events:
+        device, kind, t_s = e.get("device"), e["event"], float(e["wall_t"]) - origin
+        if not isinstance(device, str):
+            continue
+        if kind == "device_status" and e.get("state") in STATES:
+            enter(device, e["state"], t_s)
+        elif kind == "device_offline" or (kind == "availability" and not e.get("online")):
+            enter(device, "offline", t_s)
+        elif kind == "device_exit":  # the campaign runner saw the agent process die
+            enter(device, "failed", t_s)
+        elif kind in ("availability", "device_hello") and current.get(device, DOWN).state in ("offline", "failed"):
+            enter(device, "online", t_s)  # back (or first seen), but has not said what it does yet
+    for device in list(current):
+        enter(device, "end", max(end_s, current[device].start_s))
+    return segments
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read a run folder; ConfigError (one line) if it is missing or is not a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    for name in ("server.csv", "events.jsonl"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"run folder {run_dir} has no {name}: not an Orchard run, or the server never started")
+    warnings: list[str] = []
+    events = _read_events(run_dir / "events.jsonl", warnings)
+    starts = [float(e["wall_t"]) for e in events if e["event"] == "server_start"]
+    origin = starts[0] if starts else (float(events[0]["wall_t"]) if events else 0.0)
+    end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
+
+    fleet: dict[str, Any] | None = None
+    if (run_dir / "fleet.json").is_file():
+        try:
+            fleet = json.loads((run_dir / "fleet.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            warnings.append(f"fleet.json unreadable ({exc}); devices taken from the events")
+        if not isinstance(fleet, dict):
+            fleet = None
+    config_text, config = None, {}
+    if (run_dir / "config.toml").is_file():
+        config_text = (run_dir / "config.toml").read_text(errors="replace")
+        try:
+            config = tomllib.loads(config_text)
+        except tomllib.TOMLDecodeError as exc:
+            warnings.append(f"config.toml is not valid TOML ({exc}); no target accuracy read")
+    campaign_table, stop_table = (t if isinstance(t := config.get(k), dict) else {} for k in ("campaign", "stop"))
+    fleet_devices = [d for d in (fleet or {}).get("devices", []) if isinstance(d, dict) and "id" in d]
+
+    boards = {str(d["id"]): str(d.get("board", "")) for d in fleet_devices}
+    seen: set[str] = set()
+    for e in events:
+        if isinstance(e.get("device"), str):
+            seen.add(e["device"])
+            if e["event"] == "device_hello" and e.get("board"):
+                boards.setdefault(e["device"], str(e["board"]))
+    traces = {}
+    for path in sorted((run_dir / "devices").glob("*.csv")) if (run_dir / "devices").is_dir() else []:
+        trace = _read_trace(path, origin)
+        if trace is not None:
+            traces[path.stem] = trace
+    devices = [str(d["id"]) for d in fleet_devices] or sorted(seen | set(traces), key=_natural)
+
+    # Updates, the rounds they were merged into, and the end of each round, in log order.
+    profiles: dict[tuple[str, str], str] = {}
+    updates: list[Update] = []
+    pending: list[Update] = []
+    rounds: dict[int, Round] = {}
+    first_dispatch_s: float | None = None
+    rejected, stop_reason = 0, None
+    ooms: dict[str, list[tuple[float, int]]] = {}
+    for e in events:
+        kind, t_s = e["event"], float(e["wall_t"]) - origin
+        if kind == "task_sent":
+            profiles[(str(e.get("device")), str(e.get("task_id")))] = str(e.get("profile"))
+            first_dispatch_s = t_s if first_dispatch_s is None else first_dispatch_s
+        elif kind == "update_accepted":
+            key = (str(e.get("device")), str(e.get("task_id")))
+            u = Update(key[0], key[1], t_s, _num(e.get("train_s")) or 0.0, _num(e.get("energy_j")) or 0.0,
+                       int(_num(e.get("staleness")) or 0), profiles.get(key))
+            updates.append(u)
+            pending.append(u)
+        elif kind.endswith("_rejected"):
+            rejected += 1
+        elif kind == "aggregation_failed":
+            pending = []
+        elif kind == "aggregated" and _num(e.get("version")) is not None:
+            r = rounds[int(e["version"])] = Round(int(e["version"]), t_s, n_updates=len(pending), logged=True)
+            for u in pending:
+                u.version = r.version
+                r.train_s += u.train_s
+                r.energy_j_updates += u.energy_j
+            pending = []
+        elif kind == "evaluate" and _num(e.get("version")) is not None and int(e["version"]) in rounds:
+            rounds[int(e["version"])].accuracy = _num(e.get("accuracy"))
+            rounds[int(e["version"])].loss = _num(e.get("loss"))
+        elif kind == "oom" and isinstance(e.get("device"), str):
+            ooms.setdefault(e["device"], []).append((t_s, int(_num(e.get("oom_kills")) or 0)))
+        elif kind in ("server_stop", "campaign_stop", "finished") and e.get("reason"):
+            stop_reason = str(e["reason"])
+
+    # server.csv lists the published versions with their accuracy. A version's time is that of
+    # its aggregated event (same clock as wall_s: seconds since server start); rows without one
+    # use wall_s, which restarts on a resume, so later segments are shifted to their server_start.
+    offset_s, last_s, restarts = 0.0, -math.inf, 0
+    for row in _read_csv(run_dir / "server.csv"):
+        version, wall_s = _num(row.get("version")), _num(row.get("wall_s"))
+        if version is None or wall_s is None:
+            continue
+        if wall_s + offset_s < last_s:
+            restarts += 1
+            offset_s = starts[restarts] - origin if restarts < len(starts) else last_s
+        last_s = wall_s + offset_s
+        r = rounds.setdefault(int(version), Round(int(version), last_s))
+        if not r.logged:  # the aggregated event is the better clock: it survives resumes and kills
+            r.t_s, r.n_updates = last_s, int(_num(row.get("n_updates")) or 0)
+        r.accuracy = _num(row.get("accuracy")) if _num(row.get("accuracy")) is not None else r.accuracy
+        r.loss = _num(row.get("loss")) if _num(row.get("loss")) is not None else r.loss
+    ordered = sorted(rounds.values(), key=lambda r: r.version)
+    n_fleet = max(1, len(devices))
+    prev: Round | None = None
+    for r in ordered:
+        r.start_s, prev = (first_dispatch_s if prev is None else prev.t_s), r
+        if r.logged and r.start_s is not None and r.t_s > r.start_s:
+            r.utilization = r.train_s / (n_fleet * (r.t_s - r.start_s))
+            curves = [tr for tr in traces.values() if tr.t_s.size > 1]  # one sample gives no rate
+            if curves:
+                r.energy_j_telemetry = sum(float(np.interp(r.t_s, tr.t_s, tr.energy_j) -
+                                                 np.interp(r.start_s, tr.t_s, tr.energy_j)) for tr in curves)
+    if not any(e["event"] in ("server_stop", "campaign_stop") for e in events):
+        warnings.append("no server_stop event: the run was cut short; this reports what ran")
+    return RunData(
+        run_dir=run_dir, campaign=str((fleet or {}).get("campaign") or campaign_table.get("name") or run_dir.name),
+        strategy=(fleet or {}).get("strategy") or next((e.get("strategy") for e in events
+                                                        if e["event"] == "server_start"), None),
+        fleet=fleet, config_text=config_text, target_accuracy=_num(stop_table.get("target_accuracy")),
+        devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
+        timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
+        warnings=warnings)
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summarise(data: RunData) -> dict[str, Any]:
+    """The headline figures of a run (see the module docstring for the definitions)."""
+    rounds, n_fleet = data.rounds, max(1, len(data.devices))
+    evaluated = [r for r in rounds if r.accuracy is not None]
+    target = data.target_accuracy
+    reached = [r for r in evaluated if target is not None and r.accuracy is not None and r.accuracy >= target]
+    merged = [r for r in rounds if r.logged and r.start_s is not None]
+    span_s = (merged[-1].t_s - merged[0].start_s) if merged and merged[0].start_s is not None else 0.0
+    fleet_by_id = {str(d.get("id")): d for d in (data.fleet or {}).get("devices", []) if isinstance(d, dict)}
+    devices = []
+    for device in data.devices:
+        mine = [u for u in data.updates if u.device == device]
+        spent = {s: 0.0 for s in STATES}
+        for seg in data.timeline.get(device, []):
+            spent[seg.state] += seg.end_s - seg.start_s
+        trace = data.traces.get(device)
+        ooms = data.ooms.get(device, [])
+        devices.append({
+            "id": device, "board": data.boards.get(device, ""),
+            **{k: fleet_by_id.get(device, {}).get(k) for k in ("group", "profile", "cpu_quota_cores", "mem_limit_mb")},
+            "profiles": sorted({u.profile for u in mine if u.profile}),
+            "updates": len(mine), "train_s": _r(sum(u.train_s for u in mine)),
+            "timeline_training_s": _r(spent["training"]), "idle_s": _r(spent["idle"] + spent["online"]),
+            "offline_s": _r(spent["offline"]),
+            "peak_rss_mb": _r(float(np.max(trace.rss_agent_mb + trace.rss_trainer_mb)), 1) if trace else None,
+            "energy_j": _r(float(trace.energy_j[-1])) if trace else None,
+            "energy_source": trace.power_source if trace else None,
+            "oom_count": max([len(ooms), *(k for _, k in ooms)]),  # oom_kills is the cgroup's cumulative counter
+        })
+    energies = [float(tr.energy_j[-1]) for d, tr in data.traces.items() if d in data.devices]
+    return {
+        "run": str(data.run_dir), "campaign": data.campaign, "strategy": data.strategy,
+        "wall_s": _r(data.end_s), "rounds": len(rounds), "n_devices": len(data.devices),
+        "final_accuracy": evaluated[-1].accuracy if evaluated else None,
+        "best_accuracy": max(r.accuracy for r in evaluated if r.accuracy is not None) if evaluated else None,
+        "target_accuracy": target, "time_to_target_s": _r(reached[0].t_s) if reached else None,
+        "updates_accepted": len(data.updates), "updates_rejected": data.rejected,
+        "utilization": _r(sum(r.train_s for r in merged) / (n_fleet * span_s), 4) if span_s > 0 else None,
+        "train_s_total": _r(sum(u.train_s for u in data.updates)),
+        "energy_j_total": _r(sum(energies)) if energies else None,
+        "throttle_backend": (data.fleet or {}).get("throttle_backend"),
+        "throttle_warning": (data.fleet or {}).get("throttle_warning"),
+        "stop_reason": data.stop_reason, "warnings": data.warnings, "devices": devices,
+        "per_round": [{"version": r.version, "t_s": _r(r.t_s), "start_s": _r(r.start_s), "accuracy": r.accuracy,
+                       "n_updates": r.n_updates, "train_s": _r(r.train_s), "utilization": _r(r.utilization, 4),
+                       "energy_j_updates": _r(r.energy_j_updates), "energy_j_telemetry": _r(r.energy_j_telemetry)}
+                      for r in rounds],
+        "definitions": DEFINITIONS,
+    }
+
+
+# The docstring's definitions, one string each, for summary.json and report.html (one source).
+DEFINITIONS = [" ".join(item.split()) for item in (__doc__ or "").split("Definitions")[-1].split("\n- ")[1:]]
+
+
+def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str:
+    from testbed.compare import format_cell, html_page, html_table, png_figure
+
+    title = f"{summary['campaign']} — {summary['strategy'] or 'unknown strategy'}"
+    parts = [f"<h1>Orchard report: {html.escape(title)}</h1>"]
+    if summary.get("throttle_warning"):
+        parts.append(f"<p class='warn'>⚠ THROTTLING: {html.escape(str(summary['throttle_warning']))}</p>")
+    if summary.get("throttle_backend") == "none":
+        parts.append("<p class='warn'>⚠ No throttle backend: devices ran at host speed and memory; "
+                     "times, memory and energy do not represent the boards.</p>")
+    parts += [f"<p class='note'>{html.escape(w)}</p>" for w in summary["warnings"]]
+    headline = [{"figure": k, "value": format_cell(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
+    parts.append("<h2>Summary</h2>" + html_table(headline, ["figure", "value"]))
+    columns = ["id", "board", "group", "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
+               "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count"]
+    parts.append("<h2>Devices</h2>" + html_table(summary["devices"], columns))
+    parts.append("<h2>Plots</h2>" + "".join(png_figure(p) for p in pngs))
+    if summary["per_round"]:
+        parts.append("<h2>Rounds</h2>" + html_table(summary["per_round"], list(summary["per_round"][0])))
+    parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS) + "</ul>")
+    if data.fleet is not None:
+        parts.append(f"<h2>fleet.json</h2><pre>{html.escape(json.dumps(data.fleet, indent=1))}</pre>")
+    if data.config_text is not None:
+        parts.append(f"<h2>config.toml</h2><pre>{html.escape(data.config_text)}</pre>")
+    return html_page(title, "".join(parts))
+
+
+def write_report(run_dir: Path) -> dict[str, Any]:
+    """Write plots/*.png, summary.json and report.html (PNGs embedded as data URIs, so the file
+    travels alone) into `run_dir`; returns the summary. Keys of an existing summary.json that the
+    report does not compute (e.g. the federation's server_exit) are kept, in the file and in the
+    returned dict."""
+    from testbed import plots  # matplotlib loads only when plots are drawn
+
+    data = load_run(Path(run_dir))
+    summary = summarise(data)
+    pngs = plots.write_plots(data, data.run_dir / "plots", summary["warnings"], summary["utilization"])
+    old_path = data.run_dir / "summary.json"
+    try:
+        old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = {}
+    merged = {**(old if isinstance(old, dict) else {}), **summary}
+    old_path.write_text(json.dumps(merged, indent=1) + "\n")
+    (data.run_dir / "report.html").write_text(render_html(summary, data, pngs))
+    return merged

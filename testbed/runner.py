@@ -1,0 +1,301 @@
+"""Run a campaign: a fleet of emulated boards, each device in its own cgroup, driven by traces.
+
+Order of work: check everything that can be checked before any process starts (campaign,
+throttling, host capacity, bandwidth support); lay out the run folder; start broker, server and
+devices (each device process is placed in its cgroup before it runs any Python, so its trainer
+child inherits the limits); then loop: apply trace changes (freeze = offline, quota rewrites),
+turn cgroup OOM counters into events, restart a crashed agent as systemd would on a board, and
+apply the stop rule. Whatever happens (end, error, Ctrl-C) every process and cgroup is removed
+and the report is written for what ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from runtime.board import BoardConfig, load_board
+from runtime.errors import ConfigError, OrchardError
+from testbed.broker import open_broker
+from testbed.calibrate import board_quota_cores, check_fleet_capacity, get_host_speed
+from testbed.campaign import Campaign, Group
+from testbed.cgroups import DEFAULT_ROOT
+from testbed.live import LiveView
+from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
+from testbed.throttle import DeviceGroup, NullThrottle, Throttle, detect_throttle
+from testbed.traces import TraceDriver, make_availability, make_cpu_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP_S = 0.25
+RESTART_BACKOFF_S = 2.0
+STOP_GRACE_S = 30.0
+
+
+@dataclass
+class Device:
+    device_id: str
+    group: Group
+    board: BoardConfig
+    base_quota_cores: float  # the board's quota on this host; the CPU trace scales it
+    mem_limit_mb: int
+    cgroup: DeviceGroup
+    proc: subprocess.Popen[bytes] | None = None
+    online: bool = True
+    oom_kills: int = 0
+    restarts: int = 0
+    died_at: float | None = None
+
+
+class CampaignRunner:
+    def __init__(self, campaign: Campaign, out: Path, *, force: bool = False, no_throttle: bool = False,
+                 quiet: bool = False, broker: str | None = None) -> None:
+        self.c = campaign
+        self.run = out
+        self.force = force
+        self.no_throttle = no_throttle
+        self.quiet = quiet
+        self.broker_spec = broker or campaign.broker
+        self.devices: dict[str, Device] = {}
+        self.server: subprocess.Popen[bytes] | None = None
+        self._events: TextIO | None = None
+        self._broker_url = ""
+        self.stop_reason: str | None = None
+        self.summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ checks before anything starts
+    def _throttle(self) -> Throttle:
+        run_id = f"{self.c.name}-{uuid.uuid4().hex[:6]}"
+        if self.no_throttle or self.c.throttle_backend == "none":
+            why = "--no-throttle" if self.no_throttle else "[throttle] backend = \"none\""
+            return NullThrottle(f"THROTTLING DISABLED ({why}): devices run with the host's full CPU and memory, "
+                                "so timings, memory caps and OOMs do NOT reflect the boards", run_id)
+        try:
+            # ORCHARD_CGROUP_ROOT lets a test (or an unusual host) point at another hierarchy.
+            root = os.environ.get("ORCHARD_CGROUP_ROOT", DEFAULT_ROOT)
+            throttle = detect_throttle(root, run_id=run_id, required=self.c.throttle_require)
+        except OrchardError as exc:
+            raise ConfigError(f"campaign {self.c.name!r} needs cgroups: {exc}; run with --no-throttle to "
+                              "run unthrottled") from None
+        wanted = self.c.throttle_backend
+        if wanted != "auto" and throttle.backend != wanted:
+            throttle.close()
+            raise ConfigError(f"campaign asks for throttle backend {wanted!r}, this host offers "
+                              f"{throttle.backend!r}; set [throttle] backend = \"auto\" or use --no-throttle")
+        return throttle
+
+    def _check_bandwidth(self) -> None:
+        asked = [g.name for g in self.c.fleet if g.bandwidth_mbit is not None]
+        if asked:
+            raise ConfigError(f"[[fleet]] {', '.join(asked)} ask for bandwidth_mbit, but per-device bandwidth "
+                              "caps (network namespaces + tc tbf) are not available in this testbed yet; remove "
+                              "bandwidth_mbit")
+
+    # ------------------------------------------------------------ the run
+    def execute(self) -> dict[str, Any]:
+        """Run the campaign; returns summary.json's content. Raises on errors after cleaning up
+        (and after writing the report, if the run got far enough to have one)."""
+        self._check_bandwidth()
+        throttle = self._throttle()
+        started = time.monotonic()
+        prepared = False
+        try:
+            host = get_host_speed()
+            plans = [DevicePlan(d, g.board, g.profiles, g.name) for d, g in self.c.devices()]
+            boards = {g.board: load_board(g.board) for g in self.c.fleet}
+            quotas = {p.device_id: board_quota_cores(boards[p.board], host) for p in plans}
+            if throttle.backend != "none":
+                check_fleet_capacity(list(quotas.values()), os.cpu_count() or 1, self.c.max_oversubscription)
+            fresh_run_dir(self.run, self.force)
+            prepared = True
+            if self.c.source is not None:
+                shutil.copy(self.c.source, self.run / "config.toml")
+            data = DataPlan(self.c.model, self.c.dataset, self.c.data_root, self.c.partition, self.c.eval_fraction,
+                            self.c.seed, self.c.samples, self.c.input_shape)
+            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s)
+            for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
+                board = boards[plan.board]
+                mem = group.mem_limit_mb or board.memory_cap_mb
+                self.devices[device_id] = Device(device_id, group, board, quotas[device_id], mem,
+                                                 throttle.create(device_id, quotas[device_id], mem))
+            self._write_fleet(throttle, host)
+            with open_broker(self.broker_spec) as broker:
+                self._loop(broker.url, started)
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted (Ctrl-C)"
+        except BaseException as exc:
+            self.stop_reason = f"error: {exc}"
+            raise
+        finally:
+            self._shutdown(throttle)
+            if prepared and (self.run / "events.jsonl").exists():
+                self.summary = self._report()
+        return self.summary
+
+    def _server_tables(self, plans: list[DevicePlan]) -> dict[str, dict[str, Any]]:
+        c = self.c
+        initially_online = sum(make_availability(g.availability, seed=c.seed + i, base_dir=self._base()).online_at(0.0)
+                               for i, (_, g) in enumerate(c.devices()))
+        rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
+                                  "min_devices": max(1, initially_online), "task_timeout_s": max(60.0, c.wall_s / 4)}
+        if c.rounds is not None:
+            rounds["target_version"] = c.rounds
+        return {"rounds": rounds, "strategy": dict(c.strategy_params),
+                "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
+                          "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
+
+    def _base(self) -> Path:
+        return self.c.source.parent if self.c.source is not None else Path.cwd()
+
+    def _write_fleet(self, throttle: Throttle, host: Any) -> None:
+        fleet = {
+            "campaign": self.c.name, "strategy": self.c.strategy, "throttle_backend": throttle.backend,
+            "throttle_warning": throttle.warning, "host_speed_factor": getattr(host, "speed_factor", None),
+            "devices": [{"id": d.device_id, "board": d.board.name, "group": d.group.name,
+                         "profile": d.group.profiles[0], "profiles": list(d.group.profiles),
+                         "cpu_quota_cores": round(d.base_quota_cores, 4),
+                         "mem_limit_mb": d.mem_limit_mb, "speed_factor": d.board.speed_factor}
+                        for d in self.devices.values()],
+        }
+        (self.run / "fleet.json").write_text(json.dumps(fleet, indent=1) + "\n")
+
+    def _event(self, **record: Any) -> None:
+        if self._events is None:
+            return
+        record.setdefault("wall_t", round(time.time(), 3))
+        self._events.write(json.dumps(record) + "\n")
+        self._events.flush()
+
+    def _spawn(self, name: str, args: list[str], group: DeviceGroup | None = None) -> subprocess.Popen[bytes]:
+        log = (self.run / "logs" / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        # Join the cgroup in the child before exec, so no instruction of the device runs unthrottled.
+        join = (lambda: group.add_pid(os.getpid())) if group is not None else None
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=join)
+
+    def _start_device(self, d: Device) -> None:
+        config = self.run / "configs" / f"{d.device_id}.toml"
+        d.proc = self._spawn(d.device_id, ["-m", "runtime", "--config", str(config), "--broker", self._broker_url],
+                             d.cgroup)
+
+    def _loop(self, broker_url: str, started: float) -> None:
+        self._broker_url = broker_url
+        self.server = self._spawn("server", ["-m", "server", "--config", str(self.run / "configs" / "server.toml"),
+                                             "--out", str(self.run), "--broker", broker_url])
+        events_path = self.run / "events.jsonl"
+        while not events_path.exists():  # the server truncates it at start; append only after that
+            if self.server.poll() is not None:
+                raise OrchardError(f"server exited at start (code {self.server.returncode}); see {self.run}/logs")
+            time.sleep(0.05)
+        self._events = events_path.open("a")
+        self._event(event="campaign_start", campaign=self.c.name, devices=len(self.devices))
+        driver = self._trace_driver()
+        for d in self.devices.values():
+            self._start_device(d)
+        driver.step(0.0)
+        live = LiveView(self.run, self.c, list(self.devices), lines_only=self.quiet)
+        t0 = time.monotonic()
+        while self.stop_reason is None:
+            time.sleep(LOOP_S)
+            now = time.monotonic() - t0
+            driver.step(now)
+            self._watch_devices(now)
+            if self.server.poll() is not None:
+                self.stop_reason = f"server finished (exit {self.server.returncode})"
+            elif now > self.c.wall_s + STOP_GRACE_S:
+                self.stop_reason = f"wall time {self.c.wall_s:.0f} s reached"
+            elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
+                self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
+            live.render(now)
+        live.close()
+
+    def _trace_driver(self) -> TraceDriver:
+        avail, cpu = {}, {}
+        for i, d in enumerate(self.devices.values()):
+            avail[d.device_id] = make_availability(d.group.availability, seed=self.c.seed + i, base_dir=self._base())
+            cpu[d.device_id] = make_cpu_trace(d.group.cpu, seed=self.c.seed + 1000 + i, base_dir=self._base())
+        return TraceDriver(avail, cpu, set_online=self._set_online, set_cpu_fraction=self._set_cpu_fraction)
+
+    def _set_online(self, device_id: str, online: bool) -> None:
+        d = self.devices[device_id]
+        if online == d.online:
+            return
+        # Frozen, the agent sends nothing: keepalives stop and the broker fires its Last Will.
+        (d.cgroup.thaw if online else d.cgroup.freeze)()
+        d.online = online
+        self._event(event="availability", device=device_id, online=online)
+
+    def _set_cpu_fraction(self, device_id: str, fraction: float) -> None:
+        d = self.devices[device_id]
+        cores = max(0.01, d.base_quota_cores * fraction)
+        d.cgroup.set_cpu_quota(cores)
+        self._event(event="cpu_quota", device=device_id, cores=round(cores, 4), fraction=round(fraction, 4))
+
+    def _watch_devices(self, now: float) -> None:
+        for d in self.devices.values():
+            ooms = d.cgroup.stats().oom_kills or 0
+            if ooms > d.oom_kills:
+                self._event(event="oom", device=d.device_id, oom_kills=ooms, mem_limit_mb=d.mem_limit_mb)
+                d.oom_kills = ooms
+            if d.proc is not None and d.proc.poll() is not None and d.online:
+                if d.died_at is None:
+                    d.died_at = now
+                    self._event(event="device_exit", device=d.device_id, code=d.proc.returncode)
+                elif now - d.died_at >= RESTART_BACKOFF_S * (1 + min(d.restarts, 5)):
+                    d.restarts += 1
+                    d.died_at = None
+                    self._event(event="device_restart", device=d.device_id, restarts=d.restarts)
+                    self._start_device(d)
+
+    def _shutdown(self, throttle: Throttle) -> None:
+        for d in self.devices.values():
+            with contextlib.suppress(OrchardError):
+                d.cgroup.thaw()  # a frozen process cannot act on SIGTERM
+        # The server first, so it publishes "offline" and its last rows before devices vanish.
+        procs = [p for p in [self.server, *(d.proc for d in self.devices.values())] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 4.0
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        for d in self.devices.values():
+            d.cgroup.destroy()
+        throttle.close()
+        self._event(event="campaign_stop", reason=self.stop_reason or "error")
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def _report(self) -> dict[str, Any]:
+        from testbed.report import write_report
+
+        summary: dict[str, Any] = write_report(self.run)
+        summary.setdefault("stop_reason", self.stop_reason)
+        return summary
+
+
+def _best_accuracy(run: Path) -> float:
+    try:
+        with (run / "server.csv").open() as f:
+            values = [float(r["accuracy"]) for r in csv.DictReader(f) if r.get("accuracy")]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    return max(values, default=0.0)

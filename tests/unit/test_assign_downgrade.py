@@ -1,0 +1,134 @@
+"""The assign policy's failure hook: a device whose task died of an out-of-memory cause moves to
+the next smaller profile its Hello lists, on the pure engine (no I/O), and the choice survives a
+checkpoint. The same path runs over MQTT in tests/integration/test_faults.py (trainer SIGKILL)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from runtime.protocol import Hello, Status, Update
+from server import checkpoint
+from server.config import load_server_config
+from server.engine import Engine
+from server.events import Action, DeviceHello, DeviceStatus, Log, SendTask, Tick, UpdateReceived
+from server.policies import (
+    DowngradeOnOom,
+    ProfileByDevice,
+    TableModel,
+    looks_like_oom,
+    smaller_profiles,
+)
+from server.strategies import get_strategy
+
+N = 8
+OOM = "trainer died during job t1: killed by SIGKILL (exit -9); under a memory cap this is the OOM killer"
+TABLE = {
+    "width=0.75": np.arange(6, dtype=np.int64),
+    "width=0.5": np.arange(4, dtype=np.int64),
+    "width=0.25": np.arange(2, dtype=np.int64),
+}
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hello(device_id: str, profiles: tuple[str, ...]) -> Hello:
+    return Hello(device_id=device_id, board="test", cores=1.0, ram_mb=512, runtime_version="t", profiles=profiles,
+                 n_samples=10, label_histogram=())
+
+
+class Rig:
+    def __init__(self, profiles: tuple[str, ...], available: frozenset[str] | None = None) -> None:
+        self.clock = Clock()
+        assign = DowngradeOnOom(ProfileByDevice({}, "dense"), available=available)
+        self.engine = Engine(get_strategy("semi-async", k=1), TableModel(N, TABLE), np.zeros(N, np.float32),
+                             clock=self.clock, assign=assign)
+        self.actions: list[Action] = []
+        self.send(DeviceHello("d0", hello("d0", profiles)))
+        self.send(Tick())
+
+    def send(self, event: Any) -> None:
+        self.actions += self.engine.handle(event)
+
+    def tasks(self) -> list[SendTask]:
+        return [a for a in self.actions if isinstance(a, SendTask)]
+
+    def logs(self, name: str) -> list[Mapping[str, Any]]:
+        return [a.event for a in self.actions if isinstance(a, Log) and a.event["event"] == name]
+
+    def fail(self, detail: str = OOM) -> None:
+        task = self.tasks()[-1]
+        self.send(DeviceStatus("d0", Status("d0", "failed", 0.0, task.task_id, detail)))
+
+
+def test_oom_moves_the_device_down_one_profile_at_a_time() -> None:
+    rig = Rig(("dense", "width=0.5", "width=0.75", "width=0.25"))
+    assert rig.tasks()[-1].profile == "dense"
+    rig.fail()
+    down = rig.logs("profile_downgraded")
+    assert [(d["device"], d["from"], d["to"]) for d in down] == [("d0", "dense", "width=0.75")]
+    assert "SIGKILL" in down[0]["reason"]
+    # The abandoned task is re-sent at once, under the smaller profile and its coordinates.
+    assert rig.tasks()[-1].profile == "width=0.75"
+    np.testing.assert_array_equal(rig.tasks()[-1].indices, TABLE["width=0.75"])
+    rig.fail("MemoryError in the trainer")
+    rig.fail("exit 137")
+    assert [d["to"] for d in rig.logs("profile_downgraded")] == ["width=0.75", "width=0.5", "width=0.25"]
+    # Nothing smaller left: the profile stays, and no downgrade is logged.
+    rig.fail()
+    assert len(rig.logs("profile_downgraded")) == 3 and rig.tasks()[-1].profile == "width=0.25"
+
+
+def test_other_failures_and_devices_without_smaller_profiles_keep_their_profile() -> None:
+    rig = Rig(("dense", "width=0.5"))
+    rig.fail("task t1 unusable: tensors: unknown tensor 'x'")
+    assert rig.logs("profile_downgraded") == [] and rig.tasks()[-1].profile == "dense"
+    lonely = Rig(("dense",))
+    lonely.fail()
+    assert lonely.logs("profile_downgraded") == [] and lonely.tasks()[-1].profile == "dense"
+    assert len(lonely.logs("task_abandoned")) == 1
+
+
+def test_only_profiles_the_server_has_artifacts_for_are_chosen() -> None:
+    rig = Rig(("dense", "width=0.75", "width=0.5"), available=frozenset({"dense", "width=0.5"}))
+    rig.fail()
+    assert rig.logs("profile_downgraded")[0]["to"] == "width=0.5"
+
+
+def test_the_override_is_checkpointed_and_dropped_when_the_hello_no_longer_offers_it(tmp_path: Path) -> None:
+    rig = Rig(("dense", "width=0.5"))
+    rig.fail()
+    task = rig.tasks()[-1]
+    assert task.profile == "width=0.5"
+    upd = Update(task_id=task.task_id, device_id="d0", base_version=0, n_samples=1, train_s=0.0, peak_rss_mb=0.0,
+                 energy_j=None, kind="delta")
+    rig.send(UpdateReceived("d0", upd, np.ones(4, np.float32)))  # K=1: closes the round
+    checkpoint.save(tmp_path, rig.engine)
+    restored = checkpoint.load(tmp_path, model=TableModel(N, TABLE), clock=rig.clock, assign=rig.engine.assign)
+    assert restored.devices["d0"].profile_override == "width=0.5"
+    restored.handle(DeviceHello("d0", hello("d0", ("dense",))))
+    assert restored.devices["d0"].profile_override is None
+
+
+def test_smaller_profiles_orders_by_width_and_keeps_window_and_classes() -> None:
+    offered = ("width=0.5", "dense", "width=0.75", "width=0.5,window=rolling", "classes=0-4", "bogus=1")
+    assert smaller_profiles("dense", offered) == ["width=0.75", "width=0.5"]
+    assert smaller_profiles("width=0.5", offered) == []
+    assert looks_like_oom("killed by SIGKILL (exit -9)") and looks_like_oom("Out of memory")
+    assert not looks_like_oom("trainer exited with code 1")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", True), ("downgrade_on_oom = false", False)])
+def test_server_config_switch(tmp_path: Path, text: str, expected: bool) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(f'[server]\nroot = "orchard/t"\nartifacts = "a.json"\neval_data = "e.npz"\n[assign]\n{text}\n')
+    assert load_server_config(path).downgrade_on_oom is expected
