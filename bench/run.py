@@ -85,6 +85,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "mqtt": _optional("bench.mqtt_bench"),
     "federation": _optional("bench.federation_bench"),
     "fidelity": _optional("bench.fidelity_bench"),
+    "testbed": _optional("bench.testbed_bench"),
 }
 
 

@@ -105,7 +105,10 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
         self.mqtt.connect()
-        for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state):
+        # Our own status too: a Last Will from a connection our reconnect superseded can land
+        # after we are back, and would leave a live device marked offline (see _on_message).
+        for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
+                      self.topics.status(self.id)):
             self.mqtt.subscribe(topic, qos=1)
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
@@ -183,6 +186,12 @@ class Agent:
                 log.warning("%s: dropped message on %s: %s", self.id, event.topic, exc)
 
     def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.status(self.id):
+            own = decode_json(Status, msg.payload, source=self.id)
+            if own.state == "offline" and self.greeted and not self.stop_event.is_set():
+                log.warning("%s: a stale Last Will said we are offline; announcing again", self.id)
+                self._announce()
+            return
         if msg.topic == self.topics.server_state:
             if msg.payload and msg.payload != b"offline":
                 self.server = decode_json(ServerState, msg.payload, source="server")
@@ -247,6 +256,9 @@ class Agent:
                        steps=task.local_steps, epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr,
                        seed=seed)
         self.trainer.submit(job, weights)
+        # A sample at each end of the task, so its energy covers the training burst itself and
+        # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J).
+        self.samples.append(self.sampler.sample("training"))
         self.running = _Running(task, weights, self.sampler.meter.energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
@@ -275,6 +287,7 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
+        self.samples.append(self.sampler.sample("training"))
         upload = str(task.options.get("upload", "weights"))
         values = outcome.weights - run.weights_in if upload == "delta" else outcome.weights
         layout = read_manifest(self.cfg.artifact_cache / task.artifact_key, verify=False).layout

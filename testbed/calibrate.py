@@ -125,6 +125,7 @@ class ProbeResult:
     gemm_gflops: float  # 0.0 when the GEMM was not run
     flops_per_sample: int
     threads: int
+    cpu_ms_per_step: float  # CPU time of the timed steps (all threads) / steps
 
 
 # ------------------------------------------------------------------------- board emulation
@@ -324,8 +325,9 @@ class EmulatedStep:
     target_ms: float  # host_step_ms x max(1, threads / quota): what CFS owes the group
     board_core_ms: float  # host_step_ms x speed_host / speed_board: one board core, for context
     nr_throttled: int
-    cpu_ms_per_step: float  # CPU time the group was charged per timed step
-    delivered_cores: float  # CPU time / wall time while the steps ran: what the quota really gave
+    cpu_ms_per_step: float  # CPU time per step under the quota; above host_step_ms when each
+    # period's burst starts cold (caches, and on a VM the vCPU's wake-up), which slows the board
+    delivered_cores: float  # CPU time / wall time over the timed steps: what the quota really gave
 
 
 def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *, steps: int = 40,
@@ -358,7 +360,12 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
             group.add_pid(proc.pid)
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        out, err = proc.communicate(timeout=timeout_s)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except BaseException:
+            proc.kill()  # it may not be in the group yet, where destroy() would find it
+            proc.wait()
+            raise
         result = _parse_probe(out, err, proc.returncode, f"board {board.name}")
         stats = group.stats()
     finally:
@@ -370,8 +377,7 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
         step_ms_mean=result.step_ms_mean, host_step_ms=base.step_ms_median,
         target_ms=base.step_ms_median * max(1.0, threads / quota),
         board_core_ms=base.step_ms_median * _speed(host_speed) / board.speed_factor, nr_throttled=stats.nr_throttled,
-        cpu_ms_per_step=stats.cpu_usage_s * 1e3 / steps,
-        delivered_cores=stats.cpu_usage_s / (result.step_ms_mean * steps * 1e-3))
+        cpu_ms_per_step=result.cpu_ms_per_step, delivered_cores=result.cpu_ms_per_step / result.step_ms_mean)
 
 
 def emulated_step_ms(board: BoardConfig, host_speed: HostSpeed | float, **kwargs: Any) -> float:

@@ -135,6 +135,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from testbed.bundle import build_bundle
+
+    tar = build_bundle(
+        args.board, Path(args.out), device_id=args.device_id, broker_url=args.broker, root=args.root,
+        profiles=args.profiles, model=args.model, dataset=args.dataset,
+        shard=Path(args.shard) if args.shard else None, python=args.python, force=args.force,
+        optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
+    )
+    print(tar)
+    return 0
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    import shlex
+
+    from testbed.bundle import flash
+
+    cmds = flash(Path(args.bundle), args.host, ssh=args.ssh, scp=args.scp, dry_run=args.dry_run,
+                 wheel=Path(args.wheel) if args.wheel else None,
+                 install_args=[a for a in args.install_args if a != "--"])
+    if args.dry_run:
+        print("\n".join(shlex.join(c) for c in cmds))
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from server.__main__ import main as server_main
 
@@ -239,6 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild plots/*.png, report.html and summary.json of a run folder.")
     r.add_argument("run", help="run folder")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bundle", help="build a board bundle (runtime, board config, device.toml, installer)",
+                       description="Build what goes onto a board: runtime, board config, device.toml, optional "
+                                   "shard and artifacts, install.sh, systemd unit; writes a .tar.gz.")
+    b.add_argument("--board", required=True, help="board name in firmware_configs/ or a board TOML path")
+    b.add_argument("--out", default="dist", help="output folder (default dist/)")
+    b.add_argument("--device-id", help="device id (default: the board's hostname at install time)")
+    b.add_argument("--broker", required=True, help="broker URL as the board sees it, mqtt://HOST:1883")
+    b.add_argument("--root", default="orchard/default", help="campaign topic root (must match the server)")
+    b.add_argument("--profiles", nargs="+", default=["dense"])
+    b.add_argument("--model", choices=MODELS, help="prebuild artifacts for this model")
+    b.add_argument("--dataset", help="sets the model's input shape and classes (default digits)")
+    b.add_argument("--data-root")
+    b.add_argument("--shard", help=".npz with x (N, C, H, W) and y (N,)")
+    b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    b.add_argument("--cache", help="artifact cache folder")
+    b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_bundle)
+
+    fl = sub.add_parser("flash", help="copy a bundle to a board over SSH and run its install.sh",
+                        description="Copy a bundle to a board over SSH and run its install.sh.")
+    fl.add_argument("bundle", help="bundle .tar.gz from `orchard bundle`")
+    fl.add_argument("--host", required=True, help="user@host or an ssh config name")
+    fl.add_argument("--wheel", help="onnxruntime-training wheel to install with it (aarch64 boards)")
+    fl.add_argument("--ssh", default="ssh")
+    fl.add_argument("--scp", default="scp")
+    fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    fl.add_argument("install_args", nargs=argparse.REMAINDER, help="after --: install.sh options (--broker URL)")
+    fl.set_defaults(func=cmd_flash)
 
     for name, func, what in (("server", cmd_server, "the aggregator (python -m server)"),
                              ("device", cmd_device, "a device agent, as a board runs it (python -m runtime)")):

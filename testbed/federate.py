@@ -1,9 +1,8 @@
-"""A local federation: a broker, the server and N device processes on this host, untrothttled.
+"""A local federation: a broker, the server and N device processes on this host, unthrottled.
 
-`prepare()` lays out a run folder the way a real deployment has it: per-device data shards and
-TOML configs, the server's TOML, the artifacts (generated here, where onnx is; each device
-starts with an empty artifact cache and receives them over MQTT), the initial global weights
-and the held-out evaluation split. `Federation` then runs the processes and watches server.csv.
+`prepare()` maps a `FederationSpec` (N devices, profiles and boards cycled over them) onto the
+run-folder layout of `testbed/prepare.py`; `Federation` starts and stops the processes, so tests
+and benchmarks can kill and restart any of them; `run_federation` is `orchard federate`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,17 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from models.artifacts import ensure_artifacts
-from models.builder import build
-from models.datasets import load_dataset, train_test_split
-from models.partition import parse_partition, partition
-from models.structure import full_structure, sub_structure
 from runtime.errors import ConfigError
 from runtime.profile import parse_profile
-from runtime.submodel import index_map_for
 from testbed.broker import Broker, open_broker
+from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
+
+__all__ = ["Federation", "FederationSpec", "prepare", "run_federation", "server_rows", "write_toml"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,74 +65,24 @@ class FederationSpec:
         return [f"dev{i}" for i in range(self.devices)]
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
-def write_toml(path: Path, tables: Mapping[str, Mapping[str, Any]]) -> None:
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-        lines.append("")
-    path.write_text("\n".join(lines))
-
-
 def prepare(spec: FederationSpec, force: bool = False) -> Path:
     """Write the run folder; returns it. Refuses an existing folder unless `force`."""
     run = spec.out
-    if run.exists():
-        if not force:
-            raise ConfigError(f"run folder {run} exists; pass --force to replace it")
-        shutil.rmtree(run)
-    for sub in ("shards", "configs", "cache", "logs"):
-        (run / sub).mkdir(parents=True)
-    ds = load_dataset(spec.dataset, spec.data_root, seed=spec.seed)
-    train, held_out = train_test_split(ds, spec.eval_fraction, seed=spec.seed)
-    np.savez(run / "eval.npz", x=held_out.x, y=held_out.y)
-    scheme, kwargs = parse_partition(spec.partition)
-    parts = partition(train.y, spec.devices, scheme, seed=spec.seed, **kwargs)
-
-    full = full_structure(spec.model, ds.input_shape, ds.num_classes)
-    built = build(full, seed=spec.seed)
-    np.save(run / "init.npy", built.init)
+    fresh_run_dir(run, force)
     ids = spec.device_ids()
-    profile_of = {d: parse_profile(spec.profiles[i % len(spec.profiles)]).canonical() for i, d in enumerate(ids)}
-    dirs: dict[str, str] = {}
     fallbacks = tuple(parse_profile(p).canonical() for p in spec.fallback_profiles)
-    for profile in sorted({*profile_of.values(), *fallbacks, "dense"}):
-        imap = index_map_for(parse_profile(profile), built.layout.groups)
-        structure = sub_structure(full, imap)
-        dirs[profile] = str(ensure_artifacts(structure).directory)
-    (run / "artifacts.json").write_text(json.dumps(
-        {"model": spec.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
-
-    root = f"orchard/{run.name}"
-    for i, (device_id, idx) in enumerate(zip(ids, parts, strict=True)):
-        np.savez(run / "shards" / f"{device_id}.npz", x=train.x[idx], y=train.y[idx])
-        write_toml(run / "configs" / f"{device_id}.toml", {
-            "device": {"id": device_id, "board": spec.boards[i % len(spec.boards)],
-                       "shard": f"../shards/{device_id}.npz", "artifact_cache": f"../cache/{device_id}",
-                       "profiles": list(dict.fromkeys((profile_of[device_id], *fallbacks)))},
-            "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": spec.keepalive_s},
-        })
-    write_toml(run / "configs" / "server.toml", {
-        "server": {"id": "server", "root": root, "artifacts": "../artifacts.json", "eval_data": "../eval.npz",
-                   "seed": spec.seed},
+    plans = []
+    for i, device_id in enumerate(ids):
+        own = parse_profile(spec.profiles[i % len(spec.profiles)]).canonical()
+        plans.append(DevicePlan(device_id, spec.boards[i % len(spec.boards)], tuple(dict.fromkeys((own, *fallbacks)))))
+    data = DataPlan(spec.model, spec.dataset, spec.data_root, spec.partition, spec.eval_fraction, spec.seed)
+    server = {
         "rounds": {"strategy": spec.strategy, "target_version": spec.rounds, "time_limit_s": spec.time_limit_s,
                    "min_devices": spec.devices, "task_timeout_s": spec.task_timeout_s},
         "strategy": dict(spec.strategy_params),
         "train": {"local_steps": spec.local_steps, "lr": spec.lr, "batch_size": spec.batch_size},
-        "assign": {"default": "dense", "devices": profile_of},
-    })
+    }
+    prepare_run(run, data, plans, server, keepalive_s=spec.keepalive_s)
     (run / "federation.json").write_text(json.dumps({**spec.__dict__, "out": str(spec.out)}, indent=1,
                                                     default=list))
     return run

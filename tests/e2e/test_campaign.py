@@ -81,12 +81,13 @@ def events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
 
 
-def orchard_cgroups_left() -> list[str]:
+def orchard_cgroups_left(campaign: str) -> list[str]:
+    """Groups of runs of `campaign` (run ids are `<campaign>-<random>`) still present."""
     left = []
     for controller in ("cpu", "cpuacct", "memory", "freezer", ""):
         base = CGROUP_ROOT / controller / "orchard" if controller else CGROUP_ROOT / "orchard"
         if base.is_dir():
-            left += [str(p) for p in base.rglob("*") if p.is_dir()]
+            left += [str(p) for run in base.glob(f"{campaign}-*") for p in [run, *run.rglob("*")] if p.is_dir()]
     return left
 
 
@@ -180,7 +181,7 @@ def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     for plot in ("accuracy", "timeline", "cpu", "memory", "energy", "staleness"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 5000
     assert (run / "report.html").stat().st_size > 50_000
-    assert orchard_cgroups_left() == [] and processes_of(run) == []
+    assert orchard_cgroups_left("default") == [] and processes_of(run) == []
 
 
 def test_memory_cap_below_need_records_oom_and_finishes(tmp_path, cgroups):
@@ -206,7 +207,7 @@ mem_limit_mb = 130
     assert summary["rounds"] >= 4
     tiny = next(d for d in summary["devices"] if d["id"] == "tiny-0")
     assert tiny["oom_count"] >= 1
-    assert orchard_cgroups_left() == []
+    assert orchard_cgroups_left("oom") == []
 
 
 def test_on_off_availability_shows_offline_last_will_and_rejoin(tmp_path, cgroups):
@@ -272,7 +273,7 @@ def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
             time.sleep(0.5)
         else:
             pytest.fail("campaign never aggregated")
-        assert orchard_cgroups_left(), "devices should be in cgroups while running"
+        assert orchard_cgroups_left("ctrlc"), "devices should be in cgroups while running"
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     finally:
@@ -280,5 +281,5 @@ def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
             proc.kill()
     assert proc.returncode == 130, proc.stderr
     assert (run / "report.html").exists() and json.loads((run / "summary.json").read_text())["rounds"] >= 1
-    assert orchard_cgroups_left() == []
+    assert orchard_cgroups_left("ctrlc") == []
     assert processes_of(run) == []

@@ -41,9 +41,10 @@ def trainer_pid(h: Harness, device_id: str, timeout_s: float = 20.0) -> int:
 # ---------------------------------------------------------------- 4. device killed
 @pytest.mark.timeout(120)
 def test_device_killed_mid_round_goes_offline_round_closes_and_it_rejoins(federation: Federate) -> None:
-    # K = all devices online: the round of the killed device can only close once its Last Will
-    # takes it out of N (keepalive 2 s: the broker fires the will ~3 s after the kill).
-    h = federation(devices=3, rounds=7, local_steps=300, strategy_params={"k_fraction": 1.0})
+    # K = all devices online: the round of the killed device cannot close at K while it counts
+    # in N. The broker fires its Last Will when the dead process's socket closes (a frozen one
+    # would take 1.5 x the 2 s keepalive).
+    h = federation(devices=3, rounds=6, local_steps=800, strategy_params={"k_fraction": 1.0})
     h.start()
     _, training = h.wait("device_status", device="dev2", state="training")
     task_id = training["task_id"]
@@ -57,7 +58,10 @@ def test_device_killed_mid_round_goes_offline_round_closes_and_it_rejoins(federa
     _, abandoned = h.wait("task_abandoned", after=killed_at, device="dev2", task_id=task_id)
     assert "offline" in abandoned["reason"]
     _, closed = h.wait("aggregated", after=killed_at, closed_round=sent["round"])
-    assert "dev2" not in closed["devices"] and "K=2 of N=2" in closed["reason"]
+    # Closed by K of the N left, or by the deadline (1.5 x the median task time once the online
+    # fleet is timed); either way without the dead device.
+    assert "dev2" not in closed["devices"]
+    assert "K=2 of N=2" in closed["reason"] or "deadline passed" in closed["reason"], closed
 
     restarted_at = h.mark()
     h.start_device("dev2")
@@ -65,7 +69,7 @@ def test_device_killed_mid_round_goes_offline_round_closes_and_it_rejoins(federa
     _, task = h.wait("task_sent", after=hello_at, device="dev2")
     h.wait("update_accepted", after=hello_at, device="dev2", task_id=task["task_id"])
     assert h.wait_server_exit(60) == 0
-    assert h.versions() == list(range(1, 8))
+    assert h.versions() == list(range(1, 7))
     assert not h.find("update_accepted", task_id=task_id)  # the killed task never came back
 
 
@@ -125,7 +129,7 @@ def test_trainer_killed_agent_reports_restarts_and_the_server_downgrades_the_pro
     # The device can run dense and width=0.5 (both in its hello, both with artifacts); the
     # server assigns dense. A SIGKILLed trainer looks like the OOM killer, so with
     # [assign] downgrade_on_oom (default true) the next task must be width=0.5.
-    h = federation(devices=1, rounds=2, local_steps=400, fallback_profiles=("width=0.5",))
+    h = federation(devices=1, rounds=2, local_steps=1000, fallback_profiles=("width=0.5",))
     h.start()
     _, training = h.wait("device_status", device="dev0", state="training")
     agent_pid = h.fed.devices["dev0"].pid
@@ -140,6 +144,7 @@ def test_trainer_killed_agent_reports_restarts_and_the_server_downgrades_the_pro
     _, task = h.wait("task_sent", after=killed_at, device="dev0")
     assert task["profile"] == "width=0.5"
     h.wait("update_accepted", after=killed_at, device="dev0", task_id=task["task_id"])
+    assert trainer_pid(h, "dev0") != old_trainer
     assert h.wait_server_exit(60) == 0
 
     # The agent survived (same process, never dropped off the broker) with a new trainer.

@@ -1,0 +1,328 @@
+"""Board bundles (testbed/bundle.py): layout, scripts, unit, device config, and that the bundled
+runtime trains its bundled artifacts on its bundled shard with nothing but the board packages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.board import ENV_CONFIG_DIR, load_board
+from runtime.device_config import load_device_config
+from runtime.errors import ConfigError
+from testbed.bundle import UNIT_NAME, build_bundle, flash
+
+ROOT = Path(__file__).resolve().parents[2]
+BOARD = "rpi4b-4gb"
+PROFILES = ["dense", "width=0.5"]
+NAME = f"orchard-{BOARD}-pi7"
+
+
+def _shard(path: Path, n: int = 96, shape: tuple[int, ...] = (1, 8, 8)) -> Path:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    x = (rng.normal(size=(n, *shape)) * 0.3 + y[:, None, None, None] / 10).astype(np.float32)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, artifact_cache: Path) -> tuple[Path, Path]:
+    """(bundle directory, tarball) for rpi4b-4gb with a small shard and lenet artifacts."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    tar = build_bundle(BOARD, tmp / "dist", device_id="pi7", broker_url="mqtt://10.0.0.2:1883", root="orchard/lab",
+                       profiles=PROFILES, model="lenet", dataset="digits", shard=_shard(tmp / "shard.npz"),
+                       cache_dir=artifact_cache)
+    return tmp / "dist" / NAME, tar
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
+    bundle, tar = built
+    assert tar == bundle.parent / f"{NAME}.tar.gz" and tar.is_file()
+    files = _files(bundle)
+    runtime_src = {f"runtime/{p.name}" for p in (ROOT / "runtime").glob("*.py")}
+    assert runtime_src <= files
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
+    assert {f for f in files if f.startswith("runtime/")} == runtime_src  # .py files only
+    assert {f for f in files if f.startswith("firmware_configs/")} == {
+        f"firmware_configs/{BOARD}.toml", "firmware_configs/README.md"}
+    for name in ("device.toml", "data/shard.npz", "requirements.txt", "install.sh", "build-ort-wheel.sh", UNIT_NAME,
+                 "README.md", "MANIFEST.json"):
+        assert name in files, name
+    manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    assert set(manifest["artifacts"]) == set(PROFILES)
+    assert len(set(manifest["artifacts"].values())) == 2  # dense and width=0.5 are two structures
+    for key in manifest["artifacts"].values():
+        assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "manifest.json"} == {
+            f.split("/")[-1] for f in files if f.startswith(f"artifacts/{key}/")}
+    reqs = [ln for ln in (bundle / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert [r.split(">")[0].split("=")[0] for r in reqs] == ["numpy", "paho-mqtt", "psutil"]
+    assert "paho-mqtt>=2,<3" in reqs
+    with np.load(bundle / "data" / "shard.npz") as shard:
+        assert shard["x"].dtype == np.float32 and shard["y"].dtype == np.int64 and len(shard["y"]) == 96
+    readme = (bundle / "README.md").read_text()
+    for needle in ("systemctl", "journalctl", "python -m runtime --config device.toml --broker mqtt://", "install.sh"):
+        assert needle in readme
+
+
+def test_manifest_hashes_every_file_and_tarball_matches_the_directory(built):
+    bundle, tar = built
+    manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert set(listed) == _files(bundle) - {"MANIFEST.json"}
+    for path, digest in listed.items():
+        assert hashlib.sha256((bundle / path).read_bytes()).hexdigest() == digest, path
+    assert "mqtt://10.0.0.2" not in json.dumps(manifest)  # the URL may carry a password
+    with tarfile.open(tar) as t:
+        members = {m.name: m for m in t.getmembers()}
+    assert {n.removeprefix(f"{NAME}/") for n, m in members.items() if m.isfile()} == _files(bundle)
+    assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+    assert members[f"{NAME}/install.sh"].mode & 0o111 and not members[f"{NAME}/device.toml"].mode & 0o111
+
+
+def test_scripts_pass_bash_syntax_check_and_document_the_source_build(built):
+    bundle, _ = built
+    for script in ("install.sh", "build-ort-wheel.sh"):
+        text = (bundle / script).read_text()
+        assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+        assert not re.search(r"@[A-Z_]+@", text)  # every template marker filled
+        proc = subprocess.run(["bash", "-n", str(bundle / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    install = (bundle / "install.sh").read_text()
+    assert "./build.sh --config Release --build_shared_lib --parallel --enable_training_apis --build_wheel" \
+           " --skip_tests" in install
+    assert "--branch v1.19.2" in install and "onnxruntime-training-cpu==$ORT_VERSION" in install
+    assert "onnxruntime_training*.whl" in install and "dphys-swapfile" in install
+    assert "sys.version_info < (3, 11)" in install
+
+
+def _unit_keys(text: str) -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            keys.setdefault(key.strip(), []).append(value.strip())
+    return keys
+
+
+def test_systemd_unit_restarts_always_and_sets_no_memory_cap(built, tmp_path):
+    bundle, _ = built
+    text = (bundle / UNIT_NAME).read_text()
+    keys = _unit_keys(text)
+    assert keys["Restart"] == ["always"] and keys["RestartSec"] == ["5"]
+    assert keys["ExecStart"] == ["/opt/orchard/venv/bin/python -m runtime --config /opt/orchard/device.toml"]
+    assert keys["WorkingDirectory"] == ["/opt/orchard"]
+    assert "ORCHARD_FIRMWARE_CONFIGS=/opt/orchard/firmware_configs" in keys["Environment"]
+    assert keys["WantedBy"] == ["multi-user.target"]
+    assert "MemoryMax" not in keys and "MemoryMax" in text  # only the comment that says why not
+    if shutil.which("systemd-analyze") is None:
+        return
+    # What install.sh --prefix does, against a prefix whose interpreter exists.
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / UNIT_NAME).write_text(text.replace("/opt/orchard", str(tmp_path)))
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / UNIT_NAME)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_device_toml_loads_with_the_bundled_board(built, monkeypatch):
+    bundle, _ = built
+    monkeypatch.setenv(ENV_CONFIG_DIR, str(bundle / "firmware_configs"))
+    cfg = load_device_config(bundle / "device.toml")
+    assert (cfg.device_id, cfg.board, cfg.profiles) == ("pi7", BOARD, tuple(PROFILES))
+    assert (cfg.broker_url, cfg.root) == ("mqtt://10.0.0.2:1883", "orchard/lab")
+    assert cfg.shard == bundle / "data" / "shard.npz" and cfg.shard.is_file()
+    assert cfg.artifact_cache == bundle / "artifacts" and cfg.artifact_cache.is_dir()
+    assert load_board(cfg.board).path.endswith(f"{BOARD}.toml")
+
+
+BLOCKED = ["torch", "onnx", "sklearn", "scipy", "server", "testbed", "models"]
+
+# Runs with `python -I` (no cwd, no PYTHONPATH, no user site on sys.path) and the bundle put on
+# sys.path by hand; the venv's editable install of the repo is unhooked, so only the bundle's
+# own copy of `runtime` can be imported, next to the venv's numpy/onnxruntime/paho/psutil.
+PROBE = textwrap.dedent(
+    """
+    import importlib.abc, json, math, os, sys
+    BLOCKED = set(sys.argv[1].split(","))
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked on a board: {name}")
+            return None
+    sys.meta_path[:] = [Refuse()] + [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+    sys.path.insert(0, os.getcwd())
+    import numpy as np
+    import runtime, runtime.agent, runtime.trainer, runtime.__main__
+    from runtime.board import load_board
+    from runtime.device_config import load_device_config
+    from runtime.manifest import read_manifest
+    from runtime.trainer import Trainer, TrainConfig
+    cfg = load_device_config("device.toml")
+    board = load_board(cfg.board)  # by name: firmware_configs/ next to the bundled runtime/
+    with np.load(cfg.shard) as shard:
+        x, y = shard["x"], shard["y"]
+    trained = {}
+    for entry in sorted(cfg.artifact_cache.iterdir()):
+        t = Trainer(entry, threads=1)
+        r = t.train(None, x, y, TrainConfig(steps=6, batch_size=16, lr=0.05))
+        assert r.steps == 6 and all(math.isfinite(v) for v in r.loss_per_step), r
+        trained[entry.name] = {"params": t.layout.total, "loss": r.loss_per_step[-1],
+                               "model": read_manifest(entry).model}
+    print(json.dumps({
+        "runtime_file": runtime.__file__, "board": board.name, "trained": trained,
+        "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED), "path": sys.path,
+    }))
+    """
+)
+
+
+def test_extracted_bundle_trains_with_board_packages_only(built, tmp_path):
+    bundle, tar = built
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path, filter="data")
+    extracted = tmp_path / NAME
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_CONFIG_DIR)}
+    proc = subprocess.run([sys.executable, "-I", "-c", PROBE, ",".join(BLOCKED)], cwd=extracted, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["runtime_file"]).resolve() == (extracted / "runtime" / "__init__.py").resolve()
+    assert str(ROOT) not in out["path"] and "" not in out["path"][1:]
+    assert out["loaded"] == [] and out["board"] == BOARD
+    manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    assert set(out["trained"]) == set(manifest["artifacts"].values())
+    params = sorted(v["params"] for v in out["trained"].values())
+    assert params[0] < params[1] and {v["model"] for v in out["trained"].values()} == {"lenet"}
+
+
+def _run_install(bundle: Path, tmp_path: Path, *args: str, arch: str = "aarch64") -> subprocess.CompletedProcess[str]:
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "uname").write_text(f"#!/bin/sh\necho {arch}\n")
+    (shim / "uname").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(bundle / "install.sh"), "--no-service", "--prefix", str(tmp_path / "prefix"),
+                           *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_install_sh_without_a_wheel_on_aarch64_prints_the_build_and_changes_nothing(built, tmp_path):
+    bundle, _ = built
+    proc = _run_install(bundle, tmp_path, "--python", sys.executable)
+    assert proc.returncode != 0
+    assert "--enable_training_apis" in proc.stderr and "--branch v1.19.2" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("install.sh: error: no onnxruntime-training wheel for aarch64")
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_install_sh_refuses_a_damaged_bundle_and_an_old_python(built, tmp_path):
+    bundle, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with (copy / "runtime" / "agent.py").open("a") as f:
+        f.write("# torn\n")
+    proc = _run_install(copy, tmp_path, "--python", sys.executable)
+    assert proc.returncode != 0 and "damaged" in proc.stderr and "runtime/agent.py" in proc.stderr
+    old = tmp_path / "python3.9"
+    old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.2'\nexit 1\n")
+    old.chmod(0o755)
+    proc = _run_install(bundle, tmp_path, "--python", str(old))
+    assert proc.returncode != 0 and "needs Python >= 3.11" in proc.stderr
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_flash_dry_run_returns_scp_then_remote_install(built, monkeypatch, tmp_path):
+    _, tar = built
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("dry run must not run anything"))
+    cmds = flash(tar, "pi@raspberrypi.local", dry_run=True)
+    assert cmds == [
+        ["scp", str(tar), "pi@raspberrypi.local:/tmp/"],
+        ["ssh", "-t", "pi@raspberrypi.local",
+         f"cd /tmp && rm -rf {NAME} && tar xzf {NAME}.tar.gz && sudo bash /tmp/{NAME}/install.sh"],
+    ]
+    wheel = tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl"
+    wheel.write_bytes(b"PK")
+    cmds = flash(tar, "pi5", ssh="ssh -p 2222", scp="scp -P 2222", dry_run=True, wheel=wheel,
+                 install_args=["--broker", "mqtt://10.0.0.2:1883"])
+    assert cmds[0] == ["scp", "-P", "2222", str(tar), str(wheel), "pi5:/tmp/"]
+    assert cmds[1][:4] == ["ssh", "-p", "2222", "-t"]
+    assert cmds[1][-1].endswith(f"install.sh --broker mqtt://10.0.0.2:1883 --wheel /tmp/{wheel.name}")
+
+
+def test_flash_rejects_missing_or_foreign_tarballs_and_bad_hosts(built, tmp_path):
+    _, tar = built
+    with pytest.raises(ConfigError, match="not found"):
+        flash(tmp_path / "nope.tar.gz", "pi", dry_run=True)
+    with pytest.raises(ConfigError, match="bad SSH host"):
+        flash(tar, "-oProxyCommand=x", dry_run=True)
+    foreign = tmp_path / "foreign.tar.gz"
+    with tarfile.open(foreign, "w:gz") as t:
+        t.add(__file__, arcname="x/readme.txt")
+    with pytest.raises(ConfigError, match="not a bundle"):
+        flash(foreign, "pi", dry_run=True)
+
+
+def _quick(out: Path, board: str = BOARD, **kw: object) -> Path:
+    args: dict[str, object] = {"device_id": None, "broker_url": "mqtt://broker:1883", "root": "orchard/x",
+                               "profiles": ["dense"], "model": None, "dataset": None, "shard": None, **kw}
+    return build_bundle(board, out, **args)  # type: ignore[arg-type]
+
+
+def test_bundle_without_model_or_shard_names_the_device_after_its_host(tmp_path):
+    tar = _quick(tmp_path)
+    bundle = tmp_path / f"orchard-{BOARD}-device"
+    assert tar.name == f"orchard-{BOARD}-device.tar.gz"
+    files = _files(bundle)
+    assert not any(f.startswith(("artifacts/", "data/")) for f in files)
+    assert "ID_FROM_HOSTNAME=1" in (bundle / "install.sh").read_text()
+    assert json.loads((bundle / "MANIFEST.json").read_text())["artifacts"] == {}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"board": "rpi9"}, "unknown board 'rpi9'"),
+    ({"profiles": ["width=2"]}, "width"),
+    ({"profiles": ["depth=3"]}, "depth"),
+    ({"shard": Path("/nonexistent/shard.npz")}, "shard file not found"),
+    ({"device_id": "pi 7"}, "device id"),
+    ({"broker_url": "http://broker"}, "scheme"),
+    ({"root": "orchard/#"}, "topic root"),
+    ({"dataset": "digits"}, "dataset only matters"),
+])
+def test_bad_input_is_one_clear_config_error(tmp_path, kwargs, match):
+    board = kwargs.pop("board", BOARD)
+    with pytest.raises(ConfigError, match=match) as info:
+        _quick(tmp_path, board=board, **kwargs)
+    assert "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_shard_must_fit_the_model(tmp_path, artifact_cache):
+    with pytest.raises(ConfigError, match="do not fit digits"):
+        _quick(tmp_path / "out", model="lenet", shard=_shard(tmp_path / "s.npz", shape=(1, 4, 4)),
+               cache_dir=artifact_cache)
+
+
+def test_existing_output_needs_force(tmp_path):
+    _quick(tmp_path)
+    with pytest.raises(ConfigError, match="exists; pass --force"):
+        _quick(tmp_path)
+    (tmp_path / f"orchard-{BOARD}-device" / "stale.txt").write_text("old")
+    _quick(tmp_path, force=True)
+    assert not (tmp_path / f"orchard-{BOARD}-device" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"orchard-{BOARD}-device", f"orchard-{BOARD}-device.tar.gz"]

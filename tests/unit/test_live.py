@@ -1,0 +1,65 @@
+"""The live view reads only the run folder and shows device states, progress and accuracy."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from testbed.campaign import load_campaign
+from testbed.live import LiveView
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(tmp: Path) -> Path:
+    run = tmp / "run"
+    (run / "devices").mkdir(parents=True)
+    events = [
+        {"event": "device_status", "device": "pi4-0", "state": "training"},
+        {"event": "task_sent", "device": "pi4-0", "profile": "width=0.5", "base_version": 3},
+        {"event": "availability", "device": "pi5-0", "online": False},
+        {"event": "oom", "device": "pi5-1", "oom_kills": 2},
+        {"event": "update_accepted", "device": "pi4-0"},
+        {"event": "update_rejected", "device": "pi5-1", "reason": "NaN"},
+        {"event": "aggregated", "version": 4},
+        {"event": "evaluate", "version": 4, "accuracy": 0.8125},
+    ]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "trunc')
+    (run / "devices" / "pi4-0.csv").write_text(
+        "t,state,cpu_pct,rss_agent_mb,rss_trainer_mb,mem_limit_mb,cpu_quota_cores,power_w,energy_j,temp_c,power_source\n"
+        "1.0,training,57.5,40.0,90.0,3584,0.22,5.0,12.5,,model\n")
+    return run
+
+
+def test_terminal_table_shows_devices_and_progress(tmp_path):
+    campaign = load_campaign(ROOT / "campaigns" / "default.toml")
+    out = Tty()
+    view = LiveView(_run(tmp_path), campaign, ["pi4-0", "pi5-0", "pi5-1"], out=out)
+    view.render(50.0)
+    screen = out.getvalue()
+    assert "accuracy 0.8125" in screen and "1 accepted / 1 rejected" in screen
+    assert "version 4/30" in screen and "50/100 s" in screen
+    row = next(line for line in screen.splitlines() if line.startswith("pi4-0"))
+    assert "training" in row and "width=0.5" in row and "130" in row and "12.5" in row  # 40 + 90 MB
+    assert "offline" in next(line for line in screen.splitlines() if line.startswith("pi5-0"))
+    assert next(line for line in screen.splitlines() if line.startswith("pi5-1")).rstrip().endswith("2")
+
+
+def test_ci_mode_prints_one_line_per_new_version(tmp_path):
+    campaign = load_campaign(ROOT / "campaigns" / "default.toml")
+    run = _run(tmp_path)
+    out = io.StringIO()
+    view = LiveView(run, campaign, ["pi4-0"], lines_only=True, out=out)
+    view.render(1.0)
+    view.render(2.0)
+    assert out.getvalue().count("\n") == 1 and "version 4 accuracy 0.8125" in out.getvalue()
+    with (run / "events.jsonl").open("a") as f:  # the truncated line completes, then a new version
+        f.write('"}\n' + json.dumps({"event": "aggregated", "version": 5}) + "\n")
+    view.render(3.0)
+    assert "version 5" in out.getvalue().splitlines()[-1]
