@@ -9,16 +9,17 @@ after the first N (>= 16) that does not keep up. Per N, from the run folder:
     (wall clock [start + T/2, start + T - 1.5 s]; T = the server's own clock at `finished`), from
     the sample timestamps in devices/<id>.csv, which the server writes as it receives them (a
     server that falls behind shows as missing samples at the end). Samples are counted at most one
-    per period (see `_rate_hz`: the agent may add samples at task ends; `telemetry_hz_raw_median`
+    per period (see `_rate_hz`: the agent adds samples at task ends; `telemetry_hz_raw_median`
     counts every row). A device not up yet counts 0 for the time it was not. The configured rate is
     1 Hz; the agent schedules each sample 1/hz after the previous one was taken, so ~0.97-0.98 is
-    ideal.
+    ideal, and one sample more or less in the ~18.5 s window moves a device by ~0.05 Hz (so 1.03
+    can show up when task-end samples fill the gaps).
     `telemetry_hz_median_once_up`: the same from 2 s after each device's first sample, and
     `devices_up_by_half`: devices with a sample before the window; together they separate a fleet
     too slow to start within the window from one that cannot hold the rate;
   * telemetry_lag_s_median: how stale the newest sample the server has written is, sampled every
-    `LAG_EVERY_S` in the second half (median over ticks of the median over devices). About 1-2 s
-    when keeping up (1 Hz sampling + 1 s publish batching);
+    `LAG_EVERY_S` in the second half (median over ticks of the median over devices). Up to ~2 s
+    when keeping up (1 Hz sampling + up to 1 s publish batching);
   * contributed_fraction: devices with at least one update accepted or rejected by the server;
   * aggregations_per_min_2nd_half: server.csv rows with wall_s >= T/2, per minute;
   * startup_s_median: campaign_start -> a device's first telemetry sample;
@@ -44,7 +45,8 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
     runner's own CPU split into before / during / after the live window;
   * cross-checks: the device CPU from each device cgroup's cpuacct.usage (sampled, last value per
     group) next to psutil's, and the whole tree's CPU from wait4()'s rusage of the runner (which
-    includes every descendant it reaped) next to the sampled total.
+    includes every descendant that was reaped: a lower bound, since a trainer orphaned when its
+    agent is killed is reaped by init) next to the sampled total.
 Reported for campaigns/default.toml (8 boards, CNN, stops at 30 rounds / 0.93 accuracy) and for
 the N=16 scale point.
 
@@ -350,10 +352,10 @@ def _device_ts(path: Path) -> list[float]:
 def _rate_hz(ts: list[float], a: float, b: float) -> float:
     """Telemetry rate in [a, b]: samples at least one period apart (less `SPACING_SLACK_S`) per
     second, taken greedily in time order. The agent's periodic samples are >= 1/hz apart, so on
-    their own they all count; the extra samples some agent versions take at each end of a task
-    (runtime/agent.py `_on_task` / `_poll_trainer`, uncommitted while this was written) are thinned
-    out, and can only fill a second the periodic sampler left empty. So this is "seconds of the
-    window with fresh telemetry at the server", at most ~1/(period - slack)."""
+    their own they all count; the extra samples the agent takes at each end of a task (per-task
+    energy, runtime/agent.py `_on_task` / `_poll_trainer`) are thinned out, and can only fill a
+    second the periodic sampler left empty. So this is "seconds of the window with fresh telemetry
+    at the server", at most ~1/(period - slack)."""
     if b <= a:
         return 0.0
     n, last = 0, -math.inf

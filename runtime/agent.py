@@ -31,7 +31,7 @@ from runtime.board import load_board
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.device_config import DeviceConfig
 from runtime.errors import OrchardError, TransportError
-from runtime.frames import decode_artifact, decode_task, encode_update
+from runtime.frames import DEFAULT_LIMITS, decode_artifact, decode_task, encode_update
 from runtime.layout import FloatArray
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
@@ -93,7 +93,8 @@ class Agent:
         self.outbox: list[tuple[str, list[bytes]]] = []  # (task id, chunks) finished while offline
         self.server: ServerState | None = None
         self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
-        self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES)
+        self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
+                                       max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
         self.samples: list[object] = []
         self.stop_event = threading.Event()
         offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
@@ -122,7 +123,11 @@ class Agent:
                 now = time.monotonic()
                 if now >= next_sample:
                     self.samples.append(self.sampler.sample(self.state))
-                    next_sample = now + 1.0 / self.cfg.telemetry_hz
+                    # On a fixed grid, so the rate does not drift below telemetry_hz; after a stall
+                    # (a frozen cgroup) restart the grid instead of bursting to catch up.
+                    next_sample += 1.0 / self.cfg.telemetry_hz
+                    if next_sample < now:
+                        next_sample = now + 1.0 / self.cfg.telemetry_hz
                 if now >= next_publish and self.samples:
                     self._publish_telemetry()
                     next_publish = now + TELEMETRY_BATCH_S
@@ -256,9 +261,10 @@ class Agent:
                        steps=task.local_steps, epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr,
                        seed=seed)
         self.trainer.submit(job, weights)
-        # A sample at each end of the task, so its energy covers the training burst itself and
-        # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J).
-        self.samples.append(self.sampler.sample("training"))
+        # Meter readings at each end of the task, so its energy covers the training burst itself and
+        # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J). They update
+        # the energy integral only: the telemetry stream stays at its fixed rate.
+        self.sampler.sample("training")
         self.running = _Running(task, weights, self.sampler.meter.energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
@@ -287,7 +293,7 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
-        self.samples.append(self.sampler.sample("training"))
+        self.sampler.sample("training")
         upload = str(task.options.get("upload", "weights"))
         values = outcome.weights - run.weights_in if upload == "delta" else outcome.weights
         layout = read_manifest(self.cfg.artifact_cache / task.artifact_key, verify=False).layout

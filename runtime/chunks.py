@@ -77,9 +77,13 @@ class Reassembler:
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
         max_partials: int = 256,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
+        # One frame's cap (the decoder's FrameLimits.max_frame_bytes): a frame announcing more is
+        # refused at its first chunk instead of being held in memory until the decoder refuses it.
+        self.max_frame_bytes = max_bytes if max_frame_bytes is None else min(max_frame_bytes, max_bytes)
         self.max_partials = max_partials
         self._clock = clock
         self._partials: dict[tuple[str, str], _Partial] = {}
@@ -104,6 +108,9 @@ class Reassembler:
                 return None
             partial = self._partials.get(ident)
             if partial is None:
+                if frame_len > self.max_frame_bytes:
+                    raise ProtocolError(f"{ctx}: announces a {frame_len}-byte frame, over the limit of "
+                                        f"{self.max_frame_bytes} bytes")
                 self._make_room(frame_len, now)
                 partial = self._partials[ident] = _Partial(now, total, frame_len)
                 self._reserved += frame_len

@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.errors import OrchardError, ProtocolError
-from runtime.frames import decode_update, encode_artifact, encode_task
+from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
 from runtime.protocol import (
     ID_PATTERN,
@@ -151,7 +151,8 @@ class Service:
         self.out = Outputs(run_dir, resume)
         self.out.event({"event": "server_start", "version": self.engine.version, "strategy": cfg.strategy,
                         "resume": resume, "model": self.model.model_name})
-        self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024)
+        self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024,
+                                       max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
         self.known_artifacts: dict[str, set[str]] = {}
         self.pending_row: dict[str, Any] | None = None
         self.finished: str | None = None

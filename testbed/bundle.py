@@ -5,8 +5,8 @@ config, a filled-in `device.toml` with paths relative to itself, the data shard,
 training artifacts, `install.sh`, the systemd unit, `build-ort-wheel.sh` and a README, with a
 `MANIFEST.json` of SHA-256 sums that `install.sh` checks before it touches the board.
 Bundling artifacts only saves the first download: the server pushes any artifact a device lacks.
-The shell scripts and README are templates in this file (`@NAME@` markers) so a bundle is built
-from one module; the scripts are syntax-checked and partly run by tests/unit/test_bundle.py.
+The shell scripts, unit and README are templates in testbed/bundle_templates/ (`@NAME@` markers);
+the scripts are syntax-checked and partly run by tests/unit/test_bundle.py.
 """
 
 from __future__ import annotations
@@ -44,8 +44,15 @@ ORT_VERSION = "1.19.2"  # the last onnxruntime-training release (platform.md §5
 # installed by install.sh. numpy<2 follows pyproject.toml (ORT 1.19.2 was built against 1.x).
 REQUIREMENTS = ("numpy>=1.24,<2", "paho-mqtt>=2,<3", "psutil>=5.9")
 BUNDLE_MANIFEST = "MANIFEST.json"
+TEMPLATES = Path(__file__).resolve().parent / "bundle_templates"
 SCRIPTS = ("install.sh", "build-ort-wheel.sh")
 Shard = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+def _template(name: str) -> str:
+    """A text in testbed/bundle_templates/, with `@NAME@` markers that `_render` fills."""
+    return (TEMPLATES / name).read_text()
+
 
 _HASH_CHECK = """import hashlib, json, os, sys
 bad = [f["path"] for f in json.load(open("MANIFEST.json"))["files"] if not os.path.isfile(f["path"])
@@ -57,281 +64,13 @@ _BUILD_CMDS = f"""  git clone --recursive --depth 1 --branch v{ORT_VERSION} http
   ./build.sh --config Release --build_shared_lib --parallel --enable_training_apis --build_wheel --skip_tests
   cp build/Linux/Release/dist/onnxruntime_training*.whl @HERE@/"""
 
-INSTALL_SH = r"""#!/usr/bin/env bash
-# Install the Orchard device agent from this bundle (@BOARD@, device @DEVICE@).
-# Usage: sudo bash install.sh [--prefix DIR] [--python PY] [--wheel FILE] [--broker URL] [--user NAME] [--no-service]
-set -euo pipefail
+INSTALL_SH = _template("install.sh")
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PREFIX=@PREFIX@
-PYTHON=@PYTHON@
-WHEEL=""
-BROKER=""
-RUN_USER=orchard
-SERVICE=1
-ORT_VERSION=@ORT_VERSION@
-ID_FROM_HOSTNAME=@ID_FROM_HOSTNAME@  # 1: the bundle names no device; use this board's hostname
+BUILD_ORT_SH = _template("build-ort-wheel.sh")
 
-die() { echo "install.sh: error: $*" >&2; exit 1; }
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
-    --python) PYTHON="${2:?--python needs an interpreter}"; shift 2 ;;
-    --wheel) WHEEL="${2:?--wheel needs a file}"; shift 2 ;;
-    --broker) BROKER="${2:?--broker needs a URL}"; shift 2 ;;
-    --user) RUN_USER="${2:?--user needs a name}"; shift 2 ;;
-    --no-service) SERVICE=0; shift ;;
-    -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
-done
+UNIT = _template("orchard-device.service")
 
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python >= 3.11 or pass --python"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-  || die "$PYTHON is $("$PYTHON" -V 2>&1); the runtime needs Python >= 3.11 (pass --python python3.11)"
-"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || die "$PYTHON has no venv; run: sudo apt-get install python3-venv"
-(cd "$HERE" && "$PYTHON" -c '@HASH_CHECK@') || die "the bundle in $HERE is damaged; copy the tarball again"
-if [ "$SERVICE" = 1 ] && [ "$(id -u)" != 0 ]; then
-  die "installing the systemd unit needs root: run with sudo, or pass --no-service --prefix ~/orchard"
-fi
-
-# Decide where onnxruntime-training comes from before changing anything, so a board without
-# a wheel is left untouched. Python wheels of the training build stopped at 1.19.2 and were
-# never published for Linux aarch64.
-ort_ok() {
-  "$1" -c 'import onnxruntime as o, os, sys
-api = os.path.join(os.path.dirname(o.__file__), "training", "api", "module.py")
-sys.exit(not (o.__version__.startswith("'"$ORT_VERSION"'") and os.path.isfile(api)))' 2>/dev/null
-}
-if [ -z "$WHEEL" ]; then
-  for w in "$HERE"/onnxruntime_training*.whl; do if [ -f "$w" ]; then WHEEL="$w"; fi; done
-fi
-ARCH="$(uname -m)"
-ORT_SOURCE=""
-if [ -n "$WHEEL" ]; then
-  [ -f "$WHEEL" ] || die "wheel $WHEEL not found"
-  ORT_SOURCE="$WHEEL"
-elif [ -x "$PREFIX/venv/bin/python" ] && ort_ok "$PREFIX/venv/bin/python"; then
-  echo "onnxruntime-training $ORT_VERSION already installed in $PREFIX/venv"
-elif [ "$ARCH" = x86_64 ]; then
-  ORT_SOURCE="onnxruntime-training-cpu==$ORT_VERSION"
-else
-  cat >&2 <<EOF
-There is no onnxruntime-training $ORT_VERSION wheel for $ARCH. Build one from source, once per
-Python version (it serves every board of that kind), on the board or in an $ARCH container:
-@BUILD_CMDS@
-(or run: bash $HERE/build-ort-wheel.sh, which also installs cmake >= 3.26 and checks the wheel).
-It needs about 6 GB of RAM + swap and takes hours on a Pi 4. Enlarge swap on Pi OS first:
-  sudo dphys-swapfile swapoff
-  sudo sed -i 's/^#\?CONF_SWAPSIZE=.*/CONF_SWAPSIZE=4096/; s/^#\?CONF_MAXSWAP=.*/CONF_MAXSWAP=4096/' /etc/dphys-swapfile
-  sudo dphys-swapfile setup && sudo dphys-swapfile swapon
-and pass --parallel 2 on a 4 GB board. Then run install.sh again (or pass --wheel FILE).
-EOF
-  die "no onnxruntime-training wheel for $ARCH: build it as shown above, then run install.sh again"
-fi
-
-set_key() {  # set_key KEY VALUE: rewrite one `key = ...` line of the installed device.toml
-  "$PYTHON" - "$PREFIX/device.toml" "$1" "$2" <<'EOF'
-import json, re, sys
-path, key, value = sys.argv[1:4]
-text = open(path).read()
-text, n = re.subn(rf"(?m)^{key} = .*$", lambda m: f"{key} = {json.dumps(value)}", text, count=1)
-if not n:
-    sys.exit(f"{path}: no '{key} =' line")
-open(path, "w").write(text)
-EOF
-}
-
-echo "installing into $PREFIX"
-mkdir -p "$PREFIX/artifacts" "$PREFIX/data"
-rm -rf "$PREFIX/runtime" "$PREFIX/firmware_configs"
-cp -r "$HERE/runtime" "$HERE/firmware_configs" "$PREFIX/"
-cp "$HERE/requirements.txt" "$HERE/README.md" "$HERE/MANIFEST.json" "$PREFIX/"
-if [ -f "$PREFIX/device.toml" ]; then cp "$PREFIX/device.toml" "$PREFIX/device.toml.bak"; fi
-cp "$HERE/device.toml" "$PREFIX/device.toml"
-# Artifacts pushed by the server accumulate in $PREFIX/artifacts; re-installing keeps them.
-if [ -d "$HERE/artifacts" ]; then cp -r "$HERE/artifacts/." "$PREFIX/artifacts/"; fi
-if [ -f "$HERE/data/shard.npz" ]; then cp "$HERE/data/shard.npz" "$PREFIX/data/shard.npz"; fi
-[ -f "$PREFIX/data/shard.npz" ] || echo "warning: no $PREFIX/data/shard.npz yet; the agent needs one (x, y arrays)" >&2
-if [ "$ID_FROM_HOSTNAME" = 1 ]; then
-  set_key id "$(hostname -s | tr -c 'A-Za-z0-9._\n-' '-' | cut -c1-64)"
-fi
-if [ -n "$BROKER" ]; then set_key url "$BROKER"; fi
-
-[ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/python" -m pip install --quiet -r "$PREFIX/requirements.txt"
-if [ -n "$ORT_SOURCE" ]; then
-  # -c keeps the requirements' pins (numpy<2) while pip resolves the wheel's own dependencies.
-  "$PREFIX/venv/bin/python" -m pip install --quiet -c "$PREFIX/requirements.txt" "$ORT_SOURCE"
-fi
-(cd "$PREFIX" && ORCHARD_FIRMWARE_CONFIGS="$PREFIX/firmware_configs" "$PREFIX/venv/bin/python" -c '
-from runtime.ort import training_api; training_api()
-from runtime.board import load_board; from runtime.device_config import load_device_config
-c = load_device_config("device.toml"); b = load_board(c.board)
-print(f"runtime ok: device {c.device_id} on {b.name}, broker {c.broker_url}, root {c.root}")') \
-  || die "the installed runtime does not start; see the Python error above"
-# The service user cannot write __pycache__ under the root-owned prefix: compile once here.
-"$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/runtime" >/dev/null
-
-if [ "$SERVICE" = 0 ]; then
-  echo "installed; start by hand: cd $PREFIX && venv/bin/python -m runtime --config device.toml"
-  exit 0
-fi
-if [ "$RUN_USER" != root ]; then
-  id "$RUN_USER" >/dev/null 2>&1 \
-    || useradd --system --home-dir "$PREFIX" --no-create-home --shell /usr/sbin/nologin "$RUN_USER"
-  # Power sensors: Pi 5's PMIC is read with vcgencmd (group video), INA2xx/INA3221 over i2c.
-  for g in video i2c; do if getent group "$g" >/dev/null; then usermod -aG "$g" "$RUN_USER"; fi; done
-  chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data"
-  # device.toml may hold the broker password: readable by the service user, not by everyone.
-  chown "root:$(id -gn "$RUN_USER")" "$PREFIX/device.toml" && chmod 640 "$PREFIX/device.toml"
-fi
-sed -e "s#@PREFIX@#$PREFIX#g" -e "s#^User=.*#User=$RUN_USER#" "$HERE/@UNIT@" > "/etc/systemd/system/@UNIT@"
-systemctl daemon-reload
-systemctl enable @UNIT@
-systemctl restart @UNIT@
-echo "started @UNIT@; logs: journalctl -u @UNIT@ -f"
-"""
-
-BUILD_ORT_SH = r"""#!/usr/bin/env bash
-# Build the onnxruntime-training @ORT_VERSION@ Python wheel from source, for boards without a published
-# wheel (Linux aarch64: Raspberry Pi 4/5, Jetson). Run it on the board or in an aarch64
-# container on a bigger machine, with the same Python minor version as the board's venv.
-# Env: PYTHON (default @PYTHON@), WORK (default ~/ort-build), JOBS (compile jobs),
-#      TRAINING_FLAG (default --enable_training_apis; see the wheel check at the end).
-set -euo pipefail
-
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-@PYTHON@}"
-WORK="${WORK:-$HOME/ort-build}"
-TRAINING_FLAG="${TRAINING_FLAG:---enable_training_apis}"
-die() { echo "build-ort-wheel.sh: error: $*" >&2; exit 1; }
-for tool in git g++ make "$PYTHON"; do
-  command -v "$tool" >/dev/null || die "$tool not found: apt-get install build-essential git python3-dev python3-venv"
-done
-
-# Some translation units need ~1.5 GB to compile: one job per 2 GB of RAM + swap, at most one per core.
-mem_kb=$(awk '/^MemTotal:/ {m=$2} /^SwapTotal:/ {s=$2} END {print m+s}' /proc/meminfo)
-JOBS="${JOBS:-$(( mem_kb / 2000000 > 0 ? mem_kb / 2000000 : 1 ))}"
-[ "$JOBS" -le "$(nproc)" ] || JOBS="$(nproc)"
-if [ "$mem_kb" -lt 6000000 ]; then
-  echo "warning: $((mem_kb / 1024)) MB of RAM + swap; the build may be killed. Add swap (Pi OS: CONF_SWAPSIZE=4096" \
-       "and CONF_MAXSWAP=4096 in /etc/dphys-swapfile, then dphys-swapfile setup && swapon; elsewhere:" \
-       "fallocate -l 4G /swapfile && chmod 600 /swapfile && mkswap /swapfile && swapon /swapfile)" >&2
-fi
-
-mkdir -p "$WORK"
-[ -x "$WORK/venv/bin/python" ] || "$PYTHON" -m venv "$WORK/venv"
-# shellcheck disable=SC1091
-. "$WORK/venv/bin/activate"
-# ORT 1.19 wants CMake >= 3.26; Debian 12 / Pi OS Bookworm ship 3.25, so take it from PyPI.
-pip install --quiet "cmake>=3.26" "numpy>=1.24,<2" packaging wheel setuptools
-if [ ! -d "$WORK/onnxruntime" ]; then
-  git clone --recursive --depth 1 --branch v@ORT_VERSION@ \
-    https://github.com/microsoft/onnxruntime.git "$WORK/onnxruntime"
-fi
-cd "$WORK/onnxruntime"
-ROOT_FLAG=""
-if [ "$(id -u)" = 0 ]; then ROOT_FLAG="--allow_running_as_root"; fi  # build.py refuses root otherwise
-# shellcheck disable=SC2086
-./build.sh --config Release --build_shared_lib --parallel "$JOBS" $TRAINING_FLAG --build_wheel --skip_tests $ROOT_FLAG
-
-WHL=""
-for w in build/Linux/Release/dist/onnxruntime_training*.whl; do if [ -f "$w" ]; then WHL="$w"; fi; done
-[ -n "$WHL" ] || die "the build left no onnxruntime_training*.whl in build/Linux/Release/dist"
-# setup.py lists the onnxruntime.training.api subpackage only for --enable_training builds; check
-# that this wheel has it rather than finding out on the board (upstream #16650).
-"$PYTHON" - "$WHL" <<'EOF' || die "$WHL lacks onnxruntime/training/api; rebuild with TRAINING_FLAG=--enable_training"
-import sys, zipfile
-sys.exit("onnxruntime/training/api/module.py" not in zipfile.ZipFile(sys.argv[1]).namelist())
-EOF
-cp "$WHL" "$HERE/"
-echo "built $(basename "$WHL"); now run: sudo bash $HERE/install.sh"
-"""
-
-UNIT = """# Orchard device agent: @BOARD@, device @DEVICE@. install.sh installs it (with its --prefix).
-[Unit]
-Description=Orchard device agent (@BOARD@)
-Documentation=file://@PREFIX@/README.md
-After=network-online.target
-Wants=network-online.target
-# Never give up restarting (the default gives up after 5 starts in 10 s): a board that crash-loops
-# at boot, e.g. before its network is up, must still rejoin later without a visit.
-StartLimitIntervalSec=0
-
-[Service]
-Type=simple
-User=orchard
-WorkingDirectory=@PREFIX@
-Environment=ORCHARD_FIRMWARE_CONFIGS=@PREFIX@/firmware_configs
-Environment=PYTHONUNBUFFERED=1
-ExecStart=@PREFIX@/venv/bin/python -m runtime --config @PREFIX@/device.toml
-Restart=always
-RestartSec=5
-# The agent says "offline" on SIGTERM and stops its trainer child; give it time to.
-TimeoutStopSec=20
-# No MemoryMax=/CPUQuota=: on a real board the board itself is the limit. The board config's
-# memory cap exists for the testbed, which emulates this board on a bigger host.
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-README = """# Orchard device bundle: @BOARD@ / @DEVICE@
-
-Built @CREATED@ by Orchard @VERSION@ for @BOARD_DESC@.
-
-## What is inside
-| path | what |
-|---|---|
-| `runtime/` | the device runtime (needs numpy, onnxruntime-training, paho-mqtt, psutil) |
-| `firmware_configs/@BOARD@.toml` | the board config: cores, RAM, power model, sensor |
-| `device.toml` | this device: id, board, shard, artifact cache, profiles, broker (paths relative to it) |
-| `data/shard.npz` | @SHARD@ |
-| `artifacts/<key>/` | @ARTIFACTS@ |
-| `requirements.txt` | pip packages, except onnxruntime-training (install.sh handles it) |
-| `install.sh`, `build-ort-wheel.sh` | installer; source build of the onnxruntime-training @ORT_VERSION@ wheel |
-| `@UNIT@` | systemd unit (install.sh installs it) |
-| `MANIFEST.json` | SHA-256 of every file; install.sh refuses a damaged bundle |
-
-## Install
-Needs Python >= 3.11 with venv (Pi OS Bookworm: `sudo apt-get install python3-venv`).
-
-    tar xzf @NAME@.tar.gz && sudo bash @NAME@/install.sh
-
-Options: `--prefix DIR` (default @PREFIX@), `--python PY`, `--wheel FILE`, `--broker URL`,
-`--user NAME` (default `orchard`, created), `--no-service`. It installs into a venv under the
-prefix and starts `@UNIT@`. onnxruntime-training @ORT_VERSION@: x86_64 gets
-`onnxruntime-training-cpu` from PyPI; aarch64 (Pi, Jetson) has no published wheel, so build
-it once with `bash build-ort-wheel.sh` (hours on a Pi 4; ~6 GB RAM + swap) or in an aarch64
-container, put the wheel next to `install.sh` (or pass `--wheel`) and run install.sh again.
-One wheel serves every board with the same Python; from the host, `orchard flash --wheel`.
-Re-running install.sh keeps the venv and pushed artifacts, and restores this bundle's
-`device.toml` (the previous one is kept as `device.toml.bak`).
-
-## Start, stop, logs
-    sudo systemctl status @UNIT@
-    sudo systemctl restart @UNIT@        # or stop / start
-    sudo systemctl disable --now @UNIT@  # stop, and do not start at boot
-    journalctl -u @UNIT@ -f
-
-## Broker
-`[broker] url` in `device.toml` (`mqtt://HOST:1883`, or `mqtts://user:pass@HOST:8883` with
-`ca_file`); `root` (now `@ROOT@`) must be the server's campaign root. Change it with
-`sudo bash install.sh --broker mqtt://HOST:1883`, or edit `@PREFIX@/device.toml` and restart.
-
-## Verify by hand
-    sudo systemctl stop @UNIT@ && cd @PREFIX@
-    sudo -u orchard ORCHARD_FIRMWARE_CONFIGS=$PWD/firmware_configs \\
-        venv/bin/python -m runtime --config device.toml --broker mqtt://HOST:1883 --log-level DEBUG
-
-The device says hello once the server's retained state is online; watch it with
-`mosquitto_sub -h HOST -t '@ROOT@/dev/+/status' -v`.
-
-## Uninstall
-    sudo systemctl disable --now @UNIT@ && sudo rm /etc/systemd/system/@UNIT@
-    sudo rm -rf @PREFIX@ && sudo userdel orchard
-"""
+README = _template("README.md")
 
 
 def _render(template: str, **values: str) -> str:

@@ -222,7 +222,7 @@ def _check_traces(file: str, where: str, group: Group) -> None:
 
     base = Path(file).parent
     try:
-        make_availability(group.availability, seed=0, base_dir=base)
-        make_cpu_trace(group.cpu, seed=0, base_dir=base)
+        make_availability(group.availability, seed=0, base_dir=base, device=f"{group.name}-0", index=0)
+        make_cpu_trace(group.cpu, seed=0, base_dir=base, device=f"{group.name}-0", index=0)
     except ConfigError as exc:
         raise ConfigError(f"{file}: {where}: {exc}") from None

@@ -137,8 +137,16 @@ def plot_memory(data: RunData, path: Path) -> Path:
         ax.plot(tr.t_s, tr.rss_agent_mb + tr.rss_trainer_mb, color="k", lw=1.2, label="agent+trainer", **dots)
         ax.plot(tr.t_s, tr.rss_agent_mb, color="#1971c2", lw=0.8, label="agent", **dots)
         ax.plot(tr.t_s, tr.rss_trainer_mb, color="#2b8a3e", lw=0.8, label="trainer", **dots)
-        if np.isfinite(tr.mem_limit_mb).any():
+        total = tr.rss_agent_mb + tr.rss_trainer_mb
+        peak = float(np.nanmax(total)) if np.isfinite(total).any() else 0.0
+        limit = float(np.nanmax(tr.mem_limit_mb)) if np.isfinite(tr.mem_limit_mb).any() else None
+        if limit is not None and limit <= 3 * max(peak, 1.0):
             ax.plot(tr.t_s, tr.mem_limit_mb, color="#e03131", ls="--", lw=1, label="limit")
+        elif limit is not None:
+            # A multi-GB board cap would flatten a ~100 MB working set: scale to the data, say the cap.
+            ax.set_ylim(top=peak * 1.4)
+            ax.text(0.98, 0.95, f"limit {limit:.0f} MB (off scale)", transform=ax.transAxes, ha="right",
+                    va="top", fontsize="x-small", color="#e03131")
         for t, _ in data.ooms.get(device, []):
             ax.axvline(t, color="#c92a2a", lw=1.5)
         ax.set_title(device, fontsize="small")

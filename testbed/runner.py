@@ -109,6 +109,7 @@ class CampaignRunner:
         throttle = self._throttle()
         started = time.monotonic()
         prepared = False
+        stack = contextlib.ExitStack()
         try:
             host = get_host_speed()
             plans = [DevicePlan(d, g.board, g.profiles, g.name) for d, g in self.c.devices()]
@@ -129,23 +130,26 @@ class CampaignRunner:
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], mem,
                                                  throttle.create(device_id, quotas[device_id], mem))
             self._write_fleet(throttle, host)
-            with open_broker(self.broker_spec) as broker:
-                self._loop(broker.url, started)
+            broker = stack.enter_context(open_broker(self.broker_spec))
+            self._loop(broker.url, started)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
         except BaseException as exc:
             self.stop_reason = f"error: {exc}"
             raise
         finally:
+            # Processes first, the broker last: the server and devices say goodbye through it.
             self._shutdown(throttle)
+            stack.close()
             if prepared and (self.run / "events.jsonl").exists():
                 self.summary = self._report()
         return self.summary
 
     def _server_tables(self, plans: list[DevicePlan]) -> dict[str, dict[str, Any]]:
         c = self.c
-        initially_online = sum(make_availability(g.availability, seed=c.seed + i, base_dir=self._base()).online_at(0.0)
-                               for i, (_, g) in enumerate(c.devices()))
+        initially_online = sum(
+            make_availability(g.availability, seed=c.seed + i, base_dir=self._base(), device=d, index=i).online_at(0.0)
+            for i, (d, g) in enumerate(c.devices()))
         rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
                                   "min_devices": max(1, initially_online), "task_timeout_s": max(60.0, c.wall_s / 4)}
         if c.rounds is not None:
@@ -223,8 +227,11 @@ class CampaignRunner:
     def _trace_driver(self) -> TraceDriver:
         avail, cpu = {}, {}
         for i, d in enumerate(self.devices.values()):
-            avail[d.device_id] = make_availability(d.group.availability, seed=self.c.seed + i, base_dir=self._base())
-            cpu[d.device_id] = make_cpu_trace(d.group.cpu, seed=self.c.seed + 1000 + i, base_dir=self._base())
+            # `device`/`index` pick this device's rows from a trace file that holds a whole fleet.
+            avail[d.device_id] = make_availability(d.group.availability, seed=self.c.seed + i, base_dir=self._base(),
+                                                   device=d.device_id, index=i)
+            cpu[d.device_id] = make_cpu_trace(d.group.cpu, seed=self.c.seed + 1000 + i, base_dir=self._base(),
+                                              device=d.device_id, index=i)
         return TraceDriver(avail, cpu, set_online=self._set_online, set_cpu_fraction=self._set_cpu_fraction)
 
     def _set_online(self, device_id: str, online: bool) -> None:

@@ -705,3 +705,15 @@ def test_chunks_that_overfill_the_announced_length_are_rejected() -> None:
     rejects(r.feed, "dev3", chunk(1, b"cd"), match="chunks exceed the announced 3 bytes")
     assert r.feed("dev3", chunk(0, b"a")) is None
     rejects(r.feed, "dev3", chunk(1, b"b"), match="chunks hold 2 bytes, announced 3")
+
+
+def test_reassembler_refuses_a_frame_over_its_cap_at_the_first_chunk():
+    from runtime.chunks import Reassembler, chunk_frame
+
+    r = Reassembler(timeout_s=10, max_bytes=1 << 20, max_frame_bytes=1000)
+    chunks = chunk_frame(b"x" * 5000, "big", chunk_bytes=1024)
+    with pytest.raises(ProtocolError, match="5000-byte frame, over the limit of 1000"):
+        r.feed("dev/a/update", chunks[0])
+    assert r.pending_bytes == 0
+    small = chunk_frame(b"y" * 900, "small")
+    assert r.feed("dev/a/update", small[0]) == b"y" * 900
