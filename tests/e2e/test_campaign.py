@@ -190,12 +190,14 @@ def test_memory_cap_below_need_records_oom_and_finishes(tmp_path, cgroups):
 name = "tiny"
 board = "rpi5"
 count = 1
-mem_limit_mb = 130
+mem_limit_mb = 140
+profiles = ["dense", "width=0.25"]
 """
-    # The CNN on 3x32x32 inputs needs ~150 MB in the trainer while training, ~65 MB idle; the agent
-    # ~40 MB. A 130 MB cap lets both start and kills the trainer once it trains.
+    # The dense CNN on 3x32x32 inputs peaks at ~146 MB in the trainer, its width-0.25 submodel at
+    # ~85 MB; the agent takes ~42 MB. Under a 140 MB cap both start, the dense trainer is OOM-killed
+    # once it trains, and the server moves the device to the width-0.25 profile it also offers.
     synthetic = '[model]\nname = "cnn"\ndataset = "synthetic"\nsamples = 600\ninput_shape = [3, 32, 32]\n'
-    path = campaign_file(tmp_path, "oom", fleet, rounds=4, model="cnn")
+    path = campaign_file(tmp_path, "oom", fleet, rounds=8, model="cnn")
     path.write_text(path.read_text().replace('[model]\nname = "cnn"\ndataset = "digits"\n', synthetic))
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
@@ -203,8 +205,15 @@ mem_limit_mb = 130
     ev = events(run)
     ooms = [e for e in ev if e["event"] == "oom"]
     assert ooms and all(e["device"] == "tiny-0" for e in ooms)
+    failed = [e for e in ev if e["event"] == "device_status" and e["device"] == "tiny-0" and e["state"] == "failed"]
+    assert failed and "SIGKILL" in failed[0]["detail"]
+    down = [e for e in ev if e["event"] == "profile_downgraded" and e["device"] == "tiny-0"]
+    assert down and down[0]["to"] == "width=0.25", down
+    later = [e for e in ev if e["event"] == "update_accepted" and e["device"] == "tiny-0"
+             and e["wall_t"] > down[0]["wall_t"]]
+    assert later, "the device never contributed after moving to the smaller profile"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds"] >= 4
+    assert summary["rounds"] >= 8
     tiny = next(d for d in summary["devices"] if d["id"] == "tiny-0")
     assert tiny["oom_count"] >= 1
     assert orchard_cgroups_left("oom") == []
