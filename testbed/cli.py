@@ -161,18 +161,6 @@ def cmd_flash(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_server(args: argparse.Namespace) -> int:
-    from server.__main__ import main as server_main
-
-    return server_main(args.rest)
-
-
-def cmd_device(args: argparse.Namespace) -> int:
-    from runtime.__main__ import main as device_main
-
-    return device_main(args.rest)
-
-
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -296,15 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("install_args", nargs=argparse.REMAINDER, help="after --: install.sh options (--broker URL)")
     fl.set_defaults(func=cmd_flash)
 
-    for name, func, what in (("server", cmd_server, "the aggregator (python -m server)"),
-                             ("device", cmd_device, "a device agent, as a board runs it (python -m runtime)")):
-        s = sub.add_parser(name, help=f"run {what}", add_help=False, description=f"Run {what}.")
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=func)
+    # Listed for `orchard --help`; main() hands their arguments to their own parsers.
+    for name, what in (("server", "the aggregator (python -m server)"),
+                       ("device", "a device agent, as a board runs it (python -m runtime)")):
+        sub.add_parser(name, help=f"run {what}", add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `server` and `device` hand everything after them to their own parsers (argparse's
+    # REMAINDER would not take a leading option such as --help).
+    if argv and argv[0] in ("server", "device"):
+        from runtime.__main__ import main as device_main
+        from server.__main__ import main as server_main
+
+        return (server_main if argv[0] == "server" else device_main)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
