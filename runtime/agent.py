@@ -30,7 +30,7 @@ from runtime import __version__
 from runtime.board import load_board
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.device_config import DeviceConfig
-from runtime.errors import OrchardError, TransportError
+from runtime.errors import OrchardError, ProtocolError, TransportError
 from runtime.frames import DEFAULT_LIMITS, decode_artifact, decode_task, encode_update
 from runtime.layout import FloatArray
 from runtime.manifest import MANIFEST, read_manifest
@@ -40,9 +40,11 @@ from runtime.protocol import (
     Artifact,
     Hello,
     ServerState,
+    SparseTensor,
     Status,
     Task,
     Telemetry,
+    TelemetrySample,
     Topics,
     Update,
     decode_json,
@@ -95,7 +97,7 @@ class Agent:
         self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
         self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
-        self.samples: list[object] = []
+        self.samples: list[TelemetrySample] = []
         self.stop_event = threading.Event()
         offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
         self.mqtt = MqttClient(cfg.broker_url, MqttConfig(
@@ -168,7 +170,7 @@ class Agent:
             log.warning("%s: status %s not sent: %s", self.id, state, exc)
 
     def _publish_telemetry(self) -> None:
-        batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))  # type: ignore[arg-type]
+        batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))
         self.samples = []
         with contextlib.suppress(TransportError):  # QoS 0 while offline: best-effort by design
             self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=0)
@@ -250,7 +252,10 @@ class Agent:
         try:
             layout = read_manifest(directory).layout
             validate_tensors(task.tensors, {p.name: p.shape for p in layout}, source="server")
-            weights = layout.join(task.tensors)  # type: ignore[arg-type]
+            dense = {name: t for name, t in task.tensors.items() if not isinstance(t, SparseTensor)}
+            if len(dense) != len(task.tensors):  # the server always sends whole submodels
+                raise ProtocolError(f"task {task.task_id} carries sparse tensors; tasks must be dense")
+            weights = layout.join(dense)
             profile = parse_profile(task.profile)
         except OrchardError as exc:
             self._set_state("failed", task.task_id, f"task {task.task_id} unusable: {exc}")

@@ -33,10 +33,6 @@ class Profile:
             if len(set(self.classes)) != len(self.classes) or list(self.classes) != sorted(self.classes):
                 raise ConfigError(f"profile class subset {list(self.classes)} must be sorted and unique")
 
-    @property
-    def is_dense(self) -> bool:
-        return self.width == 1.0 and self.classes is None
-
     def canonical(self) -> str:
         items = []
         if self.width != 1.0:

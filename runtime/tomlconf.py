@@ -106,10 +106,6 @@ class TomlTable:
             raise self.fail(f"[{self.table}] {key} must not be empty")
         return tuple(value)
 
-    def subtable(self, key: str, allowed: frozenset[str], default: Any = MISSING) -> TomlTable:
-        value = self._get(key, {} if default is not MISSING else default)
-        return TomlTable(self.file, f"{self.table}.{key}", value, allowed)
-
 
 def check_tables(file: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     """Reject unknown top-level tables or keys of a document."""

@@ -360,21 +360,6 @@ class ProfileByDevice(AssignPolicy):
         return self.profiles.get(device_id, self.default)
 
 
-@dataclass(frozen=True)
-class ProfileByCapability(AssignPolicy):
-    """Tiers by RAM: the first `(min_ram_mb, profile)` the device meets (largest first) and, if
-    the device lists the profiles it can run, one it lists; else `default`."""
-
-    tiers: tuple[tuple[int, str], ...]
-    default: str = "dense"
-
-    def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
-        for min_ram_mb, profile in sorted(self.tiers, key=lambda t: -t[0]):
-            if hello.ram_mb >= min_ram_mb and (not hello.profiles or profile in hello.profiles):
-                return profile
-        return self.default
-
-
 # Words a failure detail carries when the trainer ran out of memory: the kernel's OOM killer
 # sends SIGKILL (exit 137 / -9, runtime.trainer_proc.describe_exit), Python raises MemoryError.
 OOM_MARKERS = ("sigkill", "oom", "out of memory", "exit 137", "exit -9", "memoryerror")

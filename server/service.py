@@ -15,23 +15,28 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.errors import OrchardError, ProtocolError
 from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
+from runtime.layout import FloatArray, ParamLayout
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
 from runtime.protocol import (
     ID_PATTERN,
     Artifact,
     Hello,
     ServerState,
+    SparseTensor,
     Status,
     Task,
     Telemetry,
+    Tensor,
     Topics,
     decode_json,
     encode_json,
@@ -65,6 +70,28 @@ SERVER_CSV = ("round", "version", "wall_s", "accuracy", "loss", "n_updates", "ac
               "staleness_mean", "staleness_max", "devices", "reason")
 DEVICE_CSV = ("t", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
               "power_w", "energy_j", "temp_c", "power_source")
+
+
+def update_values(layout: ParamLayout, tensors: Mapping[str, Tensor], kind: str, base: FloatArray | None,
+                  *, source: str = "") -> FloatArray:
+    """The flat values of a validated update. A sparse tensor (a top-k upload) has its missing
+    coordinates filled as methods.md §5.3 reconstructs them: zero for a delta, the task's base
+    model for weights (`base`: the submodel's slice of it)."""
+    dense: dict[str, npt.NDArray[np.float32]] = {}
+    for p in layout:
+        tensor = tensors[p.name]
+        if not isinstance(tensor, SparseTensor):
+            dense[p.name] = tensor
+            continue
+        if kind == "delta":
+            filled = np.zeros(p.size, dtype=np.float32)
+        elif base is not None:
+            filled = base[p.offset : p.end].copy()
+        else:
+            raise ProtocolError(f"update from {source}: sparse weights need the task's base model, no longer kept")
+        filled[tensor.indices] = tensor.values
+        dense[p.name] = filled.reshape(p.shape)
+    return layout.join(dense)
 
 
 class Outputs:
@@ -171,7 +198,7 @@ class Service:
     # ------------------------------------------------------------ main loop
     def run(self) -> str:
         self.mqtt.connect()
-        self.mqtt.subscribe(f"{self.cfg.root}/dev/+/+", qos=1)
+        self.mqtt.subscribe(self.topics.all_devices, qos=1)
         self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
         next_tick = time.monotonic()
         try:
@@ -232,7 +259,7 @@ class Service:
                 frame = self.reassembler.feed(msg.topic, msg.payload)
                 if frame is not None:
                     self._on_update_frame(device_id, frame)
-        except ProtocolError as exc:
+        except OrchardError as exc:  # any bad input from a device is logged and dropped, never fatal
             self.out.event({"event": f"{kind}_rejected", "device": device_id, "reason": str(exc)})
 
     @staticmethod
@@ -247,9 +274,11 @@ class Service:
             # Let the engine name the reason (unknown task, duplicate, wrong device).
             self._feed(UpdateReceived(device_id, update, np.zeros(0, dtype=np.float32)))
             return
-        sub_layout = self.model.submodel(task.profile, task.round).sub_layout
-        validate_tensors(update.tensors, {p.name: p.shape for p in sub_layout}, source=device_id)
-        values = sub_layout.join(update.tensors)  # type: ignore[arg-type]
+        sub = self.model.submodel(task.profile, task.round)
+        validate_tensors(update.tensors, {p.name: p.shape for p in sub.sub_layout}, source=device_id)
+        base = self.engine.model_at(task.base_version)
+        base_sub = sub.extract(np.asarray(base)) if base is not None else None
+        values = update_values(sub.sub_layout, update.tensors, update.kind, base_sub, source=device_id)
         self._feed(UpdateReceived(device_id, update, values))
 
     # ------------------------------------------------------------ actions -> the world

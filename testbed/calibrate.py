@@ -144,15 +144,6 @@ def board_quota_cores(board: BoardConfig, host_speed: HostSpeed | float) -> floa
     return board.cores * min(1.0, board.speed_factor / _speed(host_speed))
 
 
-def board_memory_cap_mb(board: BoardConfig) -> int:
-    return board.memory_cap_mb
-
-
-def trainer_threads(cpu_quota_cores: float | None) -> int:
-    """ORT intra-op threads for a quota (floor, at least 1; see runtime.telemetry.threads_for_quota)."""
-    return threads_for_quota(cpu_quota_cores)
-
-
 def check_fleet_capacity(quotas: Sequence[float] | Mapping[str, float], host_cores: int,
                          max_oversubscription: float = DEFAULT_MAX_OVERSUBSCRIPTION) -> float:
     """Total quota of a fleet, or ConfigError if the host cannot serve it.
@@ -345,7 +336,7 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
     from testbed.throttle import detect_throttle
 
     quota = board_quota_cores(board, host_speed)
-    threads = trainer_threads(quota)
+    threads = threads_for_quota(quota)
     artifact = artifact or reference_artifact()
     base = run_probe(artifact, threads=threads, steps=steps, warmup=warmup, gemm_reps=0, rounds=3)
     own = throttle is None
@@ -379,13 +370,6 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
         target_ms=base.step_ms_median * max(1.0, threads / quota),
         board_core_ms=base.step_ms_median * _speed(host_speed) / board.speed_factor, nr_throttled=stats.nr_throttled,
         cpu_ms_per_step=result.cpu_ms_per_step, delivered_cores=result.cpu_ms_per_step / result.step_ms_mean)
-
-
-def emulated_step_ms(board: BoardConfig, host_speed: HostSpeed | float, **kwargs: Any) -> float:
-    """Reference step time of the board emulated on this host: the MEAN (wall / steps), not the
-    median, because under a 100 ms CFS period single steps are bimodal (measured here: rpi5
-    steps of 24 or 65 ms, median -37 % off the target while the mean was within 2 %)."""
-    return emulate_reference_step(board, host_speed, **kwargs).step_ms_mean
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,8 +98,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
               f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
 
     summary = run_federation(spec, force=args.force, progress=show)
-    print(json.dumps(summary))
-    return 0 if summary["server_exit"] == 0 else 1
+    keys = ("strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "updates_accepted",
+            "updates_rejected", "utilization", "server_exit")
+    print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0 if summary.get("server_exit") == 0 else 1
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:

@@ -163,15 +163,10 @@ def run_federation(spec: FederationSpec, force: bool = False,
                     raise ConfigError(f"federation did not finish within {spec.time_limit_s + 60:.0f} s")
         finally:
             fed.stop_all()
-    rows = server_rows(run)
-    accuracies = [float(r["accuracy"]) for r in rows if r.get("accuracy")]
-    summary = {
-        "run": str(run), "strategy": spec.strategy, "devices": spec.devices, "rounds": len(rows),
-        "wall_s": round(time.monotonic() - started, 2),
-        "first_accuracy": accuracies[0] if accuracies else None,
-        "final_accuracy": accuracies[-1] if accuracies else None,
-        "best_accuracy": max(accuracies) if accuracies else None,
-        "server_exit": fed.server.returncode if fed.server else None,
-    }
-    (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from testbed.report import write_report
+
+    # The report keeps keys it does not compute itself, such as the server's exit code.
+    exit_code = fed.server.returncode if fed.server else None
+    (run / "summary.json").write_text(json.dumps({"server_exit": exit_code}) + "\n")
+    summary: dict[str, Any] = write_report(run)
     return summary

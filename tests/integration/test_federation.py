@@ -26,6 +26,7 @@ import pytest
 
 from runtime.chunks import CHUNK_MAGIC, CHUNK_VERSION, chunk_frame
 from runtime.frames import encode_update
+from runtime.protocol import SparseTensor
 
 from .conftest import Harness
 
@@ -224,3 +225,27 @@ def test_unknown_task_unknown_device_stale_refused_and_redelivery_counted_once(f
     # The fake's one accepted update is in exactly one aggregation.
     assert sum(r["devices"].split().count("dev1") for r in rows) == 1
     assert int(rows[-1]["accepted"]) == sum(int(r["n_updates"]) for r in rows)
+
+
+def test_sparse_weights_update_is_reconstructed_from_the_base_model(federation: Federate) -> None:
+    """A top-k upload (SparseTensor) fills its missing coordinates from the task's base model
+    (methods.md §5.3). It once reached `ParamLayout.join` as an object and crashed the server."""
+    h = federation(devices=2, rounds=1, strategy="fedavg")
+    h.edit_server_toml("rounds", min_devices=1)  # the fake is the only device: its update is the round
+    h.start(devices=[])
+    fake = h.fake("dev1")
+    fake.hello()
+    task = fake.next_task()
+    init = np.load(h.run / "init.npy")
+    first = next(iter(task.tensors))
+    dense = np.asarray(task.tensors[first], np.float32)
+    picked = np.arange(0, dense.size, 3, dtype=np.int64)
+    values = dense.reshape(-1)[picked] + np.float32(0.5)
+    sparse = SparseTensor(shape=dense.shape, indices=picked, values=values.astype(np.float32))
+    fake.send_update(fake.update(task, **{first: sparse}))
+    h.wait_version(1)
+    _, global_flat = h.checkpoint_global()
+    expected = init.copy()
+    expected[picked] += np.float32(0.5)  # the first tensor starts at offset 0 of the flat buffer
+    np.testing.assert_allclose(global_flat, expected, rtol=0, atol=1e-6)
+    assert h.wait_server_exit(60) == 0

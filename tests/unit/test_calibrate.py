@@ -11,19 +11,18 @@ import pytest
 
 from runtime.board import load_board
 from runtime.errors import ConfigError
+from runtime.telemetry import threads_for_quota
 from testbed import calibrate
 from testbed.calibrate import (
     REFERENCE_STEP_MS_AT_SPEED_1,
     SPEED_1_FP32_GFLOPS,
     HostSpeed,
-    board_memory_cap_mb,
     board_quota_cores,
     check_fleet_capacity,
     derive_reference_step_ms,
     get_host_speed,
     measure_host_speed,
     reference_step_flops,
-    trainer_threads,
 )
 
 
@@ -66,13 +65,13 @@ def test_board_quota_formula() -> None:
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="host speed"):
             board_quota_cores(rpi4, bad)
-    assert board_memory_cap_mb(rpi4) == 4096 - 512
+    assert rpi4.memory_cap_mb == 4096 - 512
 
 
 def test_trainer_threads_round_quota_down() -> None:
-    assert trainer_threads(0.2) == 1
-    assert trainer_threads(1.99) == 1
-    assert trainer_threads(2.0) == 2
+    assert threads_for_quota(0.2) == 1
+    assert threads_for_quota(1.99) == 1
+    assert threads_for_quota(2.0) == 2
 
 
 def test_fleet_capacity() -> None:
