@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup campaign test lint bench train clean
+.PHONY: setup data campaign sweep test lint bench train clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Fashion-MNIST, the dataset method comparisons use (Debian's package puts it where the reader
+# looks by default). Installs it as root; otherwise says what to run.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -f $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST: $(FASHION_MNIST)"; \
+	elif [ "$$(id -u)" = "0" ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is not installed; run: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -1,5 +1,6 @@
 """Datasets: scikit-learn digits (the offline default), CIFAR-10 python batches, MNIST and
-Fashion-MNIST IDX files, and a seeded synthetic generator for benchmarks.
+Fashion-MNIST IDX files, and a seeded synthetic generator for benchmarks. Fashion-MNIST needs no
+root where Debian's dataset-fashion-mnist package is installed (`default_root`).
 
 Every loader returns float32 images shaped (N, C, H, W) scaled to [0, 1] and int64 labels.
 CIFAR-10 is deliberately not mean/std normalised: one [0, 1] convention for every dataset means
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,18 @@ FASHION_MNIST_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 CIFAR10_IMAGE_BYTES = 3 * 32 * 32
 IDX_PREFIXES = {"train": "train", "test": "t10k"}
+# Where Debian's dataset-fashion-mnist package puts the real files (gzipped IDX); `make data`
+# installs it. ORCHARD_FASHION_MNIST overrides the folder (a test, or a copy elsewhere).
+FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ROOT_ENV = "ORCHARD_FASHION_MNIST"
+FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist  (or: make data)"
+
+
+def default_root(name: str) -> Path | None:
+    """The folder a dataset is read from when no root is given (None: it has no default)."""
+    if name != "fashion-mnist":
+        return None
+    return Path(os.environ.get(FASHION_MNIST_ROOT_ENV) or FASHION_MNIST_DEFAULT_ROOT)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields elementwise has no truth value
@@ -177,7 +191,12 @@ def _read_idx(name: str, folder: Path, stem: str, ndim: int) -> ByteArray:
 
 
 def _load_idx_dataset(name: str, root: str | Path | None, split: str) -> Dataset:
-    folder = _folder(name, root, "train-/t10k-images-idx3-ubyte and -labels-idx1-ubyte (optionally .gz)")
+    holds = "train-/t10k-images-idx3-ubyte and -labels-idx1-ubyte (optionally .gz)"
+    fallback = default_root(name)
+    if root is None and fallback is not None and not fallback.is_dir():
+        raise DatasetError(f"{name}: no data_root given and the default folder {fallback} does not exist; "
+                           f"install it: {FASHION_MNIST_INSTALL}")
+    folder = _folder(name, root if root is not None else fallback, holds)
     images: list[ByteArray] = []
     labels: list[ByteArray] = []
     for part in ("train", "test") if split == "all" else (split,):

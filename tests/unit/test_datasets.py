@@ -11,7 +11,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from models.datasets import Dataset, load_dataset, train_test_split
+from models.datasets import (
+    FASHION_MNIST_DEFAULT_ROOT,
+    FASHION_MNIST_ROOT_ENV,
+    Dataset,
+    load_dataset,
+    train_test_split,
+)
 from runtime.errors import ConfigError, DatasetError
 
 Array = npt.NDArray[np.generic]
@@ -202,6 +208,26 @@ def test_fashion_mnist_names_and_odd_image_size(tmp_path: Path) -> None:
     make_mnist(tmp_path, side=5, gz=True)
     ds = load_dataset("fashion_mnist", tmp_path, split="train")
     assert ds.name == "fashion-mnist" and ds.input_shape == (1, 5, 5) and ds.class_names[9] == "Ankle boot"
+
+
+def test_fashion_mnist_default_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_mnist(tmp_path, side=5, gz=True)
+    monkeypatch.setenv(FASHION_MNIST_ROOT_ENV, str(tmp_path))
+    assert len(load_dataset("fashion-mnist", split="train")) == 12  # no root: the default folder
+    monkeypatch.setenv(FASHION_MNIST_ROOT_ENV, str(tmp_path / "absent"))
+    with pytest.raises(DatasetError, match=r"fashion-mnist: no data_root given and the default folder "
+                                           rf"{tmp_path / 'absent'} does not exist; install it: apt-get install "
+                                           r"dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DEFAULT_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FASHION_MNIST_ROOT_ENV, raising=False)
+    test = load_dataset("fashion-mnist", split="test")
+    assert len(test) == 10_000 and test.input_shape == (1, 28, 28)
+    assert np.array_equal(test.label_histogram(), np.full(10, 1000))  # the published test split is balanced
+    assert 0.2 < float(test.x.mean()) < 0.4  # real images, scaled to [0, 1]
 
 
 def test_idx_missing_root_folder_and_file(tmp_path: Path) -> None:
