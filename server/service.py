@@ -42,6 +42,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
+from runtime.profile import parse_profile
 from runtime.trainer import Trainer
 from server import checkpoint
 from server.config import ServerConfig
@@ -164,6 +165,11 @@ class Service:
         with np.load(cfg.eval_data) as data:
             self.eval_x, self.eval_y = data["x"].astype(np.float32), data["y"].astype(np.int64)
         self.evaluator = Trainer(self.model.global_dir, threads=1)
+        # Every fixed submodel is scored too, each version: a width or class profile is a model a
+        # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round.
+        self.profile_evaluators = {
+            name: Trainer(art.directory, threads=1) for name, art in sorted(self.model.profiles.items())
+            if not self.model.submodel(name, 0).is_full and parse_profile(name).window != "rolling"}
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
         if cfg.downgrade_on_oom:
@@ -268,7 +274,15 @@ class Service:
             raise ProtocolError(f"message on the topic of {topic_id!r} claims to be from {claimed!r}")
 
     def _on_update_frame(self, device_id: str, frame: bytes) -> None:
-        update = decode_update(frame, source=device_id)
+        received = {"event": "update_received", "device": device_id, "bytes": len(frame)}
+        try:
+            update = decode_update(frame, source=device_id)
+        except OrchardError:
+            self.out.event(received)  # a refused frame still crossed the link: count its bytes
+            raise
+        metrics = {k: round(float(v), 4) for k in ("step_ms_median", "loss_last")
+                   if isinstance(v := update.metrics.get(k), (int, float)) and np.isfinite(v)}
+        self.out.event({**received, "task_id": update.task_id, "peak_rss_mb": update.peak_rss_mb, **metrics})
         task = self.engine.outstanding.get(update.task_id)
         if task is None or task.device_id != device_id:
             # Let the engine name the reason (unknown task, duplicate, wrong device).
@@ -306,6 +320,11 @@ class Service:
                 self.pending_row.update(accuracy=round(ev.accuracy, 5), loss=round(ev.loss, 5))
             self._flush_row()
             log.info("version %d: accuracy %.4f", action.version, ev.accuracy)
+            flat = np.asarray(self.engine.global_flat)
+            for profile, evaluator in self.profile_evaluators.items():
+                sub = evaluator.evaluate(self.model.submodel(profile, 0).extract(flat), self.eval_x, self.eval_y)
+                self.out.event({"event": "evaluate_profile", "version": action.version, "profile": profile,
+                                "accuracy": sub.accuracy, "loss": sub.loss})
         elif isinstance(action, Finish):
             self.finished = action.reason
 
@@ -335,7 +354,10 @@ class Service:
             batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0,
             tensors=sub.sub_layout.split(weights), options={"upload": knobs.upload, "encoding": knobs.encoding},
         )
-        self._publish_chunks(self.topics.task(action.device_id), encode_task(task))
+        frame = encode_task(task)
+        self._publish_chunks(self.topics.task(action.device_id), frame)
+        self.out.event({"event": "task_frame", "device": action.device_id, "task_id": action.task_id,
+                        "bytes": len(frame)})
 
     def _publish_chunks(self, topic: str, frame: bytes) -> None:
         self._send_seq += 1

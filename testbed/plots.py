@@ -54,17 +54,26 @@ def _colour(i: int) -> tuple[float, float, float, float]:
 
 
 def plot_accuracy(data: RunData, path: Path) -> Path:
-    """Global model accuracy vs wall time and vs version, with the target as a dotted line."""
+    """Global model accuracy vs wall time and vs version, with the target as a dotted line; one
+    more line per submodel profile the server scored (dashed)."""
     fig = Figure(layout="constrained", figsize=(11, 3.8))
     ax_t, ax_v = fig.subplots(1, 2)
     rounds = [r for r in data.rounds if r.accuracy is not None]
-    for ax, xs, label in ((ax_t, [r.t_s for r in rounds], "wall time since server start (s)"),
-                          (ax_v, [r.version for r in rounds], "global model version")):
+    profiles = sorted({p for r in data.rounds for p in r.profile_accuracy})
+    for ax, x_of, label in ((ax_t, lambda r: r.t_s, "wall time since server start (s)"),
+                            (ax_v, lambda r: r.version, "global model version")):
         if rounds:
-            ax.plot(xs, [r.accuracy for r in rounds], marker="o", ms=3)
+            ax.plot([x_of(r) for r in rounds], [r.accuracy for r in rounds], marker="o", ms=3, color=_colour(0),
+                    label="global model")
+            for i, profile in enumerate(profiles, start=1):
+                scored = [r for r in data.rounds if profile in r.profile_accuracy]
+                ax.plot([x_of(r) for r in scored], [r.profile_accuracy[profile] for r in scored], ls="--",
+                        marker=".", ms=3, color=_colour(i), label=profile)
+            if profiles or data.target_accuracy is not None:
+                ax.legend(loc="lower right", fontsize="small")
             if data.target_accuracy is not None:
                 ax.axhline(data.target_accuracy, ls=":", color="#e03131", label=f"target {data.target_accuracy:g}")
-                ax.legend(loc="lower right")
+                ax.legend(loc="lower right", fontsize="small")
         else:
             _no_data(ax, "evaluation")
         ax.set_xlabel(label)
@@ -72,6 +81,49 @@ def plot_accuracy(data: RunData, path: Path) -> Path:
         ax.grid(alpha=0.3)
     ax_v.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{data.campaign}: accuracy")
+    return _save(fig, path)
+
+
+def plot_loss(data: RunData, path: Path) -> Path:
+    """The loss curve: the global model's held-out loss and the merged updates' mean training loss
+    (at the end of their tasks), per version."""
+    fig = Figure(layout="constrained", figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    evaluated = [r for r in data.rounds if r.loss is not None]
+    trained = [r for r in data.rounds if r.train_loss is not None]
+    if evaluated:
+        ax.plot([r.version for r in evaluated], [r.loss for r in evaluated], marker="o", ms=3, label="held-out loss")
+    if trained:
+        ax.plot([r.version for r in trained], [r.train_loss for r in trained], marker=".", ms=3, ls="--",
+                label="training loss (merged updates)")
+    if evaluated or trained:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, "loss")
+    ax.set_xlabel("global model version")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{data.campaign}: loss")
+    return _save(fig, path)
+
+
+def plot_bytes(data: RunData, path: Path) -> Path:
+    """Bytes down (tasks and artifacts) and up (updates) per round, in MB."""
+    fig = Figure(layout="constrained", figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    rounds = [r for r in data.rounds if r.logged]
+    if rounds and (data.bytes_up or data.bytes_down):
+        versions = np.array([r.version for r in rounds], dtype=float)
+        ax.bar(versions - 0.2, [r.bytes_down / 1e6 for r in rounds], width=0.4, color="#1971c2", label="down")
+        ax.bar(versions + 0.2, [r.bytes_up / 1e6 for r in rounds], width=0.4, color="#f08c00", label="up")
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, "frame size")
+    ax.set_xlabel("global model version (round end)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("MB per round")
+    ax.set_title(f"{data.campaign}: bytes per round")
     return _save(fig, path)
 
 
@@ -237,7 +289,8 @@ def write_plots(data: RunData, out: Path, warnings: list[str], overall_utilizati
     out.mkdir(parents=True, exist_ok=True)
     overall = overall_utilization
     jobs: list[tuple[str, Callable[[Path], Path]]] = [
-        ("accuracy", lambda p: plot_accuracy(data, p)), ("timeline", lambda p: plot_timeline(data, p)),
+        ("accuracy", lambda p: plot_accuracy(data, p)), ("loss", lambda p: plot_loss(data, p)),
+        ("bytes", lambda p: plot_bytes(data, p)), ("timeline", lambda p: plot_timeline(data, p)),
         ("cpu", lambda p: plot_cpu(data, p)), ("memory", lambda p: plot_memory(data, p)),
         ("energy", lambda p: plot_energy(data, p)), ("staleness", lambda p: plot_staleness(data, p)),
         ("utilization", lambda p: plot_utilization(data, p, overall)),

@@ -31,6 +31,20 @@ Definitions (also written into summary.json under "definitions"):
   `energy_j_telemetry` is the whole fleet's telemetry energy (idle included) between the round's
   start and end, interpolated between samples (a trace is flat outside its samples; None
   when no device has two samples).
+- energy_to_target_j: the whole fleet's telemetry energy (idle included) from each device's start
+  up to time_to_target_s (null when the target was not reached).
+- bytes per round: `bytes_down` is every task and artifact frame the server sent, `bytes_up` every
+  update frame it received (refused ones too), after the previous aggregation and up to this one.
+- accuracy per profile: the server scores the global model and, at every version, each fixed
+  submodel profile (a width or class subset; rolling windows move each round) on the held-out split.
+  `served_profile` is the model the run serves: the global model ("dense") when some device trains
+  all of it (dense, or a rolling window that visits every channel), else the widest submodel any
+  device trains (an untrained part of the model is not scored). final_accuracy, best_accuracy and
+  time_to_target_s are those of the served model.
+- groups (tiers: one [[fleet]] group each): the accuracy of the model the group trains (its
+  profile's, the global model's for dense or rolling), its devices' updates, train_s, energy_j,
+  peak_rss_mb (telemetry, agent + trainer) and step_ms_median (median over its updates'
+  device-reported median step times).
 """
 
 from __future__ import annotations
@@ -74,6 +88,8 @@ class Update:
     staleness: int
     profile: str | None
     version: int | None = None  # the version it was merged into; None = never merged
+    step_ms_median: float | None = None
+    loss_last: float | None = None  # training loss at the end of the task
 
 
 @dataclass
@@ -89,6 +105,10 @@ class Round:
     energy_j_telemetry: float | None = None
     utilization: float | None = None
     logged: bool = False  # its `aggregated` event was read, so its updates are known
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float | None = None  # sample-unweighted mean of the merged updates' loss_last
+    profile_accuracy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,6 +134,7 @@ class RunData:
     target_accuracy: float | None
     devices: list[str]
     boards: dict[str, str]
+    groups: dict[str, str]  # device -> [[fleet]] group (fleet.json), else its board
     end_s: float
     rounds: list[Round]
     updates: list[Update]
@@ -123,6 +144,9 @@ class RunData:
     traces: dict[str, Trace]
     stop_reason: str | None
     warnings: list[str] = field(default_factory=list)
+    bytes_up: int = 0  # whole run
+    bytes_down: int = 0
+    last_profile: dict[str, str] = field(default_factory=dict)  # device -> profile of its last task
 
 
 def _num(text: Any) -> float | None:
@@ -242,6 +266,7 @@ def load_run(run_dir: Path) -> RunData:
             warnings.append(f"config.toml is not valid TOML ({exc}); no target accuracy read")
     campaign_table, stop_table = (t if isinstance(t := config.get(k), dict) else {} for k in ("campaign", "stop"))
     fleet_devices = [d for d in (fleet or {}).get("devices", []) if isinstance(d, dict) and "id" in d]
+    fleet_by_id = {str(d["id"]): d for d in fleet_devices}
 
     boards = {str(d["id"]): str(d.get("board", "")) for d in fleet_devices}
     seen: set[str] = set()
@@ -265,28 +290,47 @@ def load_run(run_dir: Path) -> RunData:
     first_dispatch_s: float | None = None
     rejected, stop_reason = 0, None
     ooms: dict[str, list[tuple[float, int]]] = {}
+    received: dict[tuple[str, str], dict[str, Any]] = {}
+    last_profile: dict[str, str] = {}
+    up = down = total_up = total_down = 0
+    profile_acc: list[tuple[int, str, float]] = []
     for e in events:
         kind, t_s = e["event"], float(e["wall_t"]) - origin
-        if kind == "task_sent":
+        if kind in ("task_frame", "artifact_sent", "update_received"):
+            n_bytes = int(_num(e.get("bytes")) or 0)
+            if kind == "update_received":
+                up, total_up = up + n_bytes, total_up + n_bytes
+                received[(str(e.get("device")), str(e.get("task_id")))] = e
+            else:
+                down, total_down = down + n_bytes, total_down + n_bytes
+        elif kind == "task_sent":
             profiles[(str(e.get("device")), str(e.get("task_id")))] = str(e.get("profile"))
+            last_profile[str(e.get("device"))] = str(e.get("profile"))
             first_dispatch_s = t_s if first_dispatch_s is None else first_dispatch_s
         elif kind == "update_accepted":
             key = (str(e.get("device")), str(e.get("task_id")))
+            got = received.get(key, {})
             u = Update(key[0], key[1], t_s, _num(e.get("train_s")) or 0.0, _num(e.get("energy_j")) or 0.0,
-                       int(_num(e.get("staleness")) or 0), profiles.get(key))
+                       int(_num(e.get("staleness")) or 0), profiles.get(key),
+                       step_ms_median=_num(got.get("step_ms_median")), loss_last=_num(got.get("loss_last")))
             updates.append(u)
             pending.append(u)
+        elif kind == "evaluate_profile" and _num(e.get("version")) is not None and _num(e.get("accuracy")) is not None:
+            profile_acc.append((int(e["version"]), str(e.get("profile")), float(e["accuracy"])))
         elif kind.endswith("_rejected"):
             rejected += 1
         elif kind == "aggregation_failed":
             pending = []
         elif kind == "aggregated" and _num(e.get("version")) is not None:
-            r = rounds[int(e["version"])] = Round(int(e["version"]), t_s, n_updates=len(pending), logged=True)
+            r = rounds[int(e["version"])] = Round(int(e["version"]), t_s, n_updates=len(pending), logged=True,
+                                                  bytes_up=up, bytes_down=down)
             for u in pending:
                 u.version = r.version
                 r.train_s += u.train_s
                 r.energy_j_updates += u.energy_j
-            pending = []
+            losses = [u.loss_last for u in pending if u.loss_last is not None]
+            r.train_loss = float(np.mean(losses)) if losses else None
+            pending, up, down = [], 0, 0
         elif kind == "evaluate" and _num(e.get("version")) is not None and int(e["version"]) in rounds:
             rounds[int(e["version"])].accuracy = _num(e.get("accuracy"))
             rounds[int(e["version"])].loss = _num(e.get("loss"))
@@ -312,6 +356,9 @@ def load_run(run_dir: Path) -> RunData:
             r.t_s, r.n_updates = last_s, int(_num(row.get("n_updates")) or 0)
         r.accuracy = _num(row.get("accuracy")) if _num(row.get("accuracy")) is not None else r.accuracy
         r.loss = _num(row.get("loss")) if _num(row.get("loss")) is not None else r.loss
+    for version, profile, accuracy in profile_acc:
+        if version in rounds:
+            rounds[version].profile_accuracy[profile] = accuracy
     ordered = sorted(rounds.values(), key=lambda r: r.version)
     n_fleet = max(1, len(devices))
     prev: Round | None = None
@@ -332,7 +379,8 @@ def load_run(run_dir: Path) -> RunData:
         fleet=fleet, config_text=config_text, target_accuracy=_num(stop_table.get("target_accuracy")),
         devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
         timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
-        warnings=warnings)
+        warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile,
+        groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices})
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -341,10 +389,12 @@ def _r(value: float | None, digits: int = 3) -> float | None:
 
 def summarise(data: RunData) -> dict[str, Any]:
     """The headline figures of a run (see the module docstring for the definitions)."""
+    from testbed import breakdown
+
     rounds, n_fleet = data.rounds, max(1, len(data.devices))
-    evaluated = [r for r in rounds if r.accuracy is not None]
+    curve = breakdown.served_curve(data)  # (t_s, version, accuracy) of the model the run serves
     target = data.target_accuracy
-    reached = [r for r in evaluated if target is not None and r.accuracy is not None and r.accuracy >= target]
+    reached = [t for t, _, a in curve if target is not None and a >= target]
     merged = [r for r in rounds if r.logged and r.start_s is not None]
     span_s = (merged[-1].t_s - merged[0].start_s) if merged and merged[0].start_s is not None else 0.0
     fleet_by_id = {str(d.get("id")): d for d in (data.fleet or {}).get("devices", []) if isinstance(d, dict)}
@@ -369,22 +419,31 @@ def summarise(data: RunData) -> dict[str, Any]:
             "oom_count": max([len(ooms), *(k for _, k in ooms)]),  # oom_kills is the cgroup's cumulative counter
         })
     energies = [float(tr.energy_j[-1]) for d, tr in data.traces.items() if d in data.devices]
+    time_to_target_s = reached[0] if reached else None
     return {
         "run": str(data.run_dir), "campaign": data.campaign, "strategy": data.strategy,
         "wall_s": _r(data.end_s), "rounds": len(rounds), "n_devices": len(data.devices),
-        "final_accuracy": evaluated[-1].accuracy if evaluated else None,
-        "best_accuracy": max(r.accuracy for r in evaluated if r.accuracy is not None) if evaluated else None,
-        "target_accuracy": target, "time_to_target_s": _r(reached[0].t_s) if reached else None,
+        "served_profile": breakdown.served_profile(data),
+        "final_accuracy": curve[-1][2] if curve else None,
+        "best_accuracy": max(a for _, _, a in curve) if curve else None,
+        "target_accuracy": target, "time_to_target_s": _r(time_to_target_s),
+        "energy_to_target_j": _r(breakdown.energy_until_j(data, time_to_target_s)),
         "updates_accepted": len(data.updates), "updates_rejected": data.rejected,
         "utilization": _r(sum(r.train_s for r in merged) / (n_fleet * span_s), 4) if span_s > 0 else None,
         "train_s_total": _r(sum(u.train_s for u in data.updates)),
         "energy_j_total": _r(sum(energies)) if energies else None,
+        "bytes_up_total": data.bytes_up, "bytes_down_total": data.bytes_down,
         "throttle_backend": (data.fleet or {}).get("throttle_backend"),
         "throttle_warning": (data.fleet or {}).get("throttle_warning"),
-        "stop_reason": data.stop_reason, "warnings": data.warnings, "devices": devices,
+        "stop_reason": data.stop_reason, "warnings": data.warnings,
+        "accuracy_per_profile": breakdown.final_profile_accuracy(data),
+        "groups": breakdown.group_rows(data, devices), "devices": devices,
         "per_round": [{"version": r.version, "t_s": _r(r.t_s), "start_s": _r(r.start_s), "accuracy": r.accuracy,
-                       "n_updates": r.n_updates, "train_s": _r(r.train_s), "utilization": _r(r.utilization, 4),
-                       "energy_j_updates": _r(r.energy_j_updates), "energy_j_telemetry": _r(r.energy_j_telemetry)}
+                       "loss": r.loss, "train_loss": _r(r.train_loss, 4), "n_updates": r.n_updates,
+                       "train_s": _r(r.train_s), "utilization": _r(r.utilization, 4),
+                       "energy_j_updates": _r(r.energy_j_updates), "energy_j_telemetry": _r(r.energy_j_telemetry),
+                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+                       **{f"accuracy[{p}]": a for p, a in sorted(r.profile_accuracy.items())}}
                       for r in rounds],
         "definitions": DEFINITIONS,
     }
@@ -409,10 +468,15 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
     parts.append("<h2>Summary</h2>" + html_table(headline, ["figure", "value"]))
     columns = ["id", "board", "group", "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
                "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count"]
+    if summary["groups"]:
+        parts.append("<h2>Tiers ([[fleet]] groups)</h2>" + html_table(summary["groups"], list(summary["groups"][0])))
+    per_profile = [{"profile": p, "final accuracy": a} for p, a in summary["accuracy_per_profile"].items()]
+    parts.append("<h2>Accuracy per profile</h2>" + html_table(per_profile, ["profile", "final accuracy"]))
     parts.append("<h2>Devices</h2>" + html_table(summary["devices"], columns))
     parts.append("<h2>Plots</h2>" + "".join(png_figure(p) for p in pngs))
     if summary["per_round"]:
-        parts.append("<h2>Rounds</h2>" + html_table(summary["per_round"], list(summary["per_round"][0])))
+        round_columns = list(dict.fromkeys(k for row in summary["per_round"] for k in row))
+        parts.append("<h2>Rounds</h2>" + html_table(summary["per_round"], round_columns))
     parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS) + "</ul>")
     if data.fleet is not None:
         parts.append(f"<h2>fleet.json</h2><pre>{html.escape(json.dumps(data.fleet, indent=1))}</pre>")

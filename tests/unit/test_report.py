@@ -128,7 +128,7 @@ def test_summary_figures_match_the_known_run(tmp_path: Path) -> None:
 def test_plots_and_self_contained_html(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     write_report(run)
-    names = {"accuracy", "timeline", "cpu", "memory", "energy", "staleness", "utilization"}
+    names = {"accuracy", "loss", "bytes", "timeline", "cpu", "memory", "energy", "staleness", "utilization"}
     for name in names:
         png = (run / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 5000, name
