@@ -98,10 +98,11 @@ class Campaign:
         return [(f"{g.name}-{i}", g) for g in self.fleet for i in range(g.count)]
 
 
-def load_campaign(path: str | Path) -> Campaign:
+def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Campaign:
+    """Read and check a campaign file; `data` (a sweep variant's tables) stands in for its content."""
     p = Path(path)
     file = str(p)
-    data = load_toml(p)
+    data = load_toml(p) if data is None else dict(data)
     check_tables(file, data, _TABLES)
 
     def table(name: str) -> TomlTable:

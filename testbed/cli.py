@@ -7,6 +7,7 @@ one line `error: ...` (the `OrchardError` message, which names the bad value).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -105,10 +106,55 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0 if summary.get("server_exit") == 0 else 1
 
 
+def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
+    from testbed.runner import CampaignRunner
+
+    def run(campaign: Any, out: Path) -> dict[str, Any]:
+        runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
+                                broker=args.broker)
+        summary: dict[str, Any] = runner.execute()
+        return summary
+
+    return run
+
+
+def _run_plan(plan: Any, out: Path, args: argparse.Namespace) -> int:
+    from testbed.sweep import run_sweep
+
+    records = run_sweep(plan, out, run=_sweep_runner(args))
+    print((out / "sweep.md").read_text())
+    print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep_accuracy.png'}  page: {out / 'sweep.html'}")
+    failed = [r for r in records if r.error]
+    for r in failed:
+        print(f"error: {r.variant or 'campaign'} seed {r.seed}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_campaign_sweep(args: argparse.Namespace) -> int:
+    from testbed.sweep import load_sweep, parse_seeds
+
+    plan = load_sweep(args.sweep, seeds=parse_seeds(args.seeds) if args.seeds else None)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",")]
+        unknown = sorted(set(wanted) - {v.name for v in plan.variants})
+        if unknown:
+            raise OrchardError(f"--variants: no variant {unknown[0]!r}; the file has "
+                               f"{', '.join(v.name for v in plan.variants)}")
+        plan = dataclasses.replace(plan, variants=tuple(v for v in plan.variants if v.name in wanted))
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.sweep).stem}"
+    return _run_plan(plan, out, args)
+
+
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from testbed.campaign import load_campaign
     from testbed.runner import CampaignRunner
 
+    if args.seeds:
+        from testbed.sweep import parse_seeds, single_plan
+
+        plan = single_plan(args.campaign, parse_seeds(args.seeds))
+        out = Path(args.out) if args.out else Path("runs") / load_campaign(args.campaign).name
+        return _run_plan(plan, out, args)
     campaign = load_campaign(args.campaign)
     out = Path(args.out) if args.out else Path("runs") / campaign.name
     runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
@@ -246,7 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--force", action="store_true", help="replace an existing run folder")
     cr.add_argument("--no-throttle", action="store_true", help="run without cgroups (the report says so)")
     cr.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    cr.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUT/seed-<s>/, then write mean ± band "
+                                    "curves and a table of means with spreads (OUT/sweep.md)")
     cr.set_defaults(func=cmd_campaign_run)
+    cs = csub.add_parser("sweep", help="one fleet under several methods/strategies and seeds, one table",
+                         description="Run every [[sweep.variant]] of a sweep file once per seed, for the same "
+                                     "budget, and write one table (mean ± sd) and overlay plots.")
+    cs.add_argument("sweep", help="sweep file: a campaign plus [sweep], e.g. campaigns/compare-width.toml")
+    cs.add_argument("--out", help="sweep folder (default: runs/sweep-<file name>)")
+    cs.add_argument("--seeds", help="override [sweep] seeds, e.g. 0,1,2")
+    cs.add_argument("--variants", help="run only these variants, e.g. heterofl,fedrolex")
+    cs.add_argument("--broker", help="override [broker]: amqtt | mosquitto | mqtt://host:port")
+    cs.add_argument("--force", action="store_true", help="replace existing run folders")
+    cs.add_argument("--no-throttle", action="store_true", help="run without cgroups (the reports say so)")
+    cs.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    cs.set_defaults(func=cmd_campaign_sweep)
     cc = csub.add_parser("compare", help="overlay several runs", description="Overlay runs: plot and table.")
     cc.add_argument("runs", nargs="+", help="run folders")
     cc.add_argument("--out", required=True, help="folder for compare.png, compare.md, compare.csv, compare.html")

@@ -324,3 +324,25 @@ def plot_overlay(series: Sequence[tuple[str, Sequence[float], Sequence[float], S
         ax_v.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.suptitle("accuracy, overlaid")
     return _save(fig, path)
+
+
+def plot_bands(bands: dict[str, dict[str, list[float]]], path: Path, target: float | None = None) -> Path:
+    """Accuracy vs time per variant over its seeds: the mean as a line, min–max as a band."""
+    fig = Figure(layout="constrained", figsize=(9, 4.2))
+    ax = fig.subplots()
+    for i, (label, band) in enumerate(bands.items()):
+        t = np.asarray(band["t_s"], dtype=float)
+        ax.plot(t, np.asarray(band["mean"], dtype=float), color=_colour(i), label=label)
+        ax.fill_between(t, np.asarray(band["min"], dtype=float), np.asarray(band["max"], dtype=float),
+                        color=_colour(i), alpha=0.2, lw=0)
+    if target is not None:
+        ax.axhline(target, ls=":", color="#e03131", label=f"target {target:g}")
+    if bands:
+        ax.legend(loc="lower right", fontsize="small")
+    else:
+        _no_data(ax, "evaluation")
+    ax.set_xlabel("wall time since server start (s)")
+    ax.set_ylabel("accuracy (served model)")
+    ax.grid(alpha=0.3)
+    ax.set_title("accuracy over seeds: mean (line), min–max (band)")
+    return _save(fig, path)

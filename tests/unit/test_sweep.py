@@ -1,0 +1,214 @@
+"""Sweep files: variants override the parsed campaign before it is validated, every variant and
+seed is checked before any run, and the table and bands come out right for known runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.errors import ConfigError
+from testbed.campaign import Campaign, load_campaign
+from testbed.sweep import RunRecord, dump_toml, load_sweep, parse_seeds, run_sweep, single_plan, variant_tables
+from testbed.sweep_table import _band, write_sweep
+from tests.unit.test_report import make_run
+from tests.unit.test_report_breakdown import EXTRA, EVENTS, run_with
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = '''
+[campaign]
+name = "cw"
+[stop]
+wall_s = 30
+[model]
+name = "mlp"
+partition = "dirichlet:0.5"
+[strategy]
+name = "semi-async"
+k_fraction = 0.5
+[train]
+local_steps = 5
+lr = 0.1
+[[fleet]]
+name = "big"
+board = "jetson-orin-nano"
+count = 1
+profile = "dense"
+[[fleet]]
+name = "small"
+board = "rpi-zero2w"
+count = 2
+profile = "width=0.5"
+availability = { kind = "file", path = "traces/avail.csv" }
+'''
+
+
+def sweep_file(tmp_path: Path, sweep: str, base: str = BASE) -> Path:
+    (tmp_path / "traces").mkdir(exist_ok=True)
+    (tmp_path / "traces" / "avail.csv").write_text("device,start_s,end_s,state\nsmall-0,0,100,active\nsmall-1,0,100,active\n")
+    path = tmp_path / "s.toml"
+    path.write_text(base + sweep)
+    return path
+
+
+VARIANTS = '''
+[sweep]
+seeds = [3, 4]
+target_accuracy = 0.5
+[[sweep.variant]]
+name = "semi"
+[[sweep.variant]]
+name = "fedavg"
+strategy = { name = "fedavg", merge = "per-element" }
+train = { lr = 0.05 }
+fleet = { big = { profiles = ["width=0.5", "width=0.25"] } }
+'''
+
+
+def test_variants_override_tables_then_validate(tmp_path: Path) -> None:
+    plan = load_sweep(sweep_file(tmp_path, VARIANTS))
+    assert plan.seeds == (3, 4) and plan.target_accuracy == 0.5 and [v.name for v in plan.variants] == ["semi", "fedavg"]
+    semi = variant_tables(plan, plan.variants[0], 3)
+    assert semi["strategy"] == {"name": "semi-async", "k_fraction": 0.5}
+    assert (semi["campaign"]["name"], semi["campaign"]["seed"]) == ("cw-semi", 3)
+    fedavg = variant_tables(plan, plan.variants[1], 4)
+    assert fedavg["strategy"] == {"name": "fedavg", "merge": "per-element"}  # replaced: no k_fraction left over
+    assert fedavg["train"] == {"local_steps": 5, "lr": 0.05}  # merged key by key
+    big, small = fedavg["fleet"]
+    assert big["profiles"] == ["width=0.5", "width=0.25"] and "profile" not in big
+    assert small["profile"] == "width=0.5"
+    # The run's campaign file lives elsewhere: the trace path is anchored to the sweep file's folder.
+    assert small["availability"]["path"] == str((tmp_path / "traces" / "avail.csv").resolve())
+    assert plan.base["fleet"][0]["profile"] == "dense"  # the base is never mutated
+
+
+def test_dumped_campaign_reads_back_and_loads(tmp_path: Path) -> None:
+    plan = load_sweep(sweep_file(tmp_path, VARIANTS))
+    tables = variant_tables(plan, plan.variants[1], 4)
+    text = dump_toml(tables)
+    assert tomllib.loads(text) == tables
+    elsewhere = tmp_path / "out" / "configs" / "fedavg-seed4.toml"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text(text)
+    c = load_campaign(elsewhere)
+    assert (c.name, c.seed, c.strategy, c.lr) == ("cw-fedavg", 4, "fedavg", 0.05)
+    assert c.fleet[0].profiles == ("width=0.5", "width=0.25")
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("", r"a sweep file needs a \[sweep\] table"),
+    ("[sweep]\nseeds = [0]\n", r"\[sweep\] needs at least one \[\[sweep.variant\]\] table"),
+    ("[sweep]\nseed = [0]\n[[sweep.variant]]\nname = 'a'\n", r"\[sweep\] has unknown key 'seed'"),
+    ("[sweep]\nseeds = [0, 0]\n[[sweep.variant]]\nname = 'a'\n", r"\[sweep\] seeds repeats a seed: \[0, 0\]"),
+    ("[sweep]\nseeds = [-1]\n[[sweep.variant]]\nname = 'a'\n", r"seeds must be a non-empty list .* got \[-1\]"),
+    ("[sweep]\ntarget_accuracy = 2\n[[sweep.variant]]\nname = 'a'\n", r"target_accuracy must be in \(0, 1\], got 2"),
+    ("[[sweep.variant]]\nname = 'a b'\n", r"#1 needs name = .* got 'a b'"),
+    ("[[sweep.variant]]\nname = 'a'\n[[sweep.variant]]\nname = 'a'\n", r"names must be unique, got \['a', 'a'\]"),
+    ("[[sweep.variant]]\nname = 'a'\nstop = { wall_s = 99 }\n", r"'a' overrides \[stop\], which every variant shares"),
+    ("[[sweep.variant]]\nname = 'a'\nmodel = { name = 'cnn' }\n", r"overrides \[model\]"),
+    ("[[sweep.variant]]\nname = 'a'\nstrategi = { name = 'x' }\n", r"unknown override 'strategi'"),
+    ("[[sweep.variant]]\nname = 'a'\nstrategy = 'fedavg'\n", r"strategy must be a table like strategy = \{ ... \}"),
+    ("[[sweep.variant]]\nname = 'a'\nfleet = { huge = { profile = 'dense' } }\n",
+     r"names group 'huge', which the campaign lacks \(groups: big, small\)"),
+    ("[[sweep.variant]]\nname = 'a'\nfleet = { big = { count = 9 } }\n", r"fleet.big may set profile or profiles only"),
+    # Validation happens after the overrides: the campaign loader names the bad value and the variant.
+    ("[sweep]\nseeds = [1]\n[[sweep.variant]]\nname = 'a'\nstrategy = { name = 'fedavgg' }\n",
+     r"\[\[sweep.variant\]\] 'a', seed 1: .*\[strategy\] name must be one of .* got 'fedavgg'"),
+    ("[[sweep.variant]]\nname = 'a'\nfleet = { small = { profile = 'width=7' } }\n",
+     r"'a', seed 0: .*\[\[fleet\]\] 'small': .*width"),
+])
+def test_bad_sweep_files_fail_with_one_line_naming_the_value(tmp_path: Path, sweep: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(sweep_file(tmp_path, sweep))
+    assert "\n" not in str(info.value)
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    with pytest.raises(ConfigError, match="got 'x'"):
+        parse_seeds("0,x")
+    with pytest.raises(ConfigError, match="repeats"):
+        parse_seeds("1,1")
+
+
+def test_the_shipped_compare_width_sweep_is_valid() -> None:
+    plan = load_sweep(ROOT / "campaigns" / "compare-width.toml")
+    assert [v.name for v in plan.variants] == ["fedavg-smallest", "heterofl", "fedrolex"] and plan.seeds == (0, 1, 2)
+    profiles = {v.name: [g.get("profile") for g in variant_tables(plan, v, 0)["fleet"]] for v in plan.variants}
+    assert profiles == {"fedavg-smallest": ["width=0.25"] * 3,
+                        "heterofl": ["dense", "width=0.5", "width=0.25"],
+                        "fedrolex": ["dense", "width=0.5,window=rolling", "width=0.25,window=rolling"]}
+    assert "dirichlet" in plan.base["model"]["partition"] and plan.base["model"]["dataset"] == "fashion-mnist"
+
+
+def fake_runner(tmp_path: Path, fail: set[tuple[str, int]]) -> Any:
+    """Stands in for the campaign runner: copies a known run folder (the runs' content is tested
+    in test_report*; here what matters is how the sweep calls, names and tabulates them)."""
+    template = run_with(tmp_path / "template", EVENTS + EXTRA)
+    calls: list[Campaign] = []
+
+    def run(campaign: Campaign, out: Path) -> dict[str, Any]:
+        calls.append(campaign)
+        if (campaign.name, campaign.seed) in fail:
+            raise ConfigError(f"campaign {campaign.name!r} needs 9 cores")
+        shutil.copytree(template, out)
+        from testbed.report import write_report
+
+        summary = write_report(out)
+        summary["wasted_device_s"] = 1.5 + campaign.seed
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    return run, calls
+
+
+def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None:
+    plan = load_sweep(sweep_file(tmp_path, VARIANTS))
+    run, calls = fake_runner(tmp_path, fail={("cw-fedavg", 4)})
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+    records = run_sweep(plan, out, run=run, progress=lines.append)
+    assert [(c.name, c.seed) for c in calls] == [("cw-semi", 3), ("cw-semi", 4), ("cw-fedavg", 3), ("cw-fedavg", 4)]
+    assert [r.run_dir.relative_to(out).as_posix() for r in records] == [
+        "semi/seed-3", "semi/seed-4", "fedavg/seed-3", "fedavg/seed-4"]
+    assert records[3].error == "campaign 'cw-fedavg' needs 9 cores" and "error: campaign" in lines[3]
+    assert (out / "configs" / "fedavg-seed4.toml").is_file()
+    table = json.loads((out / "sweep.json").read_text())
+    semi = table["stats"]["semi"]
+    assert semi["final_accuracy"] == {"mean": 0.6, "sd": 0.0, "min": 0.6, "max": 0.6, "n": 2}
+    # target 0.5 from [sweep] (the copied run's own is 0.5 too): reached at 9 s.
+    assert semi["time_to_target_s"]["mean"] == 9.0 and semi["wasted_device_s"]["mean"] == 5.0
+    assert semi["bytes_up_total"]["mean"] == 2150 and semi["step_ms[g]"]["mean"] == 13.0
+    md = (out / "sweep.md").read_text()
+    assert "| semi | 2/2 | dense | 0.600 ± 0.000 |" in md
+    assert "| fedavg | 1/2 (1 failed) | dense | 0.600 |" in md
+    assert (out / "sweep_accuracy.png").stat().st_size > 5000 and "data:image/png" in (out / "sweep.html").read_text()
+
+
+def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None:
+    plan = single_plan(sweep_file(tmp_path, ""), (0,))
+    run = make_run(tmp_path / "r", name="seed-0")
+    from testbed.report import write_report
+
+    record = RunRecord("", 0, run, 1.0, write_report(run))
+    write_sweep(plan, [record], tmp_path)
+    md = (tmp_path / "sweep.md").read_text().splitlines()
+    header, row = md[0].split(" | "), md[2].split(" | ")
+    assert row[header.index("wasted_device_s")] == "n/a" and row[0] == "| campaign"
+
+
+def test_band_holds_each_seed_between_evaluations() -> None:
+    band = _band([[(1.0, 0.2), (3.0, 0.6)], [(2.0, 0.4)]], end_s=4.0)
+    grid = band["t_s"]
+
+    def at(t: float, key: str) -> float:
+        return band[key][min(range(len(grid)), key=lambda i: abs(grid[i] - t))]
+
+    assert at(0.5, "mean") != at(0.5, "mean")  # NaN: nobody scored yet
+    assert at(1.5, "mean") == pytest.approx(0.2) and at(1.5, "max") == pytest.approx(0.2)
+    assert at(2.5, "mean") == pytest.approx(0.3) and (at(2.5, "min"), at(2.5, "max")) == (0.2, 0.4)
+    assert at(3.5, "mean") == pytest.approx(0.5) and (at(3.5, "min"), at(3.5, "max")) == (0.4, 0.6)
