@@ -27,6 +27,7 @@ from runtime.errors import OrchardError, ProtocolError
 from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
 from runtime.layout import FloatArray, ParamLayout
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
+from runtime.profile import parse_profile
 from runtime.protocol import (
     ID_PATTERN,
     Artifact,
@@ -42,7 +43,6 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.profile import parse_profile
 from runtime.trainer import Trainer
 from server import checkpoint
 from server.config import ServerConfig

@@ -2,14 +2,19 @@
 
 It reads only what the run folder already holds (events.jsonl and devices/<id>.csv, tailed
 from remembered offsets), so it shows what the report will show and costs the harness little.
-On a terminal it redraws in place; otherwise (CI logs) it prints one line per new version.
+On a terminal it redraws in place, fitted to the terminal's width (columns are dropped from
+the least useful end before anything is cut), greys out offline and failed devices, and draws
+a last frame when the campaign ends; otherwise (CI logs) it prints one line per new version.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,15 +55,44 @@ class _Tail:
         return [line.decode(errors="replace") for line in complete if line]
 
 
+GREY, RESET = "\x1b[90m", "\x1b[0m"
+DIMMED_STATES = ("offline", "failed")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+DEFAULT_WIDTH = 100  # when the output is not a terminal that can say its size
+
+
+def terminal_width(out: TextIO) -> int:
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # StringIO, a pipe, a closed stream
+        return DEFAULT_WIDTH
+
+
+# (header, width, format of the device's value), most useful first: the last ones go first when
+# the terminal is narrow. The device id column is sized to the ids.
+Column = tuple[str, int, Callable[["_DeviceView"], str]]
+COLUMNS: tuple[Column, ...] = (
+    ("state", 10, lambda v: v.state),
+    ("profile", 16, lambda v: v.profile),
+    ("cpu %", 7, lambda v: _fmt(v.cpu_pct, ".0f")),
+    ("mem MB", 8, lambda v: _fmt(v.rss_mb, ".0f")),
+    ("energy J", 10, lambda v: _fmt(v.energy_j, ".1f")),
+    ("base v", 7, lambda v: _fmt(v.version, "d")),
+    ("oom", 5, lambda v: str(v.ooms)),
+)
+
+
 class LiveView:
     def __init__(self, run: Path, campaign: Campaign, device_ids: list[str], lines_only: bool = False,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None, width: int | None = None) -> None:
         self.run = run
         self.c = campaign
         self.ids = device_ids
         self.out = out or sys.stdout
         self.enabled = True
         self.tty = not lines_only and self.out.isatty()
+        self.width = width  # None: ask the terminal at every frame (it may be resized)
+        self._now_s = 0.0
         self.view = {d: _DeviceView() for d in device_ids}
         self.events = _Tail(run / "events.jsonl")
         self.telemetry = {d: _Tail(run / "devices" / f"{d}.csv") for d in device_ids}
@@ -80,8 +114,12 @@ class LiveView:
                 v.state = e.get("state", v.state)
             elif kind == "task_sent" and v is not None:
                 v.profile, v.version = e.get("profile", v.profile), e.get("base_version")
-            elif kind == "availability" and v is not None and not e.get("online"):
+            elif kind == "availability" and v is not None:
+                v.state = "online" if e.get("online") else "offline"
+            elif kind == "device_offline" and v is not None:
                 v.state = "offline"
+            elif kind == "device_exit" and v is not None:
+                v.state = "failed"
             elif kind == "oom" and v is not None:
                 v.ooms = int(e.get("oom_kills", v.ooms))
             elif kind == "aggregated":
@@ -114,9 +152,11 @@ class LiveView:
             parts.append(self.accuracy / self.c.target_accuracy)
         return min(1.0, max(parts)), label
 
-    def render(self, now_s: float) -> None:
+    def render(self, now_s: float, force: bool = False) -> None:
+        """Redraw (at most once a second on a terminal, unless `force`)."""
         if not self.enabled:
             return
+        self._now_s = now_s
         self._ingest()
         if not self.tty:
             if self.version != self._printed_version:
@@ -126,27 +166,53 @@ class LiveView:
                                f"accepted {self.accepted} rejected {self.rejected}\n")
                 self.out.flush()
             return
-        if time.monotonic() - self._last_draw < 1.0:
+        if not force and time.monotonic() - self._last_draw < 1.0:
             return
         self._last_draw = time.monotonic()
-        frac, label = self._progress(now_s)
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        acc = "-" if self.accuracy is None else f"{self.accuracy:.4f}"
-        lines = [f"orchard campaign {self.c.name}  strategy {self.c.strategy}  accuracy {acc}  "
-                 f"updates {self.accepted} accepted / {self.rejected} rejected",
-                 f"[{bar}] {label}", "",
-                 f"{'device':<14}{'state':<11}{'profile':<16}{'base v':>7}{'cpu %':>8}{'mem MB':>9}"
-                 f"{'energy J':>10}{'oom':>5}"]
-        for d in self.ids:
-            v = self.view[d]
-            lines.append(f"{d:<14}{v.state:<11}{v.profile:<16}{_fmt(v.version, 'd'):>7}{_fmt(v.cpu_pct, '.0f'):>8}"
-                         f"{_fmt(v.rss_mb, '.0f'):>9}{_fmt(v.energy_j, '.1f'):>10}{v.ooms:>5}")
-        self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+        self.out.write("\x1b[H\x1b[2J" + "\n".join(self.frame(now_s)) + "\n")
         self.out.flush()
 
+    def frame(self, now_s: float) -> list[str]:
+        """The screen's lines, each at most the terminal's width (not counting colour codes)."""
+        width = max(20, self.width or terminal_width(self.out))
+        frac, label = self._progress(now_s)
+        bar_n = max(5, min(30, width - len(label) - 3))
+        bar = "#" * int(bar_n * frac) + "." * (bar_n - int(bar_n * frac))
+        acc = "-" if self.accuracy is None else f"{self.accuracy:.4f}"
+        id_width = max(len("device"), *(len(d) for d in self.ids)) + 1 if self.ids else 7
+        columns = list(COLUMNS)
+        while columns and id_width + sum(w + 1 for _, w, _ in columns) > width:
+            columns.pop()
+        header = f"{'device':<{id_width}}" + "".join(f"{h:>{w}} " if h != "state" and h != "profile"
+                                                     else f"{h:<{w}} " for h, w, _ in columns)
+        lines = [_cut(f"orchard campaign {self.c.name}  strategy {self.c.strategy}  accuracy {acc}  "
+                      f"updates {self.accepted} accepted / {self.rejected} rejected", width),
+                 _cut(f"[{bar}] {label}", width), "", _cut(header.rstrip(), width)]
+        for d in self.ids:
+            v = self.view[d]
+            cells = "".join(f"{_cut(fmt(v), w):<{w}} " if h in ("state", "profile") else f"{_cut(fmt(v), w):>{w}} "
+                            for h, w, fmt in columns)
+            row = _cut(f"{d:<{id_width}}{cells}".rstrip(), width)
+            lines.append(f"{GREY}{row}{RESET}" if v.state in DIMMED_STATES else row)
+        return lines
+
     def close(self) -> None:
-        if self.enabled and self.tty:
+        """Draw the last frame (the final state, whatever the redraw throttle says)."""
+        if not self.enabled:
+            return
+        self.render(self._now_s, force=True)
+        if self.tty:
             self.out.write("\n")
+            self.out.flush()
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def visible(line: str) -> str:
+    """A frame line without its colour codes (what the terminal shows)."""
+    return ANSI.sub("", line)
 
 
 def _num(text: str) -> float | None:

@@ -60,15 +60,16 @@ def plot_accuracy(data: RunData, path: Path) -> Path:
     ax_t, ax_v = fig.subplots(1, 2)
     rounds = [r for r in data.rounds if r.accuracy is not None]
     profiles = sorted({p for r in data.rounds for p in r.profile_accuracy})
-    for ax, x_of, label in ((ax_t, lambda r: r.t_s, "wall time since server start (s)"),
-                            (ax_v, lambda r: r.version, "global model version")):
+    for ax, by_time, label in ((ax_t, True, "wall time since server start (s)"),
+                               (ax_v, False, "global model version")):
         if rounds:
-            ax.plot([x_of(r) for r in rounds], [r.accuracy for r in rounds], marker="o", ms=3, color=_colour(0),
-                    label="global model")
+            ax.plot([r.t_s if by_time else r.version for r in rounds], [r.accuracy or 0.0 for r in rounds],
+                    marker="o", ms=3, color=_colour(0), label="global model")
             for i, profile in enumerate(profiles, start=1):
                 scored = [r for r in data.rounds if profile in r.profile_accuracy]
-                ax.plot([x_of(r) for r in scored], [r.profile_accuracy[profile] for r in scored], ls="--",
-                        marker=".", ms=3, color=_colour(i), label=profile)
+                ax.plot([r.t_s if by_time else r.version for r in scored],
+                        [r.profile_accuracy[profile] for r in scored], ls="--", marker=".", ms=3, color=_colour(i),
+                        label=profile)
             if profiles or data.target_accuracy is not None:
                 ax.legend(loc="lower right", fontsize="small")
             if data.target_accuracy is not None:
@@ -92,9 +93,10 @@ def plot_loss(data: RunData, path: Path) -> Path:
     evaluated = [r for r in data.rounds if r.loss is not None]
     trained = [r for r in data.rounds if r.train_loss is not None]
     if evaluated:
-        ax.plot([r.version for r in evaluated], [r.loss for r in evaluated], marker="o", ms=3, label="held-out loss")
+        ax.plot([r.version for r in evaluated], [r.loss or 0.0 for r in evaluated], marker="o", ms=3,
+                label="held-out loss")
     if trained:
-        ax.plot([r.version for r in trained], [r.train_loss for r in trained], marker=".", ms=3, ls="--",
+        ax.plot([r.version for r in trained], [r.train_loss or 0.0 for r in trained], marker=".", ms=3, ls="--",
                 label="training loss (merged updates)")
     if evaluated or trained:
         ax.legend(fontsize="small")

@@ -44,6 +44,7 @@ from testbed.prepare import _toml_value
 
 REPLACED = ("strategy", "method")  # a method's or strategy's parameters belong to it: never mixed
 MERGED = ("train",)
+OVERRIDES = (*REPLACED, *MERGED, "fleet")
 FLEET_KEYS = frozenset({"profile", "profiles"})
 SHARED = ("campaign", "stop", "model", "broker", "throttle")
 SWEEP_KEYS = frozenset({"seeds", "target_accuracy", "variant"})
@@ -141,8 +142,8 @@ def _variant(file: str, index: int, raw: Mapping[str, Any], base: Mapping[str, A
         if key in SHARED:
             raise ConfigError(f"{where} overrides [{key}], which every variant shares (the fleet, data and budget "
                               "must be the same to compare); move it out of the variant")
-        if key not in (*REPLACED, *MERGED, "fleet"):
-            raise ConfigError(f"{where}: unknown override {key!r} (expected {', '.join((*REPLACED, *MERGED, 'fleet'))})")
+        if key not in OVERRIDES:
+            raise ConfigError(f"{where}: unknown override {key!r} (expected {', '.join(OVERRIDES)})")
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a table like {key} = {{ ... }}, got {value!r}")
     groups = {g.get("name") for g in base.get("fleet", []) if isinstance(g, dict)}

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 
 from runtime.errors import ConfigError
 from testbed.campaign import Campaign, load_campaign
 from testbed.sweep import RunRecord, dump_toml, load_sweep, parse_seeds, run_sweep, single_plan, variant_tables
 from testbed.sweep_table import _band, write_sweep
 from tests.unit.test_report import make_run
-from tests.unit.test_report_breakdown import EXTRA, EVENTS, run_with
+from tests.unit.test_report_breakdown import EVENTS, EXTRA, run_with
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = '''
@@ -49,7 +49,8 @@ availability = { kind = "file", path = "traces/avail.csv" }
 
 def sweep_file(tmp_path: Path, sweep: str, base: str = BASE) -> Path:
     (tmp_path / "traces").mkdir(exist_ok=True)
-    (tmp_path / "traces" / "avail.csv").write_text("device,start_s,end_s,state\nsmall-0,0,100,active\nsmall-1,0,100,active\n")
+    (tmp_path / "traces" / "avail.csv").write_text(
+        "device,start_s,end_s,state\nsmall-0,0,100,active\nsmall-1,0,100,active\n")
     path = tmp_path / "s.toml"
     path.write_text(base + sweep)
     return path
@@ -71,7 +72,8 @@ fleet = { big = { profiles = ["width=0.5", "width=0.25"] } }
 
 def test_variants_override_tables_then_validate(tmp_path: Path) -> None:
     plan = load_sweep(sweep_file(tmp_path, VARIANTS))
-    assert plan.seeds == (3, 4) and plan.target_accuracy == 0.5 and [v.name for v in plan.variants] == ["semi", "fedavg"]
+    assert plan.seeds == (3, 4) and plan.target_accuracy == 0.5
+    assert [v.name for v in plan.variants] == ["semi", "fedavg"]
     semi = variant_tables(plan, plan.variants[0], 3)
     assert semi["strategy"] == {"name": "semi-async", "k_fraction": 0.5}
     assert (semi["campaign"]["name"], semi["campaign"]["seed"]) == ("cw-semi", 3)
