@@ -37,6 +37,10 @@ bench: setup
 campaign: setup
 	$(BIN)/orchard campaign run campaigns/default.toml --out runs/default --force --quiet
 
+# Width methods on one 3-tier fleet, 3 seeds, Fashion-MNIST: the README's comparison table.
+sweep: setup data
+	$(BIN)/orchard campaign sweep campaigns/compare-width.toml --out runs/compare-width --force --quiet
+
 # Central training through the device trainer (one profile).
 train: setup
 	$(BIN)/orchard train --model cnn --dataset digits --profile width=0.5 --steps 300 --json out.json

@@ -119,8 +119,9 @@ def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, A
 
 
 def _run_plan(plan: Any, out: Path, args: argparse.Namespace) -> int:
-    from testbed.sweep import run_sweep
+    from testbed.sweep import check_out, run_sweep
 
+    check_out(plan, out, args.force)
     records = run_sweep(plan, out, run=_sweep_runner(args))
     print((out / "sweep.md").read_text())
     print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep_accuracy.png'}  page: {out / 'sweep.html'}")

@@ -214,6 +214,18 @@ class RunRecord:
     error: str | None = None
 
 
+def run_dir_for(out: Path, variant: Variant, seed: int) -> Path:
+    return Path(out) / variant.name / f"seed-{seed}" if variant.name else Path(out) / f"seed-{seed}"
+
+
+def check_out(plan: SweepPlan, out: Path, force: bool) -> None:
+    """Refuse, before any run starts, a sweep that would land on earlier results."""
+    taken = [d for v in plan.variants for s in plan.seeds if (d := run_dir_for(out, v, s)).exists()]
+    if taken and not force:
+        raise ConfigError(f"run folder {taken[0]} exists ({len(taken)} of the sweep's runs do); "
+                          "pass --force to replace them, or --out another folder")
+
+
 def run_sweep(plan: SweepPlan, out: Path, *, run: Callable[[Campaign, Path], dict[str, Any]],
               progress: Callable[[str], None] = print) -> list[RunRecord]:
     """Run every variant x seed in turn with `run(campaign, run_dir)` (the campaign runner), then
@@ -228,7 +240,7 @@ def run_sweep(plan: SweepPlan, out: Path, *, run: Callable[[Campaign, Path], dic
             tag = f"{variant.name}-seed{seed}" if variant.name else f"seed{seed}"
             config = out / "configs" / f"{tag}.toml"
             config.write_text(dump_toml(variant_tables(plan, variant, seed)))
-            run_dir = out / variant.name / f"seed-{seed}" if variant.name else out / f"seed-{seed}"
+            run_dir = run_dir_for(out, variant, seed)
             started = time.monotonic()
             try:
                 summary, error = run(load_campaign(config), run_dir), None

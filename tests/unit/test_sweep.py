@@ -13,7 +13,16 @@ import tomllib
 
 from runtime.errors import ConfigError
 from testbed.campaign import Campaign, load_campaign
-from testbed.sweep import RunRecord, dump_toml, load_sweep, parse_seeds, run_sweep, single_plan, variant_tables
+from testbed.sweep import (
+    RunRecord,
+    check_out,
+    dump_toml,
+    load_sweep,
+    parse_seeds,
+    run_sweep,
+    single_plan,
+    variant_tables,
+)
 from testbed.sweep_table import _band, write_sweep
 from tests.unit.test_report import make_run
 from tests.unit.test_report_breakdown import EVENTS, EXTRA, run_with
@@ -189,6 +198,10 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     assert "| semi | 2/2 | dense | 0.600 ± 0.000 |" in md
     assert "| fedavg | 1/2 (1 failed) | dense | 0.600 |" in md
     assert (out / "sweep_accuracy.png").stat().st_size > 5000 and "data:image/png" in (out / "sweep.html").read_text()
+    # The failed run left no folder: 3 of 4 are taken.
+    with pytest.raises(ConfigError, match=r"run folder \S+/semi/seed-3 exists \(3 of the sweep's runs do\)"):
+        check_out(plan, out, force=False)
+    check_out(plan, out, force=True)
 
 
 def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None:
