@@ -147,9 +147,13 @@ def cmd_campaign_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from runtime.tomlconf import load_toml
     from testbed.campaign import load_campaign
     from testbed.runner import CampaignRunner
 
+    if "sweep" in load_toml(Path(args.campaign)):
+        raise OrchardError(f"{args.campaign} is a sweep file ([sweep] table): run it with "
+                           f"`orchard campaign sweep {args.campaign}`")
     if args.seeds:
         from testbed.sweep import parse_seeds, single_plan
 

@@ -103,7 +103,8 @@ def test_artifacts_build_reports_rebuild_of_corrupt_entry(tmp_path):
 
 def test_every_command_has_help(artifact_cache):
     for args in (["--help"], ["train", "--help"], ["artifacts", "build", "--help"], ["federate", "--help"],
-                 ["campaign", "run", "--help"], ["campaign", "compare", "--help"], ["report", "--help"],
+                 ["campaign", "run", "--help"], ["campaign", "sweep", "--help"], ["campaign", "compare", "--help"],
+                 ["report", "--help"],
                  ["bundle", "--help"], ["flash", "--help"], ["server", "--help"], ["device", "--help"]):
         proc = orchard(*args, cache=artifact_cache)
         assert proc.returncode == 0 and "usage:" in proc.stdout

@@ -227,3 +227,26 @@ def test_band_holds_each_seed_between_evaluations() -> None:
     assert at(1.5, "mean") == pytest.approx(0.2) and at(1.5, "max") == pytest.approx(0.2)
     assert at(2.5, "mean") == pytest.approx(0.3) and (at(2.5, "min"), at(2.5, "max")) == (0.2, 0.4)
     assert at(3.5, "mean") == pytest.approx(0.5) and (at(3.5, "min"), at(3.5, "max")) == (0.4, 0.6)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["campaign", "sweep", "SWEEP", "--seeds", "1,a"], "--seeds wants comma-separated non-negative integers"),
+    (["campaign", "sweep", "SWEEP", "--variants", "semi,nope"], "--variants: no variant 'nope'; the file has semi"),
+    (["campaign", "sweep", "SWEEP", "--out", "TAKEN"], "TAKEN/semi/seed-3 exists"),
+    (["campaign", "run", "SWEEP"], "is a sweep file ([sweep] table): run it with `orchard campaign sweep"),
+    (["campaign", "run", "SWEEP", "--seeds", "2,2"], "a sweep file"),
+    (["campaign", "sweep", "BASE"], "a sweep file needs a [sweep] table"),
+])
+def test_sweep_command_line_errors_are_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    from tests.unit.test_cli_train import orchard
+
+    sweep = sweep_file(tmp_path, VARIANTS)
+    base = tmp_path / "base.toml"
+    base.write_text(BASE.replace("traces/avail.csv", str(tmp_path / "traces" / "avail.csv")))
+    (tmp_path / "taken" / "semi" / "seed-3").mkdir(parents=True)
+    subs = {"SWEEP": str(sweep), "BASE": str(base), "TAKEN": str(tmp_path / "taken")}
+    proc = orchard(*[subs.get(a, a) for a in args], cache=tmp_path / "cache", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and needle.replace("TAKEN", str(tmp_path / "taken")) in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()
