@@ -88,6 +88,7 @@ def group_rows(data: RunData, device_rows: list[dict[str, Any]]) -> list[dict[st
                           or {str(row.get("profile")) for row in members if row.get("profile")})
         accuracy = [final.get(p) if _leading_width(p) is not None or p in final else final[GLOBAL] for p in profiles]
         steps = [u.step_ms_median for u in data.updates if u.device in ids and u.step_ms_median is not None]
+        per_task = [1000 * u.train_s / data.local_steps for u in data.updates if u.device in ids and data.local_steps]
         rss = [row["peak_rss_mb"] for row in members if row.get("peak_rss_mb") is not None]
         energy = [row["energy_j"] for row in members if row.get("energy_j") is not None]
         rows.append({
@@ -99,5 +100,6 @@ def group_rows(data: RunData, device_rows: list[dict[str, Any]]) -> list[dict[st
             "energy_j": round(sum(energy), 3) if energy else None,
             "peak_rss_mb": max(rss) if rss else None,
             "step_ms_median": round(statistics.median(steps), 3) if steps else None,
+            "task_step_ms_median": round(statistics.median(per_task), 3) if per_task else None,
         })
     return rows

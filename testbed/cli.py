@@ -119,10 +119,13 @@ def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, A
 
 
 def _run_plan(plan: Any, out: Path, args: argparse.Namespace) -> int:
-    from testbed.sweep import check_out, run_sweep
+    from testbed.sweep import check_out, run_sweep, table_from_runs
 
-    check_out(plan, out, args.force)
-    records = run_sweep(plan, out, run=_sweep_runner(args))
+    if getattr(args, "table_only", False):
+        records = table_from_runs(plan, out)
+    else:
+        check_out(plan, out, args.force)
+        records = run_sweep(plan, out, run=_sweep_runner(args))
     print((out / "sweep.md").read_text())
     print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep_accuracy.png'}  page: {out / 'sweep.html'}")
     failed = [r for r in records if r.error]
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--force", action="store_true", help="replace existing run folders")
     cs.add_argument("--no-throttle", action="store_true", help="run without cgroups (the reports say so)")
     cs.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    cs.add_argument("--table-only", action="store_true",
+                    help="run nothing: rebuild the reports and the table from the run folders in --out")
     cs.set_defaults(func=cmd_campaign_sweep)
     cc = csub.add_parser("compare", help="overlay several runs", description="Overlay runs: plot and table.")
     cc.add_argument("runs", nargs="+", help="run folders")

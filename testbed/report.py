@@ -43,8 +43,10 @@ Definitions (also written into summary.json under "definitions"):
   time_to_target_s are those of the served model.
 - groups (tiers: one [[fleet]] group each): the accuracy of the model the group trains (its
   profile's, the global model's for dense or rolling), its devices' updates, train_s, energy_j,
-  peak_rss_mb (telemetry, agent + trainer) and step_ms_median (median over its updates'
-  device-reported median step times).
+  peak_rss_mb (telemetry, agent + trainer), step_ms_median (median over its updates'
+  device-reported median step times: a step that fits in one CFS quota burst runs at host speed,
+  so this shows the host's step, not the board's) and task_step_ms_median (median over its
+  updates of train_s / local_steps: the board's average step, throttling included).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class RunData:
     bytes_up: int = 0  # whole run
     bytes_down: int = 0
     last_profile: dict[str, str] = field(default_factory=dict)  # device -> profile of its last task
+    local_steps: int | None = None  # steps per task, when config.toml's [train] fixes them
 
 
 def _num(text: Any) -> float | None:
@@ -264,7 +267,10 @@ def load_run(run_dir: Path) -> RunData:
             config = tomllib.loads(config_text)
         except tomllib.TOMLDecodeError as exc:
             warnings.append(f"config.toml is not valid TOML ({exc}); no target accuracy read")
-    campaign_table, stop_table = (t if isinstance(t := config.get(k), dict) else {} for k in ("campaign", "stop"))
+    campaign_table, stop_table, train_table = (t if isinstance(t := config.get(k), dict) else {}
+                                               for k in ("campaign", "stop", "train"))
+    steps = _num(train_table.get("local_steps"))
+    local_steps = int(steps) if steps and not _num(train_table.get("local_epochs")) else None
     fleet_devices = [d for d in (fleet or {}).get("devices", []) if isinstance(d, dict) and "id" in d]
     fleet_by_id = {str(d["id"]): d for d in fleet_devices}
 
@@ -379,7 +385,7 @@ def load_run(run_dir: Path) -> RunData:
         fleet=fleet, config_text=config_text, target_accuracy=_num(stop_table.get("target_accuracy")),
         devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
         timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
-        warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile,
+        warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile, local_steps=local_steps,
         groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices})
 
 

@@ -258,6 +258,24 @@ def run_sweep(plan: SweepPlan, out: Path, *, run: Callable[[Campaign, Path], dic
     return records
 
 
+def table_from_runs(plan: SweepPlan, out: Path) -> list[RunRecord]:
+    """Rebuild the comparison from the run folders a sweep left (each report rebuilt first, like
+    `orchard report`), without running anything."""
+    from testbed.report import write_report
+    from testbed.sweep_table import write_sweep
+
+    records = []
+    for variant in plan.variants:
+        for seed in plan.seeds:
+            run_dir = run_dir_for(out, variant, seed)
+            try:
+                records.append(RunRecord(variant.name, seed, run_dir, 0.0, write_report(run_dir)))
+            except ConfigError as exc:
+                records.append(RunRecord(variant.name, seed, run_dir, 0.0, None, str(exc)))
+    write_sweep(plan, records, out)
+    return records
+
+
 def spread(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample standard deviation, min, max and count over the values that exist."""
     have = [float(v) for v in values if v is not None]

@@ -6,9 +6,11 @@ Per run (from its run folder, so a rebuilt report gives the same table):
   [sweep] target_accuracy when given, else the campaign's [stop] target; a seed that never
   reached it is left out of the mean and the cell says how many did ("2/3 reached").
 - energy_to_target_j: the fleet's telemetry energy up to that time.
-- utilization, energy_j_total, bytes_up_total, bytes_down_total, rounds: summary.json's.
+- utilization, energy_j_total, rounds: summary.json's; uplink_mb / downlink_mb: its
+  bytes_up_total / bytes_down_total in 10^6 bytes.
 - wasted_device_s: summary.json's `wasted_device_s` when the run recorded it, else "n/a".
-- peak_rss_mb[tier], step_ms[tier]: per [[fleet]] group, its peak RSS and median step time.
+- per tier ([[fleet]] group), in a second table: peak_rss_mb, step_ms (the device-reported median
+  step) and task_step_ms (median of train_s / local_steps), see testbed/report.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from testbed.sweep import RunRecord, SweepPlan
 
 FIGURES = ("final_accuracy", "best_accuracy", "time_to_target_s", "energy_to_target_j", "utilization",
-           "wasted_device_s", "bytes_up_total", "bytes_down_total", "energy_j_total", "rounds")
+           "wasted_device_s", "uplink_mb", "downlink_mb", "energy_j_total", "rounds")
+REACHED = ("time_to_target_s", "energy_to_target_j")  # only the seeds that reached the target
 GRID_POINTS = 200
 
 
@@ -43,6 +46,8 @@ def run_figures(record: RunRecord, target: float | None) -> tuple[dict[str, Any]
     curve = breakdown.served_curve(data)
     reached = next((t for t, _, a in curve if target is not None and a >= target), None)
     figures: dict[str, Any] = {k: summary.get(k) for k in FIGURES}
+    for key, total in (("uplink_mb", "bytes_up_total"), ("downlink_mb", "bytes_down_total")):
+        figures[key] = summary[total] / 1e6 if summary.get(total) is not None else None
     figures.update(final_accuracy=curve[-1][2] if curve else None,
                    best_accuracy=max((a for _, _, a in curve), default=None), time_to_target_s=reached,
                    energy_to_target_j=breakdown.energy_until_j(data, reached), wasted_device_s=summary.get(WASTED_KEY),
@@ -50,6 +55,7 @@ def run_figures(record: RunRecord, target: float | None) -> tuple[dict[str, Any]
     for group in summary.get("groups", []):
         figures[f"peak_rss_mb[{group['group']}]"] = group.get("peak_rss_mb")
         figures[f"step_ms[{group['group']}]"] = group.get("step_ms_median")
+        figures[f"task_step_ms[{group['group']}]"] = group.get("task_step_ms_median")
     return figures, [(t, a) for t, _, a in curve]
 
 
@@ -58,8 +64,8 @@ def _cell(stats: dict[str, Any], key: str, n_runs: int) -> str:
         return "n/a"
     mean, sd = stats["mean"], stats["sd"]
     digits = 3 if abs(mean) < 10 else 1 if abs(mean) < 1e4 else 0
-    text = f"{mean:,.{digits}f} ± {sd:,.{digits}f}" if n_runs > 1 else f"{mean:,.{digits}f}"
-    if key == "time_to_target_s" and stats["n"] < n_runs:
+    text = f"{mean:,.{digits}f} ± {sd:,.{digits}f}" if stats["n"] > 1 else f"{mean:,.{digits}f}"
+    if key in REACHED and stats["n"] < n_runs:
         text += f" ({stats['n']}/{n_runs} reached)"
     return text
 
@@ -82,6 +88,11 @@ def _band(curves: Sequence[Sequence[tuple[float, float]]], end_s: float) -> dict
     low = np.where(scored, np.where(np.isfinite(held), held, np.inf).min(axis=0), np.nan)
     high = np.where(scored, np.where(np.isfinite(held), held, -np.inf).max(axis=0), np.nan)
     return {"t_s": grid.tolist(), "mean": mean.tolist(), "min": low.tolist(), "max": high.tolist()}
+
+
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows)]
 
 
 def _json_safe(values: list[float]) -> list[float | None]:
@@ -121,8 +132,8 @@ def write_sweep(plan: SweepPlan, records: Sequence[RunRecord], out: Path) -> dic
     bands = {label: _band(c, end_s) for label, c in curves.items() if any(c)}
     targets = {run.get("target_accuracy") for runs in per_run.values() for run in runs} - {None}
     png = plot_bands(bands, out / "sweep_accuracy.png", target=targets.pop() if len(targets) == 1 else None)
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    tiers = ["variant", *(k for k in keys if "[" in k)]
+    md = [*_markdown(rows, [c for c in columns if "[" not in c]), "", "Per tier:", "", *_markdown(rows, tiers)]
     (out / "sweep.md").write_text("\n".join(md) + "\n")
     with (out / "sweep.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", "served_profile", "target_accuracy", *keys])

@@ -9,7 +9,7 @@ from typing import Any
 
 from testbed import breakdown
 from testbed.report import load_run, write_report
-from tests.unit.test_report import EVENTS, FLEET, ev, make_run
+from tests.unit.test_report import CONFIG, EVENTS, FLEET, ev, make_run
 
 # Frames and scores the server logs around the known run of test_report: a gets its artifact and
 # two tasks, b one task; a's two updates and b's refused one come back.
@@ -26,8 +26,9 @@ EXTRA = [
 ]
 
 
-def run_with(tmp_path: Path, events: list[dict[str, Any]], fleet: dict[str, Any] = FLEET) -> Path:
-    run = make_run(tmp_path, fleet=fleet)
+def run_with(tmp_path: Path, events: list[dict[str, Any]], fleet: dict[str, Any] = FLEET,
+             config: str = CONFIG) -> Path:
+    run = make_run(tmp_path, fleet=fleet, config=config)
     ordered = sorted(events, key=lambda e: e["wall_t"])
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ordered))
     return run
@@ -52,10 +53,12 @@ def test_bytes_loss_and_profile_accuracy_per_round(tmp_path: Path) -> None:
 
 def test_tiers_name_board_profile_accuracy_and_resources(tmp_path: Path) -> None:
     fleet = {**FLEET, "devices": [{**FLEET["devices"][0], "group": "pi4"}, {**FLEET["devices"][1], "group": "nano"}]}
-    s = write_report(run_with(tmp_path, EVENTS + EXTRA, fleet))
+    s = write_report(run_with(tmp_path, EVENTS + EXTRA, fleet, CONFIG + "[train]\nlocal_steps = 4\n"))
     pi4, nano = s["groups"]
+    # a's tasks: 2 s and 3 s of training for 4 steps each, so 500 and 750 ms per step.
     assert pi4 == {"group": "pi4", "board": "rpi4b-4gb", "devices": 1, "profiles": ["dense"], "accuracy": 0.6,
-                   "updates": 2, "train_s": 5.0, "energy_j": 50.0, "peak_rss_mb": 150.0, "step_ms_median": 13.0}
+                   "updates": 2, "train_s": 5.0, "energy_j": 50.0, "peak_rss_mb": 150.0, "step_ms_median": 13.0,
+                   "task_step_ms_median": 625.0}
     assert nano == {**nano, "group": "nano", "board": "jetson-nano", "profiles": ["width=0.5"], "accuracy": 0.55,
                     "updates": 0, "step_ms_median": None, "peak_rss_mb": 260.0}
     page = (tmp_path / "known" / "report.html").read_text()

@@ -21,6 +21,7 @@ from testbed.sweep import (
     parse_seeds,
     run_sweep,
     single_plan,
+    table_from_runs,
     variant_tables,
 )
 from testbed.sweep_table import _band, write_sweep
@@ -193,7 +194,7 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     assert semi["final_accuracy"] == {"mean": 0.6, "sd": 0.0, "min": 0.6, "max": 0.6, "n": 2}
     # target 0.5 from [sweep] (the copied run's own is 0.5 too): reached at 9 s.
     assert semi["time_to_target_s"]["mean"] == 9.0 and semi["wasted_device_s"]["mean"] == 5.0
-    assert semi["bytes_up_total"]["mean"] == 2150 and semi["step_ms[g]"]["mean"] == 13.0
+    assert semi["uplink_mb"]["mean"] == 2150 / 1e6 and semi["step_ms[g]"]["mean"] == 13.0
     md = (out / "sweep.md").read_text()
     assert "| semi | 2/2 | dense | 0.600 ± 0.000 |" in md
     assert "| fedavg | 1/2 (1 failed) | dense | 0.600 |" in md
@@ -202,6 +203,11 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"run folder \S+/semi/seed-3 exists \(3 of the sweep's runs do\)"):
         check_out(plan, out, force=False)
     check_out(plan, out, force=True)
+    assert "Per tier:" in md and "| variant | peak_rss_mb[g] | step_ms[g] | task_step_ms[g] |" in md
+    rebuilt = table_from_runs(plan, out)  # nothing runs: the same table from the folders
+    assert [r.error is None for r in rebuilt] == [True, True, True, False]
+    assert rebuilt[3].error == f"run folder {out / 'fedavg' / 'seed-4'} does not exist"
+    assert json.loads((out / "sweep.json").read_text())["stats"]["semi"] == table["stats"]["semi"]
 
 
 def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None:
