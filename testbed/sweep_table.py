@@ -71,8 +71,9 @@ def _cell(stats: dict[str, Any], key: str, n_runs: int) -> str:
 
 
 def _band(curves: Sequence[Sequence[tuple[float, float]]], end_s: float) -> dict[str, list[float]]:
-    """Each curve held from one evaluation to the next, on a common grid: mean, min, max (NaN
-    where no seed has been scored yet)."""
+    """Each curve held from one evaluation to the next, on a common grid: the mean once every seed
+    has been scored (a mean over the seeds that started first would jump), min and max as soon as
+    one has (NaN before)."""
     grid = np.linspace(0.0, max(end_s, 1e-9), GRID_POINTS)
     held = np.full((len(curves), grid.size), np.nan)
     for i, curve in enumerate(curves):
@@ -82,9 +83,7 @@ def _band(curves: Sequence[Sequence[tuple[float, float]]], end_s: float) -> dict
             idx = np.searchsorted(t, grid, side="right") - 1
             held[i] = np.where(idx >= 0, a[np.clip(idx, 0, None)], np.nan)
     scored = np.isfinite(held).any(axis=0)
-    safe = np.where(np.isfinite(held), held, 0.0)
-    count = np.maximum(np.isfinite(held).sum(axis=0), 1)
-    mean = np.where(scored, safe.sum(axis=0) / count, np.nan)
+    mean = np.where(np.isfinite(held).all(axis=0), np.where(np.isfinite(held), held, 0.0).mean(axis=0), np.nan)
     low = np.where(scored, np.where(np.isfinite(held), held, np.inf).min(axis=0), np.nan)
     high = np.where(scored, np.where(np.isfinite(held), held, -np.inf).max(axis=0), np.nan)
     return {"t_s": grid.tolist(), "mean": mean.tolist(), "min": low.tolist(), "max": high.tolist()}
@@ -147,7 +146,8 @@ def write_sweep(plan: SweepPlan, records: Sequence[RunRecord], out: Path) -> dic
                          for k, b in bands.items()}}
     write_json(out / "sweep.json", payload)
     note = ("<p>Each cell: mean ± sample standard deviation over the seeds that finished; "
-            "time to target over the seeds that reached it. The curve: mean, band: min–max.</p>")
+            "time to target over the seeds that reached it. The curve: mean (once every seed is scored), "
+            "band: min–max.</p>")
     (out / "sweep.html").write_text(html_page("Orchard sweep", "<h1>Orchard sweep: " + str(plan.source) + "</h1>"
                                               + note + html_table(rows, columns) + png_figure(png)))
     return payload
