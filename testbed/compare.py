@@ -1,4 +1,4 @@
-"""Compare several runs: accuracy overlaid (PNG) and a table of headline figures (md, csv, html).
+"""Compare several runs: the served model's accuracy overlaid (PNG) and a table of headline figures (md, csv, html).
 
 The run folders are only read, never written: comparing must not change what a run's own report
 says. Each run is labelled "campaign / strategy"; when two labels collide the folder name is added.
@@ -17,9 +17,10 @@ from typing import Any
 from runtime.errors import ConfigError
 from testbed.report import load_run, summarise
 
-COLUMNS = ("label", "run", "campaign", "strategy", "n_devices", "rounds", "wall_s", "final_accuracy",
-           "best_accuracy", "target_accuracy", "time_to_target_s", "updates_accepted", "updates_rejected",
-           "utilization", "train_s_total", "energy_j_total", "throttle_backend")
+COLUMNS = ("label", "run", "campaign", "strategy", "n_devices", "rounds", "wall_s", "served_profile",
+           "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s", "energy_to_target_j",
+           "updates_accepted", "updates_rejected", "utilization", "train_s_total", "energy_j_total",
+           "bytes_up_total", "bytes_down_total", "throttle_backend")
 
 
 def _labels(summaries: list[dict[str, Any]], runs: list[Path]) -> list[str]:
@@ -73,6 +74,7 @@ def compare_runs(runs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Write compare_accuracy.png, compare.md, compare.csv and compare.html (self-contained) into
     `out_dir`; returns {"columns": [...], "rows": [{column: value}, ...], "files": [...]}.
     ConfigError (one line) when `runs` is empty or a folder is not a run folder."""
+    from testbed.breakdown import served_curve
     from testbed.plots import plot_overlay
 
     if not runs:
@@ -86,9 +88,8 @@ def compare_runs(runs: list[Path], out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     series = []
     for row, data in zip(rows, loaded, strict=True):
-        evaluated = [r for r in data.rounds if r.accuracy is not None]
-        series.append((str(row["label"]), [r.t_s for r in evaluated], [r.accuracy or 0.0 for r in evaluated],
-                       [r.version for r in evaluated]))
+        curve = served_curve(data)  # the model each run serves, as in its summary
+        series.append((str(row["label"]), [t for t, _, _ in curve], [a for _, _, a in curve], [v for _, v, _ in curve]))
     targets = {d.target_accuracy for d in loaded if d.target_accuracy is not None}
     png = plot_overlay(series, out_dir / "compare_accuracy.png", target=targets.pop() if len(targets) == 1 else None)
     (out_dir / "compare.md").write_text(_markdown(rows))

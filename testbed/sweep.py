@@ -264,14 +264,20 @@ def table_from_runs(plan: SweepPlan, out: Path) -> list[RunRecord]:
     from testbed.report import write_report
     from testbed.sweep_table import write_sweep
 
+    try:  # keep what the runs cost when they ran
+        ran = {(r["variant"], r["seed"]): float(r["host_wall_s"])
+               for r in json.loads((Path(out) / "sweep.json").read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        ran = {}
     records = []
     for variant in plan.variants:
         for seed in plan.seeds:
             run_dir = run_dir_for(out, variant, seed)
+            wall_s = ran.get((variant.name, seed), 0.0)
             try:
-                records.append(RunRecord(variant.name, seed, run_dir, 0.0, write_report(run_dir)))
+                records.append(RunRecord(variant.name, seed, run_dir, wall_s, write_report(run_dir)))
             except ConfigError as exc:
-                records.append(RunRecord(variant.name, seed, run_dir, 0.0, None, str(exc)))
+                records.append(RunRecord(variant.name, seed, run_dir, wall_s, None, str(exc)))
     write_sweep(plan, records, out)
     return records
 

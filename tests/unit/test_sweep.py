@@ -207,7 +207,9 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     rebuilt = table_from_runs(plan, out)  # nothing runs: the same table from the folders
     assert [r.error is None for r in rebuilt] == [True, True, True, False]
     assert rebuilt[3].error == f"run folder {out / 'fedavg' / 'seed-4'} does not exist"
-    assert json.loads((out / "sweep.json").read_text())["stats"]["semi"] == table["stats"]["semi"]
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["stats"]["semi"] == table["stats"]["semi"]
+    assert [r["host_wall_s"] for r in again["runs"]] == [r["host_wall_s"] for r in table["runs"]]  # kept
 
 
 def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None:
