@@ -282,7 +282,7 @@ class Service:
             raise
         metrics = {k: round(float(v), 4) for k in ("step_ms_median", "loss_last")
                    if isinstance(v := update.metrics.get(k), (int, float)) and np.isfinite(v)}
-        self.out.event({**received, "task_id": update.task_id, "peak_rss_mb": update.peak_rss_mb, **metrics})
+        self.out.event({**received, "task_id": update.task_id, **metrics})
         task = self.engine.outstanding.get(update.task_id)
         if task is None or task.device_id != device_id:
             # Let the engine name the reason (unknown task, duplicate, wrong device).

@@ -145,6 +145,12 @@ def test_bad_frames_are_refused_and_never_touch_the_global_model(federation: Fed
         assert h.fed.server is not None and h.fed.server.poll() is None, f"server died on {case}"
     assert not h.find("update_accepted") and h.rows() == []
     assert not (h.run / "checkpoint").exists()
+    # Every payload that reassembled into a frame crossed the link: its bytes are counted (the
+    # report's uplink), refused or not; broken chunks never became a frame.
+    unframed = {"garbage bytes", "chunk shorter than its header", "chunk with a damaged payload", "oversized frame"}
+    received = h.find("update_received")
+    assert len(received) == len([c for c, _, _ in cases if c not in unframed])
+    assert all(r["device"] == "dev1" and r["bytes"] > 0 for r in received)
 
     # The one legit update: the new global must be exactly the task's weights plus its shift,
     # which it would not be if any refused payload had reached the pending updates.
