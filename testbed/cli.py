@@ -161,7 +161,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         from testbed.sweep import parse_seeds, single_plan
 
         plan = single_plan(args.campaign, parse_seeds(args.seeds))
-        out = Path(args.out) if args.out else Path("runs") / load_campaign(args.campaign).name
+        out = Path(args.out) if args.out else Path("runs") / f"{load_campaign(args.campaign).name}-seeds"
         return _run_plan(plan, out, args)
     campaign = load_campaign(args.campaign)
     out = Path(args.out) if args.out else Path("runs") / campaign.name
@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--force", action="store_true", help="replace an existing run folder")
     cr.add_argument("--no-throttle", action="store_true", help="run without cgroups (the report says so)")
     cr.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
-    cr.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUT/seed-<s>/, then write mean ± band "
-                                    "curves and a table of means with spreads (OUT/sweep.md)")
+    cr.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUT/seed-<s>/ (default OUT: "
+                                    "runs/<name>-seeds), then write mean ± band curves and a table of means "
+                                    "with spreads (OUT/sweep.md)")
     cr.set_defaults(func=cmd_campaign_run)
     cs = csub.add_parser("sweep", help="one fleet under several methods/strategies and seeds, one table",
                          description="Run every [[sweep.variant]] of a sweep file once per seed, for the same "

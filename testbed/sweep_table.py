@@ -9,8 +9,10 @@ Per run (from its run folder, so a rebuilt report gives the same table):
 - utilization, energy_j_total, rounds: summary.json's; uplink_mb / downlink_mb: its
   bytes_up_total / bytes_down_total in 10^6 bytes.
 - wasted_device_s: summary.json's `wasted_device_s` when the run recorded it, else "n/a".
-- per tier ([[fleet]] group), in a second table: peak_rss_mb, step_ms (the device-reported median
-  step) and task_step_ms (median of train_s / local_steps), see testbed/report.py.
+- in a second table: accuracy[profile], the final accuracy of every model the server scored
+  ("dense" = the global model, whether or not it is served); and per tier ([[fleet]] group):
+  peak_rss_mb, step_ms (the device-reported median step) and task_step_ms (median of
+  train_s / local_steps), see testbed/report.py.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def run_figures(record: RunRecord, target: float | None) -> tuple[dict[str, Any]
                    best_accuracy=max((a for _, _, a in curve), default=None), time_to_target_s=reached,
                    energy_to_target_j=breakdown.energy_until_j(data, reached), wasted_device_s=summary.get(WASTED_KEY),
                    served_profile=breakdown.served_profile(data), target_accuracy=target)
+    for profile, accuracy in sorted(summary.get("accuracy_per_profile", {}).items()):
+        figures[f"accuracy[{profile}]"] = accuracy
     for group in summary.get("groups", []):
         figures[f"peak_rss_mb[{group['group']}]"] = group.get("peak_rss_mb")
         figures[f"step_ms[{group['group']}]"] = group.get("step_ms_median")
@@ -131,8 +135,10 @@ def write_sweep(plan: SweepPlan, records: Sequence[RunRecord], out: Path) -> dic
     bands = {label: _band(c, end_s) for label, c in curves.items() if any(c)}
     targets = {run.get("target_accuracy") for runs in per_run.values() for run in runs} - {None}
     png = plot_bands(bands, out / "sweep_accuracy.png", target=targets.pop() if len(targets) == 1 else None)
-    tiers = ["variant", *(k for k in keys if "[" in k)]
-    md = [*_markdown(rows, [c for c in columns if "[" not in c]), "", "Per tier:", "", *_markdown(rows, tiers)]
+    scored = sorted(k for k in keys if k.startswith("accuracy["))
+    tiers = [k for k in keys if "[" in k and k not in scored]
+    md = [*_markdown(rows, [c for c in columns if "[" not in c]), "", "Final accuracy of every model scored:", "",
+          *_markdown(rows, ["variant", *scored]), "", "Per tier:", "", *_markdown(rows, ["variant", *tiers])]
     (out / "sweep.md").write_text("\n".join(md) + "\n")
     with (out / "sweep.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", "served_profile", "target_accuracy", *keys])

@@ -203,7 +203,9 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"run folder \S+/semi/seed-3 exists \(3 of the sweep's runs do\)"):
         check_out(plan, out, force=False)
     check_out(plan, out, force=True)
-    assert "Per tier:" in md and "| variant | peak_rss_mb[g] | step_ms[g] | task_step_ms[g] |" in md
+    assert "| variant | accuracy[dense] | accuracy[width=0.5] |\n" in md
+    assert "| variant | peak_rss_mb[g] | step_ms[g] | task_step_ms[g] |\n" in md
+    assert semi["accuracy[width=0.5]"]["mean"] == 0.55
     rebuilt = table_from_runs(plan, out)  # nothing runs: the same table from the folders
     assert [r.error is None for r in rebuilt] == [True, True, True, False]
     assert rebuilt[3].error == f"run folder {out / 'fedavg' / 'seed-4'} does not exist"
