@@ -113,6 +113,8 @@ def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, A
         runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
                                 broker=args.broker)
         summary: dict[str, Any] = runner.execute()
+        if runner.stop_reason and runner.stop_reason.startswith("interrupted"):
+            raise KeyboardInterrupt  # the runner cleaned up and reported; the sweep stops too
         return summary
 
     return run

@@ -260,3 +260,22 @@ def test_sweep_command_line_errors_are_one_line(tmp_path: Path, args: list[str],
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and needle.replace("TAKEN", str(tmp_path / "taken")) in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_stops_the_sweep_and_keeps_the_table_of_what_finished(tmp_path: Path) -> None:
+    plan = load_sweep(sweep_file(tmp_path, VARIANTS))
+    run, calls = fake_runner(tmp_path, fail=set())
+
+    def interrupted_second(campaign: Campaign, out: Path) -> dict[str, Any]:
+        if len(calls) == 1:
+            calls.append(campaign)
+            raise KeyboardInterrupt
+        summary: dict[str, Any] = run(campaign, out)
+        return summary
+
+    out = tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, out, run=interrupted_second, progress=lambda _: None)
+    assert [(c.name, c.seed) for c in calls] == [("cw-semi", 3), ("cw-semi", 4)]  # nothing after the Ctrl-C
+    table = json.loads((out / "sweep.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in table["runs"]] == [("semi", 3)]
