@@ -49,8 +49,16 @@ FLEET_KEYS = frozenset({"profile", "profiles"})
 SHARED = ("campaign", "stop", "model", "broker", "throttle")
 SWEEP_KEYS = frozenset({"seeds", "target_accuracy", "variant"})
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-# The energy engineer's wasted-work figure, when summary.json has it; "n/a" otherwise.
+# Wasted device-seconds (refused or abandoned work), when summary.json records them: a top-level
+# `wasted_device_s`, or `wasted_work.wasted_s` (the energy branch's layout); "n/a" otherwise.
 WASTED_KEY = "wasted_device_s"
+
+
+def wasted_device_s(summary: Mapping[str, Any]) -> float | None:
+    value = summary.get(WASTED_KEY)
+    if value is None and isinstance(summary.get("wasted_work"), Mapping):
+        value = summary["wasted_work"].get("wasted_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)

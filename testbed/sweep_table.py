@@ -8,7 +8,8 @@ Per run (from its run folder, so a rebuilt report gives the same table):
 - energy_to_target_j: the fleet's telemetry energy up to that time.
 - utilization, energy_j_total, rounds: summary.json's; uplink_mb / downlink_mb: its
   bytes_up_total / bytes_down_total in 10^6 bytes.
-- wasted_device_s: summary.json's `wasted_device_s` when the run recorded it, else "n/a".
+- wasted_device_s: summary.json's `wasted_device_s` or `wasted_work.wasted_s` when the run
+  recorded it, else "n/a".
 - in a second table: accuracy[profile], the final accuracy of every model the server scored
   ("dense" = the global model, whether or not it is served); and per tier ([[fleet]] group):
   peak_rss_mb, step_ms (the device-reported median step) and task_step_ms (median of
@@ -40,7 +41,7 @@ GRID_POINTS = 200
 
 def run_figures(record: RunRecord, target: float | None) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     """The figures of one finished run, and its served model's (t_s, accuracy) curve."""
-    from testbed.sweep import WASTED_KEY
+    from testbed.sweep import wasted_device_s
 
     summary = record.summary or {}
     data = load_run(record.run_dir)
@@ -52,7 +53,7 @@ def run_figures(record: RunRecord, target: float | None) -> tuple[dict[str, Any]
         figures[key] = summary[total] / 1e6 if summary.get(total) is not None else None
     figures.update(final_accuracy=curve[-1][2] if curve else None,
                    best_accuracy=max((a for _, _, a in curve), default=None), time_to_target_s=reached,
-                   energy_to_target_j=breakdown.energy_until_j(data, reached), wasted_device_s=summary.get(WASTED_KEY),
+                   energy_to_target_j=breakdown.energy_until_j(data, reached), wasted_device_s=wasted_device_s(summary),
                    served_profile=breakdown.served_profile(data), target_accuracy=target)
     for profile, accuracy in sorted(summary.get("accuracy_per_profile", {}).items()):
         figures[f"accuracy[{profile}]"] = accuracy

@@ -226,6 +226,14 @@ def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None
     assert row[header.index("wasted_device_s")] == "n/a" and row[0] == "| campaign"
 
 
+def test_wasted_work_is_read_from_either_layout() -> None:
+    from testbed.sweep import wasted_device_s
+
+    assert wasted_device_s({"wasted_device_s": 2.5}) == 2.5
+    assert wasted_device_s({"wasted_work": {"wasted_s": 4.0, "useful_s": 9.0}}) == 4.0
+    assert wasted_device_s({}) is None and wasted_device_s({"wasted_work": {"wasted_s": None}}) is None
+
+
 def test_band_holds_each_seed_between_evaluations() -> None:
     band = _band([[(1.0, 0.2), (3.0, 0.6)], [(2.0, 0.4)]], end_s=4.0)
     grid = band["t_s"]
