@@ -16,25 +16,31 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from models.builder import IR_VERSION, LOGITS, OPSET, build
-from models.structure import Structure
+from models.structure import Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray
 from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
 from runtime.ort import onnxruntime_version, training_artifacts_module
+from runtime.profile import parse_profile
+from runtime.submodel import index_map_for
 
 log = logging.getLogger(__name__)
 
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
 BUILDER_VERSION = 1  # bump when the builder's graphs change, so old cache entries are not reused
 OPTIMIZERS = ("sgd", "adamw")
+# The graph around the model: its loss, exits, probes. Only cross-entropy on the one exit exists
+# so far; the default variant adds nothing to the key, so caches from before variants stay valid.
+DEFAULT_VARIANT = "ce"
+GRAPH_VARIANTS = (DEFAULT_VARIANT,)
 
 
 def default_cache_dir() -> Path:
@@ -44,10 +50,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "orchard" / "artifacts"
 
 
-def artifact_key(structure: Structure, optimizer: str) -> str:
-    return structure.key({
-        "optimizer": optimizer, "builder": BUILDER_VERSION, "onnx": ONNX_VERSION, "ort": onnxruntime_version(),
-    })
+def artifact_key(structure: Structure, optimizer: str, variant: str = DEFAULT_VARIANT) -> str:
+    extra = {"optimizer": optimizer, "builder": BUILDER_VERSION, "onnx": ONNX_VERSION, "ort": onnxruntime_version()}
+    if variant != DEFAULT_VARIANT:
+        extra["variant"] = variant
+    return structure.key(extra)
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,30 @@ class ArtifactSet:
     rebuilt_reason: str | None  # why an existing entry was discarded, if it was
 
 
-def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Path | None = None) -> ArtifactSet:
+def artifacts_for(model: str, input_shape: tuple[int, ...], num_classes: int, profiles: Iterable[str], *,
+                  optimizer: str = "sgd", cache_dir: Path | None = None,
+                  variant: str = DEFAULT_VARIANT) -> dict[str, ArtifactSet]:
+    """The one place a structural profile (runtime.profile grammar) becomes artifacts: a verified
+    artifact set per canonical profile, generated if needed. Profiles of the same structure (a
+    rolling and a leading window) share one set."""
+    full = full_structure(model, tuple(input_shape), num_classes)
+    out: dict[str, ArtifactSet] = {}
+    for text in profiles:
+        profile = parse_profile(text)
+        imap = index_map_for(profile, full.channels)
+        out.setdefault(profile.canonical(), ensure_artifacts(sub_structure(full, imap), optimizer, cache_dir, variant))
+    return out
+
+
+def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Path | None = None,
+                     variant: str = DEFAULT_VARIANT) -> ArtifactSet:
     """Return a verified artifact directory for `structure`, generating it if needed."""
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if variant not in GRAPH_VARIANTS:
+        raise ConfigError(f"unknown graph variant {variant!r}; choose one of {', '.join(GRAPH_VARIANTS)}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = artifact_key(structure, optimizer)
+    key = artifact_key(structure, optimizer, variant)
     target = cache / key
     reason = None
     if target.exists():

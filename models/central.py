@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from models.artifacts import ensure_artifacts
+from models.artifacts import artifacts_for
 from models.builder import build
 from models.datasets import load_dataset, train_test_split
-from models.structure import full_structure, sub_structure
+from models.structure import full_structure
 from runtime.profile import parse_profile
 from runtime.submodel import Submodel, index_map_for
 from runtime.telemetry import threads_for_quota
@@ -48,8 +48,8 @@ def train_central(run: CentralRun, progress: Callable[[int, int, float], None] |
     full = full_structure(run.model, ds.input_shape, ds.num_classes)
     built = build(full, seed=run.seed)
     sub = Submodel.of(built.layout, index_map_for(profile, built.layout.groups))
-    structure = sub_structure(full, {g: np.zeros(n) for g, n in sub.sub_layout.groups.items()})
-    artifacts = ensure_artifacts(structure, run.optimizer, run.cache_dir)
+    artifacts = artifacts_for(run.model, ds.input_shape, ds.num_classes, [profile.canonical()],
+                              optimizer=run.optimizer, cache_dir=run.cache_dir)[profile.canonical()]
     threads = run.threads if run.threads is not None else threads_for_quota(None)
     trainer = Trainer(artifacts.directory, threads=threads, classes=profile.classes)
     cfg = TrainConfig(steps=run.steps, epochs=run.epochs, batch_size=run.batch_size, lr=run.lr, seed=run.seed)

@@ -32,10 +32,9 @@ from runtime.chunks import Reassembler, chunk_frame
 from runtime.device_config import DeviceConfig
 from runtime.errors import OrchardError, ProtocolError, TransportError
 from runtime.frames import DEFAULT_LIMITS, decode_artifact, decode_task, encode_update
-from runtime.layout import FloatArray
 from runtime.manifest import MANIFEST, read_manifest
+from runtime.methods import check_name
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
-from runtime.profile import parse_profile
 from runtime.protocol import (
     Artifact,
     Hello,
@@ -52,7 +51,7 @@ from runtime.protocol import (
     validate_tensors,
 )
 from runtime.telemetry import CgroupLimits, Sampler, threads_for_quota
-from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob
+from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
 log = logging.getLogger("orchard.device")
 
@@ -64,7 +63,6 @@ REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
 @dataclass
 class _Running:
     task: Task
-    weights_in: FloatArray
     energy_j_at_start: float
     started_s: float
 
@@ -161,9 +159,9 @@ class Agent:
         self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
         self._set_state(self.state, self.running.task.task_id if self.running else None)
 
-    def _set_state(self, state: str, task_id: str | None = None, detail: str = "") -> None:
+    def _set_state(self, state: str, task_id: str | None = None, detail: str = "", failure: str | None = None) -> None:
         self.state = state
-        status = Status(self.id, state, time.time(), task_id=task_id, detail=detail)
+        status = Status(self.id, state, time.time(), task_id=task_id, detail=detail, failure=failure)
         try:
             self.mqtt.publish(self.topics.status(self.id), encode_json(status), qos=1, retain=True)
         except TransportError as exc:  # QoS 1 is queued while offline; this is a refused publish
@@ -233,9 +231,13 @@ class Agent:
                 shutil.rmtree(tmp, ignore_errors=True)
         log.info("%s: stored artifact %s", self.id, artifact.key)
         pending = self.waiting_for_artifact
-        if pending is not None and pending.artifact_key == artifact.key:
+        if pending is not None and not self._missing_artifacts(pending):
             self.waiting_for_artifact = None
             self._on_task(pending)
+
+    def _missing_artifacts(self, task: Task) -> list[str]:
+        keys = task.assignment.artifact_keys
+        return [k for k in keys if not (self.cfg.artifact_cache / k / MANIFEST).is_file()]
 
     def _on_task(self, task: Task) -> None:
         if self.running is not None:
@@ -244,33 +246,33 @@ class Agent:
             log.warning("%s: task %s queued: still training %s", self.id, task.task_id, self.running.task.task_id)
             self.queued = task
             return
-        directory = self.cfg.artifact_cache / task.artifact_key
-        if not (directory / MANIFEST).is_file():
-            log.info("%s: task %s waits for artifact %s", self.id, task.task_id, task.artifact_key)
+        missing = self._missing_artifacts(task)
+        if missing:
+            log.info("%s: task %s waits for artifacts %s", self.id, task.task_id, ", ".join(missing))
             self.waiting_for_artifact = task
             return
         try:
-            layout = read_manifest(directory).layout
+            check_name(task.assignment.method)
+            layout = read_manifest(self.cfg.artifact_cache / task.assignment.primary_key).layout
             validate_tensors(task.tensors, {p.name: p.shape for p in layout}, source="server")
             dense = {name: t for name, t in task.tensors.items() if not isinstance(t, SparseTensor)}
             if len(dense) != len(task.tensors):  # the server always sends whole submodels
                 raise ProtocolError(f"task {task.task_id} carries sparse tensors; tasks must be dense")
             weights = layout.join(dense)
-            profile = parse_profile(task.profile)
         except OrchardError as exc:
-            self._set_state("failed", task.task_id, f"task {task.task_id} unusable: {exc}")
+            self._set_state("failed", task.task_id, f"task {task.task_id} unusable: {exc}", failure="error")
             self._set_state("idle")
             return
         seed = zlib.crc32(f"{self.id}/{task.task_id}".encode())
-        job = TrainJob(job_id=task.task_id, artifact_dir=str(directory), classes=profile.classes,
-                       steps=task.local_steps, epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr,
-                       seed=seed)
+        job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
+                       upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
+                       batch_size=task.batch_size, lr=task.lr, seed=seed)
         self.trainer.submit(job, weights)
         # Meter readings at each end of the task, so its energy covers the training burst itself and
         # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J). They update
         # the energy integral only: the telemetry stream stays at its fixed rate.
         self.sampler.sample("training")
-        self.running = _Running(task, weights, self.sampler.meter.energy_j, time.monotonic())
+        self.running = _Running(task, self.sampler.meter.energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
     # ------------------------------------------------------------ training results
@@ -286,32 +288,30 @@ class Agent:
         except TrainerDied as exc:
             self.running = None
             log.error("%s: %s", self.id, exc)
-            self._set_state("failed", run.task.task_id, str(exc))
+            self._set_state("failed", run.task.task_id, str(exc), failure=failure_of_exit(exc.exitcode))
             self.trainer.restart()
             self._set_state("idle")
             return
         if outcome is None:
             return
         self.running = None
-        if outcome.weights is None:
-            self._set_state("failed", run.task.task_id, outcome.error or "training failed")
+        if outcome.values is None:
+            self._set_state("failed", run.task.task_id, outcome.error or "training failed",
+                            failure=outcome.failure or "error")
             self._set_state("idle")
             return
         task = run.task
         self.sampler.sample("training")
-        upload = str(task.options.get("upload", "weights"))
-        values = outcome.weights - run.weights_in if upload == "delta" else outcome.weights
-        layout = read_manifest(self.cfg.artifact_cache / task.artifact_key, verify=False).layout
+        layout = read_manifest(self.cfg.artifact_cache / task.assignment.primary_key, verify=False).layout
         update = Update(
             task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
-            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=upload,
+            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=outcome.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
                      "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
-            tensors=layout.split(values),
+            tensors=layout.split(outcome.values), report=outcome.report,
         )
-        encoding = str(task.options.get("encoding", "dense"))
-        frame = encode_update(update, encoding=encoding)
+        frame = encode_update(update, encoding=task.encoding)
         attempt = self.trainer.restarts
         chunks = chunk_frame(frame, f"{task.task_id}.{attempt}.{int(time.time() * 1000) % 10**9}")
         self._set_state("uploading", task.task_id)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime
 
+from runtime.backend import LOGITS, LOSS, Feeds, Outputs
 from runtime.errors import ArtifactError, TrainerError
 from runtime.layout import FloatArray
 from runtime.manifest import Manifest, read_manifest
@@ -78,6 +79,11 @@ class OrtSession:
             raise ArtifactError(f"artifact directory {d}: ORT has {n} parameters, manifest layout {self.layout.total}")
         self._ortvalue = onnxruntime.OrtValue
         self.threads = threads
+        # The graphs name their inputs (input, labels) and outputs; the first training output is
+        # the loss (ORT's artifact generator puts it there), eval gives loss then the model's own.
+        self._input_names = [str(n) for n in self._module.input_names()]
+        self._train_outputs = [LOSS, *[str(n) for n in self._module.output_names()][1:]]
+        self._eval_outputs = [LOSS, LOGITS]
 
     def set_params(self, flat: npt.NDArray[np.float32]) -> None:
         buf = np.ascontiguousarray(self.layout.check(flat))
@@ -90,22 +96,31 @@ class OrtSession:
     def set_lr(self, lr: float) -> None:
         self._optimizer.set_learning_rate(float(lr))
 
-    def train_step(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
-        """One forward/backward/update on a batch; returns the batch's mean loss."""
+    def _inputs(self, feeds: Feeds) -> list[Any]:
+        missing = [n for n in self._input_names if n not in feeds]
+        if missing:
+            raise TrainerError(f"artifact {self.directory.name}: feeds lack {missing}; it takes {self._input_names}")
+        return [feeds[n] for n in self._input_names]
+
+    def train_step(self, feeds: Feeds) -> Outputs:
+        """One forward/backward/update on a batch; `loss` is the batch's mean loss."""
         self._module.train()
+        args = self._inputs(feeds)
         try:
-            out = self._module(x, y)
+            out = self._module(*args)
             self._optimizer.step()
             self._module.lazy_reset_grad()
         except Exception as exc:
-            raise TrainerError(f"ORT train step failed on batch of shape {x.shape}: {exc}") from None
-        return float(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
+            raise TrainerError(f"ORT train step failed on batch of shape {args[0].shape}: {exc}") from None
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return dict(zip(self._train_outputs, (np.asarray(o) for o in outs), strict=False))
 
-    def eval_step(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[float, FloatArray]:
-        """Mean loss and logits on a batch, without updating anything."""
+    def eval_step(self, feeds: Feeds) -> Outputs:
+        """`loss` and `logits` on a batch, without updating anything."""
         self._module.eval()
+        args = self._inputs(feeds)
         try:
-            loss, logits = self._module(x, y)
+            out = self._module(*args)
         except Exception as exc:
-            raise TrainerError(f"ORT eval step failed on batch of shape {x.shape}: {exc}") from None
-        return float(np.asarray(loss)), np.asarray(logits, dtype=np.float32)
+            raise TrainerError(f"ORT eval step failed on batch of shape {args[0].shape}: {exc}") from None
+        return dict(zip(self._eval_outputs, (np.asarray(o) for o in out), strict=False))

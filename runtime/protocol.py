@@ -34,10 +34,16 @@ import numpy.typing as npt
 
 from runtime.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
+# place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
+PROTOCOL_VERSION = 2
 
 DEVICE_STATES = ("online", "idle", "training", "uploading", "offline", "failed")
 UPDATE_KINDS = ("weights", "delta")
+# Why a task failed, so the server never guesses from free text: the trainer was killed under a
+# memory cap or raised MemoryError (oom), killed by another signal (killed), anything else (error).
+FAILURES = ("oom", "killed", "error")
+UPLOAD_ENCODINGS = ("dense", "fp16")
 JSON_MAX_BYTES = 1 << 20  # control messages are small; a bigger one is a bug or an attack
 
 
@@ -109,6 +115,7 @@ class Status:
     t: float  # device wall clock, seconds since the epoch
     task_id: str | None = None
     detail: str = ""  # e.g. the cause of a failure: "trainer killed (exit 137, OOM)"
+    failure: str | None = None  # one of FAILURES when state == "failed"
 
 
 @dataclass(frozen=True)
@@ -143,20 +150,36 @@ class ServerState:
 
 # ---------------------------------------------------------------- framed messages
 @dataclass(frozen=True)
+class Assignment:
+    """What a device trains, as data: the method's name, its canonical profile, the artifacts
+    (the first is the one whose layout the task's tensors and the update use; a method may need
+    more, e.g. FjORD one per nested width) and the method's own extras (JSON values)."""
+
+    method: str
+    profile: str
+    artifact_keys: tuple[str, ...]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary_key(self) -> str:
+        return self.artifact_keys[0]
+
+
+@dataclass(frozen=True)
 class Task:
     task_id: str
     round: int
     base_version: int
     model_id: str
-    profile: str  # canonical profile string, e.g. "width=0.5" or "dense"
-    artifact_key: str  # structure hash of the submodel the device must train
+    assignment: Assignment
     local_steps: int  # 0 means: use local_epochs
     local_epochs: int
     lr: float
     batch_size: int
     deadline_s: float  # seconds from receipt; the device may give up after this
-    tensors: Mapping[str, Tensor] = field(default_factory=dict)  # submodel weights by name
-    options: Mapping[str, Any] = field(default_factory=dict)  # method-specific knobs
+    upload: str = "weights"  # weights | delta: the form the update should take
+    encoding: str = "dense"  # dense | fp16: how the update's tensors travel
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)  # primary artifact's weights by name
 
 
 @dataclass(frozen=True)
@@ -170,7 +193,8 @@ class Update:
     energy_j: float | None
     kind: str  # "weights" | "delta"
     metrics: Mapping[str, float] = field(default_factory=dict)
-    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)  # sparse ones carry only what was sent
+    report: Mapping[str, float] = field(default_factory=dict)  # the method's own figures
 
 
 @dataclass(frozen=True)
@@ -191,19 +215,21 @@ _JSON_KINDS: dict[type, str] = {
 }
 _INT_MAX = 2**63 - 1  # every integer must fit an int64 on the other side (numpy, C)
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"; also keeps Python's 4300-digit ValueError away
-_MAX_FREE_DEPTH = 32  # nesting allowed in free-form values (Task.options); deeper breaks re-encoding
+_MAX_FREE_DEPTH = 32  # nesting allowed in free-form values (Assignment.extras); deeper breaks re-encoding
 
 # Device ids become topic levels (no "/", "+", "#"); message ids become dict keys in chunks.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Artifact keys and artifact file names become paths on the device: no separators, no leading dot.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=,+-]{0,127}")
 
-_FIELD_CHOICES: dict[str, tuple[str, ...]] = {"state": DEVICE_STATES, "kind": UPDATE_KINDS}
+_FIELD_CHOICES: dict[str, tuple[str, ...]] = {"state": DEVICE_STATES, "kind": UPDATE_KINDS, "upload": UPDATE_KINDS,
+                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES}
 _FIELD_PATTERNS: dict[str, re.Pattern[str]] = {
     "device_id": ID_PATTERN,
-    "artifact_key": NAME_PATTERN,
     "key": NAME_PATTERN,
+    "method": ID_PATTERN,
 }
+_ELEMENT_PATTERNS: dict[str, re.Pattern[str]] = {"artifact_keys": NAME_PATTERN}
 
 
 def show(value: object, limit: int = 60) -> str:
@@ -316,7 +342,7 @@ def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
     def bad(expected: str) -> ProtocolError:
         return ProtocolError(f"{ctx}: field '{path}' must be {expected}, got {show(value)}")
 
-    if hint is Any:  # free-form (Task.options): strict-parsed already, so only the depth is left
+    if hint is Any:  # free-form (Assignment.extras): strict-parsed already, so only the depth is left
         if _depth(value) > _MAX_FREE_DEPTH:
             raise bad(f"nested at most {_MAX_FREE_DEPTH} deep")
         return value
@@ -383,12 +409,19 @@ def fields_from_json(
             continue
         value = _check(hints[f.name], obj[f.name], name, ctx)
         choices = _FIELD_CHOICES.get(f.name)
-        if choices is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             allowed = ", ".join(choices)
             raise ProtocolError(f"{ctx}: field '{name}' must be one of {allowed}, got {show(value)}")
         pattern = _FIELD_PATTERNS.get(f.name)
         if pattern is not None and not pattern.fullmatch(value):
             raise ProtocolError(f"{ctx}: field '{name}' must match {pattern.pattern}, got {show(value)}")
+        element = _ELEMENT_PATTERNS.get(f.name)
+        if element is not None:
+            if not value:
+                raise ProtocolError(f"{ctx}: field '{name}' must not be empty")
+            for i, item in enumerate(value):
+                if not element.fullmatch(item):
+                    raise ProtocolError(f"{ctx}: field '{name}[{i}]' must match {element.pattern}, got {show(item)}")
         kwargs[f.name] = value
     return kwargs
 

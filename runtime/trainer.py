@@ -1,9 +1,12 @@
-"""Local training on an in-memory shard, through ONNX Runtime training artifacts.
+"""Local training on an in-memory shard, through a training backend (ONNX Runtime artifacts
+on a board, `runtime.backend.NumpyMLP` in tests).
 
-The trainer takes weights in (a flat buffer in the artifact's layout), trains for a number of
-steps or epochs with seeded shuffling, and gives weights out with the figures a device reports:
-loss per step, median step time, peak RSS. A class-subset model (Chen & Qin) sees only the
-samples of its classes, with labels mapped to the model's output rows.
+The trainer takes weights in (a flat buffer in the primary artifact's layout), trains for a
+number of steps or epochs with seeded shuffling, and gives weights out with the figures a
+device reports: loss per step, median step time, peak RSS. A device method
+(`runtime.methods.base.DeviceMethod`) is called around every step and picks the backend each
+step trains; without one the trainer's own backend trains every step. A class-subset model
+(Chen & Qin) sees only the samples of its classes, with labels mapped to the model's rows.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from runtime.backend import INPUT, LABELS, LOGITS, TrainingBackend, loss_of
 from runtime.errors import ConfigError, TrainerError
 from runtime.layout import FloatArray
-from runtime.ort import OrtSession
+from runtime.methods.base import DeviceMethod
 
 
 @dataclass(frozen=True)
@@ -65,45 +69,71 @@ def peak_rss_mb() -> float:
 
 class Trainer:
     def __init__(self, directory: Path | str, threads: int = 1, classes: tuple[int, ...] | None = None) -> None:
-        self.session = OrtSession(directory, threads=threads)
-        self.manifest = self.session.manifest
-        self.layout = self.session.layout
-        n_out = self.manifest.num_outputs
-        if classes is not None and len(classes) != n_out:
-            raise ConfigError(f"class subset of {len(classes)} classes does not fit a model with {n_out} outputs")
+        from runtime.ort import OrtSession  # here, so a numpy-backend trainer never loads ORT
+
+        session = OrtSession(directory, threads=threads)
+        self.manifest = session.manifest
+        self._setup(session, session.manifest.input_shape, session.manifest.num_outputs, classes)
+
+    @classmethod
+    def on_backend(cls, backend: TrainingBackend, input_shape: tuple[int, ...], num_outputs: int,
+                   classes: tuple[int, ...] | None = None) -> Trainer:
+        """A trainer around any backend (the numpy MLP in tests)."""
+        trainer = cls.__new__(cls)
+        trainer._setup(backend, input_shape, num_outputs, classes)
+        return trainer
+
+    def _setup(self, backend: TrainingBackend, input_shape: tuple[int, ...], num_outputs: int,
+               classes: tuple[int, ...] | None) -> None:
+        self.session = backend
+        self.layout = backend.layout
+        self.input_shape = tuple(input_shape)
+        self.num_outputs = num_outputs
+        self._check_classes(classes)
         self.classes = classes
 
-    def _select(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    def _check_classes(self, classes: tuple[int, ...] | None) -> None:
+        if classes is not None and len(classes) != self.num_outputs:
+            raise ConfigError(f"class subset of {len(classes)} classes does not fit a model with "
+                              f"{self.num_outputs} outputs")
+
+    def _select(self, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
+                classes: tuple[int, ...] | None) -> tuple[FloatArray, npt.NDArray[np.int64]]:
         """Samples this model can learn from, with labels mapped to its output rows."""
-        expected = self.manifest.input_shape
+        expected = self.input_shape
         if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
             raise TrainerError(f"input batch shape {tuple(x.shape)} does not match the model's (N, {expected})")
         if len(x) != len(y):
             raise TrainerError(f"{len(x)} inputs but {len(y)} labels")
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
-        if self.classes is None:
-            if len(y) and (y.min() < 0 or y.max() >= self.manifest.num_outputs):
+        if classes is None:
+            if len(y) and (y.min() < 0 or y.max() >= self.num_outputs):
                 raise TrainerError(
-                    f"labels span [{y.min()}, {y.max()}] but the model has {self.manifest.num_outputs} outputs")
+                    f"labels span [{y.min()}, {y.max()}] but the model has {self.num_outputs} outputs")
             return x, y
-        lut = np.full(max(max(self.classes), int(y.max(initial=0))) + 1, -1, dtype=np.int64)
-        lut[list(self.classes)] = np.arange(len(self.classes))
+        lut = np.full(max(max(classes), int(y.max(initial=0))) + 1, -1, dtype=np.int64)
+        lut[list(classes)] = np.arange(len(classes))
         mapped = lut[y]
         keep = mapped >= 0
         return x[keep], mapped[keep]
 
     def train(self, weights: FloatArray | None, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
-              cfg: TrainConfig, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-        """Train from `weights` (None: keep the session's). `progress(step, total, loss)` is called
-        every 10 steps, for command-line progress."""
-        xs, ys = self._select(x, y)
+              cfg: TrainConfig, progress: Callable[[int, int, float], None] | None = None,
+              method: DeviceMethod | None = None) -> TrainResult:
+        """Train from `weights` (None: keep the backend's). `progress(step, total, loss)` is called
+        every 10 steps, for command-line progress. `method` (its primary backend must be this
+        trainer's) picks each step's backend; its own random draws come from a stream of their
+        own (seed, 1), so they do not move the batch order."""
+        if method is None:
+            method = DeviceMethod.plain(self.session)
+        classes = method.label_classes if method.label_classes is not None else self.classes
+        self._check_classes(classes)
+        xs, ys = self._select(x, y, classes)
         n = len(ys)
         if n == 0:
             raise TrainerError("the shard has no samples of the model's classes")
-        if weights is not None:
-            self.session.set_params(weights)
-        self.session.set_lr(cfg.lr)
+        method.start(weights, cfg.lr, np.random.default_rng([cfg.seed, 1]))
         rng = np.random.default_rng(cfg.seed)
         batches_per_epoch = -(-n // cfg.batch_size)
         total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch
@@ -119,9 +149,11 @@ class Trainer:
                 order = rng.permutation(n)
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             bx, by = xs[idx], ys[idx]
+            backend = method.before_step(step)
             t1 = time.perf_counter()
-            loss = self.session.train_step(bx, by)
+            loss = loss_of(backend.train_step({INPUT: bx, LABELS: by}))
             t2 = time.perf_counter()
+            method.after_step(step, backend, loss)
             if not np.isfinite(loss):
                 raise TrainerError(f"loss became {loss} at step {step} (lr {cfg.lr}); weights not returned")
             losses.append(loss)
@@ -131,7 +163,7 @@ class Trainer:
             step_ms.append((t2 - t0) * 1e3)
         train_s = time.perf_counter() - t_start
         return TrainResult(
-            weights=self.session.get_params(),
+            weights=method.trained(),
             steps=total,
             n_samples=n,
             loss_per_step=tuple(losses),
@@ -143,7 +175,7 @@ class Trainer:
 
     def evaluate(self, weights: FloatArray | None, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
                  batch_size: int = 256) -> EvalResult:
-        xs, ys = self._select(x, y)
+        xs, ys = self._select(x, y, self.classes)
         if len(ys) == 0:
             raise TrainerError("the evaluation set has no samples of the model's classes")
         if weights is not None:
@@ -151,7 +183,8 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         for i in range(0, len(ys), batch_size):
             bx, by = xs[i : i + batch_size], ys[i : i + batch_size]
-            loss, logits = self.session.eval_step(bx, by)
+            out = self.session.eval_step({INPUT: bx, LABELS: by})
+            loss, logits = loss_of(out), np.asarray(out[LOGITS])
             loss_sum += loss * len(by)
             correct += int(np.sum(np.argmax(logits, axis=1) == by))
         return EvalResult(loss=loss_sum / len(ys), accuracy=correct / len(ys), n_samples=len(ys))

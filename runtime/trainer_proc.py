@@ -15,7 +15,8 @@ import multiprocessing.connection as mpc
 import os
 import signal
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,17 @@ import numpy as np
 
 from runtime.errors import OrchardError, TrainerError
 from runtime.layout import FloatArray
+from runtime.protocol import Assignment
 
-_KEEP_SESSIONS = 2  # sessions cached per artifact; each holds its model and gradient buffers
+_KEEP_SESSIONS = 2  # sessions cached beyond the running task's; each holds its model and gradient buffers
 
 
 @dataclass(frozen=True)
 class TrainJob:
     job_id: str
-    artifact_dir: str
-    classes: tuple[int, ...] | None
+    artifact_root: str  # the device's artifact cache: one folder per key
+    assignment: Assignment
+    upload: str  # weights | delta
     steps: int
     epochs: int
     batch_size: int
@@ -42,8 +45,11 @@ class TrainJob:
 @dataclass(frozen=True)
 class TrainOutcome:
     job_id: str
-    weights: FloatArray | None  # None when training failed
+    values: FloatArray | None  # the update's values in `form`; None when training failed
     error: str | None
+    failure: str | None = None  # one of runtime.protocol.FAILURES when training failed
+    form: str = "weights"
+    report: Mapping[str, float] = field(default_factory=dict)
     n_samples: int = 0
     steps: int = 0
     train_s: float = 0.0
@@ -61,6 +67,13 @@ class TrainerDied(TrainerError):
         self.exitcode = exitcode
 
 
+def failure_of_exit(exitcode: int | None) -> str:
+    """SIGKILL is what the kernel's OOM killer sends under a memory cap."""
+    if exitcode in (-signal.SIGKILL, 137):
+        return "oom"
+    return "killed" if exitcode is not None and exitcode < 0 else "error"
+
+
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "still running"
@@ -74,11 +87,19 @@ def describe_exit(exitcode: int | None) -> str:
 def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
     # The agent handles Ctrl-C and shutdown; the child must not die halfway through a reply.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from runtime.methods import device_method
+    from runtime.ort import OrtSession
     from runtime.trainer import TrainConfig, Trainer
 
     with np.load(shard_path) as shard:
         x, y = shard["x"].astype(np.float32), shard["y"].astype(np.int64)
-    sessions: OrderedDict[tuple[str, tuple[int, ...] | None], Trainer] = OrderedDict()
+    sessions: OrderedDict[str, OrtSession] = OrderedDict()
+
+    def open_backend(root: str, key: str) -> OrtSession:
+        session = sessions.pop(key, None) or OrtSession(Path(root) / key, threads=threads)
+        sessions[key] = session
+        return session
+
     conn.send({"ready": True, "pid": os.getpid(), "n_samples": len(y)})
     while True:
         try:
@@ -90,22 +111,28 @@ def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
         job = TrainJob(**msg["job"])
         weights = np.frombuffer(conn.recv_bytes(), dtype=np.float32).copy()
         try:
-            key = (job.artifact_dir, job.classes)
-            trainer = sessions.pop(key, None) or Trainer(job.artifact_dir, threads=threads, classes=job.classes)
-            sessions[key] = trainer
-            while len(sessions) > _KEEP_SESSIONS:
-                sessions.popitem(last=False)
+            method = device_method(job.assignment, lambda key, root=job.artifact_root: open_backend(root, key))
+            needed = set(job.assignment.artifact_keys)
+            for old in [k for k in sessions if k not in needed][: max(0, len(sessions) - len(needed) - _KEEP_SESSIONS)]:
+                del sessions[old]
+            primary = sessions[job.assignment.primary_key]
+            trainer = Trainer.on_backend(primary, primary.manifest.input_shape, primary.manifest.num_outputs)
             cfg = TrainConfig(steps=job.steps, epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed)
-            r = trainer.train(weights, x, y, cfg)
+            r = trainer.train(weights, x, y, cfg, method=method)
+            body = method.pack(weights, r.weights, job.upload)
             reply: dict[str, Any] = {
                 "job_id": job.job_id, "error": None, "n_samples": r.n_samples, "steps": r.steps,
                 "train_s": r.train_s, "step_ms_median": r.step_ms_median, "peak_rss_mb": r.peak_rss_mb,
-                "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1],
+                "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1], "form": body.form,
+                "report": dict(body.report),
             }
             conn.send(reply)
-            conn.send_bytes(r.weights.tobytes())
+            conn.send_bytes(np.ascontiguousarray(body.values, dtype=np.float32).tobytes())
         except OrchardError as exc:
-            conn.send({"job_id": job.job_id, "error": str(exc)})
+            conn.send({"job_id": job.job_id, "error": str(exc), "failure": "error"})
+            conn.send_bytes(b"")
+        except MemoryError:
+            conn.send({"job_id": job.job_id, "error": "MemoryError while training", "failure": "oom"})
             conn.send_bytes(b"")
 
 
@@ -155,7 +182,8 @@ class TrainerProcess:
         if self._job is not None:
             raise TrainerError(f"trainer is busy with job {self._job.job_id}; cannot start {job.job_id}")
         assert self._conn is not None
-        self._conn.send({"op": "train", "job": asdict(job)})
+        # Assignment stays a dataclass through the (local, trusted) pipe; asdict would flatten it.
+        self._conn.send({"op": "train", "job": {**asdict(job), "assignment": job.assignment}})
         self._conn.send_bytes(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
         self._job = job
 
@@ -178,11 +206,12 @@ class TrainerProcess:
             raise TrainerDied(f"trainer died during job {job.job_id}: {describe_exit(code)}", code) from None
         self._job = None
         if reply.get("error"):
-            return TrainOutcome(job_id=job.job_id, weights=None, error=str(reply["error"]))
-        weights = np.frombuffer(payload, dtype=np.float32).copy()
+            return TrainOutcome(job_id=job.job_id, values=None, error=str(reply["error"]),
+                                failure=str(reply.get("failure", "error")))
+        values = np.frombuffer(payload, dtype=np.float32).copy()
         fields = {k: reply[k] for k in ("n_samples", "steps", "train_s", "step_ms_median", "peak_rss_mb",
-                                        "loss_first", "loss_last")}
-        return TrainOutcome(job_id=job.job_id, weights=weights, error=None, **fields)
+                                        "loss_first", "loss_last", "form", "report")}
+        return TrainOutcome(job_id=job.job_id, values=values, error=None, **fields)
 
     def restart(self) -> None:
         self.close()

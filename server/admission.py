@@ -24,11 +24,11 @@ class Payload:
     indices: IndexArray | None  # coordinates in the global buffer; None = all of it
     values: FloatArray  # a private copy, in the merge's form
     delta_l1: float  # ‖Δ‖_1 against the task's base model (Co-S²P importance)
-    rate: float  # fraction of the global coordinates the task's profile covers
+    rate: float  # the client's model rate (its width), Co-S²P's rate_i
 
 
 def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, strategy: Strategy,
-                  who: str) -> Payload:
+                  who: str, rate: float) -> Payload:
     """RoundError naming `who` and the value if the payload does not fit `task`."""
     upd = event.update
     if upd.kind not in UPDATE_KINDS:
@@ -40,7 +40,7 @@ def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, str
     if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.floating):
         raise RoundError(f"{who}: values must be a 1-D float buffer, got {raw.dtype} {raw.shape}")
     values = np.array(raw, dtype=np.float32)  # a copy: the caller's buffer may be reused
-    indices = task.indices if event.indices is None else _sparse_indices(event.indices, task, strategy, n, who)
+    indices = task.indices if event.indices is None else _sparse_indices(event.indices, task, n, who)
     expected = n if indices is None else int(indices.size)
     if values.size != expected:
         raise RoundError(f"{who}: {values.size} values, profile {task.profile!r} expects {expected}")
@@ -53,11 +53,10 @@ def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, str
     if strategy.merge.form == "weights" and upd.kind == "delta":
         values = base_vals + values  # FedAsync mixes weights; `delta` keeps the sent array
     stored = delta if strategy.merge.form == "delta" else values
-    covered = n if task.indices is None else int(task.indices.size)
-    return Payload(indices, stored, agg.l1_norm(delta), covered / n)
+    return Payload(indices, stored, agg.l1_norm(delta), rate)
 
 
-def _sparse_indices(raw: IndexArray, task: TaskRecord, strategy: Strategy, n: int, who: str) -> IndexArray:
+def _sparse_indices(raw: IndexArray, task: TaskRecord, n: int, who: str) -> IndexArray:
     """Indices a sparse upload (ZeroFL top-k) brings: unique, and inside the task's profile."""
     idx = agg.check_indices(raw, n, who)
     if task.indices is not None:
@@ -66,6 +65,6 @@ def _sparse_indices(raw: IndexArray, task: TaskRecord, strategy: Strategy, n: in
         outside = int((~allowed[idx]).sum())
         if outside:
             raise RoundError(f"{who}: {outside} indices outside profile {task.profile!r}")
-    elif not strategy.merge.accepts_submodels:
-        raise RoundError(f"{who}: sparse update, but strategy {strategy.name!r} merges full models only")
+    # A sparse upload of a full-model task is fine under every merge: the coordinates it did not
+    # send move by a zero delta (dense, buffered) or are not mixed (FedAsync).
     return idx

@@ -29,6 +29,7 @@ from runtime.errors import ConfigError
 from runtime.protocol import Hello
 from server.aggregate import FloatArray
 from server.engine import DeviceRecord, Engine, EngineConfig, TaskRecord, _frozen
+from server.methods import ServerMethod
 from server.policies import AssignPolicy, ModelOps, Strategy
 from server.strategies import get_strategy
 
@@ -59,12 +60,17 @@ def engine_state(engine: Engine) -> dict[str, Any]:
         "devices": [
             {**dataclasses.asdict(d), "hello": dataclasses.asdict(d.hello)} for d in e._devices.values()
         ],
-        "tasks": [
-            {k: getattr(t, k) for k in ("task_id", "device_id", "round", "base_version", "profile", "dispatched_s")}
-            for t in e._tasks.values()
-        ],
+        "tasks": [_task_state(e, t) for t in e._tasks.values()],
         "history_versions": sorted(e._history),
     }
+
+
+def _task_state(e: Engine, t: TaskRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {k: getattr(t, k) for k in ("task_id", "device_id", "round", "base_version", "profile",
+                                                      "dispatched_s")}
+    if not e.method.for_profile(t.profile).indices_derivable and t.indices is not None:
+        out["indices"] = t.indices.tolist()
+    return out
 
 
 def restore_engine(
@@ -77,6 +83,7 @@ def restore_engine(
     strategy: Strategy | None = None,
     config: EngineConfig | None = None,
     assign: AssignPolicy | None = None,
+    method: ServerMethod | None = None,
 ) -> Engine:
     """Rebuild an engine that continues from `state`. Times are shifted so that the moment of
     the save maps to `clock()` now: the downtime counts against no deadline."""
@@ -87,7 +94,7 @@ def restore_engine(
         strategy = get_strategy(saved["name"], **saved["params"])
     elif strategy.name != saved["name"]:
         raise ConfigError(f"checkpoint was written by strategy {saved['name']!r}, resuming with {strategy.name!r}")
-    e = Engine(strategy, model, global_flat, clock=clock, config=config, assign=assign)
+    e = Engine(strategy, model, global_flat, clock=clock, config=config, assign=assign, method=method)
     shift = clock() - float(state["now_s"])
     e.version = int(state["version"])
     e.round = int(state["round"])
@@ -108,8 +115,12 @@ def restore_engine(
         # Through _set, so the online/idle sets and the task-time median are rebuilt too.
         e._set(rec, online=bool(d["online"]), state="idle" if rec.state == "done" else rec.state)
     for t in state["tasks"]:
-        task = TaskRecord(**{**t, "dispatched_s": t["dispatched_s"] + shift},
-                          indices=e._indices(t["profile"], int(t["round"])))
+        assignment, indices = e.assignment_for(t["profile"], int(t["round"]))
+        stored = t.pop("indices", None)
+        if stored is not None:  # not a function of (profile, round): the method's own choice
+            indices = np.asarray(stored, dtype=np.int64)
+        task = TaskRecord(**{**t, "dispatched_s": t["dispatched_s"] + shift}, indices=indices,
+                          assignment=assignment)
         if task.base_version not in e._history:
             raise ConfigError(f"checkpoint misses base version {task.base_version} of task {task.task_id!r}")
         e._tasks[task.task_id] = task
@@ -189,6 +200,7 @@ def load(
     strategy: Strategy | None = None,
     config: EngineConfig | None = None,
     assign: AssignPolicy | None = None,
+    method: ServerMethod | None = None,
 ) -> Engine:
     """The engine of the last committed checkpoint in `run_dir`; ConfigError if there is none
     or it does not verify."""
@@ -206,7 +218,7 @@ def load(
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"checkpoint in {directory} is incomplete: {exc!r}") from exc
     return restore_engine(state, global_flat, history, model=model, clock=clock, strategy=strategy,
-                          config=config, assign=assign)
+                          config=config, assign=assign, method=method)
 
 
 def _jsonable(value: Any) -> Any:

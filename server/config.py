@@ -19,6 +19,10 @@
     [strategy]                      # parameters of the chosen strategy, e.g. k_fraction, deadline_s
     k_fraction = 0.5
 
+    [method]                        # optional: the method and its keys (runtime/methods/<name>.py);
+    name = "fjord"                  # without it each profile goes to the first method accepting it
+    widths = [0.25, 0.5, 1.0]
+
     [train]                         # what each task asks of a device
     local_steps = 20
     local_epochs = 0
@@ -36,13 +40,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
-from runtime.profile import parse_profile
+from runtime.methods import METHOD_NAMES, check_name, infer_method, spec
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
@@ -78,13 +82,15 @@ class ServerConfig:
     device_profiles: Mapping[str, str] = field(default_factory=dict)
     seed: int = 0
     downgrade_on_oom: bool = True
+    method: str | None = None  # None: per profile, the first method that accepts it
+    method_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
     p = Path(path)
     file = str(p)
     data = load_toml(p)
-    check_tables(file, data, ("server", "rounds", "strategy", "train", "assign"))
+    check_tables(file, data, ("server", "rounds", "strategy", "train", "assign", "method"))
     srv = TomlTable(file, "server", data.get("server", {}), _SERVER_KEYS)
     rnd = TomlTable(file, "rounds", data.get("rounds", {}), _ROUND_KEYS)
     trn = TomlTable(file, "train", data.get("train", {}), _TRAIN_KEYS)
@@ -121,7 +127,9 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
     devices = asg.data.get("devices", {})
     if not isinstance(devices, dict) or not all(isinstance(v, str) for v in devices.values()):
         raise ConfigError(f"{file}: [assign] devices must map device ids to profile strings")
-    default_profile = parse_profile(asg.string("default", default="dense")).canonical()
+    method, method_params = method_table(file, data.get("method"))
+    canonical = canonical_profile(file, method, method_params)
+    default_profile = canonical(asg.string("default", default="dense"))
     return ServerConfig(
         server_id=srv.string("id", default="server"),
         root=srv.string("root"),
@@ -133,7 +141,36 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         engine=engine,
         train=train,
         default_profile=default_profile,
-        device_profiles={str(k): parse_profile(v).canonical() for k, v in devices.items()},
+        device_profiles={str(k): canonical(v) for k, v in devices.items()},
         seed=srv.integer("seed", 0, 2**31, default=0),
         downgrade_on_oom=asg.boolean("downgrade_on_oom", default=True),
+        method=method,
+        method_params=method_params,
     )
+
+
+def method_table(file: str, raw: Any) -> tuple[str | None, dict[str, Any]]:
+    """(name, checked parameters) of a [method] table; (None, {}) without one."""
+    if raw is None:
+        return None, {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise ConfigError(f"{file}: [method] needs name = one of {', '.join(METHOD_NAMES)}")
+    table = dict(raw)
+    name = table.pop("name")
+    try:
+        return check_name(name), spec(name).params(table)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+def canonical_profile(file: str, method: str | None, params: Mapping[str, Any]) -> Callable[[str], str]:
+    """Profile text -> canonical form under `method` (None: the first method accepting it)."""
+
+    def canonical(text: str) -> str:
+        try:
+            name = method or infer_method(text)
+            return spec(name).parse_profile(text, params if method else spec(name).params())
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: profile {text!r}: {exc}") from None
+
+    return canonical

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ConfigError, RoundError
+from runtime.protocol import Assignment, Status
 from server import aggregate as agg
-from server.admission import admit_payload
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
 from server.events import (
     Action,
@@ -41,6 +41,7 @@ from server.events import (
     Tick,
     UpdateReceived,
 )
+from server.methods import ServerMethod, server_method
 from server.policies import AssignPolicy, FixedProfile, ModelOps, RoundView, Strategy, WeightInput
 from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, TaskRecord, TaskTimeMedian
 
@@ -61,9 +62,12 @@ class Engine:
         clock: Callable[[], float],
         config: EngineConfig | None = None,
         assign: AssignPolicy | None = None,
+        method: ServerMethod | None = None,
     ) -> None:
         self.strategy = strategy
         self.model = model
+        self.method = method or server_method(None, None, model)
+        self.weight = self.method.weight_policy(strategy.weight)
         self.config = config or EngineConfig()
         self.assign: AssignPolicy = assign or FixedProfile()
         self._clock = clock
@@ -89,7 +93,7 @@ class Engine:
         self._start_s = clock()
         self._round_started_s = self._start_s
         self._started = False
-        self._index_cache: dict[tuple[str, int], IndexArray | None] = {}
+        self._assign_cache: dict[tuple[str, int], tuple[Assignment, IndexArray | None]] = {}
 
     # ------------------------------------------------------------ read-only views
     @property
@@ -177,16 +181,16 @@ class Engine:
             task = self._tasks[dev.task_id]
             if status.task_id in (None, task.task_id):
                 self._abandon(task, now, f"device failed: {status.detail or 'no detail'}", out)
-                self._after_failure(dev, task.profile, status.detail, now, out)
+                self._after_failure(dev, task.profile, status, now, out)
 
-    def _after_failure(self, dev: DeviceRecord, profile: str, detail: str, now: float, out: list[Action]) -> None:
+    def _after_failure(self, dev: DeviceRecord, profile: str, status: Status, now: float, out: list[Action]) -> None:
         """Let the assign policy move a device off a profile it cannot train (e.g. out of memory)."""
-        new = self.assign.after_failure(dev.device_id, dev.hello, profile, detail)
+        new = self.assign.after_failure(dev.device_id, dev.hello, profile, status.failure)
         if new is None or new == profile:
             return
         dev.profile_override = new
         out.append(self._log(now, "profile_downgraded", device=dev.device_id, **{"from": profile, "to": new},
-                             reason=detail))
+                             failure=status.failure, reason=status.detail))
 
     def _on_offline(self, device_id: str, reason: str, now: float, out: list[Action]) -> None:
         dev = self._devices.get(device_id)
@@ -249,7 +253,7 @@ class Engine:
         base = self._history.get(task.base_version)
         if base is None:  # cannot happen while the cap holds; refuse rather than guess
             raise RoundError(f"{who}: base version {task.base_version} is no longer retained")
-        payload = admit_payload(event, task, base, self.strategy, who)
+        payload = self.method.for_profile(task.profile).admit(event, task, base, self.strategy, who)
         return AcceptedUpdate(task=task, staleness=staleness, n_samples=upd.n_samples, indices=payload.indices,
                               values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate)
 
@@ -312,10 +316,10 @@ class Engine:
         items = []
         for p in pending:
             base = p.task.base_version
-            if self.strategy.weight.needs_drift and base not in drift:
+            if self.weight.needs_drift and base not in drift:
                 drift[base] = agg.l1_drift(self._global, self._history[base])
             items.append(WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, drift.get(base, 0.0)))
-        gammas = self.strategy.weight.weights(items)
+        gammas = self.weight.weights(items)
         contributions = [UpdateContribution(p.indices, p.values, g) for p, g in zip(pending, gammas, strict=True)]
         new = agg.check_global(self.strategy.merge.merge(self._global, contributions), "merged model")
         if new is self._global or new.size != self._global.size:
@@ -368,33 +372,36 @@ class Engine:
 
     def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
         profile = dev.profile_override or self.assign.profile_for(dev.device_id, dev.hello, self.round)
-        indices = self._indices(profile, self.round)
+        assignment, indices = self.assignment_for(profile, self.round)
         if indices is not None and not self.strategy.merge.accepts_submodels:
             raise ConfigError(f"strategy {self.strategy.name!r} merges full models only, but device "
                               f"{dev.device_id!r} was assigned submodel profile {profile!r}")
         self._task_seq += 1
-        task = TaskRecord(f"t{self._task_seq}", dev.device_id, self.round, self.version, profile, now, indices)
+        task = TaskRecord(f"t{self._task_seq}", dev.device_id, self.round, self.version, profile, now, indices,
+                          assignment)
         self._tasks[task.task_id] = task
         dev.task_id, dev.last_dispatch_s = task.task_id, now
         self._set(dev, state="busy")
-        out.append(SendTask(dev.device_id, task.task_id, task.round, task.base_version, profile, indices, deadline_s))
+        out.append(SendTask(dev.device_id, task.task_id, task.round, task.base_version, assignment, indices,
+                            deadline_s))
         out.append(self._log(now, "task_sent", device=dev.device_id, task_id=task.task_id,
                              base_version=task.base_version, profile=profile))
 
-    def _indices(self, profile: str, round_index: int) -> IndexArray | None:
+    def assignment_for(self, profile: str, round_index: int) -> tuple[Assignment, IndexArray | None]:
+        """The method's assignment for `profile` in `round_index` and its checked global indices."""
         key = (profile, round_index)
-        if key not in self._index_cache:
-            if len(self._index_cache) > 64:  # profiles × a few rounds; FedRolex changes per round
-                self._index_cache.clear()
-            raw = self.model.indices_for(profile, round_index)
+        if key not in self._assign_cache:
+            if len(self._assign_cache) > 64:  # profiles × a few rounds; FedRolex changes per round
+                self._assign_cache.clear()
+            assignment, raw = self.method.for_profile(profile).assign(profile, round_index)
             try:
                 idx = None if raw is None else agg.check_indices(raw, self.model.n_params, f"profile {profile!r}")
             except RoundError as exc:
                 raise ConfigError(str(exc)) from None
             if idx is not None:
                 idx.flags.writeable = False
-            self._index_cache[key] = idx
-        return self._index_cache[key]
+            self._assign_cache[key] = (assignment, idx)
+        return self._assign_cache[key]
 
     def _resolve(self, task: TaskRecord, closed_reason: str, state: str) -> None:
         del self._tasks[task.task_id]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.protocol import Hello, Status, Update
+from runtime.protocol import Assignment, Hello, Status, Update
 from server.aggregate import FloatArray, IndexArray
 
 
@@ -71,7 +71,7 @@ class SendTask:
     task_id: str
     round: int
     base_version: int
-    profile: str
+    assignment: Assignment
     indices: IndexArray | None
     deadline_s: float | None  # seconds the device has before its work is useless; None = no limit
 

@@ -88,9 +88,18 @@ class ServerModel:
             raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
         return art
 
-    def artifact_files(self, profile: str) -> dict[str, bytes]:
-        """The files a device needs to train `profile`, for an Artifact frame."""
-        d = self.artifact(profile).directory
+    def artifact_key(self, profile: str) -> str:
+        return self.artifact(profile).manifest.key
+
+    def by_key(self, key: str) -> ProfileArtifact:
+        for art in self.profiles.values():
+            if art.manifest.key == key:
+                return art
+        raise ConfigError(f"no artifact with key {key!r}")
+
+    def artifact_files(self, key: str) -> dict[str, bytes]:
+        """The files of artifact `key`, for an Artifact frame."""
+        d = self.by_key(key).directory
         try:
             return {name: (d / name).read_bytes() for name in (*ARTIFACT_FILES, MANIFEST)}
         except OSError as exc:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from runtime.errors import ConfigError, RoundError
-from runtime.profile import parse_profile
 from runtime.protocol import Hello
 from server import aggregate as agg
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
@@ -154,7 +153,7 @@ class WeightInput:
     n_samples: int
     staleness: int  # version at acceptance − base version
     delta_l1: float  # ‖Δ_i‖_1
-    rate: float  # fraction of the global coordinates the update covers
+    rate: float  # the client's model rate (its width; Co-S²P's rate_i)
     drift_l1: float  # ‖W^(t) − W^(τ_i)‖_1 (0 unless the policy needs it)
 
 
@@ -292,8 +291,9 @@ class MixMerge(MergePolicy):
 
 # ---------------------------------------------------------------- assign
 class ModelOps(Protocol):
-    """What the engine needs to know about the model: its size, and which global coordinates a
-    profile trains in a round (`runtime.submodel` computes these from a ParamLayout)."""
+    """What the engine needs to know about the model: its size, which global coordinates a
+    structural profile trains in a round (`runtime.submodel` computes these from a ParamLayout),
+    and the key of its artifact."""
 
     @property
     def n_params(self) -> int: ...
@@ -302,15 +302,22 @@ class ModelOps(Protocol):
         """Flat indices into the global buffer for `profile` in `round_index`; None = full model."""
         ...
 
+    def artifact_key(self, profile: str) -> str:
+        """The artifact key of structural `profile`; ConfigError if there is none."""
+        ...
+
 
 @dataclass(frozen=True)
 class DenseModel:
-    """Every profile trains the full model."""
+    """Every profile trains the full model; artifact keys are the profile strings."""
 
     n_params: int
 
     def indices_for(self, profile: str, round_index: int) -> IndexArray | None:
         return None
+
+    def artifact_key(self, profile: str) -> str:
+        return profile
 
 
 @dataclass(frozen=True)
@@ -327,17 +334,22 @@ class TableModel:
             raise ConfigError(f"no index array for profile {profile!r}; known: {sorted(self.table)}")
         return self.table[profile]
 
+    def artifact_key(self, profile: str) -> str:
+        self.indices_for(profile, 0)
+        return profile
+
 
 class AssignPolicy(ABC):
     @abstractmethod
     def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
         """The profile `device_id` trains in `round_index`."""
 
-    def after_failure(self, device_id: str, hello: Hello, profile: str, detail: str) -> str | None:
+    def after_failure(self, device_id: str, hello: Hello, profile: str, failure: str | None) -> str | None:
         """The engine calls this when `device_id` reports its task (trained under `profile`)
-        failed with `detail`. Return the profile the device should train from now on instead, or
-        None to keep assigning as before. Policies stay stateless: the engine remembers the
-        answer per device (`DeviceRecord.profile_override`, checkpointed with it)."""
+        failed, `failure` one of runtime.protocol.FAILURES (None from an old device). Return the
+        profile the device should train from now on instead, or None to keep assigning as
+        before. Policies stay stateless: the engine remembers the answer per device
+        (`DeviceRecord.profile_override`, checkpointed with it)."""
         return None
 
 
@@ -360,50 +372,32 @@ class ProfileByDevice(AssignPolicy):
         return self.profiles.get(device_id, self.default)
 
 
-# Words a failure detail carries when the trainer ran out of memory: the kernel's OOM killer
-# sends SIGKILL (exit 137 / -9, runtime.trainer_proc.describe_exit), Python raises MemoryError.
-OOM_MARKERS = ("sigkill", "oom", "out of memory", "exit 137", "exit -9", "memoryerror")
+class Shrinks(Protocol):
+    """The part of a method's server half the OOM fallback uses (server/methods/base.py)."""
 
+    def smaller(self, profile: str, offered: tuple[str, ...]) -> list[str]: ...
 
-def looks_like_oom(detail: str) -> bool:
-    text = detail.lower()
-    return any(marker in text for marker in OOM_MARKERS)
-
-
-def smaller_profiles(profile: str, offered: Sequence[str]) -> list[str]:
-    """The profiles in `offered` that train strictly fewer channels than `profile`, largest first.
-
-    Only the width may shrink: a different channel window or class subset is another method
-    (FedRolex, Chen & Qin), not a lighter version of the same task."""
-    current = parse_profile(profile)
-    found: dict[str, float] = {}
-    for text in offered:
-        try:
-            p = parse_profile(text)
-        except ConfigError:
-            continue  # a device's list is input; a bad entry is just not a candidate
-        if p.width < current.width and p.window == current.window and p.classes == current.classes:
-            found[p.canonical()] = p.width
-    return sorted(found, key=lambda name: -found[name])
+    def can_assign(self, profile: str) -> bool: ...
 
 
 @dataclass(frozen=True)
 class DowngradeOnOom(AssignPolicy):
-    """Wraps another assign policy: a device whose task died of an out-of-memory cause is moved
-    to the next smaller profile its Hello lists (dense > width=0.75 > width=0.5), among those the
-    server has artifacts for (`available`; None = any). DESIGN: "retries with a smaller profile"."""
+    """Wraps another assign policy: a device whose task failed with failure "oom" is moved to the
+    next smaller profile its Hello lists that the method can assign (its artifacts exist); what
+    "smaller" means is the method's (`ServerMethod.smaller`). DESIGN: "retries with a smaller
+    profile"."""
 
     inner: AssignPolicy
-    available: frozenset[str] | None = None
+    method: Shrinks
 
     def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
         return self.inner.profile_for(device_id, hello, round_index)
 
-    def after_failure(self, device_id: str, hello: Hello, profile: str, detail: str) -> str | None:
-        if not looks_like_oom(detail):
-            return self.inner.after_failure(device_id, hello, profile, detail)
-        for candidate in smaller_profiles(profile, hello.profiles):
-            if self.available is None or candidate in self.available:
+    def after_failure(self, device_id: str, hello: Hello, profile: str, failure: str | None) -> str | None:
+        if failure != "oom":
+            return self.inner.after_failure(device_id, hello, profile, failure)
+        for candidate in self.method.smaller(profile, hello.profiles):
+            if self.method.can_assign(candidate):
                 return candidate
         return None  # nothing smaller to offer: keep the profile, the device may fail again
 

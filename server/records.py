@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from runtime.errors import ConfigError
-from runtime.protocol import Hello
+from runtime.protocol import Assignment, Hello
 from server.aggregate import FloatArray, IndexArray
 
 UPDATE_KINDS = ("weights", "delta")
@@ -58,7 +58,9 @@ class TaskRecord:
     base_version: int
     profile: str
     dispatched_s: float
-    indices: IndexArray | None  # recomputed from (profile, round) on restore, never stored
+    # Global coordinates; a checkpoint recomputes them from (profile, round) unless the method stores them.
+    indices: IndexArray | None
+    assignment: Assignment
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +71,7 @@ class AcceptedUpdate:
     indices: IndexArray | None
     values: FloatArray  # in the merge's form: delta against the base, or weights
     delta_l1: float
-    rate: float  # fraction of the global coordinates the task's profile covers
+    rate: float  # the client's model rate (its width), Co-S²P's rate_i
 
 
 class TaskTimeMedian:

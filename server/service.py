@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.errors import OrchardError, ProtocolError
@@ -45,6 +44,7 @@ from runtime.protocol import (
 )
 from runtime.trainer import Trainer
 from server import checkpoint
+from server.aggregate import IndexArray
 from server.config import ServerConfig
 from server.engine import Engine
 from server.events import (
@@ -60,6 +60,7 @@ from server.events import (
     Tick,
     UpdateReceived,
 )
+from server.methods import server_method
 from server.model import ServerModel
 from server.policies import AssignPolicy, DowngradeOnOom, ProfileByDevice
 from server.strategies import get_strategy
@@ -73,26 +74,25 @@ DEVICE_CSV = ("t", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_li
               "power_w", "energy_j", "temp_c", "power_source")
 
 
-def update_values(layout: ParamLayout, tensors: Mapping[str, Tensor], kind: str, base: FloatArray | None,
-                  *, source: str = "") -> FloatArray:
-    """The flat values of a validated update. A sparse tensor (a top-k upload) has its missing
-    coordinates filled as methods.md §5.3 reconstructs them: zero for a delta, the task's base
-    model for weights (`base`: the submodel's slice of it)."""
-    dense: dict[str, npt.NDArray[np.float32]] = {}
+def update_body(layout: ParamLayout, tensors: Mapping[str, Tensor]) -> tuple[IndexArray | None, FloatArray]:
+    """The coordinates (in `layout`'s flat buffer) and values of a validated update.
+
+    Dense tensors bring all their coordinates; a sparse one (a top-k or masked upload) only the
+    ones it sent, so the merge counts exactly those (methods.md §5.3: a coordinate nobody sent
+    keeps the global value, or under a delta merge moves by zero). None: every coordinate."""
+    if not any(isinstance(tensors[p.name], SparseTensor) for p in layout):
+        return None, layout.join({p.name: np.asarray(tensors[p.name]) for p in layout})
+    index_parts: list[IndexArray] = []
+    value_parts: list[FloatArray] = []
     for p in layout:
         tensor = tensors[p.name]
-        if not isinstance(tensor, SparseTensor):
-            dense[p.name] = tensor
-            continue
-        if kind == "delta":
-            filled = np.zeros(p.size, dtype=np.float32)
-        elif base is not None:
-            filled = base[p.offset : p.end].copy()
+        if isinstance(tensor, SparseTensor):
+            index_parts.append(p.offset + np.asarray(tensor.indices, dtype=np.int64))
+            value_parts.append(np.asarray(tensor.values, dtype=np.float32))
         else:
-            raise ProtocolError(f"update from {source}: sparse weights need the task's base model, no longer kept")
-        filled[tensor.indices] = tensor.values
-        dense[p.name] = filled.reshape(p.shape)
-    return layout.join(dense)
+            index_parts.append(np.arange(p.offset, p.end, dtype=np.int64))
+            value_parts.append(np.asarray(tensor, dtype=np.float32).reshape(-1))
+    return np.concatenate(index_parts), np.concatenate(value_parts)
 
 
 class Outputs:
@@ -171,16 +171,18 @@ class Service:
             name: Trainer(art.directory, threads=1) for name, art in sorted(self.model.profiles.items())
             if not self.model.submodel(name, 0).is_full and parse_profile(name).window != "rolling"}
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
+        method = server_method(cfg.method, cfg.method_params, self.model)
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
         if cfg.downgrade_on_oom:
-            assign = DowngradeOnOom(assign, available=frozenset(self.model.profiles))
+            assign = DowngradeOnOom(assign, method)
         self._t0 = time.monotonic()
         clock = self._clock
         if resume and checkpoint.latest_version(run_dir) is not None:
             self.engine = checkpoint.load(run_dir, model=self.model, clock=clock, strategy=strategy,
-                                          config=cfg.engine, assign=assign)
+                                          config=cfg.engine, assign=assign, method=method)
         else:
-            self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign)
+            self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign,
+                                 method=method)
         self.out = Outputs(run_dir, resume)
         self.out.event({"event": "server_start", "version": self.engine.version, "strategy": cfg.strategy,
                         "resume": resume, "model": self.model.model_name})
@@ -288,12 +290,14 @@ class Service:
             # Let the engine name the reason (unknown task, duplicate, wrong device).
             self._feed(UpdateReceived(device_id, update, np.zeros(0, dtype=np.float32)))
             return
-        sub = self.model.submodel(task.profile, task.round)
-        validate_tensors(update.tensors, {p.name: p.shape for p in sub.sub_layout}, source=device_id)
-        base = self.engine.model_at(task.base_version)
-        base_sub = sub.extract(np.asarray(base)) if base is not None else None
-        values = update_values(sub.sub_layout, update.tensors, update.kind, base_sub, source=device_id)
-        self._feed(UpdateReceived(device_id, update, values))
+        layout = self.model.by_key(task.assignment.primary_key).manifest.layout
+        validate_tensors(update.tensors, {p.name: p.shape for p in layout}, source=device_id)
+        local, values = update_body(layout, update.tensors)
+        if local is None:
+            self._feed(UpdateReceived(device_id, update, values))
+            return
+        indices = local if task.indices is None else task.indices[local]
+        self._feed(UpdateReceived(device_id, update, values, indices))
 
     # ------------------------------------------------------------ actions -> the world
     def _act(self, action: Action) -> None:
@@ -335,24 +339,24 @@ class Service:
             self.pending_row = None
 
     def _send_task(self, action: SendTask) -> None:
-        art = self.model.artifact(action.profile)
-        sub = self.model.submodel(action.profile, action.round)
+        a = action.assignment
         flat = np.asarray(self.engine.global_flat)
         weights = flat if action.indices is None else flat[action.indices]
         known = self.known_artifacts.setdefault(action.device_id, set())
-        if art.manifest.key not in known:
-            frame = encode_artifact(Artifact(art.manifest.key, self.model.artifact_files(action.profile)))
+        for key in dict.fromkeys(a.artifact_keys):
+            if key in known:
+                continue
+            frame = encode_artifact(Artifact(key, self.model.artifact_files(key)))
             self._publish_chunks(self.topics.artifact(action.device_id), frame)
-            known.add(art.manifest.key)
-            self.out.event({"event": "artifact_sent", "device": action.device_id, "key": art.manifest.key,
-                            "bytes": len(frame)})
+            known.add(key)
+            self.out.event({"event": "artifact_sent", "device": action.device_id, "key": key, "bytes": len(frame)})
         knobs = self.cfg.train
         task = Task(
             task_id=action.task_id, round=action.round, base_version=action.base_version,
-            model_id=self.model.model_name, profile=action.profile, artifact_key=art.manifest.key,
+            model_id=self.model.model_name, assignment=a,
             local_steps=knobs.local_steps, local_epochs=knobs.local_epochs, lr=knobs.lr,
-            batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0,
-            tensors=sub.sub_layout.split(weights), options={"upload": knobs.upload, "encoding": knobs.encoding},
+            batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0, upload=knobs.upload,
+            encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
         )
         frame = encode_task(task)
         self._publish_chunks(self.topics.task(action.device_id), frame)

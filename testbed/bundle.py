@@ -100,11 +100,8 @@ def _read_shard(path: Path) -> Shard:
 def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: Sequence[str], optimizer: str,
                      cache_dir: Path | None, shard: Shard | None) -> dict[str, Path]:
     """Artifact directory per profile, built the way testbed/prepare.py builds a run's."""
-    from models.artifacts import ensure_artifacts
-    from models.builder import build
+    from models.artifacts import artifacts_for
     from models.datasets import load_dataset
-    from models.structure import full_structure, sub_structure
-    from runtime.submodel import index_map_for
 
     ds = load_dataset(dataset, data_root)  # only for the input shape and class count
     if shard is not None:
@@ -112,10 +109,8 @@ def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: 
         if tuple(x.shape[1:]) != ds.input_shape or int(y.max()) >= ds.num_classes or int(y.min()) < 0:
             raise ConfigError(f"shard samples {tuple(x.shape[1:])} / labels {int(y.min())}..{int(y.max())} do not fit"
                               f" {dataset} ({ds.input_shape}, {ds.num_classes} classes)")
-    full = full_structure(model, ds.input_shape, ds.num_classes)
-    groups = build(full).layout.groups
-    return {p: ensure_artifacts(sub_structure(full, index_map_for(parse_profile(p), groups)), optimizer,
-                                cache_dir).directory for p in profiles}
+    sets = artifacts_for(model, ds.input_shape, ds.num_classes, profiles, optimizer=optimizer, cache_dir=cache_dir)
+    return {p: sets[parse_profile(p).canonical()].directory for p in profiles}
 
 
 def _file_list(root: Path) -> list[dict[str, object]]:

@@ -169,15 +169,12 @@ def check_fleet_capacity(quotas: Sequence[float] | Mapping[str, float], host_cor
 # ------------------------------------------------------------------------------- measuring
 def reference_artifact(cache_dir: Path | None = None) -> Path:
     """The reference model's training artifacts (generated once, cached by structure)."""
-    from models.artifacts import ensure_artifacts
-    from models.builder import build
-    from models.structure import full_structure, sub_structure
+    from models.artifacts import artifacts_for
     from runtime.profile import Profile
-    from runtime.submodel import index_map_for
 
-    full = full_structure(REFERENCE_MODEL, REFERENCE_INPUT_SHAPE, REFERENCE_CLASSES)
-    index_map = index_map_for(Profile(width=REFERENCE_WIDTH), build(full).layout.groups)
-    return ensure_artifacts(sub_structure(full, index_map), cache_dir=cache_dir).directory
+    profile = Profile(width=REFERENCE_WIDTH).canonical()
+    sets = artifacts_for(REFERENCE_MODEL, REFERENCE_INPUT_SHAPE, REFERENCE_CLASSES, [profile], cache_dir=cache_dir)
+    return sets[profile].directory
 
 
 def _probe_command(artifact: Path, threads: int, steps: int, warmup: int, gemm_reps: int,

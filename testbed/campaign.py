@@ -3,7 +3,11 @@
     [campaign]  name, seed, description
     [stop]      rounds (aggregations), wall_s, target_accuracy        (whichever comes first)
     [model]     name, dataset, data_root, partition, eval_fraction, samples, input_shape (synthetic)
-    [strategy]  name, and any strategy parameter (k_fraction, deadline_s, max_staleness, ...)
+    [method]    name (fedavg | heterofl | classes | fjord), and the method's keys (its spec in
+                runtime/methods/<name>.py checks them); without it each profile goes to the first
+                method that accepts it, as before methods existed
+    [strategy]  name, and any strategy parameter (k_fraction, deadline_s, max_staleness, ...);
+                keys the method sets by default (e.g. merge = "per-element") may be overridden
     [train]     local_steps, local_epochs, lr, batch_size, upload, encoding
     [broker]    kind = embedded | mosquitto | url, url, keepalive_s (devices; the broker declares a
                 silent device offline after 1.5 x this, so it bounds how fast an outage is seen)
@@ -18,7 +22,7 @@ before any process starts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +31,14 @@ from models.partition import parse_partition
 from models.structure import MODELS
 from runtime.board import load_board
 from runtime.errors import ConfigError
-from runtime.profile import parse_profile
+from runtime.methods import spec
 from runtime.tomlconf import TomlTable, check_tables, load_toml
-from server.strategies import STRATEGY_NAMES, get_strategy
+from server.config import canonical_profile, method_table
+from server.strategies import STRATEGY_NAMES, get_strategy, strategy_defaults
 
 BROKER_KINDS = ("embedded", "mosquitto", "url")
 THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
-_TABLES = ("campaign", "stop", "model", "strategy", "train", "broker", "throttle", "fleet")
+_TABLES = ("campaign", "stop", "model", "method", "strategy", "train", "broker", "throttle", "fleet")
 _KEYS = {
     "campaign": frozenset({"name", "seed", "description"}),
     "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
@@ -74,7 +79,9 @@ class Campaign:
     samples: int | None
     input_shape: tuple[int, ...] | None
     strategy: str
-    strategy_params: Mapping[str, Any]
+    strategy_params: Mapping[str, Any]  # the method's defaults for this strategy, then [strategy]'s
+    method: str | None  # None: inferred per profile
+    method_params: Mapping[str, Any]
     local_steps: int
     local_epochs: int
     lr: float
@@ -111,10 +118,14 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
     camp, stop, model, train = table("campaign"), table("stop"), table("model"), table("train")
     broker, throttle = table("broker"), table("throttle")
 
+    method, method_params = method_table(file, data.get("method"))
     strat_data = dict(data.get("strategy", {}))
     strategy = strat_data.pop("name", "semi-async")
     if strategy not in STRATEGY_NAMES:
         raise ConfigError(f"{file}: [strategy] name must be one of {', '.join(STRATEGY_NAMES)}; got {strategy!r}")
+    if method is not None:
+        takes = strategy_defaults(strategy)
+        strat_data = {**{k: v for k, v in spec(method).strategy_defaults.items() if k in takes}, **strat_data}
     try:
         get_strategy(strategy, **strat_data)
     except ConfigError as exc:
@@ -134,7 +145,8 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
     groups = data.get("fleet", [])
     if not isinstance(groups, list) or not groups:
         raise ConfigError(f"{file}: needs at least one [[fleet]] group")
-    fleet = tuple(_group(file, i, g) for i, g in enumerate(groups))
+    canonical = canonical_profile(file, method, method_params)
+    fleet = tuple(_group(file, i, g, canonical) for i, g in enumerate(groups))
     names = [g.name for g in fleet]
     if len(set(names)) != len(names):
         raise ConfigError(f"{file}: [[fleet]] group names must be unique, got {names}")
@@ -161,6 +173,8 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         input_shape=_shape(file, model.data.get("input_shape")),
         strategy=strategy,
         strategy_params=strat_data,
+        method=method,
+        method_params=method_params,
         local_steps=local_steps,
         local_epochs=local_epochs,
         lr=train.number("lr", 0.0, 100.0, default=0.1, lo_open=True),
@@ -186,7 +200,7 @@ def _shape(file: str, value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _group(file: str, index: int, raw: Any) -> Group:
+def _group(file: str, index: int, raw: Any, canonical: Callable[[str], str]) -> Group:
     t = TomlTable(file, f"fleet.{index}", raw, _KEYS["fleet"])
     name = t.string("name")
     where = f"[[fleet]] {name!r}"
@@ -201,9 +215,9 @@ def _group(file: str, index: int, raw: Any) -> Group:
         raise ConfigError(f"{file}: {where}: give profile or profiles, not both")
     texts = t.strings("profiles") if "profiles" in t.data else (t.string("profile", default="dense"),)
     try:
-        profiles = tuple(parse_profile(x).canonical() for x in texts)
+        profiles = tuple(canonical(x) for x in texts)
     except ConfigError as exc:
-        raise ConfigError(f"{file}: {where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     for key in ("availability", "cpu"):
         if key in t.data and not isinstance(t.data[key], dict):
             raise ConfigError(f"{file}: {where}: {key} must be an inline table like {{ kind = \"always\" }}")

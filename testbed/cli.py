@@ -52,22 +52,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_build(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from models.artifacts import ensure_artifacts
-    from models.builder import build
+    from models.artifacts import artifacts_for
     from models.datasets import load_dataset
-    from models.structure import full_structure, sub_structure
     from runtime.profile import parse_profile
-    from runtime.submodel import index_map_for
 
     ds = load_dataset(args.dataset, args.data_root)
-    full = full_structure(args.model, ds.input_shape, ds.num_classes)
-    groups = build(full).layout.groups
+    sets = artifacts_for(args.model, ds.input_shape, ds.num_classes, args.profiles, optimizer=args.optimizer,
+                         cache_dir=Path(args.cache) if args.cache else None)
     for text in args.profiles:
-        imap = index_map_for(parse_profile(text), groups)
-        structure = sub_structure(full, {g: np.zeros(len(ix)) for g, ix in imap.items()})
-        art = ensure_artifacts(structure, args.optimizer, Path(args.cache) if args.cache else None)
+        art = sets[parse_profile(text).canonical()]
         note = f"  (rebuilt: {art.rebuilt_reason})" if art.rebuilt_reason else ""
         print(f"{text:<24} {art.key}  {art.directory}{note}")
     return 0

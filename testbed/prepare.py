@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from models.artifacts import ensure_artifacts
+from models.artifacts import artifacts_for
 from models.builder import build
 from models.datasets import load_dataset, train_test_split
+from models.methods import method_artifacts
 from models.partition import parse_partition, partition
-from models.structure import full_structure, sub_structure
+from models.structure import full_structure
 from runtime.errors import ConfigError
-from runtime.profile import parse_profile
-from runtime.submodel import index_map_for
+from runtime.methods import spec
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,13 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     full = full_structure(data.model, ds.input_shape, ds.num_classes)
     built = build(full, seed=data.seed)
     np.save(run / "init.npy", built.init)
-    dirs: dict[str, str] = {}
-    for profile in sorted({p for d in devices for p in d.profiles} | {"dense"}):
-        imap = index_map_for(parse_profile(profile), built.layout.groups)
-        dirs[profile] = str(ensure_artifacts(sub_structure(full, imap)).directory)
+    method_tbl = dict(server.get("method", {}))
+    method = method_tbl.pop("name", None)
+    params = spec(method).params(method_tbl) if method else {}
+    profiles = sorted({p for d in devices for p in d.profiles})
+    sets = {**artifacts_for(data.model, ds.input_shape, ds.num_classes, ["dense"]),
+            **method_artifacts(method, params, data.model, ds.input_shape, ds.num_classes, profiles)}
+    dirs = {p: str(a.directory) for p, a in sorted(sets.items())}
     (run / "artifacts.json").write_text(json.dumps(
         {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
 

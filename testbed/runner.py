@@ -154,7 +154,8 @@ class CampaignRunner:
                                   "min_devices": max(1, initially_online), "task_timeout_s": max(60.0, c.wall_s / 4)}
         if c.rounds is not None:
             rounds["target_version"] = c.rounds
-        return {"rounds": rounds, "strategy": dict(c.strategy_params),
+        method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
+        return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
                 "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
                           "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
 

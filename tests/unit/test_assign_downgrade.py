@@ -1,6 +1,7 @@
-"""The assign policy's failure hook: a device whose task died of an out-of-memory cause moves to
-the next smaller profile its Hello lists, on the pure engine (no I/O), and the choice survives a
-checkpoint. The same path runs over MQTT in tests/integration/test_faults.py (trainer SIGKILL)."""
+"""The assign policy's failure hook: a device whose task failed with `failure = "oom"` moves to
+the next smaller profile its Hello lists (what "smaller" means is the method's), on the pure
+engine (no I/O), and the choice survives a checkpoint. The same path runs over MQTT in
+tests/integration/test_faults.py (trainer SIGKILL)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,8 @@ from server import checkpoint
 from server.config import load_server_config
 from server.engine import Engine
 from server.events import Action, DeviceHello, DeviceStatus, Log, SendTask, Tick, UpdateReceived
-from server.policies import (
-    DowngradeOnOom,
-    ProfileByDevice,
-    TableModel,
-    looks_like_oom,
-    smaller_profiles,
-)
+from server.methods import server_method
+from server.policies import DowngradeOnOom, ProfileByDevice, TableModel
 from server.strategies import get_strategy
 
 N = 8
@@ -47,10 +43,11 @@ def hello(device_id: str, profiles: tuple[str, ...]) -> Hello:
 
 
 class Rig:
-    def __init__(self, profiles: tuple[str, ...], available: frozenset[str] | None = None) -> None:
+    def __init__(self, profiles: tuple[str, ...], table: dict[str, np.ndarray] | None = None) -> None:
         self.clock = Clock()
-        assign = DowngradeOnOom(ProfileByDevice({}, "dense"), available=available)
-        self.engine = Engine(get_strategy("semi-async", k=1), TableModel(N, TABLE), np.zeros(N, np.float32),
+        model = TableModel(N, TABLE if table is None else table)
+        assign = DowngradeOnOom(ProfileByDevice({}, "dense"), server_method(None, None, model))
+        self.engine = Engine(get_strategy("semi-async", k=1), model, np.zeros(N, np.float32),
                              clock=self.clock, assign=assign)
         self.actions: list[Action] = []
         self.send(DeviceHello("d0", hello("d0", profiles)))
@@ -65,41 +62,43 @@ class Rig:
     def logs(self, name: str) -> list[Mapping[str, Any]]:
         return [a.event for a in self.actions if isinstance(a, Log) and a.event["event"] == name]
 
-    def fail(self, detail: str = OOM) -> None:
+    def fail(self, detail: str = OOM, failure: str | None = "oom") -> None:
         task = self.tasks()[-1]
-        self.send(DeviceStatus("d0", Status("d0", "failed", 0.0, task.task_id, detail)))
+        self.send(DeviceStatus("d0", Status("d0", "failed", 0.0, task.task_id, detail, failure)))
 
 
 def test_oom_moves_the_device_down_one_profile_at_a_time() -> None:
     rig = Rig(("dense", "width=0.5", "width=0.75", "width=0.25"))
-    assert rig.tasks()[-1].profile == "dense"
+    assert rig.tasks()[-1].assignment.profile == "dense"
     rig.fail()
     down = rig.logs("profile_downgraded")
     assert [(d["device"], d["from"], d["to"]) for d in down] == [("d0", "dense", "width=0.75")]
-    assert "SIGKILL" in down[0]["reason"]
+    assert "SIGKILL" in down[0]["reason"] and down[0]["failure"] == "oom"
     # The abandoned task is re-sent at once, under the smaller profile and its coordinates.
-    assert rig.tasks()[-1].profile == "width=0.75"
+    assert rig.tasks()[-1].assignment.profile == "width=0.75"
     np.testing.assert_array_equal(rig.tasks()[-1].indices, TABLE["width=0.75"])
     rig.fail("MemoryError in the trainer")
-    rig.fail("exit 137")
+    rig.fail("the detail text does not matter, the failure kind does")
     assert [d["to"] for d in rig.logs("profile_downgraded")] == ["width=0.75", "width=0.5", "width=0.25"]
     # Nothing smaller left: the profile stays, and no downgrade is logged.
     rig.fail()
-    assert len(rig.logs("profile_downgraded")) == 3 and rig.tasks()[-1].profile == "width=0.25"
+    assert len(rig.logs("profile_downgraded")) == 3 and rig.tasks()[-1].assignment.profile == "width=0.25"
 
 
 def test_other_failures_and_devices_without_smaller_profiles_keep_their_profile() -> None:
     rig = Rig(("dense", "width=0.5"))
-    rig.fail("task t1 unusable: tensors: unknown tensor 'x'")
-    assert rig.logs("profile_downgraded") == [] and rig.tasks()[-1].profile == "dense"
+    rig.fail("task t1 unusable: tensors: unknown tensor 'x'", failure="error")
+    rig.fail("killed by signal 15", failure="killed")
+    rig.fail("an out-of-memory word in the text of an old device", failure=None)
+    assert rig.logs("profile_downgraded") == [] and rig.tasks()[-1].assignment.profile == "dense"
     lonely = Rig(("dense",))
     lonely.fail()
-    assert lonely.logs("profile_downgraded") == [] and lonely.tasks()[-1].profile == "dense"
+    assert lonely.logs("profile_downgraded") == [] and lonely.tasks()[-1].assignment.profile == "dense"
     assert len(lonely.logs("task_abandoned")) == 1
 
 
 def test_only_profiles_the_server_has_artifacts_for_are_chosen() -> None:
-    rig = Rig(("dense", "width=0.75", "width=0.5"), available=frozenset({"dense", "width=0.5"}))
+    rig = Rig(("dense", "width=0.75", "width=0.5"), table={"width=0.5": TABLE["width=0.5"]})
     rig.fail()
     assert rig.logs("profile_downgraded")[0]["to"] == "width=0.5"
 
@@ -108,7 +107,7 @@ def test_the_override_is_checkpointed_and_dropped_when_the_hello_no_longer_offer
     rig = Rig(("dense", "width=0.5"))
     rig.fail()
     task = rig.tasks()[-1]
-    assert task.profile == "width=0.5"
+    assert task.assignment.profile == "width=0.5"
     upd = Update(task_id=task.task_id, device_id="d0", base_version=0, n_samples=1, train_s=0.0, peak_rss_mb=0.0,
                  energy_j=None, kind="delta")
     rig.send(UpdateReceived("d0", upd, np.ones(4, np.float32)))  # K=1: closes the round
@@ -121,10 +120,14 @@ def test_the_override_is_checkpointed_and_dropped_when_the_hello_no_longer_offer
 
 def test_smaller_profiles_orders_by_width_and_keeps_window_and_classes() -> None:
     offered = ("width=0.5", "dense", "width=0.75", "width=0.5,window=rolling", "classes=0-4", "bogus=1")
-    assert smaller_profiles("dense", offered) == ["width=0.75", "width=0.5"]
-    assert smaller_profiles("width=0.5", offered) == []
-    assert looks_like_oom("killed by SIGKILL (exit -9)") and looks_like_oom("Out of memory")
-    assert not looks_like_oom("trainer exited with code 1")
+    method = server_method("heterofl", {}, TableModel(N, TABLE))
+    assert method.smaller("dense", offered) == ["width=0.75", "width=0.5"]
+    assert method.smaller("width=0.5", offered) == []
+
+
+def test_fjord_falls_back_to_a_lower_p_max() -> None:
+    method = server_method("fjord", {"widths": [0.25, 0.5, 1.0], "resample_every": 1}, TableModel(N, TABLE))
+    assert method.smaller("dense", ("p_max=0.25", "dense", "p_max=0.5", "width=0.5")) == ["p_max=0.5", "p_max=0.25"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [("", True), ("downgrade_on_oom = false", False)])

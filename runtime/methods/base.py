@@ -1,0 +1,151 @@
+"""The device side of a method: its spec (profile grammar, [method] keys) and its hooks.
+
+A `DeviceMethod` runs in the trainer child, which owns the data and the backends. Per task the
+child builds one from the task's `Assignment`; `Trainer.train` then calls
+
+    start(weights, lr, rng)        load the received weights (in the primary artifact's layout)
+    before_step(step) -> backend   the backend this step trains (FjORD switches per batch)
+    after_step(step, backend, loss)
+    trained() -> weights           in the primary layout
+    pack(received, trained, form)  the update body: values in `form` (weights | delta) + report
+
+The default implementation trains the primary artifact as it is: that is fedavg, heterofl
+(leading or rolling: the server chose the coordinates) and classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from runtime.backend import TrainingBackend
+from runtime.errors import ConfigError
+from runtime.layout import FloatArray
+from runtime.profile import Profile, parse_profile
+from runtime.protocol import Assignment
+
+BackendOpener = Callable[[str], TrainingBackend]  # artifact key -> an opened backend (cached by the caller)
+
+
+@dataclass(frozen=True)
+class UpdateBody:
+    """What a device method hands back: values in the primary layout, their form, and a report."""
+
+    form: str  # weights | delta
+    values: FloatArray
+    report: Mapping[str, float] = field(default_factory=dict)
+
+
+class DeviceMethod:
+    label_classes: tuple[int, ...] | None = None  # train only on these labels, mapped to rows 0..k-1
+
+    def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:
+        self.assignment: Assignment | None = assignment
+        self.primary = open_backend(assignment.primary_key)
+
+    @classmethod
+    def plain(cls, backend: TrainingBackend) -> DeviceMethod:
+        """Train `backend` as it is, with no assignment (central training, the calibration probe)."""
+        method = cls.__new__(cls)
+        method.assignment, method.primary = None, backend
+        return method
+
+    def start(self, weights: FloatArray | None, lr: float, rng: np.random.Generator) -> None:
+        if weights is not None:
+            self.primary.set_params(weights)
+        self.primary.set_lr(lr)
+
+    def before_step(self, step: int) -> TrainingBackend:
+        return self.primary
+
+    def after_step(self, step: int, backend: TrainingBackend, loss: float) -> None:
+        return None
+
+    def trained(self) -> FloatArray:
+        return self.primary.get_params()
+
+    def report(self) -> dict[str, float]:
+        return {}
+
+    def pack(self, received: FloatArray, trained: FloatArray, form: str) -> UpdateBody:
+        values = trained - received if form == "delta" else trained
+        return UpdateBody(form=form, values=values, report=self.report())
+
+
+def check_table(method: str, table: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """[method] keys against the method's defaults: unknown keys are errors; returns merged."""
+    unknown = sorted(set(table) - set(defaults))
+    if unknown:
+        known = ", ".join(defaults) or "none"
+        raise ConfigError(f"[method] {method!r} has no key {unknown[0]!r}; it takes: {known}")
+    return {**defaults, **table}
+
+
+class MethodSpec(ABC):
+    """A method's board-side description: name, [method] keys, profile grammar, artifacts."""
+
+    name: ClassVar[str]
+    param_defaults: ClassVar[Mapping[str, Any]] = {}
+    # What [strategy] falls back to when a campaign names this method; [strategy] keys win.
+    strategy_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def params(self, table: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The method's parameters from a [method] table (without `name`); ConfigError names the key."""
+        return self.check_params(check_table(self.name, table or {}, self.param_defaults))
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        return params
+
+    @abstractmethod
+    def parse_profile(self, text: str, params: Mapping[str, Any]) -> str:
+        """The canonical form of `text`, or ConfigError naming what is wrong."""
+
+    def accepts(self, text: str) -> bool:
+        try:
+            self.parse_profile(text, self.params())
+        except ConfigError:
+            return False
+        return True
+
+    @abstractmethod
+    def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Structural profiles (runtime.profile grammar) of the artifacts a device needs, the
+        primary one (whose coordinates the task covers) first."""
+
+    def extras(self, profile: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Assignment.extras for a task under `profile` (JSON values)."""
+        return {}
+
+
+class SliceSpec(MethodSpec):
+    """Methods that train one slice of the global model named by a runtime.profile string."""
+
+    allowed: ClassVar[frozenset[str]]  # Profile fields this method may set away from their default
+
+    def structural(self, text: str, params: Mapping[str, Any]) -> Profile:
+        p = parse_profile(text)
+        window = params.get("window")
+        if window is not None and p.width < 1.0 and "window=" not in text:
+            p = dataclasses.replace(p, window=str(window))
+        default = Profile()
+        for f in dataclasses.fields(Profile):
+            if f.name not in self.allowed and getattr(p, f.name) != getattr(default, f.name):
+                raise ConfigError(f"method {self.name!r} does not take profile key {f.name!r} (profile {text!r})")
+        return p
+
+    def parse_profile(self, text: str, params: Mapping[str, Any]) -> str:
+        return self.structural(text, params).canonical()
+
+    def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+        return (self.parse_profile(profile, params),)
+
+
+class SliceDevice(DeviceMethod):
+    def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:
+        super().__init__(assignment, open_backend)
+        self.label_classes = parse_profile(assignment.profile).classes
