@@ -54,8 +54,12 @@ def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
     bundle, tar = built
     assert tar == bundle.parent / f"{NAME}.tar.gz" and tar.is_file()
     files = _files(bundle)
-    runtime_src = {f"runtime/{p.name}" for p in (ROOT / "runtime").glob("*.py")}
+    runtime_src = {f"runtime/{p.relative_to(ROOT / 'runtime').as_posix()}" for p in (ROOT / "runtime").rglob("*.py")
+                   if "__pycache__" not in p.parts}
     assert runtime_src <= files
+    # The device halves of the methods travel; their server and build halves never do.
+    assert "runtime/methods/fjord.py" in files
+    assert not any(f.startswith(("server/", "models/", "testbed/")) for f in files)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
     assert {f for f in files if f.startswith("runtime/")} == runtime_src  # .py files only
     assert {f for f in files if f.startswith("firmware_configs/")} == {

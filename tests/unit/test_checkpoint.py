@@ -47,14 +47,14 @@ def test_resumed_engine_continues_exactly_like_an_uninterrupted_run(
 
 
 def test_resume_rebuilds_the_strategy_and_keeps_submodel_tasks(tmp_path: Path) -> None:
-    model = TableModel(N, {"half": np.arange(N // 2, dtype=np.int64)})
-    assign = ProfileByDevice({"d1": "half"})
+    model = TableModel(N, {"width=0.5": np.arange(N // 2, dtype=np.int64)})
+    assign = ProfileByDevice({"d1": "width=0.5"})
     res = simulate(get_strategy("semi-async", k=2, merge="per-element"), fleet(), initial_global=G0,
                    until_version=3, model=model, assign=assign, checkpoint_dir=tmp_path)
     engine = checkpoint.load(tmp_path, model=model, clock=VirtualClock(res.clock.now), assign=assign)
     assert engine.strategy.params["k"] == 2 and engine.strategy.params["merge"] == "per-element"
     for task in engine.outstanding.values():
-        if task.profile == "half":
+        if task.profile == "width=0.5":
             np.testing.assert_array_equal(task.indices, np.arange(N // 2))
     # Every base an outstanding task started from is still there, so its update can be merged.
     assert all(engine.model_at(t.base_version) is not None for t in engine.outstanding.values())

@@ -316,14 +316,14 @@ def test_fedasync_merges_every_update() -> None:
 
 # ---------------------------------------------------------------- submodels
 def heterofl_rig(strategy: Strategy) -> Rig:
-    table = {"half": np.arange(N // 2, dtype=np.int64), "quarter": np.array([0, 5], dtype=np.int64)}
-    assign = ProfileByDevice({"d1": "half", "d2": "quarter"})
+    table = {"width=0.5": np.arange(N // 2, dtype=np.int64), "width=0.25": np.array([0, 5], dtype=np.int64)}
+    assign = ProfileByDevice({"d1": "width=0.5", "d2": "width=0.25"})
     return Rig(strategy, devices=3, model=TableModel(N, table), assign=assign)
 
 
 def test_per_element_merge_with_submodel_profiles() -> None:
     rig = heterofl_rig(get_strategy("fedavg", merge="per-element"))
-    assert rig.tasks["d1"].profile == "half" and rig.tasks["d1"].indices.size == N // 2
+    assert rig.tasks["d1"].assignment.profile == "width=0.5" and rig.tasks["d1"].indices.size == N // 2
     for d in rig.ids:
         rig.update(d)
     contributions = [agg.UpdateContribution(t.indices, (rig.g0 if t.indices is None else rig.g0[t.indices])
@@ -338,7 +338,7 @@ def test_sparse_upload_must_stay_inside_the_profile() -> None:
     rig.update("d1", np.ones(2, np.float32), indices=np.array([0, 3]))
     assert rig.events("update_accepted")
     rig.update("d2", np.ones(2, np.float32), indices=np.array([0, 6]))
-    assert "outside profile 'quarter'" in rig.events("update_rejected")[-1]["reason"]
+    assert "outside profile 'width=0.25'" in rig.events("update_rejected")[-1]["reason"]
 
 
 def test_dense_merge_refuses_submodel_profiles() -> None:

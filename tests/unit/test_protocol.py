@@ -32,6 +32,7 @@ from runtime.frames import (
 )
 from runtime.protocol import (
     Artifact,
+    Assignment,
     Hello,
     ServerState,
     SparseTensor,
@@ -90,15 +91,16 @@ def sample_task() -> Task:
         round=3,
         base_version=12,
         model_id="lenet-digits",
-        profile="width=0.5",
-        artifact_key="a1b2c3d4",
+        assignment=Assignment(method="fjord", profile="p_max=0.5", artifact_keys=("a1b2c3d4", "e5f6a7b8"),
+                              extras={"mu": 0.01, "channels": [0, 2], "tag": "x"}),
         local_steps=20,
         local_epochs=0,
         lr=0.05,
         batch_size=32,
         deadline_s=90.0,
+        upload="delta",
+        encoding="fp16",
         tensors=tensors,
-        options={"mu": 0.01, "channels": [0, 2], "tag": "x"},
     )
 
 
@@ -116,6 +118,7 @@ def sample_update() -> Update:
         energy_j=None,
         kind="delta",
         metrics={"loss": 0.75, "acc": 0.5},
+        report={"steps_width_0.5": 3.0},
         tensors={
             "conv1.b": np.array([0.125, -0.0625], dtype=np.float32),
             "fc.W": SparseTensor((3, 4), np.array([0, 5]), np.array([0.25, -0.5], dtype=np.float32)),
@@ -283,7 +286,7 @@ def status_json(**changes: Any) -> bytes:
         (b"[1, 2]", "must be a JSON object"),
         (b"[" * 100_000, "bad JSON|nested too deeply"),
         (status_json(msg="hello"), "field 'msg' must be 'status'"),
-        (status_json(v=2), "protocol version 2"),
+        (status_json(v=1), "protocol version 1"),
         (status_json(extra=1), "unknown field 'extra'"),
         (status_json(state="sleeping"), "field 'state' must be one of online, idle"),
         (status_json(t="now"), "field 't' must be a finite number, got 'now'"),
@@ -291,12 +294,12 @@ def status_json(**changes: Any) -> bytes:
         (status_json(device_id="dev/3"), "field 'device_id' must match"),
         (status_json(task_id=7), "field 'task_id' must be a string, got 7"),
         (status_json(detail="\ud800"), "valid Unicode"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle"}', "missing required field 't'"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle","t":NaN}', "non-finite number NaN"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle","t":-Infinity}', "non-finite number -Infinity"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle","t":1e400}', "non-finite number 1e400"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle","t":1,"t":2}', "duplicate key 't'"),
-        (b'{"msg":"status","v":1,"device_id":"d","state":"idle","t":' + b"9" * 5000 + b"}", "integer with 5000"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle"}', "missing required field 't'"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":NaN}', "non-finite number NaN"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":-Infinity}', "non-finite number -Infinity"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":1e400}', "non-finite number 1e400"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":1,"t":2}', "duplicate key 't'"),
+        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":' + b"9" * 5000 + b"}", "integer with 5000"),
     ],
 )
 def test_json_rejections(payload: bytes, match: str) -> None:
@@ -329,7 +332,7 @@ def test_nested_telemetry_sample_is_validated() -> None:
 
 def test_json_size_cap_and_defaults() -> None:
     rejects(decode_json, Status, status_json(detail="x" * 100), max_bytes=64, match="exceeds the limit of 64")
-    minimal = b'{"msg":"server_state","v":1,"server_id":"s","model_id":"m","version":0,"strategy":"fedavg"}'
+    minimal = b'{"msg":"server_state","v":2,"server_id":"s","model_id":"m","version":0,"strategy":"fedavg"}'
     assert decode_json(ServerState, minimal).online is True  # omitted defaulted field -> default
 
 
@@ -451,7 +454,7 @@ def test_forge_without_edits_is_the_encoder_output() -> None:
 def test_prefix_rejections() -> None:
     frame = task_frame()
     rejects(decode_task, b"ORCX" + frame[4:], match=r"bad magic b'ORCX', expected b'ORCH'")
-    rejects(decode_task, frame[:4] + b"\x02" + frame[5:], match="frame version 2, this side speaks 1")
+    rejects(decode_task, frame[:4] + b"\x01" + frame[5:], match="frame version 1, this side speaks 2")
     rejects(decode_task, frame[:5] + struct.pack("<I", 2**32 - 1) + frame[9:], match="header length 4294967295")
     rejects(decode_task, frame[:5] + struct.pack("<I", len(frame)) + frame[9:], match="runs past the frame")
     rejects(decode_task, "text", match="payload must be bytes")
@@ -519,12 +522,23 @@ def test_encoder_rejects_bad_tensors() -> None:
     ok_sparse = SparseTensor((4,), np.array([1]), np.ones(1, np.float32))
     rejects(encode_task, task_with(s=ok_sparse), encoding={"s": "fp16"}, match="fp16 applies to dense")
     rejects(encode_task, dataclasses.replace(sample_task(), lr=float("inf")), match="field 'lr' must be a finite")
-    rejects(encode_task, dataclasses.replace(sample_task(), options={1: 2}), match="non-string key 1")
-    rejects(encode_task, dataclasses.replace(sample_task(), options={"f": object()}), match="not encodable as JSON")
+    def with_extras(extras: Any) -> Task:
+        task = sample_task()
+        return dataclasses.replace(task, assignment=dataclasses.replace(task.assignment, extras=extras))
+
+    rejects(encode_task, with_extras({1: 2}), match="non-string key 1")
+    rejects(encode_task, with_extras({"f": object()}), match="not encodable as JSON")
     deep: Any = 0
     for _ in range(40):
         deep = [deep]
-    rejects(encode_task, dataclasses.replace(sample_task(), options={"d": deep}), match="nested at most 32 deep")
+    rejects(encode_task, with_extras({"d": deep}), match="nested at most 32 deep")
+    rejects(encode_task, dataclasses.replace(sample_task(), upload="sparse"), match="field 'upload' must be one of")
+    assign = sample_task().assignment
+    for bad, match in ((dataclasses.replace(assign, artifact_keys=()), "field 'assignment.artifact_keys' must not"),
+                       (dataclasses.replace(assign, artifact_keys=("ok", "../x")), r"artifact_keys\[1\]' must match"),
+                       (dataclasses.replace(assign, method="a/b"), "field 'assignment.method' must match")):
+        rejects(encode_task, dataclasses.replace(sample_task(), assignment=bad), match=match)
+    rejects(encode_json, Status("dev3", "failed", 1.0, failure="gone"), match="field 'failure' must be one of")
     rejects(encode_artifact, Artifact("k", {"a/b": b""}), match="file name 'a/b' must match")
     rejects(encode_artifact, Artifact("k", {"a": "text"}), match="file 'a' must be bytes")
 
@@ -639,7 +653,7 @@ def test_completed_ids_are_forgotten_after_the_timeout() -> None:
 
 
 def test_memory_is_bounded_by_evicting_the_oldest_partial() -> None:
-    frame = task_frame()  # ~700 bytes
+    frame = task_frame()  # ~1 KB
     a, b = chunk_frame(frame, "a", 100), chunk_frame(frame, "b", 100)
     r = Reassembler(timeout_s=10, max_bytes=len(frame) + 10, clock=FakeClock())
     assert r.feed("dev3", a[0]) is None
@@ -647,7 +661,7 @@ def test_memory_is_bounded_by_evicting_the_oldest_partial() -> None:
     assert r.feed("dev4", b[0]) is None  # evicts 'a' from dev3
     assert r.pending_bytes == len(frame)
     (reason,) = r.expire()
-    assert reason.startswith("dropped frame 'a' from dev3: evicted after 0.0 s to make room (1 of 10 chunks in)")
+    assert reason.startswith(f"dropped frame 'a' from dev3: evicted after 0.0 s to make room (1 of {len(a)} chunks in)")
     assert [r.feed("dev4", c) for c in b[1:]][-1] == frame
     rejects(Reassembler(10, max_bytes=100).feed, "dev3", a[0], match="exceeds the reassembly limit of 100")
     small = Reassembler(10, max_bytes=1 << 20, max_partials=1)
@@ -698,7 +712,7 @@ def test_chunks_that_overfill_the_announced_length_are_rejected() -> None:
     def chunk(index: int, payload: bytes) -> bytes:
         import zlib
 
-        return struct.pack("<4sBBIIII", b"OCHK", 1, 1, index, 2, 3, zlib.crc32(payload)) + b"m" + payload
+        return struct.pack("<4sBBIIII", b"OCHK", 2, 1, index, 2, 3, zlib.crc32(payload)) + b"m" + payload
 
     r = Reassembler(timeout_s=10, max_bytes=1 << 20)
     assert r.feed("dev3", chunk(0, b"ab")) is None

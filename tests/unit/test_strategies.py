@@ -124,8 +124,8 @@ def test_semi_async_closes_at_k_and_merges_stale_updates() -> None:
 
 def test_semi_async_heterofl_profiles_converge_per_coordinate() -> None:
     devices = fleet(4, seed=3)
-    table = {"half": np.arange(N // 2, dtype=np.int64)}
-    assign = ProfileByDevice({"d0002": "half", "d0003": "half"})
+    table = {"width=0.5": np.arange(N // 2, dtype=np.int64)}
+    assign = ProfileByDevice({"d0002": "width=0.5", "d0003": "width=0.5"})
     res = simulate(get_strategy("fedavg", merge="per-element"), devices, initial_global=G0, until_version=60,
                    model=TableModel(N, table), assign=assign)
     g = res.global_flat
