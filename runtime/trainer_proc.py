@@ -10,6 +10,7 @@ SIGKILLed by the kernel under a memory cap, the agent sees it through `poll()` a
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -111,7 +112,7 @@ def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
         job = TrainJob(**msg["job"])
         weights = np.frombuffer(conn.recv_bytes(), dtype=np.float32).copy()
         try:
-            method = device_method(job.assignment, lambda key, root=job.artifact_root: open_backend(root, key))
+            method = device_method(job.assignment, functools.partial(open_backend, job.artifact_root))
             needed = set(job.assignment.artifact_keys)
             for old in [k for k in sessions if k not in needed][: max(0, len(sessions) - len(needed) - _KEEP_SESSIONS)]:
                 del sessions[old]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from runtime.chunks import CHUNK_MAGIC, CHUNK_VERSION, chunk_frame
-from runtime.frames import encode_update
+from runtime.frames import FRAME_VERSION, encode_update
 from runtime.protocol import SparseTensor
 
 from .conftest import Harness
@@ -47,7 +47,7 @@ def join_frame(header: dict[str, Any], body: bytes, fix_hash: bool = True) -> by
     if fix_hash:
         header = {**header, "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return _PREFIX.pack(b"ORCH", 1, len(raw)) + raw + body
+    return _PREFIX.pack(b"ORCH", FRAME_VERSION, len(raw)) + raw + body
 
 
 def poke_value(frame: bytes, value: float) -> bytes:

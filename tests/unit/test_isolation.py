@@ -40,6 +40,17 @@ def test_runtime_imports_only_board_dependencies():
             assert top in stdlib or top in RUNTIME_ALLOWED, f"{path.relative_to(ROOT)} imports {name}"
 
 
+def test_method_halves_keep_to_their_package_role():
+    """runtime/methods (board code) is covered by the runtime rule above; a server half never
+    imports a build half or the testbed, and a build half never imports the server."""
+    for path in sorted((ROOT / "models" / "methods").glob("*.py")):
+        for name in _imports(path):
+            assert name.split(".")[0] not in ("server", "testbed"), f"{path.relative_to(ROOT)} imports {name}"
+    for path in sorted((ROOT / "server" / "methods").glob("*.py")):
+        for name in _imports(path):
+            assert name.split(".")[0] not in ("models", "testbed", "onnx"), f"{path.relative_to(ROOT)} imports {name}"
+
+
 def test_server_imports_no_testbed_models_or_device_only_runtime():
     for path in sorted((ROOT / "server").rglob("*.py")):
         for name in _imports(path):
@@ -62,6 +73,9 @@ PROBE = textwrap.dedent(
     sys.meta_path.insert(0, Refuse())
     import numpy as np
     import runtime.trainer, runtime.submodel, runtime.protocol, runtime.profile, runtime.ort
+    from runtime.methods import METHOD_NAMES, half, spec
+    for name in METHOD_NAMES:  # every device half and spec loads on a board
+        half(name, "device"), spec(name).params()
     from runtime.trainer import Trainer, TrainConfig
     t = Trainer(sys.argv[1], threads=1)
     rng = np.random.default_rng(0)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.errors import ProtocolError
 from runtime.frames import (
+    FRAME_VERSION,
     FrameLimits,
     decode_artifact,
     decode_task,
@@ -89,7 +90,7 @@ def rebuild(header: Any, body: bytes) -> bytes:
         header["body_sha256"] = hashlib.sha256(body).hexdigest()
         header["body_len"] = len(body)
     raw = json.dumps(header).encode("utf-8", "surrogatepass")
-    return struct.pack("<4sBI", b"ORCH", 1, len(raw)) + raw + body
+    return struct.pack("<4sBI", b"ORCH", FRAME_VERSION, len(raw)) + raw + body
 
 
 def split(frame: bytes) -> tuple[dict[str, Any], bytes]:

@@ -1,0 +1,157 @@
+"""FjORD's device half: per-batch width sampling visits every allowed width, and the returned
+p_max model equals an independent numpy reference of ordered dropout over the same batches; the
+same run on real ONNX Runtime artifacts agrees with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.artifacts import artifacts_for, initial_weights
+from models.structure import full_structure
+from runtime.errors import ArtifactError, ConfigError
+from runtime.methods import device_method, spec
+from runtime.methods.fjord import Device
+from runtime.ort import OrtSession
+from runtime.protocol import Assignment
+from runtime.submodel import kept_channels
+from runtime.trainer import TrainConfig, Trainer
+from tests.unit.methods.conftest import CLASSES, INPUT_SHAPE, Opener, mlp_layout
+
+WIDTHS = [0.5, 0.25, 0.125]  # a p_max = 0.5 device of P = {0.125, 0.25, 0.5, 1}
+KEYS = tuple(f"w{w:g}" for w in WIDTHS)
+FULL = {"fc1": 128, "fc2": 64}
+
+
+def assignment(resample_every: int = 1) -> Assignment:
+    return Assignment("fjord", "p_max=0.5", KEYS, {"widths": WIDTHS, "resample_every": resample_every})
+
+
+def train(opener: Opener, x: np.ndarray, y: np.ndarray, w0: np.ndarray, steps: int, k: int = 1,
+          seed: int = 7) -> tuple[np.ndarray, Device]:
+    method = device_method(assignment(k), opener)
+    assert isinstance(method, Device)
+    trainer = Trainer.on_backend(method.primary, INPUT_SHAPE, CLASSES)
+    result = trainer.train(w0, x, y, TrainConfig(steps=steps, batch_size=8, lr=0.2, seed=seed), method=method)
+    return result.weights, method
+
+
+def reference(tensors: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, steps: int, seed: int) -> dict:
+    """Ordered dropout written out: slice W[:k_out, :k_in] per sampled width, SGD, write back."""
+    w = {k: v.astype(np.float64).copy() for k, v in tensors.items()}
+    order_rng, width_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    n, batch = len(y), 8
+    per_epoch = -(-n // batch)
+    order = order_rng.permutation(n)
+    for step in range(steps):
+        if step % per_epoch == 0 and step > 0:
+            order = order_rng.permutation(n)
+        idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch]
+        p = WIDTHS[int(width_rng.integers(len(WIDTHS)))]
+        k1, k2 = kept_channels(p, FULL["fc1"]), kept_channels(p, FULL["fc2"])
+        sl = {"fc1.W": np.s_[:k1, :], "fc1.b": np.s_[:k1], "fc2.W": np.s_[:k2, :k1], "fc2.b": np.s_[:k2],
+              "out.W": np.s_[:, :k2], "out.b": np.s_[:]}
+        s = {k: w[k][sl[k]] for k in w}
+        a0 = x[idx].reshape(len(idx), -1).astype(np.float64)
+        z1 = a0 @ s["fc1.W"].T + s["fc1.b"]
+        a1 = np.maximum(z1, 0)
+        z2 = a1 @ s["fc2.W"].T + s["fc2.b"]
+        a2 = np.maximum(z2, 0)
+        z3 = a2 @ s["out.W"].T + s["out.b"]
+        prob = np.exp(z3 - z3.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        d3 = prob
+        d3[np.arange(len(idx)), y[idx]] -= 1.0
+        d3 /= len(idx)
+        d2 = (d3 @ s["out.W"]) * (z2 > 0)
+        d1 = (d2 @ s["fc2.W"]) * (z1 > 0)
+        grads = {"out.W": d3.T @ a2, "out.b": d3.sum(0), "fc2.W": d2.T @ a1, "fc2.b": d2.sum(0),
+                 "fc1.W": d1.T @ a0, "fc1.b": d1.sum(0)}
+        for k in w:
+            w[k][sl[k]] = s[k] - 0.2 * grads[k]
+    return w
+
+
+@pytest.fixture
+def opener() -> Opener:
+    return Opener({key: mlp_layout(w) for key, w in zip(KEYS, WIDTHS, strict=True)})
+
+
+def test_every_allowed_width_is_visited_and_reported(opener, data) -> None:
+    x, y = data
+    w0 = initial_weights_of(opener)
+    _, method = train(opener, x, y, w0, steps=60)
+    report = method.report()
+    assert set(report) == {"steps_width_0.5", "steps_width_0.25", "steps_width_0.125", "width_switches"}
+    counts = [report[f"steps_width_{w:g}"] for w in WIDTHS]
+    assert sum(counts) == 60 and min(counts) > 0
+    assert sorted(opener.opened) == sorted(KEYS)  # one backend per width, opened once each
+
+
+def initial_weights_of(opener: Opener) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    layout = opener.backends[KEYS[0]].layout
+    return (rng.normal(size=layout.total) * 0.3).astype(np.float32)
+
+
+def test_p_max_model_equals_numpy_ordered_dropout(opener, data) -> None:
+    x, y = data
+    w0 = initial_weights_of(opener)
+    got, _ = train(opener, x, y, w0, steps=20, seed=11)
+    layout = opener.backends[KEYS[0]].layout
+    expected = reference(layout.split(w0), x, y, steps=20, seed=11)
+    for name, value in layout.split(got).items():
+        np.testing.assert_allclose(value, expected[name], atol=1e-5, rtol=0, err_msg=name)
+    # Not a vacuous match: the narrowest slice and the rest of the p_max model both moved.
+    assert np.abs(got - w0).max() > 1e-3
+
+
+def test_resample_every_k_holds_the_width_for_k_batches(opener, data) -> None:
+    x, y = data
+    w0 = initial_weights_of(opener)
+    _, every = train(opener, x, y, w0, steps=40, k=1)
+    _, held = train(opener, x, y, w0, steps=40, k=10)
+    assert held.switches <= 4 < every.switches  # at most one load per block of 10
+
+
+def test_on_real_onnx_runtime_artifacts(artifact_cache, data) -> None:
+    x, y = data
+    sets = artifacts_for("mlp", INPUT_SHAPE, CLASSES, [f"width={w:g}" for w in WIDTHS], cache_dir=artifact_cache)
+    dirs = {key: sets[f"width={w:g}"].directory for key, w in zip(KEYS, WIDTHS, strict=True)}
+    sessions: dict[str, OrtSession] = {}
+
+    def open_ort(key: str) -> OrtSession:
+        return sessions.setdefault(key, OrtSession(dirs[key]))
+
+    w0 = initial_weights(full_structure("mlp", INPUT_SHAPE, CLASSES), seed=2)
+    w0 = w0[: sessions.setdefault(KEYS[0], OrtSession(dirs[KEYS[0]])).layout.total]  # any start point will do
+    method = device_method(assignment(), open_ort)
+    trainer = Trainer.on_backend(method.primary, INPUT_SHAPE, CLASSES)
+    got = trainer.train(w0, x, y, TrainConfig(steps=20, batch_size=8, lr=0.2, seed=11), method=method).weights
+    numpy_opener = Opener({key: mlp_layout(w) for key, w in zip(KEYS, WIDTHS, strict=True)})
+    expected, _ = train(numpy_opener, x, y, w0, steps=20, seed=11)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+
+
+def test_bad_assignments_are_refused(opener) -> None:
+    with pytest.raises(ConfigError, match="3 artifacts for widths"):
+        Device(Assignment("fjord", "p_max=0.5", KEYS, {"widths": [0.5, 0.25]}), opener)
+    wrong = Opener({"w0.5": mlp_layout(0.5), "wide": mlp_layout(1.0)})
+    with pytest.raises(ArtifactError, match="wider than the p_max artifact"):
+        Device(Assignment("fjord", "p_max=0.5", ("w0.5", "wide"), {"widths": [0.5, 0.25]}), wrong)
+
+
+def test_spec_profiles_and_keys() -> None:
+    s = spec("fjord")
+    params = s.params({"widths": [0.25, 0.5, 1.0]})
+    assert s.parse_profile("p_max=0.5", params) == "p_max=0.5" and s.parse_profile("dense", params) == "dense"
+    assert s.artifact_profiles("p_max=0.5", params) == ("width=0.5", "width=0.25")
+    assert s.extras("dense", params) == {"widths": [1.0, 0.5, 0.25], "resample_every": 1}
+    for table, match in (({"widths": [0.5]}, "must include 1.0"), ({"resample_every": 0}, "resample_every"),
+                         ({"distill": True}, "has no key 'distill'"), ({"widths": "0.5"}, "list of numbers")):
+        with pytest.raises(ConfigError, match=match):
+            s.params(table)
+    for text, match in (("p_max=0.3", "not one of the widths"), ("width=0.5", "takes profiles 'p_max"),
+                        ("p_max=x", "not a number")):
+        with pytest.raises(ConfigError, match=match):
+            s.parse_profile(text, params)
