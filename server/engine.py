@@ -34,6 +34,7 @@ from server.events import (
     DeviceStatus,
     Evaluate,
     Event,
+    EventName,
     Finish,
     Log,
     NewGlobal,
@@ -163,14 +164,14 @@ class Engine:
         if not dev.online and dev.task_id is None:
             dev.state = "idle"
         self._set(dev, online=True)
-        out.append(self._log(now, "device_hello", device=event.device_id, board=event.hello.board,
+        out.append(self._log(now, EventName.DEVICE_HELLO, device=event.device_id, board=event.hello.board,
                              n_samples=event.hello.n_samples))
 
     def _on_status(self, event: DeviceStatus, now: float, out: list[Action]) -> None:
         status = event.status
         dev = self._devices.get(event.device_id)
         if dev is None:
-            out.append(self._log(now, "status_rejected", device=event.device_id, state=status.state,
+            out.append(self._log(now, EventName.STATUS_REJECTED, device=event.device_id, state=status.state,
                                  reason=f"status {status.state!r} from unknown device {event.device_id!r}"))
             return
         if status.state == "offline":
@@ -189,19 +190,19 @@ class Engine:
         if new is None or new == profile:
             return
         dev.profile_override = new
-        out.append(self._log(now, "profile_downgraded", device=dev.device_id, **{"from": profile, "to": new},
+        out.append(self._log(now, EventName.PROFILE_DOWNGRADED, device=dev.device_id, **{"from": profile, "to": new},
                              failure=status.failure, reason=status.detail))
 
     def _on_offline(self, device_id: str, reason: str, now: float, out: list[Action]) -> None:
         dev = self._devices.get(device_id)
         if dev is None:
-            out.append(self._log(now, "status_rejected", device=device_id, state="offline",
+            out.append(self._log(now, EventName.STATUS_REJECTED, device=device_id, state="offline",
                                  reason=f"offline notice for unknown device {device_id!r}"))
             return
         if dev.task_id is not None:
             self._abandon(self._tasks[dev.task_id], now, f"device offline ({reason})", out)
         self._set(dev, online=False, state="idle")
-        out.append(self._log(now, "device_offline", device=device_id, reason=reason))
+        out.append(self._log(now, EventName.DEVICE_OFFLINE, device=device_id, reason=reason))
 
     def _on_update(self, event: UpdateReceived, now: float, out: list[Action]) -> None:
         upd = event.update
@@ -213,7 +214,7 @@ class Engine:
                 self._resolve(task, "already answered by a refused update", "idle")  # answered, if badly
             if event.device_id in self._devices:
                 self._devices[event.device_id].n_rejected += 1
-            out.append(self._log(now, "update_rejected", device=event.device_id, task_id=upd.task_id,
+            out.append(self._log(now, EventName.UPDATE_REJECTED, device=event.device_id, task_id=upd.task_id,
                                  base_version=upd.base_version, reason=str(exc)))
             return
         task = accepted.task
@@ -222,7 +223,7 @@ class Engine:
         self._devices[task.device_id].n_accepted += 1
         self._set_task_time(self._devices[task.device_id], max(0.0, now - task.dispatched_s))
         self._pending.append(accepted)
-        out.append(self._log(now, "update_accepted", device=task.device_id, task_id=task.task_id,
+        out.append(self._log(now, EventName.UPDATE_ACCEPTED, device=task.device_id, task_id=task.task_id,
                              task_round=task.round, base_version=task.base_version,
                              staleness=accepted.staleness, n_samples=accepted.n_samples, kind=upd.kind,
                              n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j))
@@ -280,7 +281,7 @@ class Engine:
         try:
             new = self._merge(pending)
         except RoundError as exc:
-            out.append(self._log(now, "aggregation_failed", reason=str(exc),
+            out.append(self._log(now, EventName.AGGREGATION_FAILED, reason=str(exc),
                                  devices=[p.task.device_id for p in pending]))
         closed_round = self.round
         self.round += 1
@@ -291,7 +292,7 @@ class Engine:
             self._history[self.version] = self._global
             devices = tuple(p.task.device_id for p in pending)
             staleness = tuple(p.staleness for p in pending)
-            out.append(self._log(now, "aggregated", closed_round=closed_round, reason=reason,
+            out.append(self._log(now, EventName.AGGREGATED, closed_round=closed_round, reason=reason,
                                  devices=list(devices), staleness=list(staleness)))
             out.append(NewGlobal(self.version, closed_round, now, len(pending), devices, staleness, reason))
         if self.strategy.close.abandon_at_close:
@@ -338,7 +339,7 @@ class Engine:
 
     def _finish(self, reason: str, now: float, out: list[Action]) -> None:
         self.finished = True
-        out.append(self._log(now, "finished", reason=reason))
+        out.append(self._log(now, EventName.FINISHED, reason=reason))
         out.append(Finish(reason, self.version))
 
     # ------------------------------------------------------------ tasks
@@ -384,7 +385,7 @@ class Engine:
         self._set(dev, state="busy")
         out.append(SendTask(dev.device_id, task.task_id, task.round, task.base_version, assignment, indices,
                             deadline_s))
-        out.append(self._log(now, "task_sent", device=dev.device_id, task_id=task.task_id,
+        out.append(self._log(now, EventName.TASK_SENT, device=dev.device_id, task_id=task.task_id,
                              base_version=task.base_version, profile=profile))
 
     def assignment_for(self, profile: str, round_index: int) -> tuple[Assignment, IndexArray | None]:
@@ -419,7 +420,7 @@ class Engine:
         dev.n_abandoned += 1
         if slow:
             self._set_task_time(dev, max(dev.task_s or 0.0, now - task.dispatched_s))
-        out.append(self._log(now, "task_abandoned", device=task.device_id, task_id=task.task_id,
+        out.append(self._log(now, EventName.TASK_ABANDONED, device=task.device_id, task_id=task.task_id,
                              base_version=task.base_version, reason=reason))
 
     def _expire_tasks(self, now: float, out: list[Action]) -> None:

@@ -8,10 +8,52 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from runtime.protocol import Assignment, Hello, Status, Update
 from server.aggregate import FloatArray, IndexArray
+
+
+class EventName(StrEnum):
+    """Every `event` value in events.jsonl: the engine's, the service's and the campaign
+    runner's. The report and the live view read them by these names only."""
+
+    # the round engine
+    DEVICE_HELLO = "device_hello"
+    DEVICE_OFFLINE = "device_offline"
+    STATUS_REJECTED = "status_rejected"
+    TASK_SENT = "task_sent"
+    TASK_ABANDONED = "task_abandoned"
+    UPDATE_ACCEPTED = "update_accepted"
+    UPDATE_REJECTED = "update_rejected"
+    PROFILE_DOWNGRADED = "profile_downgraded"
+    AGGREGATED = "aggregated"
+    AGGREGATION_FAILED = "aggregation_failed"
+    FINISHED = "finished"
+    # the MQTT service
+    SERVER_START = "server_start"
+    SERVER_STOP = "server_stop"
+    BROKER_RECONNECTED = "broker_reconnected"
+    BROKER_DISCONNECTED = "broker_disconnected"
+    DEVICE_STATUS = "device_status"
+    EVALUATE = "evaluate"
+    ARTIFACT_SENT = "artifact_sent"
+    FRAME_REJECTED = "frame_rejected"
+    HELLO_REJECTED = "hello_rejected"
+    TELEMETRY_REJECTED = "telemetry_rejected"
+    # the campaign runner
+    CAMPAIGN_START = "campaign_start"
+    CAMPAIGN_STOP = "campaign_stop"
+    AVAILABILITY = "availability"
+    CPU_QUOTA = "cpu_quota"
+    OOM = "oom"
+    DEVICE_EXIT = "device_exit"
+    DEVICE_RESTART = "device_restart"
+
+    @property
+    def is_rejection(self) -> bool:
+        return self.value.endswith("_rejected")
 
 
 # ---------------------------------------------------------------- events in

@@ -55,7 +55,7 @@ class ServerModel:
         self.profiles: dict[str, ProfileArtifact] = {}
         for profile, directory in profiles.items():
             self.profiles[profile] = ProfileArtifact(profile, directory, read_manifest(directory))
-        self._submodels: OrderedDict[tuple[str, int], Submodel] = OrderedDict()
+        self._submodels: OrderedDict[tuple[str, tuple[tuple[str, bytes], ...]], Submodel] = OrderedDict()
         for profile, art in self.profiles.items():
             sub = self.submodel(profile, 0)
             if sub.sub_layout != art.manifest.layout:
@@ -69,10 +69,13 @@ class ServerModel:
         p = parse_profile(profile)
         if p.canonical() not in self.profiles:
             raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
-        key = (p.canonical(), round_index if p.window == "rolling" else -1)
+        index_map = index_map_for(p, self.layout.groups, round_index)
+        # Keyed by the channel sets themselves, so a window that does not move with the round
+        # reuses one Submodel and one that does (FedRolex) gets one per distinct window.
+        key = (p.canonical(), tuple((g, idx.tobytes()) for g, idx in sorted(index_map.items())))
         sub = self._submodels.get(key)
         if sub is None:
-            sub = Submodel.of(self.layout, index_map_for(p, self.layout.groups, round_index))
+            sub = Submodel.of(self.layout, index_map)
             self._submodels[key] = sub
             while len(self._submodels) > _SUBMODEL_CACHE:
                 self._submodels.popitem(last=False)

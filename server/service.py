@@ -53,6 +53,7 @@ from server.events import (
     DeviceStatus,
     Evaluate,
     Event,
+    EventName,
     Finish,
     Log,
     NewGlobal,
@@ -123,7 +124,7 @@ class Outputs:
     def event(self, record: dict[str, Any]) -> None:
         record.setdefault("wall_t", round(time.time(), 3))
         kind = record.get("event", "")
-        if kind == "update_accepted":
+        if kind == EventName.UPDATE_ACCEPTED:
             self.accepted += 1
         elif kind.endswith("_rejected"):
             self.rejected += 1
@@ -184,7 +185,7 @@ class Service:
             self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign,
                                  method=method)
         self.out = Outputs(run_dir, resume)
-        self.out.event({"event": "server_start", "version": self.engine.version, "strategy": cfg.strategy,
+        self.out.event({"event": EventName.SERVER_START, "version": self.engine.version, "strategy": cfg.strategy,
                         "resume": resume, "model": self.model.model_name})
         self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024,
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
@@ -215,14 +216,14 @@ class Service:
                 if isinstance(event, Message):
                     self._on_message(event)
                 elif isinstance(event, Connected) and event.reconnect:
-                    self.out.event({"event": "broker_reconnected"})
+                    self.out.event({"event": EventName.BROKER_RECONNECTED})
                     self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
                 elif isinstance(event, Disconnected):
-                    self.out.event({"event": "broker_disconnected", "reason": event.reason})
+                    self.out.event({"event": EventName.BROKER_DISCONNECTED, "reason": event.reason})
                 if time.monotonic() >= next_tick:
                     self._feed(Tick())
                     for reason in self.reassembler.expire():
-                        self.out.event({"event": "frame_rejected", "reason": reason})
+                        self.out.event({"event": EventName.FRAME_REJECTED, "reason": reason})
                     next_tick = time.monotonic() + TICK_S
         finally:
             self._flush_row()
@@ -230,7 +231,7 @@ class Service:
                 self.mqtt.publish(self.topics.server_state, encode_json(self._state(online=False)), qos=1,
                                   retain=True, wait_s=2.0)
             self.mqtt.close()
-            self.out.event({"event": "server_stop", "version": self.engine.version, "reason": self.finished})
+            self.out.event({"event": EventName.SERVER_STOP, "version": self.engine.version, "reason": self.finished})
             self.out.close()
         return self.finished or "stopped"
 
@@ -256,7 +257,7 @@ class Service:
             elif kind == "status":
                 status = decode_json(Status, msg.payload, source=device_id)
                 self._check_sender(device_id, status.device_id)
-                self.out.event({"event": "device_status", "device": device_id, "state": status.state,
+                self.out.event({"event": EventName.DEVICE_STATUS, "device": device_id, "state": status.state,
                                 "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
                 self._feed(DeviceStatus(device_id, status))
             elif kind == "telemetry":
@@ -268,7 +269,7 @@ class Service:
                 if frame is not None:
                     self._on_update_frame(device_id, frame)
         except OrchardError as exc:  # any bad input from a device is logged and dropped, never fatal
-            self.out.event({"event": f"{kind}_rejected", "device": device_id, "reason": str(exc)})
+            self.out.event({"event": EventName(f"{kind}_rejected"), "device": device_id, "reason": str(exc)})
 
     @staticmethod
     def _check_sender(topic_id: str, claimed: str) -> None:
@@ -318,7 +319,7 @@ class Service:
             }
         elif isinstance(action, Evaluate):
             ev = self.evaluator.evaluate(np.asarray(self.engine.global_flat), self.eval_x, self.eval_y)
-            self.out.event({"event": "evaluate", "version": action.version, "accuracy": ev.accuracy,
+            self.out.event({"event": EventName.EVALUATE, "version": action.version, "accuracy": ev.accuracy,
                             "loss": ev.loss, "t": round(self._clock(), 3)})
             if self.pending_row is not None and self.pending_row["version"] == action.version:
                 self.pending_row.update(accuracy=round(ev.accuracy, 5), loss=round(ev.loss, 5))
@@ -349,7 +350,8 @@ class Service:
             frame = encode_artifact(Artifact(key, self.model.artifact_files(key)))
             self._publish_chunks(self.topics.artifact(action.device_id), frame)
             known.add(key)
-            self.out.event({"event": "artifact_sent", "device": action.device_id, "key": key, "bytes": len(frame)})
+            self.out.event({"event": EventName.ARTIFACT_SENT, "device": action.device_id, "key": key,
+                            "bytes": len(frame)})
         knobs = self.cfg.train
         task = Task(
             task_id=action.task_id, round=action.round, base_version=action.base_version,

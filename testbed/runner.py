@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from runtime.board import BoardConfig, load_board
 from runtime.errors import ConfigError, OrchardError
+from server.events import EventName
 from testbed.broker import open_broker
 from testbed.calibrate import board_quota_cores, check_fleet_capacity, get_host_speed
 from testbed.campaign import Campaign, Group
@@ -204,7 +205,7 @@ class CampaignRunner:
                 raise OrchardError(f"server exited at start (code {self.server.returncode}); see {self.run}/logs")
             time.sleep(0.05)
         self._events = events_path.open("a")
-        self._event(event="campaign_start", campaign=self.c.name, devices=len(self.devices))
+        self._event(event=EventName.CAMPAIGN_START, campaign=self.c.name, devices=len(self.devices))
         driver = self._trace_driver()
         for d in self.devices.values():
             self._start_device(d)
@@ -242,28 +243,28 @@ class CampaignRunner:
         # Frozen, the agent sends nothing: keepalives stop and the broker fires its Last Will.
         (d.cgroup.thaw if online else d.cgroup.freeze)()
         d.online = online
-        self._event(event="availability", device=device_id, online=online)
+        self._event(event=EventName.AVAILABILITY, device=device_id, online=online)
 
     def _set_cpu_fraction(self, device_id: str, fraction: float) -> None:
         d = self.devices[device_id]
         cores = max(0.01, d.base_quota_cores * fraction)
         d.cgroup.set_cpu_quota(cores)
-        self._event(event="cpu_quota", device=device_id, cores=round(cores, 4), fraction=round(fraction, 4))
+        self._event(event=EventName.CPU_QUOTA, device=device_id, cores=round(cores, 4), fraction=round(fraction, 4))
 
     def _watch_devices(self, now: float) -> None:
         for d in self.devices.values():
             ooms = d.cgroup.stats().oom_kills or 0
             if ooms > d.oom_kills:
-                self._event(event="oom", device=d.device_id, oom_kills=ooms, mem_limit_mb=d.mem_limit_mb)
+                self._event(event=EventName.OOM, device=d.device_id, oom_kills=ooms, mem_limit_mb=d.mem_limit_mb)
                 d.oom_kills = ooms
             if d.proc is not None and d.proc.poll() is not None and d.online:
                 if d.died_at is None:
                     d.died_at = now
-                    self._event(event="device_exit", device=d.device_id, code=d.proc.returncode)
+                    self._event(event=EventName.DEVICE_EXIT, device=d.device_id, code=d.proc.returncode)
                 elif now - d.died_at >= RESTART_BACKOFF_S * (1 + min(d.restarts, 5)):
                     d.restarts += 1
                     d.died_at = None
-                    self._event(event="device_restart", device=d.device_id, restarts=d.restarts)
+                    self._event(event=EventName.DEVICE_RESTART, device=d.device_id, restarts=d.restarts)
                     self._start_device(d)
 
     def _shutdown(self, throttle: Throttle) -> None:
@@ -287,7 +288,7 @@ class CampaignRunner:
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
-        self._event(event="campaign_stop", reason=self.stop_reason or "error")
+        self._event(event=EventName.CAMPAIGN_STOP, reason=self.stop_reason or "error")
         if self._events is not None:
             self._events.close()
             self._events = None
