@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from runtime.errors import OrchardError
+from runtime.errors import OrchardError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_device(load_device_config(args.config, args.broker))
     except OrchardError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import OrchardError
+from runtime.errors import EXIT_SENSOR, OrchardError, register_exit_code
 
 Clock = Callable[[], float]
 
@@ -36,6 +36,10 @@ class SensorUnavailableError(OrchardError):
 
 class PowerReadError(OrchardError):
     """A power reading failed or came back malformed."""
+
+
+register_exit_code(SensorUnavailableError, EXIT_SENSOR)
+register_exit_code(PowerReadError, EXIT_SENSOR)
 
 
 class PowerSource(ABC):

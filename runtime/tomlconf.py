@@ -114,3 +114,17 @@ def check_tables(file: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -
             where = "table" if isinstance(value, dict) else "top-level key"
             expected = ", ".join(f"[{a}]" for a in allowed)
             raise ConfigError(f"{file}: unknown {where} '{key}' (expected {expected})")
+
+
+def parse_param(item: str, flag: str = "--param") -> tuple[str, Any]:
+    """`key=value` from the command line, the value read as a TOML value (so `1e-3`, `true`,
+    `5`, `"text"` and `[0.25, 0.5]` are typed as in a campaign file); a value TOML cannot read
+    (`per-element`) is taken as the bare string it is."""
+    key, sep, text = item.partition("=")
+    key, text = key.strip(), text.strip()
+    if not sep or not key:
+        raise ConfigError(f"{flag} {item!r} is not key=value")
+    try:
+        return key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, text

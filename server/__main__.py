@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from runtime.errors import OrchardError
+from runtime.errors import OrchardError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OrchardError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

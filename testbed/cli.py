@@ -14,9 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import OrchardError
-
-EXIT_USAGE = 2
+from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, OrchardError, exit_code
 
 
 def _progress_printer(enabled: bool) -> Callable[[int, int, float], None] | None:
@@ -67,14 +65,10 @@ def cmd_artifacts_build(args: argparse.Namespace) -> int:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
+    from runtime.tomlconf import parse_param
     from testbed.federate import FederationSpec, run_federation
 
-    params: dict[str, Any] = {}
-    for item in args.param or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise OrchardError(f"--param {item!r} is not key=value")
-        params[key] = json.loads(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value
+    params = dict(parse_param(item) for item in args.param or [])
     spec = FederationSpec(
         out=Path(args.out), devices=args.devices, strategy=args.strategy, strategy_params=params,
         rounds=args.rounds, model=args.model, dataset=args.dataset, data_root=args.data_root,
@@ -376,10 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except OrchardError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
