@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.profile import parse_profile
+from runtime.errors import ConfigError
+from runtime.methods import infer_method, spec
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
@@ -60,14 +61,13 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         return q if q.is_absolute() else base / q
 
     profiles = dev.strings("profiles", default=("dense",))
-    for text in profiles:
-        parse_profile(text)  # raises ConfigError naming the bad profile
+    canonical = [_canonical(str(p), t) for t in profiles]  # ConfigError naming the bad profile
     return DeviceConfig(
         device_id=dev.string("id"),
         board=dev.string("board"),
         shard=resolve(dev.string("shard")),
         artifact_cache=resolve(dev.string("artifact_cache")),
-        profiles=tuple(parse_profile(t).canonical() for t in profiles),
+        profiles=tuple(canonical),
         broker_url=broker_url or brk.string("url"),
         root=brk.string("root", default="orchard/default"),
         threads=dev.integer("threads", 0, 256, default=0),
@@ -76,3 +76,13 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         ca_file=brk.optional_string("ca_file"),
         sysfs_root=dev.string("sysfs_root", default="/"),
     )
+
+
+def _canonical(file: str, text: str) -> str:
+    """A profile in the grammar of the first method that takes it (the server's [method] decides
+    what a task is; the device only says what it can run)."""
+    try:
+        name = infer_method(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [device] profiles: {exc}") from None
+    return spec(name).parse_profile(text, None)

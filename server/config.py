@@ -168,8 +168,8 @@ def canonical_profile(file: str, method: str | None, params: Mapping[str, Any]) 
 
     def canonical(text: str) -> str:
         try:
-            name = method or infer_method(text)
-            return spec(name).parse_profile(text, params if method else spec(name).params())
+            return spec(method).parse_profile(text, params) if method else spec(infer_method(text)).parse_profile(
+                text, None)
         except ConfigError as exc:
             raise ConfigError(f"{file}: profile {text!r}: {exc}") from None
 

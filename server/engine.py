@@ -226,7 +226,8 @@ class Engine:
         out.append(self._log(now, EventName.UPDATE_ACCEPTED, device=task.device_id, task_id=task.task_id,
                              task_round=task.round, base_version=task.base_version,
                              staleness=accepted.staleness, n_samples=accepted.n_samples, kind=upd.kind,
-                             n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j))
+                             n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j,
+                             **({"report": dict(upd.report)} if upd.report else {})))
 
     # ------------------------------------------------------------ update validation
     def check_update(self, event: UpdateReceived) -> AcceptedUpdate:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
-from runtime.profile import parse_profile
+from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
 
@@ -54,6 +54,8 @@ class FederationSpec:
     task_timeout_s: float = 120.0
     eval_fraction: float = 0.2
     keepalive_s: int = 5
+    method: str | None = None  # None: per profile, the first method that accepts it
+    method_params: Mapping[str, Any] = field(default_factory=dict)  # [method] keys, checked by its spec
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -70,10 +72,12 @@ def prepare(spec: FederationSpec, force: bool = False) -> Path:
     run = spec.out
     fresh_run_dir(run, force)
     ids = spec.device_ids()
-    fallbacks = tuple(parse_profile(p).canonical() for p in spec.fallback_profiles)
+    method, params = method_table("--method", {"name": spec.method, **spec.method_params} if spec.method else None)
+    canonical = canonical_profile("--profiles", method, params)
+    fallbacks = tuple(canonical(p) for p in spec.fallback_profiles)
     plans = []
     for i, device_id in enumerate(ids):
-        own = parse_profile(spec.profiles[i % len(spec.profiles)]).canonical()
+        own = canonical(spec.profiles[i % len(spec.profiles)])
         plans.append(DevicePlan(device_id, spec.boards[i % len(spec.boards)], tuple(dict.fromkeys((own, *fallbacks)))))
     data = DataPlan(spec.model, spec.dataset, spec.data_root, spec.partition, spec.eval_fraction, spec.seed)
     server = {
@@ -81,6 +85,7 @@ def prepare(spec: FederationSpec, force: bool = False) -> Path:
                    "min_devices": spec.devices, "task_timeout_s": spec.task_timeout_s},
         "strategy": dict(spec.strategy_params),
         "train": {"local_steps": spec.local_steps, "lr": spec.lr, "batch_size": spec.batch_size},
+        **({"method": {"name": method, **params}} if method else {}),
     }
     prepare_run(run, data, plans, server, keepalive_s=spec.keepalive_s)
     (run / "federation.json").write_text(json.dumps({**spec.__dict__, "out": str(spec.out)}, indent=1,

@@ -21,7 +21,7 @@ def method_artifacts(name: str | None, params: Mapping[str, Any], model: str, in
     out: dict[str, ArtifactSet] = {}
     for profile in profiles:
         method = name or infer_method(profile)
-        method_params = params if name else spec(method).params()
+        method_params = params if name else spec(method).params()  # a legacy profile: the defaults
         built: dict[str, ArtifactSet] = half(method, "build").build(
             method_params, model, input_shape, num_classes, [profile], optimizer=optimizer, cache_dir=cache_dir)
         out.update(built)

@@ -102,12 +102,13 @@ class MethodSpec(ABC):
         return params
 
     @abstractmethod
-    def parse_profile(self, text: str, params: Mapping[str, Any]) -> str:
-        """The canonical form of `text`, or ConfigError naming what is wrong."""
+    def parse_profile(self, text: str, params: Mapping[str, Any] | None) -> str:
+        """The canonical form of `text`, or ConfigError naming what is wrong. `params=None`:
+        the grammar only (a device, or inference, does not know the campaign's keys)."""
 
     def accepts(self, text: str) -> bool:
         try:
-            self.parse_profile(text, self.params())
+            self.parse_profile(text, None)
         except ConfigError:
             return False
         return True
@@ -127,9 +128,9 @@ class SliceSpec(MethodSpec):
 
     allowed: ClassVar[frozenset[str]]  # Profile fields this method may set away from their default
 
-    def structural(self, text: str, params: Mapping[str, Any]) -> Profile:
+    def structural(self, text: str, params: Mapping[str, Any] | None) -> Profile:
         p = parse_profile(text)
-        window = params.get("window")
+        window = (params or {}).get("window")
         if window is not None and p.width < 1.0 and "window=" not in text:
             p = dataclasses.replace(p, window=str(window))
         default = Profile()
@@ -138,7 +139,7 @@ class SliceSpec(MethodSpec):
                 raise ConfigError(f"method {self.name!r} does not take profile key {f.name!r} (profile {text!r})")
         return p
 
-    def parse_profile(self, text: str, params: Mapping[str, Any]) -> str:
+    def parse_profile(self, text: str, params: Mapping[str, Any] | None) -> str:
         return self.structural(text, params).canonical()
 
     def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:

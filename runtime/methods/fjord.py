@@ -55,7 +55,7 @@ class Spec(MethodSpec):
             raise ConfigError(f"[method] fjord: resample_every must be an integer >= 1, got {k!r}")
         return {"widths": ws, "resample_every": k}
 
-    def p_max(self, text: str, params: Mapping[str, Any]) -> float:
+    def p_max(self, text: str, params: Mapping[str, Any] | None) -> float:
         text = text.strip()
         if text == "dense":
             return 1.0
@@ -66,11 +66,13 @@ class Spec(MethodSpec):
             p = float(value)
         except ValueError:
             raise ConfigError(f"fjord profile {text!r}: p_max {value.strip()!r} is not a number") from None
-        if not any(math.isclose(p, w) for w in params["widths"]):
+        if not 0.0 < p <= 1.0:
+            raise ConfigError(f"fjord profile {text!r}: p_max {p:g} is outside (0, 1]")
+        if params is not None and not any(math.isclose(p, w) for w in params["widths"]):
             raise ConfigError(f"fjord profile {text!r}: p_max {p:g} is not one of the widths {params['widths']}")
         return p
 
-    def parse_profile(self, text: str, params: Mapping[str, Any]) -> str:
+    def parse_profile(self, text: str, params: Mapping[str, Any] | None) -> str:
         p = self.p_max(text, params)
         return "dense" if p == 1.0 else f"p_max={p:g}"
 

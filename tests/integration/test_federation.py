@@ -234,8 +234,9 @@ def test_unknown_task_unknown_device_stale_refused_and_redelivery_counted_once(f
 
 
 def test_sparse_weights_update_is_reconstructed_from_the_base_model(federation: Federate) -> None:
-    """A top-k upload (SparseTensor) fills its missing coordinates from the task's base model
-    (methods.md §5.3). It once reached `ParamLayout.join` as an object and crashed the server."""
+    """A top-k upload (SparseTensor) moves only the coordinates it sent; the rest keep the global
+    value (methods.md §5.3). The server no longer densifies it: the merge sees the sent indices.
+    It once reached `ParamLayout.join` as an object and crashed the server."""
     h = federation(devices=2, rounds=1, strategy="fedavg")
     h.edit_server_toml("rounds", min_devices=1)  # the fake is the only device: its update is the round
     h.start(devices=[])
