@@ -86,6 +86,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "federation": _optional("bench.federation_bench"),
     "fidelity": _optional("bench.fidelity_bench"),
     "testbed": _optional("bench.testbed_bench"),
+    "fjord": _optional("bench.fjord_bench"),
 }
 
 

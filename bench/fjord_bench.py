@@ -1,0 +1,94 @@
+"""FjORD: what switching artifacts per batch costs (methods.md §6.4 trains a width drawn per
+mini-batch; on ONNX Runtime each width is its own session, so a switch copies the nested slice
+out of the p_max buffer into the width's session and its result back).
+
+Per model (LeNet-5 on 8x8 digits, the VGG-style CNN on 32x32x3), P = {0.25, 0.5, 0.75, 1},
+p_max = 1, batch 32, one thread, 60 timed steps after a warm-up:
+- `plain_step_ms`: median step of the full model with no method (the reference);
+- per `resample_every` k in (1, 10): `step_ms` (median, swaps included), `ort_ms` (median inside
+  ORT), `swap_ms_median` (median time of a step that switched width: extract + set_params of the
+  new width and get_params + scatter of the old one), `swaps`, and `swap_share` = Σ swap time /
+  Σ step time over the run.
+Measured only: nothing is asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from models.artifacts import artifacts_for
+from runtime.backend import TrainingBackend
+from runtime.methods.fjord import Device
+from runtime.ort import OrtSession
+from runtime.protocol import Assignment
+from runtime.trainer import TrainConfig, Trainer
+
+WIDTHS = [1.0, 0.75, 0.5, 0.25]
+CASES = (("lenet", (1, 8, 8), 10), ("cnn", (3, 32, 32), 10))
+STEPS, WARMUP, BATCH = 60, 5, 32
+
+
+class TimedFjord(Device):
+    """FjORD's device half with a stopwatch around the part that switches widths."""
+
+    swap_ms: list[float]
+
+    def before_step(self, step: int) -> TrainingBackend:
+        loaded = self._loaded
+        t0 = time.perf_counter()
+        backend = super().before_step(step)
+        if self._loaded != loaded or loaded is None:
+            self.swap_ms.append((time.perf_counter() - t0) * 1e3)
+        return backend
+
+
+def _case(model: str, shape: tuple[int, ...], classes: int) -> dict[str, Any]:
+    texts = ["dense" if w == 1.0 else f"width={w:g}" for w in WIDTHS]
+    sets = artifacts_for(model, shape, classes, texts)
+    sessions = {sets[t].key: OrtSession(sets[t].directory, threads=1) for t in texts}
+    keys = tuple(sets[t].key for t in texts)
+    rng = np.random.default_rng(0)
+    n = BATCH * 8
+    x = rng.normal(size=(n, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, n).astype(np.int64)
+    primary = sessions[keys[0]]
+    w0 = primary.get_params()
+    trainer = Trainer.on_backend(primary, shape, classes)
+    trainer.train(w0, x, y, TrainConfig(steps=WARMUP, batch_size=BATCH, lr=0.01))
+    plain = trainer.train(w0, x, y, TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01))
+    out: dict[str, Any] = {"model": model, "params": primary.layout.total,
+                           "plain_step_ms": round(plain.step_ms_median, 3)}
+    for k in (1, 10):
+        method = TimedFjord(Assignment("fjord", "dense", keys, {"widths": WIDTHS, "resample_every": k}),
+                            sessions.__getitem__)
+        method.swap_ms = []
+        trainer.train(w0, x, y, TrainConfig(steps=WARMUP, batch_size=BATCH, lr=0.01), method=method)
+        method.swap_ms = []
+        t0 = time.perf_counter()
+        r = trainer.train(w0, x, y, TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01), method=method)
+        total_ms = (time.perf_counter() - t0) * 1e3
+        out[f"k{k}"] = {
+            "step_ms": round(r.step_ms_median, 3), "ort_ms": round(r.ort_ms_median, 3),
+            "swap_ms_median": round(float(np.median(method.swap_ms)), 3) if method.swap_ms else 0.0,
+            "swaps": len(method.swap_ms), "swap_share": round(sum(method.swap_ms) / total_ms, 4),
+        }
+        print(f"  fjord {model:<6} k={k:<2} step {r.step_ms_median:7.3f} ms (plain {plain.step_ms_median:7.3f})"
+              f"  swap {out[f'k{k}']['swap_ms_median']:6.3f} ms x {len(method.swap_ms):2d}"
+              f"  = {100 * out[f'k{k}']['swap_share']:4.1f}% of the run", flush=True)
+    return out
+
+
+def run() -> dict[str, Any]:
+    return {"rows": [_case(*case) for case in CASES]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))
