@@ -25,6 +25,7 @@ class Payload:
     values: FloatArray  # a private copy, in the merge's form
     delta_l1: float  # ‖Δ‖_1 against the task's base model (Co-S²P importance)
     rate: float  # the client's model rate (its width), Co-S²P's rate_i
+    coord_weights: FloatArray | None = None  # set by a method's `admit` (Chen & Qin's harvest)
 
 
 def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, strategy: Strategy,

@@ -44,6 +44,8 @@ class UpdateContribution:
     indices: IndexArray | None
     values: FloatArray
     weight: float
+    # A weight per value on top of `weight` (Chen & Qin's per-task harvest); per-element merges only.
+    coord_weights: FloatArray | None = None
 
     @property
     def size(self) -> int:
@@ -97,6 +99,17 @@ def check_contributions(n_params: int, contributions: Sequence[UpdateContributio
             raise RoundError(f"{what}: {int((~np.isfinite(values)).sum())} non-finite values")
         if not math.isfinite(c.weight) or c.weight < 0:
             raise RoundError(f"{what}: weight {c.weight} must be finite and >= 0")
+        if c.coord_weights is not None:
+            cw = np.asarray(c.coord_weights)
+            if cw.shape != values.shape:
+                raise RoundError(f"{what}: {cw.size} coordinate weights for {values.size} values")
+            if not np.isfinite(cw).all() or (cw < 0).any():
+                raise RoundError(f"{what}: coordinate weights must be finite and >= 0")
+
+
+def _no_coord_weights(contributions: Sequence[UpdateContribution], what: str) -> None:
+    if any(c.coord_weights is not None for c in contributions):
+        raise RoundError(f"{what} takes no per-coordinate weights; only the per-element merges do")
 
 
 def _finish(out: Float64Array, what: str) -> FloatArray:
@@ -117,6 +130,7 @@ def weighted_average(global_flat: FloatArray, contributions: Sequence[UpdateCont
         raise RoundError("weighted average of zero contributions")
     if any(c.indices is not None for c in contributions):
         raise RoundError("weighted_average takes full-model updates; per_element_average takes submodels")
+    _no_coord_weights(contributions, "weighted average")
     total = sum(c.weight for c in contributions)
     if total <= 0:
         raise RoundError(f"weighted average: weights sum to {total}, need > 0")
@@ -133,14 +147,15 @@ def _coverage_sums(
     num = np.zeros(n_params, dtype=np.float64)
     den = np.zeros(n_params, dtype=np.float64)
     for c in contributions:
-        weighted = c.weight * c.values.astype(np.float64)
+        gamma = c.weight if c.coord_weights is None else c.weight * c.coord_weights.astype(np.float64)
+        weighted = gamma * c.values.astype(np.float64)
         if c.indices is None:
             num += weighted
-            den += c.weight
+            den += gamma
         else:
             # Indices are unique (checked), so fancy-index += is an exact scatter-add.
             num[c.indices] += weighted
-            den[c.indices] += c.weight
+            den[c.indices] += gamma
     return num, den
 
 
@@ -188,6 +203,7 @@ def apply_deltas(
     """
     g = check_global(global_flat)
     check_contributions(g.size, contributions)
+    _no_coord_weights(contributions, "the delta merge")
     _check_lr(server_lr)
     acc = np.zeros(g.size, dtype=np.float64)
     for c in contributions:
@@ -205,7 +221,8 @@ def masked_delta_merge(
     """Co-S²P server step: γ L1-normalised over this round, then `W + η Σ γ_i Δ_i` (no per-element norm)."""
     gammas = normalise_l1(np.array([c.weight for c in contributions], dtype=np.float64))
     scaled = [
-        UpdateContribution(c.indices, c.values, float(w)) for c, w in zip(contributions, gammas, strict=True)
+        UpdateContribution(c.indices, c.values, float(w), c.coord_weights)
+        for c, w in zip(contributions, gammas, strict=True)
     ]
     return apply_deltas(global_flat, scaled, server_lr)
 
@@ -230,6 +247,7 @@ def fedasync_mix(global_flat: FloatArray, contribution: UpdateContribution) -> F
     """
     g = check_global(global_flat)
     check_contributions(g.size, [contribution])
+    _no_coord_weights([contribution], "FedAsync mixing")
     alpha = contribution.weight
     if alpha > 1.0:
         raise RoundError(f"FedAsync mixing weight {alpha} is above 1")

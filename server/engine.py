@@ -257,7 +257,8 @@ class Engine:
             raise RoundError(f"{who}: base version {task.base_version} is no longer retained")
         payload = self.method.for_profile(task.profile).admit(event, task, base, self.strategy, who)
         return AcceptedUpdate(task=task, staleness=staleness, n_samples=upd.n_samples, indices=payload.indices,
-                              values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate)
+                              values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate,
+                              coord_weights=payload.coord_weights)
 
     # ------------------------------------------------------------ rounds
     def _progress(self, now: float, out: list[Action]) -> None:
@@ -322,7 +323,8 @@ class Engine:
                 drift[base] = agg.l1_drift(self._global, self._history[base])
             items.append(WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, drift.get(base, 0.0)))
         gammas = self.weight.weights(items)
-        contributions = [UpdateContribution(p.indices, p.values, g) for p, g in zip(pending, gammas, strict=True)]
+        contributions = [UpdateContribution(p.indices, p.values, g, p.coord_weights)
+                         for p, g in zip(pending, gammas, strict=True)]
         new = agg.check_global(self.strategy.merge.merge(self._global, contributions), "merged model")
         if new is self._global or new.size != self._global.size:
             raise RoundError(f"merge returned {new.size} values for a model of {self._global.size}")

@@ -231,7 +231,7 @@ def _normalised(contributions: Sequence[UpdateContribution]) -> list[UpdateContr
     total = sum(c.weight for c in contributions)
     if not total > 0:
         raise RoundError(f"weights of {len(contributions)} updates sum to {total}, need > 0")
-    return [UpdateContribution(c.indices, c.values, c.weight / total) for c in contributions]
+    return [UpdateContribution(c.indices, c.values, c.weight / total, c.coord_weights) for c in contributions]
 
 
 @dataclass(frozen=True)

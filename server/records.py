@@ -72,6 +72,7 @@ class AcceptedUpdate:
     values: FloatArray  # in the merge's form: delta against the base, or weights
     delta_l1: float
     rate: float  # the client's model rate (its width), Co-S²P's rate_i
+    coord_weights: FloatArray | None = None  # a method's weight per value (per-element merges only)
 
 
 class TaskTimeMedian:

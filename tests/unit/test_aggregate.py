@@ -241,3 +241,19 @@ def test_merges_return_a_new_array(merge: str) -> None:
     out = getattr(agg, merge)(g, mixed_contributions(r))
     assert out.dtype == np.float32 and not np.shares_memory(out, g)
     np.testing.assert_array_equal(g, before)
+
+
+def test_per_coordinate_weights_in_the_per_element_merge() -> None:
+    """Chen & Qin's harvest weighs each coordinate of an update on its own (methods.md §3.5)."""
+    g = np.zeros(4, np.float32)
+    a = agg.UpdateContribution(np.array([0, 1, 2]), np.array([1, 1, 1], np.float32), 1.0,
+                               coord_weights=np.array([3.0, 1.0, 0.0], np.float32))
+    b = agg.UpdateContribution(np.array([1, 2, 3]), np.array([5, 5, 5], np.float32), 1.0)
+    out = agg.per_element_average(g, [a, b])
+    # coord 0: only a (weight 3) -> 1; coord 1: (1*1 + 5*1)/2 = 3; coord 2: a weighs 0 -> 5; coord 3: b -> 5
+    np.testing.assert_allclose(out, [1.0, 3.0, 5.0, 5.0])
+    with pytest.raises(RoundError, match="only the per-element merges"):
+        agg.apply_deltas(g, [a])
+    bad = agg.UpdateContribution(None, np.ones(4, np.float32), 1.0, coord_weights=np.ones(3, np.float32))
+    with pytest.raises(RoundError, match="3 coordinate weights for 4 values"):
+        agg.per_element_average(g, [bad])
