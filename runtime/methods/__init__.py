@@ -52,10 +52,16 @@ def device_method(assignment: Assignment, open_backend: BackendOpener) -> Device
 
 def infer_method(profile: str) -> str:
     """The first registered method whose spec accepts `profile` (legacy campaigns)."""
+    why: dict[str, list[str]] = {}  # each method's reason, so the error says what is wrong
     for name in METHOD_NAMES:
-        if spec(name).accepts(profile):
-            return name
-    raise ConfigError(f"no method accepts profile {profile!r}; methods: {', '.join(METHOD_NAMES)}")
+        try:
+            spec(name).parse_profile(profile, None)
+        except ConfigError as exc:
+            why.setdefault(str(exc), []).append(name)
+            continue
+        return name
+    reasons = "; ".join(f"{reason} ({', '.join(names)})" for reason, names in why.items())
+    raise ConfigError(f"no method takes profile {profile!r}: {reasons}")
 
 
 def infer_common(profiles: Iterable[str]) -> str:
