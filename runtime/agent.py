@@ -295,7 +295,7 @@ class Agent:
         if outcome is None:
             return
         self.running = None
-        if outcome.values is None:
+        if outcome.body is None:
             self._set_state("failed", run.task.task_id, outcome.error or "training failed",
                             failure=outcome.failure or "error")
             self._set_state("idle")
@@ -306,10 +306,10 @@ class Agent:
         update = Update(
             task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
-            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=outcome.form,
+            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=outcome.body.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
                      "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
-            tensors=layout.split(outcome.values), report=outcome.report,
+            tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )
         frame = encode_update(update, encoding=task.encoding)
         attempt = self.trainer.restarts

@@ -16,8 +16,7 @@ import multiprocessing.connection as mpc
 import os
 import signal
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from runtime.errors import OrchardError, TrainerError
 from runtime.layout import FloatArray
+from runtime.methods.base import UpdateBody
 from runtime.protocol import Assignment
 
 _KEEP_SESSIONS = 2  # sessions cached beyond the running task's; each holds its model and gradient buffers
@@ -46,11 +46,9 @@ class TrainJob:
 @dataclass(frozen=True)
 class TrainOutcome:
     job_id: str
-    values: FloatArray | None  # the update's values in `form`; None when training failed
+    body: UpdateBody | None  # what the device method packed; None when training failed
     error: str | None
     failure: str | None = None  # one of runtime.protocol.FAILURES when training failed
-    form: str = "weights"
-    report: Mapping[str, float] = field(default_factory=dict)
     n_samples: int = 0
     steps: int = 0
     train_s: float = 0.0
@@ -125,7 +123,7 @@ def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
                 "job_id": job.job_id, "error": None, "n_samples": r.n_samples, "steps": r.steps,
                 "train_s": r.train_s, "step_ms_median": r.step_ms_median, "peak_rss_mb": r.peak_rss_mb,
                 "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1], "form": body.form,
-                "report": dict(body.report),
+                "report": dict(body.report), "indices": None if body.indices is None else body.indices.tolist(),
             }
             conn.send(reply)
             conn.send_bytes(np.ascontiguousarray(body.values, dtype=np.float32).tobytes())
@@ -207,12 +205,14 @@ class TrainerProcess:
             raise TrainerDied(f"trainer died during job {job.job_id}: {describe_exit(code)}", code) from None
         self._job = None
         if reply.get("error"):
-            return TrainOutcome(job_id=job.job_id, values=None, error=str(reply["error"]),
+            return TrainOutcome(job_id=job.job_id, body=None, error=str(reply["error"]),
                                 failure=str(reply.get("failure", "error")))
         values = np.frombuffer(payload, dtype=np.float32).copy()
         fields = {k: reply[k] for k in ("n_samples", "steps", "train_s", "step_ms_median", "peak_rss_mb",
-                                        "loss_first", "loss_last", "form", "report")}
-        return TrainOutcome(job_id=job.job_id, values=values, error=None, **fields)
+                                        "loss_first", "loss_last")}
+        indices = None if reply["indices"] is None else np.asarray(reply["indices"], dtype=np.int64)
+        body = UpdateBody(form=reply["form"], values=values, report=reply["report"], indices=indices)
+        return TrainOutcome(job_id=job.job_id, body=body, error=None, **fields)
 
     def restart(self) -> None:
         self.close()

@@ -186,6 +186,7 @@ class Service:
                                  method=method)
         self.out = Outputs(run_dir, resume)
         self.out.event({"event": EventName.SERVER_START, "version": self.engine.version, "strategy": cfg.strategy,
+                        "method": cfg.method, "method_params": dict(cfg.method_params),
                         "resume": resume, "model": self.model.model_name})
         self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024,
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)

@@ -22,23 +22,44 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.backend import TrainingBackend
-from runtime.errors import ConfigError
-from runtime.layout import FloatArray
+from runtime.errors import ConfigError, LayoutError
+from runtime.layout import FloatArray, ParamLayout
 from runtime.profile import Profile, parse_profile
-from runtime.protocol import Assignment
+from runtime.protocol import Assignment, SparseTensor, Tensor
 
 BackendOpener = Callable[[str], TrainingBackend]  # artifact key -> an opened backend (cached by the caller)
 
 
 @dataclass(frozen=True)
 class UpdateBody:
-    """What a device method hands back: values in the primary layout, their form, and a report."""
+    """What a device method hands back: its values in the primary layout, their form, which
+    coordinates they are (None: all of them, in order; else strictly increasing flat indices of
+    the primary layout, e.g. a top-k upload), and the method's report."""
 
     form: str  # weights | delta
     values: FloatArray
     report: Mapping[str, float] = field(default_factory=dict)
+    indices: npt.NDArray[np.int64] | None = None
+
+    def tensors(self, layout: ParamLayout) -> dict[str, Tensor]:
+        """The update's tensors: dense when every coordinate is sent, else sparse per tensor
+        (only what was sent travels, and the server merges only that)."""
+        if self.indices is None:
+            return dict(layout.split(self.values))
+        idx = np.asarray(self.indices, dtype=np.int64)
+        values = np.asarray(self.values, dtype=np.float32)
+        if idx.shape != values.shape or (idx.size > 1 and np.any(np.diff(idx) <= 0)):
+            raise LayoutError(f"update body: {idx.size} indices for {values.size} values, or not increasing")
+        if idx.size and (idx[0] < 0 or idx[-1] >= layout.total):
+            raise LayoutError(f"update body indices leave [0, {layout.total})")
+        out: dict[str, Tensor] = {}
+        for p in layout:
+            lo, hi = np.searchsorted(idx, [p.offset, p.end])
+            out[p.name] = SparseTensor(p.shape, idx[lo:hi] - p.offset, values[lo:hi].copy())
+        return out
 
 
 class DeviceMethod:

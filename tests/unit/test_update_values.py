@@ -37,3 +37,23 @@ def test_an_all_sparse_update_offsets_each_tensor():
     assert indices is not None
     np.testing.assert_array_equal(indices, [1, 5, 7])
     np.testing.assert_array_equal(values, [10, 50, 7])
+
+
+def test_a_device_body_travels_as_sent_and_comes_back_the_same() -> None:
+    """A method's UpdateBody with indices (a top-k upload) -> sparse tensors -> frame -> the
+    server's coordinates and values: exactly the ones sent, a tensor with none sent included."""
+    from runtime.frames import decode_update, encode_update
+    from runtime.methods.base import UpdateBody
+    from runtime.protocol import Update
+
+    body = UpdateBody("delta", np.array([0.5, -1.5, 2.0], np.float32), {"k": 3.0}, np.array([1, 4, 5], np.int64))
+    tensors = body.tensors(LAYOUT)
+    assert isinstance(tensors["b"], SparseTensor) and tensors["b"].indices.size == 0
+    upd = Update("t1", "d", 0, 1, 0.0, 0.0, None, body.form, tensors=tensors, report=body.report)
+    back = decode_update(encode_update(upd))
+    indices, values = update_body(LAYOUT, back.tensors)
+    np.testing.assert_array_equal(indices, [1, 4, 5])
+    np.testing.assert_array_equal(values, [0.5, -1.5, 2.0])
+    assert back.report == {"k": 3.0}
+    dense = UpdateBody("weights", np.arange(8, dtype=np.float32)).tensors(LAYOUT)
+    assert update_body(LAYOUT, dense)[0] is None
