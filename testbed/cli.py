@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, OrchardError, exit_code
+from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, OrchardError, exit_code
 
 
 def _progress_printer(enabled: bool) -> Callable[[int, int, float], None] | None:
@@ -69,12 +69,15 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from testbed.federate import FederationSpec, run_federation
 
     params = dict(parse_param(item) for item in args.param or [])
+    method_params = dict(parse_param(item, "--method-param") for item in args.method_param or [])
+    if method_params and not args.method:
+        raise ConfigError("--method-param needs --method")
     spec = FederationSpec(
         out=Path(args.out), devices=args.devices, strategy=args.strategy, strategy_params=params,
         rounds=args.rounds, model=args.model, dataset=args.dataset, data_root=args.data_root,
         partition=args.partition, profiles=tuple(args.profiles), boards=tuple(args.boards),
         local_steps=args.local_steps, lr=args.lr, batch_size=args.batch, seed=args.seed, broker=args.broker,
-        time_limit_s=args.time_limit,
+        time_limit_s=args.time_limit, method=args.method, method_params=method_params,
     )
 
     def show(rows: list[dict[str, str]]) -> None:
@@ -261,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--strategy", default="semi-async",
                    choices=("fedavg", "fedavg-deadline", "semi-async", "fedbuff", "fedasync"))
     f.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy parameter, e.g. k=2")
+    f.add_argument("--method", help="fedavg | heterofl | classes | fjord (default: each profile's own)")
+    f.add_argument("--method-param", action="append", metavar="KEY=VALUE",
+                   help="method key, e.g. widths=[0.25,0.5,1.0] or window=rolling")
     f.add_argument("--rounds", type=int, default=10, help="stop after this many aggregations")
     f.add_argument("--model", default="lenet", choices=MODELS)
     f.add_argument("--dataset", default="digits")
