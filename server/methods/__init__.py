@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from runtime.errors import ConfigError
-from runtime.methods import METHOD_NAMES, half, infer_method
+from runtime.methods import METHOD_NAMES, half, infer_method, spec
 from runtime.protocol import Assignment
 from server.aggregate import IndexArray
 from server.methods.base import ServerMethod
@@ -29,7 +29,7 @@ def server_method(name: str | None, params: Mapping[str, Any] | None, model: Mod
 
 
 class Inferred(ServerMethod):
-    """Per profile, the first method that accepts it, with its default parameters."""
+    """Per profile, the first method that accepts it, with that method's default parameters."""
 
     name = "inferred"
 
@@ -40,7 +40,7 @@ class Inferred(ServerMethod):
     def for_profile(self, profile: str) -> ServerMethod:
         name = infer_method(profile)
         if name not in self._halves:
-            self._halves[name] = server_method(name, {}, self.model)
+            self._halves[name] = server_method(name, spec(name).params(), self.model)
         return self._halves[name]
 
     def assign(self, profile: str, round_index: int) -> tuple[Assignment, IndexArray | None]:
