@@ -9,6 +9,8 @@ p_max = 1, batch 32, one thread, 60 timed steps after a warm-up:
   ORT), `swap_ms_median` (median time of a step that switched width: extract + set_params of the
   new width and get_params + scatter of the old one), `swaps`, and `swap_share` = Σ swap time /
   Σ step time over the run.
+`k1_distill`: k = 1 with FjORD-KD (α 0.5, T 1): a switch step then also includes the teacher's
+forward pass (the p_max model on the batch), which every step below p_max takes.
 Measured only: nothing is asserted here.
 """
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from models.artifacts import artifacts_for
-from runtime.backend import TrainingBackend
+from runtime.backend import MutableFeeds, TrainingBackend, kd_variant
 from runtime.methods.fjord import Device
 from runtime.ort import OrtSession
 from runtime.protocol import Assignment
@@ -41,10 +43,10 @@ class TimedFjord(Device):
 
     swap_ms: list[float]
 
-    def before_step(self, step: int) -> TrainingBackend:
+    def before_step(self, step: int, feeds: MutableFeeds) -> TrainingBackend:
         loaded = self._loaded
         t0 = time.perf_counter()
-        backend = super().before_step(step)
+        backend = super().before_step(step, feeds)
         if self._loaded != loaded or loaded is None:
             self.swap_ms.append((time.perf_counter() - t0) * 1e3)
         return backend
@@ -52,9 +54,11 @@ class TimedFjord(Device):
 
 def _case(model: str, shape: tuple[int, ...], classes: int) -> dict[str, Any]:
     texts = ["dense" if w == 1.0 else f"width={w:g}" for w in WIDTHS]
-    sets = artifacts_for(model, shape, classes, texts)
-    sessions = {sets[t].key: OrtSession(sets[t].directory, threads=1) for t in texts}
+    kd_texts = [texts[0], *(f"{t}@{kd_variant(0.5, 1.0)}" for t in texts[1:])]
+    sets = artifacts_for(model, shape, classes, texts + kd_texts[1:])
+    sessions = {sets[t].key: OrtSession(sets[t].directory, threads=1) for t in texts + kd_texts[1:]}
     keys = tuple(sets[t].key for t in texts)
+    kd_keys = tuple(sets[t].key for t in kd_texts)
     rng = np.random.default_rng(0)
     n = BATCH * 8
     x = rng.normal(size=(n, *shape)).astype(np.float32)
@@ -66,23 +70,24 @@ def _case(model: str, shape: tuple[int, ...], classes: int) -> dict[str, Any]:
     plain = trainer.train(w0, x, y, TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01))
     out: dict[str, Any] = {"model": model, "params": primary.layout.total,
                            "plain_step_ms": round(plain.step_ms_median, 3)}
-    for k in (1, 10):
-        method = TimedFjord(Assignment("fjord", "dense", keys, {"widths": WIDTHS, "resample_every": k}),
-                            sessions.__getitem__)
+    for k, distill in ((1, False), (10, False), (1, True)):
+        extras = {"widths": WIDTHS, "resample_every": k, "distill": distill}
+        method = TimedFjord(Assignment("fjord", "dense", kd_keys if distill else keys, extras), sessions.__getitem__)
+        name = f"k{k}" + ("_distill" if distill else "")
         method.swap_ms = []
         trainer.train(w0, x, y, TrainConfig(steps=WARMUP, batch_size=BATCH, lr=0.01), method=method)
         method.swap_ms = []
         t0 = time.perf_counter()
         r = trainer.train(w0, x, y, TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01), method=method)
         total_ms = (time.perf_counter() - t0) * 1e3
-        out[f"k{k}"] = {
+        out[name] = {
             "step_ms": round(r.step_ms_median, 3), "ort_ms": round(r.ort_ms_median, 3),
             "swap_ms_median": round(float(np.median(method.swap_ms)), 3) if method.swap_ms else 0.0,
             "swaps": len(method.swap_ms), "swap_share": round(sum(method.swap_ms) / total_ms, 4),
         }
-        print(f"  fjord {model:<6} k={k:<2} step {r.step_ms_median:7.3f} ms (plain {plain.step_ms_median:7.3f})"
-              f"  swap {out[f'k{k}']['swap_ms_median']:6.3f} ms x {len(method.swap_ms):2d}"
-              f"  = {100 * out[f'k{k}']['swap_share']:4.1f}% of the run", flush=True)
+        print(f"  fjord {model:<6} {name:<10} step {r.step_ms_median:7.3f} ms (plain {plain.step_ms_median:7.3f})"
+              f"  switch {out[name]['swap_ms_median']:6.3f} ms x {len(method.swap_ms):2d}"
+              f"  = {100 * out[name]['swap_share']:4.1f}% of the run", flush=True)
     return out
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 import onnx
 
 from models.builder import IR_VERSION, LOGITS, OPSET, build
+from models.losses import DEFAULT_VARIANT, loss_for, parse_variant
 from models.structure import Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray
 from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
 from runtime.ort import onnxruntime_version, training_artifacts_module
-from runtime.profile import parse_profile
+from runtime.profile import parse_profile, split_variant, with_variant
 from runtime.submodel import index_map_for
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,8 @@ log = logging.getLogger(__name__)
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
 BUILDER_VERSION = 1  # bump when the builder's graphs change, so old cache entries are not reused
 OPTIMIZERS = ("sgd", "adamw")
-# The graph around the model: its loss, exits, probes. Only cross-entropy on the one exit exists
-# so far; the default variant adds nothing to the key, so caches from before variants stay valid.
-DEFAULT_VARIANT = "ce"
-GRAPH_VARIANTS = (DEFAULT_VARIANT,)
+# The graph around the model: its loss, exits, probes (models/losses.py). The default variant adds
+# nothing to the key, so caches from before variants stay valid.
 
 
 def default_cache_dir() -> Path:
@@ -69,13 +68,16 @@ def artifacts_for(model: str, input_shape: tuple[int, ...], num_classes: int, pr
                   variant: str = DEFAULT_VARIANT) -> dict[str, ArtifactSet]:
     """The one place a structural profile (runtime.profile grammar) becomes artifacts: a verified
     artifact set per canonical profile, generated if needed. Profiles of the same structure (a
-    rolling and a leading window) share one set."""
+    rolling and a leading window) share one set. `width=0.5@kd-0.5-2` asks for that profile in
+    graph variant `kd-0.5-2` (models/losses.py); without `@` the `variant` argument applies."""
     full = full_structure(model, tuple(input_shape), num_classes)
     out: dict[str, ArtifactSet] = {}
     for text in profiles:
-        profile = parse_profile(text)
+        structural, own = split_variant(text)
+        profile = parse_profile(structural)
         imap = index_map_for(profile, full.channels)
-        out.setdefault(profile.canonical(), ensure_artifacts(sub_structure(full, imap), optimizer, cache_dir, variant))
+        name = with_variant(profile.canonical(), own)
+        out.setdefault(name, ensure_artifacts(sub_structure(full, imap), optimizer, cache_dir, own or variant))
     return out
 
 
@@ -84,8 +86,7 @@ def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Pa
     """Return a verified artifact directory for `structure`, generating it if needed."""
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if variant not in GRAPH_VARIANTS:
-        raise ConfigError(f"unknown graph variant {variant!r}; choose one of {', '.join(GRAPH_VARIANTS)}")
+    parse_variant(variant)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = artifact_key(structure, optimizer, variant)
     target = cache / key
@@ -101,7 +102,7 @@ def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Pa
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
     try:
-        _generate(structure, optimizer, key, tmp)
+        _generate(structure, optimizer, key, tmp, variant)
         try:
             os.rename(tmp, target)  # atomic: readers never see a half-written entry
         except OSError:
@@ -133,7 +134,7 @@ def _native_stderr_captured(what: str) -> Iterator[None]:
             os.close(saved)
 
 
-def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None:
+def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant: str) -> None:
     built = build(structure)
     art = training_artifacts_module()
     optim = art.OptimType.SGD if optimizer == "sgd" else art.OptimType.AdamW
@@ -142,7 +143,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None
             built.model,
             requires_grad=list(built.layout.names),
             frozen_params=[],
-            loss=art.LossType.CrossEntropyLoss,
+            loss=loss_for(variant),
             optimizer=optim,
             artifact_directory=str(out),
             additional_output_names=[LOGITS],
@@ -162,7 +163,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path) -> None
         "params": built.layout.total,
         "flops_per_sample": built.flops_per_sample,
         "optimizer": optimizer,
-        "loss": "cross_entropy",
+        "loss": "cross_entropy" if variant == DEFAULT_VARIANT else variant,
         "opset": OPSET,
         "ir_version": IR_VERSION,
         "versions": {"orchard": orchard_version, "onnx": ONNX_VERSION, "onnxruntime": onnxruntime_version(),

@@ -6,8 +6,9 @@ graphs (multi-exit heads, extra losses, split parts) add names instead of positi
 numpy (the trainer's reference test checks ORT against the same math), so device methods and
 the trainer loop can be tested without ONNX Runtime.
 
-Feeds: `input` (N, *input_shape) float32, `labels` (N,) int64. Outputs: `loss` (scalar, the
-batch mean), `logits` (N, classes) from `eval_step`.
+Feeds: `input` (N, *input_shape) float32, `labels` (N,) int64, and `teacher` (N, classes)
+float32 for a distillation graph. Outputs: `loss` (scalar, the batch mean), `logits` (N, classes)
+from `eval_step`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from runtime.layout import FloatArray, ParamLayout
 
 INPUT = "input"
 LABELS = "labels"
+TEACHER = "teacher"  # a distillation graph's extra input: the teacher's logits on the batch
 LOSS = "loss"
 LOGITS = "logits"
 
 Feeds = Mapping[str, npt.NDArray[np.generic]]
+MutableFeeds = dict[str, npt.NDArray[np.generic]]
 Outputs = Mapping[str, npt.NDArray[np.generic]]
 
 
@@ -46,6 +49,11 @@ class TrainingBackend(Protocol):
     def set_params(self, flat: npt.NDArray[np.float32]) -> None: ...
 
     def set_lr(self, lr: float) -> None: ...
+
+
+def kd_variant(alpha: float, temperature: float) -> str:
+    """The graph-variant name of a distillation loss (models/losses.py builds it)."""
+    return f"kd-{alpha:g}-{temperature:g}"
 
 
 def loss_of(outputs: Outputs) -> float:

@@ -85,3 +85,16 @@ def parse_profile(text: str) -> Profile:
         else:
             raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes")
     return Profile(width=width, window=window, classes=classes)
+
+
+def split_variant(text: str) -> tuple[str, str | None]:
+    """`width=0.5@kd-0.5-2` -> ("width=0.5", "kd-0.5-2"): an artifact's structural profile and the
+    graph variant it is generated in (models/losses.py); no `@`: the default variant (None)."""
+    profile, sep, variant = text.partition("@")
+    if sep and not variant:
+        raise ConfigError(f"artifact profile {text!r} has an empty variant after '@'")
+    return profile, (variant if sep else None)
+
+
+def with_variant(profile: str, variant: str | None) -> str:
+    return profile if variant is None else f"{profile}@{variant}"

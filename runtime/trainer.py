@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.backend import INPUT, LABELS, LOGITS, TrainingBackend, loss_of
+from runtime.backend import INPUT, LABELS, LOGITS, MutableFeeds, TrainingBackend, loss_of
 from runtime.errors import ConfigError, TrainerError
 from runtime.layout import FloatArray
 from runtime.methods.base import DeviceMethod
@@ -149,9 +149,10 @@ class Trainer:
                 order = rng.permutation(n)
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             bx, by = xs[idx], ys[idx]
-            backend = method.before_step(step)
+            feeds: MutableFeeds = {INPUT: bx, LABELS: by}
+            backend = method.before_step(step, feeds)
             t1 = time.perf_counter()
-            loss = loss_of(backend.train_step({INPUT: bx, LABELS: by}))
+            loss = loss_of(backend.train_step(feeds))
             t2 = time.perf_counter()
             method.after_step(step, backend, loss)
             if not np.isfinite(loss):

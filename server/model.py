@@ -20,7 +20,7 @@ import numpy as np
 from runtime.errors import ConfigError, OrchardError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.manifest import ARTIFACT_FILES, MANIFEST, Manifest, read_manifest
-from runtime.profile import parse_profile
+from runtime.profile import parse_profile, split_variant, with_variant
 from runtime.submodel import IndexArray, Submodel, index_map_for
 
 _SUBMODEL_CACHE = 256  # rolling windows make one submodel per (profile, round)
@@ -45,7 +45,7 @@ class ServerModel:
             self.global_dir = base / spec["global"]
             self.global_manifest = read_manifest(self.global_dir)
             init = np.load(base / spec["init"], allow_pickle=False)
-            profiles = {parse_profile(k).canonical(): base / v for k, v in spec["profiles"].items()}
+            profiles = {_canonical(k): base / v for k, v in spec["profiles"].items()}
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: {exc.filename} not found") from None
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
@@ -66,8 +66,10 @@ class ServerModel:
         return self.layout.total
 
     def submodel(self, profile: str, round_index: int) -> Submodel:
-        p = parse_profile(profile)
-        if p.canonical() not in self.profiles:
+        """The slice of structural `profile` (a graph variant after `@` does not change it)."""
+        structural, variant = split_variant(profile)
+        p = parse_profile(structural)
+        if with_variant(p.canonical(), variant) not in self.profiles:
             raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
         index_map = index_map_for(p, self.layout.groups, round_index)
         # Keyed by the channel sets themselves, so a window that does not move with the round
@@ -86,7 +88,7 @@ class ServerModel:
         return None if sub.is_full else sub.indices
 
     def artifact(self, profile: str) -> ProfileArtifact:
-        art = self.profiles.get(parse_profile(profile).canonical())
+        art = self.profiles.get(_canonical(profile))
         if art is None:
             raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
         return art
@@ -107,3 +109,8 @@ class ServerModel:
             return {name: (d / name).read_bytes() for name in (*ARTIFACT_FILES, MANIFEST)}
         except OSError as exc:
             raise OrchardError(f"artifact {d} unreadable: {exc}") from None
+
+
+def _canonical(text: str) -> str:
+    structural, variant = split_variant(text)
+    return with_variant(parse_profile(structural).canonical(), variant)

@@ -4,7 +4,8 @@ A `DeviceMethod` runs in the trainer child, which owns the data and the backends
 child builds one from the task's `Assignment`; `Trainer.train` then calls
 
     start(weights, lr, rng)        load the received weights (in the primary artifact's layout)
-    before_step(step) -> backend   the backend this step trains (FjORD switches per batch)
+    before_step(step, feeds) -> backend   the backend this step trains (FjORD switches per batch);
+                                   it may add feeds (a distillation teacher's logits)
     after_step(step, backend, loss)
     trained() -> weights           in the primary layout
     pack(received, trained, form)  the update body: values in `form` (weights | delta) + report
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from runtime.backend import TrainingBackend
+from runtime.backend import MutableFeeds, TrainingBackend
 from runtime.errors import ConfigError, LayoutError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.profile import Profile, parse_profile
@@ -81,7 +82,7 @@ class DeviceMethod:
             self.primary.set_params(weights)
         self.primary.set_lr(lr)
 
-    def before_step(self, step: int) -> TrainingBackend:
+    def before_step(self, step: int, feeds: MutableFeeds) -> TrainingBackend:
         return self.primary
 
     def after_step(self, step: int, backend: TrainingBackend, loss: float) -> None:

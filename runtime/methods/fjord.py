@@ -12,8 +12,10 @@ a new width every k batches instead of every batch, and a width drawn twice in a
 reloaded.
 
 Profiles: `p_max=0.5` (or `dense`, p_max = 1). [method] keys: `widths` (P, default the paper's
-0.2 … 1.0), `resample_every` (1 = per batch, as in the paper).
-Not here: FjORD-KD (self-distillation); it needs a loss graph with a teacher input.
+0.2 … 1.0), `resample_every` (1 = per batch, as in the paper), and FjORD-KD: `distill` (false),
+`distill_alpha` (0.5), `distill_temperature` (1.0). With `distill`, every width below p_max is
+trained with `(1 − α)·CE + α·T²·KL(teacher ‖ student)` (graph variant `kd-α-T`, models/losses.py),
+the teacher being the device's p_max model on the same batch (one extra forward per such batch).
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runtime.backend import TrainingBackend
+from runtime.backend import LOGITS, TEACHER, MutableFeeds, TrainingBackend, kd_variant
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray
 from runtime.methods.base import BackendOpener, DeviceMethod, MethodSpec
-from runtime.profile import Profile
+from runtime.profile import Profile, with_variant
 from runtime.protocol import Assignment
 from runtime.submodel import Submodel
 
@@ -39,7 +41,9 @@ def _width_text(p: float) -> str:
 
 class Spec(MethodSpec):
     name = "fjord"
-    param_defaults: ClassVar[Mapping[str, Any]] = {"widths": [0.2, 0.4, 0.6, 0.8, 1.0], "resample_every": 1}
+    param_defaults: ClassVar[Mapping[str, Any]] = {"widths": [0.2, 0.4, 0.6, 0.8, 1.0], "resample_every": 1,
+                                                   "distill": False, "distill_alpha": 0.5,
+                                                   "distill_temperature": 1.0}
     strategy_defaults: ClassVar[Mapping[str, Any]] = {"merge": "per-element"}
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +57,15 @@ class Spec(MethodSpec):
         k = params["resample_every"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"[method] fjord: resample_every must be an integer >= 1, got {k!r}")
-        return {"widths": ws, "resample_every": k}
+        if not isinstance(params["distill"], bool):
+            raise ConfigError(f"[method] fjord: distill must be true or false, got {params['distill']!r}")
+        alpha, temperature = params["distill_alpha"], params["distill_temperature"]
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+            raise ConfigError(f"[method] fjord: distill_alpha must be in [0, 1], got {alpha!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+            raise ConfigError(f"[method] fjord: distill_temperature must be > 0, got {temperature!r}")
+        return {"widths": ws, "resample_every": k, "distill": params["distill"], "distill_alpha": float(alpha),
+                "distill_temperature": float(temperature)}
 
     def p_max(self, text: str, params: Mapping[str, Any] | None) -> float:
         text = text.strip()
@@ -81,10 +93,13 @@ class Spec(MethodSpec):
         return sorted((w for w in params["widths"] if w <= p + 1e-12), reverse=True)
 
     def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
-        return tuple(_width_text(w) for w in self.widths_up_to(profile, params))
+        top, *below = self.widths_up_to(profile, params)
+        variant = kd_variant(params["distill_alpha"], params["distill_temperature"]) if params["distill"] else None
+        return (_width_text(top), *(with_variant(_width_text(w), variant) for w in below))
 
     def extras(self, profile: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        return {"widths": self.widths_up_to(profile, params), "resample_every": params["resample_every"]}
+        return {"widths": self.widths_up_to(profile, params), "resample_every": params["resample_every"],
+                "distill": params["distill"]}
 
 
 SPEC = Spec()
@@ -98,6 +113,7 @@ class Device(DeviceMethod):
         if len(widths) != len(assignment.artifact_keys):
             raise ConfigError(f"fjord assignment has {len(assignment.artifact_keys)} artifacts for widths {widths}")
         self.resample_every = int(extras.get("resample_every", 1))
+        self.distill = bool(extras.get("distill", False))  # every width below p_max learns from p_max
         self.widths = widths
         full = self.primary.layout
         self.levels: list[tuple[TrainingBackend, Submodel]] = []
@@ -132,9 +148,14 @@ class Device(DeviceMethod):
             self._full = sub.scatter(self._full, backend.get_params())
             self._loaded = None
 
-    def before_step(self, step: int) -> TrainingBackend:
+    def before_step(self, step: int, feeds: MutableFeeds) -> TrainingBackend:
         if step % self.resample_every == 0:
             self._level = int(self._rng.integers(len(self.levels)))
+        if self.distill and self._level != 0:
+            # The teacher is the p_max model as it is now, on this batch (methods.md §6.4).
+            self._flush()
+            self.primary.set_params(self._full)
+            feeds[TEACHER] = np.asarray(self.primary.eval_step(feeds)[LOGITS], dtype=np.float32)
         if self._loaded != self._level:
             self._flush()
             backend, sub = self.levels[self._level]

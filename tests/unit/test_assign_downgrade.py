@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.methods import spec
 from runtime.protocol import Hello, Status, Update
 from server import checkpoint
 from server.config import load_server_config
@@ -126,7 +127,7 @@ def test_smaller_profiles_orders_by_width_and_keeps_window_and_classes() -> None
 
 
 def test_fjord_falls_back_to_a_lower_p_max() -> None:
-    method = server_method("fjord", {"widths": [0.25, 0.5, 1.0], "resample_every": 1}, TableModel(N, TABLE))
+    method = server_method("fjord", spec("fjord").params({"widths": [0.25, 0.5, 1.0]}), TableModel(N, TABLE))
     assert method.smaller("dense", ("p_max=0.25", "dense", "p_max=0.5", "width=0.5")) == ["p_max=0.5", "p_max=0.25"]
 
 

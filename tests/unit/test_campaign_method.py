@@ -62,5 +62,6 @@ def test_server_config_reads_the_method(tmp_path: Path) -> None:
     path.write_text('[server]\nroot = "r"\nartifacts = "a.json"\neval_data = "e.npz"\n'
                     '[method]\nname = "fjord"\nwidths = [0.5, 1.0]\n[assign]\ndevices = { d = "p_max=0.5" }\n')
     cfg = load_server_config(path)
-    assert cfg.method == "fjord" and cfg.method_params == {"widths": [0.5, 1.0], "resample_every": 1}
+    assert cfg.method == "fjord" and cfg.method_params["widths"] == [0.5, 1.0]
+    assert cfg.method_params["resample_every"] == 1 and cfg.method_params["distill"] is False
     assert cfg.device_profiles == {"d": "p_max=0.5"}

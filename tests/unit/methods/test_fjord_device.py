@@ -146,12 +146,73 @@ def test_spec_profiles_and_keys() -> None:
     params = s.params({"widths": [0.25, 0.5, 1.0]})
     assert s.parse_profile("p_max=0.5", params) == "p_max=0.5" and s.parse_profile("dense", params) == "dense"
     assert s.artifact_profiles("p_max=0.5", params) == ("width=0.5", "width=0.25")
-    assert s.extras("dense", params) == {"widths": [1.0, 0.5, 0.25], "resample_every": 1}
+    assert s.extras("dense", params) == {"widths": [1.0, 0.5, 0.25], "resample_every": 1, "distill": False}
+    kd = s.params({"widths": [0.25, 0.5, 1.0], "distill": True, "distill_alpha": 0.5, "distill_temperature": 2})
+    assert s.artifact_profiles("p_max=0.5", kd) == ("width=0.5", "width=0.25@kd-0.5-2")
     for table, match in (({"widths": [0.5]}, "must include 1.0"), ({"resample_every": 0}, "resample_every"),
-                         ({"distill": True}, "has no key 'distill'"), ({"widths": "0.5"}, "list of numbers")):
+                         ({"distil": True}, "has no key 'distil'"), ({"widths": "0.5"}, "list of numbers"),
+                         ({"distill": 1}, "distill must be true or false"),
+                         ({"distill_alpha": 1.5}, "distill_alpha must be in"),
+                         ({"distill_temperature": 0}, "distill_temperature must be > 0")):
         with pytest.raises(ConfigError, match=match):
             s.params(table)
     for text, match in (("p_max=0.3", "not one of the widths"), ("width=0.5", "takes profiles 'p_max"),
                         ("p_max=x", "not a number")):
         with pytest.raises(ConfigError, match=match):
             s.parse_profile(text, params)
+
+
+def _kd_run(artifact_cache, data, alpha: float, distill: bool) -> tuple[np.ndarray, list[float], Device]:
+    x, y = data
+    params = spec("fjord").params({"widths": [0.125, 0.25, 0.5, 1.0], "distill": distill, "distill_alpha": alpha,
+                                   "distill_temperature": 2.0})
+    texts = spec("fjord").artifact_profiles("p_max=0.5", params)
+    sets = artifacts_for("mlp", INPUT_SHAPE, CLASSES, texts, cache_dir=artifact_cache)
+    sessions = {t: OrtSession(sets[t].directory) for t in texts}
+    assignment = Assignment("fjord", "p_max=0.5", texts, spec("fjord").extras("p_max=0.5", params))
+    method = device_method(assignment, sessions.__getitem__)
+    assert isinstance(method, Device)
+    w0 = (np.random.default_rng(5).normal(size=method.primary.layout.total) * 0.3).astype(np.float32)
+    r = Trainer.on_backend(method.primary, INPUT_SHAPE, CLASSES).train(
+        w0, x, y, TrainConfig(steps=16, batch_size=8, lr=0.2, seed=11), method=method)
+    return r.weights, list(r.loss_per_step), method
+
+
+def test_distillation_with_alpha_zero_is_plain_ordered_dropout(artifact_cache, data) -> None:
+    """The KD graphs, the teacher feed and the extra copies change nothing when α = 0."""
+    plain, _, _ = _kd_run(artifact_cache, data, 0.0, distill=False)
+    kd0, _, method = _kd_run(artifact_cache, data, 0.0, distill=True)
+    assert method.distill and method.assignment is not None
+    assert "@kd-0-2" in method.assignment.artifact_keys[1]
+    np.testing.assert_allclose(kd0, plain, atol=2e-5, rtol=0)
+    kd, _, _ = _kd_run(artifact_cache, data, 0.7, distill=True)
+    assert np.abs(kd - plain).max() > 1e-3  # and the teacher does move the student when α > 0
+
+
+def test_distillation_loss_is_the_fjord_kd_formula(artifact_cache, data) -> None:
+    """One KD step's loss equals (1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(z/T)) in numpy."""
+    from runtime.backend import INPUT, LABELS, LOGITS, TEACHER
+
+    x, y = data
+    params = spec("fjord").params({"widths": [0.5, 1.0], "distill": True, "distill_alpha": 0.3,
+                                   "distill_temperature": 2.0})
+    texts = spec("fjord").artifact_profiles("dense", params)
+    sets = artifacts_for("mlp", INPUT_SHAPE, CLASSES, texts, cache_dir=artifact_cache)
+    student = OrtSession(sets[texts[1]].directory)
+    assert "teacher" in student._input_names
+    rng = np.random.default_rng(2)
+    ws = (rng.normal(size=student.layout.total) * 0.3).astype(np.float32)
+    student.set_params(ws)
+    teacher = rng.normal(size=(8, CLASSES)).astype(np.float32)
+    feeds = {INPUT: x[:8], LABELS: y[:8], TEACHER: teacher}
+    logits = np.asarray(student.eval_step(feeds)[LOGITS], np.float64)  # the student before its step
+    loss = float(student.train_step(feeds)["loss"])  # the loss of the same forward
+
+    def log_softmax(a: np.ndarray) -> np.ndarray:
+        a = a - a.max(1, keepdims=True)
+        return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+    ce = -log_softmax(logits)[np.arange(8), y[:8]].mean()
+    lt, ls = log_softmax(teacher.astype(np.float64) / 2.0), log_softmax(logits / 2.0)
+    kl = (np.exp(lt) * (lt - ls)).sum(1).mean()
+    assert abs(loss - (0.7 * ce + 0.3 * 4.0 * kl)) < 1e-4

@@ -7,13 +7,14 @@ import numpy as np
 
 from models.builder import build
 from models.structure import full_structure
+from runtime.methods import spec
 from server import aggregate as agg
 from server.methods import server_method
 from server.strategies import get_strategy
 from tests.unit.methods.server_rig import LayoutModel, Rig
 
 LAYOUT = build(full_structure("mlp", (1, 4, 4), 5)).layout
-PARAMS = {"widths": [0.25, 0.5, 1.0], "resample_every": 1}
+PARAMS = spec("fjord").params({"widths": [0.25, 0.5, 1.0]})
 
 
 def test_assignment_lists_every_width_up_to_p_max() -> None:
@@ -21,7 +22,7 @@ def test_assignment_lists_every_width_up_to_p_max() -> None:
     method = server_method("fjord", PARAMS, model)
     assignment, indices = method.assign("p_max=0.5", 2)
     assert assignment.artifact_keys == ("width=0.5", "width=0.25")
-    assert assignment.extras == {"widths": [0.5, 0.25], "resample_every": 1}
+    assert assignment.extras == {"widths": [0.5, 0.25], "resample_every": 1, "distill": False}
     np.testing.assert_array_equal(indices, model.indices_for("width=0.5", 0))  # leading: no roll
     assert method.model_rate(assignment) == 0.5
     dense, full = method.assign("dense", 0)
