@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ConfigError
-from runtime.methods import infer_method, spec
+from runtime.methods import device_profile
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
@@ -78,11 +78,9 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
     )
 
 
+
 def _canonical(file: str, text: str) -> str:
-    """A profile in the grammar of the first method that takes it (the server's [method] decides
-    what a task is; the device only says what it can run)."""
     try:
-        name = infer_method(text)
+        return device_profile(text)
     except ConfigError as exc:
         raise ConfigError(f"{file}: [device] profiles: {exc}") from None
-    return spec(name).parse_profile(text, None)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
-from runtime.methods import METHOD_NAMES, check_name, infer_method, spec
+from runtime.methods import METHOD_NAMES, check_name, device_profile, spec
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
@@ -168,8 +168,7 @@ def canonical_profile(file: str, method: str | None, params: Mapping[str, Any]) 
 
     def canonical(text: str) -> str:
         try:
-            return spec(method).parse_profile(text, params) if method else spec(infer_method(text)).parse_profile(
-                text, None)
+            return spec(method).parse_profile(text, params) if method else device_profile(text)
         except ConfigError as exc:
             raise ConfigError(f"{file}: profile {text!r}: {exc}") from None
 

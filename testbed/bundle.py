@@ -31,6 +31,7 @@ from runtime import __version__
 from runtime.board import configs_dir, load_board
 from runtime.errors import ConfigError, OrchardError
 from runtime.manifest import ARTIFACT_FILES, MANIFEST
+from runtime.methods import device_profile
 from runtime.mqtt import parse_broker_url
 from runtime.profile import parse_profile
 from runtime.protocol import ID_PATTERN
@@ -109,8 +110,19 @@ def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: 
         if tuple(x.shape[1:]) != ds.input_shape or int(y.max()) >= ds.num_classes or int(y.min()) < 0:
             raise ConfigError(f"shard samples {tuple(x.shape[1:])} / labels {int(y.min())}..{int(y.max())} do not fit"
                               f" {dataset} ({ds.input_shape}, {ds.num_classes} classes)")
-    sets = artifacts_for(model, ds.input_shape, ds.num_classes, profiles, optimizer=optimizer, cache_dir=cache_dir)
-    return {p: sets[parse_profile(p).canonical()].directory for p in profiles}
+    # Only slice profiles name their artifacts by themselves; a method that needs its campaign's
+    # keys to know them (FjORD's widths) gets them from the server at its first task.
+    structural = [p for p in profiles if _is_structural(p)]
+    sets = artifacts_for(model, ds.input_shape, ds.num_classes, structural, optimizer=optimizer, cache_dir=cache_dir)
+    return {p: sets[p].directory for p in structural}
+
+
+def _is_structural(profile: str) -> bool:
+    try:
+        parse_profile(profile)
+    except ConfigError:
+        return False
+    return True
 
 
 def _file_list(root: Path) -> list[dict[str, object]]:
@@ -146,7 +158,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
         raise ConfigError(f"topic root {root!r} must be non-empty, without + or #, and not start or end with /")
     if not python.strip() or any(c.isspace() or c in "'\"$`\\" for c in python):
         raise ConfigError(f"python interpreter {python!r} must be a plain command name or path")
-    canonical = list(dict.fromkeys(parse_profile(p).canonical() for p in (profiles or ["dense"])))
+    canonical = list(dict.fromkeys(device_profile(p) for p in (profiles or ["dense"])))
     if dataset is not None and model is None:
         raise ConfigError("a dataset only matters with a model (it sets the artifacts' input shape and classes)")
     arrays = _read_shard(Path(shard)) if shard is not None else None

@@ -64,6 +64,12 @@ def infer_method(profile: str) -> str:
     raise ConfigError(f"no method takes profile {profile!r}: {reasons}")
 
 
+def device_profile(text: str) -> str:
+    """`text` canonical in the grammar of the first method that takes it, checked by grammar only
+    (what a device or a bundle can know: the campaign's [method] keys are the server's)."""
+    return spec(infer_method(text)).parse_profile(text, None)
+
+
 def infer_common(profiles: Iterable[str]) -> str:
     """The first method that accepts every profile in `profiles`."""
     texts = list(profiles)

@@ -330,3 +330,13 @@ def test_existing_output_needs_force(tmp_path):
     _quick(tmp_path, force=True)
     assert not (tmp_path / f"orchard-{BOARD}-device" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"orchard-{BOARD}-device", f"orchard-{BOARD}-device.tar.gz"]
+
+
+def test_a_fjord_device_bundle_prebuilds_only_what_its_profiles_name(tmp_path, artifact_cache, monkeypatch):
+    """FjORD's artifacts depend on the campaign's widths, which the server knows: a bundle for a
+    p_max device carries the profile and the slice artifacts it can name, the server the rest."""
+    _quick(tmp_path, profiles=["p_max=0.5", "dense"], model="lenet", dataset="digits", cache_dir=artifact_cache)
+    bundle = tmp_path / f"orchard-{BOARD}-device"
+    assert list(json.loads((bundle / "MANIFEST.json").read_text())["artifacts"]) == ["dense"]
+    monkeypatch.setenv(ENV_CONFIG_DIR, str(bundle / "firmware_configs"))
+    assert load_device_config(bundle / "device.toml").profiles == ("p_max=0.5", "dense")
