@@ -316,12 +316,14 @@ class Engine:
 
     def _merge(self, pending: list[AcceptedUpdate]) -> FloatArray:
         drift: dict[int, float] = {}
-        items = []
-        for p in pending:
-            base = p.task.base_version
-            if self.weight.needs_drift and base not in drift:
+
+        def drift_of(base: int) -> float:
+            if base not in drift:
                 drift[base] = agg.l1_drift(self._global, self._history[base])
-            items.append(WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, drift.get(base, 0.0)))
+            return drift[base]
+
+        items = [WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, p.task.base_version, drift_of)
+                 for p in pending]
         gammas = self.weight.weights(items)
         contributions = [UpdateContribution(p.indices, p.values, g, p.coord_weights)
                          for p, g in zip(pending, gammas, strict=True)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -154,12 +154,16 @@ class WeightInput:
     staleness: int  # version at acceptance − base version
     delta_l1: float  # ‖Δ_i‖_1
     rate: float  # the client's model rate (its width; Co-S²P's rate_i)
-    drift_l1: float  # ‖W^(t) − W^(τ_i)‖_1 (0 unless the policy needs it)
+    base_version: int
+    # ‖W^(t) − W^(v)‖_1 for a base version v, computed (once per version) only if a policy asks.
+    drift_of: Callable[[int], float] = field(repr=False, compare=False)
+
+    @property
+    def drift_l1(self) -> float:
+        return self.drift_of(self.base_version)
 
 
 class WeightPolicy(ABC):
-    needs_drift: ClassVar[bool] = False
-
     @abstractmethod
     def weights(self, items: Sequence[WeightInput]) -> list[float]:
         """Raw weight γ̃_i per update; the merge decides whether to normalise."""
@@ -207,8 +211,6 @@ class StalenessWeight(WeightPolicy):
 @dataclass(frozen=True)
 class CoS2PWeight(WeightPolicy):
     """Co-S²P importance over staleness, normalised over the round (methods.md §1.3)."""
-
-    needs_drift: ClassVar[bool] = True
 
     def weights(self, items: Sequence[WeightInput]) -> list[float]:
         gammas = agg.cos2p_weights(
