@@ -278,7 +278,7 @@ class Service:
             raise ProtocolError(f"message on the topic of {topic_id!r} claims to be from {claimed!r}")
 
     def _on_update_frame(self, device_id: str, frame: bytes) -> None:
-        received = {"event": "update_received", "device": device_id, "bytes": len(frame)}
+        received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": len(frame)}
         try:
             update = decode_update(frame, source=device_id)
         except OrchardError:
@@ -329,7 +329,7 @@ class Service:
             flat = np.asarray(self.engine.global_flat)
             for profile, evaluator in self.profile_evaluators.items():
                 sub = evaluator.evaluate(self.model.submodel(profile, 0).extract(flat), self.eval_x, self.eval_y)
-                self.out.event({"event": "evaluate_profile", "version": action.version, "profile": profile,
+                self.out.event({"event": EventName.EVALUATE_PROFILE, "version": action.version, "profile": profile,
                                 "accuracy": sub.accuracy, "loss": sub.loss})
         elif isinstance(action, Finish):
             self.finished = action.reason
@@ -363,7 +363,7 @@ class Service:
         )
         frame = encode_task(task)
         self._publish_chunks(self.topics.task(action.device_id), frame)
-        self.out.event({"event": "task_frame", "device": action.device_id, "task_id": action.task_id,
+        self.out.event({"event": EventName.TASK_FRAME, "device": action.device_id, "task_id": action.task_id,
                         "bytes": len(frame)})
 
     def _publish_chunks(self, topic: str, frame: bytes) -> None:

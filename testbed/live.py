@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from server.events import EventName
 from testbed.campaign import Campaign
 
 
@@ -78,7 +79,7 @@ COLUMNS: tuple[Column, ...] = (
     ("mem MB", 8, lambda v: _fmt(v.rss_mb, ".0f")),
     ("energy J", 10, lambda v: _fmt(v.energy_j, ".1f")),
     ("base v", 7, lambda v: _fmt(v.version, "d")),
-    ("oom", 5, lambda v: str(v.ooms)),
+    (EventName.OOM, 5, lambda v: str(v.ooms)),
 )
 
 
@@ -110,23 +111,23 @@ class LiveView:
                 continue
             kind, dev = e.get("event", ""), e.get("device")
             v = self.view.get(dev) if isinstance(dev, str) else None
-            if kind == "device_status" and v is not None:
+            if kind == EventName.DEVICE_STATUS and v is not None:
                 v.state = e.get("state", v.state)
-            elif kind == "task_sent" and v is not None:
+            elif kind == EventName.TASK_SENT and v is not None:
                 v.profile, v.version = e.get("profile", v.profile), e.get("base_version")
-            elif kind == "availability" and v is not None:
+            elif kind == EventName.AVAILABILITY and v is not None:
                 v.state = "online" if e.get("online") else "offline"
-            elif kind == "device_offline" and v is not None:
+            elif kind == EventName.DEVICE_OFFLINE and v is not None:
                 v.state = "offline"
-            elif kind == "device_exit" and v is not None:
+            elif kind == EventName.DEVICE_EXIT and v is not None:
                 v.state = "failed"
-            elif kind == "oom" and v is not None:
+            elif kind == EventName.OOM and v is not None:
                 v.ooms = int(e.get("oom_kills", v.ooms))
-            elif kind == "aggregated":
+            elif kind == EventName.AGGREGATED:
                 self.version = int(e.get("version", self.version))
-            elif kind == "evaluate":
+            elif kind == EventName.EVALUATE:
                 self.accuracy = e.get("accuracy")
-            elif kind == "update_accepted":
+            elif kind == EventName.UPDATE_ACCEPTED:
                 self.accepted += 1
             elif kind.endswith("_rejected"):
                 self.rejected += 1

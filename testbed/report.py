@@ -66,6 +66,7 @@ import numpy.typing as npt
 import tomllib
 
 from runtime.errors import ConfigError
+from server.events import EventName
 
 log = logging.getLogger("orchard.report")
 
@@ -225,13 +226,14 @@ def _timeline(events: list[dict[str, Any]], origin: float, end_s: float) -> dict
         device, kind, t_s = e.get("device"), e["event"], float(e["wall_t"]) - origin
         if not isinstance(device, str):
             continue
-        if kind == "device_status" and e.get("state") in STATES:
+        if kind == EventName.DEVICE_STATUS and e.get("state") in STATES:
             enter(device, e["state"], t_s)
-        elif kind == "device_offline" or (kind == "availability" and not e.get("online")):
+        elif kind == EventName.DEVICE_OFFLINE or (kind == EventName.AVAILABILITY and not e.get("online")):
             enter(device, "offline", t_s)
-        elif kind == "device_exit":  # the campaign runner saw the agent process die
+        elif kind == EventName.DEVICE_EXIT:  # the campaign runner saw the agent process die
             enter(device, "failed", t_s)
-        elif kind in ("availability", "device_hello") and current.get(device, DOWN).state in ("offline", "failed"):
+        elif (kind in (EventName.AVAILABILITY, EventName.DEVICE_HELLO)
+              and current.get(device, DOWN).state in ("offline", "failed")):
             enter(device, "online", t_s)  # back (or first seen), but has not said what it does yet
     for device in list(current):
         enter(device, "end", max(end_s, current[device].start_s))
@@ -248,7 +250,7 @@ def load_run(run_dir: Path) -> RunData:
             raise ConfigError(f"run folder {run_dir} has no {name}: not an Orchard run, or the server never started")
     warnings: list[str] = []
     events = _read_events(run_dir / "events.jsonl", warnings)
-    starts = [float(e["wall_t"]) for e in events if e["event"] == "server_start"]
+    starts = [float(e["wall_t"]) for e in events if e["event"] == EventName.SERVER_START]
     origin = starts[0] if starts else (float(events[0]["wall_t"]) if events else 0.0)
     end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
 
@@ -279,7 +281,7 @@ def load_run(run_dir: Path) -> RunData:
     for e in events:
         if isinstance(e.get("device"), str):
             seen.add(e["device"])
-            if e["event"] == "device_hello" and e.get("board"):
+            if e["event"] == EventName.DEVICE_HELLO and e.get("board"):
                 boards.setdefault(e["device"], str(e["board"]))
     traces = {}
     for path in sorted((run_dir / "devices").glob("*.csv")) if (run_dir / "devices").is_dir() else []:
@@ -302,18 +304,18 @@ def load_run(run_dir: Path) -> RunData:
     profile_acc: list[tuple[int, str, float]] = []
     for e in events:
         kind, t_s = e["event"], float(e["wall_t"]) - origin
-        if kind in ("task_frame", "artifact_sent", "update_received"):
+        if kind in (EventName.TASK_FRAME, EventName.ARTIFACT_SENT, EventName.UPDATE_RECEIVED):
             n_bytes = int(_num(e.get("bytes")) or 0)
-            if kind == "update_received":
+            if kind == EventName.UPDATE_RECEIVED:
                 up, total_up = up + n_bytes, total_up + n_bytes
                 received[(str(e.get("device")), str(e.get("task_id")))] = e
             else:
                 down, total_down = down + n_bytes, total_down + n_bytes
-        elif kind == "task_sent":
+        elif kind == EventName.TASK_SENT:
             profiles[(str(e.get("device")), str(e.get("task_id")))] = str(e.get("profile"))
             last_profile[str(e.get("device"))] = str(e.get("profile"))
             first_dispatch_s = t_s if first_dispatch_s is None else first_dispatch_s
-        elif kind == "update_accepted":
+        elif kind == EventName.UPDATE_ACCEPTED:
             key = (str(e.get("device")), str(e.get("task_id")))
             got = received.get(key, {})
             u = Update(key[0], key[1], t_s, _num(e.get("train_s")) or 0.0, _num(e.get("energy_j")) or 0.0,
@@ -321,13 +323,14 @@ def load_run(run_dir: Path) -> RunData:
                        step_ms_median=_num(got.get("step_ms_median")), loss_last=_num(got.get("loss_last")))
             updates.append(u)
             pending.append(u)
-        elif kind == "evaluate_profile" and _num(e.get("version")) is not None and _num(e.get("accuracy")) is not None:
+        elif (kind == EventName.EVALUATE_PROFILE and _num(e.get("version")) is not None
+              and _num(e.get("accuracy")) is not None):
             profile_acc.append((int(e["version"]), str(e.get("profile")), float(e["accuracy"])))
         elif kind.endswith("_rejected"):
             rejected += 1
-        elif kind == "aggregation_failed":
+        elif kind == EventName.AGGREGATION_FAILED:
             pending = []
-        elif kind == "aggregated" and _num(e.get("version")) is not None:
+        elif kind == EventName.AGGREGATED and _num(e.get("version")) is not None:
             r = rounds[int(e["version"])] = Round(int(e["version"]), t_s, n_updates=len(pending), logged=True,
                                                   bytes_up=up, bytes_down=down)
             for u in pending:
@@ -337,12 +340,12 @@ def load_run(run_dir: Path) -> RunData:
             losses = [u.loss_last for u in pending if u.loss_last is not None]
             r.train_loss = float(np.mean(losses)) if losses else None
             pending, up, down = [], 0, 0
-        elif kind == "evaluate" and _num(e.get("version")) is not None and int(e["version"]) in rounds:
+        elif kind == EventName.EVALUATE and _num(e.get("version")) is not None and int(e["version"]) in rounds:
             rounds[int(e["version"])].accuracy = _num(e.get("accuracy"))
             rounds[int(e["version"])].loss = _num(e.get("loss"))
-        elif kind == "oom" and isinstance(e.get("device"), str):
+        elif kind == EventName.OOM and isinstance(e.get("device"), str):
             ooms.setdefault(e["device"], []).append((t_s, int(_num(e.get("oom_kills")) or 0)))
-        elif kind in ("server_stop", "campaign_stop", "finished") and e.get("reason"):
+        elif kind in (EventName.SERVER_STOP, EventName.CAMPAIGN_STOP, EventName.FINISHED) and e.get("reason"):
             stop_reason = str(e["reason"])
 
     # server.csv lists the published versions with their accuracy. A version's time is that of
@@ -376,12 +379,12 @@ def load_run(run_dir: Path) -> RunData:
             if curves:
                 r.energy_j_telemetry = sum(float(np.interp(r.t_s, tr.t_s, tr.energy_j) -
                                                  np.interp(r.start_s, tr.t_s, tr.energy_j)) for tr in curves)
-    if not any(e["event"] in ("server_stop", "campaign_stop") for e in events):
+    if not any(e["event"] in (EventName.SERVER_STOP, EventName.CAMPAIGN_STOP) for e in events):
         warnings.append("no server_stop event: the run was cut short; this reports what ran")
     return RunData(
         run_dir=run_dir, campaign=str((fleet or {}).get("campaign") or campaign_table.get("name") or run_dir.name),
         strategy=(fleet or {}).get("strategy") or next((e.get("strategy") for e in events
-                                                        if e["event"] == "server_start"), None),
+                                                        if e["event"] == EventName.SERVER_START), None),
         fleet=fleet, config_text=config_text, target_accuracy=_num(stop_table.get("target_accuracy")),
         devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
         timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
