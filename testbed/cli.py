@@ -134,7 +134,7 @@ def cmd_campaign_sweep(args: argparse.Namespace) -> int:
         wanted = [v.strip() for v in args.variants.split(",")]
         unknown = sorted(set(wanted) - {v.name for v in plan.variants})
         if unknown:
-            raise OrchardError(f"--variants: no variant {unknown[0]!r}; the file has "
+            raise ConfigError(f"--variants: no variant {unknown[0]!r}; the file has "
                                f"{', '.join(v.name for v in plan.variants)}")
         plan = dataclasses.replace(plan, variants=tuple(v for v in plan.variants if v.name in wanted))
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.sweep).stem}"
@@ -147,7 +147,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     from testbed.runner import CampaignRunner
 
     if "sweep" in load_toml(Path(args.campaign)):
-        raise OrchardError(f"{args.campaign} is a sweep file ([sweep] table): run it with "
+        raise ConfigError(f"{args.campaign} is a sweep file ([sweep] table): run it with "
                            f"`orchard campaign sweep {args.campaign}`")
     if args.seeds:
         from testbed.sweep import parse_seeds, single_plan

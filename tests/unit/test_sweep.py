@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import tomllib
 
-from runtime.errors import ConfigError
+from runtime.errors import EXIT_CONFIG, ConfigError
 from testbed.campaign import Campaign, load_campaign
 from testbed.sweep import (
     RunRecord,
@@ -149,11 +149,15 @@ def test_parse_seeds() -> None:
 
 def test_the_shipped_compare_width_sweep_is_valid() -> None:
     plan = load_sweep(ROOT / "campaigns" / "compare-width.toml")
-    assert [v.name for v in plan.variants] == ["fedavg-smallest", "heterofl", "fedrolex"] and plan.seeds == (0, 1, 2)
+    assert [v.name for v in plan.variants] == ["fedavg-smallest", "heterofl", "fedrolex", "fjord"]
+    assert plan.seeds == (0, 1, 2)
     profiles = {v.name: [g.get("profile") for g in variant_tables(plan, v, 0)["fleet"]] for v in plan.variants}
     assert profiles == {"fedavg-smallest": ["width=0.25"] * 3,
                         "heterofl": ["dense", "width=0.5", "width=0.25"],
-                        "fedrolex": ["dense", "width=0.5,window=rolling", "width=0.25,window=rolling"]}
+                        "fedrolex": ["dense", "width=0.5,window=rolling", "width=0.25,window=rolling"],
+                        "fjord": ["dense", "p_max=0.5", "p_max=0.25"]}
+    fjord = next(v for v in plan.variants if v.name == "fjord")
+    assert variant_tables(plan, fjord, 0)["method"] == {"name": "fjord", "widths": [0.25, 0.5, 1.0]}
     assert "dirichlet" in plan.base["model"]["partition"] and plan.base["model"]["dataset"] == "fashion-mnist"
 
 
@@ -265,7 +269,7 @@ def test_sweep_command_line_errors_are_one_line(tmp_path: Path, args: list[str],
     subs = {"SWEEP": str(sweep), "BASE": str(base), "TAKEN": str(tmp_path / "taken")}
     proc = orchard(*[subs.get(a, a) for a in args], cache=tmp_path / "cache", cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert proc.returncode == EXIT_CONFIG and len(lines) == 1, proc.stderr  # a config error, not usage
     assert lines[0].startswith("error:") and needle.replace("TAKEN", str(tmp_path / "taken")) in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()
 
