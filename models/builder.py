@@ -36,6 +36,7 @@ class BuiltModel:
     layout: ParamLayout
     flops_per_sample: int  # forward pass, 2 x multiply-accumulates of conv and dense layers
     init: FloatArray  # initial flat parameters in layout order
+    flops_by_weight: Mapping[str, int] = field(default_factory=dict)  # forward FLOPs per weight tensor
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Graph:
     inits: list[onnx.TensorProto] = field(default_factory=list)
     specs: list[tuple[str, tuple[int, ...], tuple[AxisGroup | None, ...], str]] = field(default_factory=list)
     flops: int = 0
+    flops_by_weight: dict[str, int] = field(default_factory=dict)
     counter: int = 0
 
     def tmp(self, stem: str) -> str:
@@ -83,7 +85,8 @@ class _Graph:
         ))
         h_out = (hw[0] + 2 * pad - k) // stride + 1
         w_out = (hw[1] + 2 * pad - k) // stride + 1
-        self.flops += 2 * c_in * c_out * k * k * h_out * w_out
+        self.flops_by_weight[w] = 2 * c_in * c_out * k * k * h_out * w_out
+        self.flops += self.flops_by_weight[w]
         return (self.relu(out) if relu else out), (h_out, w_out)
 
     def dense(
@@ -98,7 +101,8 @@ class _Graph:
         b = self.param(f"{name}.b", np.zeros(n_out), (AxisGroup(fout),), "bias")
         out = self.tmp(name)
         self.nodes.append(helper.make_node("Gemm", [x, w, b], [out], transB=1))
-        self.flops += 2 * n_in * n_out
+        self.flops_by_weight[w] = 2 * n_in * n_out
+        self.flops += self.flops_by_weight[w]
         return self.relu(out) if relu else out
 
     def relu(self, x: str) -> str:
@@ -207,4 +211,5 @@ def build(structure: Structure, seed: int = 0) -> BuiltModel:
         offset += math.prod(shape)
     layout = ParamLayout(params=tuple(specs), groups=channels)
     init = np.concatenate([numpy_helper.to_array(t).reshape(-1) for t in g.inits]).astype(np.float32)
-    return BuiltModel(model=model, layout=layout, flops_per_sample=g.flops, init=init)
+    return BuiltModel(model=model, layout=layout, flops_per_sample=g.flops, init=init,
+                      flops_by_weight=dict(g.flops_by_weight))

@@ -47,7 +47,8 @@ class UpdateBody:
 
     def tensors(self, layout: ParamLayout) -> dict[str, Tensor]:
         """The update's tensors: dense when every coordinate is sent, else sparse per tensor
-        (only what was sent travels, and the server merges only that)."""
+        (only what was sent travels, and the server merges only that); within a sparse body a
+        tensor sent whole goes dense."""
         if self.indices is None:
             return dict(layout.split(self.values))
         idx = np.asarray(self.indices, dtype=np.int64)
@@ -59,7 +60,10 @@ class UpdateBody:
         out: dict[str, Tensor] = {}
         for p in layout:
             lo, hi = np.searchsorted(idx, [p.offset, p.end])
-            out[p.name] = SparseTensor(p.shape, idx[lo:hi] - p.offset, values[lo:hi].copy())
+            if hi - lo == p.size:  # every coordinate sent (a bias next to top-k weights): dense is smaller
+                out[p.name] = values[lo:hi].reshape(p.shape).copy()
+            else:
+                out[p.name] = SparseTensor(p.shape, idx[lo:hi] - p.offset, values[lo:hi].copy())
         return out
 
 
