@@ -173,5 +173,5 @@ def test_bad_method_values_name_the_value(params, message) -> None:
 
 def test_only_the_dense_profile() -> None:
     assert spec("zerofl").parse_profile(" dense ", None) == "dense"
-    with pytest.raises(ConfigError, match="only the profile 'dense', got 'width=0.5'"):
+    with pytest.raises(ConfigError, match=r"only the profile 'dense', got 'width=0\.5'"):
         spec("zerofl").parse_profile("width=0.5", None)
