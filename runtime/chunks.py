@@ -59,6 +59,7 @@ class _Partial:
     frame_len: int
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
+    wire_bytes: int = 0  # whole chunks (headers included): what the broker carried
 
 
 class Reassembler:
@@ -91,6 +92,9 @@ class Reassembler:
         self._reserved = 0
         self._reasons: list[str] = []  # drops since the last expire()
         self._lock = threading.Lock()
+        # Chunk bytes (headers included) of the frame the last feed() returned: the link's cost of
+        # that frame, for whoever feeds from one thread (the server's message loop).
+        self.completed_wire_bytes = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -130,12 +134,14 @@ class Reassembler:
                 raise ProtocolError(f"{ctx}: chunks exceed the announced {frame_len} bytes; partial frame dropped")
             partial.parts[index] = payload
             partial.received += len(payload)
+            partial.wire_bytes += len(chunk)
             if len(partial.parts) < total:
                 return None
             self._drop(ident)
             if partial.received != frame_len:
                 raise ProtocolError(f"{ctx}: chunks hold {partial.received} bytes, announced {frame_len}")
             self._done[ident] = now
+            self.completed_wire_bytes = partial.wire_bytes
             while len(self._done) > 4 * self.max_partials:  # bound the memory of finished ids
                 del self._done[next(iter(self._done))]
             return b"".join(partial.parts[i] for i in range(total))

@@ -268,7 +268,7 @@ class Service:
             elif kind == "update":
                 frame = self.reassembler.feed(msg.topic, msg.payload)
                 if frame is not None:
-                    self._on_update_frame(device_id, frame)
+                    self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
         except OrchardError as exc:  # any bad input from a device is logged and dropped, never fatal
             self.out.event({"event": EventName(f"{kind}_rejected"), "device": device_id, "reason": str(exc)})
 
@@ -277,8 +277,10 @@ class Service:
         if topic_id != claimed:
             raise ProtocolError(f"message on the topic of {topic_id!r} claims to be from {claimed!r}")
 
-    def _on_update_frame(self, device_id: str, frame: bytes) -> None:
-        received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": len(frame)}
+    def _on_update_frame(self, device_id: str, frame: bytes, wire_bytes: int) -> None:
+        # bytes: what the broker carried (chunks with their headers); frame_bytes: the frame alone.
+        received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": wire_bytes,
+                    "frame_bytes": len(frame)}
         try:
             update = decode_update(frame, source=device_id)
         except OrchardError:
@@ -319,7 +321,8 @@ class Service:
                 "staleness_max": max(stale) if stale else 0,
             }
         elif isinstance(action, Evaluate):
-            ev = self.evaluator.evaluate(np.asarray(self.engine.global_flat), self.eval_x, self.eval_y)
+            served = self.engine.method.served_weights(np.asarray(self.engine.global_flat), self.model.layout)
+            ev = self.evaluator.evaluate(served, self.eval_x, self.eval_y)
             self.out.event({"event": EventName.EVALUATE, "version": action.version, "accuracy": ev.accuracy,
                             "loss": ev.loss, "t": round(self._clock(), 3)})
             if self.pending_row is not None and self.pending_row["version"] == action.version:
@@ -349,10 +352,10 @@ class Service:
             if key in known:
                 continue
             frame = encode_artifact(Artifact(key, self.model.artifact_files(key)))
-            self._publish_chunks(self.topics.artifact(action.device_id), frame)
+            wire_bytes = self._publish_chunks(self.topics.artifact(action.device_id), frame)
             known.add(key)
             self.out.event({"event": EventName.ARTIFACT_SENT, "device": action.device_id, "key": key,
-                            "bytes": len(frame)})
+                            "bytes": wire_bytes, "frame_bytes": len(frame)})
         knobs = self.cfg.train
         task = Task(
             task_id=action.task_id, round=action.round, base_version=action.base_version,
@@ -362,11 +365,14 @@ class Service:
             encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
         )
         frame = encode_task(task)
-        self._publish_chunks(self.topics.task(action.device_id), frame)
+        wire_bytes = self._publish_chunks(self.topics.task(action.device_id), frame)
         self.out.event({"event": EventName.TASK_FRAME, "device": action.device_id, "task_id": action.task_id,
-                        "bytes": len(frame)})
+                        "bytes": wire_bytes, "frame_bytes": len(frame)})
 
-    def _publish_chunks(self, topic: str, frame: bytes) -> None:
+    def _publish_chunks(self, topic: str, frame: bytes) -> int:
+        """Publish `frame` as chunks; returns the bytes handed to the broker (chunk headers included)."""
         self._send_seq += 1
-        for chunk in chunk_frame(frame, f"s{self._send_seq}-{int(time.time() * 1000) % 10**9}"):
+        chunks = chunk_frame(frame, f"s{self._send_seq}-{int(time.time() * 1000) % 10**9}")
+        for chunk in chunks:
             self.mqtt.publish(topic, chunk, qos=1)
+        return sum(len(c) for c in chunks)

@@ -34,7 +34,8 @@ Definitions (also written into summary.json under "definitions"):
 - energy_to_target_j: the whole fleet's telemetry energy (idle included) from each device's start
   up to time_to_target_s (null when the target was not reached).
 - bytes per round: `bytes_down` is every task and artifact frame the server sent, `bytes_up` every
-  update frame it received (refused ones too), after the previous aggregation and up to this one.
+  update frame it received (refused ones too), after the previous aggregation and up to this one;
+  counted as the MQTT payloads the broker carried (the frame plus its chunk headers).
 - accuracy per profile: the server scores the global model and, at every version, each fixed
   submodel profile (a width or class subset; rolling windows move each round) on the held-out split.
   `served_profile` is the model the run serves: the global model ("dense") when some device trains

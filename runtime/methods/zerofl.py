@@ -17,6 +17,9 @@ the top-d indices of |w − w₀|; `dense` sends everything (SWAT with a dense u
 The upload density d per weight tensor is (1 − s) + mask_ratio (`density_rule = "extra"`, the
 reading of methods.md §5.2) or mask_ratio itself (`density_rule = "total"`). Non-weight tensors
 go whole (UpdateBody sends a fully covered tensor dense).
+
+The served model runs the same sparse forward (`swat_forward_weights`): the dense global holds
+weights no device used in its forward, and a dense evaluation would score them too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy.typing as npt
 
 from runtime.backend import MutableFeeds, TrainingBackend
 from runtime.errors import ConfigError
-from runtime.layout import FloatArray, ParamLayout
+from runtime.layout import FloatArray, ParamLayout, ParamSpec
 from runtime.methods.base import BackendOpener, DeviceMethod, MethodSpec, UpdateBody
 from runtime.protocol import Assignment
 
@@ -115,6 +118,24 @@ def masked_tensors(layout: ParamLayout, dense_ends: bool) -> list[int]:
     return weights[1:-1] if dense_ends else weights
 
 
+def dropped_indices(flat: FloatArray, masked: list[ParamSpec], sparsity: float) -> npt.NDArray[np.int64]:
+    """Flat indices outside each masked tensor's top-⌈(1 − s)·n⌉ |w|: what SWAT's forward zeroes."""
+    parts = []
+    for p in masked:
+        keep = np.ones(p.size, dtype=bool)
+        keep[top_indices(flat[p.offset:p.end], keep_count(1.0 - sparsity, p.size))] = False
+        parts.append(p.offset + np.flatnonzero(keep))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def swat_forward_weights(flat: FloatArray, layout: ParamLayout, params: Mapping[str, Any]) -> FloatArray:
+    """The weights a ZeroFL model runs its forward with (the served model is scored this way)."""
+    out = np.array(flat, dtype=np.float32)
+    masked = [layout.params[i] for i in masked_tensors(layout, params["dense_ends"])]
+    out[dropped_indices(out, masked, params["sparsity"])] = 0.0
+    return out
+
+
 class Device(DeviceMethod):
     def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:
         super().__init__(assignment, open_backend)
@@ -139,13 +160,7 @@ class Device(DeviceMethod):
 
     def _recompute(self) -> None:
         t0 = time.perf_counter()
-        parts = []
-        for p in self.masked:
-            w = self._dense[p.offset:p.end]
-            keep = np.ones(p.size, dtype=bool)
-            keep[top_indices(w, keep_count(1.0 - self.sparsity, p.size))] = False
-            parts.append(p.offset + np.flatnonzero(keep))
-        self._dropped = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        self._dropped = dropped_indices(self._dense, self.masked, self.sparsity)
         self.recomputes += 1
         self.topk_s += time.perf_counter() - t0
 

@@ -4,6 +4,7 @@
     admit(event, task, base, strategy, who) -> Payload       (server/admission.py by default)
     weight_policy(strategy's) -> the WeightPolicy the merge uses
     smaller(profile, offered) -> a lighter profile after an OOM, or None
+    served_weights(global, layout) -> the weights the served model is scored with
     indices_derivable: indices are a pure function of (profile, round), so a checkpoint
                        recomputes them; a method whose indices are not stores them.
 
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from runtime.errors import ConfigError
+from runtime.layout import ParamLayout
 from runtime.methods import spec
 from runtime.methods.base import MethodSpec
 from runtime.profile import parse_profile
@@ -76,6 +78,11 @@ class ServerMethod:
     def admit(self, event: UpdateReceived, task: TaskRecord, base: FloatArray, strategy: Strategy,
               who: str) -> Payload:
         return admit_payload(event, task, base, strategy, who, self.model_rate(task.assignment))
+
+    def served_weights(self, flat: FloatArray, layout: ParamLayout) -> FloatArray:
+        """The weights the global model is scored (served) with: as they are, unless the method's
+        devices run a different forward (ZeroFL's top-k sparse one)."""
+        return flat
 
     def weight_policy(self, strategy_weight: WeightPolicy) -> WeightPolicy:
         return strategy_weight

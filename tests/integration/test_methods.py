@@ -36,3 +36,42 @@ def test_fjord_tiers_train_nested_widths_and_the_model_learns(federation: Federa
     assert set(visits["dev2"]) == {"steps_width_1", "steps_width_0.5", "steps_width_0.25"}
     assert all(n > 0 for n in visits["dev2"].values()) and sum(visits["dev2"].values()) == 4 * 20
     assert not h.find("update_rejected")
+
+
+@pytest.mark.timeout(200)
+def test_zerofl_sparse_uploads_bytes_are_what_the_broker_carried(federation: Federate) -> None:
+    """ZeroFL top-k-diff uploads at density (1 − 0.9) + 0.1 over mosquitto: the model learns, the
+    updates travel sparse, and the uplink bytes the server records are the MQTT payloads an
+    independent subscriber received from the broker (frame + chunk headers)."""
+    import struct
+    import uuid
+
+    from runtime.chunks import _CHUNK
+    from runtime.mqtt import Message, MqttClient, MqttConfig
+
+    h = federation(broker="mosquitto", devices=3, rounds=3, strategy="fedavg", method="zerofl",
+                   method_params={"sparsity": 0.9, "mask_ratio": 0.1, "upload": "top-k-diff"}, local_steps=15)
+    observer = MqttClient(h.broker.url, MqttConfig(f"observer-{uuid.uuid4().hex[:6]}", keepalive_s=5))
+    observer.connect()
+    observer.subscribe(f"{h.root}/dev/+/update", qos=1)
+    h.start()
+    assert h.wait_server_exit(180) == 0
+    seen: dict[str, list[bytes]] = {}
+    while isinstance(msg := observer.get(2.0), Message):
+        seen.setdefault(msg.topic.split("/")[-2], []).append(msg.payload)
+    observer.close()
+    rows = h.rows()
+    assert [int(r["version"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]) or float(rows[-1]["accuracy"]) > 0.5
+    received = h.find("update_received")
+    assert len(received) == 9 and not h.find("update_rejected")
+    for device, chunks in seen.items():
+        logged = [e for e in received if e["device"] == device]
+        assert sum(e["bytes"] for e in logged) == sum(len(c) for c in chunks)  # what the broker carried
+        headers = sum(_CHUNK.size + struct.unpack_from("<4sBBIIII", c)[2] for c in chunks)
+        assert sum(e["bytes"] - e["frame_bytes"] for e in logged) == headers
+    dense_task = h.find("task_frame")[0]["frame_bytes"]
+    for e in received:  # 20% of each weight tensor as values + int32 indices, biases dense
+        assert e["frame_bytes"] < 0.5 * dense_task, (e["frame_bytes"], dense_task)
+    reports = [e["report"] for e in h.find("update_accepted")]
+    assert all(0.19 < r["upload_fraction"] < 0.22 and r["topk_recomputes"] == 15 for r in reports)

@@ -15,6 +15,7 @@ from runtime.frames import decode_update, encode_update
 from runtime.methods import device_method, spec
 from runtime.protocol import Update
 from server.events import UpdateReceived
+from server.methods import server_method
 from server.service import update_body
 from server.strategies import get_strategy
 from tests.unit.methods.conftest import Opener, mlp_layout
@@ -139,3 +140,20 @@ def test_bad_sparse_frames_are_refused_naming_the_value(edit: str, message: str)
     text = str(info.value)
     assert message.format(numel=numel) in text and "\n" not in text
     np.testing.assert_array_equal(rig.engine.global_flat, rig.g0)  # nothing reached the model
+
+
+def test_the_served_model_runs_the_devices_sparse_forward() -> None:
+    method = server_method("zerofl", spec("zerofl").params({"sparsity": 0.9}), LayoutModel(LAYOUT))
+    g = np.random.default_rng(4).normal(size=LAYOUT.total).astype(np.float32)
+    served = method.served_weights(g, LAYOUT)
+    weights = [p for p in LAYOUT if p.kind == "weight"]
+    for p in LAYOUT:
+        got, full = served[p.offset:p.end], g[p.offset:p.end]
+        if p.kind != "weight" or p in (weights[0], weights[-1]):  # biases and the dense ends as they are
+            np.testing.assert_array_equal(got, full)
+            continue
+        k = int(np.ceil(0.1 * p.size - 1e-9))
+        top = np.sort(np.argsort(-np.abs(full))[:k])
+        np.testing.assert_array_equal(np.flatnonzero(got), top)
+        np.testing.assert_array_equal(got[top], full[top])
+    np.testing.assert_array_equal(server_method("fedavg", {}, LayoutModel(LAYOUT)).served_weights(g, LAYOUT), g)
