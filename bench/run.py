@@ -87,6 +87,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "fidelity": _optional("bench.fidelity_bench"),
     "testbed": _optional("bench.testbed_bench"),
     "fjord": _optional("bench.fjord_bench"),
+    "zerofl": _optional("bench.zerofl_bench"),
 }
 
 
