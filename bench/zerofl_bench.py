@@ -27,10 +27,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import numpy.typing as npt
 
 from models.artifacts import artifacts_for
 from models.methods.zerofl import train_flops_per_sample
 from runtime.frames import encode_update
+from runtime.layout import FloatArray
 from runtime.methods import spec
 from runtime.methods.zerofl import UPLOADS, Device
 from runtime.ort import OrtSession
@@ -41,7 +43,7 @@ CASES = (("lenet", (1, 28, 28), 10), ("cnn", (3, 32, 32), 10))
 STEPS, WARMUP, BATCH, REPEATS = 60, 5, 32, 3
 
 
-def _timed(trainer: Trainer, w0: np.ndarray, x: np.ndarray, y: np.ndarray, method: Device | None) -> dict[str, Any]:
+def _timed(trainer: Trainer, w0: FloatArray, x: FloatArray, y: npt.NDArray[np.int64], method: Device | None) -> dict[str, Any]:
     cfg = TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01)
     trainer.train(w0, x, y, TrainConfig(steps=WARMUP, batch_size=BATCH, lr=0.01), method=method)
     if method is not None:
@@ -55,7 +57,7 @@ def _timed(trainer: Trainer, w0: np.ndarray, x: np.ndarray, y: np.ndarray, metho
     return out
 
 
-def _upload_bytes(session: OrtSession, w0: np.ndarray) -> list[dict[str, Any]]:
+def _upload_bytes(session: OrtSession, w0: FloatArray) -> list[dict[str, Any]]:
     rng = np.random.default_rng(1)
     trained = (w0 + rng.normal(0, 0.01, w0.size)).astype(np.float32)
     rows = []
