@@ -43,7 +43,8 @@ CASES = (("lenet", (1, 28, 28), 10), ("cnn", (3, 32, 32), 10))
 STEPS, WARMUP, BATCH, REPEATS = 60, 5, 32, 3
 
 
-def _timed(trainer: Trainer, w0: FloatArray, x: FloatArray, y: npt.NDArray[np.int64], method: Device | None) -> dict[str, Any]:
+def _timed(trainer: Trainer, w0: FloatArray, x: FloatArray, y: npt.NDArray[np.int64],
+           method: Device | None) -> dict[str, Any]:
     cfg = TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.01)
     trainer.train(w0, x, y, TrainConfig(steps=WARMUP, batch_size=BATCH, lr=0.01), method=method)
     if method is not None:
