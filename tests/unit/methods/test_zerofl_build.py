@@ -33,3 +33,20 @@ def test_flops_estimate_by_layer() -> None:
     all_masked = train_flops_per_sample({"sparsity": 0.9, "dense_ends": False}, "lenet", (1, 28, 28), 10)
     assert all_masked["ratio_est"] == pytest.approx((2 * 0.1 + 1) / 3)
     assert train_flops_per_sample(None, "lenet", (1, 28, 28), 10)["ratio_est"] == 1.0
+
+
+def test_the_shipped_compare_zerofl_sweep_is_the_full_grid() -> None:
+    from pathlib import Path
+
+    from testbed.sweep import load_sweep, variant_tables
+
+    plan = load_sweep(Path(__file__).resolve().parents[3] / "campaigns" / "compare-zerofl.toml")
+    assert plan.seeds == (0, 1, 2) and plan.base["model"]["partition"] == "dirichlet:1.0"
+    assert plan.base["model"]["dataset"] == "fashion-mnist" and sum(g["count"] for g in plan.base["fleet"]) >= 8
+    methods = {v.name: variant_tables(plan, v, 0)["method"] for v in plan.variants}
+    grid = {(m["sparsity"], m.get("mask_ratio", 0.0), m["upload"]) for m in methods.values() if m["name"] == "zerofl"}
+    uploads = ("top-k-weights", "diff-top-k-weights", "top-k-diff")
+    assert grid == {(s, r, u) for s in (0.9, 0.95) for r in (0.0, 0.1, 0.2) for u in uploads} | {
+        (0.9, 0.0, "dense"), (0.95, 0.0, "dense")}
+    assert methods["fedavg"] == {"name": "fedavg"}
+    assert all("." not in name for name in methods)  # a run id becomes a cgroup name, which may not hold one
