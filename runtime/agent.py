@@ -50,7 +50,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.telemetry import CgroupLimits, Sampler, threads_for_quota
+from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
 log = logging.getLogger("orchard.device")
@@ -58,6 +58,8 @@ log = logging.getLogger("orchard.device")
 TELEMETRY_BATCH_S = 1.0  # publish buffered samples at most this often
 REASSEMBLY_TIMEOUT_S = 60.0
 REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
+SHUTDOWN_RECONNECT_S = 2.0
+TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
 
 
 @dataclass
@@ -81,8 +83,10 @@ class Agent:
         with np.load(cfg.shard) as shard:
             labels = shard["y"].astype(np.int64)
         self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
+        self.freeze = FreezeWatch()
         self.trainer = TrainerProcess(cfg.shard, threads=self.threads)
-        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits)
+        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
+                               freeze=self.freeze)
         self.state = "idle"
         self.running: _Running | None = None
         self.waiting_for_artifact: Task | None = None
@@ -140,13 +144,20 @@ class Agent:
         return 0
 
     def _shutdown(self) -> None:
+        # A last row, so the trace covers the run up to its end (a spell offline at the end too).
+        self.samples.append(self.sampler.sample(self.state))
+        reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects
+        while not self.mqtt.is_connected and time.monotonic() < reconnect_by:
+            time.sleep(0.05)
         try:
+            self._publish_telemetry(wait_s=2.0)
             if self.mqtt.is_connected:
                 status = encode_json(Status(self.id, "offline", time.time(), detail="shut down"))
                 self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
         except TransportError as exc:
             log.warning("%s: could not say goodbye: %s", self.id, exc)
         self.trainer.close()
+        self.freeze.close()
         self.mqtt.close()
 
     def _announce(self) -> None:
@@ -167,11 +178,17 @@ class Agent:
         except TransportError as exc:  # QoS 1 is queued while offline; this is a refused publish
             log.warning("%s: status %s not sent: %s", self.id, state, exc)
 
-    def _publish_telemetry(self) -> None:
+    def _publish_telemetry(self, wait_s: float | None = None) -> None:
+        # Held back while the broker is unreachable (after a frozen spell the connection is gone
+        # until paho reconnects), so the trace has no hole: every row is one interval of energy.
+        if not self.mqtt.is_connected:
+            del self.samples[:-TELEMETRY_BACKLOG]
+            return
         batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))
         self.samples = []
-        with contextlib.suppress(TransportError):  # QoS 0 while offline: best-effort by design
-            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=0)
+        with contextlib.suppress(TransportError):  # QoS 0: a refused publish is not retried
+            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=1 if wait_s else 0,
+                              wait_s=wait_s)
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Connected | Disconnected | Message) -> None:
@@ -267,12 +284,12 @@ class Agent:
         job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
                        upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
                        batch_size=task.batch_size, lr=task.lr, seed=seed)
+        # Meter readings at each end of the task, so its energy is the integral over the task
+        # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
+        # They move the energy integral only: rows keep their fixed rate and whole intervals.
+        energy_j = self.sampler.mark()
         self.trainer.submit(job, weights)
-        # Meter readings at each end of the task, so its energy covers the training burst itself and
-        # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J). They update
-        # the energy integral only: the telemetry stream stays at its fixed rate.
-        self.sampler.sample("training")
-        self.running = _Running(task, self.sampler.meter.energy_j, time.monotonic())
+        self.running = _Running(task, energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
     # ------------------------------------------------------------ training results
@@ -301,12 +318,12 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
-        self.sampler.sample("training")
+        energy_j = self.sampler.mark()
         layout = read_manifest(self.cfg.artifact_cache / task.assignment.primary_key, verify=False).layout
         update = Update(
             task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
-            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=outcome.body.form,
+            energy_j=energy_j - run.energy_j_at_start, kind=outcome.body.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
                      "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
             tensors=outcome.body.tensors(layout), report=outcome.body.report,

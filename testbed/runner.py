@@ -124,7 +124,8 @@ class CampaignRunner:
                 shutil.copy(self.c.source, self.run / "config.toml")
             data = DataPlan(self.c.model, self.c.dataset, self.c.data_root, self.c.partition, self.c.eval_fraction,
                             self.c.seed, self.c.samples, self.c.input_shape)
-            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s)
+            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s,
+                        offline=self.c.offline)
             for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
                 board = boards[plan.board]
                 mem = group.mem_limit_mb or board.memory_cap_mb
@@ -151,8 +152,9 @@ class CampaignRunner:
         initially_online = sum(
             make_availability(g.availability, seed=c.seed + i, base_dir=self._base(), device=d, index=i).online_at(0.0)
             for i, (d, g) in enumerate(c.devices()))
+        min_devices = c.min_devices if c.min_devices is not None else max(1, initially_online)
         rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
-                                  "min_devices": max(1, initially_online), "task_timeout_s": max(60.0, c.wall_s / 4)}
+                                  "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
         if c.rounds is not None:
             rounds["target_version"] = c.rounds
         method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
@@ -271,20 +273,12 @@ class CampaignRunner:
         for d in self.devices.values():
             with contextlib.suppress(OrchardError):
                 d.cgroup.thaw()  # a frozen process cannot act on SIGTERM
-        # The server first, so it publishes "offline" and its last rows before devices vanish.
-        procs = [p for p in [self.server, *(d.proc for d in self.devices.values())] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 4.0
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        # Tasks still out from here on are unfinished, not wasted (see server.waste).
+        self._event(event="campaign_stopping", reason=self.stop_reason or "error")
+        # Devices first, the server last: it records their final telemetry rows (which cover the
+        # run to its end, offline spells included) and their goodbyes.
+        _stop_all([d.proc for d in self.devices.values() if d.proc is not None], grace_s=6.0)
+        _stop_all([self.server] if self.server is not None else [], grace_s=4.0)
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
@@ -299,6 +293,22 @@ class CampaignRunner:
         summary: dict[str, Any] = write_report(self.run)
         summary.setdefault("stop_reason", self.stop_reason)
         return summary
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process group, SIGKILL those still alive after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
 
 
 def _best_accuracy(run: Path) -> float:

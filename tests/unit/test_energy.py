@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime.board import PowerModel, SensorConfig, load_board
@@ -24,6 +25,7 @@ from runtime.energy import (
     ModelSource,
     PmicVcgencmdSource,
     PowerReadError,
+    PowerSource,
     RaplSource,
     SensorUnavailableError,
     cgroup_cpu_time_s,
@@ -368,8 +370,18 @@ def test_cgroup_cpu_time_v2_and_v1(tmp_path: Path) -> None:
     assert cgroup_cpu_time_s(tmp_path / "v1") == pytest.approx(1.5)
 
 
-def test_trapezoid_is_exact_for_linear_power() -> None:
-    meter = EnergyMeter(ModelSource(PowerModel(1.0, 2.0, "wall"), lambda: 0.0))
+class InstantSource(PowerSource):
+    """A sensor that reports power at an instant (as INA3221 does): trapezoid rule."""
+
+    def __init__(self) -> None:
+        super().__init__("instant", "wall")
+
+    def read_power_w(self) -> float:
+        raise AssertionError("tests feed this source with add()")
+
+
+def test_trapezoid_is_exact_for_linear_power_from_an_instant_sensor() -> None:
+    meter = EnergyMeter(InstantSource())
     a, b = 3.0, 0.7  # P(t) = a + b t, sampled at uneven times
     times = [0.0, 0.1, 0.25, 1.0, 1.05, 2.5, 4.0]
     for t in times:
@@ -381,13 +393,50 @@ def test_trapezoid_is_exact_for_linear_power() -> None:
 
 
 def test_trapezoid_converges_for_a_sine() -> None:
-    meter = EnergyMeter(ModelSource(PowerModel(1.0, 2.0, "wall"), lambda: 0.0))
+    meter = EnergyMeter(InstantSource())
     n = 1000
     for i in range(n + 1):
         t = math.pi * i / n
         meter.add(t, 5.0 + 3.0 * math.sin(t))
     exact = 5.0 * math.pi + 6.0  # ∫0^π 5 + 3 sin t dt
     assert meter.energy_j == pytest.approx(exact, rel=1e-5)
+
+
+def test_model_meter_matches_the_exact_integral_of_a_known_power_trace() -> None:
+    """The power model driven by CPU time (what an emulated board reports), read at 1 Hz and at
+    irregular extra moments; the exact energy is P_idle·T + (P_max − P_idle)·∫u dt / 1."""
+    model = PowerModel(2.0, 7.0, "wall")
+    # Training bursts at u = 1 that start and end between readings (sub-second to few-second
+    # tasks), on an idle level that ramps slowly.
+    bursts, duration = [(1.3, 1.9), (3.2, 5.7), (7.05, 7.4), (9.5, 12.25), (14.6, 14.95)], 16.0
+    dt = 1e-4  # CPU-seconds used up to t, by fine quadrature of u(t) on a 1-core board
+
+    def u(t: float) -> float:
+        return 1.0 if any(a <= t < b for a, b in bursts) else 0.05 + 0.02 * t
+
+    grid = np.arange(0.0, duration + dt, dt)
+    cpu_cum = np.concatenate([[0.0], np.cumsum([u(t) * dt for t in grid[:-1]])])
+    clock = FakeClock(0.0)
+    meter = EnergyMeter(ModelSource(model, CpuTimeUtilisation(
+        lambda: float(np.interp(clock.t, grid, cpu_cum)), quota_cores=1.0, clock=clock)), clock=clock)
+    old = EnergyMeter(InstantSource())  # the trapezoid over the same interval means (the old rule)
+    times = sorted({*np.arange(0.0, duration + 0.5, 1.0).tolist(), 2.45, 6.1, 6.2, 11.0})
+    for t in times:
+        clock.t = t
+        sample = meter.sample()
+        old.add(t, sample.power_w)
+    exact = model.p_idle_w * duration + (model.p_max_w - model.p_idle_w) * float(cpu_cum[-1])
+    assert abs(meter.energy_j - exact) / exact < 0.005
+    assert abs(old.energy_j - exact) / exact > 0.02  # the test can tell the rules apart
+
+
+def test_uncharged_seconds_are_left_out_of_the_integral() -> None:
+    meter = EnergyMeter(ModelSource(PowerModel(1.0, 2.0, "wall"), lambda: 0.0), start_s=0.0)
+    meter.add(1.0, 4.0)  # [0, 1] at 4 W: the start_s anchor opens the first interval
+    meter.add(11.0, 1.0, uncharged_s=9.0)  # powered off for 9 of these 10 s
+    assert meter.energy_j == pytest.approx(4.0 + 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        meter.add(12.0, 1.0, uncharged_s=float("inf"))
 
 
 def test_meter_samples_its_source_and_rejects_bad_samples() -> None:
