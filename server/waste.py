@@ -6,7 +6,9 @@ the engine's log events (`task_sent`, `update_accepted`, `update_rejected`, `tas
 - a task's device-seconds run from its dispatch to the moment it was settled: its update was
   accepted (*useful*), or refused (*wasted*), or the task was abandoned (*wasted*; a straggler
   dropped at a deadline keeps training, so if its late update arrives and is refused, the waste
-  runs to that refusal);
+  runs to that refusal), less the time the device was offline meanwhile (from `device_offline`
+  or the campaign's `availability` going off, to its next `device_hello` or `availability`
+  coming on, whichever is seen first): an offline device does no work;
 - a task still out when the run stops (`finished`, `server_stop` or the campaign runner's
   `campaign_stopping`, whichever comes first) is *unfinished*: neither useful nor wasted;
 - `wasted_fraction = wasted / (useful + wasted)`.
@@ -58,6 +60,15 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
     out = WorkSummary()
     sent: dict[tuple[str, str], float] = {}  # outstanding: (device, task) -> dispatch time
     abandoned: dict[tuple[str, str], tuple[float, float]] = {}  # -> (dispatch time, charged until)
+    offline_since: dict[str, float] = {}  # devices offline now -> since when
+    offline_s: dict[str, float] = {}  # device -> offline seconds before its current spell
+
+    def offline_until(device: str, t: float) -> float:
+        """The device's cumulative offline seconds up to `t`."""
+        ongoing = t - offline_since[device] if device in offline_since else 0.0
+        return offline_s.get(device, 0.0) + max(0.0, ongoing)
+
+    sent_offline: dict[tuple[str, str], float] = {}  # task -> the device's offline seconds at dispatch
     end: float | None = None
     for e in events:
         kind, t = e.get("event"), _time(e, time_key)
@@ -67,26 +78,38 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
             end = t
             break
         device, task_id = e.get("device"), e.get("task_id")
-        if not isinstance(device, str) or not isinstance(task_id, str):
+        if not isinstance(device, str):
+            continue
+        went_offline = kind == "device_offline" or (kind == "availability" and e.get("online") is False)
+        came_back = kind == "device_hello" or (kind == "availability" and e.get("online") is True)
+        if went_offline and device not in offline_since:
+            offline_since[device] = t
+        elif came_back and device in offline_since:
+            offline_s[device] = offline_until(device, t)
+            del offline_since[device]
+        if not isinstance(task_id, str):
             continue
         key = (device, task_id)
         work = out.devices.setdefault(device, DeviceWork())
         if kind == "task_sent":
-            sent[key] = t
-        elif kind == "update_accepted" and key in sent:
-            work.useful_s += t - sent.pop(key)
-        elif kind in ("update_rejected", "task_abandoned") and key in sent:
-            start = sent.pop(key)
-            work.tasks_wasted += 1
-            work.wasted_s += t - start
-            if kind == "task_abandoned":
-                abandoned[key] = (start, t)
+            sent[key], sent_offline[key] = t, offline_until(device, t)
+            continue
+        if key in sent:
+            busy_s = t - sent.pop(key) - (offline_until(device, t) - sent_offline.pop(key))
+            if kind == "update_accepted":
+                work.useful_s += busy_s
+            elif kind in ("update_rejected", "task_abandoned"):
+                work.tasks_wasted += 1
+                work.wasted_s += busy_s
+                if kind == "task_abandoned":
+                    abandoned[key] = (t, offline_until(device, t))
         elif kind == "update_rejected" and key in abandoned:
             # The late update of an abandoned task: the device worked on it until now.
-            start, until = abandoned.pop(key)
-            work.wasted_s += t - until
+            until, offline_then = abandoned.pop(key)
+            work.wasted_s += t - until - (offline_until(device, t) - offline_then)
     if end is not None:
-        for (device, _), start in sent.items():
-            out.devices.setdefault(device, DeviceWork()).unfinished_s += max(0.0, end - start)
+        for key, start in sent.items():
+            busy_s = end - start - (offline_until(key[0], end) - sent_offline[key])
+            out.devices.setdefault(key[0], DeviceWork()).unfinished_s += max(0.0, busy_s)
     return out
 

@@ -164,7 +164,13 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             "updates_accepted", "updates_rejected", "utilization")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"stopped: {runner.stop_reason}\nreport: {out / 'report.html'}")
-    return 130 if runner.stop_reason and runner.stop_reason.startswith("interrupted") else 0
+    if runner.stop_reason and runner.stop_reason.startswith("interrupted"):
+        return 130
+    failure = runner.failure()
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_campaign_compare(args: argparse.Namespace) -> int:

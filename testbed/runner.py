@@ -109,7 +109,7 @@ class CampaignRunner:
         self._check_bandwidth()
         throttle = self._throttle()
         started = time.monotonic()
-        prepared = False
+        prepared = launched = False
         stack = contextlib.ExitStack()
         try:
             host = get_host_speed()
@@ -132,6 +132,7 @@ class CampaignRunner:
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], mem,
                                                  throttle.create(device_id, quotas[device_id], mem))
             self._write_fleet(throttle, host)
+            launched = True
             broker = stack.enter_context(open_broker(self.broker_spec))
             self._loop(broker.url, started)
         except KeyboardInterrupt:
@@ -143,7 +144,9 @@ class CampaignRunner:
             # Processes first, the broker last: the server and devices say goodbye through it.
             self._shutdown(throttle)
             stack.close()
-            if prepared and (self.run / "events.jsonl").exists():
+            if prepared and not launched:  # a check failed while laying out: leave no half-built folder
+                shutil.rmtree(self.run, ignore_errors=True)
+            elif prepared and (self.run / "events.jsonl").exists():
                 self.summary = self._report()
         return self.summary
 
@@ -286,6 +289,19 @@ class CampaignRunner:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+    def failure(self) -> str | None:
+        """One line saying why a run that made no aggregation failed, naming the devices that
+        never said hello and why; None when it made at least one."""
+        if self.summary.get("rounds"):
+            return None
+        line = f"campaign {self.c.name!r} made 0 aggregations ({self.stop_reason or 'stopped'})"
+        never = self.summary.get("never_joined") or []
+        if never:
+            names = ", ".join(d["id"] for d in never)
+            line += f": {len(never)} of {len(self.devices)} devices never said hello: {names} ("
+            line += "; ".join(f"{d['id']}: {d['reason']}" for d in never) + ")"
+        return " ".join(line.split())  # one line, whatever a log line held
 
     def _report(self) -> dict[str, Any]:
         from testbed.report import write_report

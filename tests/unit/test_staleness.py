@@ -74,3 +74,20 @@ def test_work_summary_charges_refused_and_abandoned_tasks_until_settled() -> Non
     assert work.devices["c"].tasks_wasted == 1
     assert work.wasted_s == 9.5 and work.wasted_fraction == pytest.approx(9.5 / 11.5)
     assert work_summary([]).wasted_fraction is None
+
+
+def test_work_summary_leaves_offline_time_out_of_a_task() -> None:
+    events = [
+        {"event": "task_sent", "device": "a", "task_id": "t1", "wall_t": 10.0},
+        {"event": "availability", "device": "a", "online": False, "wall_t": 12.0},  # frozen mid-task
+        {"event": "device_offline", "device": "a", "wall_t": 19.0},  # its Last Will, seen later
+        {"event": "task_abandoned", "device": "a", "task_id": "t1", "wall_t": 19.0},
+        {"event": "availability", "device": "a", "online": True, "wall_t": 20.0},
+        {"event": "device_hello", "device": "a", "wall_t": 21.0},
+        {"event": "update_rejected", "device": "a", "task_id": "t1", "wall_t": 21.5},  # finished after thawing
+        {"event": "task_sent", "device": "a", "task_id": "t2", "wall_t": 22.0},
+        {"event": "update_accepted", "device": "a", "task_id": "t2", "wall_t": 23.0},
+    ]
+    work = work_summary(events, "wall_t").devices["a"]
+    assert work.wasted_s == pytest.approx(2.0 + 1.5)  # 10-12 before the freeze, 20-21.5 after it
+    assert work.useful_s == pytest.approx(1.0)
