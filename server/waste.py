@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 END_EVENTS = ("finished", "server_stop", "campaign_stopping")
+_TASK_EVENTS = frozenset({"task_sent", "update_accepted", "update_rejected", "task_abandoned"})
 
 
 @dataclass
@@ -87,7 +88,7 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
         elif came_back and device in offline_since:
             offline_s[device] = offline_until(device, t)
             del offline_since[device]
-        if not isinstance(task_id, str):
+        if not isinstance(task_id, str) or kind not in _TASK_EVENTS:  # device_status carries task ids too
             continue
         key = (device, task_id)
         work = out.devices.setdefault(device, DeviceWork())

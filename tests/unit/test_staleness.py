@@ -56,6 +56,7 @@ def test_max_staleness_must_be_auto_or_an_integer() -> None:
 def test_work_summary_charges_refused_and_abandoned_tasks_until_settled() -> None:
     events = [
         {"event": "task_sent", "device": "a", "task_id": "t1", "t": 0.0},
+        {"event": "device_status", "device": "a", "task_id": "t1", "state": "training", "t": 0.5},
         {"event": "task_sent", "device": "b", "task_id": "t2", "t": 0.0},
         {"event": "task_sent", "device": "c", "task_id": "t3", "t": 0.0},
         {"event": "update_accepted", "device": "a", "task_id": "t1", "t": 2.0},
