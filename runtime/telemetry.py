@@ -244,9 +244,9 @@ class Sampler:
             self._trainer_cpu_s = trainer[0]
         return (agent[0] if agent else 0.0) + self._dead_trainers_cpu_s + self._trainer_cpu_s
 
-    def _integrate(self) -> tuple[float, float]:
-        """Close the interval since the last reading; returns (monotonic now, cpu s now)."""
-        now, cpu_s = self._monotonic(), self._cpu_time_s()
+    def _integrate(self) -> tuple[float, float, float]:
+        """Close the interval since the last reading; returns (monotonic now, cpu s now, clock now)."""
+        now, stamp, cpu_s = self._monotonic(), self.clock(), self._cpu_time_s()
         frozen_s = self.freeze.frozen_s if self.freeze is not None else 0.0
         last_t, last_cpu, last_frozen = self._last
         dt = now - last_t
@@ -256,7 +256,7 @@ class Sampler:
             self.utilisation = min(1.0, max(0.0, (cpu_s - last_cpu) / (self._cores() * charged_s)))
         self.meter.sample(uncharged_s, t_s=now)
         self._last = (now, cpu_s, frozen_s)
-        return now, cpu_s
+        return now, cpu_s, stamp
 
     def mark(self) -> float:
         """Bring the energy integral up to now (no row); returns the cumulative energy in J."""
@@ -264,7 +264,9 @@ class Sampler:
         return self.meter.energy_j
 
     def sample(self, state: str) -> TelemetrySample:
-        now, cpu_s = self._integrate()
+        # The row's time is read with the interval's end, not after the slower reads below: on a
+        # throttled board those can take tens of ms, which would skew Σ power_w · Δt.
+        now, cpu_s, stamp = self._integrate()
         row_t, row_cpu, row_energy = self._row
         energy_j, span_s = self.meter.energy_j, now - row_t
         cpu_pct = max(0.0, 100.0 * (cpu_s - row_cpu) / (self._cores() * span_s)) if span_s > 0 else 0.0
@@ -274,7 +276,7 @@ class Sampler:
         self._row = (now, cpu_s, energy_j)
         agent, trainer = self._cpu_rss(self.agent), self._cpu_rss(self._trainer)
         return TelemetrySample(
-            t=self.clock(), state=state, cpu_pct=round(min(cpu_pct, 100.0), 2),
+            t=stamp, state=state, cpu_pct=round(min(cpu_pct, 100.0), 2),
             rss_agent_mb=round(agent[1] if agent else 0.0, 2), rss_trainer_mb=round(trainer[1] if trainer else 0.0, 2),
             mem_limit_mb=self.limits.mem_limit_mb(), cpu_quota_cores=self.limits.cpu_quota_cores(),
             power_w=round(power_w, 6) if power_w is not None and math.isfinite(power_w) else None,

@@ -83,10 +83,10 @@ def cmd_federate(args: argparse.Namespace) -> int:
     def show(rows: list[dict[str, str]]) -> None:
         if args.quiet:
             return
-        r = rows[-1]
-        acc = r["accuracy"] or "-"
-        print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
-              f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
+        for r in rows:  # the new versions, each with its own accuracy
+            acc = r["accuracy"] or "-"
+            print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
+                  f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
 
     summary = run_federation(spec, force=args.force, progress=show)
     keys = ("strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "updates_accepted",
