@@ -167,8 +167,8 @@ class LiveView:
             # lands after its aggregation, so the latest accuracy may belong to an older version).
             for version in sorted(v for v in self.evaluated if v > self._printed_version):
                 self._printed_version = version
-                acc = self.evaluated[version]
-                self.out.write(f"[{now_s:6.1f}s] version {version} accuracy {'-' if acc is None else f'{acc:.4f}'} "
+                own = self.evaluated[version]
+                self.out.write(f"[{now_s:6.1f}s] version {version} accuracy {'-' if own is None else f'{own:.4f}'} "
                                f"accepted {self.accepted} rejected {self.rejected}\n")
             self.out.flush()
             return
