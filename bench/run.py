@@ -83,6 +83,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "aggregation": _optional("bench.aggregation_bench"),
     "engine": _optional("bench.engine_bench"),
     "staleness": _optional("bench.staleness_bench"),
+    "energy": _optional("bench.energy_bench"),
     "mqtt": _optional("bench.mqtt_bench"),
     "federation": _optional("bench.federation_bench"),
     "fidelity": _optional("bench.fidelity_bench"),

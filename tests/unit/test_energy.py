@@ -12,9 +12,9 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from bench.energy_bench import READ_AT_S, meter_against_exact
 from runtime.board import PowerModel, SensorConfig, load_board
 from runtime.energy import (
     CpuTimeUtilisation,
@@ -403,31 +403,15 @@ def test_trapezoid_converges_for_a_sine() -> None:
 
 
 def test_model_meter_matches_the_exact_integral_of_a_known_power_trace() -> None:
-    """The power model driven by CPU time (what an emulated board reports), read at 1 Hz and at
-    irregular extra moments; the exact energy is P_idle·T + (P_max − P_idle)·∫u dt / 1."""
-    model = PowerModel(2.0, 7.0, "wall")
-    # Training bursts at u = 1 that start and end between readings (sub-second to few-second
-    # tasks), on an idle level that ramps slowly.
-    bursts, duration = [(1.3, 1.9), (3.2, 5.7), (7.05, 7.4), (9.5, 12.25), (14.6, 14.95)], 16.0
-    dt = 1e-4  # CPU-seconds used up to t, by fine quadrature of u(t) on a 1-core board
-
-    def u(t: float) -> float:
-        return 1.0 if any(a <= t < b for a, b in bursts) else 0.05 + 0.02 * t
-
-    grid = np.arange(0.0, duration + dt, dt)
-    cpu_cum = np.concatenate([[0.0], np.cumsum([u(t) * dt for t in grid[:-1]])])
-    clock = FakeClock(0.0)
-    meter = EnergyMeter(ModelSource(model, CpuTimeUtilisation(
-        lambda: float(np.interp(clock.t, grid, cpu_cum)), quota_cores=1.0, clock=clock)), clock=clock)
-    old = EnergyMeter(InstantSource())  # the trapezoid over the same interval means (the old rule)
-    times = sorted({*np.arange(0.0, duration + 0.5, 1.0).tolist(), 2.45, 6.1, 6.2, 11.0})
-    for t in times:
-        clock.t = t
-        sample = meter.sample()
-        old.add(t, sample.power_w)
-    exact = model.p_idle_w * duration + (model.p_max_w - model.p_idle_w) * float(cpu_cum[-1])
-    assert abs(meter.energy_j - exact) / exact < 0.005
-    assert abs(old.energy_j - exact) / exact > 0.02  # the test can tell the rules apart
+    """The power model driven by CPU time (what an emulated board reports) over a known trace of
+    training bursts that start and end between readings (bench/energy_bench.py), read at 1 Hz and
+    at irregular extra moments; exact energy P_idle·T + (P_max − P_idle)·∫u dt."""
+    exact, meter, trapezoid = meter_against_exact(PowerModel(2.0, 7.0, "wall"), READ_AT_S)
+    assert abs(meter - exact) / exact < 0.005
+    assert abs(trapezoid - exact) / exact > 0.02  # the old rule is off: the test tells them apart
+    # Uneven readings, fewer of them: still exact, since each covers its whole interval.
+    exact, meter, _ = meter_against_exact(PowerModel(1.6, 7.2, "wall"), [0.0, 0.4, 3.3, 3.4, 9.0, 16.0])
+    assert abs(meter - exact) / exact < 0.005
 
 
 def test_uncharged_seconds_are_left_out_of_the_integral() -> None:
