@@ -114,7 +114,15 @@ class Agent:
         # after we are back, and would leave a live device marked offline (see _on_message).
         for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
                       self.topics.status(self.id)):
-            self.mqtt.subscribe(topic, qos=1)
+            try:
+                self.mqtt.subscribe(topic, qos=1)
+            except TransportError as exc:
+                if not self.mqtt.is_subscribed(topic):
+                    raise  # refused by the broker: we would never hear that topic
+                # A freeze (an emulated board taken offline during start-up) can outlast the wait
+                # for the SUBACK; the subscription stays registered and goes out with the next
+                # CONNACK, so the device joins once it is back instead of exiting.
+                log.warning("%s: %s; it is sent again when the connection is back", self.id, exc)
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
         next_sample = next_publish = next_expire = time.monotonic()
