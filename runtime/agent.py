@@ -296,7 +296,15 @@ class Agent:
         # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
         # They move the energy integral only: rows keep their fixed rate and whole intervals.
         energy_j = self.sampler.mark()
-        self.trainer.submit(job, weights)
+        try:
+            self.trainer.submit(job, weights)
+        except TrainerDied as exc:
+            log.error("%s: %s", self.id, exc)
+            self._set_state("failed", task.task_id, str(exc), failure=failure_of_exit(exc.exitcode))
+            if not self.stop_event.is_set():
+                self.trainer.restart()
+            self._set_state("idle")
+            return
         self.running = _Running(task, energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
