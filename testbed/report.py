@@ -559,6 +559,9 @@ def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[st
         ooms = [e for e in mine if e["event"] == "oom"]
         if ooms:
             why.append(f"{ooms[-1].get('oom_kills')} OOM kill(s) under {ooms[-1].get('mem_limit_mb')} MB")
+        if not why:
+            end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
+            why.append(f"its agent neither exited nor was frozen: still starting when the run stopped at {end_s:.1f} s")
         log_path = run_dir / "logs" / f"{device}.log"
         lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []
         why.append(f"last log line: {lines[-1].strip()!r}" if lines else "its log is empty")
