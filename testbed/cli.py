@@ -67,6 +67,7 @@ def cmd_artifacts_build(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> int:
     from runtime.tomlconf import parse_param
     from testbed.federate import FederationSpec, run_federation
+    from testbed.report import failure_line
 
     params = dict(parse_param(item) for item in args.param or [])
     method_params = dict(parse_param(item, "--method-param") for item in args.method_param or [])
@@ -93,6 +94,10 @@ def cmd_federate(args: argparse.Namespace) -> int:
             "updates_rejected", "utilization", "server_exit")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"report: {Path(args.out) / 'report.html'}")
+    failure = failure_line(summary)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0 if summary.get("server_exit") == 0 else 1
 
 

@@ -583,3 +583,17 @@ def render_wasted_work(summary: dict[str, Any]) -> str:
     if summary["never_joined"]:
         parts.append("<h2>Devices that never joined</h2>" + html_table(summary["never_joined"], ["id", "reason"]))
     return "".join(parts)
+
+
+def failure_line(summary: dict[str, Any]) -> str | None:
+    """One line saying why a run that made no aggregation failed, naming the devices that never
+    said hello and why; None when it made at least one. `orchard campaign run` and `orchard
+    federate` print it and exit 1."""
+    if summary.get("rounds"):
+        return None
+    line = f"campaign {summary.get('campaign')!r} made 0 aggregations ({summary.get('stop_reason') or 'stopped'})"
+    never = summary.get("never_joined") or []
+    if never:
+        line += f": {len(never)} of {summary.get('n_devices')} devices never said hello: "
+        line += ", ".join(d["id"] for d in never) + " (" + "; ".join(f"{d['id']}: {d['reason']}" for d in never) + ")"
+    return " ".join(line.split())  # one line, whatever a log line held

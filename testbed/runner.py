@@ -291,17 +291,10 @@ class CampaignRunner:
             self._events = None
 
     def failure(self) -> str | None:
-        """One line saying why a run that made no aggregation failed, naming the devices that
-        never said hello and why; None when it made at least one."""
-        if self.summary.get("rounds"):
-            return None
-        line = f"campaign {self.c.name!r} made 0 aggregations ({self.stop_reason or 'stopped'})"
-        never = self.summary.get("never_joined") or []
-        if never:
-            names = ", ".join(d["id"] for d in never)
-            line += f": {len(never)} of {len(self.devices)} devices never said hello: {names} ("
-            line += "; ".join(f"{d['id']}: {d['reason']}" for d in never) + ")"
-        return " ".join(line.split())  # one line, whatever a log line held
+        """One line saying why the run made no aggregation (see testbed.report.failure_line)."""
+        from testbed.report import failure_line
+
+        return failure_line({**self.summary, "campaign": self.c.name, "stop_reason": self.stop_reason})
 
     def _report(self) -> dict[str, Any]:
         from testbed.report import write_report
