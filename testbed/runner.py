@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOP_S = 0.25
 RESTART_BACKOFF_S = 2.0
 STOP_GRACE_S = 30.0
+GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
 
 
 @dataclass
@@ -228,8 +229,20 @@ class CampaignRunner:
                 self.stop_reason = f"wall time {self.c.wall_s:.0f} s reached"
             elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
                 self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
+            elif self._all_gave_up():
+                self.stop_reason = (f"every device exited {GIVE_UP_EXITS} times without ever saying hello; "
+                                    "nothing can run")
             live.render(now)
         live.close()
+
+    def _all_gave_up(self) -> bool:
+        # Waiting for wall_s would change nothing: every agent keeps dying before its hello.
+        if not all(d.restarts + (d.died_at is not None) >= GIVE_UP_EXITS for d in self.devices.values()):
+            return False
+        try:
+            return '"device_hello"' not in (self.run / "events.jsonl").read_text(errors="replace")
+        except OSError:
+            return False
 
     def _trace_driver(self) -> TraceDriver:
         avail, cpu = {}, {}

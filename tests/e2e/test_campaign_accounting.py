@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import time
 from pathlib import Path
 
 from tests.e2e.test_campaign import ROOT, SMALL_FLEET, campaign_file, cgroups, events, orchard
@@ -98,3 +99,23 @@ def test_min_devices_from_the_campaign_file(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert "[campaign] min_devices = 9 is more than the fleet's 3 devices" in lines[0]
+
+
+ALL_DIE = """
+[[fleet]]
+name = "tiny"
+board = "rpi5"
+count = 2
+mem_limit_mb = 16
+"""
+
+
+def test_a_fleet_that_keeps_dying_before_hello_stops_early_and_fails(tmp_path, cgroups):
+    path = campaign_file(tmp_path, "alldie", ALL_DIE, wall_s=300)
+    started = time.monotonic()
+    proc = orchard("campaign", "run", str(path), "--out", str(tmp_path / "run"), "--quiet")
+    assert time.monotonic() - started < 150  # not wall_s (300 s) + grace
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "made 0 aggregations (every device exited 4 times without ever saying hello" in last, last
+    assert "2 of 2 devices never said hello: tiny-0, tiny-1" in last, last
