@@ -9,6 +9,9 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
+from runtime.board import load_board
 from tests.e2e.test_campaign import ROOT, SMALL_FLEET, campaign_file, cgroups, events, orchard
 
 __all__ = ["cgroups"]  # the fixture, shared with test_campaign.py
@@ -119,3 +122,40 @@ def test_a_fleet_that_keeps_dying_before_hello_stops_early_and_fails(tmp_path, c
     last = proc.stderr.strip().splitlines()[-1]
     assert "made 0 aggregations (every device exited 4 times without ever saying hello" in last, last
     assert "2 of 2 devices never said hello: tiny-0, tiny-1" in last, last
+
+
+NAP = """
+[[fleet]]
+name = "on"
+board = "rpi5"
+count = 1
+[[fleet]]
+name = "nap"
+board = "rpi5"
+count = 1
+availability = { kind = "file", path = "nap.json" }
+"""
+
+
+@pytest.mark.parametrize("offline", ["unreachable", "powered-off"])
+def test_offline_mode_decides_what_a_frozen_spell_costs(tmp_path, cgroups, offline):
+    (tmp_path / "nap.json").write_text(json.dumps({"inactive": [[6, 16]]}))  # frozen for 10 s mid-run
+    path = campaign_file(tmp_path, "nap", NAP, rounds=1000, wall_s=24)
+    path.write_text(path.read_text().replace("seed = 1\n", f'seed = 1\noffline = "{offline}"\n', 1))
+    run = tmp_path / "run"
+    proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    nap = next(d for d in summary["devices"] if d["id"] == "nap-0")
+    assert abs(csv_energy_j(run / "devices" / "nap-0.csv") - nap["energy_j"]) <= 0.01 * nap["energy_j"]
+    with (run / "devices" / "nap-0.csv").open(newline="") as f:
+        rows = [(float(r["t"]), float(r["power_w"])) for r in csv.DictReader(f) if r["power_w"]]
+    # The row that spans the freeze: its mean power is idle power when the board stays powered,
+    # and only the few unfrozen seconds' share of it when it is off.
+    span_s, power_w = max((b[0] - a[0], b[1]) for a, b in itertools.pairwise(rows))
+    assert span_s > 7.0, rows
+    p_idle = load_board("rpi5").power.p_idle_w
+    if offline == "unreachable":
+        assert power_w >= 0.9 * p_idle, (span_s, power_w)
+    else:
+        assert power_w <= 0.35 * p_idle, (span_s, power_w)
