@@ -219,7 +219,8 @@ class Engine:
             if event.device_id in self._devices:
                 self._devices[event.device_id].n_rejected += 1
             out.append(self._log(now, EventName.UPDATE_REJECTED, device=event.device_id, task_id=upd.task_id,
-                                 base_version=upd.base_version, reason=str(exc)))
+                                 base_version=upd.base_version, reason=str(exc), train_s=upd.train_s,
+                                 energy_j=upd.energy_j))
             return
         task = accepted.task
         after = "idle" if self.strategy.close.dispatch == "continuous" else "done"

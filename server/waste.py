@@ -11,7 +11,9 @@ the engine's log events (`task_sent`, `update_accepted`, `update_rejected`, `tas
   coming on, whichever is seen first): an offline device does no work;
 - a task still out when the run stops (`finished`, `server_stop` or the campaign runner's
   `campaign_stopping`, whichever comes first) is *unfinished*: neither useful nor wasted;
-- `wasted_fraction = wasted / (useful + wasted)`.
+- `wasted_fraction = wasted / (useful + wasted)`;
+- `wasted_energy_j`: the energy refused updates reported (a task abandoned whose update never
+  arrived reported none).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class DeviceWork:
     wasted_s: float = 0.0
     unfinished_s: float = 0.0
     tasks_wasted: int = 0
+    wasted_energy_j: float = 0.0
 
 
 @dataclass
@@ -43,6 +46,10 @@ class WorkSummary:
     @property
     def wasted_s(self) -> float:
         return sum(d.wasted_s for d in self.devices.values())
+
+    @property
+    def wasted_energy_j(self) -> float:
+        return sum(d.wasted_energy_j for d in self.devices.values())
 
     @property
     def wasted_fraction(self) -> float | None:
@@ -95,6 +102,10 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
         if kind == "task_sent":
             sent[key], sent_offline[key] = t, offline_until(device, t)
             continue
+        if kind == "update_rejected" and (key in sent or key in abandoned):
+            energy_j = e.get("energy_j")
+            if isinstance(energy_j, (int, float)) and not isinstance(energy_j, bool):
+                work.wasted_energy_j += float(energy_j)
         if key in sent:
             busy_s = t - sent.pop(key) - (offline_until(device, t) - sent_offline.pop(key))
             if kind == "update_accepted":

@@ -532,8 +532,9 @@ def wasted_work_figures(data: RunData) -> dict[str, Any]:
         d = work.devices.get(device)
         per_device[device] = {"wasted_s": _r(d.wasted_s if d else 0.0), "useful_s": _r(d.useful_s if d else 0.0),
                               "unfinished_s": _r(d.unfinished_s if d else 0.0),
-                              "tasks_wasted": d.tasks_wasted if d else 0}
-    return {"wasted_s": _r(work.wasted_s), "useful_s": _r(work.useful_s),
+                              "tasks_wasted": d.tasks_wasted if d else 0,
+                              "wasted_energy_j": _r(d.wasted_energy_j if d else 0.0)}
+    return {"wasted_s": _r(work.wasted_s), "useful_s": _r(work.useful_s), "wasted_energy_j": _r(work.wasted_energy_j),
             "wasted_fraction": _r(fraction, 4) if fraction is not None else None, "devices": per_device}
 
 
@@ -577,9 +578,10 @@ def render_wasted_work(summary: dict[str, Any]) -> str:
     fraction = work["wasted_fraction"]
     share = "n/a" if fraction is None else f"{100 * fraction:.1f} %"
     parts = [f"<h2>Wasted work</h2><p>{work['wasted_s']} device-seconds of {work['wasted_s'] + work['useful_s']:.3f} "
-             f"went into updates that were refused or abandoned ({share}).</p>"]
+             f"went into updates that were refused or abandoned ({share}); refused updates reported "
+             f"{work['wasted_energy_j']} J.</p>"]
     rows = [{"id": device, **figures} for device, figures in work["devices"].items()]
-    parts.append(html_table(rows, ["id", "useful_s", "wasted_s", "unfinished_s", "tasks_wasted"]))
+    parts.append(html_table(rows, ["id", "useful_s", "wasted_s", "unfinished_s", "tasks_wasted", "wasted_energy_j"]))
     if summary["never_joined"]:
         parts.append("<h2>Devices that never joined</h2>" + html_table(summary["never_joined"], ["id", "reason"]))
     return "".join(parts)

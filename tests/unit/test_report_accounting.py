@@ -13,8 +13,10 @@ def test_wasted_work_of_the_known_run(tmp_path: Path) -> None:
     s = write_report(make_run(tmp_path))
     work = s["wasted_work"]
     # a: t1 2 -> 4.5 and t3 5 -> 8.5, both accepted. b: t2 2 -> 11, refused, offline 6 -> 10.
-    assert work["devices"]["a"] == {"wasted_s": 0.0, "useful_s": 6.0, "unfinished_s": 0.0, "tasks_wasted": 0}
-    assert work["devices"]["b"] == {"wasted_s": 5.0, "useful_s": 0.0, "unfinished_s": 0.0, "tasks_wasted": 1}
+    assert work["devices"]["a"] == {"wasted_s": 0.0, "useful_s": 6.0, "unfinished_s": 0.0, "tasks_wasted": 0,
+                                    "wasted_energy_j": 0.0}
+    assert work["devices"]["b"] == {"wasted_s": 5.0, "useful_s": 0.0, "unfinished_s": 0.0, "tasks_wasted": 1,
+                                    "wasted_energy_j": 0.0}  # its refusal carried no energy figure
     assert (work["wasted_s"], work["useful_s"], work["wasted_fraction"]) == (5.0, 6.0, round(5 / 11, 4))
     assert s["never_joined"] == []
     page = (tmp_path / "known" / "report.html").read_text()

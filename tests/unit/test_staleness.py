@@ -60,7 +60,7 @@ def test_work_summary_charges_refused_and_abandoned_tasks_until_settled() -> Non
         {"event": "task_sent", "device": "b", "task_id": "t2", "t": 0.0},
         {"event": "task_sent", "device": "c", "task_id": "t3", "t": 0.0},
         {"event": "update_accepted", "device": "a", "task_id": "t1", "t": 2.0},
-        {"event": "update_rejected", "device": "b", "task_id": "t2", "t": 3.0, "reason": "too stale"},
+        {"event": "update_rejected", "device": "b", "task_id": "t2", "t": 3.0, "reason": "too stale", "energy_j": 4.5},
         {"event": "task_abandoned", "device": "c", "task_id": "t3", "t": 4.0},  # a straggler dropped ...
         {"event": "task_sent", "device": "a", "task_id": "t4", "t": 5.0},
         {"event": "update_rejected", "device": "c", "task_id": "t3", "t": 6.5},  # ... trained on to 6.5
@@ -73,6 +73,7 @@ def test_work_summary_charges_refused_and_abandoned_tasks_until_settled() -> Non
     assert (work.devices["a"].useful_s, work.devices["a"].unfinished_s) == (2.0, 4.0)
     assert work.devices["b"].wasted_s == 3.0 and work.devices["c"].wasted_s == 6.5
     assert work.devices["c"].tasks_wasted == 1
+    assert (work.devices["b"].wasted_energy_j, work.wasted_energy_j) == (4.5, 4.5)
     assert work.wasted_s == 9.5 and work.wasted_fraction == pytest.approx(9.5 / 11.5)
     assert work_summary([]).wasted_fraction is None
 
