@@ -177,6 +177,11 @@ class Agent:
         )
         self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
         self._set_state(self.state, self.running.task.task_id if self.running else None)
+        # A row the server surely hears (it is subscribed once its state is online): rows sent
+        # before it subscribed are lost, and a short run could end before the next batch. The
+        # row's cumulative energy_j carries whatever the lost rows covered.
+        self.samples.append(self.sampler.sample(self.state))
+        self._publish_telemetry()
 
     def _set_state(self, state: str, task_id: str | None = None, detail: str = "", failure: str | None = None) -> None:
         self.state = state
