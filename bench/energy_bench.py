@@ -67,8 +67,10 @@ def meter_against_exact(model: PowerModel, read_at_s: list[float]) -> tuple[floa
 def csv_energy_j(path: Path) -> float:
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["power_w"]]
-    return float(rows[0]["energy_j"]) + sum(float(b["power_w"]) * (float(b["t"]) - float(a["t"]))
-                                            for a, b in itertools.pairwise(rows))
+    # A drop in energy_j is a restarted agent: a new segment, as the report counts it.
+    return float(rows[0]["energy_j"]) + sum(
+        float(b["energy_j"]) if float(b["energy_j"]) < float(a["energy_j"])
+        else float(b["power_w"]) * (float(b["t"]) - float(a["t"])) for a, b in itertools.pairwise(rows))
 
 
 def campaign_figures(run: Path) -> dict[str, Any]:

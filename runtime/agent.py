@@ -12,7 +12,6 @@ with a logged reason; the server times the task out).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -192,16 +191,21 @@ class Agent:
             log.warning("%s: status %s not sent: %s", self.id, state, exc)
 
     def _publish_telemetry(self, wait_s: float | None = None) -> None:
-        # Held back while the broker is unreachable (after a frozen spell the connection is gone
-        # until paho reconnects), so the trace has no hole: every row is one interval of energy.
+        # No row may be lost: each is the mean power over its own interval since the previous
+        # row, so a hole would hide that interval's energy from anyone integrating the trace. So
+        # QoS 1 (DESIGN has 0; a QoS-0 batch sent just as a thawed board's dead connection is
+        # noticed vanished), and rows are held back while the broker is unreachable.
         if not self.mqtt.is_connected:
             del self.samples[:-TELEMETRY_BACKLOG]
             return
         batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))
+        try:
+            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=1, wait_s=wait_s)
+        except TransportError as exc:  # refused outright: keep the rows for the next try
+            log.warning("%s: telemetry held back: %s", self.id, exc)
+            del self.samples[:-TELEMETRY_BACKLOG]
+            return
         self.samples = []
-        with contextlib.suppress(TransportError):  # QoS 0: a refused publish is not retried
-            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=1 if wait_s else 0,
-                              wait_s=wait_s)
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Connected | Disconnected | Message) -> None:

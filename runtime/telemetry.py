@@ -115,7 +115,7 @@ class FreezeWatch:
     def __init__(self, period_s: float = 0.2, tolerance_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.period_s, self.tolerance_s, self._clock = period_s, tolerance_s, clock
-        self.started_s = clock()
+        self.started_s = self._last_tick = clock()
         self._frozen_s = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -124,18 +124,22 @@ class FreezeWatch:
 
     @property
     def frozen_s(self) -> float:
+        """Frozen seconds so far, including a spell the thread has not counted yet: right after a
+        thaw the reader may run before the thread does (it needs the GIL), so a gap since the
+        thread's last tick that exceeds the tolerance is counted here too. The thread later adds
+        the same gap measured to its own, later tick, so the total only grows."""
         with self._lock:
-            return self._frozen_s
+            pending = self._clock() - self._last_tick - self.period_s
+            return self._frozen_s + (pending if pending > self.tolerance_s else 0.0)
 
     def _run(self) -> None:
-        last = self._clock()
         while not self._stop.wait(self.period_s):
-            now = self._clock()
-            excess = now - last - self.period_s
-            if excess > self.tolerance_s:
-                with self._lock:
+            with self._lock:
+                now = self._clock()
+                excess = now - self._last_tick - self.period_s
+                if excess > self.tolerance_s:
                     self._frozen_s += excess
-            last = now
+                self._last_tick = now
 
     def close(self) -> None:
         self._stop.set()

@@ -23,7 +23,10 @@ def csv_energy_j(path: Path) -> float:
         rows = [r for r in csv.DictReader(f) if r["power_w"]]
     total = float(rows[0]["energy_j"])
     for prev, row in itertools.pairwise(rows):
-        total += float(row["power_w"]) * (float(row["t"]) - float(prev["t"]))
+        if float(row["energy_j"]) < float(prev["energy_j"]):  # a restarted agent: a new segment (as the report)
+            total += float(row["energy_j"])
+        else:
+            total += float(row["power_w"]) * (float(row["t"]) - float(prev["t"]))
     return total
 
 
@@ -149,7 +152,12 @@ def test_offline_mode_decides_what_a_frozen_spell_costs(tmp_path, cgroups, offli
     nap = next(d for d in summary["devices"] if d["id"] == "nap-0")
     assert abs(csv_energy_j(run / "devices" / "nap-0.csv") - nap["energy_j"]) <= 0.01 * nap["energy_j"]
     with (run / "devices" / "nap-0.csv").open(newline="") as f:
-        rows = [(float(r["t"]), float(r["power_w"])) for r in csv.DictReader(f) if r["power_w"]]
+        full = [(float(r["t"]), float(r["power_w"]), float(r["energy_j"])) for r in csv.DictReader(f) if r["power_w"]]
+    # No row lost, across the freeze and the reconnect: each row's mean power covers exactly the
+    # span since the row before it.
+    for a, b in itertools.pairwise(full):
+        assert abs(b[1] * (b[0] - a[0]) - (b[2] - a[2])) <= 0.01 + 0.002 * (b[2] - a[2]), (a, b)
+    rows = [(t, p) for t, p, _ in full]
     # The row that spans the freeze: its mean power is idle power when the board stays powered,
     # and only the few unfrozen seconds' share of it when it is off.
     span_s, power_w = max((b[0] - a[0], b[1]) for a, b in itertools.pairwise(rows))
