@@ -22,8 +22,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-END_EVENTS = ("finished", "server_stop", "campaign_stopping")
-_TASK_EVENTS = frozenset({"task_sent", "update_accepted", "update_rejected", "task_abandoned"})
+from server.events import EventName
+
+E = EventName
+END_EVENTS = (E.FINISHED, E.SERVER_STOP, E.CAMPAIGN_STOPPING)
+_TASK_EVENTS = frozenset({E.TASK_SENT, E.UPDATE_ACCEPTED, E.UPDATE_REJECTED, E.TASK_ABANDONED})
 
 
 @dataclass
@@ -88,8 +91,8 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
         device, task_id = e.get("device"), e.get("task_id")
         if not isinstance(device, str):
             continue
-        went_offline = kind == "device_offline" or (kind == "availability" and e.get("online") is False)
-        came_back = kind == "device_hello" or (kind == "availability" and e.get("online") is True)
+        went_offline = kind == E.DEVICE_OFFLINE or (kind == E.AVAILABILITY and e.get("online") is False)
+        came_back = kind == E.DEVICE_HELLO or (kind == E.AVAILABILITY and e.get("online") is True)
         if went_offline and device not in offline_since:
             offline_since[device] = t
         elif came_back and device in offline_since:
@@ -99,23 +102,23 @@ def work_summary(events: Iterable[Mapping[str, Any]], time_key: str = "t") -> Wo
             continue
         key = (device, task_id)
         work = out.devices.setdefault(device, DeviceWork())
-        if kind == "task_sent":
+        if kind == E.TASK_SENT:
             sent[key], sent_offline[key] = t, offline_until(device, t)
             continue
-        if kind == "update_rejected" and (key in sent or key in abandoned):
+        if kind == E.UPDATE_REJECTED and (key in sent or key in abandoned):
             energy_j = e.get("energy_j")
             if isinstance(energy_j, (int, float)) and not isinstance(energy_j, bool):
                 work.wasted_energy_j += float(energy_j)
         if key in sent:
             busy_s = t - sent.pop(key) - (offline_until(device, t) - sent_offline.pop(key))
-            if kind == "update_accepted":
+            if kind == E.UPDATE_ACCEPTED:
                 work.useful_s += busy_s
-            elif kind in ("update_rejected", "task_abandoned"):
+            elif kind in (E.UPDATE_REJECTED, E.TASK_ABANDONED):
                 work.tasks_wasted += 1
                 work.wasted_s += busy_s
-                if kind == "task_abandoned":
+                if kind == E.TASK_ABANDONED:
                     abandoned[key] = (t, offline_until(device, t))
-        elif kind == "update_rejected" and key in abandoned:
+        elif kind == E.UPDATE_REJECTED and key in abandoned:
             # The late update of an abandoned task: the device worked on it until now.
             until, offline_then = abandoned.pop(key)
             work.wasted_s += t - until - (offline_until(device, t) - offline_then)

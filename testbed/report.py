@@ -542,22 +542,24 @@ def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[st
                          origin: float) -> list[dict[str, str]]:
     """Devices of the fleet that never said hello, each with what is known about why: the
     availability trace that kept it frozen, its agent's exits, and the last line of its log."""
-    hello = {e.get("device") for e in events if e["event"] == "device_hello"}
+    hello = {e.get("device") for e in events if e["event"] == EventName.DEVICE_HELLO}
     out = []
     for device in devices:
         if device in hello:
             continue
         mine = [e for e in events if e.get("device") == device]
         why = []
-        offline_at = [float(e["wall_t"]) - origin for e in mine if e["event"] == "availability" and not e.get("online")]
+        offline_at = [float(e["wall_t"]) - origin for e in mine
+                      if e["event"] == EventName.AVAILABILITY and not e.get("online")]
         if offline_at:
-            online_at = [float(e["wall_t"]) - origin for e in mine if e["event"] == "availability" and e.get("online")]
+            online_at = [float(e["wall_t"]) - origin for e in mine
+                         if e["event"] == EventName.AVAILABILITY and e.get("online")]
             span = f"until {online_at[-1]:.1f} s" if online_at else "to the end"
             why.append(f"frozen by its availability trace from {offline_at[0]:.1f} s {span}")
-        exits = [e for e in mine if e["event"] == "device_exit"]
+        exits = [e for e in mine if e["event"] == EventName.DEVICE_EXIT]
         if exits:
             why.append(f"its agent exited {len(exits)} time(s), last with code {exits[-1].get('code')}")
-        ooms = [e for e in mine if e["event"] == "oom"]
+        ooms = [e for e in mine if e["event"] == EventName.OOM]
         if ooms:
             why.append(f"{ooms[-1].get('oom_kills')} OOM kill(s) under {ooms[-1].get('mem_limit_mb')} MB")
         if not why:

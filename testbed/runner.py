@@ -240,7 +240,7 @@ class CampaignRunner:
         if not all(d.restarts + (d.died_at is not None) >= GIVE_UP_EXITS for d in self.devices.values()):
             return False
         try:
-            return '"device_hello"' not in (self.run / "events.jsonl").read_text(errors="replace")
+            return f'"{EventName.DEVICE_HELLO}"' not in (self.run / "events.jsonl").read_text(errors="replace")
         except OSError:
             return False
 
@@ -290,7 +290,7 @@ class CampaignRunner:
             with contextlib.suppress(OrchardError):
                 d.cgroup.thaw()  # a frozen process cannot act on SIGTERM
         # Tasks still out from here on are unfinished, not wasted (see server.waste).
-        self._event(event="campaign_stopping", reason=self.stop_reason or "error")
+        self._event(event=EventName.CAMPAIGN_STOPPING, reason=self.stop_reason or "error")
         # Devices first, the server last: it records their final telemetry rows (which cover the
         # run to its end, offline spells included) and their goodbyes.
         _stop_all([d.proc for d in self.devices.values() if d.proc is not None], grace_s=6.0)
