@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.protocol import Assignment
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob
 
 
@@ -39,7 +40,8 @@ def test_submit_to_a_trainer_that_died_between_jobs_raises_trainer_died(shard: P
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
-    job = TrainJob("j1", "/nonexistent", None, steps=1, epochs=0, batch_size=2, lr=0.1, seed=0)
+    job = TrainJob("j1", "/nonexistent", Assignment("fedavg", "dense", ("none",)), "weights", steps=1, epochs=0,
+                   batch_size=2, lr=0.1, seed=0)
     with pytest.raises(TrainerDied, match="trainer died before job j1: killed by SIGKILL"):
         trainer.submit(job, np.zeros(10, np.float32))
     trainer.restart()
@@ -59,8 +61,9 @@ def test_trainer_whose_agent_closed_mid_job_exits_quietly(tmp_path: Path, capfd:
     trainer = TrainerProcess(path)
     proc = trainer._proc
     n_params = read_manifest(art.directory).layout.total
-    trainer.submit(TrainJob("j1", str(art.directory), None, steps=3000, epochs=0, batch_size=8, lr=0.1, seed=0),
-                   np.zeros(n_params, np.float32))
+    job = TrainJob("j1", str(art.directory.parent), Assignment("fedavg", "dense", (art.key,)), "weights", steps=3000,
+                   epochs=0, batch_size=8, lr=0.1, seed=0)
+    trainer.submit(job, np.zeros(n_params, np.float32))
     assert trainer._conn is not None
     trainer._conn.close()  # the agent is gone while the child trains: its reply has nowhere to go
     proc.join(60)
