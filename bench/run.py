@@ -82,6 +82,8 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "trainer": bench_trainer,
     "aggregation": _optional("bench.aggregation_bench"),
     "engine": _optional("bench.engine_bench"),
+    "staleness": _optional("bench.staleness_bench"),
+    "energy": _optional("bench.energy_bench"),
     "mqtt": _optional("bench.mqtt_bench"),
     "federation": _optional("bench.federation_bench"),
     "fidelity": _optional("bench.fidelity_bench"),

@@ -12,7 +12,6 @@ with a logged reason; the server times the task out).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -50,7 +49,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.telemetry import CgroupLimits, Sampler, threads_for_quota
+from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
 log = logging.getLogger("orchard.device")
@@ -58,6 +57,8 @@ log = logging.getLogger("orchard.device")
 TELEMETRY_BATCH_S = 1.0  # publish buffered samples at most this often
 REASSEMBLY_TIMEOUT_S = 60.0
 REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
+SHUTDOWN_RECONNECT_S = 2.0
+TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
 
 
 @dataclass
@@ -81,8 +82,10 @@ class Agent:
         with np.load(cfg.shard) as shard:
             labels = shard["y"].astype(np.int64)
         self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
+        self.freeze = FreezeWatch()
         self.trainer = TrainerProcess(cfg.shard, threads=self.threads)
-        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits)
+        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
+                               freeze=self.freeze)
         self.state = "idle"
         self.running: _Running | None = None
         self.waiting_for_artifact: Task | None = None
@@ -110,7 +113,15 @@ class Agent:
         # after we are back, and would leave a live device marked offline (see _on_message).
         for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
                       self.topics.status(self.id)):
-            self.mqtt.subscribe(topic, qos=1)
+            try:
+                self.mqtt.subscribe(topic, qos=1)
+            except TransportError as exc:
+                if not self.mqtt.is_subscribed(topic):
+                    raise  # refused by the broker: we would never hear that topic
+                # A freeze (an emulated board taken offline during start-up) can outlast the wait
+                # for the SUBACK; the subscription stays registered and goes out with the next
+                # CONNACK, so the device joins once it is back instead of exiting.
+                log.warning("%s: %s; it is sent again when the connection is back", self.id, exc)
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
         next_sample = next_publish = next_expire = time.monotonic()
@@ -140,13 +151,20 @@ class Agent:
         return 0
 
     def _shutdown(self) -> None:
+        # A last row, so the trace covers the run up to its end (a spell offline at the end too).
+        self.samples.append(self.sampler.sample(self.state))
+        reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects
+        while not self.mqtt.is_connected and time.monotonic() < reconnect_by:
+            time.sleep(0.05)
         try:
+            self._publish_telemetry(wait_s=2.0)
             if self.mqtt.is_connected:
                 status = encode_json(Status(self.id, "offline", time.time(), detail="shut down"))
                 self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
         except TransportError as exc:
             log.warning("%s: could not say goodbye: %s", self.id, exc)
         self.trainer.close()
+        self.freeze.close()
         self.mqtt.close()
 
     def _announce(self) -> None:
@@ -158,6 +176,11 @@ class Agent:
         )
         self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
         self._set_state(self.state, self.running.task.task_id if self.running else None)
+        # A row the server surely hears (it is subscribed once its state is online): rows sent
+        # before it subscribed are lost, and a short run could end before the next batch. The
+        # row's cumulative energy_j carries whatever the lost rows covered.
+        self.samples.append(self.sampler.sample(self.state))
+        self._publish_telemetry()
 
     def _set_state(self, state: str, task_id: str | None = None, detail: str = "", failure: str | None = None) -> None:
         self.state = state
@@ -167,11 +190,22 @@ class Agent:
         except TransportError as exc:  # QoS 1 is queued while offline; this is a refused publish
             log.warning("%s: status %s not sent: %s", self.id, state, exc)
 
-    def _publish_telemetry(self) -> None:
+    def _publish_telemetry(self, wait_s: float | None = None) -> None:
+        # No row may be lost: each is the mean power over its own interval since the previous
+        # row, so a hole would hide that interval's energy from anyone integrating the trace. So
+        # QoS 1 (DESIGN has 0; a QoS-0 batch sent just as a thawed board's dead connection is
+        # noticed vanished), and rows are held back while the broker is unreachable.
+        if not self.mqtt.is_connected:
+            del self.samples[:-TELEMETRY_BACKLOG]
+            return
         batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))
+        try:
+            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=1, wait_s=wait_s)
+        except TransportError as exc:  # refused outright: keep the rows for the next try
+            log.warning("%s: telemetry held back: %s", self.id, exc)
+            del self.samples[:-TELEMETRY_BACKLOG]
+            return
         self.samples = []
-        with contextlib.suppress(TransportError):  # QoS 0 while offline: best-effort by design
-            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=0)
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Connected | Disconnected | Message) -> None:
@@ -267,12 +301,20 @@ class Agent:
         job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
                        upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
                        batch_size=task.batch_size, lr=task.lr, seed=seed)
-        self.trainer.submit(job, weights)
-        # Meter readings at each end of the task, so its energy covers the training burst itself and
-        # not the nearest 1 Hz samples (a sub-second task would otherwise report 0 J). They update
-        # the energy integral only: the telemetry stream stays at its fixed rate.
-        self.sampler.sample("training")
-        self.running = _Running(task, self.sampler.meter.energy_j, time.monotonic())
+        # Meter readings at each end of the task, so its energy is the integral over the task
+        # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
+        # They move the energy integral only: rows keep their fixed rate and whole intervals.
+        energy_j = self.sampler.mark()
+        try:
+            self.trainer.submit(job, weights)
+        except TrainerDied as exc:
+            log.error("%s: %s", self.id, exc)
+            self._set_state("failed", task.task_id, str(exc), failure=failure_of_exit(exc.exitcode))
+            if not self.stop_event.is_set():
+                self.trainer.restart()
+            self._set_state("idle")
+            return
+        self.running = _Running(task, energy_j, time.monotonic())
         self._set_state("training", task.task_id)
 
     # ------------------------------------------------------------ training results
@@ -301,12 +343,12 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
-        self.sampler.sample("training")
+        energy_j = self.sampler.mark()
         layout = read_manifest(self.cfg.artifact_cache / task.assignment.primary_key, verify=False).layout
         update = Update(
             task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
-            energy_j=self.sampler.meter.energy_j - run.energy_j_at_start, kind=outcome.body.form,
+            energy_j=energy_j - run.energy_j_at_start, kind=outcome.body.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
                      "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
             tensors=outcome.body.tensors(layout), report=outcome.body.report,

@@ -9,6 +9,8 @@
     threads = 0                      # ORT threads; 0 = from the cgroup CPU quota or the board
     telemetry_hz = 1.0
     sysfs_root = "/"                 # where power sensors are looked up (tests use a fake tree)
+    offline = "unreachable"          # energy while stopped (a frozen emulated board): "unreachable"
+                                     # charges idle power, "powered-off" charges nothing
 
     [broker]
     url = "mqtt://127.0.0.1:1883"    # mqtt:// or mqtts://, optional user:password@
@@ -24,10 +26,11 @@ from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.methods import device_profile
+from runtime.telemetry import OFFLINE_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
-                          "sysfs_root"})
+                          "sysfs_root", "offline"})
 _BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file"})
 
 
@@ -45,6 +48,7 @@ class DeviceConfig:
     keepalive_s: int = 10
     ca_file: str | None = None
     sysfs_root: str = "/"
+    offline: str = "unreachable"  # one of runtime.telemetry.OFFLINE_MODES
 
 
 def load_device_config(path: str | Path, broker_url: str | None = None) -> DeviceConfig:
@@ -75,6 +79,7 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         keepalive_s=brk.integer("keepalive_s", 2, 3600, default=10),
         ca_file=brk.optional_string("ca_file"),
         sysfs_root=dev.string("sysfs_root", default="/"),
+        offline=dev.string("offline", OFFLINE_MODES, default="unreachable"),
     )
 
 

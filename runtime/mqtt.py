@@ -418,6 +418,11 @@ class MqttClient:
                 self._subs.pop(topic, None)
             raise self._error(f"broker refused the subscription to {topic!r}", ack.failure)
 
+    def is_subscribed(self, topic: str) -> bool:
+        """Whether `topic` is among the subscriptions sent again on every reconnect."""
+        with self._subs_lock:
+            return topic in self._subs
+
     def unsubscribe(self, topic: str) -> None:
         with self._subs_lock:
             self._subs.pop(topic, None)

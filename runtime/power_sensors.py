@@ -44,6 +44,11 @@ register_exit_code(PowerReadError, EXIT_SENSOR)
 
 class PowerSource(ABC):
     kind: str = ""
+    # True when a reading is the mean power since the previous reading (RAPL's energy counter, the
+    # power model over CPU time): the meter then integrates it with the backward rectangle, which
+    # is exact. False for sensors that report power at an instant (INA3221, INA2xx, the PMIC):
+    # the trapezoid, exact for power that changes linearly between readings.
+    interval_mean: bool = False
 
     def __init__(self, name: str, measurement_point: str) -> None:
         self.name = name
@@ -85,6 +90,7 @@ class RaplSource(PowerSource):
     """Average package power between calls, from the cumulative `energy_uj` counters."""
 
     kind = "rapl"
+    interval_mean = True
 
     def __init__(self, sysfs_root: str | Path = "/", zones: Sequence[str] = (), clock: Clock = time.monotonic):
         base = _root(sysfs_root) / "sys/class/powercap"

@@ -84,8 +84,18 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
-    # The agent handles Ctrl-C and shutdown; the child must not die halfway through a reply.
+    try:
+        _serve(conn, shard_path, threads)
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        return  # the agent closed its end (shutdown, or it died): nobody is left to answer
+
+
+def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
+    # The agent handles Ctrl-C and shutdown (SIGTERM reaches the whole process group); the child
+    # must not die halfway through a reply, nor under an agent that is still sending it a job.
+    # It stops when told, or when the pipe closes (the agent is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from runtime.methods import device_method
     from runtime.ort import OrtSession
     from runtime.trainer import TrainConfig, Trainer
@@ -182,8 +192,13 @@ class TrainerProcess:
             raise TrainerError(f"trainer is busy with job {self._job.job_id}; cannot start {job.job_id}")
         assert self._conn is not None
         # Assignment stays a dataclass through the (local, trusted) pipe; asdict would flatten it.
-        self._conn.send({"op": "train", "job": {**asdict(job), "assignment": job.assignment}})
-        self._conn.send_bytes(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        try:
+            self._conn.send({"op": "train", "job": {**asdict(job), "assignment": job.assignment}})
+            self._conn.send_bytes(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        except OSError:  # a broken pipe: the child died between jobs
+            self._proc.join(5)
+            code = self._proc.exitcode
+            raise TrainerDied(f"trainer died before job {job.job_id}: {describe_exit(code)}", code) from None
         self._job = job
 
     def poll(self, timeout_s: float = 0.0) -> TrainOutcome | None:

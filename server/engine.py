@@ -10,7 +10,8 @@ Invariants:
 - the global buffer is only replaced by a fully validated new array, never written in place;
 - an update counts once: it must answer an outstanding task (device, task id), which it then
   closes, so a redelivered QoS-1 message is refused as a duplicate;
-- staleness = current version − the task's base version; above `max_staleness` it is refused.
+- staleness = current version − the task's base version; above `max_staleness` it is refused;
+  an update older than `max_age_factor` × the slowest online device's task time is refused too.
 """
 
 from __future__ import annotations
@@ -212,10 +213,14 @@ class Engine:
             task = self._tasks.get(upd.task_id)
             if task is not None and task.device_id == event.device_id:
                 self._resolve(task, "already answered by a refused update", "idle")  # answered, if badly
+                # Its speed is known now, refused or not: the age bound must learn that a device
+                # slowed down, or it would refuse that device every time.
+                self._set_task_time(self._devices[task.device_id], max(0.0, now - task.dispatched_s))
             if event.device_id in self._devices:
                 self._devices[event.device_id].n_rejected += 1
             out.append(self._log(now, EventName.UPDATE_REJECTED, device=event.device_id, task_id=upd.task_id,
-                                 base_version=upd.base_version, reason=str(exc)))
+                                 base_version=upd.base_version, reason=str(exc), train_s=upd.train_s,
+                                 energy_j=upd.energy_j))
             return
         task = accepted.task
         after = "idle" if self.strategy.close.dispatch == "continuous" else "done"
@@ -252,6 +257,11 @@ class Engine:
         if cap is not None and staleness > cap:
             raise RoundError(f"{who}: too stale, base version {task.base_version} is {staleness} versions "
                              f"behind {self.version} (max_staleness {cap})")
+        factor, slowest_s = self.strategy.max_age_factor, self._task_time.slowest()
+        age_s = self._clock() - task.dispatched_s
+        if factor is not None and slowest_s is not None and age_s > factor * slowest_s:
+            raise RoundError(f"{who}: too old, {age_s:.3g} s since dispatch is more than {factor:g} x "
+                             f"{slowest_s:.3g} s, the slowest online device's task time")
         base = self._history.get(task.base_version)
         if base is None:  # cannot happen while the cap holds; refuse rather than guess
             raise RoundError(f"{who}: base version {task.base_version} is no longer retained")

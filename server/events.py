@@ -47,6 +47,7 @@ class EventName(StrEnum):
     TELEMETRY_REJECTED = "telemetry_rejected"
     # the campaign runner
     CAMPAIGN_START = "campaign_start"
+    CAMPAIGN_STOPPING = "campaign_stopping"  # processes are being stopped: tasks still out are unfinished
     CAMPAIGN_STOP = "campaign_stop"
     AVAILABILITY = "availability"
     CPU_QUOTA = "cpu_quota"

@@ -412,5 +412,9 @@ class Strategy:
     weight: WeightPolicy
     merge: MergePolicy
     max_staleness: int | None  # updates with version − base_version above this are dropped
+    # Updates older (arrival − dispatch) than this many times the slowest online device's task
+    # time are dropped; None = no bound in time. Relative to the slowest device, so a device that
+    # is merely slow is never starved (see README, "Staleness without starvation").
+    max_age_factor: float | None = None
     concurrency: int | None = None  # most tasks out at once; None = every available device
     params: Mapping[str, Any] = field(default_factory=dict)  # as configured, for logs and checkpoints

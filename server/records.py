@@ -101,6 +101,13 @@ class TaskTimeMedian:
         else:
             del self._sorted[bisect.bisect_left(self._sorted, task_s)]
 
+    def slowest(self) -> float | None:
+        """The longest task time over the online fleet; None while any online device is untimed
+        (it may be the slowest) or none is online."""
+        if self._untimed or not self._sorted:
+            return None
+        return self._sorted[-1]
+
     def median(self) -> float | None:
         total = len(self._sorted) + self._untimed
         if total == 0:

@@ -1,6 +1,8 @@
 """Campaign files: the fleet, the model and data, the method and the round policy, in one TOML.
 
-    [campaign]  name, seed, description
+    [campaign]  name, seed, description, offline = "unreachable" | "powered-off" (what an offline
+                spell means for energy: idle power charged, or nothing), min_devices (no task goes out
+                before this many devices said hello; default: those online at the start)
     [stop]      rounds (aggregations), wall_s, target_accuracy        (whichever comes first)
     [model]     name, dataset, data_root, partition, eval_fraction, samples, input_shape (synthetic)
     [method]    name (fedavg | heterofl | classes | fjord), and the method's keys (its spec in
@@ -32,6 +34,7 @@ from models.structure import MODELS
 from runtime.board import load_board
 from runtime.errors import ConfigError
 from runtime.methods import spec
+from runtime.telemetry import OFFLINE_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.config import canonical_profile, method_table
 from server.strategies import STRATEGY_NAMES, get_strategy, strategy_defaults
@@ -40,7 +43,7 @@ BROKER_KINDS = ("embedded", "mosquitto", "url")
 THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
 _TABLES = ("campaign", "stop", "model", "method", "strategy", "train", "broker", "throttle", "fleet")
 _KEYS = {
-    "campaign": frozenset({"name", "seed", "description"}),
+    "campaign": frozenset({"name", "seed", "description", "offline", "min_devices"}),
     "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
     "model": frozenset({"name", "dataset", "data_root", "partition", "eval_fraction", "samples", "input_shape"}),
     "train": frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"}),
@@ -95,6 +98,8 @@ class Campaign:
     max_oversubscription: float
     fleet: tuple[Group, ...]
     source: Path | None = None
+    offline: str = "unreachable"  # runtime.telemetry.OFFLINE_MODES
+    min_devices: int | None = None  # None: the devices online at the start
 
     @property
     def n_devices(self) -> int:
@@ -188,7 +193,18 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         max_oversubscription=throttle.number("max_oversubscription", 1.0, 64.0, default=4.0),
         fleet=fleet,
         source=p,
+        offline=camp.string("offline", OFFLINE_MODES, default="unreachable"),
+        min_devices=_min_devices(file, camp, sum(g.count for g in fleet)),
     )
+
+
+def _min_devices(file: str, camp: TomlTable, n_devices: int) -> int | None:
+    if "min_devices" not in camp.data:
+        return None
+    value = camp.integer("min_devices", 1, 10**6)
+    if value > n_devices:
+        raise ConfigError(f"{file}: [campaign] min_devices = {value} is more than the fleet's {n_devices} devices")
+    return value
 
 
 def _shape(file: str, value: Any) -> tuple[int, ...] | None:

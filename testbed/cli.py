@@ -67,6 +67,7 @@ def cmd_artifacts_build(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> int:
     from runtime.tomlconf import parse_param
     from testbed.federate import FederationSpec, run_federation
+    from testbed.report import failure_line
 
     params = dict(parse_param(item) for item in args.param or [])
     method_params = dict(parse_param(item, "--method-param") for item in args.method_param or [])
@@ -83,16 +84,20 @@ def cmd_federate(args: argparse.Namespace) -> int:
     def show(rows: list[dict[str, str]]) -> None:
         if args.quiet:
             return
-        r = rows[-1]
-        acc = r["accuracy"] or "-"
-        print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
-              f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
+        for r in rows:  # the new versions, each with its own accuracy
+            acc = r["accuracy"] or "-"
+            print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
+                  f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
 
     summary = run_federation(spec, force=args.force, progress=show)
     keys = ("strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "updates_accepted",
             "updates_rejected", "utilization", "server_exit")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"report: {Path(args.out) / 'report.html'}")
+    failure = failure_line(summary)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0 if summary.get("server_exit") == 0 else 1
 
 
@@ -164,7 +169,13 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
             "updates_accepted", "updates_rejected", "utilization")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"stopped: {runner.stop_reason}\nreport: {out / 'report.html'}")
-    return 130 if runner.stop_reason and runner.stop_reason.startswith("interrupted") else 0
+    if runner.stop_reason and runner.stop_reason.startswith("interrupted"):
+        return 130
+    failure = runner.failure()
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_campaign_compare(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, OrchardError
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
@@ -145,8 +145,18 @@ def server_rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _server_error(run: Path) -> str:
+    """The server's own last word from its log: its `error:` line, else its last line."""
+    path = run / "logs" / "server.log"
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["(its log is empty)"])[-1].removeprefix("error: ")
+
+
 def run_federation(spec: FederationSpec, force: bool = False,
                    progress: Callable[[list[dict[str, str]]], None] | None = None) -> dict[str, Any]:
+    """Run it; `progress` gets the server.csv rows that are new since its last call (one per
+    version), so every version is shown with its own accuracy."""
     run = prepare(spec, force)
     broker: Broker = open_broker(spec.broker)
     started = time.monotonic()
@@ -161,9 +171,9 @@ def run_federation(spec: FederationSpec, force: bool = False,
             while fed.server.poll() is None:
                 time.sleep(0.3)
                 rows = server_rows(run)
-                if progress is not None and len(rows) != seen:
+                if progress is not None and len(rows) > seen:
+                    progress(rows[seen:])
                     seen = len(rows)
-                    progress(rows)
                 if time.monotonic() - started > spec.time_limit_s + 60:
                     raise ConfigError(f"federation did not finish within {spec.time_limit_s + 60:.0f} s")
         finally:
@@ -172,6 +182,8 @@ def run_federation(spec: FederationSpec, force: bool = False,
 
     # The report keeps keys it does not compute itself, such as the server's exit code.
     exit_code = fed.server.returncode if fed.server else None
+    if exit_code != 0 and not (run / "server.csv").exists():
+        raise OrchardError(f"the server exited with code {exit_code} before it wrote anything: {_server_error(run)}")
     (run / "summary.json").write_text(json.dumps({"server_exit": exit_code}) + "\n")
     summary: dict[str, Any] = write_report(run)
     return summary

@@ -99,6 +99,7 @@ class LiveView:
         self.telemetry = {d: _Tail(run / "devices" / f"{d}.csv") for d in device_ids}
         self.version = 0
         self.accuracy: float | None = None
+        self.evaluated: dict[int, float | None] = {}  # version -> its own accuracy, as evaluated
         self.accepted = self.rejected = 0
         self._last_draw = 0.0
         self._printed_version = -1
@@ -127,6 +128,8 @@ class LiveView:
                 self.version = int(e.get("version", self.version))
             elif kind == EventName.EVALUATE:
                 self.accuracy = e.get("accuracy")
+                if isinstance(e.get("version"), int):
+                    self.evaluated[e["version"]] = self.accuracy
             elif kind == EventName.UPDATE_ACCEPTED:
                 self.accepted += 1
             elif kind.endswith("_rejected"):
@@ -160,12 +163,14 @@ class LiveView:
         self._now_s = now_s
         self._ingest()
         if not self.tty:
-            if self.version != self._printed_version:
-                self._printed_version = self.version
-                acc = "-" if self.accuracy is None else f"{self.accuracy:.4f}"
-                self.out.write(f"[{now_s:6.1f}s] version {self.version} accuracy {acc} "
+            # One line per evaluated version, with that version's own accuracy (an evaluation
+            # lands after its aggregation, so the latest accuracy may belong to an older version).
+            for version in sorted(v for v in self.evaluated if v > self._printed_version):
+                self._printed_version = version
+                own = self.evaluated[version]
+                self.out.write(f"[{now_s:6.1f}s] version {version} accuracy {'-' if own is None else f'{own:.4f}'} "
                                f"accepted {self.accepted} rejected {self.rejected}\n")
-                self.out.flush()
+            self.out.flush()
             return
         if not force and time.monotonic() - self._last_draw < 1.0:
             return

@@ -77,7 +77,7 @@ def fresh_run_dir(run: Path, force: bool) -> None:
 
 
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
-                keepalive_s: int = 5) -> dict[str, str]:
+                keepalive_s: int = 5, offline: str = "unreachable") -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
     `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
     server TOML. Returns the artifact directory per profile."""
@@ -105,7 +105,8 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])
         write_toml(run / "configs" / f"{plan.device_id}.toml", {
             "device": {"id": plan.device_id, "board": plan.board, "shard": f"../shards/{plan.device_id}.npz",
-                       "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles)},
+                       "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles),
+                       "offline": offline},
             "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s},
         })
     write_toml(run / "configs" / "server.toml", {

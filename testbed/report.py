@@ -68,6 +68,7 @@ import tomllib
 
 from runtime.errors import ConfigError
 from server.events import EventName
+from server.waste import WorkSummary, work_summary
 
 log = logging.getLogger("orchard.report")
 
@@ -152,6 +153,8 @@ class RunData:
     bytes_down: int = 0
     last_profile: dict[str, str] = field(default_factory=dict)  # device -> profile of its last task
     local_steps: int | None = None  # steps per task, when config.toml's [train] fixes them
+    work: WorkSummary = field(default_factory=WorkSummary)  # wasted device-seconds (server/waste.py)
+    never_joined: list[dict[str, str]] = field(default_factory=list)  # {id, reason}
 
 
 def _num(text: Any) -> float | None:
@@ -390,7 +393,8 @@ def load_run(run_dir: Path) -> RunData:
         devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
         timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
         warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile, local_steps=local_steps,
-        groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices})
+        groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices},
+        work=work_summary(events, "wall_t"), never_joined=never_joined_devices(run_dir, devices, events, origin))
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -448,6 +452,7 @@ def summarise(data: RunData) -> dict[str, Any]:
         "stop_reason": data.stop_reason, "warnings": data.warnings,
         "accuracy_per_profile": breakdown.final_profile_accuracy(data),
         "groups": breakdown.group_rows(data, devices), "devices": devices,
+        "wasted_work": wasted_work_figures(data), "never_joined": data.never_joined,
         "per_round": [{"version": r.version, "t_s": _r(r.t_s), "start_s": _r(r.start_s), "accuracy": r.accuracy,
                        "loss": r.loss, "train_loss": _r(r.train_loss, 4), "n_updates": r.n_updates,
                        "train_s": _r(r.train_s), "utilization": _r(r.utilization, 4),
@@ -483,6 +488,7 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
     per_profile = [{"profile": p, "final accuracy": a} for p, a in summary["accuracy_per_profile"].items()]
     parts.append("<h2>Accuracy per profile</h2>" + html_table(per_profile, ["profile", "final accuracy"]))
     parts.append("<h2>Devices</h2>" + html_table(summary["devices"], columns))
+    parts.append(render_wasted_work(summary))
     parts.append("<h2>Plots</h2>" + "".join(png_figure(p) for p in pngs))
     if summary["per_round"]:
         round_columns = list(dict.fromkeys(k for row in summary["per_round"] for k in row))
@@ -514,3 +520,85 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     old_path.write_text(json.dumps(merged, indent=1) + "\n")
     (data.run_dir / "report.html").write_text(render_html(summary, data, pngs))
     return merged
+
+
+# ---------------------------------------------------------------- wasted work, devices that never joined
+def wasted_work_figures(data: RunData) -> dict[str, Any]:
+    """summary.json's `wasted_work`: device-seconds whose update was refused or abandoned
+    (definitions in server/waste.py), in total and per device of the fleet."""
+    work = data.work
+    fraction = work.wasted_fraction
+    per_device = {}
+    for device in data.devices:
+        d = work.devices.get(device)
+        per_device[device] = {"wasted_s": _r(d.wasted_s if d else 0.0), "useful_s": _r(d.useful_s if d else 0.0),
+                              "unfinished_s": _r(d.unfinished_s if d else 0.0),
+                              "tasks_wasted": d.tasks_wasted if d else 0,
+                              "wasted_energy_j": _r(d.wasted_energy_j if d else 0.0)}
+    return {"wasted_s": _r(work.wasted_s), "useful_s": _r(work.useful_s), "wasted_energy_j": _r(work.wasted_energy_j),
+            "wasted_fraction": _r(fraction, 4) if fraction is not None else None, "devices": per_device}
+
+
+def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[str, Any]],
+                         origin: float) -> list[dict[str, str]]:
+    """Devices of the fleet that never said hello, each with what is known about why: the
+    availability trace that kept it frozen, its agent's exits, and the last line of its log."""
+    hello = {e.get("device") for e in events if e["event"] == EventName.DEVICE_HELLO}
+    out = []
+    for device in devices:
+        if device in hello:
+            continue
+        mine = [e for e in events if e.get("device") == device]
+        why = []
+        offline_at = [float(e["wall_t"]) - origin for e in mine
+                      if e["event"] == EventName.AVAILABILITY and not e.get("online")]
+        if offline_at:
+            online_at = [float(e["wall_t"]) - origin for e in mine
+                         if e["event"] == EventName.AVAILABILITY and e.get("online")]
+            span = f"until {online_at[-1]:.1f} s" if online_at else "to the end"
+            why.append(f"frozen by its availability trace from {offline_at[0]:.1f} s {span}")
+        exits = [e for e in mine if e["event"] == EventName.DEVICE_EXIT]
+        if exits:
+            why.append(f"its agent exited {len(exits)} time(s), last with code {exits[-1].get('code')}")
+        ooms = [e for e in mine if e["event"] == EventName.OOM]
+        if ooms:
+            why.append(f"{ooms[-1].get('oom_kills')} OOM kill(s) under {ooms[-1].get('mem_limit_mb')} MB")
+        if not why:
+            end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
+            why.append(f"its agent neither exited nor was frozen: still starting when the run stopped at {end_s:.1f} s")
+        log_path = run_dir / "logs" / f"{device}.log"
+        lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []
+        why.append(f"last log line: {lines[-1].strip()!r}" if lines else "its log is empty")
+        out.append({"id": device, "reason": "; ".join(why)})
+    return out
+
+
+def render_wasted_work(summary: dict[str, Any]) -> str:
+    """The report's wasted-work section (and the devices that never joined)."""
+    from testbed.compare import html_table
+
+    work = summary["wasted_work"]
+    fraction = work["wasted_fraction"]
+    share = "n/a" if fraction is None else f"{100 * fraction:.1f} %"
+    parts = [f"<h2>Wasted work</h2><p>{work['wasted_s']} device-seconds of {work['wasted_s'] + work['useful_s']:.3f} "
+             f"went into updates that were refused or abandoned ({share}); refused updates reported "
+             f"{work['wasted_energy_j']} J.</p>"]
+    rows = [{"id": device, **figures} for device, figures in work["devices"].items()]
+    parts.append(html_table(rows, ["id", "useful_s", "wasted_s", "unfinished_s", "tasks_wasted", "wasted_energy_j"]))
+    if summary["never_joined"]:
+        parts.append("<h2>Devices that never joined</h2>" + html_table(summary["never_joined"], ["id", "reason"]))
+    return "".join(parts)
+
+
+def failure_line(summary: dict[str, Any]) -> str | None:
+    """One line saying why a run that made no aggregation failed, naming the devices that never
+    said hello and why; None when it made at least one. `orchard campaign run` and `orchard
+    federate` print it and exit 1."""
+    if summary.get("rounds"):
+        return None
+    line = f"campaign {summary.get('campaign')!r} made 0 aggregations ({summary.get('stop_reason') or 'stopped'})"
+    never = summary.get("never_joined") or []
+    if never:
+        line += f": {len(never)} of {summary.get('n_devices')} devices never said hello: "
+        line += ", ".join(d["id"] for d in never) + " (" + "; ".join(f"{d['id']}: {d['reason']}" for d in never) + ")"
+    return " ".join(line.split())  # one line, whatever a log line held

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOP_S = 0.25
 RESTART_BACKOFF_S = 2.0
 STOP_GRACE_S = 30.0
+GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
 
 
 @dataclass
@@ -109,7 +110,7 @@ class CampaignRunner:
         self._check_bandwidth()
         throttle = self._throttle()
         started = time.monotonic()
-        prepared = False
+        prepared = launched = False
         stack = contextlib.ExitStack()
         try:
             host = get_host_speed()
@@ -124,13 +125,15 @@ class CampaignRunner:
                 shutil.copy(self.c.source, self.run / "config.toml")
             data = DataPlan(self.c.model, self.c.dataset, self.c.data_root, self.c.partition, self.c.eval_fraction,
                             self.c.seed, self.c.samples, self.c.input_shape)
-            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s)
+            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s,
+                        offline=self.c.offline)
             for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
                 board = boards[plan.board]
                 mem = group.mem_limit_mb or board.memory_cap_mb
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], mem,
                                                  throttle.create(device_id, quotas[device_id], mem))
             self._write_fleet(throttle, host)
+            launched = True
             broker = stack.enter_context(open_broker(self.broker_spec))
             self._loop(broker.url, started)
         except KeyboardInterrupt:
@@ -142,7 +145,9 @@ class CampaignRunner:
             # Processes first, the broker last: the server and devices say goodbye through it.
             self._shutdown(throttle)
             stack.close()
-            if prepared and (self.run / "events.jsonl").exists():
+            if prepared and not launched:  # a check failed while laying out: leave no half-built folder
+                shutil.rmtree(self.run, ignore_errors=True)
+            elif prepared and (self.run / "events.jsonl").exists():
                 self.summary = self._report()
         return self.summary
 
@@ -151,8 +156,9 @@ class CampaignRunner:
         initially_online = sum(
             make_availability(g.availability, seed=c.seed + i, base_dir=self._base(), device=d, index=i).online_at(0.0)
             for i, (d, g) in enumerate(c.devices()))
+        min_devices = c.min_devices if c.min_devices is not None else max(1, initially_online)
         rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
-                                  "min_devices": max(1, initially_online), "task_timeout_s": max(60.0, c.wall_s / 4)}
+                                  "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
         if c.rounds is not None:
             rounds["target_version"] = c.rounds
         method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
@@ -223,8 +229,20 @@ class CampaignRunner:
                 self.stop_reason = f"wall time {self.c.wall_s:.0f} s reached"
             elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
                 self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
+            elif self._all_gave_up():
+                self.stop_reason = (f"every device exited {GIVE_UP_EXITS} times without ever saying hello; "
+                                    "nothing can run")
             live.render(now)
         live.close()
+
+    def _all_gave_up(self) -> bool:
+        # Waiting for wall_s would change nothing: every agent keeps dying before its hello.
+        if not all(d.restarts + (d.died_at is not None) >= GIVE_UP_EXITS for d in self.devices.values()):
+            return False
+        try:
+            return f'"{EventName.DEVICE_HELLO}"' not in (self.run / "events.jsonl").read_text(errors="replace")
+        except OSError:
+            return False
 
     def _trace_driver(self) -> TraceDriver:
         avail, cpu = {}, {}
@@ -271,20 +289,12 @@ class CampaignRunner:
         for d in self.devices.values():
             with contextlib.suppress(OrchardError):
                 d.cgroup.thaw()  # a frozen process cannot act on SIGTERM
-        # The server first, so it publishes "offline" and its last rows before devices vanish.
-        procs = [p for p in [self.server, *(d.proc for d in self.devices.values())] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 4.0
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        # Tasks still out from here on are unfinished, not wasted (see server.waste).
+        self._event(event=EventName.CAMPAIGN_STOPPING, reason=self.stop_reason or "error")
+        # Devices first, the server last: it records their final telemetry rows (which cover the
+        # run to its end, offline spells included) and their goodbyes.
+        _stop_all([d.proc for d in self.devices.values() if d.proc is not None], grace_s=6.0)
+        _stop_all([self.server] if self.server is not None else [], grace_s=4.0)
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
@@ -293,12 +303,34 @@ class CampaignRunner:
             self._events.close()
             self._events = None
 
+    def failure(self) -> str | None:
+        """One line saying why the run made no aggregation (see testbed.report.failure_line)."""
+        from testbed.report import failure_line
+
+        return failure_line({**self.summary, "campaign": self.c.name, "stop_reason": self.stop_reason})
+
     def _report(self) -> dict[str, Any]:
         from testbed.report import write_report
 
         summary: dict[str, Any] = write_report(self.run)
         summary.setdefault("stop_reason", self.stop_reason)
         return summary
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process group, SIGKILL those still alive after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
 
 
 def _best_accuracy(run: Path) -> float:

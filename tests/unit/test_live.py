@@ -51,7 +51,7 @@ def test_terminal_table_shows_devices_and_progress(tmp_path):
     assert next(line for line in screen.splitlines() if line.startswith("pi5-1")).rstrip().endswith("2")
 
 
-def test_ci_mode_prints_one_line_per_new_version(tmp_path):
+def test_ci_mode_prints_one_line_per_version_with_its_own_accuracy(tmp_path):
     campaign = load_campaign(ROOT / "campaigns" / "default.toml")
     run = _run(tmp_path)
     out = io.StringIO()
@@ -62,7 +62,14 @@ def test_ci_mode_prints_one_line_per_new_version(tmp_path):
     with (run / "events.jsonl").open("a") as f:  # the truncated line completes, then a new version
         f.write('"}\n' + json.dumps({"event": "aggregated", "version": 5}) + "\n")
     view.render(3.0)
-    assert "version 5" in out.getvalue().splitlines()[-1]
+    assert out.getvalue().count("\n") == 1  # version 5 is not evaluated yet: no line with 4's accuracy
+    with (run / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "aggregated", "version": 6}) + "\n")
+        for version, accuracy in ((5, 0.875), (6, 0.9)):
+            f.write(json.dumps({"event": "evaluate", "version": version, "accuracy": accuracy}) + "\n")
+    view.render(4.0)
+    assert [line.split("accepted")[0].split("] ")[1] for line in out.getvalue().splitlines()[1:]] == [
+        "version 5 accuracy 0.8750 ", "version 6 accuracy 0.9000 "]
 
 
 def test_frame_fits_the_terminal_width_dropping_the_least_useful_columns(tmp_path):

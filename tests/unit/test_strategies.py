@@ -49,8 +49,10 @@ def test_registry_names_and_compositions() -> None:
     assert DEFAULT_STRATEGY == "semi-async"
     assert set(STRATEGY_NAMES) == {"fedavg", "fedavg-deadline", "semi-async", "fedbuff", "fedasync"}
     s = get_strategy()
-    assert (type(s.close), type(s.weight), type(s.merge), s.max_staleness) == (
-        CloseKOrDeadline, CoS2PWeight, MaskedDeltaMerge, 10)
+    assert (type(s.close), type(s.weight), type(s.merge), s.max_staleness, s.max_age_factor) == (
+        CloseKOrDeadline, CoS2PWeight, MaskedDeltaMerge, None, 2.0)
+    cos2p = get_strategy("semi-async", max_staleness=10)  # Co-S²P's fixed cap, as an explicit option
+    assert (cos2p.max_staleness, cos2p.max_age_factor) == (10, None)
     assert isinstance(get_strategy("fedavg").close, CloseAll)
     assert isinstance(get_strategy("fedavg").merge, DenseMerge)
     assert isinstance(get_strategy("fedavg", merge="per-element").merge, PerElementMerge)

@@ -218,16 +218,18 @@ def test_sweep_runs_every_variant_and_seed_and_tabulates(tmp_path: Path) -> None
     assert [r["host_wall_s"] for r in again["runs"]] == [r["host_wall_s"] for r in table["runs"]]  # kept
 
 
-def test_wasted_work_shows_na_when_runs_do_not_record_it(tmp_path: Path) -> None:
+def test_wasted_work_is_the_reports_and_na_when_a_run_does_not_record_it(tmp_path: Path) -> None:
     plan = single_plan(sweep_file(tmp_path, ""), (0,))
     run = make_run(tmp_path / "r", name="seed-0")
     from testbed.report import write_report
 
-    record = RunRecord("", 0, run, 1.0, write_report(run))
-    write_sweep(plan, [record], tmp_path)
-    md = (tmp_path / "sweep.md").read_text().splitlines()
-    header, row = md[0].split(" | "), md[2].split(" | ")
-    assert row[header.index("wasted_device_s")] == "n/a" and row[0] == "| campaign"
+    summary = write_report(run)
+    for recorded, cell in ((summary, "5.000"),  # the known run's device b: 2 -> 11 s, offline 4 s
+                           ({k: v for k, v in summary.items() if k != "wasted_work"}, "n/a")):
+        write_sweep(plan, [RunRecord("", 0, run, 1.0, recorded)], tmp_path)
+        md = (tmp_path / "sweep.md").read_text().splitlines()
+        header, row = md[0].split(" | "), md[2].split(" | ")
+        assert row[header.index("wasted_device_s")] == cell and row[0] == "| campaign"
 
 
 def test_wasted_work_is_read_from_either_layout() -> None:
