@@ -114,7 +114,7 @@ def _accuracies(rows: list[dict[str, str]]) -> list[tuple[float, float]]:
     out = []
     for r in rows:
         with contextlib.suppress(KeyError, ValueError):
-            out.append((float(r["wall_s"]), float(r["accuracy"])))
+            out.append((float(r["t_s"]), float(r["accuracy"])))
     return out
 
 
@@ -214,7 +214,7 @@ def run_one(strategy: str, throttle: Throttle, rep: int = 0) -> dict[str, Any]:
 
 def _wall(row: dict[str, str]) -> float:
     try:
-        return float(row["wall_s"])
+        return float(row["t_s"])
     except (KeyError, ValueError):
         return float("inf")
 

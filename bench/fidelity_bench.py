@@ -1,16 +1,15 @@
-"""Board emulation fidelity: does a board's cgroup deliver the step time its quota promises?
+"""Board emulation fidelity: does a board's cgroup deliver the step time its speed factor promises?
 
 For each board, the reference training step (testbed.calibrate) runs in a real cgroup with the
-board's CPU quota and memory cap; its mean step time is compared with the host's unthrottled
-step (same threads, measured just before) stretched by the quota: target = host x max(1,
-threads / quota). Within +-15 % counts as faithful. The median is reported too: with a 100 ms
-CFS period a step shorter than the period runs in bursts, so single steps are bimodal and the
-median can miss while the mean (the throughput) holds. `board_core_ms` is what one board core
-would take by the speed factors, for context; the emulation assumes the board's cores scale
-perfectly, so a 4-core board is emulated at 4x that speed. `delivered_cores` (CPU time / wall
-time) checks the quota itself; `cpu_ms_per_step` against `host_step_ms` shows how much slower
-the same work runs when it is cut into bursts of one quota per period (first seen here on a
-Firecracker VM: +5-50 %, growing as the quota shrinks). Measures, never asserts.
+board's CPU quota and memory cap. Its mean step time is compared with the board's own step time
+by its speed factor, `target = REFERENCE_STEP_MS_AT_SPEED_1 / (speed_board x cores)` (the
+emulation's model: the board's cores work in parallel; testbed.calibrate.board_step_ms), not with
+the host's step: the chain host CPU-time calibration -> quota -> cgroup is what is on trial.
+Within +-15 % counts as faithful. The median is reported too: single steps are bimodal under CFS
+bursts (inside one burst, or across a throttled gap), so the mean (the throughput) is the figure.
+`board_core_ms` is one board core's step, for context. `delivered_cores` (CPU time / wall time)
+checks the quota itself; `cpu_ms_per_step` against `host_step_ms` (both CPU time) shows how much
+slower the same work runs when it is cut into bursts. Measures, never asserts.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class Agent:
         limits = CgroupLimits()
         quota = limits.cpu_quota_cores()
         cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
-        self.threads = cfg.threads or threads_for_quota(cores)
+        self.threads = cfg.threads or threads_for_quota(cores, self.board.cores)
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
         with np.load(cfg.shard) as shard:
             labels = shard["y"].astype(np.int64)
@@ -344,13 +344,17 @@ class Agent:
             return
         task = run.task
         energy_j = self.sampler.mark()
+        # The quota the task ran under, to check it was delivered: cpu_s / (train_s x quota).
+        cores = self.sampler.limits.cpu_quota_cores()
+        quota = {} if cores is None else {"cpu_quota_cores": cores}
         layout = read_manifest(self.cfg.artifact_cache / task.assignment.primary_key, verify=False).layout
         update = Update(
             task_id=task.task_id, device_id=self.id, base_version=task.base_version, n_samples=outcome.n_samples,
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
             energy_j=energy_j - run.energy_j_at_start, kind=outcome.body.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
-                     "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s},
+                     "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s,
+                     "cpu_s": outcome.cpu_s, "steps": outcome.steps, **quota},
             tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )
         frame = encode_update(update, encoding=task.encoding)

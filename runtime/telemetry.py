@@ -44,17 +44,19 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def threads_for_quota(cpu_quota_cores: float | None) -> int:
-    """Intra-op threads for a CPU quota.
+def threads_for_quota(cpu_quota_cores: float | None, board_cores: int | None = None) -> int:
+    """Intra-op threads for a CPU quota: ceil(quota), at most the board's cores.
 
-    Rounded down (at least 1): with more threads than whole cores of quota, every parallel
-    region waits for a thread the CFS throttler has parked, which is slower than fewer threads.
+    Rounded up: an Orin NX at 1.77 cores on one thread could use only 1 of them, and a board's
+    speed is its cores working together. The price is that a parallel region can wait for a
+    thread the CFS throttler has parked; that costs less than leaving 0.77 cores unused.
     """
     if cpu_quota_cores is None:
-        return os.cpu_count() or 1
+        return board_cores or os.cpu_count() or 1
     if not math.isfinite(cpu_quota_cores) or cpu_quota_cores <= 0:
         raise TrainerError(f"CPU quota {cpu_quota_cores} cores is not a positive number")
-    return max(1, int(cpu_quota_cores))
+    threads = max(1, math.ceil(cpu_quota_cores - 1e-6))  # 2.0000001 cores is 2, not 3
+    return min(threads, board_cores) if board_cores else threads
 
 
 class CgroupLimits:

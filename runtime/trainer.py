@@ -53,6 +53,8 @@ class TrainResult:
     ort_ms_median: float  # of which inside ONNX Runtime; the rest is batching overhead
     train_s: float
     peak_rss_mb: float
+    cpu_s: float = 0.0  # CPU time of this process (all threads) over the steps: against train_s x quota it
+    # says whether the cgroup delivered its quota
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Trainer:
         step_ms: list[float] = []
         ort_ms: list[float] = []
         order = rng.permutation(n)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         for step in range(total):
             t0 = time.perf_counter()
             b = step % batches_per_epoch
@@ -162,7 +164,7 @@ class Trainer:
                 progress(step + 1, total, loss)
             ort_ms.append((t2 - t1) * 1e3)
             step_ms.append((t2 - t0) * 1e3)
-        train_s = time.perf_counter() - t_start
+        train_s, cpu_s = time.perf_counter() - t_start, time.process_time() - cpu_start
         return TrainResult(
             weights=method.trained(),
             steps=total,
@@ -172,6 +174,7 @@ class Trainer:
             ort_ms_median=float(np.median(ort_ms)),
             train_s=train_s,
             peak_rss_mb=peak_rss_mb(),
+            cpu_s=cpu_s,
         )
 
     def evaluate(self, weights: FloatArray | None, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],

@@ -54,6 +54,7 @@ class TrainOutcome:
     train_s: float = 0.0
     step_ms_median: float = 0.0
     peak_rss_mb: float = 0.0
+    cpu_s: float = 0.0
     loss_first: float = float("nan")
     loss_last: float = float("nan")
 
@@ -132,7 +133,7 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
             reply: dict[str, Any] = {
                 "job_id": job.job_id, "error": None, "n_samples": r.n_samples, "steps": r.steps,
                 "train_s": r.train_s, "step_ms_median": r.step_ms_median, "peak_rss_mb": r.peak_rss_mb,
-                "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1], "form": body.form,
+                "cpu_s": r.cpu_s, "loss_first": r.loss_per_step[0], "loss_last": r.loss_per_step[-1], "form": body.form,
                 "report": dict(body.report), "indices": None if body.indices is None else body.indices.tolist(),
             }
             conn.send(reply)
@@ -224,7 +225,7 @@ class TrainerProcess:
                                 failure=str(reply.get("failure", "error")))
         values = np.frombuffer(payload, dtype=np.float32).copy()
         fields = {k: reply[k] for k in ("n_samples", "steps", "train_s", "step_ms_median", "peak_rss_mb",
-                                        "loss_first", "loss_last")}
+                                        "cpu_s", "loss_first", "loss_last")}
         indices = None if reply["indices"] is None else np.asarray(reply["indices"], dtype=np.int64)
         body = UpdateBody(form=reply["form"], values=values, report=reply["report"], indices=indices)
         return TrainOutcome(job_id=job.job_id, body=body, error=None, **fields)

@@ -36,6 +36,10 @@
     devices = { dev0 = "width=0.5" }
     downgrade_on_oom = true         # a task killed by OOM moves its device to the next smaller
                                     # profile its hello lists (dense > width=0.75 > width=0.5)
+
+    [clock]                         # written by the campaign runner; both optional
+    start_unix = 1767225600.0       # campaign start (Unix s): every output time counts from it
+    dilation = 2.6                  # wall seconds per board second: all times here are board time
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "see
 _ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every"})
 _TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
 _ASSIGN_KEYS = frozenset({"default", "devices", "downgrade_on_oom"})
+_CLOCK_KEYS = frozenset({"start_unix", "dilation"})
 
 
 @dataclass(frozen=True)
@@ -84,17 +89,20 @@ class ServerConfig:
     downgrade_on_oom: bool = True
     method: str | None = None  # None: per profile, the first method that accepts it
     method_params: Mapping[str, Any] = field(default_factory=dict)
+    start_unix: float | None = None  # None: the server's own start
+    time_dilation: float = 1.0
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
     p = Path(path)
     file = str(p)
     data = load_toml(p)
-    check_tables(file, data, ("server", "rounds", "strategy", "train", "assign", "method"))
+    check_tables(file, data, ("server", "rounds", "strategy", "train", "assign", "method", "clock"))
     srv = TomlTable(file, "server", data.get("server", {}), _SERVER_KEYS)
     rnd = TomlTable(file, "rounds", data.get("rounds", {}), _ROUND_KEYS)
     trn = TomlTable(file, "train", data.get("train", {}), _TRAIN_KEYS)
     asg = TomlTable(file, "assign", data.get("assign", {}), _ASSIGN_KEYS)
+    clk = TomlTable(file, "clock", data.get("clock", {}), _CLOCK_KEYS)
 
     def resolve(text: str) -> Path:
         q = Path(text)
@@ -146,6 +154,8 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         downgrade_on_oom=asg.boolean("downgrade_on_oom", default=True),
         method=method,
         method_params=method_params,
+        start_unix=clk.optional_number("start_unix", 0.0, 1e11),
+        time_dilation=clk.number("dilation", 1.0, 1000.0, default=1.0),
     )
 
 

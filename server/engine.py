@@ -232,7 +232,7 @@ class Engine:
                              task_round=task.round, base_version=task.base_version,
                              staleness=accepted.staleness, n_samples=accepted.n_samples, kind=upd.kind,
                              n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j,
-                             **({"report": dict(upd.report)} if upd.report else {})))
+                             metrics=dict(upd.metrics), **({"report": dict(upd.report)} if upd.report else {})))
 
     # ------------------------------------------------------------ update validation
     def check_update(self, event: UpdateReceived) -> AcceptedUpdate:

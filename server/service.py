@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,6 +40,7 @@ from runtime.protocol import (
     Telemetry,
     Tensor,
     Topics,
+    Update,
     decode_json,
     encode_json,
     validate_tensors,
@@ -69,10 +72,36 @@ from server.strategies import get_strategy
 log = logging.getLogger("orchard.server")
 
 TICK_S = 0.2
-SERVER_CSV = ("round", "version", "wall_s", "accuracy", "loss", "n_updates", "accepted", "rejected",
+# Times in every output (server.csv t_s, devices/<id>.csv t_s, events.jsonl t) are board seconds
+# since the campaign start ([clock] in the config); `_total` columns are cumulative counters.
+SERVER_CSV = ("round", "version", "t_s", "accuracy", "loss", "n_updates", "accepted_total", "rejected_total",
               "staleness_mean", "staleness_max", "devices", "reason")
-DEVICE_CSV = ("t", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
-              "power_w", "energy_j", "temp_c", "power_source")
+DEVICE_CSV = ("t_s", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
+              "power_w", "energy_total_j", "temp_c", "power_source")
+
+
+@dataclass(frozen=True)
+class BoardClock:
+    """Board seconds since the campaign start. A device measures in its own wall time; under
+    time dilation (the testbed slowed down by `dilation`) a board second takes `dilation` wall
+    seconds, so durations and energies (power x wall time) are divided by it on arrival."""
+
+    start_unix: float
+    dilation: float = 1.0
+
+    def now(self) -> float:
+        return (time.time() - self.start_unix) / self.dilation
+
+    def at(self, unix_s: float) -> float:
+        return (unix_s - self.start_unix) / self.dilation
+
+    def update(self, update: Update) -> Update:
+        if self.dilation == 1.0:
+            return update
+        d = self.dilation
+        metrics = {k: (v / d if k in ("step_ms_median", "wall_s") else v) for k, v in update.metrics.items()}
+        return dataclasses.replace(update, train_s=update.train_s / d, metrics=metrics,
+                                   energy_j=None if update.energy_j is None else update.energy_j / d)
 
 
 def update_body(layout: ParamLayout, tensors: Mapping[str, Tensor]) -> tuple[IndexArray | None, FloatArray]:
@@ -96,11 +125,23 @@ def update_body(layout: ParamLayout, tensors: Mapping[str, Tensor]) -> tuple[Ind
     return np.concatenate(index_parts), np.concatenate(value_parts)
 
 
+def _first_start(run_dir: Path, dilation: float) -> float | None:
+    """Where a resumed run without a [clock] started: its first server_start (Unix s), so the
+    resumed outputs continue the same time base."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), (run_dir / "events.jsonl").open() as f:
+        for line in f:
+            e = json.loads(line)
+            if isinstance(e, dict) and e.get("event") == "server_start":
+                return float(e["wall_t"]) - float(e["t"]) * dilation
+    return None
+
+
 class Outputs:
     """events.jsonl, server.csv and devices/<id>.csv, flushed line by line so a crash loses nothing."""
 
-    def __init__(self, run_dir: Path, resume: bool) -> None:
+    def __init__(self, run_dir: Path, resume: bool, clock: BoardClock) -> None:
         self.run_dir = run_dir
+        self.clock = clock
         (run_dir / "devices").mkdir(parents=True, exist_ok=True)
         events = run_dir / "events.jsonl"
         if not resume:
@@ -118,11 +159,12 @@ class Outputs:
             with (run_dir / "server.csv").open(newline="") as f:
                 last = list(csv.DictReader(f))[-1:]
             if last:
-                self.accepted = int(last[0].get("accepted") or 0)
-                self.rejected = int(last[0].get("rejected") or 0)
+                self.accepted = int(last[0].get("accepted_total") or 0)
+                self.rejected = int(last[0].get("rejected_total") or 0)
 
     def event(self, record: dict[str, Any]) -> None:
         record.setdefault("wall_t", round(time.time(), 3))
+        record.setdefault("t", round(self.clock.at(record["wall_t"]), 3))
         kind = record.get("event", "")
         if kind == EventName.UPDATE_ACCEPTED:
             self.accepted += 1
@@ -145,9 +187,11 @@ class Outputs:
                 writer.writerow(DEVICE_CSV)
             self._devices[t.device_id] = (handle, writer)
         f, w = self._devices[t.device_id]
+        d = self.clock.dilation
         for s in t.samples:
-            w.writerow([s.t, s.state, s.cpu_pct, s.rss_agent_mb, s.rss_trainer_mb, s.mem_limit_mb,
-                        s.cpu_quota_cores, s.power_w, s.energy_j, s.temp_c, t.power_source])
+            energy_j = None if s.energy_j is None else round(s.energy_j / d, 4)
+            w.writerow([round(self.clock.at(s.t), 3), s.state, s.cpu_pct, s.rss_agent_mb, s.rss_trainer_mb,
+                        s.mem_limit_mb, s.cpu_quota_cores, s.power_w, energy_j, s.temp_c, t.power_source])
         f.flush()
 
     def close(self) -> None:
@@ -176,7 +220,10 @@ class Service:
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
         if cfg.downgrade_on_oom:
             assign = DowngradeOnOom(assign, method)
-        self._t0 = time.monotonic()
+        start = cfg.start_unix
+        if start is None and resume:
+            start = _first_start(run_dir, cfg.time_dilation)
+        self.board_clock = BoardClock(time.time() if start is None else start, cfg.time_dilation)
         clock = self._clock
         if resume and checkpoint.latest_version(run_dir) is not None:
             self.engine = checkpoint.load(run_dir, model=self.model, clock=clock, strategy=strategy,
@@ -184,7 +231,7 @@ class Service:
         else:
             self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign,
                                  method=method)
-        self.out = Outputs(run_dir, resume)
+        self.out = Outputs(run_dir, resume, self.board_clock)
         self.out.event({"event": EventName.SERVER_START, "version": self.engine.version, "strategy": cfg.strategy,
                         "method": cfg.method, "method_params": dict(cfg.method_params),
                         "resume": resume, "model": self.model.model_name})
@@ -200,7 +247,7 @@ class Service:
             will=Will(self.topics.server_state, offline, qos=1, retain=True)))
 
     def _clock(self) -> float:
-        return time.monotonic() - self._t0
+        return self.board_clock.now()
 
     def _state(self, online: bool = True) -> ServerState:
         return ServerState(self.cfg.server_id, self.model.model_name, self.engine.version, self.cfg.strategy, online)
@@ -282,7 +329,7 @@ class Service:
         received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": wire_bytes,
                     "frame_bytes": len(frame)}
         try:
-            update = decode_update(frame, source=device_id)
+            update = self.board_clock.update(decode_update(frame, source=device_id))
         except OrchardError:
             self.out.event(received)  # a refused frame still crossed the link: count its bytes
             raise
@@ -315,7 +362,7 @@ class Service:
             self._flush_row()
             stale = action.staleness
             self.pending_row = {
-                "round": action.round, "version": action.version, "wall_s": round(action.t, 3),
+                "round": action.round, "version": action.version, "t_s": round(action.t, 3),
                 "n_updates": action.n_updates, "devices": " ".join(action.device_ids), "reason": action.reason,
                 "staleness_mean": round(float(np.mean(stale)), 3) if stale else 0,
                 "staleness_max": max(stale) if stale else 0,
@@ -339,7 +386,7 @@ class Service:
 
     def _flush_row(self) -> None:
         if self.pending_row is not None:
-            self.pending_row.update(accepted=self.out.accepted, rejected=self.out.rejected)
+            self.pending_row.update(accepted_total=self.out.accepted, rejected_total=self.out.rejected)
             self.out.server_row(self.pending_row)
             self.pending_row = None
 

@@ -27,9 +27,15 @@ N100 (or on a board) need not be this host's 0.49 (caches, SIMD width: AVX-512 h
 NEON there), easily +-30%; (3) run-to-run noise on a shared host, ~5-10%. Replace the constant
 with a real N100 (or board) step time as soon as one has run `python -m testbed.calibrate`.
 
+The host's step is timed in process CPU time (user + system of the probe, all its threads), not
+wall time: wall time grows with whatever else the host runs, CPU time only with the work itself
+(measured here: wall-time speeds of 1.33-4.49 on one machine, depending on its load). The
+fastest of several rounds counts, as cache pollution from neighbours can only add to it.
+
 Measured once per host and cached in `$ORCHARD_CACHE/host_speed.json` (default
 `~/.cache/orchard/`), keyed by a fingerprint (CPU model, core count, kernel, ORT version,
-calibration version); `ORCHARD_HOST_SPEED=<factor>` skips measuring (CI, tests).
+calibration version). A campaign's `[throttle] host_speed = <factor>` pins it, else
+`ORCHARD_HOST_SPEED=<factor>` (CI, tests); `HostSpeed.source` records which one was used.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from runtime.telemetry import threads_for_quota
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION_VERSION = 1  # bump when the reference workload changes: cached speeds are then stale
+CALIBRATION_VERSION = 2  # bump when the reference workload or its timing changes: cached speeds are then stale
 REFERENCE_MODEL, REFERENCE_WIDTH, REFERENCE_INPUT_SHAPE, REFERENCE_CLASSES = "cnn", 0.5, (3, 32, 32), 10
 REFERENCE_BATCH = 32
 SPEED_1_FP32_GFLOPS = 25.0  # firmware_configs/README.md: 12.5 fp64 HPL per N100 core x 2
@@ -66,7 +72,6 @@ SPEED_1_FP32_GFLOPS = 25.0  # firmware_configs/README.md: 12.5 fp64 HPL per N100
 BUILD_HOST_STEP_MS = 22.76
 BUILD_HOST_GEMM_GFLOPS = 112.6
 REFERENCE_FLOPS_PER_SAMPLE = 12_944_640  # forward FLOPs of the reference model (its manifest)
-DEFAULT_MAX_OVERSUBSCRIPTION = 1.0  # see check_fleet_capacity
 ENV_HOST_SPEED = "ORCHARD_HOST_SPEED"
 _SINGLE_THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
@@ -98,10 +103,11 @@ REFERENCE_STEP_MS_AT_SPEED_1 = round(
 @dataclass(frozen=True)
 class HostSpeed:
     speed_factor: float  # this host's core in the boards' unit (1.0 = one N100 core)
-    ref_step_ms: float  # median reference step on one thread
+    ref_step_ms: float  # reference step on one thread, CPU time (fastest round)
     gemm_gflops: float  # single-thread np.dot 1024x1024 float32, best of the repeats
-    measured_at: str  # ISO 8601 UTC, or "env" when set by ORCHARD_HOST_SPEED
+    measured_at: str  # ISO 8601 UTC, or "pinned" when set by the campaign or ORCHARD_HOST_SPEED
     host: str  # CPU model, cores, kernel, ORT version: for reports
+    source: str = "measured"  # measured | cache | env (ORCHARD_HOST_SPEED) | campaign ([throttle] host_speed)
 
     @property
     def efficiency(self) -> float:
@@ -113,7 +119,7 @@ class HostSpeed:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HostSpeed:
         return cls(float(data["speed_factor"]), float(data["ref_step_ms"]), float(data["gemm_gflops"]),
-                   str(data["measured_at"]), str(data["host"]))
+                   str(data["measured_at"]), str(data["host"]), str(data.get("source", "measured")))
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class ProbeResult:
     flops_per_sample: int
     threads: int
     cpu_ms_per_step: float  # CPU time of the timed steps (all threads) / steps
+    cpu_ms_per_step_best: float  # the same, of the round that needed the least CPU time
 
 
 # ------------------------------------------------------------------------- board emulation
@@ -142,28 +149,6 @@ def board_quota_cores(board: BoardConfig, host_speed: HostSpeed | float) -> floa
     cores (the host cannot go faster). Quotas below the kernel's 0.01-core floor are raised to
     it by the throttle, so such a board would run fast."""
     return board.cores * min(1.0, board.speed_factor / _speed(host_speed))
-
-
-def check_fleet_capacity(quotas: Sequence[float] | Mapping[str, float], host_cores: int,
-                         max_oversubscription: float = DEFAULT_MAX_OVERSUBSCRIPTION) -> float:
-    """Total quota of a fleet, or ConfigError if the host cannot serve it.
-
-    The default of 1.0 allows no oversubscription: a quota is only a ceiling, and when the
-    quotas add up to more than the host's cores, every device that trains while the others do
-    (all of them, at the start of a synchronous round) gets less than its quota, so the boards
-    are emulated slower than they are, silently. The server, broker and agents need CPU too, so
-    even 1.0 is optimistic. Raise it knowingly for fleets that mostly idle or sit offline."""
-    values = list(quotas.values()) if isinstance(quotas, Mapping) else list(quotas)
-    if not (max_oversubscription > 0 and math.isfinite(max_oversubscription)):
-        raise ConfigError(f"max_oversubscription {max_oversubscription!r} must be a positive number")
-    total = float(sum(values))
-    capacity = host_cores * max_oversubscription
-    if total > capacity + 1e-9:
-        raise ConfigError(
-            f"fleet of {len(values)} devices needs {total:.2f} cores of CPU quota, but this host has "
-            f"{host_cores} cores x max oversubscription {max_oversubscription:g} = {capacity:.2f}: use fewer or "
-            "slower boards, a faster host, or a larger max_oversubscription (boards then run slower than real)")
-    return total
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -233,16 +218,16 @@ def _describe(fp: Mapping[str, Any]) -> str:
 
 def measure_host_speed(*, steps: int = 20, rounds: int = 5, warmup: int = 5, gemm_reps: int = 20,
                        cache_dir: Path | None = None, timeout_s: float = 600.0) -> HostSpeed:
-    """Measure this host in the boards' unit: the reference step on one thread (fastest of
-    `rounds` medians of `steps` steps after `warmup`), in a fresh process."""
+    """Measure this host in the boards' unit: the reference step on one thread in CPU time (the
+    round of `steps` steps, after `warmup`, that needed the least), in a fresh process."""
     probe = run_probe(reference_artifact(cache_dir), threads=1, steps=steps, warmup=warmup,
                       gemm_reps=gemm_reps, rounds=rounds, timeout_s=timeout_s)
     if probe.flops_per_sample != REFERENCE_FLOPS_PER_SAMPLE:  # the builder changed the model
         raise OrchardError(f"the reference model now has {probe.flops_per_sample} FLOPs per sample, not "
                            f"{REFERENCE_FLOPS_PER_SAMPLE}: re-derive REFERENCE_STEP_MS_AT_SPEED_1 and bump "
                            "CALIBRATION_VERSION in testbed/calibrate.py")
-    return HostSpeed(speed_factor=REFERENCE_STEP_MS_AT_SPEED_1 / probe.step_ms_median,
-                     ref_step_ms=probe.step_ms_median, gemm_gflops=probe.gemm_gflops,
+    return HostSpeed(speed_factor=REFERENCE_STEP_MS_AT_SPEED_1 / probe.cpu_ms_per_step_best,
+                     ref_step_ms=probe.cpu_ms_per_step_best, gemm_gflops=probe.gemm_gflops,
                      measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      host=_describe(host_fingerprint()))
 
@@ -256,18 +241,22 @@ def _fingerprint_key(fp: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def get_host_speed(force: bool = False, *, cache_path: Path | None = None,
+def get_host_speed(force: bool = False, *, pinned: float | None = None, cache_path: Path | None = None,
                    measure: Callable[[], HostSpeed] | None = None) -> HostSpeed:
-    """This host's speed: `$ORCHARD_HOST_SPEED` if set, else the cached measurement if its
-    fingerprint matches this host, else a fresh measurement (stored for next time)."""
+    """This host's speed: `pinned` (a campaign's [throttle] host_speed) if given, else
+    `$ORCHARD_HOST_SPEED` if set, else the cached measurement if its fingerprint matches this
+    host, else a fresh measurement (stored for next time)."""
     fp = host_fingerprint()
+    if pinned is not None:
+        factor = _speed(pinned)
+        return HostSpeed(factor, REFERENCE_STEP_MS_AT_SPEED_1 / factor, 0.0, "pinned", _describe(fp), "campaign")
     override = os.environ.get(ENV_HOST_SPEED)
     if override and not force:
         try:
             factor = _speed(float(override))
         except (ValueError, ConfigError):
             raise ConfigError(f"{ENV_HOST_SPEED}={override!r} is not a positive number") from None
-        return HostSpeed(factor, REFERENCE_STEP_MS_AT_SPEED_1 / factor, 0.0, "env", _describe(fp))
+        return HostSpeed(factor, REFERENCE_STEP_MS_AT_SPEED_1 / factor, 0.0, "pinned", _describe(fp), "env")
     path = cache_path or host_speed_cache_path()
     key = _fingerprint_key(fp)
     try:
@@ -279,7 +268,7 @@ def get_host_speed(force: bool = False, *, cache_path: Path | None = None,
     entry = hosts.get(key)
     if not force and isinstance(entry, dict) and entry.get("fingerprint") == fp:
         try:
-            return HostSpeed.from_dict(entry["host_speed"])
+            return dataclasses.replace(HostSpeed.from_dict(entry["host_speed"]), source="cache")
         except (KeyError, TypeError, ValueError):
             pass
     speed = (measure or measure_host_speed)()
@@ -291,7 +280,7 @@ def get_host_speed(force: bool = False, *, cache_path: Path | None = None,
                     "run `python -m testbed.calibrate --force` on an idle host", speed.speed_factor,
                     speed.efficiency, BUILD_HOST_EFFICIENCY)
         return speed
-    hosts[key] = {"fingerprint": fp, "host_speed": dataclasses.asdict(speed)}
+    hosts[key] = {"fingerprint": fp, "host_speed": {**dataclasses.asdict(speed), "source": "measured"}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".host_speed-", delete=False) as f:
         json.dump({"version": 1, "hosts": hosts}, f, indent=1, sort_keys=True)
@@ -300,6 +289,12 @@ def get_host_speed(force: bool = False, *, cache_path: Path | None = None,
 
 
 # ------------------------------------------------------------------------------ fidelity
+def board_step_ms(board: BoardConfig) -> float:
+    """The reference step on the board itself, by its speed factor, with its cores working in
+    parallel (the emulation's model: a quota of `cores x speed_board / speed_host` host cores)."""
+    return REFERENCE_STEP_MS_AT_SPEED_1 / (board.speed_factor * board.cores)
+
+
 @dataclass(frozen=True)
 class EmulatedStep:
     """The reference step inside a board's cgroup, next to what the quota should give."""
@@ -310,8 +305,8 @@ class EmulatedStep:
     step_ms_median: float
     step_ms_mean: float  # wall / steps; the figure to judge a quota by (see emulate_reference_step)
     host_step_ms: float  # same threads, no quota, measured just before (fastest of 3 rounds)
-    target_ms: float  # host_step_ms x max(1, threads / quota): what CFS owes the group
-    board_core_ms: float  # host_step_ms x speed_host / speed_board: one board core, for context
+    target_ms: float  # the board's step by its speed factor: REFERENCE_STEP_MS_AT_SPEED_1 / (speed x cores)
+    board_core_ms: float  # REFERENCE_STEP_MS_AT_SPEED_1 / speed: one board core, for context
     nr_throttled: int
     cpu_ms_per_step: float  # CPU time per step under the quota; above host_step_ms when each
     # period's burst starts cold (caches, and on a VM the vCPU's wake-up), which slows the board
@@ -333,7 +328,7 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
     from testbed.throttle import detect_throttle
 
     quota = board_quota_cores(board, host_speed)
-    threads = threads_for_quota(quota)
+    threads = threads_for_quota(quota, board.cores)
     artifact = artifact or reference_artifact()
     base = run_probe(artifact, threads=threads, steps=steps, warmup=warmup, gemm_reps=0, rounds=3)
     own = throttle is None
@@ -364,8 +359,8 @@ def emulate_reference_step(board: BoardConfig, host_speed: HostSpeed | float, *,
     return EmulatedStep(
         board=board.name, quota_cores=quota, threads=threads, step_ms_median=result.step_ms_median,
         step_ms_mean=result.step_ms_mean, host_step_ms=base.step_ms_median,
-        target_ms=base.step_ms_median * max(1.0, threads / quota),
-        board_core_ms=base.step_ms_median * _speed(host_speed) / board.speed_factor, nr_throttled=stats.nr_throttled,
+        target_ms=board_step_ms(board), board_core_ms=REFERENCE_STEP_MS_AT_SPEED_1 / board.speed_factor,
+        nr_throttled=stats.nr_throttled,
         cpu_ms_per_step=result.cpu_ms_per_step, delivered_cores=result.cpu_ms_per_step / result.step_ms_mean)
 
 

@@ -13,7 +13,8 @@
     [train]     local_steps, local_epochs, lr, batch_size, upload, encoding
     [broker]    kind = embedded | mosquitto | url, url, keepalive_s (devices; the broker declares a
                 silent device offline after 1.5 x this, so it bounds how fast an outage is seen)
-    [throttle]  backend = auto | cgroup2 | cgroup1 | none, require, max_oversubscription
+    [throttle]  backend = auto | cgroup2 | cgroup1 | none, require, dilation = "auto" | <number> | "off",
+                host_speed (pin the host's speed factor), reserve_cores (kept for broker, server, harness)
     [[fleet]]   name, board, count, profile | profiles, availability = {...}, cpu = {...},
                 mem_limit_mb (override the board's cap), bandwidth_mbit
 
@@ -38,6 +39,7 @@ from runtime.telemetry import OFFLINE_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.config import canonical_profile, method_table
 from server.strategies import STRATEGY_NAMES, get_strategy, strategy_defaults
+from testbed.dilation import DEFAULT_RESERVE_CORES, parse_setting
 
 BROKER_KINDS = ("embedded", "mosquitto", "url")
 THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
@@ -48,7 +50,7 @@ _KEYS = {
     "model": frozenset({"name", "dataset", "data_root", "partition", "eval_fraction", "samples", "input_shape"}),
     "train": frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"}),
     "broker": frozenset({"kind", "url", "keepalive_s"}),
-    "throttle": frozenset({"backend", "require", "max_oversubscription"}),
+    "throttle": frozenset({"backend", "require", "dilation", "host_speed", "reserve_cores"}),
     "fleet": frozenset({"name", "board", "count", "profile", "profiles", "availability", "cpu", "mem_limit_mb",
                         "bandwidth_mbit"}),
 }
@@ -95,7 +97,9 @@ class Campaign:
     keepalive_s: int
     throttle_backend: str
     throttle_require: bool
-    max_oversubscription: float
+    dilation: str | float  # "auto" | "off" | a factor >= 1 (testbed.dilation)
+    host_speed: float | None  # pins the host's speed factor; None: ORCHARD_HOST_SPEED or calibration
+    reserve_cores: float
     fleet: tuple[Group, ...]
     source: Path | None = None
     offline: str = "unreachable"  # runtime.telemetry.OFFLINE_MODES
@@ -190,7 +194,9 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         keepalive_s=broker.integer("keepalive_s", 2, 3600, default=5),
         throttle_backend=throttle.string("backend", THROTTLE_BACKENDS, default="auto"),
         throttle_require=throttle.boolean("require", default=False),
-        max_oversubscription=throttle.number("max_oversubscription", 1.0, 64.0, default=4.0),
+        dilation=parse_setting(file, throttle.data.get("dilation", "auto")),
+        host_speed=throttle.optional_number("host_speed", 0.0, 1000.0, lo_open=True),
+        reserve_cores=throttle.number("reserve_cores", 0.0, 1024.0, default=DEFAULT_RESERVE_CORES),
         fleet=fleet,
         source=p,
         offline=camp.string("offline", OFFLINE_MODES, default="unreachable"),

@@ -13,7 +13,6 @@ from os.path import dirname, join
 
 from runtime.errors import ConfigError, OrchardError
 from testbed.cgroups import (
-    CPU_PERIOD_US,
     DEFAULT_ROOT,
     FREEZE_TIMEOUT_S,
     MIB,
@@ -22,6 +21,8 @@ from testbed.cgroups import (
     GroupPlace,
     GroupStats,
     check_name,
+    check_weight_cores,
+    cpu_period_us,
     cpu_quota_us,
     default_run_id,
     get,
@@ -94,8 +95,16 @@ class CgroupGroup(ABC):
         quota_us = cpu_quota_us(cores, self._host_cores)
         with self._lock:
             self._check_live()
-            self._write_cpu_quota(quota_us)
+            self._write_cpu_quota(quota_us, cpu_period_us(cores))
             self.cpu_quota_cores = cores
+
+    def set_cpu_weight(self, cores: float) -> None:
+        """CPU weight in proportion to `cores` (a device's quota), so that under contention from
+        outside the campaign every device loses the same share of its quota."""
+        check_weight_cores(cores)
+        with self._lock:
+            self._check_live()
+            self._write_cpu_weight(cores)
 
     def set_mem_limit(self, mb: int | None) -> None:
         limit_bytes = mem_limit_bytes(mb)
@@ -153,7 +162,10 @@ class CgroupGroup(ABC):
             _registry.pop(self.path, None)
 
     @abstractmethod
-    def _write_cpu_quota(self, quota_us: int | None) -> None: ...
+    def _write_cpu_quota(self, quota_us: int | None, period_us: int) -> None: ...
+
+    @abstractmethod
+    def _write_cpu_weight(self, cores: float) -> None: ...
 
     @abstractmethod
     def _write_mem_limit(self, limit_bytes: int | None) -> None: ...
@@ -199,6 +211,19 @@ class _CgroupThrottle:
             self._groups.append(group)
         return group
 
+    def prioritise_cpu(self) -> None:
+        """Top CPU weight for the prefix and run dirs. The device quotas add up to no more than the
+        host can give (time dilation sees to that), so with this the quotas are what binds: other
+        tenants that start after launch cannot take the devices' CPU, and cannot bend their ratios."""
+        for d in self._weight_dirs():
+            self._write_top_weight(d)
+
+    def _weight_dirs(self) -> list[str]:
+        raise NotImplementedError
+
+    def _write_top_weight(self, cgroup_dir: str) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         """Destroy every group this throttle created (idempotent)."""
         with self._lock:
@@ -217,10 +242,15 @@ class V2Group(CgroupGroup):
     def _file(self, name: str) -> str:
         return join(self.path, name)
 
-    def _write_cpu_quota(self, quota_us: int | None) -> None:
+    def _write_cpu_quota(self, quota_us: int | None, period_us: int) -> None:
         if quota_us is None and not self._fs.exists(self._file("cpu.max")):
             return  # no cpu controller (V2Throttle.warning says so): unlimited is all there is
-        put(self._fs, self._file("cpu.max"), f"{'max' if quota_us is None else quota_us} {CPU_PERIOD_US}")
+        put(self._fs, self._file("cpu.max"), f"{'max' if quota_us is None else quota_us} {period_us}")
+
+    def _write_cpu_weight(self, cores: float) -> None:
+        if self._fs.exists(self._file("cpu.weight")):  # absent without the cpu controller
+            # cpu.weight is 1..10000 (100 = default); 1000 per core keeps 0.01-core steps apart.
+            put(self._fs, self._file("cpu.weight"), str(min(10000, max(1, round(1000 * cores)))))
 
     def _write_mem_limit(self, limit_bytes: int | None) -> None:
         if limit_bytes is None and not self._fs.exists(self._file("memory.max")):
@@ -280,6 +310,13 @@ class V2Throttle(_CgroupThrottle):
             )
         probe_writable(self._fs, join(root, self.prefix))
 
+    def _weight_dirs(self) -> list[str]:
+        return [join(self.root, self.prefix), join(self.root, self.prefix, self.run_id)]
+
+    def _write_top_weight(self, cgroup_dir: str) -> None:
+        if self._fs.exists(join(cgroup_dir, "cpu.weight")):
+            put(self._fs, join(cgroup_dir, "cpu.weight"), "10000")
+
     def _enable_controllers(self, cgroup_dir: str) -> None:
         # "No internal processes": only dirs without member processes may enable controllers for
         # children; our prefix and run dirs never hold processes, the root is exempt.
@@ -316,9 +353,16 @@ class V1Group(CgroupGroup):
     def _file(self, controller: str, name: str) -> str:
         return join(self.dirs[controller], name)
 
-    def _write_cpu_quota(self, quota_us: int | None) -> None:
-        put(self._fs, self._file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-        put(self._fs, self._file("cpu", "cpu.cfs_quota_us"), "-1" if quota_us is None else str(quota_us))
+    def _write_cpu_quota(self, quota_us: int | None, period_us: int) -> None:
+        # Unlimited first: the kernel checks every write against the other file's current value.
+        put(self._fs, self._file("cpu", "cpu.cfs_quota_us"), "-1")
+        put(self._fs, self._file("cpu", "cpu.cfs_period_us"), str(period_us))
+        if quota_us is not None:
+            put(self._fs, self._file("cpu", "cpu.cfs_quota_us"), str(quota_us))
+
+    def _write_cpu_weight(self, cores: float) -> None:
+        # cpu.shares is 2..262144 (1024 = default): 1024 per core of quota.
+        put(self._fs, self._file("cpu", "cpu.shares"), str(min(262144, max(2, round(1024 * cores)))))
 
     def _write_mem_limit(self, limit_bytes: int | None) -> None:
         mem = self._file("memory", "memory.limit_in_bytes")
@@ -381,6 +425,12 @@ class V1Throttle(_CgroupThrottle):
                             "a device may page to host swap instead of hitting its memory cap")
         for hierarchy in self.hierarchies:
             probe_writable(self._fs, join(hierarchy, self.prefix))
+
+    def _weight_dirs(self) -> list[str]:
+        return [join(self.mounts["cpu"], self.prefix), join(self.mounts["cpu"], self.prefix, self.run_id)]
+
+    def _write_top_weight(self, cgroup_dir: str) -> None:
+        put(self._fs, join(cgroup_dir, "cpu.shares"), "262144")
 
     def _make(self, name: str) -> CgroupGroup:
         leaves: list[str] = []

@@ -86,7 +86,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
             return
         for r in rows:  # the new versions, each with its own accuracy
             acc = r["accuracy"] or "-"
-            print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['wall_s']):6.1f}s  accuracy={acc:<8}"
+            print(f"  version {r['version']:>3}/{args.rounds}  t={float(r['t_s']):6.1f}s  accuracy={acc:<8}"
                   f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
 
     summary = run_federation(spec, force=args.force, progress=show)

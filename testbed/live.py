@@ -139,7 +139,7 @@ class LiveView:
             if not rows:
                 continue
             cols = rows[-1].split(",")
-            if len(cols) >= 9 and cols[0] != "t":
+            if len(cols) >= 9 and cols[0] != "t_s":
                 v = self.view[dev]
                 v.cpu_pct = _num(cols[2])
                 rss = (_num(cols[3]) or 0.0) + (_num(cols[4]) or 0.0)
@@ -148,7 +148,7 @@ class LiveView:
 
     def _progress(self, now_s: float) -> tuple[float, str]:
         parts = [min(1.0, now_s / self.c.wall_s)]
-        label = f"{now_s:5.0f}/{self.c.wall_s:.0f} s"
+        label = f"{now_s:5.0f}/{self.c.wall_s:.0f} board s"
         if self.c.rounds:
             parts.append(self.version / self.c.rounds)
             label += f"  version {self.version}/{self.c.rounds}"
@@ -168,7 +168,8 @@ class LiveView:
             for version in sorted(v for v in self.evaluated if v > self._printed_version):
                 self._printed_version = version
                 own = self.evaluated[version]
-                self.out.write(f"[{now_s:6.1f}s] version {version} accuracy {'-' if own is None else f'{own:.4f}'} "
+                acc = "-" if own is None else f"{own:.4f}"
+                self.out.write(f"[{now_s:6.1f} board s] version {version} accuracy {acc} "
                                f"accepted {self.accepted} rejected {self.rejected}\n")
             self.out.flush()
             return

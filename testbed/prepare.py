@@ -32,6 +32,7 @@ class DevicePlan:
     board: str
     profiles: tuple[str, ...]  # the first is assigned; the others are what it may fall back to
     group: str = ""
+    threads: int = 0  # ORT threads; 0: the device derives them from its cgroup quota
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def fresh_run_dir(run: Path, force: bool) -> None:
 
 
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
-                keepalive_s: int = 5, offline: str = "unreachable") -> dict[str, str]:
+                keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0) -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
     `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
     server TOML. Returns the artifact directory per profile."""
@@ -106,7 +107,7 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
         write_toml(run / "configs" / f"{plan.device_id}.toml", {
             "device": {"id": plan.device_id, "board": plan.board, "shard": f"../shards/{plan.device_id}.npz",
                        "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles),
-                       "offline": offline},
+                       "offline": offline, "threads": plan.threads or None, "telemetry_hz": telemetry_hz},
             "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s},
         })
     write_toml(run / "configs" / "server.toml", {

@@ -5,16 +5,17 @@ devices/<id>.csv, and fleet.json / config.toml when present); `summarise` turns 
 headline figures; `write_report` writes everything. Partial runs (Ctrl-C, SIGKILL: short or
 half-written files) are reported for what ran; unreadable lines are counted, not fatal.
 
-Clock: every time is in seconds since the first `server_start` event (the origin of server.csv's
-`wall_s`); events before it (campaign set-up) get negative times. `wall_s` of the run is the time
-of its last event.
+Clock: every time is in board seconds since the campaign start, the one base that events.jsonl
+(`t`), server.csv (`t_s`) and devices/<id>.csv (`t_s`) share; under time dilation a board second
+is `dilation` wall seconds (fleet.json). Events before the start (set-up) get negative times.
+`wall_s` of the run is the time of its last event, in board seconds too.
 
 Definitions (also written into summary.json under "definitions"):
 - A *round* is the span between two aggregations; the first starts at the first `task_sent`.
   The updates merged in a round are the `update_accepted` events logged after the previous
   `aggregated` event and before its own (exactly the engine's pending list).
 - time_to_target_s: time of the aggregation that published the first version whose accuracy
-  reached config.toml's [stop] target_accuracy (server.csv wall_s; null without a target).
+  reached config.toml's [stop] target_accuracy (server.csv t_s; null without a target).
 - utilization (Co-S²P, methods.md §1.3): `U = Σ_i train_s_i / (N · T)`, with `train_s_i` the
   device-reported training time of every update merged into a published version, N the number
   of devices in the fleet (fleet.json, else every device seen in the run), and T the time from
@@ -69,6 +70,7 @@ import tomllib
 from runtime.errors import ConfigError
 from server.events import EventName
 from server.waste import WorkSummary, work_summary
+from testbed.fidelity import check as check_fidelity
 
 log = logging.getLogger("orchard.report")
 
@@ -118,7 +120,7 @@ class Round:
 
 @dataclass
 class Trace:
-    """One device's telemetry, columns as arrays, time in seconds since the origin."""
+    """One device's telemetry, columns as arrays, time in board seconds since the campaign start."""
 
     t_s: FloatArray
     cpu_pct: FloatArray
@@ -178,13 +180,13 @@ def _read_events(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 bad += line.strip() != ""
                 continue
-            if isinstance(e, dict) and isinstance(e.get("event"), str) and _num(e.get("wall_t")) is not None:
+            if isinstance(e, dict) and isinstance(e.get("event"), str) and _num(e.get("t")) is not None:
                 events.append(e)
             else:
                 bad += 1
     if bad:
         warnings.append(f"events.jsonl: skipped {bad} unreadable line(s) (a run cut short?)")
-    return sorted(events, key=lambda e: float(e["wall_t"]))  # stable: the writers' order within a tick
+    return sorted(events, key=lambda e: float(e["t"]))  # stable: the writers' order within a tick
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -192,19 +194,19 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if None not in row.values()]  # drops a half-written last line
 
 
-def _read_trace(path: Path, origin: float) -> Trace | None:
-    rows = [r for r in _read_csv(path) if _num(r.get("t")) is not None]
+def _read_trace(path: Path) -> Trace | None:
+    rows = [r for r in _read_csv(path) if _num(r.get("t_s")) is not None]
     if not rows:
         return None
 
     def col(name: str) -> FloatArray:
         return np.array([v if (v := _num(r.get(name))) is not None else np.nan for r in rows])
 
-    energy = np.nan_to_num(col("energy_j"))
+    energy = np.nan_to_num(col("energy_total_j"))
     # The counter restarts at 0 with the agent: add each drop back so the curve stays cumulative.
     drops = np.concatenate([[0.0], np.where(np.diff(energy) < 0, energy[:-1], 0.0)])
     sources = [r.get("power_source") or "" for r in rows]
-    return Trace(t_s=col("t") - origin, cpu_pct=col("cpu_pct"), rss_agent_mb=np.nan_to_num(col("rss_agent_mb")),
+    return Trace(t_s=col("t_s"), cpu_pct=col("cpu_pct"), rss_agent_mb=np.nan_to_num(col("rss_agent_mb")),
                  rss_trainer_mb=np.nan_to_num(col("rss_trainer_mb")), mem_limit_mb=col("mem_limit_mb"),
                  energy_j=energy + np.cumsum(drops), power_source=next((s for s in reversed(sources) if s), ""))
 
@@ -212,7 +214,7 @@ def _read_trace(path: Path, origin: float) -> Trace | None:
 DOWN = Segment("offline", 0.0, 0.0)
 
 
-def _timeline(events: list[dict[str, Any]], origin: float, end_s: float) -> dict[str, list[Segment]]:
+def _timeline(events: list[dict[str, Any]], end_s: float) -> dict[str, list[Segment]]:
     current: dict[str, Segment] = {}
     segments: dict[str, list[Segment]] = {}
 
@@ -227,7 +229,7 @@ def _timeline(events: list[dict[str, Any]], origin: float, end_s: float) -> dict
         current[device] = Segment(state, t_s, t_s)
 
     for e in events:
-        device, kind, t_s = e.get("device"), e["event"], float(e["wall_t"]) - origin
+        device, kind, t_s = e.get("device"), e["event"], float(e["t"])
         if not isinstance(device, str):
             continue
         if kind == EventName.DEVICE_STATUS and e.get("state") in STATES:
@@ -254,9 +256,8 @@ def load_run(run_dir: Path) -> RunData:
             raise ConfigError(f"run folder {run_dir} has no {name}: not an Orchard run, or the server never started")
     warnings: list[str] = []
     events = _read_events(run_dir / "events.jsonl", warnings)
-    starts = [float(e["wall_t"]) for e in events if e["event"] == EventName.SERVER_START]
-    origin = starts[0] if starts else (float(events[0]["wall_t"]) if events else 0.0)
-    end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
+    starts = [float(e["t"]) for e in events if e["event"] == EventName.SERVER_START]
+    end_s = float(events[-1]["t"]) if events else 0.0
 
     fleet: dict[str, Any] | None = None
     if (run_dir / "fleet.json").is_file():
@@ -289,7 +290,7 @@ def load_run(run_dir: Path) -> RunData:
                 boards.setdefault(e["device"], str(e["board"]))
     traces = {}
     for path in sorted((run_dir / "devices").glob("*.csv")) if (run_dir / "devices").is_dir() else []:
-        trace = _read_trace(path, origin)
+        trace = _read_trace(path)
         if trace is not None:
             traces[path.stem] = trace
     devices = [str(d["id"]) for d in fleet_devices] or sorted(seen | set(traces), key=_natural)
@@ -307,7 +308,7 @@ def load_run(run_dir: Path) -> RunData:
     up = down = total_up = total_down = 0
     profile_acc: list[tuple[int, str, float]] = []
     for e in events:
-        kind, t_s = e["event"], float(e["wall_t"]) - origin
+        kind, t_s = e["event"], float(e["t"])
         if kind in (EventName.TASK_FRAME, EventName.ARTIFACT_SENT, EventName.UPDATE_RECEIVED):
             n_bytes = int(_num(e.get("bytes")) or 0)
             if kind == EventName.UPDATE_RECEIVED:
@@ -353,17 +354,17 @@ def load_run(run_dir: Path) -> RunData:
             stop_reason = str(e["reason"])
 
     # server.csv lists the published versions with their accuracy. A version's time is that of
-    # its aggregated event (same clock as wall_s: seconds since server start); rows without one
-    # use wall_s, which restarts on a resume, so later segments are shifted to their server_start.
+    # its aggregated event (the same clock as t_s); rows without one use t_s, which restarts on a
+    # resume of a server that has no campaign clock, so later segments go to their server_start.
     offset_s, last_s, restarts = 0.0, -math.inf, 0
     for row in _read_csv(run_dir / "server.csv"):
-        version, wall_s = _num(row.get("version")), _num(row.get("wall_s"))
-        if version is None or wall_s is None:
+        version, row_t_s = _num(row.get("version")), _num(row.get("t_s"))
+        if version is None or row_t_s is None:
             continue
-        if wall_s + offset_s < last_s:
+        if row_t_s + offset_s < last_s:
             restarts += 1
-            offset_s = starts[restarts] - origin if restarts < len(starts) else last_s
-        last_s = wall_s + offset_s
+            offset_s = starts[restarts] if restarts < len(starts) else last_s
+        last_s = row_t_s + offset_s
         r = rounds.setdefault(int(version), Round(int(version), last_s))
         if not r.logged:  # the aggregated event is the better clock: it survives resumes and kills
             r.t_s, r.n_updates = last_s, int(_num(row.get("n_updates")) or 0)
@@ -391,10 +392,10 @@ def load_run(run_dir: Path) -> RunData:
                                                         if e["event"] == EventName.SERVER_START), None),
         fleet=fleet, config_text=config_text, target_accuracy=_num(stop_table.get("target_accuracy")),
         devices=devices, boards=boards, end_s=end_s, rounds=ordered, updates=updates, rejected=rejected,
-        timeline=_timeline(events, origin, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
+        timeline=_timeline(events, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
         warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile, local_steps=local_steps,
         groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices},
-        work=work_summary(events, "wall_t"), never_joined=never_joined_devices(run_dir, devices, events, origin))
+        work=work_summary(events, "t"), never_joined=never_joined_devices(run_dir, devices, events))
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -432,6 +433,10 @@ def summarise(data: RunData) -> dict[str, Any]:
             "energy_source": trace.power_source if trace else None,
             "oom_count": max([len(ooms), *(k for _, k in ooms)]),  # oom_kills is the cgroup's cumulative counter
         })
+    fleet = data.fleet or {}
+    fidelity = check_fidelity(data.run_dir, fleet)
+    for d in devices:
+        d["cpu_delivered"] = fidelity["delivered_cpu"].get(d["id"], {}).get("ratio")
     energies = [float(tr.energy_j[-1]) for d, tr in data.traces.items() if d in data.devices]
     time_to_target_s = reached[0] if reached else None
     return {
@@ -449,6 +454,9 @@ def summarise(data: RunData) -> dict[str, Any]:
         "bytes_up_total": data.bytes_up, "bytes_down_total": data.bytes_down,
         "throttle_backend": (data.fleet or {}).get("throttle_backend"),
         "throttle_warning": (data.fleet or {}).get("throttle_warning"),
+        "time_dilation": fleet.get("time_dilation"), "host_speed_factor": fleet.get("host_speed_factor"),
+        "host_speed_source": fleet.get("host_speed_source"), "dilation": fleet.get("dilation"),
+        "dilation_warning": fleet.get("dilation_warning"), "fidelity": fidelity,
         "stop_reason": data.stop_reason, "warnings": data.warnings,
         "accuracy_per_profile": breakdown.final_profile_accuracy(data),
         "groups": breakdown.group_rows(data, devices), "devices": devices,
@@ -478,11 +486,17 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
     if summary.get("throttle_backend") == "none":
         parts.append("<p class='warn'>⚠ No throttle backend: devices ran at host speed and memory; "
                      "times, memory and energy do not represent the boards.</p>")
+    if isinstance(summary.get("dilation"), dict) and summary["dilation"].get("text"):
+        parts.append(f"<p class='note'>{html.escape(str(summary['dilation']['text']))}</p>")
+    if summary.get("dilation_warning"):
+        parts.append(f"<p class='warn'>⚠ {html.escape(str(summary['dilation_warning']))}</p>")
+    parts += [f"<p class='warn'>⚠ CPU NOT DELIVERED: {html.escape(w)}</p>" for w in summary["fidelity"]["warnings"]]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in summary["warnings"]]
     headline = [{"figure": k, "value": format_cell(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
     parts.append("<h2>Summary</h2>" + html_table(headline, ["figure", "value"]))
     columns = ["id", "board", "group", "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
-               "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count"]
+               "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count",
+               "cpu_delivered"]
     if summary["groups"]:
         parts.append("<h2>Tiers ([[fleet]] groups)</h2>" + html_table(summary["groups"], list(summary["groups"][0])))
     per_profile = [{"profile": p, "final accuracy": a} for p, a in summary["accuracy_per_profile"].items()]
@@ -539,8 +553,7 @@ def wasted_work_figures(data: RunData) -> dict[str, Any]:
             "wasted_fraction": _r(fraction, 4) if fraction is not None else None, "devices": per_device}
 
 
-def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[str, Any]],
-                         origin: float) -> list[dict[str, str]]:
+def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Devices of the fleet that never said hello, each with what is known about why: the
     availability trace that kept it frozen, its agent's exits, and the last line of its log."""
     hello = {e.get("device") for e in events if e["event"] == EventName.DEVICE_HELLO}
@@ -550,10 +563,10 @@ def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[st
             continue
         mine = [e for e in events if e.get("device") == device]
         why = []
-        offline_at = [float(e["wall_t"]) - origin for e in mine
+        offline_at = [float(e["t"]) for e in mine
                       if e["event"] == EventName.AVAILABILITY and not e.get("online")]
         if offline_at:
-            online_at = [float(e["wall_t"]) - origin for e in mine
+            online_at = [float(e["t"]) for e in mine
                          if e["event"] == EventName.AVAILABILITY and e.get("online")]
             span = f"until {online_at[-1]:.1f} s" if online_at else "to the end"
             why.append(f"frozen by its availability trace from {offline_at[0]:.1f} s {span}")
@@ -564,7 +577,7 @@ def never_joined_devices(run_dir: Path, devices: list[str], events: list[dict[st
         if ooms:
             why.append(f"{ooms[-1].get('oom_kills')} OOM kill(s) under {ooms[-1].get('mem_limit_mb')} MB")
         if not why:
-            end_s = (float(events[-1]["wall_t"]) - origin) if events else 0.0
+            end_s = float(events[-1]["t"]) if events else 0.0
             why.append(f"its agent neither exited nor was frozen: still starting when the run stopped at {end_s:.1f} s")
         log_path = run_dir / "logs" / f"{device}.log"
         lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []

@@ -1,7 +1,9 @@
 """Run a campaign: a fleet of emulated boards, each device in its own cgroup, driven by traces.
 
 Order of work: check everything that can be checked before any process starts (campaign,
-throttling, host capacity, bandwidth support); lay out the run folder; start broker, server and
+throttling, bandwidth support); calibrate the host and plan the time dilation (testbed.dilation:
+quotas / delta, every time constant x delta in wall time, all outputs in board seconds); lay out
+the run folder; start broker, server and
 devices (each device process is placed in its cgroup before it runs any Python, so its trainer
 child inherits the limits); then loop: apply trace changes (freeze = offline, quota rewrites),
 turn cgroup OOM counters into events, restart a crashed agent as systemd would on a board, and
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,11 +31,13 @@ from typing import Any, TextIO
 
 from runtime.board import BoardConfig, load_board
 from runtime.errors import ConfigError, OrchardError
+from runtime.telemetry import threads_for_quota
 from server.events import EventName
 from testbed.broker import open_broker
-from testbed.calibrate import board_quota_cores, check_fleet_capacity, get_host_speed
+from testbed.calibrate import HostSpeed, board_quota_cores, get_host_speed
 from testbed.campaign import Campaign, Group
-from testbed.cgroups import DEFAULT_ROOT
+from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores
+from testbed.dilation import Dilation, background_cores, plan_dilation
 from testbed.live import LiveView
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
 from testbed.throttle import DeviceGroup, NullThrottle, Throttle, detect_throttle
@@ -40,7 +46,7 @@ from testbed.traces import TraceDriver, make_availability, make_cpu_trace
 ROOT = Path(__file__).resolve().parents[1]
 LOOP_S = 0.25
 RESTART_BACKOFF_S = 2.0
-STOP_GRACE_S = 30.0
+STOP_GRACE_S = 30.0  # board seconds past [stop] wall_s until the runner stops a server that did not stop itself
 GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
 
 
@@ -49,7 +55,8 @@ class Device:
     device_id: str
     group: Group
     board: BoardConfig
-    base_quota_cores: float  # the board's quota on this host; the CPU trace scales it
+    board_quota_cores: float  # the board's compute on this host, in host cores
+    base_quota_cores: float  # its cgroup quota: board_quota_cores / dilation; the CPU trace scales it
     mem_limit_mb: int
     cgroup: DeviceGroup
     proc: subprocess.Popen[bytes] | None = None
@@ -74,6 +81,8 @@ class CampaignRunner:
         self._broker_url = ""
         self.stop_reason: str | None = None
         self.summary: dict[str, Any] = {}
+        self.dilation: Dilation | None = None
+        self.start_unix = time.time()  # reset when the server starts: the origin of every output time
 
     # ------------------------------------------------------------ checks before anything starts
     def _throttle(self) -> Throttle:
@@ -113,26 +122,36 @@ class CampaignRunner:
         prepared = launched = False
         stack = contextlib.ExitStack()
         try:
-            host = get_host_speed()
-            plans = [DevicePlan(d, g.board, g.profiles, g.name) for d, g in self.c.devices()]
+            host = get_host_speed(pinned=self.c.host_speed)
             boards = {g.board: load_board(g.board) for g in self.c.fleet}
-            quotas = {p.device_id: board_quota_cores(boards[p.board], host) for p in plans}
-            if throttle.backend != "none":
-                check_fleet_capacity(list(quotas.values()), os.cpu_count() or 1, self.c.max_oversubscription)
+            quotas = {d: board_quota_cores(boards[g.board], host) for d, g in self.c.devices()}
+            # Threads follow the board's quota, not the dilated one: a board's parallelism is its own.
+            plans = [DevicePlan(d, g.board, g.profiles, g.name, threads_for_quota(quotas[d], boards[g.board].cores))
+                     for d, g in self.c.devices()]
+            dilation = self.dilation = self._plan_dilation(throttle, list(quotas.values()))
+            print(dilation.describe(), flush=True)
+            if (warning := dilation.warning()) and throttle.backend != "none":
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             fresh_run_dir(self.run, self.force)
             prepared = True
             if self.c.source is not None:
                 shutil.copy(self.c.source, self.run / "config.toml")
             data = DataPlan(self.c.model, self.c.dataset, self.c.data_root, self.c.partition, self.c.eval_fraction,
                             self.c.seed, self.c.samples, self.c.input_shape)
-            prepare_run(self.run, data, plans, self._server_tables(plans), keepalive_s=self.c.keepalive_s,
-                        offline=self.c.offline)
+            # Time constants a device applies itself are given to it in wall time.
+            prepare_run(self.run, data, plans, self._server_tables(plans),
+                        keepalive_s=math.ceil(dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
+                        telemetry_hz=1.0 / dilation.factor)
             for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
                 board = boards[plan.board]
                 mem = group.mem_limit_mb or board.memory_cap_mb
-                self.devices[device_id] = Device(device_id, group, board, quotas[device_id], mem,
-                                                 throttle.create(device_id, quotas[device_id], mem))
-            self._write_fleet(throttle, host)
+                # A board with more compute than the host (or dilation "off") gets at most every core.
+                cgroup_quota = min(quotas[device_id] / dilation.factor, float(host_cpu_cores()))
+                cgroup = throttle.create(device_id, cgroup_quota, mem)
+                cgroup.set_cpu_weight(cgroup_quota)
+                self.devices[device_id] = Device(device_id, group, board, quotas[device_id], cgroup_quota, mem, cgroup)
+            throttle.prioritise_cpu()
+            self._write_fleet(throttle, host, dilation, {p.device_id: p.threads for p in plans})
             launched = True
             broker = stack.enter_context(open_broker(self.broker_spec))
             self._loop(broker.url, started)
@@ -150,6 +169,12 @@ class CampaignRunner:
             elif prepared and (self.run / "events.jsonl").exists():
                 self.summary = self._report()
         return self.summary
+
+    def _plan_dilation(self, throttle: Throttle, quotas: list[float]) -> Dilation:
+        cores = os.cpu_count() or 1
+        if throttle.backend == "none":  # nothing is held to a quota, so slowing down would change nothing
+            return plan_dilation("off", quotas, cores, self.c.reserve_cores)
+        return plan_dilation(self.c.dilation, quotas, cores, self.c.reserve_cores, background_cores(cores))
 
     def _server_tables(self, plans: list[DevicePlan]) -> dict[str, dict[str, Any]]:
         c = self.c
@@ -169,13 +194,17 @@ class CampaignRunner:
     def _base(self) -> Path:
         return self.c.source.parent if self.c.source is not None else Path.cwd()
 
-    def _write_fleet(self, throttle: Throttle, host: Any) -> None:
+    def _write_fleet(self, throttle: Throttle, host: HostSpeed, dilation: Dilation, threads: dict[str, int]) -> None:
         fleet = {
             "campaign": self.c.name, "strategy": self.c.strategy, "throttle_backend": throttle.backend,
-            "throttle_warning": throttle.warning, "host_speed_factor": getattr(host, "speed_factor", None),
+            "throttle_warning": throttle.warning, "host_speed_factor": round(host.speed_factor, 4),
+            "host_speed_source": host.source, "host_speed": dataclasses.asdict(host),
+            "time_dilation": dilation.factor, "dilation": {**dilation.as_dict(), "text": dilation.describe()},
+            "dilation_warning": dilation.warning() if throttle.backend != "none" else None,
             "devices": [{"id": d.device_id, "board": d.board.name, "group": d.group.name,
                          "profile": d.group.profiles[0], "profiles": list(d.group.profiles),
-                         "cpu_quota_cores": round(d.base_quota_cores, 4),
+                         "board_quota_cores": round(d.board_quota_cores, 4),
+                         "cpu_quota_cores": round(d.base_quota_cores, 4), "threads": threads[d.device_id],
                          "mem_limit_mb": d.mem_limit_mb, "speed_factor": d.board.speed_factor}
                         for d in self.devices.values()],
         }
@@ -185,6 +214,7 @@ class CampaignRunner:
         if self._events is None:
             return
         record.setdefault("wall_t", round(time.time(), 3))
+        record.setdefault("t", round(self._board_s(record["wall_t"]), 3))
         self._events.write(json.dumps(record) + "\n")
         self._events.flush()
 
@@ -201,8 +231,19 @@ class CampaignRunner:
         d.proc = self._spawn(d.device_id, ["-m", "runtime", "--config", str(config), "--broker", self._broker_url],
                              d.cgroup)
 
+    def _board_s(self, unix_s: float) -> float:
+        return (unix_s - self.start_unix) / (self.dilation.factor if self.dilation else 1.0)
+
+    def _start_clock(self) -> None:
+        """Campaign start = now; the server counts every time from it, in board seconds."""
+        self.start_unix = time.time()
+        factor = self.dilation.factor if self.dilation else 1.0
+        with (self.run / "configs" / "server.toml").open("a") as f:
+            f.write(f"\n[clock]\nstart_unix = {self.start_unix!r}\ndilation = {factor!r}\n")
+
     def _loop(self, broker_url: str, started: float) -> None:
         self._broker_url = broker_url
+        self._start_clock()
         self.server = self._spawn("server", ["-m", "server", "--config", str(self.run / "configs" / "server.toml"),
                                              "--out", str(self.run), "--broker", broker_url])
         events_path = self.run / "events.jsonl"
@@ -217,16 +258,15 @@ class CampaignRunner:
             self._start_device(d)
         driver.step(0.0)
         live = LiveView(self.run, self.c, list(self.devices), lines_only=self.quiet)
-        t0 = time.monotonic()
         while self.stop_reason is None:
             time.sleep(LOOP_S)
-            now = time.monotonic() - t0
+            now = self._board_s(time.time())  # traces, the stop rule and the live view run on board time
             driver.step(now)
             self._watch_devices(now)
             if self.server.poll() is not None:
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
             elif now > self.c.wall_s + STOP_GRACE_S:
-                self.stop_reason = f"wall time {self.c.wall_s:.0f} s reached"
+                self.stop_reason = f"time limit {self.c.wall_s:.0f} board s reached"
             elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
                 self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
             elif self._all_gave_up():

@@ -4,6 +4,7 @@
     group = throttle.create("rpi4-03", cpu_quota_cores=0.9, mem_limit_mb=3584)
     group.add_pid(proc.pid)            # children it starts afterwards inherit the group
     group.set_cpu_quota(0.45)          # rewritten live from CPU traces
+    group.set_cpu_weight(0.9)          # cpu.shares / cpu.weight in proportion to the quota
     group.freeze(); group.thaw()       # offline = frozen: keepalives stop, the broker fires the LWT
     group.stats()                      # cpu_usage_s, mem_peak_mb, oom_kills, nr_throttled, ...
     throttle.close()                   # or cleanup_all("orchard") on Ctrl-C / after a crash
@@ -28,6 +29,7 @@ from testbed.cgroups import (
     CgroupFs,
     GroupStats,
     check_name,
+    check_weight_cores,
     cpu_quota_us,
     default_run_id,
     host_cpu_cores,
@@ -60,6 +62,7 @@ class DeviceGroup(Protocol):
     def mem_limit_mb(self) -> int | None: ...
     def add_pid(self, pid: int) -> None: ...
     def set_cpu_quota(self, cores: float | None) -> None: ...
+    def set_cpu_weight(self, cores: float) -> None: ...
     def set_mem_limit(self, mb: int | None) -> None: ...
     def freeze(self) -> None: ...
     def thaw(self) -> None: ...
@@ -77,6 +80,7 @@ class Throttle(Protocol):
     @property
     def run_id(self) -> str: ...
     def create(self, name: str, cpu_quota_cores: float | None, mem_limit_mb: int | None) -> DeviceGroup: ...
+    def prioritise_cpu(self) -> None: ...  # after create(): the quotas, not other tenants, bind
     def close(self) -> None: ...
 
 
@@ -98,6 +102,9 @@ class NullGroup:
     def set_cpu_quota(self, cores: float | None) -> None:
         cpu_quota_us(cores, host_cpu_cores())  # same validation as the real backends
         self.cpu_quota_cores = cores
+
+    def set_cpu_weight(self, cores: float) -> None:
+        check_weight_cores(cores)
 
     def set_mem_limit(self, mb: int | None) -> None:
         mem_limit_bytes(mb)
@@ -143,6 +150,9 @@ class NullThrottle:
         group.set_mem_limit(mem_limit_mb)
         self._groups.append(group)
         return group
+
+    def prioritise_cpu(self) -> None:
+        pass
 
     def close(self) -> None:
         for group in self._groups:

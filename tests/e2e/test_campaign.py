@@ -272,8 +272,11 @@ def test_compare_sync_and_semi_async_runs_of_the_same_fleet(tmp_path, cgroups):
 def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
     path = campaign_file(tmp_path, "ctrlc", SMALL_FLEET, rounds=500, wall_s=300)
     run = tmp_path / "run"
+    # A suite started in the background by a shell without job control ignores SIGINT, and children
+    # inherit that (Python then installs no KeyboardInterrupt handler): give the runner the default.
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "campaign", "run", str(path), "--out", str(run),
-                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

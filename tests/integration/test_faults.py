@@ -118,7 +118,7 @@ def test_server_killed_and_resumed_continues_from_its_checkpoint(federation: Fed
     assert after and after[0] == saved + 1, (before, after)
     # Counts are cumulative over the campaign, the resume included (an update accepted after the
     # last checkpoint died with the server, so the count may lag the events by those).
-    accepted = [int(r["accepted"]) for r in h.rows()]
+    accepted = [int(r["accepted_total"]) for r in h.rows()]
     assert accepted == sorted(accepted) and accepted[-1] >= sum(int(r["n_updates"]) for r in h.rows())
     assert h.find("finished", after=resumed_at)
 

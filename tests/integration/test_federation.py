@@ -161,7 +161,7 @@ def test_bad_frames_are_refused_and_never_touch_the_global_model(federation: Fed
     assert version == 1
     np.testing.assert_allclose(global_flat, init + np.float32(shift), rtol=0, atol=1e-6)
     row = h.rows()[0]
-    assert (row["n_updates"], row["devices"], row["accepted"], row["rejected"]) == ("1", "dev1", "1",
+    assert (row["n_updates"], row["devices"], row["accepted_total"], row["rejected_total"]) == ("1", "dev1", "1",
                                                                                   str(len(cases)))
 
     # The fake leaves; a real device finishes the campaign, with more garbage arriving meanwhile.
@@ -175,8 +175,8 @@ def test_bad_frames_are_refused_and_never_touch_the_global_model(federation: Fed
     rows = h.rows()
     assert [r["devices"] for r in rows] == ["dev1", "dev0", "dev0"]
     accepted = h.find("update_accepted")
-    assert [int(r["accepted"]) for r in rows] == [1, 2, 3] and len(accepted) == 3
-    assert int(rows[-1]["rejected"]) == len(cases) + 2 == len(h.find("update_rejected"))
+    assert [int(r["accepted_total"]) for r in rows] == [1, 2, 3] and len(accepted) == 3
+    assert int(rows[-1]["rejected_total"]) == len(cases) + 2 == len(h.find("update_rejected"))
     assert all(r["reason"] for r in h.find("update_rejected"))
 
 
@@ -230,7 +230,7 @@ def test_unknown_task_unknown_device_stale_refused_and_redelivery_counted_once(f
     assert [int(r["version"]) for r in rows] == list(range(1, 13))
     # The fake's one accepted update is in exactly one aggregation.
     assert sum(r["devices"].split().count("dev1") for r in rows) == 1
-    assert int(rows[-1]["accepted"]) == sum(int(r["n_updates"]) for r in rows)
+    assert int(rows[-1]["accepted_total"]) == sum(int(r["n_updates"]) for r in rows)
 
 
 def test_sparse_weights_update_is_reconstructed_from_the_base_model(federation: Federate) -> None:

@@ -150,6 +150,23 @@ def test_cpu_quota_caps_the_cpu_time_a_burner_receives(throttle: Throttle, spawn
     assert child.poll() is None  # throttled, not killed
 
 
+def test_cpu_weight_and_period_follow_the_quota(throttle: Throttle, prefix: str) -> None:
+    group = throttle.create("weighted", cpu_quota_cores=0.05, mem_limit_mb=None)
+    group.set_cpu_weight(0.05)
+    throttle.prioritise_cpu()
+    if throttle.backend == "cgroup1":
+        cpu = join(os.path.realpath(join(DEFAULT_ROOT, "cpu")), prefix)
+        leaf = join(cpu, throttle.run_id, "weighted")
+        def read(path: str) -> str:
+            return CgroupFs().read(path).strip()
+
+        assert (read(join(leaf, "cpu.cfs_period_us")), read(join(leaf, "cpu.cfs_quota_us"))) == ("40000", "2000")
+        assert read(join(leaf, "cpu.shares")) == "51"  # 1024 per core of quota
+        assert read(join(cpu, "cpu.shares")) == read(join(cpu, throttle.run_id, "cpu.shares")) == "262144"
+        group.set_cpu_quota(0.5)  # a live rewrite changes the period with the quota
+        assert (read(join(leaf, "cpu.cfs_period_us")), read(join(leaf, "cpu.cfs_quota_us"))) == ("10000", "5000")
+
+
 def test_memory_cap_gets_an_allocating_child_oom_killed(throttle: Throttle, spawn: Spawn) -> None:
     group = throttle.create("hog", cpu_quota_cores=None, mem_limit_mb=64)
     if isinstance(group, V1Group):  # memsw too, so swap cannot let the device dodge its cap

@@ -123,7 +123,7 @@ def test_adamw_artifacts_train(artifact_cache):
 
 def test_threads_follow_quota():
     assert threads_for_quota(0.3) == 1
-    assert threads_for_quota(1.9) == 1
+    assert threads_for_quota(1.9) == 2
     assert threads_for_quota(2.0) == 2
     from runtime.errors import TrainerError
 

@@ -18,7 +18,6 @@ from testbed.calibrate import (
     SPEED_1_FP32_GFLOPS,
     HostSpeed,
     board_quota_cores,
-    check_fleet_capacity,
     derive_reference_step_ms,
     get_host_speed,
     measure_host_speed,
@@ -68,20 +67,12 @@ def test_board_quota_formula() -> None:
     assert rpi4.memory_cap_mb == 4096 - 512
 
 
-def test_trainer_threads_round_quota_down() -> None:
+def test_trainer_threads_round_quota_up_to_the_boards_cores() -> None:
     assert threads_for_quota(0.2) == 1
-    assert threads_for_quota(1.99) == 1
-    assert threads_for_quota(2.0) == 2
-
-
-def test_fleet_capacity() -> None:
-    assert check_fleet_capacity([0.5, 0.5, 1.0], host_cores=2) == pytest.approx(2.0)
-    assert check_fleet_capacity({"a": 3.0, "b": 2.0}, host_cores=2, max_oversubscription=2.5) == 5.0
-    with pytest.raises(ConfigError, match=r"fleet of 3 devices needs 2\.10 cores .* 2 cores x max "
-                                          r"oversubscription 1 = 2\.00"):
-        check_fleet_capacity([0.7, 0.7, 0.7], host_cores=2)
-    with pytest.raises(ConfigError, match="max_oversubscription"):
-        check_fleet_capacity([0.1], host_cores=2, max_oversubscription=0)
+    assert threads_for_quota(1.77) == 2  # an Orin NX at 1.77 cores uses both
+    assert threads_for_quota(2.0) == 2 and threads_for_quota(2.0 + 1e-9) == 2
+    assert threads_for_quota(3.5, board_cores=2) == 2  # never more threads than the board has cores
+    assert threads_for_quota(None, board_cores=6) == 6
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -105,9 +96,10 @@ def no_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_cache_is_used_while_the_fingerprint_matches(no_env: Path) -> None:
     measure = FakeMeasure(host(3.0), host(5.0))
     first = get_host_speed(measure=measure)
-    assert first.speed_factor == 3.0 and measure.calls == 1
+    assert first.speed_factor == 3.0 and measure.calls == 1 and first.source == "measured"
     assert no_env.exists()  # $ORCHARD_CACHE/host_speed.json
-    assert get_host_speed(measure=measure) == first and measure.calls == 1
+    cached = get_host_speed(measure=measure)
+    assert cached.speed_factor == first.speed_factor and cached.source == "cache" and measure.calls == 1
     assert get_host_speed(force=True, measure=measure).speed_factor == 5.0 and measure.calls == 2
     assert get_host_speed(measure=measure).speed_factor == 5.0
 
@@ -139,8 +131,13 @@ def test_explicit_cache_path_and_env_override(no_env: Path, tmp_path: Path, monk
     assert path.exists() and not no_env.exists()
     monkeypatch.setenv(calibrate.ENV_HOST_SPEED, "2.0")
     forced = get_host_speed(measure=FakeMeasure())
-    assert forced.speed_factor == 2.0 and forced.measured_at == "env"
+    assert forced.speed_factor == 2.0 and forced.source == "env"
     assert forced.ref_step_ms == pytest.approx(REFERENCE_STEP_MS_AT_SPEED_1 / 2.0)
+    # A campaign's [throttle] host_speed wins over the environment.
+    pinned = get_host_speed(pinned=3.25, measure=FakeMeasure())
+    assert pinned.speed_factor == 3.25 and pinned.source == "campaign"
+    with pytest.raises(ConfigError, match="host speed factor"):
+        get_host_speed(pinned=0.0)
     monkeypatch.setenv(calibrate.ENV_HOST_SPEED, "fast")
     with pytest.raises(ConfigError, match="ORCHARD_HOST_SPEED"):
         get_host_speed()
@@ -168,6 +165,7 @@ def test_measure_host_speed_runs_a_real_probe(artifact_cache: Path) -> None:
     h = measure_host_speed(steps=3, rounds=1, warmup=1, gemm_reps=2, cache_dir=artifact_cache)
     assert h.ref_step_ms > 0 and h.gemm_gflops > 0
     assert h.speed_factor == pytest.approx(REFERENCE_STEP_MS_AT_SPEED_1 / h.ref_step_ms)
+    assert h.source == "measured"
     assert "onnxruntime" in h.host and h.efficiency > 0
 
 

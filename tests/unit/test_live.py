@@ -32,7 +32,7 @@ def _run(tmp: Path) -> Path:
     ]
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "trunc')
     (run / "devices" / "pi4-0.csv").write_text(
-        "t,state,cpu_pct,rss_agent_mb,rss_trainer_mb,mem_limit_mb,cpu_quota_cores,power_w,energy_j,temp_c,power_source\n"
+        "t_s,state,cpu_pct,rss_agent_mb,rss_trainer_mb,mem_limit_mb,cpu_quota_cores,power_w,energy_total_j,temp_c,power_source\n"
         "1.0,training,57.5,40.0,90.0,3584,0.22,5.0,12.5,,model\n")
     return run
 
@@ -44,7 +44,7 @@ def test_terminal_table_shows_devices_and_progress(tmp_path):
     view.render(50.0)
     screen = visible(out.getvalue())
     assert "accuracy 0.8125" in screen and "1 accepted / 1 rejected" in screen
-    assert "version 4/30" in screen and "50/100 s" in screen
+    assert "version 4/30" in screen and "50/100 board s" in screen
     row = next(line for line in screen.splitlines() if line.startswith("pi4-0"))
     assert "training" in row and "width=0.5" in row and "130" in row and "12.5" in row  # 40 + 90 MB
     assert "offline" in next(line for line in screen.splitlines() if line.startswith("pi5-0"))
@@ -122,4 +122,4 @@ def test_close_draws_the_last_frame(tmp_path):
     assert "0.9375" not in out.getvalue()
     view.close()
     last = visible(out.getvalue().split("\x1b[2J")[-1])
-    assert "accuracy 0.9375" in last and "version 9/30" in last and "10/100 s" in last
+    assert "accuracy 0.9375" in last and "version 9/30" in last and "10/100 board s" in last

@@ -17,14 +17,14 @@ from testbed.report import load_run, write_report
 
 T0 = 1_700_000_000.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SERVER_HEADER = ["round", "version", "wall_s", "accuracy", "loss", "n_updates", "accepted", "rejected",
+SERVER_HEADER = ["round", "version", "t_s", "accuracy", "loss", "n_updates", "accepted_total", "rejected_total",
                  "staleness_mean", "staleness_max", "devices", "reason"]
-DEVICE_HEADER = ["t", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
-                 "power_w", "energy_j", "temp_c", "power_source"]
+DEVICE_HEADER = ["t_s", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
+                 "power_w", "energy_total_j", "temp_c", "power_source"]
 
 
 def ev(t_s: float, event: str, **fields: Any) -> dict[str, Any]:
-    return {"event": event, **fields, "wall_t": T0 + t_s}
+    return {"event": event, "t": t_s, **fields, "wall_t": T0 + t_s}
 
 
 # Device a trains twice and both updates are merged; b starts a task, is taken offline by the
@@ -89,7 +89,7 @@ def make_run(root: Path, name: str = "known", fleet: dict[str, Any] | None = FLE
         with (run / "devices" / f"{device}.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(DEVICE_HEADER)
-            w.writerows([T0 + t, "idle", 50.0, agent, trainer, limit, 1.0, 2.0, e, "", "model:2-5W"]
+            w.writerows([t, "idle", 50.0, agent, trainer, limit, 1.0, 2.0, e, "", "model:2-5W"]
                         for t, e, agent, trainer in rows)
     if fleet is not None:
         (run / "fleet.json").write_text(json.dumps(fleet))

@@ -46,10 +46,24 @@ def test_create_enables_controllers_on_the_way_down_and_writes_limits(fake: Fake
     assert group.path == str(leaf)
     for level in ("", PREFIX, f"{PREFIX}/run1"):
         assert fake.text(os.path.join(level, "cgroup.subtree_control")).split() == ["cpu", "memory"]
-    assert fake.text(f"{PREFIX}/run1/rpi4-01/cpu.max") == "25000 100000"
+    assert fake.text(f"{PREFIX}/run1/rpi4-01/cpu.max") == "2500 10000"  # periods follow the quota
+    group.set_cpu_weight(0.25)
+    assert fake.text(f"{PREFIX}/run1/rpi4-01/cpu.weight") == "250"  # in proportion to the quota
     assert fake.text(f"{PREFIX}/run1/rpi4-01/memory.max") == str(64 * MIB)
     assert fake.text(f"{PREFIX}/run1/rpi4-01/memory.swap.max") == "0"  # swap must not hide the cap
     assert (group.cpu_quota_cores, group.mem_limit_mb) == (0.25, 64)
+
+
+def test_cpu_weights_follow_quotas_and_the_run_tree_gets_the_top_weight(fake: FakeCgroup2) -> None:
+    t = _throttle(fake)
+    a, b = t.create("a", 0.05, None), t.create("b", 0.2, None)
+    a.set_cpu_weight(0.05)
+    b.set_cpu_weight(0.2)
+    assert (fake.text(f"{PREFIX}/run1/a/cpu.weight"), fake.text(f"{PREFIX}/run1/b/cpu.weight")) == ("50", "200")
+    t.prioritise_cpu()
+    assert fake.text(f"{PREFIX}/cpu.weight") == fake.text(f"{PREFIX}/run1/cpu.weight") == "10000"
+    with pytest.raises(ConfigError, match="CPU weight 0 cores"):
+        a.set_cpu_weight(0)
 
 
 def test_limits_are_rewritten_live(fake: FakeCgroup2) -> None:
@@ -57,11 +71,13 @@ def test_limits_are_rewritten_live(fake: FakeCgroup2) -> None:
     rel = f"{PREFIX}/run1/d"
     assert (fake.text(f"{rel}/cpu.max"), fake.text(f"{rel}/memory.max")) == ("max 100000", "max")
     group.set_cpu_quota(1.5)
-    assert fake.text(f"{rel}/cpu.max") == "150000 100000"  # more than one core: quota > period
-    group.set_cpu_quota(0.001)
-    assert fake.text(f"{rel}/cpu.max") == "1000 100000"  # floored at the kernel's 1 ms minimum
+    assert fake.text(f"{rel}/cpu.max") == "15000 10000"  # more than one core: quota > period
+    group.set_cpu_quota(0.05)
+    assert fake.text(f"{rel}/cpu.max") == "2000 40000"  # small quotas: longer periods, the same 2 ms burst
+    group.set_cpu_quota(0.0001)
+    assert fake.text(f"{rel}/cpu.max") == "1000 1000000"  # floored at the kernel's 1 ms minimum
     group.set_cpu_quota(4)
-    assert fake.text(f"{rel}/cpu.max") == "400000 100000"  # all host cores is allowed
+    assert fake.text(f"{rel}/cpu.max") == "40000 10000"  # all host cores is allowed
     group.set_cpu_quota(None)
     assert fake.text(f"{rel}/cpu.max") == "max 100000"
     group.set_mem_limit(512)
@@ -82,7 +98,7 @@ def test_quota_above_host_cores_names_value_and_cores(fake: FakeCgroup2) -> None
     group = _throttle(fake).create("d", cpu_quota_cores=1, mem_limit_mb=None)
     with pytest.raises(ConfigError, match=r"cpu_quota_cores=4\.5 exceeds the 4 cores"):
         group.set_cpu_quota(4.5)
-    assert fake.text(f"{PREFIX}/run1/d/cpu.max") == "100000 100000"  # unchanged
+    assert fake.text(f"{PREFIX}/run1/d/cpu.max") == "10000 10000"  # unchanged
 
 
 @pytest.mark.parametrize("mb", [0, 15, -64, 64.0, True])
