@@ -131,7 +131,7 @@ def _first_start(run_dir: Path, dilation: float) -> float | None:
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError), (run_dir / "events.jsonl").open() as f:
         for line in f:
             e = json.loads(line)
-            if isinstance(e, dict) and e.get("event") == "server_start":
+            if isinstance(e, dict) and e.get("event") == EventName.SERVER_START:
                 return float(e["wall_t"]) - float(e["t"]) * dilation
     return None
 
