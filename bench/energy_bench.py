@@ -68,9 +68,9 @@ def csv_energy_j(path: Path) -> float:
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["power_w"]]
     # A drop in energy_j is a restarted agent: a new segment, as the report counts it.
-    return float(rows[0]["energy_j"]) + sum(
-        float(b["energy_j"]) if float(b["energy_j"]) < float(a["energy_j"])
-        else float(b["power_w"]) * (float(b["t"]) - float(a["t"])) for a, b in itertools.pairwise(rows))
+    return float(rows[0]["energy_total_j"]) + sum(
+        float(b["energy_total_j"]) if float(b["energy_total_j"]) < float(a["energy_total_j"])
+        else float(b["power_w"]) * (float(b["t_s"]) - float(a["t_s"])) for a, b in itertools.pairwise(rows))
 
 
 def campaign_figures(run: Path) -> dict[str, Any]:

@@ -345,7 +345,7 @@ def _device_ts(path: Path) -> list[float]:
     with contextlib.suppress(OSError), path.open(newline="") as f:
         for row in csv.DictReader(f):
             with contextlib.suppress(KeyError, TypeError, ValueError):
-                ts.append(float(row["t"]))
+                ts.append(float(row["t_s"]))
     return ts
 
 

@@ -21,12 +21,13 @@ def csv_energy_j(path: Path) -> float:
     """Integrate a device CSV by hand: the first row's cumulative energy, then Σ power_w · Δt."""
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["power_w"]]
-    total = float(rows[0]["energy_j"])
+    total = float(rows[0]["energy_total_j"])
     for prev, row in itertools.pairwise(rows):
-        if float(row["energy_j"]) < float(prev["energy_j"]):  # a restarted agent: a new segment (as the report)
-            total += float(row["energy_j"])
+        # A restarted agent: a new segment (as the report counts it).
+        if float(row["energy_total_j"]) < float(prev["energy_total_j"]):
+            total += float(row["energy_total_j"])
         else:
-            total += float(row["power_w"]) * (float(row["t"]) - float(prev["t"]))
+            total += float(row["power_w"]) * (float(row["t_s"]) - float(prev["t_s"]))
     return total
 
 
@@ -152,7 +153,8 @@ def test_offline_mode_decides_what_a_frozen_spell_costs(tmp_path, cgroups, offli
     nap = next(d for d in summary["devices"] if d["id"] == "nap-0")
     assert abs(csv_energy_j(run / "devices" / "nap-0.csv") - nap["energy_j"]) <= 0.01 * nap["energy_j"]
     with (run / "devices" / "nap-0.csv").open(newline="") as f:
-        full = [(float(r["t"]), float(r["power_w"]), float(r["energy_j"])) for r in csv.DictReader(f) if r["power_w"]]
+        full = [(float(r["t_s"]), float(r["power_w"]), float(r["energy_total_j"]))
+                for r in csv.DictReader(f) if r["power_w"]]
     # No row lost, across the freeze and the reconnect: each row's mean power covers exactly the
     # span since the row before it.
     for a, b in itertools.pairwise(full):
