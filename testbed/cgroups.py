@@ -134,6 +134,13 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def run_id_for(campaign_name: str, suffix: str) -> str:
+    """A cgroup-safe run id from a campaign name (a sweep's variant names may hold '.' or be long):
+    other characters become '-', and the name is cut so `<name>-<suffix>` fits the 64-char limit."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", campaign_name).lstrip("_-") or "run"
+    return check_name("run id", f"{safe[: 63 - len(suffix)]}-{suffix}")
+
+
 def default_run_id() -> str:
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 

@@ -36,7 +36,7 @@ from server.events import EventName
 from testbed.broker import open_broker
 from testbed.calibrate import HostSpeed, board_quota_cores, get_host_speed
 from testbed.campaign import Campaign, Group
-from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores
+from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
 from testbed.dilation import Dilation, background_cores, plan_dilation
 from testbed.live import LiveView
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
@@ -86,7 +86,7 @@ class CampaignRunner:
 
     # ------------------------------------------------------------ checks before anything starts
     def _throttle(self) -> Throttle:
-        run_id = f"{self.c.name}-{uuid.uuid4().hex[:6]}"
+        run_id = run_id_for(self.c.name, uuid.uuid4().hex[:6])
         if self.no_throttle or self.c.throttle_backend == "none":
             why = "--no-throttle" if self.no_throttle else "[throttle] backend = \"none\""
             return NullThrottle(f"THROTTLING DISABLED ({why}): devices run with the host's full CPU and memory, "

@@ -168,6 +168,8 @@ def detect_throttle(root: str = DEFAULT_ROOT, prefix: str = "orchard", *, run_id
     (hybrid hosts included), else "none" with a warning, or OrchardError if `required`."""
     fs = fs or CgroupFs()
     check_name("cgroup prefix", prefix)
+    if run_id is not None:  # a bad name is the caller's error, never a reason to run unthrottled
+        check_name("run id", run_id)
     try:
         if fs.exists(join(root, "cgroup.controllers")):
             return V2Throttle(root, prefix, run_id=run_id, host_cores=host_cores, fs=fs)

@@ -27,7 +27,8 @@ def test_a_device_that_never_said_hello_is_named_with_its_reason(tmp_path: Path)
     fleet = {**FLEET, "devices": [*FLEET["devices"], {"id": "c", "board": "rpi5", "group": "g"}]}
     run = make_run(tmp_path, fleet=fleet)
     with (run / "events.jsonl").open("a") as f:
-        f.write(json.dumps({"event": "device_exit", "device": "c", "code": 2, "t": 3.0, "wall_t": 1_700_000_003.0}) + "\n")
+        exit_line = {"event": "device_exit", "device": "c", "code": 2, "t": 3.0, "wall_t": 1_700_000_003.0}
+        f.write(json.dumps(exit_line) + "\n")
     (run / "logs").mkdir()
     (run / "logs" / "c.log").write_text("starting\nerror: shard c.npz: no such file\n\n")
     s = write_report(run)

@@ -4,6 +4,7 @@ this host is v1. What the kernel would reject, the fake rejects too."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 from runtime.errors import ConfigError, OrchardError
 from testbed import cgroup_backends
 from testbed.cgroup_backends import V2Group, registered_groups
-from testbed.cgroups import MIB
+from testbed.cgroups import MIB, run_id_for
 from testbed.throttle import NullThrottle, cleanup_all, detect_throttle
 from tests.unit.fake_cgroup2 import FakeCgroup2
 
@@ -111,6 +112,26 @@ def test_bad_memory_limits_are_config_errors(fake: FakeCgroup2, mb: object) -> N
 def test_bad_names_are_config_errors(fake: FakeCgroup2, name: str) -> None:
     with pytest.raises(ConfigError, match="cgroup name"):
         _throttle(fake).create(name, cpu_quota_cores=None, mem_limit_mb=None)
+
+
+def test_a_bad_run_id_is_an_error_not_a_silent_fall_back_to_no_throttling(fake: FakeCgroup2) -> None:
+    # A sweep variant named "s0.95" once made the run id invalid, and the campaign ran unthrottled.
+    with pytest.raises(ConfigError, match=re.escape("run id 'zerofl-s0.95-abc123'")):
+        detect_throttle(str(fake.root), PREFIX, run_id="zerofl-s0.95-abc123", host_cores=4, fs=fake)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("compare-zerofl-s0.95", "compare-zerofl-s0-95-abc123"),
+    ("_odd name", "odd-name-abc123"),
+    ("x" * 80, "x" * 57 + "-abc123"),
+    ("...", "run-abc123"),
+])
+def test_run_ids_from_campaign_names_are_valid_cgroup_names(fake: FakeCgroup2, name: str, expected: str) -> None:
+    run_id = run_id_for(name, "abc123")
+    assert run_id == expected
+    t = detect_throttle(str(fake.root), PREFIX, run_id=run_id, host_cores=4, fs=fake)
+    assert isinstance(t, cgroup_backends.V2Throttle)
+    t.close()
 
 
 def test_duplicate_device_name_is_refused(fake: FakeCgroup2) -> None:
