@@ -60,7 +60,7 @@ def plot_accuracy(data: RunData, path: Path) -> Path:
     ax_t, ax_v = fig.subplots(1, 2)
     rounds = [r for r in data.rounds if r.accuracy is not None]
     profiles = sorted({p for r in data.rounds for p in r.profile_accuracy})
-    for ax, by_time, label in ((ax_t, True, "wall time since server start (s)"),
+    for ax, by_time, label in ((ax_t, True, "board seconds since campaign start"),
                                (ax_v, False, "global model version")):
         if rounds:
             ax.plot([r.t_s if by_time else r.version for r in rounds], [r.accuracy or 0.0 for r in rounds],
@@ -147,7 +147,7 @@ def plot_timeline(data: RunData, path: Path) -> Path:
         ax.axvline(r.t_s, color="#868e96", lw=0.5, alpha=0.4)
     ax.set_yticks(range(len(devices)), devices)
     ax.set_ylim(max(1, len(devices)) - 0.5, -0.5)
-    ax.set_xlabel("wall time since server start (s)")
+    ax.set_xlabel("board seconds since campaign start")
     handles: list[Patch | Line2D] = [Patch(color=c, label=s) for s, c in STATE_COLOURS.items()]
     handles.append(Line2D([], [], marker="x", color="#c92a2a", ls="", mew=2.5, label="OOM kill"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
@@ -168,7 +168,7 @@ def plot_cpu(data: RunData, path: Path) -> Path:
     else:
         _no_data(ax, "telemetry")
     ax.set_ylim(0, 105)
-    ax.set_xlabel("wall time since server start (s)")
+    ax.set_xlabel("board seconds since campaign start")
     ax.set_ylabel("CPU (% of board quota)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{data.campaign}: CPU")
@@ -213,7 +213,7 @@ def plot_memory(data: RunData, path: Path) -> Path:
     axes[0].set_ylabel("RSS (MB)")
     extra = len([d for d in data.devices if d in data.traces]) - MAX_PANELS
     fig.suptitle(f"{data.campaign}: memory (red line: OOM kill)" + (f"; {extra} more not shown" if extra > 0 else ""))
-    fig.supxlabel("wall time since server start (s)")
+    fig.supxlabel("board seconds since campaign start")
     return _save(fig, path)
 
 
@@ -315,7 +315,7 @@ def plot_overlay(series: Sequence[tuple[str, Sequence[float], Sequence[float], S
     for i, (label, t_s, acc, versions) in enumerate(series):
         ax_t.plot(t_s, acc, marker="o", ms=2.5, color=_colour(i), label=label)
         ax_v.plot(versions, acc, marker="o", ms=2.5, color=_colour(i), label=label)
-    for ax, xlabel in ((ax_t, "wall time since server start (s)"), (ax_v, "global model version")):
+    for ax, xlabel in ((ax_t, "board seconds since campaign start"), (ax_v, "global model version")):
         if target is not None:
             ax.axhline(target, ls=":", color="#e03131", label=f"target {target:g}")
         ax.set_xlabel(xlabel)
@@ -343,7 +343,7 @@ def plot_bands(bands: dict[str, dict[str, list[float]]], path: Path, target: flo
         ax.legend(loc="lower right", fontsize="small")
     else:
         _no_data(ax, "evaluation")
-    ax.set_xlabel("wall time since server start (s)")
+    ax.set_xlabel("board seconds since campaign start")
     ax.set_ylabel("accuracy (served model)")
     ax.grid(alpha=0.3)
     ax.set_title("accuracy over seeds: mean (line), min–max (band)")
