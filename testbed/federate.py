@@ -23,6 +23,7 @@ from runtime.errors import ConfigError, OrchardError
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
+from testbed.runner import stop_process_groups
 
 __all__ = ["Federation", "FederationSpec", "prepare", "run_federation", "server_rows", "write_toml"]
 
@@ -125,16 +126,7 @@ class Federation:
             proc.wait(10)
 
     def stop_all(self, grace_s: float = 5.0) -> None:
-        procs = [p for p in [self.server, *self.devices.values()] if p is not None and p.poll() is None]
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        stop_process_groups([p for p in [self.server, *self.devices.values()] if p is not None], grace_s)
 
 
 def server_rows(run: Path) -> list[dict[str, str]]:

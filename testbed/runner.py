@@ -333,8 +333,8 @@ class CampaignRunner:
         self._event(event=EventName.CAMPAIGN_STOPPING, reason=self.stop_reason or "error")
         # Devices first, the server last: it records their final telemetry rows (which cover the
         # run to its end, offline spells included) and their goodbyes.
-        _stop_all([d.proc for d in self.devices.values() if d.proc is not None], grace_s=6.0)
-        _stop_all([self.server] if self.server is not None else [], grace_s=4.0)
+        stop_process_groups([d.proc for d in self.devices.values() if d.proc is not None], grace_s=6.0)
+        stop_process_groups([self.server] if self.server is not None else [], grace_s=4.0)
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
@@ -357,7 +357,7 @@ class CampaignRunner:
         return summary
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+def stop_process_groups(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
     """SIGTERM every process group, SIGKILL those still alive after `grace_s`."""
     for p in procs:
         if p.poll() is None:

@@ -7,30 +7,13 @@ import numpy as np
 from models.artifacts import ensure_artifacts, initial_weights
 from models.structure import full_structure
 from runtime.trainer import TrainConfig, Trainer
+from tests.unit.mlp_reference import mlp_ce_grads
 
 
 def _numpy_sgd(tensors: dict[str, np.ndarray], batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
     w = {k: v.astype(np.float64).copy() for k, v in tensors.items()}
     for x, y in batches:
-        n = len(y)
-        a0 = x.reshape(n, -1).astype(np.float64)
-        z1 = a0 @ w["fc1.W"].T + w["fc1.b"]
-        a1 = np.maximum(z1, 0)
-        z2 = a1 @ w["fc2.W"].T + w["fc2.b"]
-        a2 = np.maximum(z2, 0)
-        z3 = a2 @ w["out.W"].T + w["out.b"]
-        p = np.exp(z3 - z3.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        d3 = p.copy()
-        d3[np.arange(n), y] -= 1.0
-        d3 /= n  # mean reduction of the cross-entropy
-        d2 = (d3 @ w["out.W"]) * (z2 > 0)
-        d1 = (d2 @ w["fc2.W"]) * (z1 > 0)
-        grads = {
-            "out.W": d3.T @ a2, "out.b": d3.sum(0),
-            "fc2.W": d2.T @ a1, "fc2.b": d2.sum(0),
-            "fc1.W": d1.T @ a0, "fc1.b": d1.sum(0),
-        }
+        grads = mlp_ce_grads(w, x, y)
         for k, g in grads.items():
             w[k] -= lr * g
     return w

@@ -17,6 +17,7 @@ from runtime.protocol import Assignment
 from runtime.submodel import kept_channels
 from runtime.trainer import TrainConfig, Trainer
 from tests.unit.methods.conftest import CLASSES, INPUT_SHAPE, Opener, mlp_layout
+from tests.unit.mlp_reference import mlp_ce_grads
 
 WIDTHS = [0.5, 0.25, 0.125]  # a p_max = 0.5 device of P = {0.125, 0.25, 0.5, 1}
 KEYS = tuple(f"w{w:g}" for w in WIDTHS)
@@ -52,21 +53,7 @@ def reference(tensors: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, step
         sl = {"fc1.W": np.s_[:k1, :], "fc1.b": np.s_[:k1], "fc2.W": np.s_[:k2, :k1], "fc2.b": np.s_[:k2],
               "out.W": np.s_[:, :k2], "out.b": np.s_[:]}
         s = {k: w[k][sl[k]] for k in w}
-        a0 = x[idx].reshape(len(idx), -1).astype(np.float64)
-        z1 = a0 @ s["fc1.W"].T + s["fc1.b"]
-        a1 = np.maximum(z1, 0)
-        z2 = a1 @ s["fc2.W"].T + s["fc2.b"]
-        a2 = np.maximum(z2, 0)
-        z3 = a2 @ s["out.W"].T + s["out.b"]
-        prob = np.exp(z3 - z3.max(1, keepdims=True))
-        prob /= prob.sum(1, keepdims=True)
-        d3 = prob
-        d3[np.arange(len(idx)), y[idx]] -= 1.0
-        d3 /= len(idx)
-        d2 = (d3 @ s["out.W"]) * (z2 > 0)
-        d1 = (d2 @ s["fc2.W"]) * (z1 > 0)
-        grads = {"out.W": d3.T @ a2, "out.b": d3.sum(0), "fc2.W": d2.T @ a1, "fc2.b": d2.sum(0),
-                 "fc1.W": d1.T @ a0, "fc1.b": d1.sum(0)}
+        grads = mlp_ce_grads(s, x[idx], y[idx])
         for k in w:
             w[k][sl[k]] = s[k] - 0.2 * grads[k]
     return w

@@ -19,6 +19,7 @@ from runtime.ort import OrtSession
 from runtime.protocol import Assignment, SparseTensor
 from runtime.trainer import TrainConfig, Trainer
 from tests.unit.methods.conftest import CLASSES, INPUT_SHAPE, Opener, mlp_layout
+from tests.unit.mlp_reference import mlp_ce_grads
 
 LR, BATCH = 0.2, 8
 
@@ -57,21 +58,7 @@ def swat_reference(layout, w0, x, y, steps: int, sparsity: float, period: int, d
                 m[np.argsort(-flat, kind="stable")[:k]] = True
                 masks[name] = m.reshape(w[name].shape)
         s = {k: (v * masks[k] if k in masks else v) for k, v in w.items()}
-        a0 = x[idx].reshape(len(idx), -1).astype(np.float64)
-        z1 = a0 @ s["fc1.W"].T + s["fc1.b"]
-        a1 = np.maximum(z1, 0)
-        z2 = a1 @ s["fc2.W"].T + s["fc2.b"]
-        a2 = np.maximum(z2, 0)
-        z3 = a2 @ s["out.W"].T + s["out.b"]
-        prob = np.exp(z3 - z3.max(1, keepdims=True))
-        prob /= prob.sum(1, keepdims=True)
-        d3 = prob
-        d3[np.arange(len(idx)), y[idx]] -= 1.0
-        d3 /= len(idx)
-        d2 = (d3 @ s["out.W"]) * (z2 > 0)
-        d1 = (d2 @ s["fc2.W"]) * (z1 > 0)
-        grads = {"out.W": d3.T @ a2, "out.b": d3.sum(0), "fc2.W": d2.T @ a1, "fc2.b": d2.sum(0),
-                 "fc1.W": d1.T @ a0, "fc1.b": d1.sum(0)}
+        grads = mlp_ce_grads(s, x[idx], y[idx])
         for k in w:
             w[k] = w[k] - LR * grads[k]  # the dense weights, dropped ones included
     return np.concatenate([w[p.name].ravel() for p in layout]).astype(np.float32)
