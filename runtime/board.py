@@ -11,7 +11,10 @@ file, the table and the key):
     [board]   name, description, os, cores, ram_mb, os_reserve_mb, speed_factor, cgroup_version
     [power]   p_idle_w, p_max_w, measurement_point          # P = P_idle + (P_max - P_idle) * u
     [sensor]  kind, plus the keys that kind takes (see SENSOR_KEYS)
-    [sources] one note per field saying where its number comes from (speed_factor, power required)
+    [link.<kind>]  up_mbit, down_mbit: the board's sustained link figures, kind = wifi | ethernet
+              (optional; a campaign's `link = { kind = "wifi" }` takes them; testbed.links)
+    [sources] one note per field saying where its number comes from (speed_factor, power required;
+              link, when [link] is given)
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ PMIC_MIN_INTERVAL_S = 0.1
 
 _BOARD_KEYS = ("name", "description", "os", "cores", "ram_mb", "os_reserve_mb", "speed_factor", "cgroup_version")
 _POWER_KEYS = ("p_idle_w", "p_max_w", "measurement_point")
-SOURCE_KEYS = frozenset({"cores", "ram_mb", "os_reserve_mb", "speed_factor", "cgroup_version", "power", "sensor"})
+SOURCE_KEYS = frozenset({"cores", "ram_mb", "os_reserve_mb", "speed_factor", "cgroup_version", "power", "sensor",
+                         "link"})
+BOARD_LINK_KINDS = ("wifi", "ethernet")
+_LINK_KEYS = frozenset({"up_mbit", "down_mbit"})
 _REQUIRED_SOURCES = ("speed_factor", "power")
 
 ENV_CONFIG_DIR = "ORCHARD_FIRMWARE_CONFIGS"
@@ -106,6 +112,7 @@ class BoardConfig:
     sensor: SensorConfig
     sources: tuple[tuple[str, str], ...]
     path: str
+    links: tuple[tuple[str, float, float], ...] = ()  # (kind, up_mbit, down_mbit) per [link.<kind>]
 
     @property
     def memory_cap_mb(self) -> int:
@@ -131,9 +138,10 @@ def _display(path: Path) -> str:
 def parse_board(data: Mapping[str, Any], file: str, expected_name: str | None = None) -> BoardConfig:
     """Validate a parsed TOML document; `file` names it in errors."""
     for key, value in data.items():
-        if key not in ("board", "power", "sensor", "sources"):
+        if key not in ("board", "power", "sensor", "sources", "link"):
             where = "table" if isinstance(value, dict) else "top-level key"
-            raise ConfigError(f"{file}: unknown {where} '{key}' (expected [board], [power], [sensor], [sources])")
+            raise ConfigError(f"{file}: unknown {where} '{key}' (expected [board], [power], [sensor], [sources], "
+                              "[link.<kind>])")
     tables: dict[str, Mapping[str, Any]] = {}
     for name in ("board", "power", "sensor", "sources"):
         table = data.get(name)
@@ -166,9 +174,10 @@ def parse_board(data: Mapping[str, Any], file: str, expected_name: str | None = 
 
     s = TomlTable(file, "sources", tables["sources"], SOURCE_KEYS)
     sources = tuple((key, s.string(key)) for key in sorted(tables["sources"]))
-    for key in _REQUIRED_SOURCES:
+    for key in _REQUIRED_SOURCES + (("link",) if "link" in data else ()):
         if key not in tables["sources"]:
             raise s.fail(f"missing key '{key}' in [sources] (say where the number comes from)")
+    links = _parse_links(file, data.get("link", {}))
 
     return BoardConfig(
         name=name,
@@ -183,7 +192,21 @@ def parse_board(data: Mapping[str, Any], file: str, expected_name: str | None = 
         sensor=sensor,
         sources=sources,
         path=file,
+        links=links,
     )
+
+
+def _parse_links(file: str, table: Any) -> tuple[tuple[str, float, float], ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: 'link' must be tables [link.wifi] / [link.ethernet], got {type(table).__name__}")
+    out = []
+    for kind, figures in table.items():
+        if kind not in BOARD_LINK_KINDS or not isinstance(figures, dict):
+            raise ConfigError(f"{file}: [link.{kind}] is unknown; expected [link.wifi] or [link.ethernet]")
+        t = TomlTable(file, f"link.{kind}", figures, _LINK_KEYS)
+        out.append((kind, t.number("up_mbit", 0.0, 100_000.0, lo_open=True),
+                    t.number("down_mbit", 0.0, 100_000.0, lo_open=True)))
+    return tuple(out)
 
 
 def _parse_sensor(file: str, table: Mapping[str, Any], power: PowerModel) -> SensorConfig:

@@ -88,13 +88,19 @@ def find_mosquitto() -> str:
 
 
 def _require_loopback(host: str) -> None:
-    # The embedded brokers accept anonymous clients, so they must never listen beyond this host.
+    # The embedded brokers accept anonymous clients, so they must never listen beyond this host:
+    # loopback, or a testbed bridge that only the testbed's network namespaces reach (testbed.netns).
     try:
         ok = ipaddress.ip_address(host).is_loopback
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(f"embedded brokers listen on loopback only (anonymous access), not {host!r}")
+        from testbed.netns import is_testbed_address
+
+        ok = is_testbed_address(host)
+    if not ok:
+        raise ConfigError(f"embedded brokers listen on loopback or a testbed bridge only (anonymous access), "
+                          f"not {host!r}")
 
 
 class Broker:
@@ -302,14 +308,15 @@ class MosquittoBroker(_ProcessBroker):
         return [self.binary, "-c", str(conf)]
 
 
-def open_broker(spec: str = "amqtt", port: int | None = None) -> Broker:
+def open_broker(spec: str = "amqtt", port: int | None = None, host: str = LOOPBACK) -> Broker:
     """`amqtt` (or `embedded`), `mosquitto`, or an mqtt:// / mqtts:// URL of an external broker.
+    `host`: where an embedded broker listens (a testbed bridge address when devices are shaped).
 
     Returns an unstarted broker; `with open_broker(...) as b:` starts it and cleans up."""
     if spec in ("amqtt", "embedded"):
-        return AmqttBroker(port)
+        return AmqttBroker(port, host)
     if spec == "mosquitto":
-        return MosquittoBroker(port)
+        return MosquittoBroker(port, host)
     if "://" in spec:
         return ExternalBroker(spec)
     raise ConfigError(f"broker {spec!r}: expected 'amqtt', 'mosquitto' or an mqtt://host:port URL")

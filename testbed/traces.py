@@ -41,7 +41,7 @@ from testbed.trace_files import read_availability_file, read_cpu_file
 
 V = TypeVar("V", bool, float)
 MAX_SEED = 2**63 - 1
-_STREAM = {"availability": 1, "cpu": 2}
+_STREAM = {"availability": 1, "cpu": 2, "link": 3}  # link: testbed.links (fraction of a link cap)
 AVAILABILITY_KEYS: Mapping[str, frozenset[str]] = {
     "always": frozenset({"kind"}),
     "markov": frozenset({"kind", "mean_on_s", "mean_off_s", "start", "seed"}),
@@ -285,8 +285,10 @@ def make_availability(spec: Mapping[str, Any], *, seed: int, base_dir: str | Pat
 
 
 def make_cpu_trace(spec: Mapping[str, Any], *, seed: int, base_dir: str | Path, device: str | None = None,
-                   index: int | None = None, source: str = "campaign", table: str = "cpu") -> CpuTrace:
-    """The CPU-fraction trace a campaign table describes (arguments as `make_availability`)."""
+                   index: int | None = None, source: str = "campaign", table: str = "cpu",
+                   stream: str = "cpu") -> CpuTrace:
+    """The CPU-fraction trace a campaign table describes (arguments as `make_availability`); a link's
+    bandwidth trace (testbed.links) is the same kinds on its own random `stream`."""
     t = _table(spec, CPU_KEYS, source, table)
     kind = t.string("kind")
     if kind == "constant":
@@ -300,7 +302,7 @@ def make_cpu_trace(spec: Mapping[str, Any], *, seed: int, base_dir: str | Path, 
             step_s=t.number("step_s", 0.0, DAY_S, lo_open=True),
             sigma=t.number("sigma", 0.0, 1.0),
             min=lo, max=hi,
-            seed=_mixed_seed(seed, t.integer("seed", 0, MAX_SEED, default=0), "cpu"),
+            seed=_mixed_seed(seed, t.integer("seed", 0, MAX_SEED, default=0), stream),
             start=t.optional_number("start", lo, hi),
         )
     times, values = read_cpu_file(_file_path(t, base_dir), chosen=t.optional_string("device"), device=device,
