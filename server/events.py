@@ -51,6 +51,7 @@ class EventName(StrEnum):
     CAMPAIGN_STOP = "campaign_stop"
     AVAILABILITY = "availability"
     CPU_QUOTA = "cpu_quota"
+    LINK_RATE = "link_rate"  # a link trace step: the device's caps now, in board Mbit/s (testbed.links)
     OOM = "oom"
     DEVICE_EXIT = "device_exit"
     DEVICE_RESTART = "device_restart"

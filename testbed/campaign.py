@@ -16,7 +16,9 @@
     [throttle]  backend = auto | cgroup2 | cgroup1 | none, require, dilation = "auto" | <number> | "off",
                 host_speed (pin the host's speed factor), reserve_cores (kept for broker, server, harness)
     [[fleet]]   name, board, count, profile | profiles, availability = {...}, cpu = {...},
-                mem_limit_mb (override the board's cap), bandwidth_mbit
+                mem_limit_mb (override the board's cap), link = {...} (bandwidth caps, testbed.links:
+                kind = wifi | ethernet (the board's figures) | custom, up_mbit, down_mbit, delay_ms,
+                loss_pct, trace = {a cpu-kind trace scaling both caps})
 
 Every table rejects unknown keys and every value is checked, so errors name the file, the
 table and the field. Traces are validated here too (by building them), so a bad trace fails
@@ -40,6 +42,7 @@ from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.config import canonical_profile, method_table
 from server.strategies import STRATEGY_NAMES, get_strategy, strategy_defaults
 from testbed.dilation import DEFAULT_RESERVE_CORES, parse_setting
+from testbed.links import LinkSpec, link_trace, parse_link
 
 BROKER_KINDS = ("embedded", "mosquitto", "url")
 THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
@@ -52,7 +55,7 @@ _KEYS = {
     "broker": frozenset({"kind", "url", "keepalive_s"}),
     "throttle": frozenset({"backend", "require", "dilation", "host_speed", "reserve_cores"}),
     "fleet": frozenset({"name", "board", "count", "profile", "profiles", "availability", "cpu", "mem_limit_mb",
-                        "bandwidth_mbit"}),
+                        "link"}),
 }
 
 
@@ -65,7 +68,7 @@ class Group:
     availability: Mapping[str, Any] = field(default_factory=lambda: {"kind": "always"})
     cpu: Mapping[str, Any] = field(default_factory=lambda: {"kind": "constant", "value": 1.0})
     mem_limit_mb: int | None = None
-    bandwidth_mbit: float | None = None
+    link: LinkSpec | None = None  # None: unshaped, in the host's network namespace
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ def _group(file: str, index: int, raw: Any, canonical: Callable[[str], str]) -> 
         raise ConfigError(f"{file}: {where}: name may use letters, digits and _ only (it becomes device ids)")
     board = t.string("board")
     try:
-        load_board(board)
+        board_config = load_board(board)
     except ConfigError as exc:
         raise ConfigError(f"{file}: {where} board: {exc}") from None
     if "profile" in t.data and "profiles" in t.data:
@@ -248,7 +251,7 @@ def _group(file: str, index: int, raw: Any, canonical: Callable[[str], str]) -> 
         availability=dict(t.data.get("availability", {"kind": "always"})),
         cpu=dict(t.data.get("cpu", {"kind": "constant", "value": 1.0})),
         mem_limit_mb=t.integer("mem_limit_mb", 16, 1 << 20) if "mem_limit_mb" in t.data else None,
-        bandwidth_mbit=t.optional_number("bandwidth_mbit", 0.0, 100_000.0, lo_open=True),
+        link=parse_link(f"{file}: {where}", t.data["link"], board_config) if "link" in t.data else None,
     )
     _check_traces(file, where, group)
     return group
@@ -261,5 +264,7 @@ def _check_traces(file: str, where: str, group: Group) -> None:
     try:
         make_availability(group.availability, seed=0, base_dir=base, device=f"{group.name}-0", index=0)
         make_cpu_trace(group.cpu, seed=0, base_dir=base, device=f"{group.name}-0", index=0)
+        if group.link is not None:
+            link_trace(group.link, seed=0, base_dir=base, device=f"{group.name}-0", index=0)
     except ConfigError as exc:
         raise ConfigError(f"{file}: {where}: {exc}") from None

@@ -83,7 +83,7 @@ def parse_link(where: str, raw: Any, board: BoardConfig) -> LinkSpec:
     kind = raw.get("kind", "custom")
     if kind not in LINK_KINDS:
         raise ConfigError(f"{where}: link kind {kind!r} is unknown; expected one of {', '.join(LINK_KINDS)}")
-    defaults = dict(board.links)
+    defaults = {k: (up, down) for k, up, down in board.links}
     if kind != "custom" and kind not in defaults:
         have = ", ".join(sorted(defaults)) or "none"
         raise ConfigError(f"{where}: link kind {kind!r}: board {board.name!r} has no {kind} figures "

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from runtime.errors import ConfigError, OrchardError
 
-NET_RANGE = ipaddress.ip_network("198.18.0.0/15")
+NET_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 SLOT_PREFIX = 20  # 32 slots of 4094 addresses each
 STATE_DIR = "/run/orchard-netns"
 NS_PREFIX = "orch-s"
@@ -234,7 +234,7 @@ class Network:
         self.slot = slot
         self.state_dir = state_dir
         self.support = support
-        self.subnet = list(NET_RANGE.subnets(new_prefix=SLOT_PREFIX))[slot]
+        self.subnet: ipaddress.IPv4Network = list(NET_RANGE.subnets(new_prefix=SLOT_PREFIX))[slot]
         self.bridge = f"orbr{slot}"
         self.bridge_ip = str(self.subnet.network_address + 1)
         self.endpoints: dict[str, Endpoint] = {}

@@ -402,6 +402,13 @@ def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _link_columns(link: Any) -> dict[str, Any]:
+    """A shaped device's caps (board Mbit/s) and the bytes its veth carried (fleet.json `link`)."""
+    if not isinstance(link, dict):
+        return {}
+    return {f"link_{k}": link.get(k) for k in ("kind", "up_mbit", "down_mbit", "bytes_up", "bytes_down")}
+
+
 def summarise(data: RunData) -> dict[str, Any]:
     """The headline figures of a run (see the module docstring for the definitions)."""
     from testbed import breakdown
@@ -432,6 +439,7 @@ def summarise(data: RunData) -> dict[str, Any]:
             "energy_j": _r(float(trace.energy_j[-1])) if trace else None,
             "energy_source": trace.power_source if trace else None,
             "oom_count": max([len(ooms), *(k for _, k in ooms)]),  # oom_kills is the cgroup's cumulative counter
+            **_link_columns(fleet_by_id.get(device, {}).get("link")),
         })
     fleet = data.fleet or {}
     fidelity = check_fidelity(data.run_dir, fleet)
@@ -497,6 +505,8 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
     columns = ["id", "board", "group", "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
                "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count",
                "cpu_delivered"]
+    columns += [k for k in ("link_kind", "link_up_mbit", "link_down_mbit", "link_bytes_up", "link_bytes_down")
+                if any(k in d for d in summary["devices"])]
     if summary["groups"]:
         parts.append("<h2>Tiers ([[fleet]] groups)</h2>" + html_table(summary["groups"], list(summary["groups"][0])))
     per_profile = [{"profile": p, "final accuracy": a} for p, a in summary["accuracy_per_profile"].items()]

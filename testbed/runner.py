@@ -40,6 +40,7 @@ from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
 from testbed.dilation import Dilation, background_cores, plan_dilation
 from testbed.live import LiveView
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
+from testbed.shaping import RunLinks, check_links
 from testbed.throttle import DeviceGroup, NullThrottle, Throttle, detect_throttle
 from testbed.traces import TraceDriver, make_availability, make_cpu_trace
 
@@ -83,6 +84,7 @@ class CampaignRunner:
         self.summary: dict[str, Any] = {}
         self.dilation: Dilation | None = None
         self.start_unix = time.time()  # reset when the server starts: the origin of every output time
+        self.links = RunLinks({}, 1.0)
 
     # ------------------------------------------------------------ checks before anything starts
     def _throttle(self) -> Throttle:
@@ -105,18 +107,16 @@ class CampaignRunner:
                               f"{throttle.backend!r}; set [throttle] backend = \"auto\" or use --no-throttle")
         return throttle
 
-    def _check_bandwidth(self) -> None:
-        asked = [g.name for g in self.c.fleet if g.bandwidth_mbit is not None]
-        if asked:
-            raise ConfigError(f"[[fleet]] {', '.join(asked)} ask for bandwidth_mbit, but per-device bandwidth "
-                              "caps (network namespaces + tc tbf) are not available in this testbed yet; remove "
-                              "bandwidth_mbit")
+    def _check_links(self) -> None:
+        support = check_links({d: g.link for d, g in self.c.devices() if g.link is not None}, self.broker_spec)
+        if support is not None:
+            print(support.describe(), flush=True)
 
     # ------------------------------------------------------------ the run
     def execute(self) -> dict[str, Any]:
         """Run the campaign; returns summary.json's content. Raises on errors after cleaning up
         (and after writing the report, if the run got far enough to have one)."""
-        self._check_bandwidth()
+        self._check_links()
         throttle = self._throttle()
         started = time.monotonic()
         prepared = launched = False
@@ -151,9 +151,13 @@ class CampaignRunner:
                 cgroup.set_cpu_weight(cgroup_quota)
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], cgroup_quota, mem, cgroup)
             throttle.prioritise_cpu()
+            # Closed after the broker (the stack unwinds in reverse), once every process is gone.
+            self.links = RunLinks({d: g.link for d, g in self.c.devices() if g.link is not None}, dilation.factor)
+            stack.callback(self.links.close)
+            self.links.open()
             self._write_fleet(throttle, host, dilation, {p.device_id: p.threads for p in plans})
             launched = True
-            broker = stack.enter_context(open_broker(self.broker_spec))
+            broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host))
             self._loop(broker.url, started)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
@@ -205,7 +209,8 @@ class CampaignRunner:
                          "profile": d.group.profiles[0], "profiles": list(d.group.profiles),
                          "board_quota_cores": round(d.board_quota_cores, 4),
                          "cpu_quota_cores": round(d.base_quota_cores, 4), "threads": threads[d.device_id],
-                         "mem_limit_mb": d.mem_limit_mb, "speed_factor": d.board.speed_factor}
+                         "mem_limit_mb": d.mem_limit_mb, "speed_factor": d.board.speed_factor,
+                         "link": self.links.describe(d.device_id)}
                         for d in self.devices.values()],
         }
         (self.run / "fleet.json").write_text(json.dumps(fleet, indent=1) + "\n")
@@ -221,8 +226,15 @@ class CampaignRunner:
     def _spawn(self, name: str, args: list[str], group: DeviceGroup | None = None) -> subprocess.Popen[bytes]:
         log = (self.run / "logs" / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        # Join the cgroup in the child before exec, so no instruction of the device runs unthrottled.
-        join = (lambda: group.add_pid(os.getpid())) if group is not None else None
+        endpoint = self.links.endpoint(name)
+
+        def join() -> None:
+            # In the child before exec: no instruction of the device runs unthrottled or unshaped.
+            if group is not None:
+                group.add_pid(os.getpid())
+            if endpoint is not None:
+                endpoint.enter()
+
         return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=join)
 
@@ -254,14 +266,18 @@ class CampaignRunner:
         self._events = events_path.open("a")
         self._event(event=EventName.CAMPAIGN_START, campaign=self.c.name, devices=len(self.devices))
         driver = self._trace_driver()
+        index_of = {d: i for i, d in enumerate(self.devices)}
+        link_driver = self.links.trace_driver(self._base(), self.c.seed, index_of, self._set_link_fraction)
         for d in self.devices.values():
             self._start_device(d)
         driver.step(0.0)
+        link_driver.step(0.0)
         live = LiveView(self.run, self.c, list(self.devices), lines_only=self.quiet)
         while self.stop_reason is None:
             time.sleep(LOOP_S)
             now = self._board_s(time.time())  # traces, the stop rule and the live view run on board time
             driver.step(now)
+            link_driver.step(now)
             self._watch_devices(now)
             if self.server.poll() is not None:
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
@@ -309,6 +325,11 @@ class CampaignRunner:
         d.cgroup.set_cpu_quota(cores)
         self._event(event=EventName.CPU_QUOTA, device=device_id, cores=round(cores, 4), fraction=round(fraction, 4))
 
+    def _set_link_fraction(self, device_id: str, fraction: float) -> None:
+        up_mbit, down_mbit = self.links.set_fraction(device_id, fraction)
+        self._event(event=EventName.LINK_RATE, device=device_id, up_mbit=round(up_mbit, 4),
+                    down_mbit=round(down_mbit, 4), fraction=round(fraction, 4))
+
     def _watch_devices(self, now: float) -> None:
         for d in self.devices.values():
             ooms = d.cgroup.stats().oom_kills or 0
@@ -338,10 +359,21 @@ class CampaignRunner:
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
+        self._record_link_bytes()
         self._event(event=EventName.CAMPAIGN_STOP, reason=self.stop_reason or "error")
         if self._events is not None:
             self._events.close()
             self._events = None
+
+    def _record_link_bytes(self) -> None:
+        """Each shaped device's bytes through its veth, into fleet.json for the report."""
+        if not self.links.endpoints or not (self.run / "fleet.json").is_file():
+            return
+        self.links.record_bytes()
+        fleet = json.loads((self.run / "fleet.json").read_text())
+        for entry in fleet.get("devices", []):
+            entry["link"] = self.links.describe(str(entry.get("id")))
+        (self.run / "fleet.json").write_text(json.dumps(fleet, indent=1) + "\n")
 
     def failure(self) -> str | None:
         """One line saying why the run made no aggregation (see testbed.report.failure_line)."""
