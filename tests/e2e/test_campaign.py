@@ -111,7 +111,9 @@ def processes_of(run: Path) -> list[psutil.Process]:
         ('[[fleet]]\nname = "x"\nboard = "rpi5"\navailability = { kind = "markov", mean_on_s = -1, mean_off_s = 2 }\n',
          "", "mean_on_s"),
         ('[[fleet]]\nname = "x"\nboard = "rpi5"\nprofile = "width=2"\n', "", "width 2.0"),
-        ('[[fleet]]\nname = "x"\nboard = "rpi5"\nbandwidth_mbit = 5.0\n', "", "bandwidth"),
+        ('[[fleet]]\nname = "x"\nboard = "rpi5"\nbandwidth_mbit = 5.0\n', "", "unknown key 'bandwidth_mbit'"),
+        ('[[fleet]]\nname = "x"\nboard = "rpi5"\nlink = { kind = "5g" }\n', "", "link kind '5g' is unknown"),
+        ('[[fleet]]\nname = "x"\nboard = "rpi5"\nlink = { up_mbit = -2, down_mbit = 1 }\n', "", "up_mbit = -2"),
         (SMALL_FLEET, '[broker]\nkind = "carrier-pigeon"\n', "carrier-pigeon"),
     ],
 )
