@@ -9,8 +9,12 @@ A campaign gives a [[fleet]] group (or any testbed process, e.g. a compute node)
     link = { kind = "custom", up_mbit = 2, down_mbit = 8, delay_ms = 40, loss_pct = 0.5 }  # needs netem
 
 `up_mbit` is the device's egress (device -> broker / other nodes), `down_mbit` its ingress; both
-in Mbit/s (10^6 bit/s) of board time. `trace` takes the CPU trace kinds (testbed.traces: constant,
-random_walk, file) and scales both caps by its value in (0, 1] at each change.
+in Mbit/s (10^6 bit/s) of board time, as TCP goodput: what iperf3 reports and what the board
+figures (firmware_configs [link.*]) are. tbf meters whole Ethernet frames, so its rate is the cap x
+1514 / 1448 (a full-MSS segment with timestamps carries 1448 payload bytes in a 1514-byte frame on
+the veths' 1500 MTU); without that, a 8 Mbit/s cap measured 7.67 (-4.1 %) on this host.
+`trace` takes the CPU trace kinds (testbed.traces: constant, random_walk, file) and scales both
+caps by its value in (0, 1] at each change.
 
 Time dilation (testbed.dilation): the campaign runs `delta` times slower than the boards would, and
 every reported time is wall / delta. A transfer of S bytes over a board link of B bit/s takes
@@ -38,6 +42,7 @@ LINK_KINDS = ("wifi", "ethernet", "custom")  # wifi / ethernet: the board's figu
 LINK_KEYS = frozenset({"kind", "up_mbit", "down_mbit", "delay_ms", "loss_pct", "trace"})
 MAX_MBIT = 100_000.0
 MTU_FRAME_BYTES = 1514
+TCP_PAYLOAD_BYTES = 1448  # MSS with TCP timestamps at MTU 1500: goodput per frame
 TICK_S = 0.01  # HZ=100, the coarsest kernel timer tbf may run on: the burst covers one tick of the rate
 QUEUE_BOARD_S = 0.1  # queue of a shaped link: 100 ms of its board rate (a typical home router buffer)
 MIN_QUEUE_BYTES = 64 * 1024  # one GSO super-packet, so a segmentable packet is never dropped outright
@@ -124,9 +129,10 @@ def tbf_figures(board_mbit: float, dilation: float) -> TbfFigures:
         raise ConfigError(f"link cap {board_mbit!r} Mbit/s must be positive")
     if not (math.isfinite(dilation) and dilation >= 1):
         raise ConfigError(f"dilation {dilation!r} must be >= 1")
-    rate_bit = max(8_000, round(board_mbit * 1e6 / dilation))  # tc's floor is ~1 kbit; 8 kbit is already absurd
+    wire_bit = board_mbit * 1e6 * MTU_FRAME_BYTES / TCP_PAYLOAD_BYTES
+    rate_bit = max(8_000, round(wire_bit / dilation))  # tc's floor is ~1 kbit; 8 kbit is already absurd
     burst = max(2 * MTU_FRAME_BYTES, math.ceil(rate_bit / 8 * TICK_S))
-    limit = max(MIN_QUEUE_BYTES, burst, math.ceil(board_mbit * 1e6 / 8 * QUEUE_BOARD_S))
+    limit = max(MIN_QUEUE_BYTES, burst, math.ceil(wire_bit / 8 * QUEUE_BOARD_S))
     return TbfFigures(rate_bit, burst, limit)
 
 

@@ -11,12 +11,13 @@ from testbed import netns
 from tests.conftest import require_or_skip
 from tests.e2e.test_campaign import campaign_file, orchard, orchard_cgroups_left, processes_of
 
+WALK = '{ kind = "random_walk", step_s = 1, sigma = 0.3, min = 0.3, max = 1.0 }'
 SHAPED = """
 [[fleet]]
 name = "slow"
 board = "rpi5"
 count = 1
-link = { kind = "custom", up_mbit = 2.0, down_mbit = 8.0, trace = { kind = "random_walk", step_s = 1, sigma = 0.3, min = 0.3, max = 1.0 } }
+link = { kind = "custom", up_mbit = 2.0, down_mbit = 8.0, trace = WALK }
 [[fleet]]
 name = "wired"
 board = "jetson-orin-nano"
@@ -26,7 +27,7 @@ link = { kind = "ethernet" }
 name = "host"
 board = "rpi5"
 count = 1
-"""
+""".replace("WALK", WALK)
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_shaped_devices_train_and_report_caps_and_bytes(tmp_path, shaping):
     fleet = json.loads((run / "fleet.json").read_text())
     dilation = fleet["time_dilation"]
     link = next(d["link"] for d in fleet["devices"] if d["id"] == "slow-0")
-    assert link["tc_up_bit"] == round(2.0e6 / dilation) and link["address"].startswith("198.1")
+    assert link["tc_up_bit"] == round(2.0e6 * 1514 / 1448 / dilation) and link["address"].startswith("198.1")
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["event"] == "link_rate" and e["device"] == "slow-0"]
     assert steps and all(0.3 * 2.0 - 1e-6 <= e["up_mbit"] <= 2.0 for e in steps)

@@ -59,9 +59,11 @@ def test_a_kind_the_board_lacks_is_refused():
 
 def test_tc_figures_scale_rates_by_dilation_and_keep_bytes():
     # 8 Mbit/s of board time at dilation 4: 2 Mbit/s on the wire, so 1 MB takes 1 board s either way.
+    # tbf meters frames: the wire rate carries the cap as TCP goodput (1448 payload bytes per 1514).
     f1, f4 = tbf_figures(8.0, 1.0), tbf_figures(8.0, 4.0)
-    assert f4.rate_bit == 2_000_000 and f1.rate_bit == 8_000_000
-    board_s = 1e6 * 8 / f4.rate_bit / 4.0
+    goodput = 1448 / 1514
+    assert f4.rate_bit * goodput == pytest.approx(2e6, rel=1e-6) and f1.rate_bit * goodput == pytest.approx(8e6, 1e-6)
+    board_s = 1e6 * 8 / (f4.rate_bit * goodput) / 4.0
     assert board_s == pytest.approx(1e6 * 8 / 8e6)
     assert f4.limit_bytes == f1.limit_bytes  # a queue of Q bytes is Q bytes in either time base
     assert f4.burst_bytes >= f4.rate_bit / 8 * 0.01 and f4.burst_bytes >= 2 * 1514
