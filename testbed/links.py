@@ -80,18 +80,20 @@ class TbfFigures:
         return ["rate", f"{self.rate_bit}bit", "burst", str(self.burst_bytes), "limit", str(self.limit_bytes)]
 
 
-def parse_link(where: str, raw: Any, board: BoardConfig) -> LinkSpec:
-    """A campaign's link table -> LinkSpec, board defaults filled in. ConfigError names the field."""
+def parse_link(where: str, raw: Any, board: BoardConfig | None) -> LinkSpec:
+    """A campaign's link table -> LinkSpec, board defaults filled in. ConfigError names the field.
+    `board` None (a process that is no board, e.g. a compute node on the host): custom only."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: link must be an inline table like {{ kind = \"wifi\" }}, got {raw!r}")
     t = TomlTable(where, "link", raw, LINK_KEYS)
     kind = raw.get("kind", "custom")
     if kind not in LINK_KINDS:
         raise ConfigError(f"{where}: link kind {kind!r} is unknown; expected one of {', '.join(LINK_KINDS)}")
-    defaults = {k: (up, down) for k, up, down in board.links}
+    defaults = {k: (up, down) for k, up, down in board.links} if board is not None else {}
     if kind != "custom" and kind not in defaults:
         have = ", ".join(sorted(defaults)) or "none"
-        raise ConfigError(f"{where}: link kind {kind!r}: board {board.name!r} has no {kind} figures "
+        what = f"board {board.name!r}" if board is not None else "a process that is no board"
+        raise ConfigError(f"{where}: link kind {kind!r}: {what} has no {kind} figures "
                           f"(it has: {have}); give up_mbit and down_mbit with kind = \"custom\"")
     caps = []
     for i, key in enumerate(("up_mbit", "down_mbit")):

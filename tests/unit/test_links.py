@@ -55,6 +55,9 @@ def test_bad_link_is_one_line_naming_the_value(raw, needle):
 def test_a_kind_the_board_lacks_is_refused():
     with pytest.raises(ConfigError, match="has no ethernet figures"):
         parse_link("c.toml", {"kind": "ethernet"}, ZERO)
+    with pytest.raises(ConfigError, match="is no board"):
+        parse_link("c.toml", {"kind": "wifi"}, None)
+    assert parse_link("c.toml", {"up_mbit": 3, "down_mbit": 4}, None).down_mbit == 4.0  # a compute node
 
 
 def test_tc_figures_scale_rates_by_dilation_and_keep_bytes():
