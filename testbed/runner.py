@@ -359,21 +359,11 @@ class CampaignRunner:
         for d in self.devices.values():
             d.cgroup.destroy()
         throttle.close()
-        self._record_link_bytes()
+        self.links.write_bytes(self.run / "fleet.json")
         self._event(event=EventName.CAMPAIGN_STOP, reason=self.stop_reason or "error")
         if self._events is not None:
             self._events.close()
             self._events = None
-
-    def _record_link_bytes(self) -> None:
-        """Each shaped device's bytes through its veth, into fleet.json for the report."""
-        if not self.links.endpoints or not (self.run / "fleet.json").is_file():
-            return
-        self.links.record_bytes()
-        fleet = json.loads((self.run / "fleet.json").read_text())
-        for entry in fleet.get("devices", []):
-            entry["link"] = self.links.describe(str(entry.get("id")))
-        (self.run / "fleet.json").write_text(json.dumps(fleet, indent=1) + "\n")
 
     def failure(self) -> str | None:
         """One line saying why the run made no aggregation (see testbed.report.failure_line)."""

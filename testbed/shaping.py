@@ -9,6 +9,7 @@ the host's namespace and reach the broker on loopback.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -93,6 +94,16 @@ class RunLinks:
         if self.network is not None:
             for name in self.endpoints:
                 self._bytes[name] = self.network.counters(name)
+
+    def write_bytes(self, fleet_json: Path) -> None:
+        """Each shaped process's bytes through its veth, into fleet.json's `link` for the report."""
+        if not self.endpoints or not fleet_json.is_file():
+            return
+        self.record_bytes()
+        fleet = json.loads(fleet_json.read_text())
+        for entry in fleet.get("devices", []):
+            entry["link"] = self.describe(str(entry.get("id")))
+        fleet_json.write_text(json.dumps(fleet, indent=1) + "\n")
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """fleet.json's `link` of one process: caps in board units, what tc was given, bytes moved."""
