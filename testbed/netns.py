@@ -201,8 +201,10 @@ def teardown_slot(slot: int) -> None:
             _run(["ip", "link", "del", link], check=False)
 
 
-def sweep_stale(state_dir: str = STATE_DIR) -> list[int]:
-    """Remove every slot whose owner is gone, and slot resources nobody claims. Returns the slots."""
+def sweep_stale() -> list[int]:
+    """Remove every slot whose owner is gone, and slot resources nobody claims. Returns the slots.
+    One state dir for every run on the host (never a private one: claims must be seen by all)."""
+    state_dir = STATE_DIR
     claimed: dict[int, bool] = {}
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(state_dir):
@@ -219,7 +221,9 @@ def sweep_stale(state_dir: str = STATE_DIR) -> list[int]:
     # A slot dir is made before its first resource, and its owner file right after it: resources
     # of an unclaimed slot are leftovers; a dir without an owner file may be a claim in progress.
     dead = {s for s, alive in claimed.items() if not alive and (Path(state_dir) / f"slot-{s}" / "owner.json").exists()}
-    stale = sorted((present - set(claimed)) | dead)
+    # Resources listed after the claims: a run that claimed meanwhile has its dir by now.
+    unclaimed = {s for s in present - set(claimed) if not (Path(state_dir) / f"slot-{s}").exists()}
+    stale = sorted(unclaimed | dead)
     for slot in stale:
         teardown_slot(slot)
         shutil.rmtree(Path(state_dir) / f"slot-{slot}", ignore_errors=True)
@@ -230,9 +234,9 @@ def sweep_stale(state_dir: str = STATE_DIR) -> list[int]:
 class Network:
     """A run's bridge and its shaped endpoints. `with Network.open(dilation) as net: ep = net.add(...)`."""
 
-    def __init__(self, slot: int, state_dir: str, support: NetSupport) -> None:
+    def __init__(self, slot: int, support: NetSupport) -> None:
         self.slot = slot
-        self.state_dir = state_dir
+        self.state_dir = STATE_DIR
         self.support = support
         self.subnet: ipaddress.IPv4Network = list(NET_RANGE.subnets(new_prefix=SLOT_PREFIX))[slot]
         self.bridge = f"orbr{slot}"
@@ -242,9 +246,10 @@ class Network:
         self._closed = False
 
     @classmethod
-    def open(cls, state_dir: str = STATE_DIR, *, netem: bool = False) -> Network:
+    def open(cls, *, netem: bool = False) -> Network:
         support = require_support(netem=netem)
-        sweep_stale(state_dir)
+        sweep_stale()
+        state_dir = STATE_DIR
         os.makedirs(state_dir, mode=0o755, exist_ok=True)
         taken = _routed_networks()
         for slot, subnet in enumerate(NET_RANGE.subnets(new_prefix=SLOT_PREFIX)):
@@ -256,7 +261,7 @@ class Network:
                 continue
             record = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "argv": sys.argv[:3]}
             (Path(state_dir) / f"slot-{slot}" / "owner.json").write_text(json.dumps(record) + "\n")
-            net = cls(slot, state_dir, support)
+            net = cls(slot, support)
             with _live_lock:
                 _live[slot] = net
             try:

@@ -37,12 +37,7 @@ def shaping() -> netns.NetSupport:
     return s
 
 
-def _left() -> tuple[list[str], list[str], list[str]]:
-    return netns.list_namespaces(), netns.list_links(), netns.list_qdiscs()
-
-
 def test_shaped_devices_train_and_report_caps_and_bytes(tmp_path, shaping):
-    before = _left()
     # fedavg: every round waits for every device, so the 2 Mbit/s one must deliver updates.
     path = campaign_file(tmp_path, "shaped", SHAPED, strategy="fedavg", rounds=3, wall_s=120)
     run = tmp_path / "run"
@@ -67,7 +62,11 @@ def test_shaped_devices_train_and_report_caps_and_bytes(tmp_path, shaping):
     steps = [e for e in events if e["event"] == "link_rate" and e["device"] == "slow-0"]
     assert steps and all(0.3 * 2.0 - 1e-6 <= e["up_mbit"] <= 2.0 for e in steps)
     assert "link_bytes_up" in (run / "report.html").read_text()
-    assert _left() == before and orchard_cgroups_left("shaped") == [] and processes_of(run) == []
+    slot = link["netns"].removeprefix(netns.NS_PREFIX).split("-")[0]
+    assert not [n for n in netns.list_namespaces() if n.startswith(f"{netns.NS_PREFIX}{slot}-")]
+    assert not [n for n in netns.list_links() if n in (f"orbr{slot}",) or n.startswith(f"orh{slot}x")]
+    assert not [q for q in netns.list_qdiscs() if f"orh{slot}x" in q]
+    assert orchard_cgroups_left("shaped") == [] and processes_of(run) == []
 
 
 def test_netem_asked_for_on_a_kernel_without_it_is_one_line(tmp_path, shaping):

@@ -4,6 +4,7 @@ and nothing is left behind, not even by a SIGKILLed owner. Needs root; ORCHARD_R
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -43,11 +44,6 @@ def support() -> netns.NetSupport:
     s = netns.probe_support()
     require_or_skip("ORCHARD_REQUIRE_NETNS", s.netns and s.tbf, s.describe())
     return s
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> str:
-    return str(tmp_path / "netns-state")
 
 
 def _shaped(net: netns.Network, name: str, up_mbit: float, down_mbit: float, dilation: float) -> netns.Endpoint:
@@ -98,11 +94,11 @@ def _measure_once(net: netns.Network, ep: netns.Endpoint, direction: str) -> flo
     return got["mbit"]
 
 
-def test_caps_hold_within_15_percent_in_board_units(support, state_dir):
+def test_caps_hold_within_15_percent_in_board_units(support):
     """8 Mbit/s up and 20 down of board time, dilation 2: the wire carries 4 and 10 wall Mbit/s,
     so board-second transfer times hold; both measured within ±15 %."""
     dilation = 2.0
-    with netns.Network.open(state_dir) as net:
+    with netns.Network.open() as net:
         ep = _shaped(net, "dev-0", 8.0, 20.0, dilation)
         up_board = _measure(net, ep, "up", 8.0 / dilation) * dilation
         down_board = _measure(net, ep, "down", 20.0 / dilation) * dilation
@@ -119,8 +115,8 @@ def test_caps_hold_within_15_percent_in_board_units(support, state_dir):
               f"up after tc change {up_half:.2f} (cap 4)")
 
 
-def test_endpoints_reach_each_other_through_the_bridge(support, state_dir):
-    with netns.Network.open(state_dir) as net:
+def test_endpoints_reach_each_other_through_the_bridge(support):
+    with netns.Network.open() as net:
         a = _shaped(net, "node-a", 50.0, 50.0, 1.0)
         b = _shaped(net, "node-b", 50.0, 50.0, 1.0)
         code = ("import socket,sys; s=socket.socket(); s.bind((sys.argv[1],0)); s.listen(1); "
@@ -137,34 +133,39 @@ def test_endpoints_reach_each_other_through_the_bridge(support, state_dir):
         assert out.stdout.strip() == "hello", out.stderr
 
 
-def _listing() -> tuple[list[str], list[str], list[str]]:
-    return netns.list_namespaces(), netns.list_links(), netns.list_qdiscs()
+def _of_slot(slot: int) -> tuple[list[str], list[str], list[str]]:
+    """Namespaces, links and qdiscs of one slot (other runs on the host may own other slots)."""
+    return ([n for n in netns.list_namespaces() if n.startswith(f"{netns.NS_PREFIX}{slot}-")],
+            [n for n in netns.list_links() if re.fullmatch(rf"or(br{slot}|h{slot}x\d+)", n)],
+            [q for q in netns.list_qdiscs() if f"{netns.NS_PREFIX}{slot}-" in q or re.search(rf"dev orh{slot}x", q)])
 
 
-def test_close_and_crash_leave_nothing(support, state_dir):
-    before = _listing()
-    with netns.Network.open(state_dir) as net:
+def test_close_and_crash_leave_nothing(support):
+    with netns.Network.open() as net:
         _shaped(net, "dev-0", 5.0, 5.0, 1.0)
-        during = _listing()
-        assert len(during[0]) == len(before[0]) + 1 and len(during[2]) >= len(before[2]) + 2
-    assert _listing() == before
+        slot = net.slot
+        during = _of_slot(slot)
+        assert len(during[0]) == 1 and len(during[1]) == 2 and len(during[2]) == 2, during
+    assert _of_slot(slot) == ([], [], [])
     # A run SIGKILLed mid-way (no close, no atexit): the next Network's start-up sweep removes it.
-    code = ("import sys, time; from testbed import netns; from testbed.links import tbf_figures; "
-            "net = netns.Network.open(sys.argv[1]); f = tbf_figures(5.0, 1.0); "
+    code = ("import time; from testbed import netns; from testbed.links import tbf_figures; "
+            "net = netns.Network.open(); f = tbf_figures(5.0, 1.0); "
             "net.add('dev-0', f.rate_bit, f.rate_bit, up_args=f.args(), down_args=f.args()); "
             "print(net.slot, flush=True); time.sleep(60)")
-    owner = subprocess.Popen([sys.executable, "-c", code, state_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
     slot = int(owner.stdout.readline())
-    assert any(n.startswith(f"{netns.NS_PREFIX}{slot}-") for n in netns.list_namespaces())
+    held = _of_slot(slot)
+    assert len(held[0]) == 1 and len(held[1]) == 2 and len(held[2]) == 2, held
     owner.kill()
     owner.wait()
-    assert slot in netns.sweep_stale(state_dir)
-    assert _listing() == before
+    assert slot in netns.sweep_stale()
+    assert _of_slot(slot) == ([], [], [])
+    assert not Path(netns.STATE_DIR, f"slot-{slot}").exists()
 
 
-def test_netem_asked_for_where_absent_is_one_line(support, state_dir):
+def test_netem_asked_for_where_absent_is_one_line(support):
     if support.netem:
         pytest.skip("this kernel has netem")
     with pytest.raises(ConfigError, match="netem"):
-        netns.Network.open(state_dir, netem=True)
+        netns.Network.open(netem=True)
