@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from runtime.agent import REASSEMBLY_TIMEOUT_S
 from runtime.board import BoardConfig, load_board
 from runtime.errors import ConfigError, OrchardError
 from runtime.telemetry import threads_for_quota
@@ -155,6 +156,8 @@ class CampaignRunner:
             self.links = RunLinks({d: g.link for d, g in self.c.devices() if g.link is not None}, dilation.factor)
             stack.callback(self.links.close)
             self.links.open()
+            for line in self.links.slow_link_warnings((self.run / "init.npy").stat().st_size, REASSEMBLY_TIMEOUT_S):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
             self._write_fleet(throttle, host, dilation, {p.device_id: p.threads for p in plans})
             launched = True
             broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host))

@@ -89,6 +89,19 @@ class RunLinks:
             for name, spec in self.specs.items()}
         return TraceDriver({}, traces, set_online=lambda _d, _o: None, set_cpu_fraction=on_change)
 
+    def slow_link_warnings(self, frame_bytes: int, timeout_wall_s: float) -> list[str]:
+        """Links too slow to carry one model frame within the wall-time reassembly timeout (the
+        agent's and the server's), even at their trace's lowest fraction seen so far (1.0 at start)."""
+        out = []
+        for name, spec in self.specs.items():
+            slowest_bit = min(spec.up_mbit, spec.down_mbit) * 1e6 / self.dilation
+            wall_s = 8 * frame_bytes / slowest_bit
+            if wall_s > 0.8 * timeout_wall_s:
+                out.append(f"{name}: a {frame_bytes / 1e6:.2f} MB frame takes {wall_s:.0f} wall s at "
+                           f"{min(spec.up_mbit, spec.down_mbit):g} Mbit/s / dilation {self.dilation:g}, against a "
+                           f"{timeout_wall_s:g} s reassembly timeout: its transfers may be dropped")
+        return out
+
     def record_bytes(self) -> None:
         """Read every veth's counters (before close removes them)."""
         if self.network is not None:

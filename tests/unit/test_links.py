@@ -121,3 +121,12 @@ def test_not_root_is_one_line_naming_the_uid(monkeypatch):
     with pytest.raises(ConfigError) as err:
         check_links({"d-0": LinkSpec("custom", 1.0, 1.0)}, "amqtt")
     assert "need root" in str(err.value) and "uid 1000" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_link_too_slow_for_one_frame_is_warned_about():
+    from testbed.shaping import RunLinks
+
+    links = RunLinks({"slow-0": LinkSpec("custom", 0.1, 1.0), "fast-0": LinkSpec("custom", 50.0, 50.0)}, 3.0)
+    # 1 MB at 0.1 Mbit/s / 3 = 240 wall s, against 60 s; at 50 Mbit/s it is 0.5 s.
+    (line,) = links.slow_link_warnings(1_000_000, 60.0)
+    assert line.startswith("slow-0:") and "240 wall s" in line
