@@ -90,6 +90,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "testbed": _optional("bench.testbed_bench"),
     "fjord": _optional("bench.fjord_bench"),
     "zerofl": _optional("bench.zerofl_bench"),
+    "netshape": _optional("bench.netshape_bench"),
 }
 
 
