@@ -320,12 +320,33 @@ def l1_drift(current: FloatArray, base: FloatArray) -> float:
     return float(np.abs(current.astype(np.float64) - base.astype(np.float64)).sum())
 
 
+IMPORTANCE_CAP = 3.0  # × the round's lower-median importance
+
+
+def clip_importance(importance: Float64Array, cap: float | None = IMPORTANCE_CAP) -> Float64Array:
+    """Importances above `cap` × their lower median are set to that ceiling.
+
+    Co-S²P weighs an update by its own delta's norm, so without a ceiling a client buys weight by
+    scaling its delta (a 100× delta took ~99 % of a round's weight). The lower median of two is the
+    smaller one, so even a round of two cannot be bought. `cap=None` is the paper's unclipped rule."""
+    imp = np.asarray(importance, dtype=np.float64)
+    if cap is None or imp.size == 0:
+        return imp
+    k = (imp.size - 1) // 2
+    ceiling = cap * float(np.partition(imp, k)[k])
+    result: Float64Array = np.minimum(imp, ceiling) if ceiling > 0 else imp
+    return result
+
+
 def cos2p_weights(
-    delta_l1: Sequence[float], rates: Sequence[float], drift_l1: Sequence[float]
+    delta_l1: Sequence[float], rates: Sequence[float], drift_l1: Sequence[float],
+    importance_cap: float | None = IMPORTANCE_CAP,
 ) -> Float64Array:
     """Co-S²P importance over staleness, L1-normalised over the round (methods.md §1.3):
 
-    `γ̃_i = (‖Δ_i‖_1 / rate_i) / (‖W^(t) − W^(τ_i)‖_1 + 1)`, `γ_i = γ̃_i / Σ_j γ̃_j`.
+    `γ̃_i = (‖Δ_i‖_1 / rate_i) / (‖W^(t) − W^(τ_i)‖_1 + 1)`, `γ_i = γ̃_i / Σ_j γ̃_j`, with the
+    importance `‖Δ_i‖_1 / rate_i` first clipped at `importance_cap` × its round median
+    (`clip_importance`; not in the paper, which trusts its clients).
     """
     d = np.asarray(delta_l1, dtype=np.float64)
     r = np.asarray(rates, dtype=np.float64)
@@ -334,4 +355,4 @@ def cos2p_weights(
         raise RoundError(f"Co-S²P weights: {d.size} deltas, {r.size} rates, {s.size} drifts")
     if np.any(r <= 0) or np.any(s < 0) or np.any(d < 0):
         raise RoundError(f"Co-S²P weights need rates > 0 and norms >= 0, got rates {r.tolist()}")
-    return normalise_l1((d / r) / (s + 1.0))
+    return normalise_l1(clip_importance(d / r, importance_cap) / (s + 1.0))

@@ -46,6 +46,7 @@ from server.events import (
 from server.methods import ServerMethod, server_method
 from server.policies import AssignPolicy, FixedProfile, ModelOps, RoundView, Strategy, WeightInput
 from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, TaskRecord, TaskTimeMedian
+from server.robust import robust_merge
 
 __all__ = ["AcceptedUpdate", "DeviceRecord", "Engine", "EngineConfig", "TaskRecord"]
 
@@ -231,6 +232,7 @@ class Engine:
         out.append(self._log(now, EventName.UPDATE_ACCEPTED, device=task.device_id, task_id=task.task_id,
                              task_round=task.round, base_version=task.base_version,
                              staleness=accepted.staleness, n_samples=accepted.n_samples, kind=upd.kind,
+                             **({"n_samples_claimed": upd.n_samples} if upd.n_samples != accepted.n_samples else {}),
                              n_values=int(accepted.values.size), train_s=upd.train_s, energy_j=upd.energy_j,
                              metrics=dict(upd.metrics), **({"report": dict(upd.report)} if upd.report else {})))
 
@@ -266,7 +268,10 @@ class Engine:
         if base is None:  # cannot happen while the cap holds; refuse rather than guess
             raise RoundError(f"{who}: base version {task.base_version} is no longer retained")
         payload = self.method.for_profile(task.profile).admit(event, task, base, self.strategy, who)
-        return AcceptedUpdate(task=task, staleness=staleness, n_samples=upd.n_samples, indices=payload.indices,
+        # A device's sample count weighs its update: never more than it declared at hello (a
+        # claim of 2^62 would otherwise take the whole merge).
+        n_samples = min(upd.n_samples, self._devices[device_id].hello.n_samples)
+        return AcceptedUpdate(task=task, staleness=staleness, n_samples=n_samples, indices=payload.indices,
                               values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate,
                               coord_weights=payload.coord_weights)
 
@@ -290,8 +295,9 @@ class Engine:
     def _close(self, reason: str, now: float, out: list[Action]) -> None:
         pending, self._pending = self._pending, []
         new: FloatArray | None = None
+        robust: dict[str, Any] = {}
         try:
-            new = self._merge(pending)
+            new, robust = self._merge(pending)
         except RoundError as exc:
             out.append(self._log(now, EventName.AGGREGATION_FAILED, reason=str(exc),
                                  devices=[p.task.device_id for p in pending]))
@@ -305,7 +311,7 @@ class Engine:
             devices = tuple(p.task.device_id for p in pending)
             staleness = tuple(p.staleness for p in pending)
             out.append(self._log(now, EventName.AGGREGATED, closed_round=closed_round, reason=reason,
-                                 devices=list(devices), staleness=list(staleness)))
+                                 devices=list(devices), staleness=list(staleness), **robust))
             out.append(NewGlobal(self.version, closed_round, now, len(pending), devices, staleness, reason))
         if self.strategy.close.abandon_at_close:
             for task in list(self._tasks.values()):
@@ -324,7 +330,7 @@ class Engine:
         if reached:
             self._finish(f"reached version {self.version}", now, out)
 
-    def _merge(self, pending: list[AcceptedUpdate]) -> FloatArray:
+    def _merge(self, pending: list[AcceptedUpdate]) -> tuple[FloatArray, dict[str, Any]]:
         drift: dict[int, float] = {}
 
         def drift_of(base: int) -> float:
@@ -337,10 +343,20 @@ class Engine:
         gammas = self.weight.weights(items)
         contributions = [UpdateContribution(p.indices, p.values, g, p.coord_weights)
                          for p, g in zip(pending, gammas, strict=True)]
-        new = agg.check_global(self.strategy.merge.merge(self._global, contributions), "merged model")
+        cfg, robust = self.strategy.robust, {}
+        if cfg.active:
+            merged, report = robust_merge(self._global, contributions, self.strategy.merge, cfg)
+            ids = [p.task.device_id for p in pending]
+            robust = {"robust_merge": cfg.robust_merge, "merged": [ids[i] for i in report.merged]}
+            if cfg.norm_bound != "off":
+                robust.update(norm_bound=round(report.norm_bound, 6), clipped=[ids[i] for i in report.clipped],
+                              norm_rejected=[ids[i] for i in report.rejected])
+        else:
+            merged = self.strategy.merge.merge(self._global, contributions)
+        new = agg.check_global(merged, "merged model")
         if new is self._global or new.size != self._global.size:
             raise RoundError(f"merge returned {new.size} values for a model of {self._global.size}")
-        return new
+        return new, robust
 
     def _prune_history(self) -> None:
         # Keep the current model and every base an outstanding task may still be measured

@@ -18,6 +18,7 @@ from runtime.errors import ConfigError, RoundError
 from runtime.protocol import Hello
 from server import aggregate as agg
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
+from server.robust import RobustConfig
 
 # How tasks go out. "round": only at round start, to every idle device (sync FedAvg, stragglers
 # dropped at close). "semi": at round start to every idle device, and mid-round to devices that
@@ -223,6 +224,7 @@ class CoS2PWeight(WeightPolicy):
 class MergePolicy(ABC):
     form: ClassVar[str] = "delta"  # what contribution.values hold: "delta" (vs its base) or "weights"
     accepts_submodels: ClassVar[bool] = True
+    server_lr: float = 1.0  # the step a robust rule's per-coordinate delta is applied with
 
     @abstractmethod
     def merge(self, global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
@@ -418,3 +420,4 @@ class Strategy:
     max_age_factor: float | None = None
     concurrency: int | None = None  # most tasks out at once; None = every available device
     params: Mapping[str, Any] = field(default_factory=dict)  # as configured, for logs and checkpoints
+    robust: RobustConfig = field(default_factory=RobustConfig)  # norm bound and robust rule (server/robust.py)

@@ -18,6 +18,7 @@ from typing import Any
 
 from runtime.errors import ConfigError
 from server.policies import Strategy
+from server.robust import ROBUST_DEFAULTS, robust_config
 from server.strategies import fedasync, fedavg, fedavg_deadline, fedbuff, semi_async
 
 DEFAULT_STRATEGY = semi_async.NAME
@@ -34,9 +35,9 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def strategy_defaults(name: str) -> dict[str, Any]:
-    """Every parameter `name` takes, with its default."""
+    """Every parameter `name` takes, with its default (the robust keys of server/robust.py too)."""
     builder = _builder(name)
-    return {p.name: p.default for p in inspect.signature(builder).parameters.values()}
+    return {**{p.name: p.default for p in inspect.signature(builder).parameters.values()}, **ROBUST_DEFAULTS}
 
 
 def get_strategy(name: str = DEFAULT_STRATEGY, **params: Any) -> Strategy:
@@ -48,9 +49,10 @@ def get_strategy(name: str = DEFAULT_STRATEGY, **params: Any) -> Strategy:
         raise ConfigError(
             f"strategy {name!r} has no parameter {', '.join(unknown)}; it takes {', '.join(defaults)}"
         )
-    strategy = builder(**params)
+    strategy = builder(**{k: v for k, v in params.items() if k not in ROBUST_DEFAULTS})
+    robust = robust_config(name, dict(params), strategy.merge.form)
     # Keep every resolved parameter so a checkpoint can rebuild exactly this strategy.
-    return dataclasses.replace(strategy, params={**defaults, **params})
+    return dataclasses.replace(strategy, params={**defaults, **params}, robust=robust)
 
 
 def _builder(name: str) -> Callable[..., Strategy]:
