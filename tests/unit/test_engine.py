@@ -40,7 +40,7 @@ class Clock:
         return self.now
 
 
-def make_hello(device_id: str, n_samples: int = 10) -> Hello:
+def make_hello(device_id: str, n_samples: int = 1000) -> Hello:
     return Hello(device_id=device_id, board="test", cores=1.0, ram_mb=512, runtime_version="t",
                  profiles=(), n_samples=n_samples, label_histogram=())
 
@@ -440,3 +440,13 @@ def test_task_time_median_counts_untimed_devices_as_slow() -> None:
     m.remove(None)
     m.remove(None)
     assert m.median() == 1.0
+
+
+def test_update_n_samples_is_capped_at_what_the_hello_declared() -> None:
+    rig = Rig(get_strategy("fedavg"), devices=2)
+    rig.at(1).update("d0", n_samples=2**62)
+    rig.at(2).update("d1", n_samples=1000)
+    accepted = {e["device"]: e for e in rig.events("update_accepted")}
+    assert accepted["d0"]["n_samples"] == 1000 and accepted["d0"]["n_samples_claimed"] == 2**62
+    assert "n_samples_claimed" not in accepted["d1"]
+    np.testing.assert_allclose(rig.engine.global_flat, rig.g0 + 1.5)  # equal weights, deltas 1 and 2

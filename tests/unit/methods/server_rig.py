@@ -26,7 +26,7 @@ class Rig:
                              method=self.method)
         self.actions: list[Action] = []
         for d in profiles:
-            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 10, ())
+            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 1000, ())  # declares enough: updates are capped at it
             self.actions += self.engine.handle(DeviceHello(d, hello))
         self.actions += self.engine.handle(Tick())
 
