@@ -22,7 +22,9 @@ amqtt 0.12.1 quirks, handled in the child (see `_patch_amqtt`):
   2. Its timeout is keepalive + `timeout-disconnect-delay` seconds (not the 1.5 x keepalive of
      MQTT 3.1.1 section 3.1.2.10), and it races paho, which pings only once keepalive has
      elapsed. We set the delay to 0 and scale the session's keepalive by 1.5.
-  3. No packet or message size limit exists, so 10 MB+ payloads pass as they are (tested).
+  3. No packet or message size limit exists (a 200 MB publish was relayed). We cap the packet
+     size as mosquitto's `max_packet_size` does: a fixed header announcing more than
+     `MAX_PACKET_BYTES` closes that client's connection before the body is read.
   4. The default config enables `$SYS` publishing and packet logging; we load only the
      anonymous-auth plugin. Anonymous access is why the listener is loopback-only. The
      documented hyphenated keys ("timeout-disconnect-delay") are rejected by 0.12's strict
@@ -57,6 +59,9 @@ from runtime.errors import ConfigError, TransportError
 from runtime.mqtt import parse_broker_url
 
 LOOPBACK = "127.0.0.1"
+# Both brokers' cap on one MQTT packet: a frame travels in 256 KiB chunks, so 64 MiB is far above
+# anything Orchard sends and far below what would let one publish exhaust a broker's memory.
+MAX_PACKET_BYTES = 64 * 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -255,8 +260,14 @@ class AmqttBroker(_ProcessBroker):
 
     kind = "amqtt"
 
+    def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0,
+                 max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+        self.max_packet_bytes = max_packet_bytes
+        super().__init__(port, host, start_timeout_s)
+
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port)]
+        return [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port),
+                "--max-packet-bytes", str(self.max_packet_bytes)]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -275,7 +286,7 @@ class MosquittoBroker(_ProcessBroker):
         port: int | None = None,
         host: str = LOOPBACK,
         binary: str | None = None,
-        max_packet_bytes: int = 64 * 1024 * 1024,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
         start_timeout_s: float = 10.0,
     ) -> None:
         self.binary = binary or find_mosquitto()
@@ -332,13 +343,27 @@ class _QuietBytes(bytes):
         return f"<{len(self)} bytes>"
 
 
-def _patch_amqtt() -> None:
-    """Fix amqtt quirks 1, 2, 5 and 6 (module doc) by wrapping four of its methods."""
+def _patch_amqtt(max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+    """Fix amqtt quirks 1, 2, 3, 5 and 6 (module doc) by wrapping five of its methods."""
     import asyncio
     import math
 
     from amqtt.broker import Broker as AmqttCore
+    from amqtt.mqtt.packet import MQTTFixedHeader
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    original_header = MQTTFixedHeader.from_stream.__func__  # type: ignore[attr-defined]
+
+    async def fixed_header_from_stream(cls: Any, reader: Any) -> Any:
+        header = await original_header(cls, reader)
+        if header is not None and header.remaining_length > max_packet_bytes:
+            # Not an MQTTError (which amqtt discards and reads on, mid-body): any other exception
+            # ends the client's reader loop, so its connection closes, as mosquitto does.
+            raise ConnectionAbortedError(f"packet of {header.remaining_length} bytes over the cap of "
+                                         f"{max_packet_bytes}")
+        return header
+
+    MQTTFixedHeader.from_stream = classmethod(fixed_header_from_stream)  # type: ignore[method-assign,assignment]
 
     def handle_read_timeout(self: BrokerProtocolHandler) -> None:
         # Treat silence past the keepalive as a dead client: the broker then fires the will.
@@ -387,7 +412,7 @@ def amqtt_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-def serve_amqtt(host: str, port: int) -> None:
+def serve_amqtt(host: str, port: int, max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
     """Run an amqtt broker until SIGTERM/SIGINT (the body of `python -m testbed.broker`)."""
     import asyncio
     import logging
@@ -398,7 +423,7 @@ def serve_amqtt(host: str, port: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s amqtt %(levelname)s %(name)s: %(message)s")
     # amqtt logs every dropped connection (our readiness probes included) at WARNING/ERROR.
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-    _patch_amqtt()
+    _patch_amqtt(max_packet_bytes)
 
     async def main() -> None:
         broker = AmqttCore(amqtt_config(host, port))
@@ -417,9 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.broker", description="Run the embedded broker.")
     parser.add_argument("--host", default=LOOPBACK, help="loopback address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    parser.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES,
+                        help="close a client that sends a bigger MQTT packet (default 64 MiB)")
     args = parser.parse_args(argv)
     try:
-        serve_amqtt(args.host, args.port)
+        serve_amqtt(args.host, args.port, args.max_packet_bytes)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
