@@ -44,6 +44,9 @@ class Profile:
         return ",".join(items) or "dense"
 
 
+MAX_CLASS_INDEX = 9_999  # profiles arrive in hellos: "classes=0-20000000" once took a server to 1.6 GB
+
+
 def _parse_classes(text: str) -> tuple[int, ...]:
     out: set[int] = set()
     for part in text.split("+"):
@@ -51,16 +54,23 @@ def _parse_classes(text: str) -> tuple[int, ...]:
         if not part:
             continue
         try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if hi < lo:
-                    raise ConfigError(f"profile class range {part!r} is empty")
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, _, hi_text = part.partition("-")
+            lo_i = int(lo)
+            hi = int(hi_text) if hi_text else lo_i
         except ValueError:
-            raise ConfigError(f"profile class list {text!r}: {part!r} is not a class index or a-b range") from None
+            raise ConfigError(f"profile class list {_short(text)}: {_short(part)} is not a class index or a-b range"
+                              ) from None
+        if hi < lo_i:
+            raise ConfigError(f"profile class range {_short(part)} is empty")
+        if lo_i < 0 or hi > MAX_CLASS_INDEX:
+            raise ConfigError(f"profile class range {_short(part)} is outside 0-{MAX_CLASS_INDEX}")
+        out.update(range(lo_i, hi + 1))
     return tuple(sorted(out))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """repr of `text`, cut: a profile comes from a device and may be any length."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def parse_profile(text: str) -> Profile:

@@ -58,11 +58,18 @@ def engine_state(engine: Engine) -> dict[str, Any]:
         "started": e._started,
         "task_seq": e._task_seq,
         "devices": [
-            {**dataclasses.asdict(d), "hello": dataclasses.asdict(d.hello)} for d in e._devices.values()
+            {**dataclasses.asdict(d), "hello": _hello_state(d.hello)} for d in e._devices.values()
         ],
         "tasks": [_task_state(e, t) for t in e._tasks.values()],
         "history_versions": sorted(e._history),
     }
+
+
+def _hello_state(hello: Hello) -> dict[str, Any]:
+    """What the engine uses of a hello. Its artifact list is the service's business (which
+    artifacts to send) and is re-announced by the next hello; state.json is rewritten after
+    every aggregation, so it carries only what a resumed engine needs."""
+    return {k: v for k, v in dataclasses.asdict(hello).items() if k != "artifacts"}
 
 
 def _task_state(e: Engine, t: TaskRecord) -> dict[str, Any]:
@@ -107,7 +114,7 @@ def restore_engine(
     e._history[e.version] = e.global_flat
     for d in state["devices"]:
         h = d["hello"]
-        hello = Hello(**{**h, **{k: tuple(h[k]) for k in ("profiles", "label_histogram", "artifacts")}})
+        hello = Hello(**{**h, **{k: tuple(h.get(k, ())) for k in ("profiles", "label_histogram", "artifacts")}})
         last = d["last_dispatch_s"]
         rec = DeviceRecord(**{**d, "hello": hello, "online": False,
                               "last_dispatch_s": None if last is None else last + shift})

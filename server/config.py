@@ -7,12 +7,14 @@
     eval_data = "eval.npz"          # held-out split the global model is scored on (x, y)
     broker = "mqtt://127.0.0.1:1883"
     seed = 0
+    roster = ["dev0", "dev1"]       # optional: messages from any other id are refused
 
     [rounds]
     strategy = "semi-async"         # fedavg | fedavg-deadline | semi-async | fedbuff | fedasync
     target_version = 10             # stop after this many aggregations
     time_limit_s = 600
     min_devices = 3                 # no task goes out before this many devices said hello
+    max_devices = 10000             # hellos from more ids than this are refused (bounded state)
     task_timeout_s = 120            # a task unanswered this long is abandoned
     eval_every = 1
 
@@ -34,6 +36,7 @@
     [assign]                        # profile per device; default for the rest
     default = "dense"
     devices = { dev0 = "width=0.5" }
+    shard_samples = { dev0 = 240 }  # optional: an update's n_samples is capped at its shard's size
     downgrade_on_oom = true         # a task killed by OOM moves its device to the next smaller
                                     # profile its hello lists (dense > width=0.75 > width=0.5)
 
@@ -55,10 +58,11 @@ from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
 
-_SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed"})
-_ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every"})
+_SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed", "roster"})
+_ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every",
+                         "max_devices"})
 _TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
-_ASSIGN_KEYS = frozenset({"default", "devices", "downgrade_on_oom"})
+_ASSIGN_KEYS = frozenset({"default", "devices", "downgrade_on_oom", "shard_samples"})
 _CLOCK_KEYS = frozenset({"start_unix", "dilation"})
 
 
@@ -91,6 +95,7 @@ class ServerConfig:
     method_params: Mapping[str, Any] = field(default_factory=dict)
     start_unix: float | None = None  # None: the server's own start
     time_dilation: float = 1.0
+    roster: frozenset[str] | None = None  # None: any id may join; else messages from others are refused
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
@@ -121,6 +126,8 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         target_version=target, time_limit_s=time_limit, task_timeout_s=timeout,
         min_devices=rnd.integer("min_devices", 0, 100_000, default=1),
         eval_every=rnd.integer("eval_every", 0, 10**6, default=1),
+        max_devices=rnd.integer("max_devices", 1, 10**6, default=10_000),
+        shard_samples=_shard_samples(file, asg.data.get("shard_samples", {})),
     )
     train = TrainKnobs(
         local_steps=trn.integer("local_steps", 0, 10**7, default=20),
@@ -156,7 +163,17 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         method_params=method_params,
         start_unix=clk.optional_number("start_unix", 0.0, 1e11),
         time_dilation=clk.number("dilation", 1.0, 1000.0, default=1.0),
+        roster=frozenset(srv.strings("roster")) if "roster" in srv.data else None,
     )
+
+
+def _shard_samples(file: str, raw: Any) -> dict[str, int]:
+    """[assign] shard_samples = { dev0 = 240 }: what each device's shard holds (the campaign knows
+    it), a cap on the n_samples its updates may claim."""
+    if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                            for v in raw.values()):
+        raise ConfigError(f"{file}: [assign] shard_samples must map device ids to sample counts >= 0")
+    return {str(k): int(v) for k, v in raw.items()}
 
 
 def method_table(file: str, raw: Any) -> tuple[str | None, dict[str, Any]]:

@@ -156,6 +156,11 @@ class Engine:
 
     def _on_hello(self, event: DeviceHello, now: float, out: list[Action]) -> None:
         dev = self._devices.get(event.device_id)
+        if dev is None and len(self._devices) >= self.config.max_devices:
+            # Made-up ids must not grow the engine's (and its checkpoint's) state without bound.
+            out.append(self._log(now, EventName.HELLO_REJECTED, device=event.device_id,
+                                 reason=f"already {len(self._devices)} devices, max_devices={self.config.max_devices}"))
+            return
         if dev is None:
             dev = self._devices[event.device_id] = DeviceRecord(event.device_id, event.hello, online=False)
         else:
@@ -190,6 +195,11 @@ class Engine:
         """Let the assign policy move a device off a profile it cannot train (e.g. out of memory)."""
         new = self.assign.after_failure(dev.device_id, dev.hello, profile, status.failure)
         if new is None or new == profile:
+            return
+        why = self._unassignable(new)
+        if why is not None:  # e.g. a submodel under a full-model merge: keep the profile, keep serving
+            out.append(self._log(now, EventName.DOWNGRADE_REFUSED, device=dev.device_id, **{"from": profile, "to": new},
+                                 failure=status.failure, reason=why))
             return
         dev.profile_override = new
         out.append(self._log(now, EventName.PROFILE_DOWNGRADED, device=dev.device_id, **{"from": profile, "to": new},
@@ -270,7 +280,8 @@ class Engine:
         payload = self.method.for_profile(task.profile).admit(event, task, base, self.strategy, who)
         # A device's sample count weighs its update: never more than it declared at hello (a
         # claim of 2^62 would otherwise take the whole merge).
-        n_samples = min(upd.n_samples, self._devices[device_id].hello.n_samples)
+        declared = self._devices[device_id].hello.n_samples
+        n_samples = min(upd.n_samples, declared, self.config.shard_samples.get(device_id, declared))
         return AcceptedUpdate(task=task, staleness=staleness, n_samples=n_samples, indices=payload.indices,
                               values=payload.values, delta_l1=payload.delta_l1, rate=payload.rate,
                               coord_weights=payload.coord_weights)
@@ -402,7 +413,23 @@ class Engine:
         last = self._devices[device_id].last_dispatch_s
         return (-math.inf if last is None else last, device_id)
 
+    def _unassignable(self, profile: str) -> str | None:
+        """Why `profile` cannot be sent under this strategy, or None if it can."""
+        try:
+            _, indices = self.assignment_for(profile, self.round)
+        except ConfigError as exc:
+            return str(exc)
+        if indices is not None and not self.strategy.merge.accepts_submodels:
+            return f"strategy {self.strategy.name!r} merges full models only; {profile!r} is a submodel"
+        return None
+
     def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
+        if dev.profile_override is not None and (why := self._unassignable(dev.profile_override)) is not None:
+            # A per-device choice (from its hello, or restored from a checkpoint) that no longer
+            # fits: drop it with a reason rather than stop the server.
+            out.append(self._log(now, EventName.DOWNGRADE_REFUSED, device=dev.device_id,
+                                 **{"from": dev.profile_override, "to": None}, reason=why))
+            dev.profile_override = None
         profile = dev.profile_override or self.assign.profile_for(dev.device_id, dev.hello, self.round)
         assignment, indices = self.assignment_for(profile, self.round)
         if indices is not None and not self.strategy.merge.accepts_submodels:

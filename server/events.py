@@ -28,6 +28,7 @@ class EventName(StrEnum):
     UPDATE_ACCEPTED = "update_accepted"
     UPDATE_REJECTED = "update_rejected"
     PROFILE_DOWNGRADED = "profile_downgraded"
+    DOWNGRADE_REFUSED = "downgrade_refused"  # the OOM fallback's choice cannot be sent under this strategy
     AGGREGATED = "aggregated"
     AGGREGATION_FAILED = "aggregation_failed"
     FINISHED = "finished"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from runtime.errors import ConfigError
 from runtime.protocol import Assignment, Hello
@@ -21,6 +22,9 @@ class EngineConfig:
     min_devices: int = 1  # hand out no task before this many devices are online (campaign start)
     task_timeout_s: float | None = None  # abandon tasks unanswered this long (lost messages)
     remember_tasks: int = 100_000  # closed task ids kept to name duplicates in the log
+    max_devices: int = 10_000  # hellos from further new ids are refused: state per id stays bounded
+    # Shard sizes the campaign knows: an update's n_samples is capped at them (and at the hello's).
+    shard_samples: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target_version is not None and self.target_version < 1:
@@ -31,6 +35,8 @@ class EngineConfig:
                 raise ConfigError(f"{name}={value} must be > 0")
         if self.eval_every < 0 or self.min_devices < 0 or self.remember_tasks < 0:
             raise ConfigError("eval_every, min_devices and remember_tasks must be >= 0")
+        if self.max_devices < 1:
+            raise ConfigError(f"max_devices={self.max_devices} must be >= 1")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,16 @@ from server import checkpoint
 from server.aggregate import IndexArray
 from server.config import ServerConfig
 from server.engine import Engine
+from server.guard import (
+    ARTIFACT_BURST,
+    ARTIFACT_PER_S,
+    HELLO_BURST,
+    HELLO_MAX_BYTES,
+    HELLO_PER_S,
+    REJECT_LOG_BURST,
+    REJECT_LOG_PER_S,
+    TokenBuckets,
+)
 from server.events import (
     Action,
     DeviceHello,
@@ -72,6 +83,7 @@ from server.strategies import get_strategy
 log = logging.getLogger("orchard.server")
 
 TICK_S = 0.2
+MAX_OPEN_CSV = 64  # telemetry files held open at once (1,016 ids once exhausted the descriptors)
 # Times in every output (server.csv t_s, devices/<id>.csv t_s, events.jsonl t) are board seconds
 # since the campaign start ([clock] in the config); `_total` columns are cumulative counters.
 SERVER_CSV = ("round", "version", "t_s", "accuracy", "loss", "n_updates", "accepted_total", "rejected_total",
@@ -153,7 +165,9 @@ class Outputs:
         self.server = csv.writer(self._server_file)
         if new_csv:
             self.server.writerow(SERVER_CSV)
-        self._devices: dict[str, tuple[TextIO, Any]] = {}
+        # Open telemetry CSVs, least recently written first: a fleet larger than MAX_OPEN_CSV
+        # reopens files (append) instead of running out of descriptors.
+        self._devices: OrderedDict[str, tuple[TextIO, Any]] = OrderedDict()
         self.accepted = self.rejected = 0
         if not new_csv:  # resumed: the counts are over the campaign, so go on from the last row
             with (run_dir / "server.csv").open(newline="") as f:
@@ -178,7 +192,11 @@ class Outputs:
         self._server_file.flush()
 
     def telemetry(self, t: Telemetry) -> None:
-        if t.device_id not in self._devices:
+        if t.device_id in self._devices:
+            self._devices.move_to_end(t.device_id)
+        else:
+            while len(self._devices) >= MAX_OPEN_CSV:
+                self._devices.popitem(last=False)[1][0].close()
             path = self.run_dir / "devices" / f"{t.device_id}.csv"
             fresh = not path.exists()
             handle: TextIO = path.open("a", newline="")
@@ -235,8 +253,15 @@ class Service:
         self.out.event({"event": EventName.SERVER_START, "version": self.engine.version, "strategy": cfg.strategy,
                         "method": cfg.method, "method_params": dict(cfg.method_params),
                         "resume": resume, "model": self.model.model_name})
+        # Per sender (topic) at most 4 frames in flight and a quarter of the budget, so a flood
+        # from one id cannot evict the others' updates (runtime/chunks.py).
         self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024,
-                                       max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
+                                       max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes, max_sender_partials=4,
+                                       max_sender_bytes=128 * 1024 * 1024)
+        self.hello_limit = TokenBuckets(HELLO_BURST, HELLO_PER_S)
+        self.artifact_limit = TokenBuckets(ARTIFACT_BURST, ARTIFACT_PER_S)
+        self.reject_log = TokenBuckets(REJECT_LOG_BURST, REJECT_LOG_PER_S)
+        self.suppressed: dict[str, int] = {}  # rejections not logged since the last logged one, by kind
         self.known_artifacts: dict[str, set[str]] = {}
         self.pending_row: dict[str, Any] | None = None
         self.finished: str | None = None
@@ -296,28 +321,57 @@ class Service:
         if len(parts) != 3 or parts[0] != "dev" or not ID_PATTERN.fullmatch(parts[1]):
             return
         device_id, kind = parts[1], parts[2]
+        if kind not in ("hello", "status", "telemetry", "update"):
+            return
         try:
-            if kind == "hello":
-                hello = decode_json(Hello, msg.payload, source=device_id)
-                self._check_sender(device_id, hello.device_id)
-                self.known_artifacts[device_id] = set(hello.artifacts)
-                self._feed(DeviceHello(device_id, hello))
-            elif kind == "status":
-                status = decode_json(Status, msg.payload, source=device_id)
-                self._check_sender(device_id, status.device_id)
-                self.out.event({"event": EventName.DEVICE_STATUS, "device": device_id, "state": status.state,
-                                "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
-                self._feed(DeviceStatus(device_id, status))
-            elif kind == "telemetry":
-                telemetry = decode_json(Telemetry, msg.payload, source=device_id)
-                self._check_sender(device_id, telemetry.device_id)
-                self.out.telemetry(telemetry)
-            elif kind == "update":
-                frame = self.reassembler.feed(msg.topic, msg.payload)
-                if frame is not None:
-                    self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
+            self._on_device_message(device_id, kind, msg)
         except OrchardError as exc:  # any bad input from a device is logged and dropped, never fatal
-            self.out.event({"event": EventName(f"{kind}_rejected"), "device": device_id, "reason": str(exc)})
+            self._reject(kind, device_id, str(exc))
+        except Exception as exc:  # a bug a message found: refuse that message, keep serving the others
+            log.exception("handling %s from %s", kind, device_id)
+            self._reject(kind, device_id, f"internal error {type(exc).__name__}: {str(exc)[:200]}")
+
+    def _reject(self, kind: str, device_id: str, reason: str) -> None:
+        if not self.reject_log.allow((device_id, kind)):
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return
+        extra = {"suppressed_before": self.suppressed.pop(kind)} if kind in self.suppressed else {}
+        self.out.event({"event": EventName(f"{kind}_rejected"), "device": device_id, "reason": reason[:500], **extra})
+
+    def _on_device_message(self, device_id: str, kind: str, msg: Message) -> None:
+        roster = self.cfg.roster
+        if roster is not None and device_id not in roster:
+            raise ProtocolError(f"device {device_id!r} is not on the roster")
+        known = device_id in self.engine.devices
+        if kind == "hello":
+            if not self.hello_limit.allow(device_id):
+                raise ProtocolError(f"hello from {device_id!r} refused: more than {HELLO_BURST} in "
+                                    f"{HELLO_BURST / HELLO_PER_S:g} s")
+            hello = decode_json(Hello, msg.payload, source=device_id, max_bytes=HELLO_MAX_BYTES)
+            self._check_sender(device_id, hello.device_id)
+            self._feed(DeviceHello(device_id, hello))
+            if device_id in self.engine.devices:  # the engine may refuse it (max_devices)
+                self.known_artifacts[device_id] = set(hello.artifacts)
+        elif kind == "status":
+            if not known:
+                raise ProtocolError(f"status from {device_id!r}, which has not said hello")
+            status = decode_json(Status, msg.payload, source=device_id)
+            self._check_sender(device_id, status.device_id)
+            self.out.event({"event": EventName.DEVICE_STATUS, "device": device_id, "state": status.state,
+                            "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
+            self._feed(DeviceStatus(device_id, status))
+        elif kind == "telemetry":
+            if not known:  # no file is opened for an id the engine never accepted a hello from
+                raise ProtocolError(f"telemetry from {device_id!r}, which has not said hello")
+            telemetry = decode_json(Telemetry, msg.payload, source=device_id)
+            self._check_sender(device_id, telemetry.device_id)
+            self.out.telemetry(telemetry)
+        elif kind == "update":
+            if not known:  # nothing is reassembled for an id the engine does not know
+                raise ProtocolError(f"update chunk from {device_id!r}, which has not said hello")
+            frame = self.reassembler.feed(msg.topic, msg.payload)
+            if frame is not None:
+                self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
 
     @staticmethod
     def _check_sender(topic_id: str, claimed: str) -> None:
@@ -397,6 +451,11 @@ class Service:
         known = self.known_artifacts.setdefault(action.device_id, set())
         for key in dict.fromkeys(a.artifact_keys):
             if key in known:
+                continue
+            if not self.artifact_limit.allow(action.device_id):
+                self.out.event({"event": EventName.ARTIFACT_HELD, "device": action.device_id, "key": key,
+                                "reason": f"more than {ARTIFACT_BURST} artifact frames in "
+                                          f"{ARTIFACT_BURST / ARTIFACT_PER_S:g} s"})
                 continue
             frame = encode_artifact(Artifact(key, self.model.artifact_files(key)))
             wire_bytes = self._publish_chunks(self.topics.artifact(action.device_id), frame)

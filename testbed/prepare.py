@@ -112,8 +112,9 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
         })
     write_toml(run / "configs" / "server.toml", {
         "server": {"id": "server", "root": root, "artifacts": "../artifacts.json", "eval_data": "../eval.npz",
-                   "seed": data.seed},
+                   "seed": data.seed, "roster": [d.device_id for d in devices]},
         **server,
-        "assign": {"default": "dense", "devices": {d.device_id: d.profiles[0] for d in devices}},
+        "assign": {"default": "dense", "devices": {d.device_id: d.profiles[0] for d in devices},
+                   "shard_samples": {d.device_id: int(len(idx)) for d, idx in zip(devices, parts, strict=True)}},
     })
     return dirs
