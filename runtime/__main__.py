@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from runtime.errors import OrchardError, exit_code
+from runtime.errors import OrchardError, exit_code, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_device(load_device_config(args.config, args.broker))
     except OrchardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
 
 

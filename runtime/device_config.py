@@ -26,6 +26,7 @@ from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.methods import device_profile
+from runtime.protocol import check_topic_root
 from runtime.telemetry import OFFLINE_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
@@ -73,7 +74,7 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         artifact_cache=resolve(dev.string("artifact_cache")),
         profiles=tuple(canonical),
         broker_url=broker_url or brk.string("url"),
-        root=brk.string("root", default="orchard/default"),
+        root=_topic_root(str(p), brk.string("root", default="orchard/default")),
         threads=dev.integer("threads", 0, 256, default=0),
         telemetry_hz=dev.number("telemetry_hz", 0.0, 50.0, default=1.0, lo_open=True),
         keepalive_s=brk.integer("keepalive_s", 2, 3600, default=10),
@@ -83,9 +84,15 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
     )
 
 
-
 def _canonical(file: str, text: str) -> str:
     try:
         return device_profile(text)
     except ConfigError as exc:
         raise ConfigError(f"{file}: [device] profiles: {exc}") from None
+
+
+def _topic_root(file: str, root: str) -> str:
+    try:
+        return check_topic_root(root)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [broker] root: {exc}") from None

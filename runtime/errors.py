@@ -83,3 +83,12 @@ def exit_code(exc: OrchardError) -> int:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
     return EXIT_FAILED
+
+
+MESSAGE_MAX = 400  # characters of an error line; a message may quote a value a client sent
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_MAX) -> str:
+    """`exc`'s message as one line of at most `limit` characters (newlines folded, the rest cut)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

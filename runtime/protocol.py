@@ -32,7 +32,7 @@ from typing import Any, TypeVar, Union
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import ProtocolError
+from runtime.errors import ConfigError, ProtocolError
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
@@ -48,11 +48,32 @@ JSON_MAX_BYTES = 1 << 20  # control messages are small; a bigger one is a bug or
 
 
 # ---------------------------------------------------------------- topics
+TOPIC_ROOT_MAX = 200
+
+
+def check_topic_root(root: str) -> str:
+    """`root` if it can prefix every topic, else ConfigError. A wildcard in it (`+`, `#`) would
+    make the server's subscription match other campaigns' topics, or everything."""
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"topic root {show(root)} must be a non-empty string")
+    if len(root) > TOPIC_ROOT_MAX:
+        raise ConfigError(f"topic root {show(root, 60)} is {len(root)} characters, more than {TOPIC_ROOT_MAX}")
+    if "+" in root or "#" in root:
+        raise ConfigError(f"topic root {root!r} holds an MQTT wildcard (+ or #)")
+    if "\0" in root or root.startswith("/") or root.endswith("/") or "//" in root or root.startswith("$"):
+        raise ConfigError(f"topic root {root!r} must be levels joined by '/', without NUL, '$' at the start, "
+                          "empty levels or a leading or trailing '/'")
+    return root
+
+
 @dataclass(frozen=True)
 class Topics:
     """Topic names under one campaign root, e.g. `orchard/default`."""
 
     root: str
+
+    def __post_init__(self) -> None:
+        check_topic_root(self.root)
 
     @property
     def server_state(self) -> str:

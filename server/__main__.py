@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from runtime.errors import ConfigError, OrchardError, exit_code
+from runtime.errors import ConfigError, OrchardError, exit_code, one_line
 
 RESULTS = ("events.jsonl", "server.csv")  # what a server run leaves; a new run would overwrite them
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.umask(0o027)  # the run folder's files 0640, folders 0750
     try:
         from server.config import load_server_config
         from server.service import Service
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("orchard.server").info("finished: %s", reason)
         return 0
     except OrchardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 from runtime.errors import ConfigError
 from runtime.methods import METHOD_NAMES, check_name, device_profile, spec
+from runtime.protocol import check_topic_root
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
@@ -147,7 +148,7 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
     default_profile = canonical(asg.string("default", default="dense"))
     return ServerConfig(
         server_id=srv.string("id", default="server"),
-        root=srv.string("root"),
+        root=_root(file, srv.string("root")),
         artifacts=resolve(srv.string("artifacts")),
         eval_data=resolve(srv.string("eval_data")),
         broker=broker or srv.string("broker", default="mqtt://127.0.0.1:1883"),
@@ -165,6 +166,13 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         time_dilation=clk.number("dilation", 1.0, 1000.0, default=1.0),
         roster=frozenset(srv.strings("roster")) if "roster" in srv.data else None,
     )
+
+
+def _root(file: str, root: str) -> str:
+    try:
+        return check_topic_root(root)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [server] root: {exc}") from None
 
 
 def _shard_samples(file: str, raw: Any) -> dict[str, int]:

@@ -196,7 +196,7 @@ class Engine:
         new = self.assign.after_failure(dev.device_id, dev.hello, profile, status.failure)
         if new is None or new == profile:
             return
-        why = self._unassignable(new)
+        why = self.unassignable(new)
         if why is not None:  # e.g. a submodel under a full-model merge: keep the profile, keep serving
             out.append(self._log(now, EventName.DOWNGRADE_REFUSED, device=dev.device_id, **{"from": profile, "to": new},
                                  failure=status.failure, reason=why))
@@ -354,7 +354,8 @@ class Engine:
         gammas = self.weight.weights(items)
         contributions = [UpdateContribution(p.indices, p.values, g, p.coord_weights)
                          for p, g in zip(pending, gammas, strict=True)]
-        cfg, robust = self.strategy.robust, {}
+        cfg = self.strategy.robust
+        robust: dict[str, Any] = {}
         if cfg.active:
             merged, report = robust_merge(self._global, contributions, self.strategy.merge, cfg)
             ids = [p.task.device_id for p in pending]
@@ -413,7 +414,7 @@ class Engine:
         last = self._devices[device_id].last_dispatch_s
         return (-math.inf if last is None else last, device_id)
 
-    def _unassignable(self, profile: str) -> str | None:
+    def unassignable(self, profile: str) -> str | None:
         """Why `profile` cannot be sent under this strategy, or None if it can."""
         try:
             _, indices = self.assignment_for(profile, self.round)
@@ -424,7 +425,7 @@ class Engine:
         return None
 
     def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
-        if dev.profile_override is not None and (why := self._unassignable(dev.profile_override)) is not None:
+        if dev.profile_override is not None and (why := self.unassignable(dev.profile_override)) is not None:
             # A per-device choice (from its hello, or restored from a checkpoint) that no longer
             # fits: drop it with a reason rather than stop the server.
             out.append(self._log(now, EventName.DOWNGRADE_REFUSED, device=dev.device_id,

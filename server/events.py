@@ -40,6 +40,7 @@ class EventName(StrEnum):
     DEVICE_STATUS = "device_status"
     EVALUATE = "evaluate"
     ARTIFACT_SENT = "artifact_sent"
+    ARTIFACT_HELD = "artifact_held"  # not sent: the device is over its artifact-send rate limit
     TASK_FRAME = "task_frame"
     UPDATE_RECEIVED = "update_received"
     EVALUATE_PROFILE = "evaluate_profile"

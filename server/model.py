@@ -48,6 +48,8 @@ class ServerModel:
             profiles = {_canonical(k): base / v for k, v in spec["profiles"].items()}
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: {exc.filename} not found") from None
+        except OSError as exc:  # a directory where a file belongs, no permission, ...
+            raise ConfigError(f"{path}: cannot read {exc.filename or 'it'}: {exc.strerror or exc}") from None
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: malformed artifacts description: {exc!r}") from None
         self.layout: ParamLayout = self.global_manifest.layout

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
-from runtime.errors import OrchardError, ProtocolError
+from runtime.errors import ConfigError, DatasetError, OrchardError, ProtocolError
 from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
 from runtime.layout import FloatArray, ParamLayout
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
@@ -51,16 +53,6 @@ from server import checkpoint
 from server.aggregate import IndexArray
 from server.config import ServerConfig
 from server.engine import Engine
-from server.guard import (
-    ARTIFACT_BURST,
-    ARTIFACT_PER_S,
-    HELLO_BURST,
-    HELLO_MAX_BYTES,
-    HELLO_PER_S,
-    REJECT_LOG_BURST,
-    REJECT_LOG_PER_S,
-    TokenBuckets,
-)
 from server.events import (
     Action,
     DeviceHello,
@@ -74,6 +66,16 @@ from server.events import (
     SendTask,
     Tick,
     UpdateReceived,
+)
+from server.guard import (
+    ARTIFACT_BURST,
+    ARTIFACT_PER_S,
+    HELLO_BURST,
+    HELLO_MAX_BYTES,
+    HELLO_PER_S,
+    REJECT_LOG_BURST,
+    REJECT_LOG_PER_S,
+    TokenBuckets,
 )
 from server.methods import server_method
 from server.model import ServerModel
@@ -135,6 +137,31 @@ def update_body(layout: ParamLayout, tensors: Mapping[str, Tensor]) -> tuple[Ind
             index_parts.append(np.arange(p.offset, p.end, dtype=np.int64))
             value_parts.append(np.asarray(tensor, dtype=np.float32).reshape(-1))
     return np.concatenate(index_parts), np.concatenate(value_parts)
+
+
+def load_eval_data(path: Path) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """The held-out split (`x`, `y` arrays of an .npz); DatasetError with one line otherwise."""
+    where = f"eval_data {str(path)[:200]}"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise DatasetError(f"{where}: a single .npy array, expected an .npz with x and y")
+            missing = [k for k in ("x", "y") if k not in data.files]
+            if missing:
+                raise DatasetError(f"{where}: no {' or '.join(missing)} array (it holds {sorted(data.files)[:8]})")
+            x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{where}: is a directory, expected an .npz file") from None
+    except OSError as exc:
+        raise DatasetError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy refuses pickled objects (allow_pickle=False) and non-npy content with ValueError.
+        raise DatasetError(f"{where}: not an .npz of numeric arrays ({str(exc)[:120]})") from None
+    if x.ndim < 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise DatasetError(f"{where}: x {x.shape} and y {y.shape} do not pair up as N samples and N labels")
+    return x, y
 
 
 def _first_start(run_dir: Path, dilation: float) -> float | None:
@@ -225,8 +252,7 @@ class Service:
         self.run_dir = run_dir
         self.topics = Topics(cfg.root)
         self.model = ServerModel(cfg.artifacts)
-        with np.load(cfg.eval_data) as data:
-            self.eval_x, self.eval_y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+        self.eval_x, self.eval_y = load_eval_data(cfg.eval_data)
         self.evaluator = Trainer(self.model.global_dir, threads=1)
         # Every fixed submodel is scored too, each version: a width or class profile is a model a
         # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round.
@@ -249,6 +275,11 @@ class Service:
         else:
             self.engine = Engine(strategy, self.model, self.model.init, clock=clock, config=cfg.engine, assign=assign,
                                  method=method)
+        for profile in sorted({cfg.default_profile, *cfg.device_profiles.values()}):
+            # Refuse now what would otherwise stop the server at the first task for that device.
+            why = self.engine.unassignable(profile)
+            if why is not None:
+                raise ConfigError(f"[assign] profile {profile!r} cannot be sent: {why}")
         self.out = Outputs(run_dir, resume, self.board_clock)
         self.out.event({"event": EventName.SERVER_START, "version": self.engine.version, "strategy": cfg.strategy,
                         "method": cfg.method, "method_params": dict(cfg.method_params),

@@ -352,7 +352,7 @@ def _patch_amqtt(max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
     from amqtt.mqtt.packet import MQTTFixedHeader
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
-    original_header = MQTTFixedHeader.from_stream.__func__  # type: ignore[attr-defined]
+    original_header = MQTTFixedHeader.from_stream.__func__
 
     async def fixed_header_from_stream(cls: Any, reader: Any) -> Any:
         header = await original_header(cls, reader)
@@ -363,7 +363,7 @@ def _patch_amqtt(max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
                                          f"{max_packet_bytes}")
         return header
 
-    MQTTFixedHeader.from_stream = classmethod(fixed_header_from_stream)  # type: ignore[method-assign,assignment]
+    MQTTFixedHeader.from_stream = classmethod(fixed_header_from_stream)
 
     def handle_read_timeout(self: BrokerProtocolHandler) -> None:
         # Treat silence past the keepalive as a dead client: the broker then fires the will.

@@ -272,18 +272,34 @@ def flash(bundle_tar: Path, host: str, *, ssh: str = "ssh", scp: str = "scp", dr
     top = names[0].split("/")[0] if names else ""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", top) or f"{top}/install.sh" not in names:
         raise ConfigError(f"{tar_path} is not a bundle tarball: no {top}/install.sh")
+    # A private folder (mktemp -d: mode 0700, unguessable name) rather than /tmp itself: another
+    # user on the board could otherwise swap the tarball or install.sh between copy and sudo.
+    make_dir = [*shlex.split(ssh), host, "mktemp -d /tmp/orchard-flash.XXXXXXXX"]
+    private = FLASH_DIR_PLACEHOLDER
+    if not dry_run:
+        proc = subprocess.run(make_dir, check=False, capture_output=True, text=True)
+        private = proc.stdout.strip()
+        if proc.returncode != 0 or not re.fullmatch(r"/tmp/orchard-flash\.[A-Za-z0-9]{8}", private):
+            raise OrchardError(f"flash: `{shlex.join(make_dir)}` gave no private folder "
+                               f"(status {proc.returncode}, output {private[:80]!r})")
     extra = list(install_args)
     sources = [str(tar_path)]
     if wheel is not None:
         sources.append(str(wheel))
-        extra += ["--wheel", f"/tmp/{Path(wheel).name}"]
-    remote = (f"cd /tmp && rm -rf {shlex.quote(top)} && tar xzf {shlex.quote(tar_path.name)}"
-              f" && sudo bash {shlex.quote(f'/tmp/{top}/install.sh')}" + "".join(f" {shlex.quote(a)}" for a in extra))
+        extra += ["--wheel", f"{private}/{Path(wheel).name}"]
+    q = shlex.quote(private)
+    remote = (f"cd {q} && tar xzf {shlex.quote(tar_path.name)}"
+              f" && sudo bash {shlex.quote(f'{private}/{top}/install.sh')}"
+              + "".join(f" {shlex.quote(a)}" for a in extra)
+              + f"; status=$?; rm -rf {q}; exit $status")
     # -t: sudo on the board may need to ask for a password.
-    commands = [[*shlex.split(scp), *sources, f"{host}:/tmp/"], [*shlex.split(ssh), "-t", host, remote]]
+    commands = [make_dir, [*shlex.split(scp), *sources, f"{host}:{private}/"], [*shlex.split(ssh), "-t", host, remote]]
     if not dry_run:
-        for cmd in commands:
+        for cmd in commands[1:]:
             rc = subprocess.run(cmd, check=False).returncode
             if rc != 0:
                 raise OrchardError(f"flash: `{shlex.join(cmd)}` exited with status {rc}")
     return commands
+
+
+FLASH_DIR_PLACEHOLDER = "/tmp/orchard-flash.XXXXXXXX"  # what a dry run shows for the folder mktemp makes

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, OrchardError, exit_code
+from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, OrchardError, exit_code, one_line
 
 
 def _progress_printer(enabled: bool) -> Callable[[int, int, float], None] | None:
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Run folders hold configs, shards and (with credentials) secrets: 0750 folders, 0640 files
+    # for everything this process and its children (server, devices) create.
+    os.umask(0o027)
     # `server` and `device` hand everything after them to their own parsers (argparse's
     # REMAINDER would not take a leading option such as --help).
     if argv and argv[0] in ("server", "device"):
@@ -386,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except OrchardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -24,6 +24,7 @@ from models.partition import parse_partition, partition
 from models.structure import full_structure
 from runtime.errors import ConfigError
 from runtime.methods import spec
+from runtime.protocol import check_topic_root
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def fresh_run_dir(run: Path, force: bool) -> None:
         shutil.rmtree(run)
     for sub in ("shards", "configs", "cache", "logs", "devices"):
         (run / sub).mkdir(parents=True)
+    run.chmod(0o750)  # private to its owner and group whatever the umask (the CLI's is 027)
 
 
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
@@ -82,6 +84,7 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
     `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
     server TOML. Returns the artifact directory per profile."""
+    root = check_topic_root(f"orchard/{run.name}")  # a run named "a+b" would subscribe to others' topics
     ds = load_dataset(data.dataset, data.data_root, seed=data.seed, n=data.samples, shape=data.input_shape)
     train, held_out = train_test_split(ds, data.eval_fraction, seed=data.seed)
     np.savez(run / "eval.npz", x=held_out.x, y=held_out.y)
@@ -101,7 +104,6 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     (run / "artifacts.json").write_text(json.dumps(
         {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
 
-    root = f"orchard/{run.name}"
     for plan, idx in zip(devices, parts, strict=True):
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])
         write_toml(run / "configs" / f"{plan.device_id}.toml", {
@@ -115,6 +117,6 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
                    "seed": data.seed, "roster": [d.device_id for d in devices]},
         **server,
         "assign": {"default": "dense", "devices": {d.device_id: d.profiles[0] for d in devices},
-                   "shard_samples": {d.device_id: int(len(idx)) for d, idx in zip(devices, parts, strict=True)}},
+                   "shard_samples": {d.device_id: len(idx) for d, idx in zip(devices, parts, strict=True)}},
     })
     return dirs

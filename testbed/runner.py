@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from runtime.agent import REASSEMBLY_TIMEOUT_S
 from runtime.board import BoardConfig, load_board
-from runtime.errors import ConfigError, OrchardError
+from runtime.errors import EXIT_TRANSPORT, ConfigError, OrchardError, TransportError
 from runtime.telemetry import threads_for_quota
 from server.events import EventName
 from testbed.broker import open_broker
@@ -83,6 +83,7 @@ class CampaignRunner:
         self._broker_url = ""
         self.stop_reason: str | None = None
         self.summary: dict[str, Any] = {}
+        self.server_error: str | None = None  # the server's one-line error, if it exited non-zero
         self.dilation: Dilation | None = None
         self.start_unix = time.time()  # reset when the server starts: the origin of every output time
         self.links = RunLinks({}, 1.0)
@@ -175,6 +176,9 @@ class CampaignRunner:
                 shutil.rmtree(self.run, ignore_errors=True)
             elif prepared and (self.run / "events.jsonl").exists():
                 self.summary = self._report()
+        if self.server_error is not None:  # e.g. its broker unreachable: the campaign failed, say so
+            raise (TransportError if self.server_error.startswith(f"code {EXIT_TRANSPORT}") else OrchardError)(
+                f"the server exited with {self.server_error}")
         return self.summary
 
     def _plan_dilation(self, throttle: Throttle, quotas: list[float]) -> Dilation:
@@ -264,7 +268,8 @@ class CampaignRunner:
         events_path = self.run / "events.jsonl"
         while not events_path.exists():  # the server truncates it at start; append only after that
             if self.server.poll() is not None:
-                raise OrchardError(f"server exited at start (code {self.server.returncode}); see {self.run}/logs")
+                raise OrchardError(f"server exited at start (code {self.server.returncode}): "
+                                   f"{self._last_error('server')}")
             time.sleep(0.05)
         self._events = events_path.open("a")
         self._event(event=EventName.CAMPAIGN_START, campaign=self.c.name, devices=len(self.devices))
@@ -284,6 +289,8 @@ class CampaignRunner:
             self._watch_devices(now)
             if self.server.poll() is not None:
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
+                if self.server.returncode != 0:
+                    self.server_error = f"code {self.server.returncode}: {self._last_error('server')}"
             elif now > self.c.wall_s + STOP_GRACE_S:
                 self.stop_reason = f"time limit {self.c.wall_s:.0f} board s reached"
             elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
@@ -293,6 +300,15 @@ class CampaignRunner:
                                     "nothing can run")
             live.render(now)
         live.close()
+
+    def _last_error(self, name: str) -> str:
+        """The last `error: ...` line of a process's log (what its CLI printed), cut to one line."""
+        try:
+            lines = (self.run / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return f"see {self.run}/logs/{name}.log"
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        return errors[-1][7:307] if errors else f"see {self.run}/logs/{name}.log"
 
     def _all_gave_up(self) -> bool:
         # Waiting for wall_s would change nothing: every agent keeps dying before its hello.

@@ -19,7 +19,7 @@ import pytest
 
 from runtime.board import ENV_CONFIG_DIR, load_board
 from runtime.device_config import load_device_config
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, OrchardError
 from testbed.bundle import UNIT_NAME, build_bundle, flash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,18 +255,37 @@ def test_flash_dry_run_returns_scp_then_remote_install(built, monkeypatch, tmp_p
     _, tar = built
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("dry run must not run anything"))
     cmds = flash(tar, "pi@raspberrypi.local", dry_run=True)
+    d = "/tmp/orchard-flash.XXXXXXXX"  # mktemp -d's private folder
     assert cmds == [
-        ["scp", str(tar), "pi@raspberrypi.local:/tmp/"],
+        ["ssh", "pi@raspberrypi.local", f"mktemp -d {d}"],
+        ["scp", str(tar), f"pi@raspberrypi.local:{d}/"],
         ["ssh", "-t", "pi@raspberrypi.local",
-         f"cd /tmp && rm -rf {NAME} && tar xzf {NAME}.tar.gz && sudo bash /tmp/{NAME}/install.sh"],
+         f"cd {d} && tar xzf {NAME}.tar.gz && sudo bash {d}/{NAME}/install.sh; status=$?; rm -rf {d}; exit $status"],
     ]
     wheel = tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl"
     wheel.write_bytes(b"PK")
     cmds = flash(tar, "pi5", ssh="ssh -p 2222", scp="scp -P 2222", dry_run=True, wheel=wheel,
                  install_args=["--broker", "mqtt://10.0.0.2:1883"])
-    assert cmds[0] == ["scp", "-P", "2222", str(tar), str(wheel), "pi5:/tmp/"]
-    assert cmds[1][:4] == ["ssh", "-p", "2222", "-t"]
-    assert cmds[1][-1].endswith(f"install.sh --broker mqtt://10.0.0.2:1883 --wheel /tmp/{wheel.name}")
+    assert cmds[1] == ["scp", "-P", "2222", str(tar), str(wheel), f"pi5:{d}/"]
+    assert cmds[2][:4] == ["ssh", "-p", "2222", "-t"]
+    assert f"install.sh --broker mqtt://10.0.0.2:1883 --wheel {d}/{wheel.name}; status=$?" in cmds[2][-1]
+
+
+def test_flash_copies_into_the_private_folder_mktemp_made(built, monkeypatch):
+    _, tar = built
+    calls: list[list[str]] = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        out = "/tmp/orchard-flash.Ab3dE6gH\n" if cmd[-1].startswith("mktemp") else ""
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    flash(tar, "pi", dry_run=False)
+    assert calls[1][-1] == "pi:/tmp/orchard-flash.Ab3dE6gH/" and "cd /tmp/orchard-flash.Ab3dE6gH &&" in calls[2][-1]
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout="/tmp\n"))
+    with pytest.raises(OrchardError, match="gave no private folder"):
+        flash(tar, "pi", dry_run=False)
 
 
 def test_flash_rejects_missing_or_foreign_tarballs_and_bad_hosts(built, tmp_path):

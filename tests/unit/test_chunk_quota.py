@@ -23,7 +23,8 @@ def first_chunk(msg_id: str, frame_len: int, payload: bytes = b"x" * 64) -> byte
     """The first chunk of a frame announcing `frame_len` bytes that will never complete."""
     ident = msg_id.encode()
     total = max(2, -(-frame_len // len(payload)))
-    return _CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), 0, total, frame_len, zlib.crc32(payload)) + ident + payload
+    head = _CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), 0, total, frame_len, zlib.crc32(payload))
+    return head + ident + payload
 
 
 def test_a_flooding_sender_evicts_only_itself() -> None:

@@ -26,7 +26,8 @@ class Rig:
                              method=self.method)
         self.actions: list[Action] = []
         for d in profiles:
-            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 1000, ())  # declares enough: updates are capped at it
+            # 1000 samples declared: an update's n_samples is capped at the hello's
+            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 1000, ())
             self.actions += self.engine.handle(DeviceHello(d, hello))
         self.actions += self.engine.handle(Tick())
 
