@@ -14,7 +14,8 @@ HELLO_BURST, HELLO_PER_S = 10, 1 / 2  # a device re-sends hello on every reconne
 ARTIFACT_BURST, ARTIFACT_PER_S = 12, 1 / 10
 # Rejections of the same kind from the same sender are logged a few times, then counted: a flood
 # of bad messages must not become a flood of events.jsonl lines.
-REJECT_LOG_BURST, REJECT_LOG_PER_S = 5, 1 / 10
+REJECT_LOG_BURST, REJECT_LOG_PER_S = 20, 1 / 2  # per sender and kind
+REJECT_LOG_ALL_BURST, REJECT_LOG_ALL_PER_S = 100, 10  # per kind over all senders (made-up ids are many)
 HELLO_MAX_BYTES = 32 * 1024  # a hello lists a few profiles and artifact keys; 1 MiB ones bloated checkpoints
 MAX_TRACKED_IDS = 4096
 

@@ -73,6 +73,8 @@ from server.guard import (
     HELLO_BURST,
     HELLO_MAX_BYTES,
     HELLO_PER_S,
+    REJECT_LOG_ALL_BURST,
+    REJECT_LOG_ALL_PER_S,
     REJECT_LOG_BURST,
     REJECT_LOG_PER_S,
     TokenBuckets,
@@ -292,6 +294,7 @@ class Service:
         self.hello_limit = TokenBuckets(HELLO_BURST, HELLO_PER_S)
         self.artifact_limit = TokenBuckets(ARTIFACT_BURST, ARTIFACT_PER_S)
         self.reject_log = TokenBuckets(REJECT_LOG_BURST, REJECT_LOG_PER_S)
+        self.reject_log_all = TokenBuckets(REJECT_LOG_ALL_BURST, REJECT_LOG_ALL_PER_S)  # per kind, any sender
         self.suppressed: dict[str, int] = {}  # rejections not logged since the last logged one, by kind
         self.known_artifacts: dict[str, set[str]] = {}
         self.pending_row: dict[str, Any] | None = None
@@ -327,7 +330,7 @@ class Service:
                 if time.monotonic() >= next_tick:
                     self._feed(Tick())
                     for reason in self.reassembler.expire():
-                        self.out.event({"event": EventName.FRAME_REJECTED, "reason": reason})
+                        self._reject("frame", None, reason)
                     next_tick = time.monotonic() + TICK_S
         finally:
             self._flush_row()
@@ -362,18 +365,23 @@ class Service:
             log.exception("handling %s from %s", kind, device_id)
             self._reject(kind, device_id, f"internal error {type(exc).__name__}: {str(exc)[:200]}")
 
-    def _reject(self, kind: str, device_id: str, reason: str) -> None:
-        if not self.reject_log.allow((device_id, kind)):
+    def _reject(self, kind: str, device_id: str | None, reason: str) -> None:
+        """Log a refused message, unless this sender, or everyone, has had many logged lately: then
+        count it, and the next logged line says how many went unlogged before it."""
+        if not (self.reject_log.allow((device_id, kind)) and self.reject_log_all.allow(kind)):
             self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            self.out.rejected += 1  # server.csv's rejected_total counts it all the same
             return
         extra = {"suppressed_before": self.suppressed.pop(kind)} if kind in self.suppressed else {}
-        self.out.event({"event": EventName(f"{kind}_rejected"), "device": device_id, "reason": reason[:500], **extra})
+        who = {} if device_id is None else {"device": device_id}
+        self.out.event({"event": EventName(f"{kind}_rejected"), **who, "reason": reason[:500], **extra})
 
     def _on_device_message(self, device_id: str, kind: str, msg: Message) -> None:
         roster = self.cfg.roster
         if roster is not None and device_id not in roster:
             raise ProtocolError(f"device {device_id!r} is not on the roster")
-        known = device_id in self.engine.devices
+        # Known: said hello, or on the lab's roster (a device's telemetry starts before its hello).
+        known = device_id in self.engine.devices or roster is not None
         if kind == "hello":
             if not self.hello_limit.allow(device_id):
                 raise ProtocolError(f"hello from {device_id!r} refused: more than {HELLO_BURST} in "
