@@ -137,7 +137,7 @@ class CampaignRunner:
             fresh_run_dir(self.run, self.force)
             prepared = True
             if self.c.source is not None:
-                shutil.copy(self.c.source, self.run / "config.toml")
+                shutil.copyfile(self.c.source, self.run / "config.toml")  # not copy: its mode is the umask's, 0640
             data = DataPlan(self.c.model, self.c.dataset, self.c.data_root, self.c.partition, self.c.eval_fraction,
                             self.c.seed, self.c.samples, self.c.input_shape)
             # Time constants a device applies itself are given to it in wall time.

@@ -55,7 +55,7 @@ def versions_during(h: Harness, seconds: float, act: Callable[[], None] | None =
     return max(h.versions() or [0]) - start
 
 
-def test_flood_bloat_bomb_sybils_and_descriptors_leave_the_rounds_going(federation: Federate) -> None:
+def test_flood_bloat_bomb_sybils_and_descriptors_leave_the_rounds_going(federation: Federate) -> None:  # noqa: F811
     h = federation(devices=3, rounds=100_000, strategy_params={"k": 1}, local_steps=10, time_limit_s=300.0)
     h.start(devices=["dev0", "dev1"])
     evil = h.fake("dev2")  # on the roster, said hello: an authenticated but malicious device
@@ -156,7 +156,8 @@ def mutate(rng: random.Random, payload: bytes) -> bytes:
     return bytes(data)
 
 
-def test_ten_thousand_mutated_messages_on_a_devices_own_topics_change_nothing(federation: Federate) -> None:
+def test_ten_thousand_mutated_messages_on_a_devices_own_topics_change_nothing(
+        federation: Federate) -> None:  # noqa: F811
     """The device-topic fuzz on mosquitto: hello, status, telemetry and update payloads of a
     registered device, mutated; the server survives, no update is accepted, the model stays at
     version 0, and a valid update afterwards is merged."""
