@@ -10,7 +10,11 @@ validation in `server/aggregate.py` as part of the merge, as the engine does):
   * per_element_random:   PerElementMerge (`per_element_delta`), each update covers a random half;
   * per_element_leading:  PerElementMerge, each update is a leading-width 0.7 submodel (HeteroFL,
                           50% of the coordinates, strided through every tensor);
-  * sparse:               MaskedDeltaMerge (Co-S²P / ZeroFL) with each update at a random ~10%.
+  * sparse:               MaskedDeltaMerge (Co-S²P / ZeroFL) with each update at a random ~10%;
+  * robust_* (server/robust.py, through `robust_merge` as the engine calls it, over the dense
+    deltas): norm_clip (clip to 3x the lower-median norm, then DenseMerge), median, trimmed_mean
+    (beta 0.2), krum (f=10, Multi-Krum m=50), and median_leading (median over the leading-0.7
+    submodels, NaN-aware per coordinate).
 Reference (`memcpy`): `np.copyto` of every update's values into a preallocated buffer: the bytes
 the merge has to read at least once, moved at this machine's memory bandwidth.
 
@@ -31,6 +35,7 @@ import numpy as np
 
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
+from server.robust import RobustConfig, robust_merge
 
 N_UPDATES = 100
 REPEATS = 5
@@ -90,6 +95,19 @@ def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndar
     return out
 
 
+ROBUST_CASES = [
+    ("norm_clip", "dense", DenseMerge(), RobustConfig(norm_bound="clip")),
+    ("median", "dense", DenseMerge(), RobustConfig(robust_merge="median")),
+    ("trimmed_mean", "dense", DenseMerge(), RobustConfig(robust_merge="trimmed-mean")),
+    ("krum", "dense", DenseMerge(), RobustConfig(robust_merge="krum", krum_byzantine=10, krum_select=50)),
+    ("median_leading", "leading", PerElementMerge(), RobustConfig(robust_merge="median")),
+]
+
+
+def _robust(policy: Any, cfg: RobustConfig) -> Callable[[FloatArray, list[UpdateContribution]], FloatArray]:
+    return lambda g, c: robust_merge(g, c, policy, cfg)[0]
+
+
 def run(repeats: int = REPEATS) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     n, leading = model_layout()
@@ -100,6 +118,7 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         ("per_element_random", "random_half", PerElementMerge().merge),
         ("per_element_leading", "leading", PerElementMerge().merge),
         ("sparse", "sparse", MaskedDeltaMerge().merge),
+        *[(f"robust_{name}", kind, _robust(policy, cfg)) for name, kind, policy, cfg in ROBUST_CASES],
     ]
     rows = []
     contributions: list[UpdateContribution] = []

@@ -28,7 +28,7 @@ of per round: the robust keys refuse it at config time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from runtime.errors import ConfigError, RoundError
 from server import aggregate as agg
-from server.aggregate import Float64Array, FloatArray, UpdateContribution
+from server.aggregate import Float64Array, FloatArray, IndexArray, UpdateContribution
 
 if TYPE_CHECKING:  # policies imports this module for Strategy.robust
     from server.policies import MergePolicy
@@ -145,26 +145,55 @@ def bound_norms(contributions: Sequence[UpdateContribution], mode: str,
 
 
 # ---------------------------------------------------------------- coordinate-wise rules
-def _stack(n_params: int, contributions: Sequence[UpdateContribution]) -> Float64Array:
-    """(n_updates, n_params) float64, NaN where a contribution does not cover a coordinate."""
-    m = np.full((len(contributions), n_params), np.nan, dtype=np.float64)
-    for row, c in zip(m, contributions, strict=True):
+BLOCK = 1 << 15  # coordinates per block: 100 updates x 32768 x 8 bytes = 26 MB of scratch at a time
+
+
+def _blocks(n_params: int, contributions: Sequence[UpdateContribution]) -> Iterator[tuple[slice, FloatArray]]:
+    """(coordinates, (n_updates, block) float32 with NaN where a contribution does not cover
+    one) block by block, so a round of 100 updates of 1M parameters never needs a 100 x 1M copy.
+    float32, the values' own type: numpy's SIMD sort makes sorting it ~8x faster than float64."""
+    sparse = []
+    for c in contributions:
         if c.indices is None:
-            row[:] = c.values
+            sparse.append(None)
         else:
-            row[c.indices] = c.values
-    return m
+            order = np.argsort(c.indices, kind="stable")
+            sparse.append((c.indices[order], c.values[order]))
+    for lo in range(0, n_params, BLOCK):
+        hi = min(n_params, lo + BLOCK)
+        m = np.full((len(contributions), hi - lo), np.nan, dtype=np.float32)
+        for row, c, sp in zip(m, contributions, sparse, strict=True):
+            if sp is None:
+                row[:] = c.values[lo:hi]
+            else:
+                idx, vals = sp
+                a, b = np.searchsorted(idx, (lo, hi))
+                row[idx[a:b] - lo] = vals[a:b]
+        yield slice(lo, hi), m
+
+
+def _sorted_blocks(n_params: int,
+                   contributions: Sequence[UpdateContribution]) -> Iterator[tuple[slice, FloatArray, IndexArray]]:
+    """Per block: (coordinates, (block, n_updates) float32 values sorted per coordinate with NaN
+    last, how many values cover each coordinate). A float32 sort along the contiguous axis was
+    ~30x faster here than np.median or np.partition across the updates."""
+    for where, m in _blocks(n_params, contributions):
+        s = np.ascontiguousarray(m.T)  # np.sort(m.T) would keep the transposed, strided layout
+        s.sort(axis=1)
+        yield where, s, (~np.isnan(s)).sum(axis=1)
 
 
 def coordinate_median(n_params: int, contributions: Sequence[UpdateContribution]) -> Float64Array:
     """Per coordinate, the median of the covering contributions' values; NaN where none covers."""
     if not contributions:
         raise RoundError("median of zero contributions")
-    stacked = _stack(n_params, contributions)
-    covered = ~np.isnan(stacked).all(axis=0)
-    out = np.full(n_params, np.nan, dtype=np.float64)
-    if covered.any():
-        out[covered] = np.nanmedian(stacked[:, covered], axis=0)
+    out = np.empty(n_params, dtype=np.float64)
+    for where, s, k in _sorted_blocks(n_params, contributions):
+        rows = np.arange(s.shape[0])
+        lo, hi = np.maximum(k - 1, 0) // 2, k // 2
+        with np.errstate(invalid="ignore"):
+            med = 0.5 * (s[rows, lo].astype(np.float64) + s[rows, np.minimum(hi, s.shape[1] - 1)])
+        out[where] = np.where(k > 0, med, np.nan)
     return out
 
 
@@ -175,15 +204,20 @@ def trimmed_mean(n_params: int, contributions: Sequence[UpdateContribution], tri
         raise RoundError(f"trim_fraction {trim_fraction} must be in [0, 0.5)")
     if not contributions:
         raise RoundError("trimmed mean of zero contributions")
-    s = np.sort(_stack(n_params, contributions), axis=0)  # NaN sorts last
-    k = (~np.isnan(s)).sum(axis=0)
-    t = np.floor(trim_fraction * k).astype(np.int64)
-    rank = np.arange(s.shape[0])[:, None]
-    keep = (rank >= t) & (rank < k - t)
-    count = keep.sum(axis=0)
-    total = np.where(keep, s, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out: Float64Array = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    out = np.empty(n_params, dtype=np.float64)
+    for where, s, k in _sorted_blocks(n_params, contributions):
+        t = np.floor(trim_fraction * k).astype(np.int64)
+        if k.size and k.min() == k.max() == s.shape[1]:  # every update covers the whole block
+            t0, k0 = int(t[0]), int(k[0])
+            out[where] = s[:, t0:k0 - t0].sum(axis=1, dtype=np.float64) / (k0 - 2 * t0)
+            continue
+        # Prefix sums along each coordinate's sorted values: the kept ranks [t, k - t) in O(1).
+        csum = np.zeros((s.shape[0], s.shape[1] + 1), dtype=np.float64)
+        np.cumsum(np.nan_to_num(s), axis=1, dtype=np.float64, out=csum[:, 1:])
+        rows = np.arange(s.shape[0])
+        count = k - 2 * t
+        total = csum[rows, k - t] - csum[rows, t]
+        out[where] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return out
 
 
@@ -193,15 +227,17 @@ def krum_scores(n_params: int, contributions: Sequence[UpdateContribution], byza
     n = len(contributions)
     if n == 0:
         raise RoundError("Krum over zero contributions")
-    dense = np.nan_to_num(_stack(n_params, contributions), nan=0.0)
-    sq = (dense * dense).sum(axis=1)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (dense @ dense.T), 0.0)
     if n == 1:
         return np.zeros(1)
-    neighbours = max(1, n - byzantine - 2)
+    gram = np.zeros((n, n), dtype=np.float64)
+    for _, m in _blocks(n_params, contributions):
+        d = np.nan_to_num(m.astype(np.float64), nan=0.0)  # an uncovered coordinate is a zero delta
+        gram += d @ d.T
+    sq = np.diag(gram)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
     np.fill_diagonal(dist, np.inf)
-    nearest = np.sort(dist, axis=1)[:, :min(neighbours, n - 1)]
-    scores: Float64Array = nearest.sum(axis=1)
+    neighbours = min(max(1, n - byzantine - 2), n - 1)
+    scores: Float64Array = np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)
     return scores
 
 

@@ -159,3 +159,16 @@ def test_strategy_keys_select_robust_merges_and_bad_values_name_themselves() -> 
             get_strategy("fedbuff", **{key: value})
     with pytest.raises(ConfigError, match="merges client weights"):
         get_strategy("fedasync", robust_merge="median")
+
+
+def test_block_by_block_equals_one_block_with_unsorted_indices(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = rng(9)
+    cs = [*mixed(4), UpdateContribution(np.array([11, 0, 5, 3], dtype=np.int64),
+                                        r.normal(size=4).astype(np.float32), 1.0)]
+    whole = (robust.coordinate_median(12, cs), robust.trimmed_mean(12, cs, 0.2), robust.krum_scores(12, cs, 1))
+    monkeypatch.setattr(robust, "BLOCK", 5)
+    blocked = (robust.coordinate_median(12, cs), robust.trimmed_mean(12, cs, 0.2), robust.krum_scores(12, cs, 1))
+    for a, b in zip(whole, blocked, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    cols = covering(12, cs)
+    assert blocked[0][11] == pytest.approx(float(np.median(cols[11])))
