@@ -130,3 +130,36 @@ count = 1
         assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
     for d in (out / "configs", out / "shards", out / "logs"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+
+
+def test_a_handler_exception_refuses_that_message_and_the_service_keeps_serving(run: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any exception a message finds in a handler is logged as that message's rejection, never an
+    exit; the roster refuses other ids; hellos are rate limited per device."""
+    import json
+
+    from runtime.mqtt import Message
+    from server.config import load_server_config
+    from server.service import Service
+    from tests.security.test_robust_attacks import hello_bytes
+
+    service = Service(load_server_config(run / "configs" / "server.toml"), tmp_path / "out")
+    root = service.cfg.root
+
+    def boom(event: object) -> list[object]:
+        raise RuntimeError("a bug this message found")
+
+    monkeypatch.setattr(service.engine, "handle", boom)
+    service._on_message(Message(f"{root}/dev/dev0/hello", hello_bytes("dev0"), False, 1))
+    monkeypatch.undo()
+    service._on_message(Message(f"{root}/dev/intruder/hello", hello_bytes("intruder"), False, 1))
+    for _ in range(12):
+        service._on_message(Message(f"{root}/dev/dev0/hello", hello_bytes("dev0"), False, 1))
+    service.out.close()
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    rejected = [(e["device"], e["reason"]) for e in events if e["event"] == "hello_rejected"]
+    assert rejected[0] == ("dev0", "internal error RuntimeError: a bug this message found")
+    assert rejected[1] == ("intruder", "device 'intruder' is not on the roster")
+    rate = [r for _, r in rejected[2:]]  # 13 hellos, 10 in the bucket (one more if 2 s passed)
+    assert 2 <= len(rate) <= 3 and set(rate) == {"hello from 'dev0' refused: more than 10 in 20 s"}
+    assert "intruder" not in service.engine.devices and "dev0" in service.engine.devices
