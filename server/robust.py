@@ -152,7 +152,7 @@ def _blocks(n_params: int, contributions: Sequence[UpdateContribution]) -> Itera
     """(coordinates, (n_updates, block) float32 with NaN where a contribution does not cover
     one) block by block, so a round of 100 updates of 1M parameters never needs a 100 x 1M copy.
     float32, the values' own type: numpy's SIMD sort makes sorting it ~8x faster than float64."""
-    sparse = []
+    sparse: list[tuple[IndexArray, FloatArray] | None] = []
     for c in contributions:
         if c.indices is None:
             sparse.append(None)
