@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.device_config import load_device_config
@@ -61,8 +62,8 @@ def run(config: Path, artifacts_json: Path, broker: str, scale: float) -> None:
             _answer(client, topics, me, trainer, decode_task(frame, source="server"), x, y, scale)
 
 
-def _answer(client: MqttClient, topics: Topics, me: str, trainer: Trainer, task: Task, x: np.ndarray,
-            y: np.ndarray, scale: float) -> None:
+def _answer(client: MqttClient, topics: Topics, me: str, trainer: Trainer, task: Task,
+            x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], scale: float) -> None:
     layout = trainer.layout
     base = layout.join({p.name: np.asarray(task.tensors[p.name]) for p in layout})
     t0 = time.perf_counter()
