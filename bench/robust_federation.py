@@ -28,6 +28,7 @@ from testbed.broker import AmqttBroker  # noqa: E402
 from testbed.federate import Federation, FederationSpec, prepare, server_rows  # noqa: E402
 from testbed.runner import stop_process_groups  # noqa: E402
 
+STALL_S = 60.0  # no new version for this long: the run is over
 DEFENCES: list[tuple[str, float, dict[str, Any]]] = [
     ("clean (mean)", 1.0, {}),
     ("attacked, mean", -1.0, {}),
@@ -41,7 +42,7 @@ DEFENCES: list[tuple[str, float, dict[str, Any]]] = [
 
 def one_run(out: Path, seed: int, rounds: int, scale: float, params: dict[str, Any]) -> dict[str, Any]:
     spec = FederationSpec(out=out, devices=5, strategy="fedavg", strategy_params=params, rounds=rounds, seed=seed,
-                          local_steps=20, time_limit_s=900.0, task_timeout_s=300.0)
+                          local_steps=20, time_limit_s=300.0, task_timeout_s=120.0)
     run = prepare(spec, force=True)
     started = time.monotonic()
     with AmqttBroker() as broker:
@@ -57,8 +58,14 @@ def one_run(out: Path, seed: int, rounds: int, scale: float, params: dict[str, A
             for device_id in spec.device_ids()[:4]:
                 fed.start_device(device_id)
             assert fed.server is not None
+            last, last_s, stalled = 0, time.monotonic(), False
             while fed.server.poll() is None and time.monotonic() - started < spec.time_limit_s + 60:
                 time.sleep(0.5)
+                if len(server_rows(run)) > last:
+                    last, last_s = len(server_rows(run)), time.monotonic()
+                elif time.monotonic() - last_s > STALL_S:  # every task fails (NaN loss): it will not recover
+                    stalled = True
+                    break
         finally:
             fed.stop_all()
             stop_process_groups([adversary], 5.0)
@@ -66,7 +73,7 @@ def one_run(out: Path, seed: int, rounds: int, scale: float, params: dict[str, A
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
     merged_evil = sum("dev4" in e.get("merged", e.get("devices", [])) for e in events if e["event"] == "aggregated")
     return {"seed": seed, "versions": len(rows), "final_accuracy": float(rows[-1]["accuracy"]) if rows else None,
-            "dev4_merged_in": merged_evil, "wall_s": round(time.monotonic() - started, 1)}
+            "dev4_merged_in": merged_evil, "stalled": stalled, "wall_s": round(time.monotonic() - started, 1)}
 
 
 def main() -> int:
@@ -92,8 +99,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robust.json").write_text(json.dumps({"scale": args.scale, "rounds": args.rounds, "seeds": seeds,
                                                       "rows": table}, indent=1))
-    lines = ["| defence | final accuracy (mean) | spread (max-min) | dev4 in merges |", "|---|---|---|---|"]
+    lines = ["| defence | final accuracy (mean) | spread (max-min) | versions reached | dev4 in merges |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['defence']} | {r['accuracy_mean']} | {r['accuracy_spread']} | "
+              f"{'/'.join(str(x['versions']) + (' (stalled)' if x['stalled'] else '') for x in r['runs'])} | "
               f"{sum(x['dev4_merged_in'] for x in r['runs'])}/{sum(x['versions'] for x in r['runs'])} |"
               for r in table]
     (args.out / "robust.md").write_text("\n".join(lines) + "\n")

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
 from runtime.device_config import load_device_config
-from runtime.errors import OrchardError, exit_code, one_line
+from runtime.errors import OrchardError, TrainerError, exit_code, one_line
 from runtime.frames import decode_task, encode_update
 from runtime.mqtt import Message, MqttClient, MqttConfig
 from runtime.protocol import Hello, ServerState, Status, Task, Topics, Update, decode_json, encode_json
@@ -58,8 +58,14 @@ def run(config: Path, artifacts_json: Path, broker: str, scale: float) -> None:
                 greeted = state.online  # whoever started it stops it (SIGTERM) when the run is over
             continue
         frame = reassembler.feed(event.topic, event.payload)
-        if frame is not None:
-            _answer(client, topics, me, trainer, decode_task(frame, source="server"), x, y, scale)
+        if frame is None:
+            continue
+        task = decode_task(frame, source="server")
+        try:
+            _answer(client, topics, me, trainer, task, x, y, scale)
+        except TrainerError as exc:  # e.g. a NaN loss once the attack has wrecked the model
+            failed = Status(me, "failed", time.time(), task.task_id, one_line(exc), "error")
+            client.publish(topics.status(me), encode_json(failed), qos=1, retain=True, wait_s=10)
 
 
 def _answer(client: MqttClient, topics: Topics, me: str, trainer: Trainer, task: Task,
