@@ -358,11 +358,7 @@ class Engine:
         robust: dict[str, Any] = {}
         if cfg.active:
             merged, report = robust_merge(self._global, contributions, self.strategy.merge, cfg)
-            ids = [p.task.device_id for p in pending]
-            robust = {"robust_merge": cfg.robust_merge, "merged": [ids[i] for i in report.merged]}
-            if cfg.norm_bound != "off":
-                robust.update(norm_bound=round(report.norm_bound, 6), clipped=[ids[i] for i in report.clipped],
-                              norm_rejected=[ids[i] for i in report.rejected])
+            robust = report.fields(cfg, [p.task.device_id for p in pending])
         else:
             merged = self.strategy.merge.merge(self._global, contributions)
         new = agg.check_global(merged, "merged model")

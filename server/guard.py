@@ -43,3 +43,21 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class RejectLog:
+    """Which refused messages get an events.jsonl line: a few per sender and kind, and a few per
+    kind over all senders, then they are counted; the next logged line of that kind carries the
+    count (`suppressed_before`)."""
+
+    def __init__(self) -> None:
+        self._per_sender = TokenBuckets(REJECT_LOG_BURST, REJECT_LOG_PER_S)
+        self._per_kind = TokenBuckets(REJECT_LOG_ALL_BURST, REJECT_LOG_ALL_PER_S)
+        self.suppressed: dict[str, int] = {}
+
+    def admit(self, kind: str, device_id: str | None) -> dict[str, int] | None:
+        """Extra fields for the line to log, or None: do not log this one."""
+        if not (self._per_sender.allow((device_id, kind)) and self._per_kind.allow(kind)):
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return None
+        return {"suppressed_before": self.suppressed.pop(kind)} if kind in self.suppressed else {}

@@ -11,13 +11,15 @@ The host side (`models/`, which needs onnx) generates artifacts and writes `arti
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from runtime.errors import ConfigError, OrchardError
+from runtime.errors import ConfigError, DatasetError, OrchardError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.manifest import ARTIFACT_FILES, MANIFEST, Manifest, read_manifest
 from runtime.profile import parse_profile, split_variant, with_variant
@@ -116,3 +118,28 @@ class ServerModel:
 def _canonical(text: str) -> str:
     structural, variant = split_variant(text)
     return with_variant(parse_profile(structural).canonical(), variant)
+
+
+def load_eval_data(path: Path) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """The held-out split (`x`, `y` arrays of an .npz); DatasetError with one line otherwise."""
+    where = f"eval_data {str(path)[:200]}"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise DatasetError(f"{where}: a single .npy array, expected an .npz with x and y")
+            missing = [k for k in ("x", "y") if k not in data.files]
+            if missing:
+                raise DatasetError(f"{where}: no {' or '.join(missing)} array (it holds {sorted(data.files)[:8]})")
+            x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{where}: is a directory, expected an .npz file") from None
+    except OSError as exc:
+        raise DatasetError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy refuses pickled objects (allow_pickle=False) and non-npy content with ValueError.
+        raise DatasetError(f"{where}: not an .npz of numeric arrays ({str(exc)[:120]})") from None
+    if x.ndim < 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise DatasetError(f"{where}: x {x.shape} and y {y.shape} do not pair up as N samples and N labels")
+    return x, y

@@ -267,6 +267,14 @@ class RobustReport:
     rejected: tuple[int, ...]
     merged: tuple[int, ...]  # the positions whose values reached the merge rule
 
+    def fields(self, cfg: RobustConfig, ids: Sequence[str]) -> dict[str, Any]:
+        """What the `aggregated` event records, by device id."""
+        out: dict[str, Any] = {"robust_merge": cfg.robust_merge, "merged": [ids[i] for i in self.merged]}
+        if cfg.norm_bound != "off":
+            out.update(norm_bound=round(self.norm_bound, 6), clipped=[ids[i] for i in self.clipped],
+                       norm_rejected=[ids[i] for i in self.rejected])
+        return out
+
 
 def robust_merge(global_flat: FloatArray, contributions: Sequence[UpdateContribution], merge: MergePolicy,
                  cfg: RobustConfig) -> tuple[FloatArray, RobustReport]:

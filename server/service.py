@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import time
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import numpy.typing as npt
 
 from runtime.chunks import Reassembler, chunk_frame
-from runtime.errors import ConfigError, DatasetError, OrchardError, ProtocolError
+from runtime.errors import ConfigError, OrchardError, ProtocolError
 from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
 from runtime.layout import FloatArray, ParamLayout
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
@@ -73,14 +71,11 @@ from server.guard import (
     HELLO_BURST,
     HELLO_MAX_BYTES,
     HELLO_PER_S,
-    REJECT_LOG_ALL_BURST,
-    REJECT_LOG_ALL_PER_S,
-    REJECT_LOG_BURST,
-    REJECT_LOG_PER_S,
+    RejectLog,
     TokenBuckets,
 )
 from server.methods import server_method
-from server.model import ServerModel
+from server.model import ServerModel, load_eval_data
 from server.policies import AssignPolicy, DowngradeOnOom, ProfileByDevice
 from server.strategies import get_strategy
 
@@ -139,31 +134,6 @@ def update_body(layout: ParamLayout, tensors: Mapping[str, Tensor]) -> tuple[Ind
             index_parts.append(np.arange(p.offset, p.end, dtype=np.int64))
             value_parts.append(np.asarray(tensor, dtype=np.float32).reshape(-1))
     return np.concatenate(index_parts), np.concatenate(value_parts)
-
-
-def load_eval_data(path: Path) -> tuple[FloatArray, npt.NDArray[np.int64]]:
-    """The held-out split (`x`, `y` arrays of an .npz); DatasetError with one line otherwise."""
-    where = f"eval_data {str(path)[:200]}"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise DatasetError(f"{where}: a single .npy array, expected an .npz with x and y")
-            missing = [k for k in ("x", "y") if k not in data.files]
-            if missing:
-                raise DatasetError(f"{where}: no {' or '.join(missing)} array (it holds {sorted(data.files)[:8]})")
-            x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    except FileNotFoundError:
-        raise DatasetError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{where}: is a directory, expected an .npz file") from None
-    except OSError as exc:
-        raise DatasetError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    except (ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy refuses pickled objects (allow_pickle=False) and non-npy content with ValueError.
-        raise DatasetError(f"{where}: not an .npz of numeric arrays ({str(exc)[:120]})") from None
-    if x.ndim < 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
-        raise DatasetError(f"{where}: x {x.shape} and y {y.shape} do not pair up as N samples and N labels")
-    return x, y
 
 
 def _first_start(run_dir: Path, dilation: float) -> float | None:
@@ -293,9 +263,7 @@ class Service:
                                        max_sender_bytes=128 * 1024 * 1024)
         self.hello_limit = TokenBuckets(HELLO_BURST, HELLO_PER_S)
         self.artifact_limit = TokenBuckets(ARTIFACT_BURST, ARTIFACT_PER_S)
-        self.reject_log = TokenBuckets(REJECT_LOG_BURST, REJECT_LOG_PER_S)
-        self.reject_log_all = TokenBuckets(REJECT_LOG_ALL_BURST, REJECT_LOG_ALL_PER_S)  # per kind, any sender
-        self.suppressed: dict[str, int] = {}  # rejections not logged since the last logged one, by kind
+        self.reject_log = RejectLog()
         self.known_artifacts: dict[str, set[str]] = {}
         self.pending_row: dict[str, Any] | None = None
         self.finished: str | None = None
@@ -366,13 +334,10 @@ class Service:
             self._reject(kind, device_id, f"internal error {type(exc).__name__}: {str(exc)[:200]}")
 
     def _reject(self, kind: str, device_id: str | None, reason: str) -> None:
-        """Log a refused message, unless this sender, or everyone, has had many logged lately: then
-        count it, and the next logged line says how many went unlogged before it."""
-        if not (self.reject_log.allow((device_id, kind)) and self.reject_log_all.allow(kind)):
-            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
-            self.out.rejected += 1  # server.csv's rejected_total counts it all the same
+        extra = self.reject_log.admit(kind, device_id)
+        if extra is None:
+            self.out.rejected += 1  # not logged, but server.csv's rejected_total counts it
             return
-        extra = {"suppressed_before": self.suppressed.pop(kind)} if kind in self.suppressed else {}
         who = {} if device_id is None else {"device": device_id}
         self.out.event({"event": EventName(f"{kind}_rejected"), **who, "reason": reason[:500], **extra})
 

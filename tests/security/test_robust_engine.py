@@ -158,3 +158,16 @@ def test_telemetry_files_stay_within_the_descriptor_budget(tmp_path: Path) -> No
     assert len(os.listdir("/proc/self/fd")) - fds <= MAX_OPEN_CSV
     out.close()
     assert len((tmp_path / "devices" / "d0.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_the_norm_bound_and_robust_rule_are_recorded_in_the_aggregated_event() -> None:
+    rig = Rig("fedavg", norm_bound="reject", norm_factor=2.0, robust_merge="median")
+    for d in ("a", "b", "c"):
+        rig.send(DeviceHello(d, hello(d)))
+    rig.send(Tick())
+    for d, value in (("a", 1.0), ("b", 1.2), ("c", -50.0)):
+        rig.answer(rig.tasks(d)[-1], value)
+    (agg,) = rig.logs("aggregated")
+    assert agg["robust_merge"] == "median" and agg["norm_rejected"] == ["c"] and agg["clipped"] == []
+    assert agg["merged"] == ["a", "b"] and agg["norm_bound"] == pytest.approx(2.0 * 1.2 * np.sqrt(N), rel=1e-6)
+    np.testing.assert_allclose(rig.engine.global_flat, np.full(N, 1.1), rtol=1e-6)
