@@ -62,3 +62,25 @@ def test_expired_frames_free_their_reservation() -> None:
     assert len(r.expire()) == 10
     assert r.pending_bytes == 0 and not r._by_sender
     release_heap()  # callable where glibc is absent too
+
+
+def test_memory_of_expired_frames_goes_back_to_the_os() -> None:
+    """Before: ten never-completing frames left the server at 509 MB RSS long after they expired
+    (glibc kept the freed chunks in its heap). After: expire() trims the heap."""
+    import os
+
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    clock = FakeClock()
+    r = Reassembler(timeout_s=5, max_bytes=1 << 30, clock=clock)
+    base = proc.memory_info().rss
+    for i in range(10):
+        chunks = chunk_frame(os.urandom(8 << 20), f"m{i}")
+        for c in chunks[:-1]:  # never completes
+            r.feed(f"dev/d{i}/update", c)
+        del chunks
+    held = proc.memory_info().rss - base
+    clock.now = 10.0
+    assert len(r.expire()) == 10
+    left = proc.memory_info().rss - base
+    assert held > 60 << 20 and left < held / 4, f"held {held >> 20} MB, {left >> 20} MB left after expiry"
