@@ -323,18 +323,24 @@ def l1_drift(current: FloatArray, base: FloatArray) -> float:
 IMPORTANCE_CAP = 3.0  # × the round's lower-median importance
 
 
-def clip_importance(importance: Float64Array, cap: float | None = IMPORTANCE_CAP) -> Float64Array:
-    """Importances above `cap` × their lower median are set to that ceiling.
+def clip_importance(importance: Float64Array, rates: Float64Array,
+                    cap: float | None = IMPORTANCE_CAP) -> Float64Array:
+    """Importances `‖Δ_i‖_1 / rate_i` above `cap` × the round's lower median, per unit of rate, are
+    set to that ceiling: `min(imp_i, cap · lowmed_j(imp_j / rate_j) · rate_i)`.
 
     Co-S²P weighs an update by its own delta's norm, so without a ceiling a client buys weight by
-    scaling its delta (a 100× delta took ~99 % of a round's weight). The lower median of two is the
+    scaling its delta (a 100× delta took ~97 % of a round's weight). Per unit of rate, because an
+    honest width-r client sends ~r² of the coordinates, so its importance is ~r times a full one's:
+    a dense client among narrow ones is not clipped for being dense. The lower median of two is the
     smaller one, so even a round of two cannot be bought. `cap=None` is the paper's unclipped rule."""
     imp = np.asarray(importance, dtype=np.float64)
+    r = np.asarray(rates, dtype=np.float64)
     if cap is None or imp.size == 0:
         return imp
+    per_rate = imp / r
     k = (imp.size - 1) // 2
-    ceiling = cap * float(np.partition(imp, k)[k])
-    result: Float64Array = np.minimum(imp, ceiling) if ceiling > 0 else imp
+    ceiling = cap * float(np.partition(per_rate, k)[k]) * r
+    result: Float64Array = np.where(ceiling > 0, np.minimum(imp, ceiling), imp)
     return result
 
 
@@ -355,4 +361,4 @@ def cos2p_weights(
         raise RoundError(f"Co-S²P weights: {d.size} deltas, {r.size} rates, {s.size} drifts")
     if np.any(r <= 0) or np.any(s < 0) or np.any(d < 0):
         raise RoundError(f"Co-S²P weights need rates > 0 and norms >= 0, got rates {r.tolist()}")
-    return normalise_l1(clip_importance(d / r, importance_cap) / (s + 1.0))
+    return normalise_l1(clip_importance(d / r, r, importance_cap) / (s + 1.0))

@@ -188,6 +188,7 @@ def test_cos2p_weights_match_per_tensor_reference() -> None:
         [agg.l1_norm(flat(g)) for g, _, _ in clients],
         [rate for _, rate, _ in clients],
         [agg.l1_drift(flat(history[current]), flat(history[tau])) for _, _, tau in clients],
+        importance_cap=None,  # the paper's rule; the clip on top is tested in test_robust_merges.py
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert got.sum() == pytest.approx(1.0)

@@ -144,7 +144,12 @@ def test_cos2p_importance_is_clipped_so_a_scaled_delta_cannot_buy_weight() -> No
     unclipped = agg.cos2p_weights([*honest, 1000.0], [1.0] * 4, [0.0] * 4, importance_cap=None)
     assert unclipped[3] > 0.95 > w_attack[3]
     assert w_clean[3] == pytest.approx(0.25)
-    np.testing.assert_allclose(agg.clip_importance(np.array([1.0, 2.0, 50.0]), 3.0), [1.0, 2.0, 6.0])
+    np.testing.assert_allclose(agg.clip_importance(np.array([1.0, 2.0, 50.0]), np.ones(3), 3.0), [1.0, 2.0, 6.0])
+    # Per unit of rate: a dense client (importance ~1/rate of a narrow one's per unit) is not clipped.
+    imp, rates = np.array([0.25, 0.25, 0.26, 1.0]), np.array([0.25, 0.25, 0.25, 1.0])
+    np.testing.assert_allclose(agg.clip_importance(imp, rates, 3.0), imp)
+    np.testing.assert_allclose(agg.clip_importance(np.array([0.25, 0.25, 0.26, 9.0]), rates, 3.0),
+                               [0.25, 0.25, 0.26, 3.0])
 
 
 def test_strategy_keys_select_robust_merges_and_bad_values_name_themselves() -> None:
