@@ -92,3 +92,21 @@ def test_semi_async_cos2p_weights_with_norm_clip_survive_a_scaled_attacker(fleet
     clean = run(devices, metric, "semi-async", **params)
     got = run(attacked(devices, 100.0), metric, "semi-async", norm_bound="clip", norm_factor=1.5, **params)
     assert abs(got - clean) <= 0.02, f"{got:.4f} vs clean {clean:.4f}"
+
+
+def table() -> None:
+    """The README's table: `python -m tests.security.test_robust_merge_sim`."""
+    train, test = load_dataset("digits", split="train", seed=0), load_dataset("digits", split="test", seed=0)
+    xt, xe = train.x.reshape(len(train), -1), test.x.reshape(len(test), -1)
+    shards = np.array_split(np.random.default_rng(0).permutation(len(train)), 6)
+    devices = [SoftmaxDevice(f"d{i}", np.zeros(1, np.float32), n_samples=len(s), local_steps=10, x=xt[s],
+                             y=train.y[s]) for i, s in enumerate(shards)]
+    metric = accuracy_of(xe, test.y)
+    print(f"clean fleet, mean: {run(devices, metric, 'fedavg'):.4f}")
+    for name, params in [("mean", {}), *ROBUST, ("norm-clip", {"norm_bound": "clip"})]:
+        got = [run(attacked(devices, s), metric, "fedavg", **params) for s in (-10.0, 100.0)]
+        print(f"{name:<14} -10x: {got[0]:.4f}  +100x: {got[1]:.4f}")
+
+
+if __name__ == "__main__":
+    table()
