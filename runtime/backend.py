@@ -13,8 +13,7 @@ from `eval_step`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from typing import Dict, Mapping, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +28,7 @@ LOSS = "loss"
 LOGITS = "logits"
 
 Feeds = Mapping[str, npt.NDArray[np.generic]]
-MutableFeeds = dict[str, npt.NDArray[np.generic]]
+MutableFeeds = Dict[str, npt.NDArray[np.generic]]
 Outputs = Mapping[str, npt.NDArray[np.generic]]
 
 
@@ -66,7 +65,7 @@ class NumpyMLP:
 
     def __init__(self, layout: ParamLayout, lr: float = 0.1) -> None:
         names = [p.name for p in layout.params]
-        pairs = list(zip(names[::2], names[1::2], strict=False))
+        pairs = list(zip(names[::2], names[1::2]))
         if len(names) % 2 or any(not (w.endswith(".W") and b == w[:-2] + ".b") for w, b in pairs):
             raise LayoutError(f"NumpyMLP needs (W, b) pairs in layout order, got {names}")
         self.layout = layout

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib  # stdlib from 3.11; boards on Python 3.10 (JetPack 6) need 3.11 for the runtime
-
 from runtime.errors import ConfigError
-from runtime.tomlconf import TomlTable
+from runtime.tomlconf import TomlTable, tomllib
 
 SENSOR_KINDS = ("model", "ina3221-hwmon", "ina3221-iio", "pmic-vcgencmd", "ina2xx-hwmon", "rapl")
 # Where a power figure is taken. Numbers from different points differ by PSU losses (wall vs 5 V

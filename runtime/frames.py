@@ -405,7 +405,7 @@ def _check_name(name: Any, ctx: str) -> None:
 
 
 def _check_shape(shape: Any, name: str, limits: FrameLimits, ctx: str) -> tuple[int, ...]:
-    if not isinstance(shape, list | tuple) or len(shape) > limits.max_ndim:
+    if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
         raise ProtocolError(
             f"{ctx}: tensor {name!r} shape must be a list of at most {limits.max_ndim} sizes, got {show(shape)}"
         )

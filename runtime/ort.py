@@ -113,7 +113,7 @@ class OrtSession:
         except Exception as exc:
             raise TrainerError(f"ORT train step failed on batch of shape {args[0].shape}: {exc}") from None
         outs = out if isinstance(out, (list, tuple)) else [out]
-        return dict(zip(self._train_outputs, (np.asarray(o) for o in outs), strict=False))
+        return dict(zip(self._train_outputs, (np.asarray(o) for o in outs)))
 
     def eval_step(self, feeds: Feeds) -> Outputs:
         """`loss` and `logits` on a batch, without updating anything."""
@@ -123,4 +123,4 @@ class OrtSession:
             out = self._module(*args)
         except Exception as exc:
             raise TrainerError(f"ORT eval step failed on batch of shape {args[0].shape}: {exc}") from None
-        return dict(zip(self._eval_outputs, (np.asarray(o) for o in out), strict=False))
+        return dict(zip(self._eval_outputs, (np.asarray(o) for o in out)))

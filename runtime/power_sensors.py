@@ -21,9 +21,10 @@ import re
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from runtime.errors import EXIT_SENSOR, OrchardError, register_exit_code
 
@@ -127,7 +128,7 @@ class RaplSource(PowerSource):
         if dt <= 0:
             return self._last_power_w
         delta_uj = 0.0
-        for now, last, span in zip(now_uj, self._last_uj, self._ranges_uj, strict=True):
+        for now, last, span in zip(now_uj, self._last_uj, self._ranges_uj):
             # The counter restarts from 0 after max_energy_range_uj: one wrap per interval at most
             # (tens of minutes at full load), so adding the range once recovers the true delta.
             delta_uj += now - last if now >= last else now + span - last

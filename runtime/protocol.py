@@ -18,11 +18,13 @@ kinds from their closed sets, device ids and artifact keys safe to use in topics
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import json
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -112,7 +114,7 @@ class SparseTensor:
     values: npt.NDArray[np.float32]
 
 
-Tensor = npt.NDArray[np.float32] | SparseTensor
+Tensor = Union[npt.NDArray[np.float32], SparseTensor]
 
 
 # ---------------------------------------------------------------- JSON messages
@@ -225,7 +227,7 @@ class Artifact:
 
 
 # ---------------------------------------------------------------- JSON schema
-JsonMessage = Hello | Status | Telemetry | ServerState
+JsonMessage = Union[Hello, Status, Telemetry, ServerState]
 J = TypeVar("J", Hello, Status, Telemetry, ServerState)
 
 _JSON_KINDS: dict[type, str] = {
@@ -318,9 +320,42 @@ def dumps_canonical(obj: Any, ctx: str) -> bytes:
         raise ProtocolError(f"{ctx}: not encodable as JSON: {exc}") from None
 
 
-@functools.cache
+class _OldTyping(ast.NodeTransformer):
+    """`A | B` -> `Union[A, B]`, `tuple[...]` -> `Tuple[...]`: annotations as 3.8 can evaluate them."""
+
+    _NAMES: typing.ClassVar[dict[str, str]] = {"tuple": "Tuple", "dict": "Dict", "list": "List",
+                                                      "Mapping": "Mapping"}
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        if not isinstance(node.op, ast.BitOr):
+            return node
+        return ast.Subscript(value=ast.Attribute(value=ast.Name(id="typing", ctx=ast.Load()), attr="Union",
+                                                 ctx=ast.Load()),
+                             slice=ast.Index(value=ast.Tuple(elts=[node.left, node.right], ctx=ast.Load())),
+                             ctx=ast.Load())
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.value, ast.Name) and node.value.id in self._NAMES:
+            node.value = ast.Attribute(value=ast.Name(id="typing", ctx=ast.Load()), attr=self._NAMES[node.value.id],
+                                       ctx=ast.Load())
+        return node
+
+
+@functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if sys.version_info >= (3, 10):
+        return typing.get_type_hints(cls)
+    # Python 3.8/3.9 (JetPack 5 boards) cannot evaluate `float | None` or `tuple[int, ...]`; the
+    # annotations are postponed strings, so rewrite each into typing's spelling and evaluate that.
+    module = vars(sys.modules[cls.__module__])
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for name, text in vars(klass).get("__annotations__", {}).items():
+            tree = ast.fix_missing_locations(_OldTyping().visit(ast.parse(text, mode="eval")))
+            out[name] = eval(compile(tree, f"<{cls.__name__}.{name}>", "eval"), {**module, "typing": typing})
+    return out
 
 
 def _plain(value: Any, path: str, ctx: str) -> Any:
@@ -333,7 +368,7 @@ def _plain(value: Any, path: str, ctx: str) -> Any:
             if not isinstance(key, str):  # json.dumps would turn 1 into "1" without a word
                 raise ProtocolError(f"{ctx}: field '{path}' has non-string key {show(key)}")
         return {k: _plain(v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return [_plain(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
@@ -386,11 +421,11 @@ def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
             raise bad(f"an integer in [0, {_INT_MAX}]")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union or origin is types.UnionType:
+    if origin is Union or origin is getattr(types, "UnionType", Union):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]

@@ -12,8 +12,8 @@ All of it reduces to one int64 array of flat indices into the global buffer (`Su
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +99,7 @@ class Submodel:
             # Row-major flat index = offset + sum_k idx_k * stride_k, broadcast over the axes.
             strides = np.cumprod((1, *p.shape[:0:-1]))[::-1] if p.shape else np.array([], dtype=np.int64)
             flat = np.full((1,) * len(shape), p.offset, dtype=np.int64)
-            for a, (ix, stride) in enumerate(zip(axis_idx, strides, strict=True)):
+            for a, (ix, stride) in enumerate(zip(axis_idx, strides)):
                 view = [1] * len(shape)
                 view[a] = len(ix)
                 flat = flat + (ix * int(stride)).reshape(view)
