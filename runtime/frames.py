@@ -241,7 +241,7 @@ def _decode(
     kind: str, cls: type, frame: bytes, source: str, limits: FrameLimits
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bytes]]:
     ctx = context(f"{kind} frame", source)
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(frame).__name__}")
     view = memoryview(frame if isinstance(frame, bytes) else bytes(frame))  # slices below are views, no copies
     size = len(view)

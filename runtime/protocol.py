@@ -517,7 +517,7 @@ def decode_json(cls: type[J], data: bytes, *, source: str = "", max_bytes: int =
     if kind is None:  # a programming error, not bad input
         raise TypeError(f"decode_json: {cls!r} is not a JSON message type")
     ctx = context(f"{kind} message", source)
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise ProtocolError(f"{ctx}: {len(data)} bytes exceeds the limit of {max_bytes}")

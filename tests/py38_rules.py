@@ -80,6 +80,9 @@ def violations(path: Path) -> list[str]:
                 bad(node, "zip(strict=) needs 3.10")
             if isinstance(func, ast.Attribute) and func.attr in _NEW_METHODS:
                 bad(node, f".{func.attr}() needs {_NEW_METHODS[func.attr]}")
+            if _call_name(func) in ("isinstance", "issubclass") and len(node.args) == 2 and \
+                    isinstance(node.args[1], ast.BinOp) and isinstance(node.args[1].op, ast.BitOr):
+                bad(node, f"{_call_name(func)}(x, A | B) needs 3.10 (use a tuple)")
             if _call_name(func) == "dataclass" and any(k.arg in ("slots", "kw_only") for k in node.keywords):
                 bad(node, "dataclass(slots=/kw_only=) needs 3.10")
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
@@ -125,8 +128,8 @@ def _typing_name(name: str) -> str:
             "type": "Type", "deque": "Deque", "defaultdict": "DefaultDict"}.get(name, name)
 
 
-_BUILTIN_TYPES = {"int", "float", "str", "bytes", "bool", "list", "dict", "tuple", "set", "frozenset", "type",
-                  "object"}
+_BUILTIN_TYPES = {"int", "float", "complex", "str", "bytes", "bytearray", "memoryview", "bool", "list", "dict",
+                  "tuple", "set", "frozenset", "type", "object", "range", "slice"}
 
 
 def _looks_like_type(node: ast.BinOp) -> bool:
