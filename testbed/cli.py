@@ -372,11 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+HOST_PACKAGES = ("onnx", "sklearn", "amqtt", "matplotlib", "onnxruntime")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.version_info < (3, 11):  # the board runtime runs on 3.8+, the host side does not
+        print(f"error: the orchard command (host side) needs Python >= 3.11, this is {sys.version.split()[0]}; "
+              "a board runs `orchard-device` (python -m runtime)", file=sys.stderr)
+        return EXIT_USAGE
     # Run folders hold configs, shards and (with credentials) secrets: 0750 folders, 0640 files
     # for everything this process and its children (server, devices) create.
     os.umask(0o027)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in HOST_PACKAGES:
+            raise
+        print(f"error: {exc.name} is not installed: the orchard command needs the host packages "
+              "(pip install 'orchard[host]'; a board needs only `pip install orchard`)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: list[str]) -> int:
     # `server` and `device` hand everything after them to their own parsers (argparse's
     # REMAINDER would not take a leading option such as --help).
     if argv and argv[0] in ("server", "device"):
