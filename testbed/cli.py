@@ -204,6 +204,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         profiles=args.profiles, model=args.model, dataset=args.dataset,
         shard=Path(args.shard) if args.shard else None, python=args.python, force=args.force,
         optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
+        ort_wheel=Path(args.ort_wheel) if args.ort_wheel else None, board_python=args.board_python, arch=args.arch,
     )
     print(tar)
     return 0
@@ -216,7 +217,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
     cmds = flash(Path(args.bundle), args.host, ssh=args.ssh, scp=args.scp, dry_run=args.dry_run,
                  wheel=Path(args.wheel) if args.wheel else None,
-                 install_args=[a for a in args.install_args if a != "--"])
+                 install_args=args.install_args)
     if args.dry_run:
         print("\n".join(shlex.join(c) for c in cmds))
     return 0
@@ -351,18 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     b.add_argument("--cache", help="artifact cache folder")
     b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")
+    b.add_argument("--board-python", help="the board's CPython, e.g. 3.10 (default: the board config's [runtime])")
+    b.add_argument("--arch", choices=("aarch64", "x86_64"), help="the board's machine (default: its [runtime])")
+    b.add_argument("--ort-wheel", help="a built onnxruntime-training wheel for the board (checked: its tags "
+                                       "against the board's Python and arch, and that it has the training API)")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_bundle)
 
     fl = sub.add_parser("flash", help="copy a bundle to a board over SSH and run its install.sh",
-                        description="Copy a bundle to a board over SSH and run its install.sh.")
+                        description="Copy a bundle to a board over SSH and run its install.sh. Everything "
+                                    "after `--` goes to install.sh, e.g. `-- --broker mqtt://HOST:1883`.")
     fl.add_argument("bundle", help="bundle .tar.gz from `orchard bundle`")
     fl.add_argument("--host", required=True, help="user@host or an ssh config name")
     fl.add_argument("--wheel", help="onnxruntime-training wheel to install with it (aarch64 boards)")
     fl.add_argument("--ssh", default="ssh")
     fl.add_argument("--scp", default="scp")
     fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    fl.add_argument("install_args", nargs=argparse.REMAINDER, help="after --: install.sh options (--broker URL)")
+    fl.set_defaults(install_args=[])  # what follows `--` (split off in _main): install.sh options
     fl.set_defaults(func=cmd_flash)
 
     # Listed for `orchard --help`; main() hands their arguments to their own parsers.
@@ -403,7 +409,15 @@ def _main(argv: list[str]) -> int:
 
         return (server_main if argv[0] == "server" else device_main)(argv[1:])
     parser = build_parser()
+    # `orchard flash ... -- --broker URL`: only what follows `--` is install.sh's, so flash's own
+    # options may come in any order around the bundle path (argparse's REMAINDER took them all).
+    install_args: list[str] = []
+    if argv and argv[0] == "flash" and "--" in argv:
+        cut = argv.index("--")
+        argv, install_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.command == "flash":
+        args.install_args = install_args
     try:
         code: int = args.func(args)
         return code

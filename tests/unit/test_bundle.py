@@ -21,6 +21,7 @@ from runtime.board import ENV_CONFIG_DIR, load_board
 from runtime.device_config import load_device_config
 from runtime.errors import ConfigError, OrchardError
 from testbed.bundle import UNIT_NAME, build_bundle, flash
+from tests.unit.fake_wheels import fake_ort_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 BOARD = "rpi4b-4gb"
@@ -64,7 +65,7 @@ def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
     assert {f for f in files if f.startswith("runtime/")} == runtime_src  # .py files only
     assert {f for f in files if f.startswith("firmware_configs/")} == {
         f"firmware_configs/{BOARD}.toml", "firmware_configs/README.md"}
-    for name in ("device.toml", "data/shard.npz", "requirements.txt", "install.sh", "build-ort-wheel.sh", UNIT_NAME,
+    for name in ("device.toml", "data/shard.npz", "requirements.lock", "install.sh", "build-ort-wheel.sh", UNIT_NAME,
                  "README.md", "MANIFEST.json"):
         assert name in files, name
     manifest = json.loads((bundle / "MANIFEST.json").read_text())
@@ -73,9 +74,20 @@ def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
     for key in manifest["artifacts"].values():
         assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "manifest.json"} == {
             f.split("/")[-1] for f in files if f.startswith(f"artifacts/{key}/")}
-    reqs = [ln for ln in (bundle / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
-    assert [r.split(">")[0].split("=")[0] for r in reqs] == ["numpy", "paho-mqtt", "psutil"]
-    assert "paho-mqtt>=2,<3" in reqs
+    # The lock: every board package pinned with the hash of the wheel shipped for the board's
+    # Python (Pi OS Bookworm: 3.11) and machine; no ORT (no aarch64 wheel on PyPI), no onnx.
+    reqs = [ln for ln in (bundle / "requirements.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert [r.split("==")[0] for r in reqs] == ["numpy", "paho-mqtt", "psutil"]
+    wheels = {p.name: p for p in (bundle / "wheels").iterdir()}
+    for line in reqs:
+        name_version, _, digest = line.partition(" --hash=sha256:")
+        name, version = name_version.split("==")
+        [wheel] = [w for w in wheels if w.lower().startswith(f"{name.replace('-', '_')}-{version}-")]
+        assert hashlib.sha256(wheels[wheel].read_bytes()).hexdigest() == digest
+        assert wheel.endswith((".any.whl", "-any.whl")) or "aarch64" in wheel, wheel
+        assert "cp311" in wheel or "abi3" in wheel or "py3-none" in wheel, wheel
+    assert json.loads((bundle / "MANIFEST.json").read_text())["target"] == {
+        "python": "3.11", "arch": "aarch64", "ort_wheel": None, "ort_cuda": False}
     with np.load(bundle / "data" / "shard.npz") as shard:
         assert shard["x"].dtype == np.float32 and shard["y"].dtype == np.int64 and len(shard["y"]) == 96
     readme = (bundle / "README.md").read_text()
@@ -109,9 +121,9 @@ def test_scripts_pass_bash_syntax_check_and_document_the_source_build(built):
     install = (bundle / "install.sh").read_text()
     assert "./build.sh --config Release --build_shared_lib --parallel --enable_training_apis --build_wheel" \
            " --skip_tests" in install
-    assert "--branch v1.19.2" in install and "onnxruntime-training-cpu==$ORT_VERSION" in install
+    assert "--branch v1.19.2" in install and "BOARD_PYTHON=3.11" in install and "BUNDLE_ARCH=aarch64" in install
     assert "onnxruntime_training*.whl" in install and "dphys-swapfile" in install
-    assert "sys.version_info < (3, 11)" in install
+    assert "--no-index" in install and "--require-hashes" in install and "--no-deps" in install
 
 
 def _unit_keys(text: str) -> dict[str, list[str]]:
@@ -243,11 +255,15 @@ def test_install_sh_refuses_a_damaged_bundle_and_an_old_python(built, tmp_path):
         f.write("# torn\n")
     proc = _run_install(copy, tmp_path, "--python", sys.executable)
     assert proc.returncode != 0 and "damaged" in proc.stderr and "runtime/agent.py" in proc.stderr
-    old = tmp_path / "python3.9"
-    old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.2'\nexit 1\n")
-    old.chmod(0o755)
-    proc = _run_install(bundle, tmp_path, "--python", str(old))
-    assert proc.returncode != 0 and "needs Python >= 3.11" in proc.stderr
+    # The wheels are locked for the board's CPython: another interpreter, or another machine, is
+    # refused with what to do, before anything changes.
+    other = tmp_path / "python3.9"
+    other.write_text("#!/bin/sh\necho 3.9\n")
+    other.chmod(0o755)
+    proc = _run_install(bundle, tmp_path, "--python", str(other))
+    assert proc.returncode != 0 and "locked for CPython 3.11" in proc.stderr and "--board-python 3.9" in proc.stderr
+    proc = _run_install(bundle, tmp_path, "--python", sys.executable, arch="armv7l")
+    assert proc.returncode != 0 and "the bundle's wheels are for aarch64" in proc.stderr
     assert not (tmp_path / "prefix").exists()
 
 
@@ -262,8 +278,7 @@ def test_flash_dry_run_returns_scp_then_remote_install(built, monkeypatch, tmp_p
         ["ssh", "-t", "pi@raspberrypi.local",
          f"cd {d} && tar xzf {NAME}.tar.gz && sudo bash {d}/{NAME}/install.sh; status=$?; rm -rf {d}; exit $status"],
     ]
-    wheel = tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl"
-    wheel.write_bytes(b"PK")
+    wheel = fake_ort_wheel(tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl")
     cmds = flash(tar, "pi5", ssh="ssh -p 2222", scp="scp -P 2222", dry_run=True, wheel=wheel,
                  install_args=["--broker", "mqtt://10.0.0.2:1883"])
     assert cmds[1] == ["scp", "-P", "2222", str(tar), str(wheel), f"pi5:{d}/"]
