@@ -49,6 +49,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
+from runtime.sdnotify import SdNotify
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
@@ -100,6 +101,7 @@ class Agent:
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
         self.samples: list[TelemetrySample] = []
         self.stop_event = threading.Event()
+        self.notify = SdNotify.from_env()
         offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
         self.mqtt = MqttClient(cfg.broker_url, MqttConfig(
             client_id=f"orchard-dev-{self.id}", keepalive_s=cfg.keepalive_s, ca_file=cfg.ca_file,
@@ -125,8 +127,10 @@ class Agent:
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
         next_sample = next_publish = next_expire = time.monotonic()
+        self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         try:
             while not self.stop_event.is_set():
+                self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
                 event = self.mqtt.get(timeout_s=0.05)
                 if event is not None:
                     self._on_event(event)
@@ -151,6 +155,7 @@ class Agent:
         return 0
 
     def _shutdown(self) -> None:
+        self.notify.stopping()
         # A last row, so the trace covers the run up to its end (a spell offline at the end too).
         self.samples.append(self.sampler.sample(self.state))
         reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects

@@ -94,7 +94,7 @@ EOF
 }
 
 echo "[3/6] installing into $PREFIX"
-mkdir -p "$PREFIX/artifacts" "$PREFIX/data"
+mkdir -p "$PREFIX/artifacts" "$PREFIX/data" "$PREFIX/state"
 rm -rf "$PREFIX/runtime" "$PREFIX/firmware_configs"
 cp -r "$HERE/runtime" "$HERE/firmware_configs" "$PREFIX/"
 cp "$HERE/requirements.lock" "$HERE/README.md" "$HERE/MANIFEST.json" "$PREFIX/"
@@ -138,7 +138,7 @@ if [ "$RUN_USER" != root ]; then
     || useradd --system --home-dir "$PREFIX" --no-create-home --shell /usr/sbin/nologin "$RUN_USER"
   # Power sensors: Pi 5's PMIC is read with vcgencmd (group video), INA2xx/INA3221 over i2c.
   for g in video i2c; do if getent group "$g" >/dev/null; then usermod -aG "$g" "$RUN_USER"; fi; done
-  chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data"
+  chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data" "$PREFIX/state"
   # device.toml may hold the broker password: readable by the service user, not by everyone.
   chown "root:$(id -gn "$RUN_USER")" "$PREFIX/device.toml" && chmod 640 "$PREFIX/device.toml"
 fi

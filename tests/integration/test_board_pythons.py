@@ -6,8 +6,10 @@ interpreter is absent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -46,10 +48,17 @@ def test_board_isolation_check_under(version: str, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("version", AGENT_VERSIONS)
-def test_device_agent_federates_under(version: str, federation: Callable[..., Any]) -> None:
+def test_device_agent_federates_under(version: str, federation: Callable[..., Any], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     python = _venv_python(version)
     h = federation("amqtt", devices=2, rounds=3, local_steps=10)
     h.fed.device_python = str(python)
+    # As under systemd (Type=notify, WatchdogSec=0.4 s): the agents report READY and ping the watchdog.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
     h.start()
     running = {os.path.realpath(f"/proc/{p.pid}/exe") for p in h.fed.devices.values()}
     assert all(Path(exe).name.startswith(f"python{version}") for exe in running), running
@@ -58,3 +67,11 @@ def test_device_agent_federates_under(version: str, federation: Callable[..., An
     assert {r["device"] for r in accepted} == {"dev0", "dev1"}, h.diagnose()
     assert [int(r["version"]) for r in h.rows()] == [1, 2, 3]
     assert not h.find("update_rejected")
+    h.fed.stop_all()
+    messages = []
+    with contextlib.suppress(OSError):
+        while True:
+            messages.append(notify.recv(4096).decode().split("\n")[0])
+    notify.close()
+    assert messages.count("READY=1") == 2 and messages.count("STOPPING=1") == 2, messages
+    assert messages.count("WATCHDOG=1") >= 2, messages

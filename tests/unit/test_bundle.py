@@ -135,7 +135,7 @@ def _unit_keys(text: str) -> dict[str, list[str]]:
     return keys
 
 
-def test_systemd_unit_restarts_always_and_sets_no_memory_cap(built, tmp_path):
+def test_systemd_unit_is_hardened_notifies_and_caps_memory_from_the_board(built, tmp_path):
     bundle, _ = built
     text = (bundle / UNIT_NAME).read_text()
     keys = _unit_keys(text)
@@ -144,15 +144,31 @@ def test_systemd_unit_restarts_always_and_sets_no_memory_cap(built, tmp_path):
     assert keys["WorkingDirectory"] == ["/opt/orchard"]
     assert "ORCHARD_FIRMWARE_CONFIGS=/opt/orchard/firmware_configs" in keys["Environment"]
     assert keys["WantedBy"] == ["multi-user.target"]
-    assert "MemoryMax" not in keys and "MemoryMax" in text  # only the comment that says why not
+    assert keys["Type"] == ["notify"] and keys["NotifyAccess"] == ["main"] and keys["WatchdogSec"] == ["60"]
+    assert keys["NoNewPrivileges"] == ["yes"] and keys["ProtectSystem"] == ["strict"]
+    assert keys["PrivateTmp"] == ["yes"] and keys["ProtectHome"] == ["yes"]
+    assert keys["ReadWritePaths"] == ["/opt/orchard/artifacts /opt/orchard/state"]
+    board = load_board(BOARD)  # RAM less the OS reserve: the same cap the testbed emulates
+    assert keys["MemoryMax"] == [f"{board.memory_cap_mb}M"]
+    assert keys["MemoryHigh"] == [f"{board.memory_cap_mb * 9 // 10}M"]
+    assert int(keys["OOMScoreAdjust"][0]) > 0
     if shutil.which("systemd-analyze") is None:
         return
-    # What install.sh --prefix does, against a prefix whose interpreter exists.
+    # What install.sh --prefix does, against a prefix whose interpreter and state folders exist.
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
-    (tmp_path / UNIT_NAME).write_text(text.replace("/opt/orchard", str(tmp_path)))
+    for d in ("artifacts", "state"):
+        (tmp_path / d).mkdir()
+    unit = text.replace("/opt/orchard", str(tmp_path)).replace("User=orchard", "User=root")
+    (tmp_path / UNIT_NAME).write_text(unit)
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / UNIT_NAME)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "Unknown key" not in proc.stderr and "Failed to parse" not in proc.stderr, proc.stderr
+    # A unit with a typo'd key fails the same check: it can fail.
+    bad = tmp_path / "bad.service"
+    bad.write_text((tmp_path / UNIT_NAME).read_text().replace("WatchdogSec=60", "WatchdogSec=sixty"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True)
+    assert "Failed to parse" in proc.stderr and "sixty" in proc.stderr, proc.stderr
 
 
 def test_device_toml_loads_with_the_bundled_board(built, monkeypatch):
