@@ -84,7 +84,8 @@ class Agent:
             labels = shard["y"].astype(np.int64)
         self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
         self.freeze = FreezeWatch()
-        self.trainer = TrainerProcess(cfg.shard, threads=self.threads)
+        self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
+                                      providers=self.board.runtime.execution_providers)
         self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
                                freeze=self.freeze)
         self.state = "idle"

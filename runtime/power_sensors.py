@@ -146,6 +146,18 @@ class _Rail:
     label: str
     paths: tuple[Path, ...]  # hwmon: (mV file, mA file); iio: (mW file,)
 
+    def power_w(self) -> float:
+        if len(self.paths) == 2:
+            return read_number(self.paths[0]) * read_number(self.paths[1]) / 1e6
+        return read_number(self.paths[0]) / 1e3
+
+
+def gpu_rail(source: PowerSource) -> _Rail | None:
+    """The INA3221 rail that feeds the GPU, if the board's sensor has one: POM_5V_GPU (Nano),
+    VDD_GPU_SOC (AGX Orin), VDD_CPU_GPU_CV (Orin Nano/NX, Xavier NX: CPU, GPU and CV together)."""
+    rails: list[_Rail] = getattr(source, "rails", [])
+    return next((r for r in rails if "GPU" in r.label.upper()), None)
+
 
 def _pick_rails(rails: list[_Rail], total_rail: str | None, where: str) -> tuple[list[_Rail], str]:
     """The total rail alone when the board has one (summing sub-rails onto it would double count,
@@ -190,11 +202,12 @@ class Ina3221HwmonSource(PowerSource):
                     if enable.exists() and read_text(enable) == "0":
                         continue
                     rails.append(_Rail(label, (volts, amps)))
+        self.rails = rails
         self._rails, what = _pick_rails(rails, total_rail, f"{drivers}/{{{','.join(i2c_devices)}}}")
         super().__init__(f"ina3221-hwmon:{what}", measurement_point)
 
     def read_power_w(self) -> float:
-        return sum(read_number(r.paths[0]) * read_number(r.paths[1]) for r in self._rails) / 1e6
+        return sum(r.power_w() for r in self._rails)
 
 
 class Ina3221IioSource(PowerSource):
@@ -219,11 +232,12 @@ class Ina3221IioSource(PowerSource):
                     power = iio / f"in_power{channel}_input"
                     if _is_real_rail(label) and power.exists():
                         rails.append(_Rail(label, (power,)))
+        self.rails = rails
         self._rails, what = _pick_rails(rails, total_rail, f"{drivers}/{{{','.join(i2c_devices)}}}")
         super().__init__(f"ina3221-iio:{what}", measurement_point)
 
     def read_power_w(self) -> float:
-        return sum(read_number(r.paths[0]) for r in self._rails) / 1e3
+        return sum(r.power_w() for r in self._rails)
 
 
 # ---------------------------------------------------------------------------------------------

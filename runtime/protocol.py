@@ -153,6 +153,10 @@ class TelemetrySample:
     power_w: float | None
     energy_j: float | None  # cumulative since the agent started
     temp_c: float | None = None
+    # A Jetson's integrated GPU (runtime/jetson_gpu.py); absent elsewhere.
+    gpu_pct: float | None = None
+    gpu_mem_mb: float | None = None  # NvMapMemUsed: shared DRAM the GPU holds
+    gpu_energy_j: float | None = None  # cumulative, of the INA3221 rail that feeds the GPU
 
 
 @dataclass(frozen=True)
@@ -358,10 +362,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return out
 
 
+# Optional fields added within protocol version 2: left out when None, so a message without them
+# keeps its bytes and a peer from before them still reads it (a Jetson's GPU figures).
+_OMITTED_WHEN_NONE = frozenset({"gpu_pct", "gpu_mem_mb", "gpu_energy_j"})
+
+
 def _plain(value: Any, path: str, ctx: str) -> Any:
     """Dataclasses, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
+        fields = [f for f in dataclasses.fields(value)
+                  if not (f.name in _OMITTED_WHEN_NONE and getattr(value, f.name) is None)]
         return {f.name: _plain(getattr(value, f.name), f"{path}.{f.name}", ctx) for f in fields}
     if isinstance(value, Mapping):
         for key in value:
