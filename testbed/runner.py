@@ -68,6 +68,19 @@ class Device:
     died_at: float | None = None
 
 
+def server_tables(c: Campaign, min_devices: int) -> dict[str, dict[str, Any]]:
+    """The server TOML's [rounds], [strategy], [method] and [train] tables for a campaign (a run
+    folder's, or a lab's: testbed/lab.py)."""
+    rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
+                              "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
+    if c.rounds is not None:
+        rounds["target_version"] = c.rounds
+    method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
+    return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
+            "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
+                      "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
+
+
 class CampaignRunner:
     def __init__(self, campaign: Campaign, out: Path, *, force: bool = False, no_throttle: bool = False,
                  quiet: bool = False, broker: str | None = None) -> None:
@@ -192,15 +205,7 @@ class CampaignRunner:
         initially_online = sum(
             make_availability(g.availability, seed=c.seed + i, base_dir=self._base(), device=d, index=i).online_at(0.0)
             for i, (d, g) in enumerate(c.devices()))
-        min_devices = c.min_devices if c.min_devices is not None else max(1, initially_online)
-        rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
-                                  "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
-        if c.rounds is not None:
-            rounds["target_version"] = c.rounds
-        method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
-        return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
-                "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
-                          "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
+        return server_tables(c, c.min_devices if c.min_devices is not None else max(1, initially_online))
 
     def _base(self) -> Path:
         return self.c.source.parent if self.c.source is not None else Path.cwd()
