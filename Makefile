@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data campaign sweep test lint bench train clean
+.PHONY: setup data campaign sweep test lint bench train clean board-check
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ campaign: setup
 # Width methods on one 3-tier fleet, 3 seeds, Fashion-MNIST: the README's comparison table.
 sweep: setup data
 	$(BIN)/orchard campaign sweep campaigns/compare-width.toml --out runs/compare-width --force --quiet
+
+# The bundle's install.sh and the runtime in an arm64 Debian bookworm root under qemu-user (root;
+# installs qemu-user-static and debootstrap if missing). Not part of `make test`.
+board-check: setup
+	bash testbed/board_check.sh
 
 # Central training through the device trainer (one profile).
 train: setup

@@ -272,7 +272,8 @@ def _fill(stage: Path, name: str, cfg: BoardConfig, board_src: Path, device_id: 
         INSTALL_SH, **common, PREFIX=DEFAULT_PREFIX, PYTHON=shlex.quote(python), HASH_CHECK=_HASH_CHECK,
         BUILD_CMDS=build_cmds, ID_FROM_HOSTNAME="0" if device_id else "1", BOARD_PYTHON=str(target["python"]),
         ARCH=str(target["arch"]), ORT_WHEEL=shlex.quote(str(target["ort_wheel"] or ""))))
-    (stage / "build-ort-wheel.sh").write_text(_render(BUILD_ORT_SH, ORT_VERSION=ORT_VERSION, PYTHON=python))
+    (stage / "build-ort-wheel.sh").write_text(_render(BUILD_ORT_SH, ORT_VERSION=ORT_VERSION, PYTHON=python,
+                                                      BOARD_PYTHON=str(target["python"])))
     (stage / UNIT_NAME).write_text(_render(
         UNIT, **common, PREFIX=DEFAULT_PREFIX, RAM_MB=str(cfg.ram_mb), OS_RESERVE_MB=str(cfg.os_reserve_mb),
         MEMORY_MAX_MB=str(cfg.memory_cap_mb), MEMORY_HIGH_MB=str(cfg.memory_cap_mb * 9 // 10)))
