@@ -54,7 +54,7 @@ if [ "$CONTAINER" = 1 ]; then
     for e in docker podman; do if command -v "$e" >/dev/null; then ENGINE="$e"; break; fi; done
   fi
   [ -n "$ENGINE" ] || die "neither docker nor podman found; install one (and qemu-user-static)"
-  if [ "$(uname -m)" != aarch64 ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  if [ "$(uname -m)" != aarch64 ] && [ ! -e "${BINFMT_QEMU:-/proc/sys/fs/binfmt_misc/qemu-aarch64}" ]; then
     die "no QEMU for aarch64 registered: sudo apt-get install qemu-user-static binfmt-support" \
         "(or: $ENGINE run --privileged --rm docker.io/tonistiigi/binfmt --install arm64)"
   fi

@@ -390,3 +390,45 @@ def test_a_fjord_device_bundle_prebuilds_only_what_its_profiles_name(tmp_path, a
     assert list(json.loads((bundle / "MANIFEST.json").read_text())["artifacts"]) == ["dense"]
     monkeypatch.setenv(ENV_CONFIG_DIR, str(bundle / "firmware_configs"))
     assert load_device_config(bundle / "device.toml").profiles == ("p_max=0.5", "dense")
+
+
+def _fake_engine(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "engine.log"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {log}\n')
+    (bin_dir / "docker").chmod(0o755)
+    binfmt = tmp_path / "qemu-aarch64"
+    binfmt.write_text("enabled\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BINFMT_QEMU": str(binfmt), "WORK": str(tmp_path)}
+    return env, log
+
+
+@pytest.mark.parametrize(("args", "image", "jetson"), [
+    ([], "docker.io/library/python:3.11-bookworm", "0"),                 # the bundle's board: Pi OS, 3.11
+    (["--python", "3.10"], "docker.io/library/python:3.10-bullseye", "0"),
+    (["--jetson", "--python", "3.8"], "nvcr.io/nvidia/l4t-jetpack:r35.4.1", "1"),
+    (["--jetson", "--python", "3.10"], "nvcr.io/nvidia/l4t-jetpack:r36.3.0", "1"),
+])
+def test_build_ort_wheel_container_path_runs_the_native_build_in_an_arm64_image(built, tmp_path, args, image, jetson):
+    bundle, _ = built
+    env, log = _fake_engine(tmp_path)
+    proc = subprocess.run(["bash", str(bundle / "build-ort-wheel.sh"), "--container", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = log.read_text().splitlines()
+    assert argv[:4] == ["run", "--rm", "--platform", "linux/arm64"] and image in argv
+    assert f"ORCHARD_JETSON={jetson}" in argv and f"{bundle}:/bundle" in argv
+    assert argv[-1].endswith("bash /bundle/build-ort-wheel.sh --python " + (args[-1] if args else "3.11"))
+
+
+def test_build_ort_wheel_refuses_what_cannot_work(built, tmp_path):
+    bundle, _ = built
+    env, _ = _fake_engine(tmp_path)
+    for args, want in ((["--container", "--jetson", "--python", "3.11"], "JetPack 5 ships 3.8, JetPack 6 ships 3.10"),
+                       (["--python", "3.6"], "the runtime runs on CPython 3.8-3.12"),
+                       (["--container"], "no QEMU for aarch64 registered")):
+        run_env = {**env, "BINFMT_QEMU": str(tmp_path / "absent")} if want.startswith("no QEMU") else env
+        proc = subprocess.run(["bash", str(bundle / "build-ort-wheel.sh"), *args], env=run_env, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode != 0 and want in proc.stderr, (args, proc.stderr)
