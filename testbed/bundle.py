@@ -284,7 +284,7 @@ def _fill(stage: Path, name: str, cfg: BoardConfig, board_src: Path, device_id: 
     (stage / "README.md").write_text(_render(
         README, **common, PREFIX=DEFAULT_PREFIX, NAME=name, VERSION=__version__, BOARD_DESC=description,
         CREATED=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), SHARD=shard_note, ARTIFACTS=art_note,
-        ROOT=root))
+        ROOT=root, BOARD_PYTHON=str(target["python"]), ARCH=str(target["arch"])))
     for script in SCRIPTS:
         (stage / script).chmod(0o755)
     # No broker URL here: it may carry a password, and device.toml already has it.
