@@ -18,13 +18,11 @@ kinds from their closed sets, device ids and artifact keys safe to use in topics
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import json
 import math
 import re
-import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -35,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import ConfigError, ProtocolError
+from runtime.typehints import type_hints
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
@@ -324,42 +323,9 @@ def dumps_canonical(obj: Any, ctx: str) -> bytes:
         raise ProtocolError(f"{ctx}: not encodable as JSON: {exc}") from None
 
 
-class _OldTyping(ast.NodeTransformer):
-    """`A | B` -> `Union[A, B]`, `tuple[...]` -> `Tuple[...]`: annotations as 3.8 can evaluate them."""
-
-    _NAMES: typing.ClassVar[dict[str, str]] = {"tuple": "Tuple", "dict": "Dict", "list": "List",
-                                                      "Mapping": "Mapping"}
-
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
-        self.generic_visit(node)
-        if not isinstance(node.op, ast.BitOr):
-            return node
-        return ast.Subscript(value=ast.Attribute(value=ast.Name(id="typing", ctx=ast.Load()), attr="Union",
-                                                 ctx=ast.Load()),
-                             slice=ast.Index(value=ast.Tuple(elts=[node.left, node.right], ctx=ast.Load())),
-                             ctx=ast.Load())
-
-    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
-        self.generic_visit(node)
-        if isinstance(node.value, ast.Name) and node.value.id in self._NAMES:
-            node.value = ast.Attribute(value=ast.Name(id="typing", ctx=ast.Load()), attr=self._NAMES[node.value.id],
-                                       ctx=ast.Load())
-        return node
-
-
 @functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
-    if sys.version_info >= (3, 10):
-        return typing.get_type_hints(cls)
-    # Python 3.8/3.9 (JetPack 5 boards) cannot evaluate `float | None` or `tuple[int, ...]`; the
-    # annotations are postponed strings, so rewrite each into typing's spelling and evaluate that.
-    module = vars(sys.modules[cls.__module__])
-    out: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        for name, text in vars(klass).get("__annotations__", {}).items():
-            tree = ast.fix_missing_locations(_OldTyping().visit(ast.parse(text, mode="eval")))
-            out[name] = eval(compile(tree, f"<{cls.__name__}.{name}>", "eval"), {**module, "typing": typing})
-    return out
+    return type_hints(cls)
 
 
 # Optional fields added within protocol version 2: left out when None, so a message without them
