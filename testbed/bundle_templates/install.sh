@@ -71,7 +71,8 @@ else
 There is no onnxruntime-training $ORT_VERSION wheel for $ARCH. Build one from source, once per
 Python version (it serves every board of that kind), on the board or in an $ARCH container:
 @BUILD_CMDS@
-(or run: bash $HERE/build-ort-wheel.sh, which also installs cmake >= 3.26 and checks the wheel).
+(or run: bash $HERE/build-ort-wheel.sh, which also installs cmake >= 3.26 and checks the wheel;
+on a bigger x86_64 machine: bash build-ort-wheel.sh --container [--jetson], in an arm64 image under QEMU).
 It needs about 6 GB of RAM + swap and takes hours on a Pi 4. Enlarge swap on Pi OS first:
   sudo dphys-swapfile swapoff
   sudo sed -i 's/^#\?CONF_SWAPSIZE=.*/CONF_SWAPSIZE=4096/; s/^#\?CONF_MAXSWAP=.*/CONF_MAXSWAP=4096/' /etc/dphys-swapfile
