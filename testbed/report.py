@@ -186,7 +186,10 @@ def _read_events(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
                 bad += 1
     if bad:
         warnings.append(f"events.jsonl: skipped {bad} unreadable line(s) (a run cut short?)")
-    return sorted(events, key=lambda e: float(e["t"]))  # stable: the writers' order within a tick
+    # Stable within a millisecond, the resolution service-written events carry (`t` rounded to 3
+    # places) while engine events carry the exact clock: an update_accepted at 1.6377 was sorted
+    # before its update_received at 1.638 and the report lost that update's step_ms_median.
+    return sorted(events, key=lambda e: round(float(e["t"]), 3))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
