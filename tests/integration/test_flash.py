@@ -6,6 +6,7 @@ the bundle's locked wheels, onnxruntime-training without its onnx dependency."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,17 +18,19 @@ from testbed.bundle import _wheel_cache, build_bundle
 from testbed.cli import main
 
 FAKE_SCP = """#!/bin/sh
-# scp SRC... HOST:/tmp/  ->  copy into the fake board's /tmp
+# scp SRC... HOST:/tmp/DIR/  ->  copy into that folder of the fake board
 echo "scp $*" >> "$FAKE_BOARD/calls.log"
 n=$#; i=1
-for a in "$@"; do [ "$i" -lt "$n" ] && cp "$a" "$FAKE_BOARD/tmp/"; i=$((i + 1)); done
+for a in "$@"; do last="$a"; done
+dest="$FAKE_BOARD${last#*:}"
+for a in "$@"; do [ "$i" -lt "$n" ] && cp "$a" "$dest"; i=$((i + 1)); done
 """
 FAKE_SSH = """#!/bin/sh
-# ssh -t HOST COMMAND  ->  run COMMAND on the fake board (its /tmp, its sudo)
+# ssh [-t] HOST COMMAND  ->  run COMMAND on the fake board (its /tmp, its sudo); it prints board paths
 echo "ssh $*" >> "$FAKE_BOARD/calls.log"
-[ "$1" = -t ] || { echo "fake ssh: want -t first" >&2; exit 255; }
-cmd=$(printf '%s' "$3" | sed "s#/tmp#$FAKE_BOARD/tmp#g")
-PATH="$FAKE_BOARD/bin:$PATH" exec sh -c "$cmd"
+[ "$1" = -t ] && shift
+cmd=$(printf '%s' "$2" | sed "s#/tmp#$FAKE_BOARD/tmp#g")
+PATH="$FAKE_BOARD/bin:$PATH" sh -c "$cmd" | sed "s#$FAKE_BOARD##g"
 """
 FAKE_SUDO = """#!/bin/sh
 exec "$@" --no-service --prefix "$FAKE_BOARD/opt/orchard"
@@ -71,9 +74,13 @@ def test_flash_with_the_readme_arguments_installs_through_ssh(tmp_path: Path, mo
     captured = capsys.readouterr()
     assert code == 0, captured.err
     calls = (board / "calls.log").read_text().splitlines()
-    assert calls[0] == f"scp dist/orchard-rpi4b-4gb-pi7.tar.gz {wheel.name} pi@pi7.local:/tmp/"
-    assert calls[1].startswith("ssh -t pi@pi7.local cd /tmp && rm -rf orchard-rpi4b-4gb-pi7 && tar xzf ")
-    assert calls[1].endswith(f"install.sh --wheel /tmp/{wheel.name}")
+    # A private folder on the board first (mktemp -d), then the copy into it, then the install.
+    assert calls[0] == "ssh pi@pi7.local mktemp -d /tmp/orchard-flash.XXXXXXXX"
+    private = calls[1].split(":")[-1].rstrip("/")
+    assert re.fullmatch(r"/tmp/orchard-flash\.[A-Za-z0-9]{8}", private), calls
+    assert calls[1] == f"scp dist/orchard-rpi4b-4gb-pi7.tar.gz {wheel.name} pi@pi7.local:{private}/"
+    assert calls[2].startswith(f"ssh -t pi@pi7.local cd {private} && tar xzf orchard-rpi4b-4gb-pi7.tar.gz")
+    assert f"install.sh --wheel {private}/{wheel.name}" in calls[2]
     venv_python = board / "opt" / "orchard" / "venv" / "bin" / "python"
     listed = subprocess.run([str(venv_python), "-m", "pip", "list", "--format=freeze"], capture_output=True,
                             text=True, check=True).stdout.lower()

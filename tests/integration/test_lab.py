@@ -155,6 +155,8 @@ def test_bundle_and_flash_take_the_labs_entries(lab, capsys: pytest.CaptureFixtu
     (lab.folder / "lab.toml").write_text(text)
     assert main(["flash", "--lab", str(lab.folder), "--device-id", "pi-1", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"scp {tar} pi@pi-1.local:/tmp/" and out[1].startswith("ssh -t pi@pi-1.local ")
+    assert out[0] == "ssh pi@pi-1.local 'mktemp -d /tmp/orchard-flash.XXXXXXXX'"
+    assert out[1] == f"scp {tar} pi@pi-1.local:/tmp/orchard-flash.XXXXXXXX/"
+    assert out[2].startswith("ssh -t pi@pi-1.local ")
     assert main(["bundle", "--lab", str(lab.folder), "--device-id", "pi-9"]) == 3
     assert "no device 'pi-9'" in capsys.readouterr().err
