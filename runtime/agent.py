@@ -300,7 +300,8 @@ class Agent:
         seed = zlib.crc32(f"{self.id}/{task.task_id}".encode())
         job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
                        upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
-                       batch_size=task.batch_size, lr=task.lr, seed=seed)
+                       batch_size=task.batch_size, lr=task.lr, seed=seed,
+                       deadline_s=task.deadline_s or None)  # 0: no deadline
         # Meter readings at each end of the task, so its energy is the integral over the task
         # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
         # They move the energy integral only: rows keep their fixed rate and whole intervals.
