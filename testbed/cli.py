@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("install_args", nargs=argparse.REMAINDER, help="after --: install.sh options (--broker URL)")
     fl.set_defaults(func=cmd_flash)
 
+    from models.dse import add_dse_parser
+
+    add_dse_parser(sub)
     # Listed for `orchard --help`; main() hands their arguments to their own parsers.
     for name, what in (("server", "the aggregator (python -m server)"),
                        ("device", "a device agent, as a board runs it (python -m runtime)")):
