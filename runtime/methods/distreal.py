@@ -46,6 +46,8 @@ from runtime.submodel import Submodel, kept_channels
 
 FRONT_FORMAT = 1
 FD_VARIANT = "fd"  # models/losses.py: the graph with inverted-dropout activation scaling
+UPGRADE_MARGIN = 0.85
+WINDOW_S = 0.5  # throughput is averaged over at least this much wall time (several CFS periods)
 MAX_CHOICES = 32  # choices recorded per task (a thrashing device must not grow the report without bound)
 REASONS = ("no deadline", "fits", "none fits: cheapest", "fixed", "not yet measured")
 # The last task's slowdown and quota per artifact set, kept by the long-lived trainer child: a
@@ -176,17 +178,24 @@ class Spec(MethodSpec):
 SPEC = Spec()
 
 
-def choose(vectors: list[dict[str, Any]], remaining_steps: int, slowdown: float,
-           time_left_s: float | None, margin: float) -> tuple[int, int]:
+def choose(vectors: list[dict[str, Any]], remaining_steps: int, slowdown: list[float],
+           time_left_s: float | None, margin: float, current: int = -1) -> tuple[int, int]:
     """(vector index, reason index into REASONS): the best score whose remaining steps fit in
-    margin × the time left at `slowdown` × its profiled step time, else the cheapest."""
+    margin × the time left at its `slowdown` × its profiled step time, else the cheapest. A vector
+    dearer than `current` must fit with UPGRADE_MARGIN to spare: a slowdown measured on one vector
+    transfers imperfectly to another, and without it a device near the edge flips every re-check."""
     best = max(range(len(vectors)), key=lambda i: (vectors[i]["score"], -vectors[i]["step_ms"]))
     if time_left_s is None:
         return best, 0
-    fits = [i for i, v in enumerate(vectors)
-            if remaining_steps * v["step_ms"] * slowdown / 1e3 <= margin * max(0.0, time_left_s)]
-    if fits:
-        return max(fits, key=lambda i: (vectors[i]["score"], -vectors[i]["step_ms"])), 1
+    now_ms = vectors[current]["step_ms"] if current >= 0 else math.inf
+
+    def fits(i: int) -> bool:
+        room = margin * max(0.0, time_left_s) * (UPGRADE_MARGIN if vectors[i]["step_ms"] > now_ms else 1.0)
+        return remaining_steps * vectors[i]["step_ms"] * slowdown[i] / 1e3 <= room
+
+    fitting = [i for i in range(len(vectors)) if fits(i)]
+    if fitting:
+        return max(fitting, key=lambda i: (vectors[i]["score"], -vectors[i]["step_ms"])), 1
     return min(range(len(vectors)), key=lambda i: vectors[i]["step_ms"]), 2
 
 
@@ -230,7 +239,9 @@ class Device(DeviceMethod):
     def _reset(self) -> None:
         self.current = 0 if not self.select else -1
         self._loaded: tuple[int, Submodel | None] | None = None
-        self._ratios: list[float] = []  # measured / profiled step time since the last quota change
+        # Measured / profiled step time per vector, since the last quota change; `_slowdown` is the
+        # estimate for a vector not timed since then (the last one timed, or the quota's rescale).
+        self._ratios: dict[int, list[tuple[float, float, float]]] = {}  # (t, measured ms, profiled ms)
         self._slowdown = 1.0
         self._quota: float | None = None
         self._measured = False
@@ -266,25 +277,42 @@ class Device(DeviceMethod):
 
     def _observe(self, now: float) -> None:
         if self._last_t is not None and self._last_vector >= 0:
-            self._ratios.append((now - self._last_t) * 1e3 / self.vectors[self._last_vector]["step_ms"])
-            del self._ratios[:-2 * self.recheck_every]
+            own = self._ratios.setdefault(self._last_vector, [])
+            own.append((now, (now - self._last_t) * 1e3, self.vectors[self._last_vector]["step_ms"]))
+            while len(own) > 2 * self.recheck_every and own[0][0] < now - WINDOW_S:
+                del own[0]
         self._last_t = now
+
+    def _own_slowdown(self, vector: int) -> float | None:
+        """Measured over profiled time of the vector's recent batches: a ratio of sums, not a
+        median, because a CFS quota runs a burst of batches at full speed and then parks them."""
+        own = self._ratios.get(vector, [])
+        if len(own) < 2:
+            return None
+        return sum(m for _, m, _ in own) / sum(p for _, _, p in own)
 
     def _reselect(self, step: int, now: float) -> None:
         quota = self._quota_cores()
         if quota is not None and self._quota is not None and not math.isclose(quota, self._quota):
             # The quota moved: rescale at once, and forget batches timed under the old one.
-            self._slowdown *= self._quota / quota
+            measured = self._own_slowdown(self._last_vector)
+            self._slowdown = (measured if measured is not None else self._slowdown) * self._quota / quota
             self._ratios.clear()
-        elif len(self._ratios) >= 2:
-            self._slowdown = float(np.median(self._ratios[1:] if len(self._ratios) > 2 else self._ratios))
+        else:
+            measured = self._own_slowdown(self._last_vector)
+            if measured is not None:
+                self._slowdown = measured
         self._quota = quota
         if step > 0:
             self._measured = True
             _LAST[self._memory_key] = (self._slowdown, quota)
         deadline = self.deadline_s
         left = None if deadline is None else deadline - (now - self._t0)
-        pick, reason = choose(self.vectors, self.total_steps - step, self._slowdown, left, self.margin)
+        slowdowns = []
+        for i in range(len(self.vectors)):
+            own = self._own_slowdown(i)
+            slowdowns.append(self._slowdown if own is None else own)
+        pick, reason = choose(self.vectors, self.total_steps - step, slowdowns, left, self.margin, self.current)
         if not self._measured:
             reason = 4
         if pick != self.current:

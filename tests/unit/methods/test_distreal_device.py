@@ -145,10 +145,14 @@ def test_on_real_onnx_runtime_artifacts(artifact_cache, data) -> None:
 
 def test_choose_takes_the_best_that_fits_else_the_cheapest() -> None:
     v = FRONT["vectors"]
-    assert dm.choose(v, 10, 1.0, None, 0.9) == (0, 0)  # no deadline: best score
-    assert dm.choose(v, 10, 1.0, 1.0, 0.9) == (0, 1)  # 10 × 10 ms = 0.1 s fits in 0.9 s
-    assert dm.choose(v, 10, 10.0, 0.6, 0.9) == (1, 1)  # 10 × 5 ms × 10 = 0.5 s ≤ 0.54 s
-    assert dm.choose(v, 10, 10.0, 0.1, 0.9) == (2, 2)  # nothing fits: the cheapest
+    assert dm.choose(v, 10, [1.0] * 3, None, 0.9) == (0, 0)  # no deadline: best score
+    assert dm.choose(v, 10, [1.0] * 3, 1.0, 0.9) == (0, 1)  # 10 × 10 ms = 0.1 s fits in 0.9 s
+    assert dm.choose(v, 10, [10.0] * 3, 0.6, 0.9) == (1, 1)  # 10 × 5 ms × 10 = 0.5 s ≤ 0.54 s
+    assert dm.choose(v, 10, [10.0] * 3, 0.1, 0.9) == (2, 2)  # nothing fits: the cheapest
+    assert dm.choose(v, 10, [10.0, 20.0, 1.0], 0.6, 0.9) == (2, 1)  # each vector's own slowdown
+    # Upgrading needs room to spare: 1.0 s fits in 0.9 × 1.2 but not in 0.85 × 0.9 × 1.2.
+    assert dm.choose(v, 10, [10.0] * 3, 1.2, 0.9, current=1) == (1, 1)
+    assert dm.choose(v, 10, [10.0] * 3, 1.2, 0.9, current=0) == (0, 1)
 
 
 class Clocked(NumpyMLP):
