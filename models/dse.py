@@ -251,6 +251,18 @@ class Evaluator:
         return cand
 
 
+def pareto_front(candidates: Sequence[Candidate], num_classes: int) -> list[Candidate]:
+    """The non-dominated candidates, cheapest first, among those that learned at all: a vector
+    that diverged (score 0) or stayed at chance would otherwise sit on the front as the cheapest
+    point, and a device short of time would pick it and train nothing (or NaNs)."""
+    learned = [c for c in candidates if c.score > 1.0 / num_classes + 0.05]
+    if not learned:
+        raise ConfigError(f"dse: none of the {len(candidates)} vectors learned above chance; "
+                          "lower the learning rate or raise the budget")
+    pts = [(c.step_ms, c.score) for c in learned]
+    return sorted((learned[i] for i in non_dominated_sort(pts)[0]), key=lambda c: c.step_ms)
+
+
 def search(cfg: DseConfig, cache_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the search; returns the Pareto document (what `write_front` stores)."""
     started = time.monotonic()
@@ -293,8 +305,7 @@ def search(cfg: DseConfig, cache_dir: Path | None = None, log: Callable[[str], N
         pts = [(ev.results[g].step_ms, ev.results[g].score) for g in union]
         population = [union[i] for i in select(pts, cfg.population)]
     everything = list(ev.results.values())
-    pts = [(c.step_ms, c.score) for c in everything]
-    front = sorted((everything[i] for i in non_dominated_sort(pts)[0]), key=lambda c: c.step_ms)
+    front = pareto_front(everything, ev.num_classes)
     doc = ev.front_doc(front)
     for v, c in zip(doc["vectors"], front, strict=True):
         v.update(host_step_ms=c.host_step_ms, flops_ratio=c.flops_ratio, steps=c.steps, anchor=c.anchor)

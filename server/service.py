@@ -471,7 +471,9 @@ class Service:
             task_id=action.task_id, round=action.round, base_version=action.base_version,
             model_id=self.model.model_name, assignment=a,
             local_steps=knobs.local_steps, local_epochs=knobs.local_epochs, lr=knobs.lr,
-            batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0, upload=knobs.upload,
+            # The engine counts board seconds; a device measures its own wall time (dilated here).
+            batch_size=knobs.batch_size, deadline_s=(action.deadline_s or 0.0) * self.board_clock.dilation,
+            upload=knobs.upload,
             encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
         )
         frame = encode_task(task)
