@@ -91,6 +91,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "fjord": _optional("bench.fjord_bench"),
     "zerofl": _optional("bench.zerofl_bench"),
     "netshape": _optional("bench.netshape_bench"),
+    "distreal": _optional("bench.distreal_bench"),
 }
 
 

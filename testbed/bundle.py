@@ -33,7 +33,7 @@ from runtime.errors import ConfigError, OrchardError
 from runtime.manifest import ARTIFACT_FILES, MANIFEST
 from runtime.methods import device_profile
 from runtime.mqtt import parse_broker_url
-from runtime.profile import parse_profile
+from runtime.profile import parse_profile, split_variant
 from runtime.protocol import ID_PATTERN
 from testbed.prepare import write_toml
 
@@ -119,7 +119,7 @@ def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: 
 
 def _is_structural(profile: str) -> bool:
     try:
-        parse_profile(profile)
+        parse_profile(split_variant(profile)[0])  # a graph variant (`@fd`) does not change the structure
     except ConfigError:
         return False
     return True
@@ -146,10 +146,11 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
 def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url: str, root: str,
                  profiles: Sequence[str], model: str | None, dataset: str | None, shard: Path | None,
                  python: str = "python3", force: bool = False, optimizer: str = "sgd",
-                 cache_dir: Path | None = None, data_root: str | None = None) -> Path:
+                 cache_dir: Path | None = None, data_root: str | None = None, pareto: Path | None = None) -> Path:
     """Build `out_dir/orchard-<board>-<device>/` and its `.tar.gz`; return the tarball's path
     (what `flash` takes). `dataset` (default digits) sets the artifacts' input shape and classes.
-    Raises ConfigError naming the bad input; nothing is left half-written."""
+    `pareto` (a DISTREAL front from `orchard dse`) ships as pareto.json with one artifact per
+    vector. Raises ConfigError naming the bad input; nothing is left half-written."""
     cfg = load_board(board)
     if device_id is not None and not ID_PATTERN.fullmatch(device_id):
         raise ConfigError(f"device id {device_id!r} must be 1-64 of A-Z a-z 0-9 . _ -")
@@ -172,6 +173,18 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
         raise ConfigError(f"bundle {target} exists; pass --force to replace it")
     artifacts = (_build_artifacts(model, dataset or "digits", data_root, canonical, optimizer, cache_dir, arrays)
                  if model is not None else {})
+    front_text = None
+    if pareto is not None:
+        from runtime.methods.distreal import SPEC as DISTREAL
+        from runtime.methods.distreal import load_front
+
+        front = load_front(str(pareto))
+        if model is not None and front["model"] != model:
+            raise ConfigError(f"Pareto file {pareto} is for model {front['model']!r}, not {model!r}")
+        vectors = DISTREAL.artifact_profiles("dense", DISTREAL.params({"front": front}))
+        artifacts.update(_build_artifacts(front["model"], dataset or "digits", data_root, vectors, optimizer,
+                                          cache_dir, arrays))
+        front_text = Path(pareto).read_text()
 
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
@@ -179,6 +192,8 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
     try:
         _fill(stage, name, cfg.name, cfg.description, board_src, device_id, broker_url, root, canonical, model,
               dataset, arrays, artifacts, python)
+        if front_text is not None:
+            (stage / "pareto.json").write_text(front_text)
         if force:
             shutil.rmtree(target, ignore_errors=True)
         os.rename(stage, target)
