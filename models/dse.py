@@ -296,18 +296,18 @@ def search(cfg: DseConfig, cache_dir: Path | None = None, log: Callable[[str], N
                 ranks[population[i]] = (r, -d)
         children = [c for c in offspring(population, ranks, cfg.population, levels, rng) if c not in ev.results]
         log(f"generation {gen + 1}/{cfg.generations}: {len(dict.fromkeys(children))} new vectors")
-        for c in dict.fromkeys(children):
+        for child in dict.fromkeys(children):
             if over():
                 out_of_time = True
                 break
-            ev.evaluate(c)
+            ev.evaluate(child)
         union = list(dict.fromkeys(population + [c for c in children if c in ev.results]))
         pts = [(ev.results[g].step_ms, ev.results[g].score) for g in union]
         population = [union[i] for i in select(pts, cfg.population)]
     everything = list(ev.results.values())
-    front = pareto_front(everything, ev.num_classes)
-    doc = ev.front_doc(front)
-    for v, c in zip(doc["vectors"], front, strict=True):
+    kept = pareto_front(everything, ev.num_classes)
+    doc = ev.front_doc(kept)
+    for v, c in zip(doc["vectors"], kept, strict=True):
         v.update(host_step_ms=c.host_step_ms, flops_ratio=c.flops_ratio, steps=c.steps, anchor=c.anchor)
     doc["evaluated"] = [asdict(c) for c in everything]
     doc["search"] = {**{k: v for k, v in asdict(cfg).items() if k != "grid"}, "grid": list(cfg.grid),

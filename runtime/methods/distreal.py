@@ -187,11 +187,12 @@ def choose(vectors: list[dict[str, Any]], remaining_steps: int, slowdown: list[f
     best = max(range(len(vectors)), key=lambda i: (vectors[i]["score"], -vectors[i]["step_ms"]))
     if time_left_s is None:
         return best, 0
-    now_ms = vectors[current]["step_ms"] if current >= 0 else math.inf
+    step_ms = [float(v["step_ms"]) for v in vectors]
+    now_ms = step_ms[current] if current >= 0 else math.inf
 
     def fits(i: int) -> bool:
-        room = margin * max(0.0, time_left_s) * (UPGRADE_MARGIN if vectors[i]["step_ms"] > now_ms else 1.0)
-        return remaining_steps * vectors[i]["step_ms"] * slowdown[i] / 1e3 <= room
+        room = margin * max(0.0, time_left_s) * (UPGRADE_MARGIN if step_ms[i] > now_ms else 1.0)
+        return remaining_steps * step_ms[i] * slowdown[i] / 1e3 <= room
 
     fitting = [i for i in range(len(vectors)) if fits(i)]
     if fitting:
