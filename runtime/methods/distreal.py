@@ -98,8 +98,10 @@ def check_front(front: Any, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: Pareto vector {i}: step_ms {figures['step_ms']!r} must be > 0")
         extra = {k: v[k] for k in ("flops_ratio", "host_step_ms") if isinstance(v.get(k), _NUMBER)}
         out.append({"drop": drop, **figures, **extra})
-    return {**{k: front[k] for k in front if k not in ("vectors",)}, "model": model,
-            "groups": {str(g): int(n) for g, n in groups.items()}, "vectors": out}
+    # Only what a device or the build needs travels on (the search's own record stays in the file).
+    kept = {k: front[k] for k in ("board", "batch_size", "input_shape", "num_classes") if k in front}
+    return {"format": FRONT_FORMAT, **kept, "model": model, "groups": {str(g): int(n) for g, n in groups.items()},
+            "vectors": out}
 
 
 def load_front(path: str) -> dict[str, Any]:
