@@ -41,6 +41,10 @@ campaign: setup
 sweep: setup data
 	$(BIN)/orchard campaign sweep campaigns/compare-width.toml --out runs/compare-width --force --quiet
 
+# DISTREAL against its baselines under time-varying CPU, 3 seeds: the README's DISTREAL table.
+sweep-distreal: setup data
+	$(BIN)/orchard campaign sweep campaigns/compare-distreal.toml --out runs/compare-distreal --force --quiet
+
 # Central training through the device trainer (one profile).
 train: setup
 	$(BIN)/orchard train --model cnn --dataset digits --profile width=0.5 --steps 300 --json out.json
