@@ -230,7 +230,7 @@ class Device(DeviceMethod):
                                     f"{vector_profile(v['drop'])}: {expected}")
             self.levels.append((backend, kept))
         if quota_cores is None:
-            from runtime.telemetry import CgroupLimits  # psutil-free part; read per re-check
+            from runtime.telemetry import CgroupLimits  # lazily: the tests pass their own reader
 
             quota_cores = CgroupLimits().cpu_quota_cores
         self._quota_cores = quota_cores
