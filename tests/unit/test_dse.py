@@ -79,3 +79,11 @@ def test_bad_settings_and_fronts_are_one_line(tmp_path, capsys) -> None:
     code = main(["dse", "--model", "mlp", "--population", "0", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "population 0" in err[0]
+
+
+def test_time_budget_stops_the_search_between_evaluations(artifact_cache) -> None:
+    cfg = DseConfig(model="mlp", dataset="digits", samples=400, population=4, generations=3, budget_board_s=0.3,
+                    timing_steps=4, max_steps=20, grid=(0.0, 0.25, 0.5), host_speed=1.0, time_budget_s=1e-3)
+    doc = search(cfg, artifact_cache, log=lambda line: None)
+    assert doc["search"]["stopped_by_time_budget"] is True
+    assert len(doc["evaluated"]) == 2  # it always scores two, so a front exists, then stops
