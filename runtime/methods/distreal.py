@@ -260,7 +260,7 @@ class Device(DeviceMethod):
             backend.set_lr(lr)
         self._rng = rng
         self._reset()
-        self._t0 = time.perf_counter()
+        self._t0 = time.monotonic()
         remembered = _LAST.get(self._memory_key)
         if remembered is not None:
             self._slowdown, self._quota = remembered
@@ -309,8 +309,7 @@ class Device(DeviceMethod):
         if step > 0:
             self._measured = True
             _LAST[self._memory_key] = (self._slowdown, quota)
-        deadline = self.deadline_s
-        left = None if deadline is None else deadline - (now - self._t0)
+        left = None if self.deadline_at is None else self.deadline_at - now
         slowdowns = []
         for i in range(len(self.vectors)):
             own = self._own_slowdown(i)
@@ -324,7 +323,7 @@ class Device(DeviceMethod):
                 self.choices.append((now - self._t0, pick, reason, self._slowdown))
 
     def before_step(self, step: int, feeds: MutableFeeds) -> TrainingBackend:
-        now = time.perf_counter()
+        now = time.monotonic()
         self._observe(now)
         if self.select and step % self.recheck_every == 0:
             self._reselect(step, now)

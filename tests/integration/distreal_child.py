@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def main() -> int:
         v["step_ms"] = r.step_ms_median
     extras = {"vectors": vectors, "select": True, "recheck_every": 2, "resample_every": 1, "time_margin": 0.9}
     method = dm.Device(Assignment("distreal", "dense", tuple(keys), extras), sessions.__getitem__)
-    method.deadline_s = cfg["steps"] * vectors[0]["step_ms"] / 1e3 * cfg["deadline_factor"]
+    budget_s = cfg["steps"] * vectors[0]["step_ms"] / 1e3 * cfg["deadline_factor"]
+    method.deadline_at = time.monotonic() + budget_s
     original = method.before_step
     with progress.open("w") as out:
 
@@ -49,7 +51,7 @@ def main() -> int:
         Trainer.on_backend(method.primary, shape, 10).train(
             None, x, y, TrainConfig(steps=cfg["steps"], batch_size=16, lr=1e-4, seed=9), method=method)
     print(json.dumps({"report": method.report(), "step_ms": [v["step_ms"] for v in vectors],
-                      "deadline_s": method.deadline_s}))
+                      "deadline_s": budget_s}))
     return 0
 
 

@@ -6,6 +6,7 @@ deadline; bad fronts and assignments are refused with one line naming the value.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def test_self_selection_follows_the_quota_and_the_deadline(data) -> None:
     for v, text in zip(method.vectors, spec("distreal").vector_artifacts(p), strict=True):
         v["step_ms"] = 10.0 * ls[text][0].total / full_total
     steps = 60
-    method.deadline_s = steps * 10.0 / 1e3 * 2.0  # the dense vector fits at full quota, not at a third
+    budget_s = steps * 10.0 / 1e3 * 2.0  # the dense vector fits at full quota, not at a third
     seen: list[tuple[int, int]] = []
 
     def progress_hook(step: int) -> None:
@@ -202,6 +203,7 @@ def test_self_selection_follows_the_quota_and_the_deadline(data) -> None:
         return backend
 
     method.before_step = before  # type: ignore[method-assign]
+    method.deadline_at = time.monotonic() + budget_s
     run(method, x, y, w0_for(method.primary.layout, std=0.05), steps=steps)
     by_step = dict(seen)
     assert by_step[10] == 0  # dense while it fits
