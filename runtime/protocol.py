@@ -197,7 +197,7 @@ class Task:
     local_epochs: int
     lr: float
     batch_size: int
-    deadline_s: float  # seconds from receipt; the device may give up after this
+    deadline_s: float  # seconds from receipt, in the device's own time (board s x the testbed's dilation); 0: none
     upload: str = "weights"  # weights | delta: the form the update should take
     encoding: str = "dense"  # dense | fp16: how the update's tensors travel
     tensors: Mapping[str, Tensor] = field(default_factory=dict)  # primary artifact's weights by name
