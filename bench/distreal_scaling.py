@@ -56,7 +56,7 @@ def run() -> dict[str, Any]:
             artifacts.dropout_scales = _scales(mode)
             for lr in (0.05, 0.02):
                 for drop in VECTORS:
-                    front = {"format": 1, "model": "cnn", "groups": GROUPS,
+                    front: dict[str, Any] = {"format": 1, "model": "cnn", "groups": GROUPS,
                              "vectors": [{"drop": drop, "step_ms": 1.0, "score": 0.0}]}
                     texts = spec("distreal").artifact_profiles("dense", spec("distreal").params({"front": front}))
                     sets = artifacts.artifacts_for("cnn", (1, 28, 28), 10, texts, cache_dir=Path(tmp) / mode)
