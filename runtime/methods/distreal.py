@@ -15,7 +15,8 @@ estimates its slowdown r = (measured ms per batch) / t̂ over the batches since 
 its cgroup CPU quota; a quota change rescales r at once (old / new quota), before any batch has
 been timed under it. It then picks the best-scoring vector whose remaining batches fit in
 `time_margin` × the time left to the task's deadline, or the cheapest if none fits (no deadline:
-the best). Every change is recorded (t, vector, reason) in the update's report as `choice.<i>.*`
+the best); once the deadline has passed it gives the task up (a TrainerError), so a late task
+does not hold up the next one. Every change is recorded (t, vector, reason) in the update's report as `choice.<i>.*`
 and the steps trained per vector as `steps.<i>`.
 
 Profile: `dense` (which vector trains is the device's choice). [method] keys: `pareto` (a front
@@ -37,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runtime.backend import MutableFeeds, TrainingBackend
-from runtime.errors import ArtifactError, ConfigError
+from runtime.errors import ArtifactError, ConfigError, TrainerError
 from runtime.layout import FloatArray
 from runtime.methods.base import BackendOpener, DeviceMethod, MethodSpec
 from runtime.profile import Profile, with_variant
@@ -324,6 +325,10 @@ class Device(DeviceMethod):
 
     def before_step(self, step: int, feeds: MutableFeeds) -> TrainingBackend:
         now = time.monotonic()
+        if self.select and self.deadline_at is not None and now > self.deadline_at:
+            # Past the deadline (less the upload's time) the update can only be refused, and
+            # finishing it would make the next task start late too: give this one up.
+            raise TrainerError(f"deadline passed after {step} of {self.total_steps} steps; giving up the task")
         self._observe(now)
         if self.select and step % self.recheck_every == 0:
             self._reselect(step, now)

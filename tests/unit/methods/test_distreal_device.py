@@ -15,7 +15,7 @@ from models.artifacts import artifacts_for
 from models.builder import build
 from models.structure import full_structure, sub_structure
 from runtime.backend import NumpyMLP
-from runtime.errors import ArtifactError, ConfigError
+from runtime.errors import ArtifactError, ConfigError, TrainerError
 from runtime.methods import device_method, spec
 from runtime.methods import distreal as dm
 from runtime.ort import OrtSession
@@ -272,3 +272,16 @@ def test_drop_profile_grammar() -> None:
             parse_profile(text)
     with pytest.raises(ConfigError, match="'conv9', which is not a hidden group"):
         index_map_for(parse_profile("drop=conv9:0.5"), FULL | {"classes": 5})
+
+
+def test_a_task_past_its_deadline_is_given_up(data) -> None:
+    x, y = data
+    p = params()
+    method = make(p, NumpyOpener(p))
+    method.deadline_at = time.monotonic() - 0.01
+    with pytest.raises(TrainerError, match="deadline passed after 0 of 5 steps"):
+        run(method, x, y, w0_for(method.primary.layout), steps=5)
+    fixed = make(spec("distreal").params({"front": FRONT, "uniform_rate": 0.5}), NumpyOpener(
+        spec("distreal").params({"front": FRONT, "uniform_rate": 0.5})))
+    fixed.deadline_at = time.monotonic() - 0.01  # Federated Dropout knows no deadline: it trains on
+    run(fixed, x, y, w0_for(fixed.primary.layout, std=0.05), steps=5)
