@@ -131,8 +131,8 @@ class Spec(MethodSpec):
             front = load_front(pareto)
         elif front:
             front = check_front(front, "[method] distreal front")
-        if not front:
-            raise ConfigError("[method] distreal needs pareto = <file from `orchard dse`>")
+        # No front yet is allowed here (a spec's defaults must load: the isolation probe, `Inferred`);
+        # everything that needs one (artifacts, tasks, the build) asks `vectors`, which refuses.
         for key in ("resample_every", "recheck_every"):
             k = params[key]
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -146,6 +146,8 @@ class Spec(MethodSpec):
     def vectors(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The vectors a device may train: the front's, or the one uniform vector."""
         front = params["front"]
+        if not front:
+            raise ConfigError("[method] distreal needs pareto = <file from `orchard dse`>")
         if params["uniform_rate"] >= 0:
             rate = params["uniform_rate"]
             return [{"drop": {g: rate for g in front["groups"]}, "step_ms": 1.0, "score": 0.0}]

@@ -224,12 +224,13 @@ def test_bad_fronts_and_rates_are_refused_with_the_value(tmp_path) -> None:
              ({"front": {**FRONT, "vectors": [{"drop": {"conv9": 0.5}, "step_ms": 1, "score": 0}]}},
               "drops group 'conv9'"),
              ({"front": FRONT, "uniform_rate": 1.5}, "uniform_rate 1.5 is outside"),
-             ({}, "needs pareto"),
              ({"front": FRONT, "recheck_every": 0}, "recheck_every must be"),
              ({"front": FRONT, "resample_every": 0}, "resample_every must be")]
     for table, match in cases:
         with pytest.raises(ConfigError, match=match):
             s.params(table)
+    with pytest.raises(ConfigError, match="needs pareto"):
+        s.artifact_profiles("dense", s.params({}))
     corrupt = tmp_path / "front.json"
     corrupt.write_text('{"format": 1, "model": "mlp", "gro')
     with pytest.raises(ConfigError, match=r"front.json is corrupt"):
