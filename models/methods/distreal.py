@@ -13,7 +13,7 @@ from models.artifacts import ArtifactSet
 from models.methods.base import build_structural
 from models.structure import BASE_CHANNELS
 from runtime.errors import ConfigError
-from runtime.methods import spec
+from runtime.methods.distreal import SPEC
 
 
 def check_front_fits(front: Mapping[str, Any], model: str, input_shape: tuple[int, ...], num_classes: int) -> None:
@@ -31,7 +31,7 @@ def check_front_fits(front: Mapping[str, Any], model: str, input_shape: tuple[in
 
 def build(params: Mapping[str, Any], model: str, input_shape: tuple[int, ...], num_classes: int,
           profiles: Iterable[str], *, optimizer: str = "sgd", cache_dir: Path | None = None) -> dict[str, ArtifactSet]:
-    spec("distreal").vectors(params)  # a one-line error when there is no front
+    SPEC.vectors(params)  # a one-line error when there is no front
     check_front_fits(params["front"], model, input_shape, num_classes)
     return build_structural("distreal", params, model, input_shape, num_classes, profiles, optimizer=optimizer,
                             cache_dir=cache_dir)
