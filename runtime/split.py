@@ -113,3 +113,15 @@ class PartRunner:
         grad = self.session.param_grad(PROBE)
         self.session.set_param(PROBE, self._probe)
         return grad
+
+
+def fedavg(flats: list[npt.NDArray[np.float32]], counts: list[int]) -> FloatArray:
+    """Sample-weighted average of flat weight buffers (methods.md §4.4): a compute node's per-owner
+    copies of its part, or the owners' M_1 and M_P at the aggregator."""
+    if not flats or len(flats) != len(counts) or sum(counts) <= 0:
+        raise ProtocolError(f"fedavg needs matching buffers and positive counts, got {len(flats)} / {counts}")
+    total = float(sum(counts))
+    out = np.zeros(np.shape(flats[0]), dtype=np.float64)
+    for i, flat in enumerate(flats):  # no zip(strict=): board code runs on Python 3.8
+        out += np.asarray(flat, dtype=np.float64) * (counts[i] / total)
+    return out.astype(np.float32)
