@@ -262,3 +262,35 @@ def serve(part_dir: str, listen: str, owners: tuple[str, ...], next_addr: str | 
             time.sleep(3600)
     finally:
         node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`orchard compute-node` / `python -m runtime.compute_node` (no testbed or onnx imported, so
+    its memory is the node's own)."""
+    import argparse
+    import sys
+
+    from runtime.errors import exit_code
+
+    p = argparse.ArgumentParser(prog="orchard compute-node", description="Run one MP-SL compute node.")
+    p.add_argument("--part", required=True, help="artifact directory of the middle part it holds")
+    p.add_argument("--listen", required=True, help="host:port to accept owners and the previous node on")
+    p.add_argument("--owners", required=True, help="comma-separated data owner ids (one part copy each)")
+    p.add_argument("--next", dest="next_addr", help="host:port of the next compute node (none: this is the last)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        serve(args.part, args.listen, tuple(o for o in args.owners.split(",") if o), args.next_addr, args.lr,
+              args.threads)
+    except OrchardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
