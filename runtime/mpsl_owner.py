@@ -5,7 +5,8 @@ Per epoch: receive the aggregator's `weights` (M_1 | M_P; the whole model when t
 it alone, the FedAvg baseline), train one local epoch through the device method seam (method
 `mpsl` around a SplitOwner, or `fedavg` around the full model's session), send the trained
 weights back with the sample count and a JSON report in `note`. A lost compute node is reported
-to the aggregator as an `error` naming it; the owner keeps the weights it had before the epoch.
+to the aggregator as an `error` naming it; the owner keeps the weights it had before the epoch,
+and a `weights` frame marked `fallback` (the whole model) switches it to FedAvg for good.
 """
 
 from __future__ import annotations
@@ -23,20 +24,20 @@ from runtime.errors import OrchardError, TransportError
 from runtime.methods import device_method, spec
 from runtime.protocol import Assignment, SplitMessage
 from runtime.split_link import FrameStream
+from runtime.split_owner import SplitOwner
 from runtime.trainer import TrainConfig, Trainer
 
 X = "x"
 
 
-def _open(cfg: dict[str, Any]) -> tuple[Trainer, Any, str]:
+def _open(cfg: dict[str, Any], mode: str) -> tuple[Trainer, Any, str]:
     """The trainer, the backend it trains, and the method's name."""
-    if cfg["mode"] == "fedavg":
+    if mode == "fedavg":
         from runtime.ort import OrtSession
 
         backend: Any = OrtSession(cfg["full_dir"], threads=1)
         return Trainer.on_backend(backend, tuple(cfg["input_shape"]), int(cfg["num_classes"])), backend, "fedavg"
     from runtime.split import PartRunner
-    from runtime.split_owner import SplitOwner
 
     backend = SplitOwner(cfg["owner_id"], PartRunner(cfg["part_dirs"][0]), PartRunner(cfg["part_dirs"][-1]),
                          cfg["first_node"], cfg["last_node"], float(cfg["timeout_s"]))
@@ -48,19 +49,26 @@ def run(cfg: dict[str, Any]) -> int:
     x, y = shard["x"], shard["y"]
     agg = FrameStream.connect(cfg["aggregator"])
     agg.send(SplitMessage("hello", cfg["owner_id"], 0, 0, note="owner"))
-    trainer, backend, method_name = _open(cfg)
-    params = spec(method_name).params(cfg.get("method_params") or {})
-    assignment = Assignment(method_name, "split" if method_name == "mpsl" else "dense", ("local",),
-                            spec(method_name).extras("split" if method_name == "mpsl" else "dense", params))
+    mode = cfg["mode"]
+    trainer, backend, method_name = _open(cfg, mode)
     while True:
         msg = agg.recv(None)
         if msg.split_op != "weights":
             return 0  # the aggregator's epoch_end (or anything else): the run is over
+        if msg.note == "fallback" and mode != "fedavg":
+            # A compute node was lost: this owner can train the whole model, so it does (FedAvg).
+            if isinstance(backend, SplitOwner):
+                backend.close()
+            mode = "fedavg"
+            trainer, backend, method_name = _open(cfg, mode)
+        params = spec(method_name).params(cfg.get("method_params") if method_name == "mpsl" else {})
+        profile = "split" if method_name == "mpsl" else "dense"
+        assignment = Assignment(method_name, profile, ("local",), spec(method_name).extras(profile, params))
         weights = msg.tensors.get(X)
         if not isinstance(weights, np.ndarray):
             agg.send(SplitMessage("error", cfg["owner_id"], msg.epoch, 0, note="weights frame without dense 'x'"))
             continue
-        method = device_method(assignment, lambda key: backend)
+        method = device_method(assignment, lambda key, b=backend: b)
         tcfg = TrainConfig(epochs=1, batch_size=int(cfg["batch"]), lr=float(cfg["lr"]),
                            seed=int(cfg["seed"]) + msg.epoch)
         t0 = time.perf_counter()

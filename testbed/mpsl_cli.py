@@ -128,20 +128,23 @@ def load_run_file(path: str | Path) -> list[Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | K owners | N nodes | split (nodes) | epoch s measured | Eq. 4-6 estimate s | error | "
+    lines = ["| mode | K owners | N nodes | split (nodes) | epoch s measured (mean ± half-range) | "
+             "Eq. 4-6 estimate s | error | "
              "owner-bound s | peak RSS per node MB | part state per node MB | accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, eps = r["config"], r.get("epochs", [])
         measured = [e["epoch_s"] for e in eps if "epoch_s" in e]
         m = sum(measured) / len(measured) if measured else math.nan
+        spread = (max(measured) - min(measured)) / 2 if measured else math.nan
         est = r["estimate_s"]["t_tot"]
         err = (est - m) / m * 100 if measured else math.nan
         rss = r.get("node_peak_rss_mb", [])
         state = r.get("part_state_mb", [])
         lines.append(
             f"| {c['mode']} | {c['owners']} | {c['nodes'] if c['mode'] == 'mpsl' else '-'} | "
-            f"{' / '.join('+'.join(s) for s in r.get('stages', [])) or '-'} | {m:.2f} | {est:.2f} | {err:+.1f}% | "
+            f"{' / '.join('+'.join(s) for s in r.get('stages', [])) or '-'} | {m:.2f} ± {spread:.2f} | {est:.2f} | "
+            f"{err:+.1f}% | "
             f"{r['estimate_s'].get('owner_bound', math.nan):.2f} | {', '.join(f'{x:.0f}' for x in rss) or '-'} | "
             f"{', '.join(f'{x:.2f}' for x in state) or '-'} | {eps[-1]['accuracy'] if eps else math.nan:.3f} |")
     return "\n".join(lines) + "\n"

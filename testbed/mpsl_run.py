@@ -76,7 +76,8 @@ class RunSpec:
     node_cuts: tuple[str, ...] | None = None  # None: the DP's split
     node_mem_cap_mb: float = 1e6
     dilation: str | float = "auto"
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # board seconds an owner waits for a compute node before it reports it lost
+    kill_node_at_epoch: int = -1  # fault injection (tests): the first compute node is killed in this epoch
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -181,7 +182,7 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
         for k, idx in zip(owner_ids, shards, strict=True):
             np.savez(work / f"{k}.npz", x=train.x[idx], y=train.y[idx])
             cfg = {"owner_id": k, "mode": spec.mode, "shard": str(work / f"{k}.npz"), "aggregator": agg_addr,
-                   "batch": spec.batch, "lr": spec.lr, "seed": spec.seed, "timeout_s": spec.timeout_s,
+                   "batch": spec.batch, "lr": spec.lr, "seed": spec.seed, "timeout_s": spec.timeout_s * dil.factor,
                    "input_shape": list(structure.input_shape), "num_classes": structure.num_outputs,
                    "full_dir": str(full_dir)}
             if spec.mode == "mpsl":
@@ -202,7 +203,7 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
             hello = stream.recv(60.0)
             owners[hello.device_id] = stream
         row["epochs"] = _epochs(spec, built, parts if spec.mode == "mpsl" else None, owners, node_streams,
-                                full_dir, test, dil.factor)
+                                full_dir, test, dil.factor, procs[:n_nodes][::-1])
         for s in owners.values():
             s.send(SplitMessage("epoch_end", owner_ids[0], spec.epochs, 0))
         row["node_peak_rss_mb"] = [_vm_hwm_mb(pid) for pid in node_pids]
@@ -228,22 +229,29 @@ def _dense(msg: SplitMessage) -> npt.NDArray[np.float32]:
 
 
 def _epochs(spec: RunSpec, built: Any, parts: Any, owners: dict[str, FrameStream], nodes: list[FrameStream],
-            full_dir: Path, test: Any, dilation: float) -> list[dict[str, Any]]:
+            full_dir: Path, test: Any, dilation: float,
+            node_procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    """The global epochs. A lost compute node fails the epoch: nothing of it is merged (the global
+    model stays), and the epoch is retried with every owner training the whole model (FedAvg),
+    which a Pi 4 owner can; later epochs stay FedAvg."""
     total = built.layout.total
-    if parts is not None:
-        ends_spans = [*parts[0].full_offsets, *parts[-1].full_offsets]
-        ends = np.concatenate([built.init[a:b] for a, b in ends_spans])
-    else:
-        ends = built.init.copy()
+    g = built.init.copy()  # the global model, full layout
+    spans = None if parts is None else [[*parts[0].full_offsets, *parts[-1].full_offsets],
+                                        *[p.full_offsets for p in parts[1:-1]]]
     scorer = Trainer(full_dir)
-    rows = []
-    for epoch in range(spec.epochs):
+    rows: list[dict[str, Any]] = []
+    epoch, note = 0, ""
+    while epoch < spec.epochs:
+        sent = g if spans is None else np.concatenate([g[a:b] for a, b in spans[0]])
         t0 = time.perf_counter()
         for s in owners.values():
-            s.send(SplitMessage("weights", "own0", epoch, 0, time.time(), tensors={X: ends}))
+            s.send(SplitMessage("weights", "own0", epoch, 0, time.time(), note=note, tensors={X: sent}))
+        if epoch == spec.kill_node_at_epoch and node_procs and spans is not None:
+            time.sleep(0.5 * dilation)
+            node_procs[0].kill()  # fault injection: the first compute node vanishes mid-epoch
         got, counts, reports, failures = [], [], [], []
         for k, s in owners.items():
-            msg = s.recv(spec.timeout_s * dilation)
+            msg = s.recv(spec.timeout_s * dilation * 2)
             if msg.split_op == "error":
                 failures.append(f"{k}: {msg.note}")
                 continue
@@ -251,22 +259,28 @@ def _epochs(spec: RunSpec, built: Any, parts: Any, owners: dict[str, FrameStream
             counts.append(msg.n_batches)
             reports.append(json.loads(msg.note))
         t_owners = time.perf_counter()
-        middle = [_dense(s.recv(spec.timeout_s * dilation)) for s in nodes] if not failures else []
+        middle = [_dense(s.recv(spec.timeout_s * dilation)) for s in nodes] if not failures and spans else []
         t1 = time.perf_counter()
-        if failures:  # nothing merged: the global model stays as it was (the epoch is to be retried)
-            rows.append({"epoch": epoch, "failed": failures})
-            raise OrchardError(f"epoch {epoch} failed, global model kept: {failures[0]}")
+        if failures:
+            if spans is None:
+                raise OrchardError(f"epoch {epoch} failed, global model kept: {failures[0]}")
+            rows.append({"epoch": epoch, "failed": failures, "fallback": "fedavg",
+                         "failed_after_s": (t1 - t0) / dilation})
+            spans, note = None, "fallback"
+            continue  # the same epoch again, the global model untouched
         ends = merge_ends(got, counts)
-        if parts is not None:
+        if spans is not None:
             n0 = parts[0].layout.total
-            flat = assemble([ends[:n0], *middle, ends[n0:]],
-                            [p.full_offsets for p in (parts[0], *parts[1:-1], parts[-1])], total)
+            g = assemble([ends[:n0], *middle, ends[n0:]],
+                         [p.full_offsets for p in (parts[0], *parts[1:-1], parts[-1])], total)
         else:
-            flat = ends
-        score = scorer.evaluate(flat, test.x, test.y)
-        rows.append({"epoch": epoch, "epoch_s": (t1 - t0) / dilation, "owners_done_s": (t_owners - t0) / dilation,
+            g = ends
+        score = scorer.evaluate(g, test.x, test.y)
+        rows.append({"epoch": epoch, "mode": "mpsl" if spans is not None else "fedavg",
+                     "epoch_s": (t1 - t0) / dilation, "owners_done_s": (t_owners - t0) / dilation,
                      "accuracy": score.accuracy, "loss": score.loss,
                      "owner_peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
                      "owner_train_s": float(np.mean([r["train_s"] for r in reports])) / dilation,
                      "node_wait_s": float(np.mean([r.get("node_wait_s", 0.0) for r in reports])) / dilation})
+        epoch += 1
     return rows

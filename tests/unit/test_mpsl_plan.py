@@ -76,3 +76,37 @@ def test_plan_over_a_memory_cap_is_one_line():
     with pytest.raises(ConfigError, match="cut point 'l3' is not a middle layer"):
         stages_from_cuts(layers, 1, 1, ["l3"])
     assert stages_from_cuts(layers, 1, 1, ["l1"]) == [[1], [2]]
+
+
+def test_cli_plan_prints_plan_and_refuses_caps_in_one_line(tmp_path, capsys, artifact_cache):
+    from testbed.cli import main
+
+    base = ["mpsl", "plan", "--dataset", "digits", "--owners", "2", "--nodes", "2", "--batch", "8",
+            "--cache", str(artifact_cache)]
+    assert main([*base, "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "owners keep conv1+conv2 | out" in out and "estimate (Eq. 4-6)" in out
+    assert main([*base, "--mem-cap-mb", "0.01"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no split of the middle layers") and "\n" not in err
+    assert main([*base, "--node-cuts", "conv4", "--mem-cap-mb", "0.05"]) == 3
+    assert "over its memory cap of 0.05 MB" in capsys.readouterr().err
+    assert main([*base, "--node-cuts", "conv9"]) == 3
+    assert "cut point 'conv9'" in capsys.readouterr().err
+
+
+def test_run_file_rejects_unknown_keys(tmp_path):
+    from testbed.mpsl_cli import load_run_file
+
+    f = tmp_path / "r.toml"
+    f.write_text('[defaults]\nepochs = 1\n[[run]]\nmode = "mpsl"\nowners = 2\nnode = 2\n')
+    with pytest.raises(ConfigError, match=r"\[\[run\]\] #0 has unknown key 'node'"):
+        load_run_file(f)
+    f.write_text('[[run]]\nmode = "split"\nowners = 2\n')
+    with pytest.raises(ConfigError, match="mode 'split' must be one of mpsl, fedavg"):
+        load_run_file(f)
+    from pathlib import Path
+
+    shipped = load_run_file(Path(__file__).resolve().parents[2] / "campaigns/compare-mpsl.toml")
+    assert {(s.owners, s.nodes) for s in shipped if s.mode == "mpsl"} >= {(4, 1), (4, 2), (4, 3)}
+    assert sorted({s.nodes for s in shipped if s.mode == "mpsl"}) == [1, 2, 3]
