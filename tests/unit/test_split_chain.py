@@ -126,3 +126,22 @@ def test_node_vanishing_mid_epoch_times_out_and_loses_nothing(chain):
         o.train_step(feeds)
     assert time.monotonic() - t0 < 5.0 and "\n" not in str(exc.value)
     np.testing.assert_array_equal(o.get_params(), before)  # the failed batch left no trace
+
+
+def test_split_frames_round_trip_and_refuse_bad_ops():
+    from runtime.frames import decode_split, decode_update, encode_split
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    frame = encode_split(SplitMessage("bwd", "own3", 2, 7, 1.5, tensors={"x": x}))
+    back = decode_split(frame, source="node1")
+    assert (back.split_op, back.device_id, back.epoch, back.batch_index) == ("bwd", "own3", 2, 7)
+    np.testing.assert_array_equal(back.tensors["x"], x)
+    with pytest.raises(ProtocolError, match="field 'split_op' must be one of"):
+        encode_split(SplitMessage("push", "own3", 0, 0))
+    with pytest.raises(ProtocolError, match="expected 'update'"):
+        decode_update(frame)
+    with pytest.raises(ProtocolError, match="field 'device_id' must match"):
+        encode_split(SplitMessage("fwd", "own 3", 0, 0))
+    x[0, 0] = np.nan
+    with pytest.raises(ProtocolError, match="not finite|non-finite|NaN"):
+        encode_split(SplitMessage("fwd", "own3", 0, 0, tensors={"x": x}))
