@@ -143,5 +143,5 @@ def test_split_frames_round_trip_and_refuse_bad_ops():
     with pytest.raises(ProtocolError, match="field 'device_id' must match"):
         encode_split(SplitMessage("fwd", "own 3", 0, 0))
     x[0, 0] = np.nan
-    with pytest.raises(ProtocolError, match="not finite|non-finite|NaN"):
+    with pytest.raises(ProtocolError, match=r"not finite|non-finite|NaN"):
         encode_split(SplitMessage("fwd", "own3", 0, 0, tensors={"x": x}))
