@@ -30,6 +30,19 @@ from runtime.trainer import TrainConfig, Trainer
 X = "x"
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
+    process started by a big parent (the harness holds the whole dataset) would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _open(cfg: dict[str, Any], mode: str) -> tuple[Trainer, Any, str]:
     """The trainer, the backend it trains, and the method's name."""
     if mode == "fedavg":
@@ -77,7 +90,7 @@ def run(cfg: dict[str, Any]) -> int:
         except (TransportError, OrchardError) as exc:
             agg.send(SplitMessage("error", cfg["owner_id"], msg.epoch, 0, note=str(exc)[:500]))
             continue
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = peak_rss_mb()
         report = {"train_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb, **method.report()}
         agg.send(SplitMessage("weights", cfg["owner_id"], msg.epoch, 0, time.time(), n_batches=result.n_samples,
                               note=json.dumps(report), tensors={X: result.weights}))
