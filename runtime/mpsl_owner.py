@@ -57,6 +57,11 @@ def _open(cfg: dict[str, Any], mode: str) -> tuple[Trainer, Any, str]:
     return Trainer.on_backend(backend, tuple(cfg["input_shape"]), int(cfg["num_classes"])), backend, "mpsl"
 
 
+def _opener(backend: Any) -> Any:
+    """The one backend this owner trains, whatever key the assignment names."""
+    return lambda key: backend
+
+
 def run(cfg: dict[str, Any]) -> int:
     shard = np.load(cfg["shard"])
     x, y = shard["x"], shard["y"]
@@ -81,7 +86,7 @@ def run(cfg: dict[str, Any]) -> int:
         if not isinstance(weights, np.ndarray):
             agg.send(SplitMessage("error", cfg["owner_id"], msg.epoch, 0, note="weights frame without dense 'x'"))
             continue
-        method = device_method(assignment, lambda key, b=backend: b)
+        method = device_method(assignment, _opener(backend))
         tcfg = TrainConfig(epochs=1, batch_size=int(cfg["batch"]), lr=float(cfg["lr"]),
                            seed=int(cfg["seed"]) + msg.epoch)
         t0 = time.perf_counter()
