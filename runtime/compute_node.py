@@ -189,6 +189,11 @@ class ComputeNode:
             raise ProtocolError(f"{msg.split_op} frame of {k} for epoch {msg.epoch}, node is in epoch {self.epoch}")
         if msg.split_op == "fwd":
             x = self._tensor(msg, (self.runner.batch, *self.runner.in_shape))
+            # An owner waits for its batch's backward before the next (§4.3): one input per owner
+            # is all a node ever keeps, so a second one in flight is refused, not stored.
+            pending = [b for (o, _, b) in self._stash if o == k and b != msg.batch_index]
+            if pending:
+                raise ProtocolError(f"fwd frame of {k} batch {msg.batch_index}: batch {pending[0]} is still in flight")
             self._load(k)
             out = self.runner.forward(x)
             self._stash[(k, msg.epoch, msg.batch_index)] = x

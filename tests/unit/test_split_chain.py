@@ -100,6 +100,11 @@ def test_wrong_shape_batch_or_owner_is_refused_one_line(chain):
         reply = s.recv(10.0)
         assert reply.split_op == "error" and needle in reply.note and "\n" not in reply.note
     assert nodes[0].refused == len(cases)
+    ok = np.zeros((BATCH, 32, 8, 8), np.float32)
+    s.send(SplitMessage("fwd", "own0", 0, 0, tensors={"x": ok}))  # taken: its output goes on to node 2
+    s.send(SplitMessage("fwd", "own0", 0, 1, tensors={"x": ok}))
+    reply = s.recv(10.0)
+    assert reply.split_op == "error" and "batch 0 is still in flight" in reply.note
     assert nodes[0].copies["own0"].tobytes() == nodes[0].copies["own1"].tobytes()  # nothing trained
 
 
