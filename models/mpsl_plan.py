@@ -37,7 +37,7 @@ MB = 1024 * 1024
 @dataclass(frozen=True)
 class LayerProfile:
     name: str
-    fwd_s: float  # one batch, on the profiling host, one thread
+    fwd_s: float  # one batch, on the profiling host, one thread (CPU seconds)
     bwd_s: float  # the train call: recomputed forward + backward + SGD step
     in_bytes: int  # one batch of its input
     out_bytes: int  # one batch of its output
@@ -79,7 +79,8 @@ class Estimate:
 
 def profile(structure: Structure, batch: int, cache_dir: Path | None = None, repeats: int = 5,
             threads: int = 1) -> list[LayerProfile]:
-    """Time every layer as a split part of its own (median of `repeats` after one warm-up)."""
+    """Time every layer as a split part of its own, in CPU seconds of one thread (median of
+    `repeats` after one warm-up)."""
     built = build(structure)
     layers = layers_of(built)
     dirs = ensure_part_artifacts(structure, [layer.name for layer in layers[:-1]], batch, cache_dir)
@@ -93,14 +94,16 @@ def profile(structure: Structure, batch: int, cache_dir: Path | None = None, rep
         y = rng.integers(0, structure.num_outputs, batch)
         fwd, bwd = [], []
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
+            # CPU time of this thread (ORT runs one intra-op thread on the caller's): wall time on
+            # a shared host moves with other tenants' load, CPU time does not (as testbed.calibrate).
+            t0 = time.thread_time()
             r.forward(x)
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             if r.last:
                 r.train_last(x, y)
             else:
                 r.backward(x, g)
-            t2 = time.perf_counter()
+            t2 = time.thread_time()
             if i:
                 fwd.append(t1 - t0)
                 bwd.append(t2 - t1)

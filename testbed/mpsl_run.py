@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ from testbed.broker import port_accepts
 from testbed.calibrate import board_quota_cores, get_host_speed
 from testbed.cgroups import host_cpu_cores
 from testbed.dilation import background_cores, plan_dilation
+from testbed.links import parse_link
+from testbed.netns import Endpoint
+from testbed.shaping import RunLinks, check_links
 from testbed.throttle import detect_throttle
 
 X = "x"
@@ -78,6 +82,7 @@ class RunSpec:
     dilation: str | float = "auto"
     timeout_s: float = 300.0  # board seconds an owner waits for a compute node before it reports it lost
     kill_node_at_epoch: int = -1  # fault injection (tests): the first compute node is killed in this epoch
+    owner_link: Mapping[str, Any] | None = None  # each owner's link table ({ kind = "wifi" }: testbed.links)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -96,18 +101,27 @@ def _vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 60.0) -> None:
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not port_accepts("127.0.0.1", port):
+    while not port_accepts(host, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise TransportError(f"{what} did not start listening on port {port} (exit {proc.poll()})")
         time.sleep(0.05)
 
 
-def _free_ports(n: int) -> list[int]:
+def _joiner(group: Any, endpoint: Endpoint | None) -> Callable[[], None]:
+    def join() -> None:  # in the child before exec: nothing of it runs unthrottled or unshaped
+        group.add_pid(os.getpid())
+        if endpoint is not None:
+            endpoint.enter()
+
+    return join
+
+
+def _free_ports(host: str, n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
     ports = [int(s.getsockname()[1]) for s in socks]
     for s in socks:
         s.close()
@@ -130,9 +144,16 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
     dil = plan_dilation(spec.dilation, [q_owner] * spec.owners + [1.0] * n_nodes, host_cpu_cores(),
                         background_cores=background_cores(host_cpu_cores()))
     batches = -(-spec.samples_per_owner // spec.batch)
-    setting = Setting(owners=spec.owners, batches=batches, owner_slowdown=1.0 / q_owner)
-    row: dict[str, Any] = {"config": asdict(spec), "dilation": dil.factor, "owner_quota_cores": q_owner,
-                           "host_speed": host_speed.speed_factor}
+    links = ({k: parse_link(f"mpsl run owner {k}", dict(spec.owner_link), load_board(spec.owner_board))
+              for k in owner_ids} if spec.owner_link else {})
+    check_links(links, "mosquitto")
+    up = min((x.up_mbit for x in links.values()), default=1e4)
+    down = min((x.down_mbit for x in links.values()), default=1e4)
+    setting = Setting(owners=spec.owners, batches=batches, owner_slowdown=1.0 / q_owner, uplink_mbit=up,
+                      downlink_mbit=down)
+    row: dict[str, Any] = {"config": {**asdict(spec), "owner_link": dict(spec.owner_link or {}) or None},
+                           "dilation": dil.factor, "owner_quota_cores": q_owner,
+                           "host_speed": host_speed.speed_factor, "link_mbit": [up, down] if links else None}
     node_specs = [NodeSpec(f"node{i + 1}", spec.node_mem_cap_mb) for i in range(n_nodes)]
     if spec.mode == "mpsl":
         middle = list(range(spec.head_layers, len(layers) - spec.tail_layers))
@@ -153,30 +174,33 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
     throttle = detect_throttle(prefix="orchard", run_id=f"mpsl-{os.getpid()}-{int(time.time())}")
     row["throttle"] = throttle.backend
     procs: list[subprocess.Popen[bytes]] = []
+    run_links = RunLinks(links, dil.factor).open()
+    host = run_links.broker_host  # the bridge when owners are shaped (their namespaces reach it), else loopback
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((host, 0))
     listener.listen(64)
-    agg_addr = f"127.0.0.1:{listener.getsockname()[1]}"
+    agg_addr = f"{host}:{listener.getsockname()[1]}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     node_streams: list[FrameStream] = []
     node_pids: list[int] = []
     try:
         if spec.mode == "mpsl":
-            ports = _free_ports(n_nodes)
+            ports = _free_ports(host, n_nodes)
             for i in reversed(range(n_nodes)):  # the last first: each node connects to the next one
                 cmd = [sys.executable, "-m", "runtime.compute_node", "--part", dirs[i + 1], "--listen",
-                       f"127.0.0.1:{ports[i]}", "--owners", ",".join(owner_ids), "--lr", str(spec.lr)]
+                       f"{host}:{ports[i]}", "--owners", ",".join(owner_ids), "--lr", str(spec.lr)]
                 if i + 1 < n_nodes:
-                    cmd += ["--next", f"127.0.0.1:{ports[i + 1]}"]
+                    cmd += ["--next", f"{host}:{ports[i + 1]}"]
                 log = (work / f"node{i + 1}.log").open("wb")
-                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                group = throttle.create(f"node{i + 1}", 1.0 / dil.factor, None)
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_joiner(group, None))
                 procs.append(proc)
-                throttle.create(f"node{i + 1}", 1.0 / dil.factor, None).add_pid(proc.pid)
-                _wait_port(ports[i], proc, f"compute node {i + 1}")
+                _wait_port(host, ports[i], proc, f"compute node {i + 1}")
             node_pids = [p.pid for p in reversed(procs)]
             for port in ports:
-                s = FrameStream.connect(f"127.0.0.1:{port}")
+                s = FrameStream.connect(f"{host}:{port}")
                 s.send(SplitMessage("hello", owner_ids[0], 0, 0, note="aggregator"))
                 node_streams.append(s)
         for k, idx in zip(owner_ids, shards, strict=True):
@@ -186,15 +210,16 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
                    "input_shape": list(structure.input_shape), "num_classes": structure.num_outputs,
                    "full_dir": str(full_dir)}
             if spec.mode == "mpsl":
-                cfg.update({"part_dirs": [dirs[0], dirs[-1]], "first_node": f"127.0.0.1:{ports[0]}",
-                            "last_node": f"127.0.0.1:{ports[-1]}",
+                cfg.update({"part_dirs": [dirs[0], dirs[-1]], "first_node": f"{host}:{ports[0]}",
+                            "last_node": f"{host}:{ports[-1]}",
                             "method_params": {"cuts": cuts, "batch": spec.batch, "timeout_s": spec.timeout_s}})
             (work / f"{k}.json").write_text(json.dumps(cfg))
             log = (work / f"{k}.log").open("wb")
+            group = throttle.create(k, q_owner / dil.factor, None)
             proc = subprocess.Popen([sys.executable, "-m", "runtime.mpsl_owner", str(work / f"{k}.json")], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_joiner(group, run_links.endpoint(k)))
             procs.append(proc)
-            throttle.create(k, q_owner / dil.factor, None).add_pid(proc.pid)
         owners: dict[str, FrameStream] = {}
         listener.settimeout(120.0)
         while len(owners) < spec.owners:
@@ -217,6 +242,10 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
             except subprocess.TimeoutExpired:
                 p.kill()
         listener.close()
+        if links:
+            run_links.record_bytes()
+            row["owner_link_bytes"] = {k: run_links.describe(k) for k in owner_ids}
+        run_links.close()
         throttle.close()
     return row
 
