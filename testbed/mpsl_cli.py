@@ -49,6 +49,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     r.add_argument("--out", help="run folder (default runs/<file stem>)")
     r.add_argument("--only", help="comma-separated indices of [[run]] entries to run")
     r.add_argument("--cache", help="artifact cache folder")
+    r.add_argument("--no-links", action="store_true", help="ignore owner_link: every owner on loopback, uncapped")
     r.set_defaults(func=cmd_run)
     t = msub.add_parser("table", help="rebuild table.md of a run folder", description="Rebuild <folder>/table.md.")
     t.add_argument("folder")
@@ -171,6 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.mpsl_run import run
 
     specs = load_run_file(args.file)
+    if args.no_links:
+        specs = [dataclasses.replace(s, owner_link=None) for s in specs]
     out = Path(args.out or f"runs/{Path(args.file).stem}")
     out.mkdir(parents=True, exist_ok=True)
     only = {int(i) for i in args.only.split(",")} if args.only else None
