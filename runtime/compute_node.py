@@ -140,6 +140,9 @@ class ComputeNode:
                 self._refuse(stream, msg, f"unknown data owner {msg.device_id!r}")
                 return
             self._owner_conn[msg.device_id] = stream
+            # The owner waits for this before its first batch: without it the last node could get
+            # the owner's first activations (via the chain) before it knows where to send the output.
+            stream.send(SplitMessage("hello", msg.device_id, 0, 0, note="ack"))
         elif msg.note == "aggregator":
             self._aggregators.append(stream)
 

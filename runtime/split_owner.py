@@ -61,6 +61,13 @@ class SplitOwner:
         self.last = self.first if last_node == first_node else FrameStream.connect(last_node)
         for s in {id(self.first): self.first, id(self.last): self.last}.values():
             s.send(SplitMessage("hello", owner_id, 0, 0, note="owner"))
+            try:
+                ack = s.recv(timeout_s)
+            except socket.timeout:  # noqa: UP041
+                raise NodeLost(f"owner {owner_id}: compute node {s.peer} did not answer its hello "
+                               f"within {timeout_s:g} s") from None
+            if ack.split_op != "hello" or ack.note != "ack":
+                raise ProtocolError(f"owner {owner_id}: compute node {s.peer} refused it: {ack.note or ack.split_op}")
 
     # ------------------------------------------------------------ TrainingBackend
     def get_params(self) -> FloatArray:

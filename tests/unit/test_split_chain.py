@@ -87,6 +87,7 @@ def test_wrong_shape_batch_or_owner_is_refused_one_line(chain):
     _structure, _built, _dirs, _parts, _owners, nodes, _agg = chain
     s = FrameStream.connect(f"127.0.0.1:{nodes[0].port}")
     s.send(SplitMessage("hello", "own0", 0, 0, note="owner"))
+    assert s.recv(10.0).note == "ack"
     cases = [
         (SplitMessage("fwd", "own0", 0, 0, tensors={"x": np.zeros((BATCH, 32, 8, 9), np.float32)}), "wrong shape"),
         (SplitMessage("fwd", "own0", 0, 0, tensors={"x": np.zeros((3, 32, 8, 8), np.float32)}), "wrong batch"),
@@ -116,6 +117,14 @@ def test_owner_refused_by_node_raises_one_line_and_keeps_weights(chain):
     with pytest.raises(ProtocolError, match="refused batch 0: fwd frame of own0 for epoch 3"):
         o.train_step({"input": np.zeros((BATCH, *SHAPE), np.float32), "labels": np.zeros(BATCH, np.int64)})
     np.testing.assert_array_equal(o.get_params(), before)
+
+
+def test_an_unknown_owner_is_refused_at_hello(chain):
+    dirs, nodes = chain[2], chain[5]
+    with pytest.raises(ProtocolError, match="refused it: unknown data owner 'nobody'") as exc:
+        SplitOwner("nobody", PartRunner(dirs[0]), PartRunner(dirs[-1]), f"127.0.0.1:{nodes[0].port}",
+                   f"127.0.0.1:{nodes[1].port}", timeout_s=10)
+    assert "\n" not in str(exc.value)
 
 
 def test_node_vanishing_mid_epoch_times_out_and_loses_nothing(chain):
