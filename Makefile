@@ -45,6 +45,9 @@ sweep: setup data
 # installs qemu-user-static and debootstrap if missing). Not part of `make test`.
 board-check: setup
 	bash testbed/board_check.sh
+# DISTREAL against its baselines under time-varying CPU, 3 seeds: the README's DISTREAL table.
+sweep-distreal: setup data
+	$(BIN)/orchard campaign sweep campaigns/compare-distreal.toml --out runs/compare-distreal --force --quiet
 
 # Central training through the device trainer (one profile).
 train: setup

@@ -96,6 +96,11 @@ class Agent:
         # the one that counts; it starts as soon as the trainer is free.
         self.queued: Task | None = None
         self.outbox: list[tuple[str, list[bytes]]] = []  # (task id, chunks) finished while offline
+        # A task's deadline counts from its arrival; the time it waits for its artifacts or the
+        # trainer, and the time its update takes to pack and publish (the last one's, measured),
+        # come off what the trainer may use.
+        self._received_at: dict[str, float] = {}
+        self.upload_s = 0.0
         self.server: ServerState | None = None
         self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
         self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
@@ -250,13 +255,18 @@ class Agent:
                     self._announce()
                     self._flush_outbox()
             return
+        arrived = time.monotonic()
         frame = self.reassembler.feed(msg.topic, msg.payload)
         if frame is None:
             return
         if msg.topic == self.topics.artifact(self.id):
             self._store_artifact(decode_artifact(frame, source="server"))
         elif msg.topic == self.topics.task(self.id):
-            self._on_task(decode_task(frame, source="server"))
+            task = decode_task(frame, source="server")
+            self._received_at[task.task_id] = arrived
+            while len(self._received_at) > 8:  # tasks that never ran (superseded) leave no trace
+                del self._received_at[next(iter(self._received_at))]
+            self._on_task(task)
 
     def _store_artifact(self, artifact: Artifact) -> None:
         target = self.cfg.artifact_cache / artifact.key
@@ -304,9 +314,11 @@ class Agent:
             self._set_state("idle")
             return
         seed = zlib.crc32(f"{self.id}/{task.task_id}".encode())
+        received = self._received_at.pop(task.task_id, time.monotonic())
+        deadline_at = received + task.deadline_s - self.upload_s if task.deadline_s else None  # 0: none
         job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
                        upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
-                       batch_size=task.batch_size, lr=task.lr, seed=seed)
+                       batch_size=task.batch_size, lr=task.lr, seed=seed, deadline_at=deadline_at)
         # Meter readings at each end of the task, so its energy is the integral over the task
         # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
         # They move the energy integral only: rows keep their fixed rate and whole intervals.
@@ -349,6 +361,7 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
+        packing_from = time.monotonic()
         energy_j = self.sampler.mark()
         # The quota the task ran under, to check it was delivered: cpu_s / (train_s x quota).
         cores = self.sampler.limits.cpu_quota_cores()
@@ -368,6 +381,7 @@ class Agent:
         chunks = chunk_frame(frame, f"{task.task_id}.{attempt}.{int(time.time() * 1000) % 10**9}")
         self._set_state("uploading", task.task_id)
         self._send_update(task.task_id, chunks)
+        self.upload_s = time.monotonic() - packing_from
         self._set_state("idle")
 
     def _send_update(self, task_id: str, chunks: list[bytes]) -> None:

@@ -134,6 +134,17 @@ class OrtSession:
     def get_params(self) -> FloatArray:
         return np.array(self._module.get_contiguous_parameters(True).numpy(), dtype=np.float32, copy=True)
 
+    def param_grad(self, name: str) -> FloatArray:
+        """The gradient ORT holds for parameter `name` from the last train step (kept until the next
+        one: the reset is lazy). A split part reads its input probe's gradient this way."""
+        grad = self._state.parameters[name].grad
+        if grad is None:
+            raise TrainerError(f"artifact {self.directory.name}: no gradient for {name!r} yet")
+        return np.array(grad, dtype=np.float32, copy=True)
+
+    def set_param(self, name: str, value: npt.NDArray[np.float32]) -> None:
+        self._state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+
     def set_lr(self, lr: float) -> None:
         self._optimizer.set_learning_rate(float(lr))
 

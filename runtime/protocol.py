@@ -202,7 +202,7 @@ class Task:
     local_epochs: int
     lr: float
     batch_size: int
-    deadline_s: float  # seconds from receipt; the device may give up after this
+    deadline_s: float  # seconds from receipt, in the device's own time (board s x the testbed's dilation); 0: none
     upload: str = "weights"  # weights | delta: the form the update should take
     encoding: str = "dense"  # dense | fp16: how the update's tensors travel
     tensors: Mapping[str, Tensor] = field(default_factory=dict)  # primary artifact's weights by name
@@ -221,6 +221,26 @@ class Update:
     metrics: Mapping[str, float] = field(default_factory=dict)
     tensors: Mapping[str, Tensor] = field(default_factory=dict)  # sparse ones carry only what was sent
     report: Mapping[str, float] = field(default_factory=dict)  # the method's own figures
+
+
+SPLIT_OPS = ("hello", "fwd", "bwd", "epoch_end", "weights", "error")
+
+
+@dataclass(frozen=True)
+class SplitMessage:
+    """MP-SL traffic between a data owner and the compute nodes (methods.md §4.2): activations
+    downstream (`fwd`), gradients upstream (`bwd`), one tensor `x` each; `hello` says who a
+    connection is (`note`: owner | node | aggregator), `epoch_end` closes an owner's epoch
+    (`n_batches`), `weights` carries a node's averaged part, `error` a refusal (`note`: why)."""
+
+    split_op: str
+    device_id: str  # the data owner the batch belongs to (the sender, for hello)
+    epoch: int
+    batch_index: int
+    sent_s: float = 0.0  # sender's wall clock, for the node's queue targets
+    n_batches: int = 0
+    note: str = ""
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -249,7 +269,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=,+-]{0,127}")
 
 _FIELD_CHOICES: dict[str, tuple[str, ...]] = {"state": DEVICE_STATES, "kind": UPDATE_KINDS, "upload": UPDATE_KINDS,
-                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES}
+                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES,
+                                              "split_op": SPLIT_OPS}
 _FIELD_PATTERNS: dict[str, re.Pattern[str]] = {
     "device_id": ID_PATTERN,
     "key": NAME_PATTERN,

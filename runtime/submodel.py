@@ -45,6 +45,13 @@ def index_map_for(profile: Profile, groups: Mapping[str, int], round_index: int 
                 out[group] = np.sort((round_index + np.arange(k, dtype=np.int64)) % n)
             else:
                 out[group] = np.arange(k, dtype=np.int64)
+    for group, rate in profile.drop:
+        if group not in groups or group == CLASSES:
+            raise ConfigError(f"profile drops channels of {group!r}, which is not a hidden group of the model "
+                              f"({', '.join(g for g in groups if g != CLASSES)})")
+        k = kept_channels(1.0 - rate, groups[group])
+        if k < groups[group]:  # leading here: the structure; a device draws its own set per batch
+            out[group] = np.arange(k, dtype=np.int64)
     if profile.classes is not None:
         n_classes = groups[CLASSES]
         if max(profile.classes) >= n_classes:

@@ -41,6 +41,9 @@ class TrainJob:
     batch_size: int
     lr: float
     seed: int
+    # time.monotonic() (one clock for agent and child) by which training must end for the update
+    # to make the task's deadline; a method may fit its work to it (DISTREAL).
+    deadline_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple
         weights = np.frombuffer(conn.recv_bytes(), dtype=np.float32).copy()
         try:
             method = device_method(job.assignment, functools.partial(open_backend, job.artifact_root))
+            method.deadline_at = job.deadline_at
             needed = set(job.assignment.artifact_keys)
             for old in [k for k in sessions if k not in needed][: max(0, len(sessions) - len(needed) - _KEEP_SESSIONS)]:
                 del sessions[old]

@@ -35,7 +35,7 @@ from runtime.errors import ConfigError, OrchardError
 from runtime.manifest import ARTIFACT_FILES, MANIFEST
 from runtime.methods import device_profile
 from runtime.mqtt import parse_broker_url
-from runtime.profile import parse_profile
+from runtime.profile import parse_profile, split_variant
 from runtime.protocol import ID_PATTERN
 from testbed.board_wheels import ORT_VERSION, OrtWheel, board_lock, check_ort_wheel
 from testbed.prepare import write_toml
@@ -120,7 +120,7 @@ def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: 
 
 def _is_structural(profile: str) -> bool:
     try:
-        parse_profile(profile)
+        parse_profile(split_variant(profile)[0])  # a graph variant (`@fd`) does not change the structure
     except ConfigError:
         return False
     return True
@@ -148,12 +148,13 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
                  profiles: Sequence[str], model: str | None, dataset: str | None, shard: Path | None,
                  python: str = "python3", force: bool = False, optimizer: str = "sgd",
                  cache_dir: Path | None = None, data_root: str | None = None, ort_wheel: Path | None = None,
-                 board_python: str | None = None, arch: str | None = None) -> Path:
+                 board_python: str | None = None, arch: str | None = None, pareto: Path | None = None) -> Path:
     """Build `out_dir/orchard-<board>-<device>/` and its `.tar.gz`; return the tarball's path
     (what `flash` takes). `dataset` (default digits) sets the artifacts' input shape and classes.
     `board_python` / `arch` override the board config's [runtime] (the OS's CPython, its machine);
     `ort_wheel` is a built onnxruntime-training wheel, checked against them before anything is copied.
-    Raises ConfigError naming the bad input; nothing is left half-written."""
+    `pareto` (a DISTREAL front from `orchard dse`) ships as pareto.json with one artifact per
+    vector. Raises ConfigError naming the bad input; nothing is left half-written."""
     cfg = load_board(board)
     py, machine = _board_target(cfg, board_python, arch)
     wheel = check_ort_wheel(Path(ort_wheel), py, machine) if ort_wheel is not None else None
@@ -178,6 +179,18 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
         raise ConfigError(f"bundle {target} exists; pass --force to replace it")
     artifacts = (_build_artifacts(model, dataset or "digits", data_root, canonical, optimizer, cache_dir, arrays)
                  if model is not None else {})
+    front_text = None
+    if pareto is not None:
+        from runtime.methods.distreal import SPEC as DISTREAL
+        from runtime.methods.distreal import load_front
+
+        front = load_front(str(pareto))
+        if model is not None and front["model"] != model:
+            raise ConfigError(f"Pareto file {pareto} is for model {front['model']!r}, not {model!r}")
+        vectors = DISTREAL.artifact_profiles("dense", DISTREAL.params({"front": front}))
+        artifacts.update(_build_artifacts(front["model"], dataset or "digits", data_root, vectors, optimizer,
+                                          cache_dir, arrays))
+        front_text = Path(pareto).read_text()
     # PyPI has onnxruntime-training-cpu for x86_64 only; an aarch64 board needs a built --ort-wheel.
     lock, wheels = board_lock(py, machine, _wheel_cache(), with_ort=wheel is None and machine == "x86_64")
     if wheel is not None:
@@ -191,6 +204,8 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
         wheel_info = _add_wheels(stage, lock, wheels, py, machine, wheel)
         _fill(stage, name, cfg, board_src, device_id, broker_url, root, canonical, model,
               dataset, arrays, artifacts, python, wheel_info)
+        if front_text is not None:
+            (stage / "pareto.json").write_text(front_text)
         if force:
             shutil.rmtree(target, ignore_errors=True)
         os.rename(stage, target)

@@ -312,9 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_board_commands(sub, _Parser)
 
+    from models.dse import add_dse_parser
+
+    add_dse_parser(sub)
+
+    from testbed.mpsl_cli import add_parsers as add_mpsl_parsers
+
+    add_mpsl_parsers(sub, _Parser)
+
     # Listed for `orchard --help`; main() hands their arguments to their own parsers.
     for name, what in (("server", "the aggregator (python -m server)"),
-                       ("device", "a device agent, as a board runs it (python -m runtime)")):
+                       ("device", "a device agent, as a board runs it (python -m runtime)"),
+                       ("compute-node", "an MP-SL compute node (python -m runtime.compute_node)")):
         sub.add_parser(name, help=f"run {what}", add_help=False)
     return p
 
@@ -344,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     # `server` and `device` hand everything after them to their own parsers (argparse's
     # REMAINDER would not take a leading option such as --help).
+    if argv and argv[0] == "compute-node":
+        from runtime.compute_node import main as node_main
+
+        return node_main(argv[1:])
     if argv and argv[0] in ("server", "device"):
         from runtime.__main__ import main as device_main
         from server.__main__ import main as server_main

@@ -35,6 +35,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         dataset=args.dataset, shard=given["shard"], python=args.python, force=args.force,
         optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
         ort_wheel=Path(args.ort_wheel) if args.ort_wheel else None, board_python=args.board_python, arch=args.arch,
+        pareto=Path(args.pareto) if args.pareto else None,
     )
     print(tar)
     return 0
@@ -106,6 +107,7 @@ def add_board_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) ->
     b.add_argument("--data-root")
     b.add_argument("--shard", help=".npz with x (N, C, H, W) and y (N,)")
     b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    b.add_argument("--pareto", help="DISTREAL front (orchard dse): ship it and its vectors' artifacts")
     b.add_argument("--cache", help="artifact cache folder")
     b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")
     b.add_argument("--board-python", help="the board's CPython, e.g. 3.10 (default: the board config's [runtime])")
