@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[host,dev]'
+	$(BIN)/python -m pip install -q -e '.[host,dev,cluster]'
 	touch $(STAMP)
 
 # Fashion-MNIST, the dataset method comparisons use (Debian's package puts it where the reader

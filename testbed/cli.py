@@ -103,12 +103,18 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0 if summary.get("server_exit") == 0 else 1
 
 
-def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
-    from testbed.runner import CampaignRunner
+def _runner(campaign: Any, out: Path, args: argparse.Namespace) -> Any:
+    """The single-host launcher, or with [cluster] the Ray one (only then is Ray imported)."""
+    if campaign.cluster is not None:
+        from testbed.cluster import ClusterRunner as Runner
+    else:
+        from testbed.runner import CampaignRunner as Runner
+    return Runner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet, broker=args.broker)
 
+
+def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
     def run(campaign: Any, out: Path) -> dict[str, Any]:
-        runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
-                                broker=args.broker)
+        runner = _runner(campaign, out, args)
         summary: dict[str, Any] = runner.execute()
         if runner.stop_reason and runner.stop_reason.startswith("interrupted"):
             raise KeyboardInterrupt  # the runner cleaned up and reported; the sweep stops too
@@ -151,7 +157,6 @@ def cmd_campaign_sweep(args: argparse.Namespace) -> int:
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from runtime.tomlconf import load_toml
     from testbed.campaign import load_campaign
-    from testbed.runner import CampaignRunner
 
     if "sweep" in load_toml(Path(args.campaign)):
         raise ConfigError(f"{args.campaign} is a sweep file ([sweep] table): run it with "
@@ -164,8 +169,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         return _run_plan(plan, out, args)
     campaign = load_campaign(args.campaign)
     out = Path(args.out) if args.out else Path("runs") / campaign.name
-    runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
-                            broker=args.broker)
+    runner = _runner(campaign, out, args)
     summary = runner.execute()
     keys = ("campaign", "strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
             "updates_accepted", "updates_rejected", "utilization")
