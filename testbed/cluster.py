@@ -104,6 +104,11 @@ class ClusterRunner(CampaignRunner):
         cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive}
         address = {n["NodeID"]: str(n.get("NodeManagerAddress", "")) for n in alive}
         share = place_devices([d for d, _ in self.c.devices()], cpus)
+        head_ip = ray.util.get_node_ip_address()
+        if "://" not in self.broker_spec and any(address[n] != head_ip for n in share):
+            # An embedded broker takes anonymous clients, so it listens on loopback only.
+            raise ConfigError(f"[cluster]: devices on nodes other than this host ({head_ip}) need a broker they "
+                              "all reach: set [broker] kind = \"url\" and url = \"mqtt://HOST:PORT\"")
         remote = ray.remote(num_cpus=0, max_restarts=0)(NodeLauncher)
         self.actors: dict[str, Any] = {
             node: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
@@ -135,8 +140,7 @@ class ClusterRunner(CampaignRunner):
                         keepalive_s=math.ceil(self.dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
                         telemetry_hz=1.0 / factor)
             launched = True
-            head_ip = ray.util.get_node_ip_address()
-            broker = stack.enter_context(open_broker(self.broker_spec, host=head_ip))
+            broker = stack.enter_context(open_broker(self.broker_spec))
             self._loop_cluster(ray, broker.url, started, infos, node_dilation, address)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"

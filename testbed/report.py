@@ -509,10 +509,12 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
     parts += [f"<p class='warn'>⚠ CPU NOT DELIVERED: {html.escape(w)}</p>" for w in summary["fidelity"]["warnings"]]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in summary["warnings"]]
     parts += [f"<p class='warn'>⚠ CLUSTER NODE LOST at {n['t_s']} board s: {html.escape(str(n['node']))}; its "
-              f"devices {html.escape(' '.join(n['devices'] or []))} went offline</p>" for n in summary.get("nodes_lost", [])]
+              f"devices {html.escape(' '.join(n['devices'] or []))} went offline</p>"
+              for n in summary.get("nodes_lost", [])]
     headline = [{"figure": k, "value": format_cell(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
     parts.append("<h2>Summary</h2>" + html_table(headline, ["figure", "value"]))
-    columns = ["id", "board", "group", *(["node"] if "nodes" in summary else []), "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
+    columns = ["id", "board", "group", *(["node"] if "nodes" in summary else []), "cpu_quota_cores", "mem_limit_mb",
+               "profiles", "updates", "train_s",
                "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count",
                "cpu_delivered"]
     columns += [k for k in ("link_kind", "link_up_mbit", "link_down_mbit", "link_bytes_up", "link_bytes_down")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +52,7 @@ def cluster() -> Iterator[Any]:
         c.shutdown()
 
 
-def run_cmd(path: Path, run: Path, cluster: Any) -> list[str]:
-    del cluster
+def run_cmd(path: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "testbed.cli", "campaign", "run", str(path), "--out", str(run), "--quiet"]
 
 
@@ -68,6 +66,14 @@ def left_cgroups(campaign: str) -> list[Path]:
                 f"{campaign}-*")]
 
 
+def node_processes(campaign: str) -> list[int]:
+    """Device processes a node launcher started (their configs live in its work folder)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if f"orchard-node-{campaign}-" in " ".join(p.info["cmdline"] or [])]
+
+
 def node_of(run: Path) -> dict[str, str]:
     return {d["id"]: d["node"] for d in json.loads((run / "fleet.json").read_text())["devices"]}
 
@@ -75,7 +81,7 @@ def node_of(run: Path) -> dict[str, str]:
 def test_campaign_split_over_two_nodes_has_one_run_folder(tmp_path, cluster):
     path = campaign_file(tmp_path, "cl2", FLEET, rounds=3, wall_s=120, extra=CLUSTER)
     run = tmp_path / "run"
-    proc = subprocess.run(run_cmd(path, run, cluster), cwd=ROOT, capture_output=True, text=True, timeout=400,
+    proc = subprocess.run(run_cmd(path, run), cwd=ROOT, capture_output=True, text=True, timeout=400,
                           env=env_for(cluster))
     assert proc.returncode == 0, proc.stderr[-3000:]
     nodes = node_of(run)
@@ -94,13 +100,13 @@ def test_campaign_split_over_two_nodes_has_one_run_folder(tmp_path, cluster):
     assert (run / "report.html").stat().st_size > 50_000
     hellos = {e["device"] for e in events(run) if e["event"] == "device_hello"}
     assert hellos == set(nodes)
-    assert left_cgroups("cl2") == [] and processes_of(run) == []
+    assert left_cgroups("cl2") == [] and processes_of(run) == [] and node_processes("cl2") == []
 
 
 def test_losing_a_node_takes_its_devices_offline_and_the_campaign_finishes(tmp_path, cluster):
     path = campaign_file(tmp_path, "cllost", FLEET, rounds=6, wall_s=240, extra=CLUSTER)
     run = tmp_path / "run"
-    proc = subprocess.Popen(run_cmd(path, run, cluster), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(run_cmd(path, run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env_for(cluster))
     try:
         deadline = time.monotonic() + 300
@@ -137,11 +143,10 @@ def test_losing_a_node_takes_its_devices_offline_and_the_campaign_finishes(tmp_p
     assert summary["rounds"] >= 6, "the campaign did not go on after the node was lost"
     assert summary["nodes_lost"][0]["node"] == victim_id and summary["nodes_lost"][0]["t_s"] > 0
     assert "CLUSTER NODE LOST" in (run / "report.html").read_text()
-    assert processes_of(run) == []
+    assert processes_of(run) == [] and node_processes("cllost") == []
     # The lost node's cgroups stay behind, as they would on a host that went away; remove them here.
     for group in left_cgroups("cllost"):
         for sub in sorted(group.rglob("*"), key=lambda p: -len(p.parts)):
             if sub.is_dir():
                 sub.rmdir()
         group.rmdir()
-    del shutil
