@@ -184,6 +184,20 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from testbed.campaign import load_campaign
+    from testbed.simulate import run_simulation
+
+    campaign = load_campaign(args.campaign)
+    out = Path(args.out) if args.out else Path("runs") / f"{campaign.name}-sim"
+    result = run_simulation(campaign, args.clients, args.per_round, args.rounds or campaign.rounds or 50,
+                            engine=args.engine, workers=args.workers, target_accuracy=args.target_accuracy,
+                            eval_every=args.eval_every, eval_samples=args.eval_samples, out=out)
+    print("  ".join(f"{k}={_fmt(v)}" for k, v in result.summary.items()))
+    print(f"curve: {out / 'simulation.json'}")
+    return 0
+
+
 def cmd_campaign_compare(args: argparse.Namespace) -> int:
     from testbed.compare import compare_runs
 
@@ -323,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     from testbed.mpsl_cli import add_parsers as add_mpsl_parsers
 
     add_mpsl_parsers(sub, _Parser)
+
+    sm = sub.add_parser("simulate", help="N simulated clients that really train, on the virtual clock",
+                        description="Simulate a campaign's method with N clients on the virtual clock "
+                                    "(testbed.simulate): per-round sampling, real training in a worker pool.")
+    sm.add_argument("campaign", help="campaign TOML: model, data, partition, [train], [[fleet]] boards and traces")
+    sm.add_argument("--clients", type=int, required=True, help="simulated clients (shards of the training set)")
+    sm.add_argument("--per-round", type=int, default=10, help="clients sampled per round (default 10)")
+    sm.add_argument("--rounds", type=int, help="rounds (default: the campaign's [stop] rounds, else 50)")
+    sm.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local worker processes, or Ray actors (RAY_ADDRESS, else a local Ray)")
+    sm.add_argument("--workers", type=int, default=1, help="clients training at once (pool size)")
+    sm.add_argument("--target-accuracy", type=float, help="for time-to-accuracy (default: [stop] target_accuracy)")
+    sm.add_argument("--eval-every", type=int, default=1, help="evaluate the global model every N rounds")
+    sm.add_argument("--eval-samples", type=int, help="held-out samples to evaluate on (default: all)")
+    sm.add_argument("--out", help="folder for simulation.json (default runs/<campaign>-sim)")
+    sm.set_defaults(func=cmd_simulate)
 
     # Listed for `orchard --help`; main() hands their arguments to their own parsers.
     for name, what in (("server", "the aggregator (python -m server)"),
