@@ -109,7 +109,8 @@ class Pool:
             return
         import ray
 
-        if not ray.is_initialized():
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=False)
         self._ray = ray
         remote = ray.remote(num_cpus=1)(RayTrainer)
@@ -131,6 +132,8 @@ class Pool:
         else:
             for a in self._actors:
                 self._ray.kill(a)
+            if self._started_ray:
+                self._ray.shutdown()
 
 
 # ------------------------------------------------------------------------ the clients
@@ -240,7 +243,10 @@ def run_simulation(c: Campaign, n_clients: int, per_round: int, rounds: int, *, 
     ds = load_dataset(c.dataset, c.data_root, seed=c.seed, n=c.samples, shape=c.input_shape)
     train, held_out = train_test_split(ds, c.eval_fraction, seed=c.seed)
     scheme, kwargs = parse_partition(c.partition)
-    shards = partition(train.y, n_clients, scheme, seed=c.seed, **kwargs)
+    try:
+        shards = partition(train.y, n_clients, scheme, seed=c.seed, **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"--clients {n_clients}: [model] partition {exc}") from None
     if any(len(s) == 0 for s in shards):
         raise ConfigError(f"--clients {n_clients}: some shards of the {len(train.y)} training samples are empty; "
                           "use fewer clients or more [model] samples")
