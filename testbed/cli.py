@@ -105,11 +105,14 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 def _runner(campaign: Any, out: Path, args: argparse.Namespace) -> Any:
     """The single-host launcher, or with [cluster] the Ray one (only then is Ray imported)."""
+    from testbed.runner import CampaignRunner
+
+    runner: type[CampaignRunner] = CampaignRunner
     if campaign.cluster is not None:
-        from testbed.cluster import ClusterRunner as Runner
-    else:
-        from testbed.runner import CampaignRunner as Runner
-    return Runner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet, broker=args.broker)
+        from testbed.cluster import ClusterRunner
+
+        runner = ClusterRunner
+    return runner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet, broker=args.broker)
 
 
 def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
