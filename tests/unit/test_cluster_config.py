@@ -88,3 +88,21 @@ def test_a_campaign_without_cluster_never_imports_ray(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "NO-RAY"
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_node_gets_its_devices_files_and_the_trace_files_they_name(tmp_path: Path) -> None:
+    from testbed.cluster import _files_for
+
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "a.json").write_text('{"active": [[0, 10]]}')
+    path = write(tmp_path, link='availability = { kind = "file", path = "traces/a.json" }', count=3)
+    c = load_campaign(path)
+    run = tmp_path / "run"
+    for sub in ("configs", "shards"):
+        (run / sub).mkdir(parents=True)
+    for i in range(3):
+        (run / "configs" / f"pi5-{i}.toml").write_text(f"# {i}")
+        (run / "shards" / f"pi5-{i}.npz").write_bytes(bytes([i]))
+    files = _files_for(run, c, ["pi5-1", "pi5-2"])
+    assert files == {"configs/pi5-1.toml": b"# 1", "shards/pi5-1.npz": b"\x01", "configs/pi5-2.toml": b"# 2",
+                     "shards/pi5-2.npz": b"\x02", "campaign/traces/a.json": b'{"active": [[0, 10]]}'}
