@@ -33,14 +33,15 @@ CLUSTER = '[cluster]\nengine = "ray"\naddress = "auto"\n[throttle]\nreserve_core
 SMALL_STORE = 80 * 1024 * 1024  # bytes: the object store carries only configs, shards and logs here
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
+    """One cluster for the module (starting one costs ~10 s here); the node-loss test runs last."""
     require_or_skip("ORCHARD_REQUIRE_RAY", importlib.util.find_spec("ray") is not None,
                     "ray is not installed (pip install 'orchard[cluster]')")
     require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
     from ray.cluster_utils import Cluster
 
-    # The head offers no CPU, so every device lands on the two worker nodes, one CPU each.
+    # The head offers no CPU, so every device (and simulation worker) lands on the two worker nodes.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": SMALL_STORE,
                                                       "include_dashboard": False})
     for _ in range(2):
@@ -101,6 +102,18 @@ def test_campaign_split_over_two_nodes_has_one_run_folder(tmp_path, cluster):
     hellos = {e["device"] for e in events(run) if e["event"] == "device_hello"}
     assert hellos == set(nodes)
     assert left_cgroups("cl2") == [] and processes_of(run) == [] and node_processes("cl2") == []
+
+
+def test_simulate_on_ray_workers_of_the_cluster(tmp_path, cluster):
+    from tests.unit.test_simulate import write
+
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate", str(write(tmp_path)), "--clients", "30",
+                           "--per-round", "3", "--rounds", "3", "--engine", "ray", "--workers", "2",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=env_for(cluster))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "simulation.json").read_text())["summary"]
+    assert summary["engine"] == "ray" and summary["rounds"] == 3 and summary["final_accuracy"] > 0.2
 
 
 def test_losing_a_node_takes_its_devices_offline_and_the_campaign_finishes(tmp_path, cluster):

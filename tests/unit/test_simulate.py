@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +12,7 @@ from runtime.errors import ConfigError
 from testbed.campaign import load_campaign
 from testbed.simulate import TraceAvailability, run_simulation
 from testbed.traces import make_availability
-from tests.conftest import require_or_skip
 
-ROOT = Path(__file__).resolve().parents[2]
 CAMPAIGN = """
 [campaign]
 name = "sim"
@@ -94,15 +88,3 @@ def test_bad_simulation_input_is_one_clear_error(tmp_path: Path, method: str, n:
     with pytest.raises(ConfigError) as info:
         run_simulation(load_campaign(write(tmp_path, method)), n, per_round, 2)
     assert needle in str(info.value) and "\n" not in str(info.value)
-
-
-def test_simulate_on_ray_workers(tmp_path: Path) -> None:
-    require_or_skip("ORCHARD_REQUIRE_RAY", importlib.util.find_spec("ray") is not None,
-                    "ray is not installed (pip install 'orchard[cluster]')")
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate", str(write(tmp_path)), "--clients", "30",
-                           "--per-round", "3", "--rounds", "3", "--engine", "ray", "--workers", "1",
-                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((tmp_path / "out" / "simulation.json").read_text())["summary"]
-    assert summary["engine"] == "ray" and summary["rounds"] == 3 and summary["final_accuracy"] > 0.2
