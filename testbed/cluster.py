@@ -180,6 +180,7 @@ class ClusterRunner(CampaignRunner):
             "nodes": [{"node": n, "address": address.get(n, ""), "hostname": i["hostname"], "cores": i["cores"],
                        "devices": self.share[n], "throttle_backend": i["throttle_backend"],
                        "host_speed_factor": round(i["host"].speed_factor, 4), "host_speed_source": i["host"].source,
+                       "needed_dilation": i["dilation"].factor,  # what this node alone would have run at
                        "dilation": {**node_dilation[n].as_dict(), "text": node_dilation[n].describe()}}
                       for n, i in infos.items()],
             "devices": [{"id": d, "board": g.board, "group": g.name, "profile": g.profiles[0],

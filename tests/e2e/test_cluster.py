@@ -93,6 +93,10 @@ def test_campaign_split_over_two_nodes_has_one_run_folder(tmp_path, cluster):
     assert {d["id"] for d in summary["devices"]} == set(nodes)
     assert all(d["node"] in nodes.values() for d in summary["devices"])
     assert len(summary["nodes"]) == 2 and summary["nodes_lost"] == []
+    # Each node calibrated on its own; the campaign runs at the largest dilation any node needs.
+    fleet = json.loads((run / "fleet.json").read_text())
+    assert fleet["time_dilation"] == max(n["needed_dilation"] for n in fleet["nodes"])
+    assert all(n["dilation"]["factor"] == fleet["time_dilation"] and n["host_speed_factor"] > 0 for n in fleet["nodes"])
     # Every device's telemetry trace and log came back into the one folder.
     for d in nodes:
         assert (run / "devices" / f"{d}.csv").stat().st_size > 100, d
