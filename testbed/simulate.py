@@ -295,7 +295,8 @@ def run_simulation(c: Campaign, n_clients: int, per_round: int, rounds: int, *, 
                     make_cpu_trace(g.cpu, seed=c.seed + 1000 + i, base_dir=base, device=cid, index=i),
                     shards[i], pool, cfg, kind=c.upload, _now=clock))
             strategy = get_strategy("fedavg", clients_per_round=per_round)
-            config = EngineConfig(target_version=rounds, sample_seed=c.seed, eval_every=0, min_devices=per_round)
+            config = EngineConfig(target_version=rounds, sample_seed=c.seed, eval_every=0, min_devices=per_round,
+                                  max_devices=max(n_clients, EngineConfig.max_devices))
             result = simulate(strategy, clients, initial_global=init, until_version=rounds,  # type: ignore[arg-type]
                               model=DenseModel(int(init.size)), config=config, clock=clock, metric=metric,
                               keep_logs=False)
