@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import sys
@@ -88,7 +89,7 @@ class ClusterRunner(CampaignRunner):
         assert spec is not None
         try:
             # log_to_driver=False: the devices' and actors' output goes to the run's logs/, not here.
-            ray.init(address=spec.address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=spec.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"[cluster] address {spec.address!r}: cannot connect to a Ray cluster ({exc}); "
                               "start one with `ray start --head` or set RAY_ADDRESS") from None

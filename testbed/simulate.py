@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import logging
 import math
 import os
 import threading
@@ -111,7 +112,7 @@ class Pool:
 
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", log_to_driver=False)
+            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=False)
         self._ray = ray
         remote = ray.remote(num_cpus=1)(RayTrainer)
         x_ref, y_ref = ray.put(x), ray.put(y)  # one copy in the object store, not one per actor call
