@@ -22,8 +22,8 @@ from pathlib import Path
 
 import onnx
 
-from models.builder import IR_VERSION, LOGITS, OPSET, build
-from models.losses import DEFAULT_VARIANT, FILTER_DROPOUT, loss_for, parse_variant
+from models.builder import IR_VERSION, MASK_KEPT, OPSET, build
+from models.losses import DEFAULT_VARIANT, FILTER_DROPOUT, is_masked, loss_for, parse_variant
 from models.structure import BASE_CHANNELS, Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
@@ -141,7 +141,13 @@ def dropout_scales(structure: Structure) -> dict[str, float]:
 
 
 def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant: str) -> None:
-    built = build(structure, act_scale=dropout_scales(structure) if variant == FILTER_DROPOUT else None)
+    kind = parse_variant(variant)[0]
+    if (structure.depth > 0) != (kind in ("exits", "mask")):
+        raise ConfigError(f"graph variant {variant!r} does not fit {structure.model} depth {structure.depth}: "
+                          "multi-exit structures take 'exits-…' or 'mask-…', plain ones the others")
+    built = build(structure, act_scale=dropout_scales(structure) if variant == FILTER_DROPOUT else None,
+                  masked=is_masked(variant))
+    outputs = [o.name for o in built.model.graph.output if o.name != MASK_KEPT]
     art = training_artifacts_module()
     optim = art.OptimType.SGD if optimizer == "sgd" else art.OptimType.AdamW
     with _native_stderr_captured(f"generating artifacts for {structure.model} {dict(structure.channels)}"):
@@ -152,7 +158,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant
             loss=loss_for(variant),
             optimizer=optim,
             artifact_directory=str(out),
-            additional_output_names=[LOGITS],
+            additional_output_names=outputs,
         )
     # ORT's contiguous buffer follows the training graph's parameter inputs. The builder emits
     # initializers in layout order; check that ORT kept it rather than trusting it.

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.structure import Structure
+from runtime.errors import ConfigError
 from runtime.layout import AxisGroup, FloatArray, ParamLayout, ParamSpec
 
 OPSET = 17
@@ -28,6 +29,19 @@ IR_VERSION = 8  # ORT 1.19.2 accepts IR <= 10; onnx 1.17 would stamp 10 by defau
 INPUT = "input"
 LABELS = "labels"
 LOGITS = "logits"
+# Multi-exit models (Co-S²P): `logits` is the deepest exit the model holds, `exit<i>` a shallower
+# one. The mask-learning graph adds, per prunable group g, a trainable score `mask.<g>`, the
+# host-drawn Bernoulli sample `mask_sample.<g>` and `score_ref.<g>` (the scores' current value,
+# fed back so the straight-through term below needs no stop-gradient op), and the output
+# `mask_kept`, the mean of the sampled mask over every unit.
+MASK_KEPT = "mask_kept"
+SCORE_PREFIX = "mask."
+SAMPLE_PREFIX = "mask_sample."
+REF_PREFIX = "score_ref."
+
+
+def exit_name(i: int) -> str:
+    return f"exit{i}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,12 @@ class _Graph:
     flops: int = 0
     flops_by_weight: dict[str, int] = field(default_factory=dict)
     counter: int = 0
+    depth: int = 0  # Structure.depth: 0 = plain model, d = multi-exit model cut after block group d
+    masked: bool = False  # the mask-learning graph (weights become inputs, scores are trained)
+    exits: list[str] = field(default_factory=list)  # logits of exits 1..d, in order
+    mask_units: list[str] = field(default_factory=list)  # the straight-through mask of each group
+    extra_inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    unit_views: dict[tuple[str, bool], str] = field(default_factory=dict)
 
     def tmp(self, stem: str) -> str:
         self.counter += 1
@@ -134,10 +154,50 @@ class _Graph:
         self.nodes.append(helper.make_node("Flatten", [x], [out], axis=1))
         return out
 
-    def op(self, op_type: str, inputs: list[str]) -> str:
+    def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
         out = self.tmp(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [out]))
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
+
+    def unit_mask(self, h: str, group: str, spatial: bool) -> str:
+        """In the mask-learning graph, `h ⊙ m` over the channels of `group` (after the activation,
+        so a unit masked to zero still gets a gradient through ReLU). Forward m = the fed sample;
+        m = sample + σ(s₀)·(σ(s) − σ(s₀)) with s₀ = s fed back, so ∂m/∂σ(s) = σ(s): the authors'
+        Bernoulli estimator (`Bern.backward` returns p·grad), composed with the sigmoid."""
+        if not self.masked:
+            return h
+        if (group, spatial) in self.unit_views:
+            return self.op("Mul", [h, self.unit_views[(group, spatial)]])
+        n = self.channels[group]
+        score = self.param(f"{SCORE_PREFIX}{group}", np.zeros(n), (AxisGroup(group),), "score")
+        for prefix in (SAMPLE_PREFIX, REF_PREFIX):
+            self.extra_inputs.append(helper.make_tensor_value_info(prefix + group, TensorProto.FLOAT, [n]))
+        p = self.op("Sigmoid", [score])
+        p_ref = self.op("Sigmoid", [REF_PREFIX + group])
+        m = self.op("Add", [SAMPLE_PREFIX + group, self.op("Mul", [p_ref, self.op("Sub", [p, p_ref])])])
+        self.mask_units.append(m)
+        shape = self.const_i64(f"mask_shape.{group}", [1, n, 1, 1] if spatial else [1, n])
+        self.unit_views[(group, spatial)] = self.op("Reshape", [m, shape])
+        return self.op("Mul", [h, self.unit_views[(group, spatial)]])
+
+    def const_i64(self, name: str, value: list[int]) -> str:
+        self.nodes.append(helper.make_node("Constant", [], [name],
+                                           value=numpy_helper.from_array(np.asarray(value, np.int64), name)))
+        return name
+
+    def exit_head(self, h: str, index: int, group: str) -> str:
+        """Exit `index` on a conv feature map of `group`: global average pool, then a dense layer.
+        The mask-learning graph keeps only the deepest exit (it trains on that one alone)."""
+        if self.masked:
+            return ""
+        pooled = self.flatten(self.op("GlobalAveragePool", [h]))
+        logits = self.dense(pooled, exit_name(index), (group, 0), 1, "classes", relu=False)
+        self.exits.append(logits)
+        return logits
+
+    def wants(self, block: int) -> bool:
+        """Whether block group `block` (1-based) is in the model."""
+        return self.depth == 0 or block <= self.depth
 
 
 def _mlp(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
@@ -160,16 +220,38 @@ def _lenet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
 
 
 def _cnn(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
-    # VGG-style: two conv-conv-pool stages and one hidden dense layer.
+    # VGG-style: two conv-conv-pool stages and one hidden dense layer. A multi-exit cnn has an exit
+    # after stage 1 (emitted right after it, so a depth-1 model's parameters are a prefix of the
+    # full model's); stage 2 ends in the model's own head.
     hw = (in_shape[1], in_shape[2])
     h, hw = g.conv(x, "conv1", (None, in_shape[0]), "conv1", hw)
+    h = g.unit_mask(h, "conv1", True)
     h, hw = g.conv(h, "conv2", ("conv1", 0), "conv2", hw)
+    h = g.unit_mask(h, "conv2", True)
     h, hw = g.maxpool(h, hw)
+    if g.depth:
+        if g.depth == 1:
+            return _deepest_exit(g, h, 1, "conv2")
+        g.exit_head(h, 1, "conv2")
     h, hw = g.conv(h, "conv3", ("conv2", 0), "conv3", hw)
+    h = g.unit_mask(h, "conv3", True)
     h, hw = g.conv(h, "conv4", ("conv3", 0), "conv4", hw)
+    h = g.unit_mask(h, "conv4", True)
     h, hw = g.maxpool(h, hw)
     h = g.dense(g.flatten(h), "fc1", ("conv4", 0), hw[0] * hw[1], "fc1", relu=True)
+    h = g.unit_mask(h, "fc1", False)
     return g.dense(h, "out", ("fc1", 0), 1, "classes", relu=False)
+
+
+def _deepest_exit(g: _Graph, h: str, index: int, group: str) -> str:
+    """A model cut at block group `index` < the model's last ends in exit `index`."""
+    masked, g.masked = g.masked, False  # the mask graph trains its deepest exit too
+    try:
+        out = g.exit_head(h, index, group)
+    finally:
+        g.masked = masked
+    g.exits.pop()  # the deepest exit is `logits`, not one of the shallower outputs
+    return out
 
 
 def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
@@ -177,12 +259,19 @@ def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
     # neither ORT's training graph nor federated averaging carry well; instead a learnable
     # per-channel branch scale (SkipInit, De & Smith 2020). Initialised to one, not zero: with
     # only three blocks the variance growth is harmless, and zero made SGD stall for ~200 steps.
+    # A multi-exit resnet has an exit after stages 1 and 2, each emitted right after its stage.
+    # In the mask graph a stage's channel mask multiplies every producer of that group (the stem
+    # and each block's output), which is what slicing the group out of every tensor does.
     hw = (in_shape[1], in_shape[2])
     h, hw = g.conv(x, "stem", (None, in_shape[0]), "s1", hw)
+    h = g.unit_mask(h, "s1", True)
     prev = "s1"
     for i, (stage, stride) in enumerate((("s1", 1), ("s2", 2), ("s3", 2)), start=1):
+        if not g.wants(i):
+            break
         inner = f"b{i}"
         y, hw_out = g.conv(h, f"block{i}.conv1", (prev, 0), inner, hw, stride=stride)
+        y = g.unit_mask(y, inner, True)
         y, _ = g.conv(y, f"block{i}.conv2", (inner, 0), stage, hw_out, relu=False)
         scale = g.param(f"block{i}.scale", np.ones((g.channels[stage], 1, 1)), (AxisGroup(stage), None, None), "scale")
         y = g.op("Mul", [y, scale])
@@ -191,6 +280,11 @@ def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
         else:
             skip = h
         h, hw, prev = g.relu(g.op("Add", [y, skip])), hw_out, stage
+        h = g.unit_mask(h, stage, True)  # s1 again: the stem's mask, shared by its group
+        if g.depth and i < 3:
+            if i == g.depth:
+                return _deepest_exit(g, h, i, stage)
+            g.exit_head(h, i, stage)
     pooled = g.flatten(g.op("GlobalAveragePool", [h]))
     return g.dense(pooled, "out", (prev, 0), 1, "classes", relu=False)
 
@@ -203,20 +297,39 @@ _BODIES: dict[str, Callable[[_Graph, str, tuple[int, ...]], str]] = {
 }
 
 
-def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | None = None) -> BuiltModel:
+def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | None = None,
+          masked: bool = False) -> BuiltModel:
     """Emit the ONNX graph, layout, FLOPs and initial weights of `structure`; `act_scale` multiplies
-    the activations (after ReLU) of the layers whose output channels form the named groups."""
+    the activations (after ReLU) of the layers whose output channels form the named groups.
+
+    `masked`: the mask-learning graph of a multi-exit structure (Co-S²P): the weights are graph
+    inputs (frozen; the device feeds them by name), the layout holds only the scores."""
+    if masked and not structure.depth:
+        raise ConfigError(f"the mask-learning graph needs a multi-exit structure ({structure.model} depth 0)")
     channels = dict(structure.channels)
     channels["classes"] = structure.num_outputs
-    g = _Graph(channels=channels, rng=np.random.default_rng(seed), act_scale=dict(act_scale or {}))
+    g = _Graph(channels=channels, rng=np.random.default_rng(seed), act_scale=dict(act_scale or {}),
+               depth=structure.depth, masked=masked)
     logits = _BODIES[structure.model](g, INPUT, structure.input_shape)
     g.nodes.append(helper.make_node("Identity", [logits], [LOGITS]))
-    graph = helper.make_graph(
-        g.nodes, f"orchard_{structure.model}",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", *structure.input_shape])],
-        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", structure.num_outputs])],
-        g.inits,
-    )
+    n_out = structure.num_outputs
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", n_out])]
+    for i, name in enumerate(g.exits, start=1):
+        g.nodes.append(helper.make_node("Identity", [name], [exit_name(i)]))
+        outputs.append(helper.make_tensor_value_info(exit_name(i), TensorProto.FLOAT, ["N", n_out]))
+    inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", *structure.input_shape])]
+    inits = g.inits
+    if masked:
+        g.nodes.append(helper.make_node("ReduceMean", [g.op("Concat", g.mask_units, axis=0)], [MASK_KEPT],
+                                        keepdims=0))
+        outputs.append(helper.make_tensor_value_info(MASK_KEPT, TensorProto.FLOAT, []))
+        scores = {name for name, *_ in g.specs if name.startswith(SCORE_PREFIX)}
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims))
+                   for t in inits if t.name not in scores]
+        inputs += g.extra_inputs
+        inits = [t for t in inits if t.name in scores]
+        g.specs = [spec for spec in g.specs if spec[0] in scores]
+    graph = helper.make_graph(g.nodes, f"orchard_{structure.model}", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="orchard")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
@@ -225,6 +338,6 @@ def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | 
         specs.append(ParamSpec(name=name, shape=shape, offset=offset, axes=axes, kind=kind))
         offset += math.prod(shape)
     layout = ParamLayout(params=tuple(specs), groups=channels)
-    init = np.concatenate([numpy_helper.to_array(t).reshape(-1) for t in g.inits]).astype(np.float32)
+    init = np.concatenate([numpy_helper.to_array(t).reshape(-1) for t in inits]).astype(np.float32)
     return BuiltModel(model=model, layout=layout, flops_per_sample=g.flops, init=init,
                       flops_by_weight=dict(g.flops_by_weight))

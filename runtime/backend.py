@@ -24,6 +24,8 @@ from runtime.layout import FloatArray, ParamLayout
 INPUT = "input"
 LABELS = "labels"
 TEACHER = "teacher"  # a distillation graph's extra input: the teacher's logits on the batch
+KD_GATE = "kd_gate"  # a multi-exit graph's (1,) input: 1 turns cross-block distillation on (Co-S²P)
+KEEP_TARGET = "keep_target"  # a mask-learning graph's (1,) input: the keep rate ρ the masks aim at
 LOSS = "loss"
 LOGITS = "logits"
 

@@ -118,7 +118,11 @@ class OrtSession:
         # the loss (ORT's artifact generator puts it there), eval gives loss then the model's own.
         self._input_names = [str(n) for n in self._module.input_names()]
         self._train_outputs = [LOSS, *[str(n) for n in self._module.output_names()][1:]]
-        self._eval_outputs = [LOSS, LOGITS]
+        # Eval gives loss then the model's outputs by name (`logits`, and a multi-exit model's
+        # `exit<i>`); the training graph's inputs serve eval too (its loss takes the same ones).
+        self._module.eval()
+        self._eval_outputs = [LOSS, *([str(n) for n in self._module.output_names()][1:] or [LOGITS])]
+        self._module.train()
 
     def _open(self, api: Any, d: Path, opts: Any) -> None:
         self._state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
