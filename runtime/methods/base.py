@@ -20,6 +20,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -71,6 +72,9 @@ class DeviceMethod:
     label_classes: tuple[int, ...] | None = None  # train only on these labels, mapped to rows 0..k-1
     deadline_at: float | None = None  # time.monotonic() by which training must end (None: no limit)
     total_steps: int = 0  # steps this task trains (set by the trainer before `start`)
+    # Where a method keeps what must outlive a task (Co-S²P's learned mask); the trainer child
+    # sets it next to the artifact cache. None: nothing persists (tests, central training).
+    state_dir: Path | None = None
 
     def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:
         self.assignment: Assignment | None = assignment
