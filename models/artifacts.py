@@ -10,6 +10,7 @@ fails verification is rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,14 +25,14 @@ import onnx
 
 from models.builder import IR_VERSION, MASK_KEPT, OPSET, build
 from models.losses import DEFAULT_VARIANT, FILTER_DROPOUT, is_masked, loss_for, parse_variant
-from models.structure import BASE_CHANNELS, Structure, full_structure, sub_structure
+from models.structure import BASE_CHANNELS, EXIT_BLOCKS, Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray
 from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
 from runtime.ort import onnxruntime_version, training_artifacts_module
-from runtime.profile import parse_profile, split_variant, with_variant
-from runtime.submodel import index_map_for
+from runtime.profile import Profile, parse_profile, split_variant, with_variant
+from runtime.submodel import depth_blocks, index_map_for
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,26 @@ def artifacts_for(model: str, input_shape: tuple[int, ...], num_classes: int, pr
     for text in profiles:
         structural, own = split_variant(text)
         profile = parse_profile(structural)
-        imap = index_map_for(profile, full.channels)
         name = with_variant(profile.canonical(), own)
-        out.setdefault(name, ensure_artifacts(sub_structure(full, imap), optimizer, cache_dir, own or variant))
+        if name not in out:
+            structure = profile_structure(full, profile, own or variant)
+            out[name] = ensure_artifacts(structure, optimizer, cache_dir, own or variant)
     return out
+
+
+def profile_structure(full: Structure, profile: Profile, variant: str = DEFAULT_VARIANT) -> Structure:
+    """The structure of `profile`'s artifact in graph `variant`: its channels, and for a multi-exit
+    variant (exits-…, mask-…) ⌊depth·B⌋ of the model's B block groups."""
+    structure = sub_structure(full, index_map_for(profile, full.channels))
+    if parse_variant(variant)[0] in ("exits", "mask"):
+        blocks = EXIT_BLOCKS.get(full.model)
+        if blocks is None:
+            raise ConfigError(f"graph variant {variant!r} needs a model with exit heads "
+                              f"({', '.join(EXIT_BLOCKS)}), got {full.model!r}")
+        return dataclasses.replace(structure, depth=depth_blocks(profile.depth, blocks))
+    if profile.depth != 1.0:
+        raise ConfigError(f"profile {profile.canonical()!r}: a depth needs a multi-exit graph variant (exits-… or mask-…)")
+    return structure
 
 
 def ensure_artifacts(structure: Structure, optimizer: str = "sgd", cache_dir: Path | None = None,

@@ -24,10 +24,15 @@ class Profile:
     window: str = "leading"  # leading (HeteroFL, FjORD) | rolling (FedRolex)
     classes: tuple[int, ...] | None = None  # class subset (Chen & Qin); None = all classes
     drop: tuple[tuple[str, float], ...] = ()  # (group, dropped share in [0, 1)), sorted by group
+    # Fraction of a multi-exit model's block groups kept (Co-S²P's depth rate ρ_d), in (0, 1]; it
+    # selects tensors, not channels (an artifact's structure says which, models/artifacts.py).
+    depth: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
             raise ConfigError(f"profile width {self.width} is outside (0, 1]")
+        if not 0.0 < self.depth <= 1.0:
+            raise ConfigError(f"profile depth {self.depth} is outside (0, 1]")
         if self.window not in WINDOWS:
             raise ConfigError(f"profile window {self.window!r} is not one of {', '.join(WINDOWS)}")
         if self.classes is not None:
@@ -54,6 +59,8 @@ class Profile:
         kept = [f"{g}:{r:g}" for g, r in self.drop if r > 0]
         if kept:
             items.append("drop=" + "+".join(kept))
+        if self.depth != 1.0:
+            items.append(f"depth={self.depth:g}")
         return ",".join(items) or "dense"
 
 
@@ -106,7 +113,7 @@ def parse_profile(text: str) -> Profile:
     text = text.strip()
     if text in ("", "dense"):
         return Profile()
-    width, window, classes = 1.0, "leading", None
+    width, window, classes, depth = 1.0, "leading", None, 1.0
     drop: tuple[tuple[str, float], ...] = ()
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -124,9 +131,14 @@ def parse_profile(text: str) -> Profile:
             classes = _parse_classes(value)
         elif key == "drop":
             drop = _parse_drop(value)
+        elif key == "depth":
+            try:
+                depth = float(value)
+            except ValueError:
+                raise ConfigError(f"profile depth {value!r} is not a number") from None
         else:
-            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop")
-    return Profile(width=width, window=window, classes=classes, drop=drop)
+            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop, depth")
+    return Profile(width=width, window=window, classes=classes, drop=drop, depth=depth)
 
 
 def split_variant(text: str) -> tuple[str, str | None]:

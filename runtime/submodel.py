@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,15 @@ CLASSES = "classes"
 def kept_channels(width: float, channels: int) -> int:
     """Channels a width-`width` submodel keeps of a `channels`-wide group (at least one)."""
     return max(1, min(channels, math.ceil(width * channels - 1e-9)))
+
+
+def depth_blocks(depth: float, blocks: int) -> int:
+    """Block groups a depth-rate-`depth` multi-exit model keeps of `blocks`: ⌊ρ_d·B⌋ (Co-S²P),
+    ConfigError naming the rate when that is none."""
+    d = int(math.floor(depth * blocks + 1e-9))
+    if d < 1:
+        raise ConfigError(f"depth rate {depth:g} keeps no block group of {blocks} (needs >= {1 / blocks:.3g})")
+    return d
 
 
 def index_map_for(profile: Profile, groups: Mapping[str, int], round_index: int = 0) -> dict[str, IndexArray]:
@@ -95,12 +104,20 @@ class Submodel:
     indices: IndexArray
 
     @classmethod
-    def of(cls, layout: ParamLayout, index_map: IndexMap) -> Submodel:
+    def of(cls, layout: ParamLayout, index_map: IndexMap, tensors: Collection[str] | None = None) -> Submodel:
+        """`tensors`: only these of the layout's tensors (a depth-cut multi-exit model holds the
+        first block groups' and their exits'); None: all of them."""
         _check_index_map(layout, index_map)
+        if tensors is not None:
+            unknown = set(tensors) - set(layout.names)
+            if unknown:
+                raise LayoutError(f"submodel names tensors the layout lacks: {sorted(unknown)[:3]}")
         specs: list[ParamSpec] = []
         parts: list[IndexArray] = []
         offset = 0
         for p in layout.params:
+            if tensors is not None and p.name not in tensors:
+                continue
             axis_idx = [_axis_indices(p, a, index_map) for a in range(len(p.shape))]
             shape = tuple(len(ix) for ix in axis_idx)
             # Row-major flat index = offset + sum_k idx_k * stride_k, broadcast over the axes.

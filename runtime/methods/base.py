@@ -154,6 +154,15 @@ class MethodSpec(ABC):
         """Assignment.extras for a task under `profile` (JSON values)."""
         return {}
 
+    def auxiliary_artifacts(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Those of `artifact_profiles` that are no slice of the global model the server can name
+        (a mask-learning graph, a device-specific slice): sent to devices, never scored."""
+        return ()
+
+    def global_profile(self, params: Mapping[str, Any]) -> str:
+        """The artifact profile of the server's (served, evaluated) global model."""
+        return "dense"
+
 
 class SliceSpec(MethodSpec):
     """Methods that train one slice of the global model named by a runtime.profile string."""

@@ -42,6 +42,7 @@ from runtime.backend import KD_GATE, KEEP_TARGET, MutableFeeds, TrainingBackend
 from runtime.errors import ArtifactError, ConfigError, LayoutError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.methods.base import BackendOpener, DeviceMethod, MethodSpec, UpdateBody
+from runtime.profile import Profile, with_variant
 from runtime.protocol import Assignment
 from runtime.submodel import IndexArray, Submodel, kept_channels
 
@@ -75,14 +76,6 @@ def parse_tier(text: str) -> tuple[float, float]:
             else:
                 depth = _rate("depth", text, value.strip())
     return keep, depth
-
-
-def depth_blocks(depth: float, blocks: int) -> int:
-    """⌊ρ_d·B⌋ block groups; ConfigError naming the rate when that is none."""
-    d = int(math.floor(depth * blocks + 1e-9))
-    if d < 1:
-        raise ConfigError(f"cos2p depth rate {depth:g} keeps no block group of {blocks} (needs >= {1 / blocks:.3g})")
-    return d
 
 
 def tier_text(keep: float, depth: float) -> str:
@@ -121,13 +114,21 @@ class Spec(MethodSpec):
         return tier_text(*parse_tier(text))
 
     def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
-        """primary (depth-d, full width, exits graph), the mask-learning graph, the sliced submodel:
-        `depth=ρ_d@exits-γ-T`, `depth=ρ_d@mask-λ1`, `keep=ρ,depth=ρ_d@exits-γ-T` (models/methods/cos2p
-        turns these into structures)."""
+        """The primary (depth-d, full width, exits graph), the mask-learning graph, the sliced
+        submodel (⌈ρ·C⌉ channels per group), in runtime.profile grammar with graph variants."""
         keep, depth = parse_tier(profile)
         exits = f"exits-{params['kd_gamma']:g}-{params['kd_temperature']:g}"
-        return (f"depth={depth:g}@{exits}", f"depth={depth:g}@mask-{params['lambda1']:g}",
-                f"keep={keep:g},depth={depth:g}@{exits}")
+        return (with_variant(Profile(depth=depth).canonical(), exits),
+                with_variant(Profile(depth=depth).canonical(), f"mask-{params['lambda1']:g}"),
+                with_variant(Profile(width=keep, depth=depth).canonical(), exits))
+
+    def auxiliary_artifacts(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The mask graph (scores, no slice of the global) and the sliced submodel, whose
+        channels are each device's own mask: the server sends them but scores neither."""
+        return self.artifact_profiles(profile, params)[1:]
+
+    def global_profile(self, params: Mapping[str, Any]) -> str:
+        return with_variant("dense", f"exits-{params['kd_gamma']:g}-{params['kd_temperature']:g}")
 
     def extras(self, profile: str, params: Mapping[str, Any]) -> dict[str, Any]:
         keep, depth = parse_tier(profile)
@@ -236,7 +237,7 @@ class Device(DeviceMethod):
                                   f"needs {want}")
         self.mask = {g: np.asarray(mask[g], dtype=np.int64) for g in self.groups}
         self.sub = Submodel.of(self.layout, self.mask)
-        if self.sub.sub_layout.fingerprint() != self.sliced.layout.fingerprint():
+        if self.sub.sub_layout.params != self.sliced.layout.params:
             raise LayoutError("cos2p mask does not give the sliced artifact's structure")
 
     # ------------------------------------------------------------ training
