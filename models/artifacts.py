@@ -94,7 +94,8 @@ def profile_structure(full: Structure, profile: Profile, variant: str = DEFAULT_
                               f"({', '.join(EXIT_BLOCKS)}), got {full.model!r}")
         return dataclasses.replace(structure, depth=depth_blocks(profile.depth, blocks))
     if profile.depth != 1.0:
-        raise ConfigError(f"profile {profile.canonical()!r}: a depth needs a multi-exit graph variant (exits-… or mask-…)")
+        raise ConfigError(f"profile {profile.canonical()!r}: a depth needs a multi-exit graph variant "
+                          "(exits-… or mask-…)")
     return structure
 
 

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.structure import Structure
+from runtime.backend import EXIT_PREFIX
 from runtime.errors import ConfigError
 from runtime.layout import AxisGroup, FloatArray, ParamLayout, ParamSpec
 
@@ -41,7 +42,7 @@ REF_PREFIX = "score_ref."
 
 
 def exit_name(i: int) -> str:
-    return f"exit{i}"
+    return f"{EXIT_PREFIX}{i}"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ class Structure:
         return self.channels["classes"]
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": self.model, "input_shape": list(self.input_shape), "channels": dict(self.channels)}
+        out: dict[str, Any] = {"model": self.model, "input_shape": list(self.input_shape),
+                               "channels": dict(self.channels)}
         if self.depth:  # only when set, so the keys of plain models stay what they were
             out["depth"] = self.depth
         return out

@@ -26,6 +26,10 @@ LABELS = "labels"
 TEACHER = "teacher"  # a distillation graph's extra input: the teacher's logits on the batch
 KD_GATE = "kd_gate"  # a multi-exit graph's (1,) input: 1 turns cross-block distillation on (Co-S²P)
 KEEP_TARGET = "keep_target"  # a mask-learning graph's (1,) input: the keep rate ρ the masks aim at
+EXIT_PREFIX = "exit"  # a multi-exit model's shallower outputs: exit1, exit2, ... (`logits` is the deepest)
+# Evaluation feeds the loss's control inputs as "off": the eval loss of a multi-exit model is then
+# the sum of its exits' CE; a backend ignores feeds its graph does not take.
+EVAL_CONTROLS = {KD_GATE: np.zeros(1, dtype=np.float32)}
 LOSS = "loss"
 LOGITS = "logits"
 

@@ -36,7 +36,7 @@ def kept_channels(width: float, channels: int) -> int:
 def depth_blocks(depth: float, blocks: int) -> int:
     """Block groups a depth-rate-`depth` multi-exit model keeps of `blocks`: ⌊ρ_d·B⌋ (Co-S²P),
     ConfigError naming the rate when that is none."""
-    d = int(math.floor(depth * blocks + 1e-9))
+    d = math.floor(depth * blocks + 1e-9)
     if d < 1:
         raise ConfigError(f"depth rate {depth:g} keeps no block group of {blocks} (needs >= {1 / blocks:.3g})")
     return d

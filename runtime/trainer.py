@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.backend import INPUT, LABELS, LOGITS, MutableFeeds, TrainingBackend, loss_of
+from runtime.backend import EVAL_CONTROLS, EXIT_PREFIX, INPUT, LABELS, LOGITS, MutableFeeds, TrainingBackend, loss_of
 from runtime.errors import ConfigError, TrainerError
 from runtime.layout import FloatArray
 from runtime.methods.base import DeviceMethod
@@ -60,8 +60,9 @@ class TrainResult:
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
-    accuracy: float
+    accuracy: float  # of `logits` (a multi-exit model's deepest exit)
     n_samples: int
+    exit_accuracy: tuple[float, ...] = ()  # a multi-exit model's: exits 1, 2, ..., then `logits`
 
 
 def peak_rss_mb() -> float:
@@ -186,10 +187,16 @@ class Trainer:
         if weights is not None:
             self.session.set_params(weights)
         loss_sum, correct = 0.0, 0
+        exits: dict[str, int] = {}
         for i in range(0, len(ys), batch_size):
             bx, by = xs[i : i + batch_size], ys[i : i + batch_size]
-            out = self.session.eval_step({INPUT: bx, LABELS: by})
+            out = self.session.eval_step({INPUT: bx, LABELS: by, **EVAL_CONTROLS})
             loss, logits = loss_of(out), np.asarray(out[LOGITS])
             loss_sum += loss * len(by)
             correct += int(np.sum(np.argmax(logits, axis=1) == by))
-        return EvalResult(loss=loss_sum / len(ys), accuracy=correct / len(ys), n_samples=len(ys))
+            for name in out:
+                if name.startswith(EXIT_PREFIX):
+                    exits[name] = exits.get(name, 0) + int(np.sum(np.argmax(np.asarray(out[name]), axis=1) == by))
+        per_exit = tuple(exits[k] / len(ys) for k in sorted(exits, key=lambda k: int(k[len(EXIT_PREFIX):])))
+        return EvalResult(loss=loss_sum / len(ys), accuracy=correct / len(ys), n_samples=len(ys),
+                          exit_accuracy=(*per_exit, correct / len(ys)) if per_exit else ())

@@ -3,7 +3,10 @@
 The host side (`models/`, which needs onnx) generates artifacts and writes `artifacts.json`:
 
     {"model": "lenet", "init": "init.npy", "global": "<artifact dir>",
-     "profiles": {"dense": "<artifact dir>", "width=0.5": "<artifact dir>"}}
+     "profiles": {"dense": "<artifact dir>", "width=0.5": "<artifact dir>"}, "auxiliary": []}
+
+(`auxiliary`, optional: profiles whose artifacts are sent to devices but are no slice of the
+global model the server can name.)
 
 (paths relative to the file). The server only reads them, so it runs without onnx, like a board.
 """
@@ -48,6 +51,7 @@ class ServerModel:
             self.global_manifest = read_manifest(self.global_dir)
             init = np.load(base / spec["init"], allow_pickle=False)
             profiles = {_canonical(k): base / v for k, v in spec["profiles"].items()}
+            auxiliary = {_canonical(str(k)) for k in spec.get("auxiliary", [])}
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: {exc.filename} not found") from None
         except OSError as exc:  # a directory where a file belongs, no permission, ...
@@ -59,8 +63,13 @@ class ServerModel:
         self.profiles: dict[str, ProfileArtifact] = {}
         for profile, directory in profiles.items():
             self.profiles[profile] = ProfileArtifact(profile, directory, read_manifest(directory))
+        # Artifacts a method sends but the server cannot slice (a mask-learning graph, a slice whose
+        # channels each device picks): never checked against or scored on the global model.
+        self.auxiliary = frozenset(auxiliary)
         self._submodels: OrderedDict[tuple[str, tuple[tuple[str, bytes], ...]], Submodel] = OrderedDict()
         for profile, art in self.profiles.items():
+            if profile in self.auxiliary:
+                continue
             sub = self.submodel(profile, 0)
             if sub.sub_layout != art.manifest.layout:
                 raise ConfigError(f"{path}: artifact for {profile!r} does not match the global layout's slice")
@@ -73,15 +82,21 @@ class ServerModel:
         """The slice of structural `profile` (a graph variant after `@` does not change it)."""
         structural, variant = split_variant(profile)
         p = parse_profile(structural)
-        if with_variant(p.canonical(), variant) not in self.profiles:
-            raise ConfigError(f"profile {profile!r} has no artifact; known: {', '.join(self.profiles)}")
+        name = with_variant(p.canonical(), variant)
+        if name not in self.profiles or name in self.auxiliary:
+            raise ConfigError(f"profile {profile!r} has no artifact the server can slice; known: "
+                              f"{', '.join(k for k in self.profiles if k not in self.auxiliary)}")
         index_map = index_map_for(p, self.layout.groups, round_index)
+        # A model holding fewer tensors than the global (a depth-cut multi-exit model, or a plain
+        # one next to a multi-exit global) is the slice of the tensors its artifact names.
+        names = self.profiles[name].manifest.layout.names
+        tensors = None if names == self.layout.names else names
         # Keyed by the channel sets themselves, so a window that does not move with the round
         # reuses one Submodel and one that does (FedRolex) gets one per distinct window.
-        key = (p.canonical(), tuple((g, idx.tobytes()) for g, idx in sorted(index_map.items())))
+        key = (name, tuple((g, idx.tobytes()) for g, idx in sorted(index_map.items())))
         sub = self._submodels.get(key)
         if sub is None:
-            sub = Submodel.of(self.layout, index_map)
+            sub = Submodel.of(self.layout, index_map, tensors)
             self._submodels[key] = sub
             while len(self._submodels) > _SUBMODEL_CACHE:
                 self._submodels.popitem(last=False)

@@ -431,7 +431,8 @@ class Service:
             served = self.engine.method.served_weights(np.asarray(self.engine.global_flat), self.model.layout)
             ev = self.evaluator.evaluate(served, self.eval_x, self.eval_y)
             self.out.event({"event": EventName.EVALUATE, "version": action.version, "accuracy": ev.accuracy,
-                            "loss": ev.loss, "t": round(self._clock(), 3)})
+                            "loss": ev.loss, "t": round(self._clock(), 3),
+                            **({"exit_accuracy": list(ev.exit_accuracy)} if ev.exit_accuracy else {})})
             if self.pending_row is not None and self.pending_row["version"] == action.version:
                 self.pending_row.update(accuracy=round(ev.accuracy, 5), loss=round(ev.loss, 5))
             self._flush_row()

@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from models.artifacts import artifacts_for
+from models.artifacts import artifacts_for, profile_structure
 from models.builder import build
 from models.datasets import load_dataset, train_test_split
+from models.losses import DEFAULT_VARIANT
 from models.methods import method_artifacts
 from models.partition import parse_partition, partition
 from models.structure import full_structure
 from runtime.errors import ConfigError
 from runtime.methods import spec
+from runtime.profile import parse_profile, split_variant
 from runtime.protocol import check_topic_root
 
 
@@ -91,18 +93,25 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     scheme, kwargs = parse_partition(data.partition)
     parts = partition(train.y, len(devices), scheme, seed=data.seed, **kwargs)
 
-    full = full_structure(data.model, ds.input_shape, ds.num_classes)
-    built = build(full, seed=data.seed)
-    np.save(run / "init.npy", built.init)
     method_tbl = dict(server.get("method", {}))
     method = method_tbl.pop("name", None)
     params = spec(method).params(method_tbl) if method else {}
+    # The global model is the method's (Co-S²P's holds every exit head); "dense" by default.
+    global_profile = spec(method).global_profile(params) if method else "dense"
+    structural, variant = split_variant(global_profile)
+    full = profile_structure(full_structure(data.model, ds.input_shape, ds.num_classes),
+                             parse_profile(structural), variant or DEFAULT_VARIANT)
+    built = build(full, seed=data.seed)
+    np.save(run / "init.npy", built.init)
     profiles = sorted({p for d in devices for p in d.profiles})
-    sets = {**artifacts_for(data.model, ds.input_shape, ds.num_classes, ["dense"]),
+    sets = {**artifacts_for(data.model, ds.input_shape, ds.num_classes, [global_profile]),
             **method_artifacts(method, params, data.model, ds.input_shape, ds.num_classes, profiles)}
     dirs = {p: str(a.directory) for p, a in sorted(sets.items())}
+    auxiliary = sorted({a for p in profiles for a in spec(method).auxiliary_artifacts(
+        spec(method).parse_profile(p, params), params)}) if method else []
     (run / "artifacts.json").write_text(json.dumps(
-        {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
+        {"model": data.model, "init": "init.npy", "global": dirs[global_profile], "profiles": dirs,
+         "auxiliary": auxiliary}, indent=1))
 
     for plan, idx in zip(devices, parts, strict=True):
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])

@@ -33,7 +33,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -125,7 +125,8 @@ class Spec(MethodSpec):
     def auxiliary_artifacts(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The mask graph (scores, no slice of the global) and the sliced submodel, whose
         channels are each device's own mask: the server sends them but scores neither."""
-        return self.artifact_profiles(profile, params)[1:]
+        primary, *rest = self.artifact_profiles(profile, params)
+        return tuple(a for a in rest if a != primary)  # keep 1: the slice is the primary itself
 
     def global_profile(self, params: Mapping[str, Any]) -> str:
         return with_variant("dense", f"exits-{params['kd_gamma']:g}-{params['kd_temperature']:g}")
@@ -191,14 +192,14 @@ class Device(DeviceMethod):
                 raise ArtifactError(f"cos2p mask artifact scores group {g!r}, which the primary artifact lacks")
         self._full: FloatArray = np.zeros(self.layout.total, dtype=np.float32)
         self._rng = np.random.default_rng(0)
-        self.mask: Optional[Dict[str, IndexArray]] = None
-        self.scores: Optional[FloatArray] = None
-        self.sub: Optional[Submodel] = None
+        self.mask: dict[str, IndexArray] | None = None
+        self.scores: FloatArray | None = None
+        self.sub: Submodel | None = None
         self.mask_steps = self.kept_sum = 0.0
         self._loaded = False
 
     # ------------------------------------------------------------ state
-    def _state_path(self) -> Optional[Path]:
+    def _state_path(self) -> Path | None:
         return None if self.state_dir is None else self.state_dir / STATE_FILE
 
     def load_state(self) -> None:
@@ -283,7 +284,7 @@ class Device(DeviceMethod):
     def _mask_budget(self, feeds: MutableFeeds) -> int:
         """The first ⌊mask_fraction · steps⌋ steps of a mask round learn scores (the authors split
         a mask round's budget by `mask_round_ratio` 0.5), at least one weight step is left."""
-        return min(int(math.floor(self.mask_fraction * self.total_steps)), self.total_steps - 1)
+        return min(math.floor(self.mask_fraction * self.total_steps), self.total_steps - 1)
 
     def _mask_step(self, feeds: MutableFeeds) -> TrainingBackend:
         scores = self.mask_backend.get_params()

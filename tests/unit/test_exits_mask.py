@@ -50,7 +50,7 @@ def test_depth_and_exit_index_are_checked() -> None:
         structure("cnn", 3)
     with pytest.raises(ConfigError, match="model 'mlp' has no exit heads"):
         Structure("mlp", SHAPE, full_structure("mlp", SHAPE, CLASSES).channels, 1)
-    with pytest.raises(ConfigError, match="unknown graph variant 'exits-0.5'"):
+    with pytest.raises(ConfigError, match=r"unknown graph variant 'exits-0\.5'"):
         parse_variant("exits-0.5")
 
 

@@ -116,7 +116,7 @@ def test_random_ablation_and_mask_sizes(sets) -> None:
     assert device.mask is not None and device.mask_steps == 0
     for g in device.groups:
         assert device.mask[g].size == kept_channels(0.5, device.layout.groups[g])
-    with pytest.raises(LayoutError, match="keeps 3 units, keep 0.5 needs 16"):
+    with pytest.raises(LayoutError, match=r"keeps 3 units, keep 0\.5 needs 16"):
         device.set_mask({**device.mask, "conv1": np.arange(3)})
 
 
@@ -136,5 +136,5 @@ def test_a_rate_outside_0_1_is_rejected(text: str) -> None:
 
 
 def test_a_depth_keeping_no_block_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="depth rate 0.2 keeps no block group of 3"):
+    with pytest.raises(ConfigError, match=r"depth rate 0\.2 keeps no block group of 3"):
         build(PARAMS, "resnet", SHAPE, CLASSES, ["keep=0.5,depth=0.2"])
