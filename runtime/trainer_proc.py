@@ -126,7 +126,8 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple
         try:
             method = device_method(job.assignment, functools.partial(open_backend, job.artifact_root))
             method.deadline_at = job.deadline_at
-            method.state_dir = Path(job.artifact_root).parent / "method-state"
+            root = Path(job.artifact_root)
+            method.state_dir = root.with_name(root.name + ".state")  # per device, next to its cache
             needed = set(job.assignment.artifact_keys)
             for old in [k for k in sessions if k not in needed][: max(0, len(sessions) - len(needed) - _KEEP_SESSIONS)]:
                 del sessions[old]

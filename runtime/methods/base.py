@@ -73,7 +73,7 @@ class DeviceMethod:
     deadline_at: float | None = None  # time.monotonic() by which training must end (None: no limit)
     total_steps: int = 0  # steps this task trains (set by the trainer before `start`)
     # Where a method keeps what must outlive a task (Co-S²P's learned mask); the trainer child
-    # sets it next to the artifact cache. None: nothing persists (tests, central training).
+    # sets it next to the device's artifact cache. None: nothing persists (tests, central training).
     state_dir: Path | None = None
 
     def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:

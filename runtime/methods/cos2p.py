@@ -48,7 +48,7 @@ from runtime.submodel import IndexArray, Submodel, kept_channels
 
 MASKS = ("learned", "random")
 SCORE_PREFIX, SAMPLE_PREFIX, REF_PREFIX = "mask.", "mask_sample.", "score_ref."  # models/builder.py
-STATE_FILE = "cos2p_mask.json"
+STATE_PREFIX = "cos2p-mask"  # + the tier and the layout: a device moved to another tier keeps both masks
 EMPTY_RESAMPLES = 100  # the authors loop until a layer is non-empty; bounded here, then top-1
 
 
@@ -141,6 +141,10 @@ class Spec(MethodSpec):
 SPEC = Spec()
 
 
+def state_file(keep: float, layout: ParamLayout) -> str:
+    return f"{STATE_PREFIX}-keep{keep:g}-{layout.fingerprint()}.json"
+
+
 def _sigmoid(s: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-np.asarray(s, dtype=np.float64)))
 
@@ -200,17 +204,20 @@ class Device(DeviceMethod):
 
     # ------------------------------------------------------------ state
     def _state_path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / STATE_FILE
+        return None if self.state_dir is None else self.state_dir / state_file(self.keep, self.layout)
 
     def load_state(self) -> None:
         path = self._state_path()
         if path is None or not path.is_file():
             return
         data = json.loads(path.read_text())
-        if data.get("layout") != self.layout.fingerprint():
-            raise LayoutError(f"cos2p mask file {path} was learned for layout {data.get('layout')!r}, "
-                              f"not this model's {self.layout.fingerprint()!r}")
+        if data.get("layout") != self.layout.fingerprint() or data.get("keep") != self.keep:
+            raise LayoutError(f"cos2p mask file {path} was learned for layout {data.get('layout')!r} at keep "
+                              f"{data.get('keep')!r}, not this model's {self.layout.fingerprint()!r} at {self.keep:g}")
         self.scores = np.asarray(data["scores"], dtype=np.float32)
+        if self.scores.size != self.mask_backend.layout.total:
+            raise LayoutError(f"cos2p mask file {path} holds {self.scores.size} scores, the mask graph has "
+                              f"{self.mask_backend.layout.total}")
         if data.get("mask") is not None:
             self.mask = {g: np.asarray(v, dtype=np.int64) for g, v in data["mask"].items()}
             self.set_mask(self.mask)

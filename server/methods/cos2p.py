@@ -78,13 +78,14 @@ class Server(ServerMethod):
 
     def admit(self, event: UpdateReceived, task: TaskRecord, base: FloatArray, strategy: Strategy,
               who: str) -> Payload:
-        if event.indices is None:
-            raise RoundError(f"{who}: cos2p takes a masked delta (indices + values), got a dense {event.update.kind}")
         if event.update.kind != "delta":
-            raise RoundError(f"{who}: cos2p takes a delta, got kind {event.update.kind!r}")
-        indices = np.asarray(event.indices, dtype=np.int64)
+            raise RoundError(f"{who}: cos2p takes a masked delta, got kind {event.update.kind!r}")
         keep = self.model_rate(task.assignment)
         layout = getattr(self.model, "layout", None)
+        if event.indices is not None:
+            indices = np.asarray(event.indices, dtype=np.int64)
+        else:  # every coordinate of the task went (the wire sends fully covered tensors dense)
+            indices = np.arange(self.model.n_params if task.indices is None else task.indices.size, dtype=np.int64)
         if isinstance(layout, ParamLayout):
             tensors = self._tensors(layout, task)
             check_masked_indices(layout, tensors, indices, keep, who)

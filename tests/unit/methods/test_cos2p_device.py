@@ -15,7 +15,7 @@ from models.methods.cos2p import build
 from runtime.errors import ConfigError, LayoutError
 from runtime.methods import spec
 from runtime.methods.cos2p import (
-    STATE_FILE,
+    state_file,
     Device,
     jaccard,
     mask_indices,
@@ -88,7 +88,7 @@ def test_masks_learned_on_disjoint_labels_differ_more_than_chance(sets, fashion,
 def test_mask_is_stored_and_reused_and_the_upload_is_the_masked_delta(sets, fashion, tmp_path) -> None:
     x, y = fashion
     first = learn(sets, x[:300], y[:300], tmp_path, seed=0, steps=20)
-    assert json.loads((tmp_path / STATE_FILE).read_text())["mask"] is not None
+    assert json.loads((tmp_path / state_file(0.5, first.layout)).read_text())["mask"] is not None
     later = make_device(sets, 5, tmp_path)
     trainer = Trainer.on_backend(later.primary, SHAPE, CLASSES)
     w0 = later.primary.get_params()
@@ -104,9 +104,10 @@ def test_mask_is_stored_and_reused_and_the_upload_is_the_masked_delta(sets, fash
 
 
 def test_a_mask_file_of_another_model_is_rejected(sets, tmp_path) -> None:
-    (tmp_path / STATE_FILE).write_text(json.dumps({"layout": "0123abcd", "scores": [], "mask": None}))
     device = make_device(sets, 0, tmp_path)
-    with pytest.raises(LayoutError, match="learned for layout '0123abcd'"):
+    (tmp_path / state_file(0.5, device.layout)).write_text(
+        json.dumps({"layout": "0123abcd", "keep": 0.5, "scores": [], "mask": None}))
+    with pytest.raises(LayoutError, match="learned for layout '0123abcd' at keep 0.5"):
         device.start(None, 0.05, np.random.default_rng(0))
 
 

@@ -104,7 +104,8 @@ def _rejected(r: Rig) -> list[str]:
     ("past_depth", "lies past its depth"),
     ("wrong_size", "keeps 32 units, keep 0.5 needs 16"),
     ("not_a_mask", "are not the coordinates of a unit mask"),
-    ("dense", "cos2p takes a masked delta"),
+    ("dense", "mask of group 'conv1' keeps 32 units, keep 0.5 needs 16"),
+    ("weights", "cos2p takes a masked delta, got kind 'weights'"),
 ])
 def test_bad_indices_are_rejected_with_the_reason(model: ServerModel, case: str, reason: str) -> None:
     rng = np.random.default_rng(1)
@@ -119,8 +120,10 @@ def test_bad_indices_are_rejected_with_the_reason(model: ServerModel, case: str,
     elif case == "not_a_mask":
         idx = idx[1:]
     values = rng.normal(size=idx.size).astype(np.float32)
-    send(r, "b", None if case == "dense" else idx, values if case != "dense" else
-         rng.normal(size=task.indices.size).astype(np.float32))
+    if case == "dense":
+        send(r, "b", None, rng.normal(size=task.indices.size).astype(np.float32))
+    else:
+        send(r, "b", idx, values, "weights" if case == "weights" else "delta")
     reasons = _rejected(r)
     assert len(reasons) == 1 and reason in reasons[0] and "\n" not in reasons[0], reasons
     np.testing.assert_array_equal(r.engine.global_flat, g0)
