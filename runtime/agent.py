@@ -51,6 +51,7 @@ from runtime.protocol import (
 )
 from runtime.sdnotify import SdNotify
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
+from runtime.tiering import Limits, Measured, TierCache, choose_tier
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
 log = logging.getLogger("orchard.device")
@@ -106,6 +107,12 @@ class Agent:
         self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
         self.samples: list[TelemetrySample] = []
+        # Tier by resources (runtime/tiering.py): measurements kept next to the artifact cache.
+        state = cfg.artifact_cache.with_name(cfg.artifact_cache.name + ".state")
+        self.tiers = TierCache(state / "tiers.json") if cfg.tier == "by-resources" else None
+        self.tier_steps = 1  # what the last task asked (steps, deadline); nothing before the first
+        self.tier_deadline_s: float | None = None
+        self.tier, self.tier_reason = self._choose_tier()
         self.stop_event = threading.Event()
         self.notify = SdNotify.from_env()
         offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
@@ -178,15 +185,28 @@ class Agent:
         self.freeze.close()
         self.mqtt.close()
 
+    def _choose_tier(self) -> tuple[str, str]:
+        """(profile, reason); with a fixed tier the configured order stands."""
+        if self.tiers is None:
+            return self.cfg.profiles[0], ""
+        limits = self.sampler.limits
+        quota = limits.cpu_quota_cores() or float(self.board.cores)
+        cap = limits.mem_limit_mb() or float(self.board.ram_mb)
+        return choose_tier(self.cfg.profiles, self.tiers.entries,
+                           Limits(cap, quota, self.tier_steps, self.tier_deadline_s))
+
     def _announce(self) -> None:
         keys = tuple(sorted(p.name for p in self.cfg.artifact_cache.iterdir() if (p / MANIFEST).is_file()))
+        # The hello's first profile is the device's choice when it tiers itself by resources.
+        profiles = (self.tier, *(p for p in self.cfg.profiles if p != self.tier))
         hello = Hello(
             device_id=self.id, board=self.board.name, cores=float(self.board.cores), ram_mb=self.board.ram_mb,
-            runtime_version=__version__, profiles=self.cfg.profiles, n_samples=self.trainer.n_samples,
+            runtime_version=__version__, profiles=profiles, n_samples=self.trainer.n_samples,
             label_histogram=self.label_histogram, artifacts=keys,
         )
         self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
-        self._set_state(self.state, self.running.task.task_id if self.running else None)
+        detail = f"tier {self.tier} by resources: {self.tier_reason}" if self.tiers is not None else ""
+        self._set_state(self.state, self.running.task.task_id if self.running else None, detail=detail)
         # A row the server surely hears (it is subscribed once its state is online): rows sent
         # before it subscribed are lost, and a short run could end before the next batch. The
         # row's cumulative energy_j carries whatever the lost rows covered.
@@ -376,6 +396,7 @@ class Agent:
                      "cpu_s": outcome.cpu_s, "steps": outcome.steps, **quota},
             tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )
+        self._measure_tier(task, outcome.peak_rss_mb, outcome.step_ms_median, cores)
         frame = encode_update(update, encoding=task.encoding)
         attempt = self.trainer.restarts
         chunks = chunk_frame(frame, f"{task.task_id}.{attempt}.{int(time.time() * 1000) % 10**9}")
@@ -383,6 +404,21 @@ class Agent:
         self._send_update(task.task_id, chunks)
         self.upload_s = time.monotonic() - packing_from
         self._set_state("idle")
+
+    def _measure_tier(self, task: Task, peak_rss_mb: float, step_ms: float, cores: float | None) -> None:
+        """Record what this task's profile cost; re-announce when that changes the choice."""
+        if self.tiers is None:
+            return
+        self.tier_steps = task.local_steps or self.tier_steps
+        self.tier_deadline_s = task.deadline_s if task.deadline_s > 0 else None
+        self.tiers.record(task.assignment.profile, Measured(peak_rss_mb, step_ms, cores or float(self.board.cores)))
+        tier, self.tier_reason = self._choose_tier()
+        if tier != self.tier:
+            log.info("%s: tier %s -> %s: %s", self.id, self.tier, tier, self.tier_reason)
+            self.tier = tier
+            self.trainer.restart()  # a fresh child: its peak RSS is the new tier's, not the old one's
+            if self.mqtt.is_connected and self.greeted:
+                self._announce()  # the hello again, with the new choice first
 
     def _send_update(self, task_id: str, chunks: list[bytes]) -> None:
         if not (self.mqtt.is_connected and self.greeted):

@@ -28,10 +28,11 @@ from runtime.errors import ConfigError
 from runtime.methods import device_profile
 from runtime.protocol import check_topic_root
 from runtime.telemetry import OFFLINE_MODES
+from runtime.tiering import TIER_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
-                          "sysfs_root", "offline"})
+                          "sysfs_root", "offline", "tier"})
 _BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file"})
 
 
@@ -50,6 +51,9 @@ class DeviceConfig:
     ca_file: str | None = None
     sysfs_root: str = "/"
     offline: str = "unreachable"  # one of runtime.telemetry.OFFLINE_MODES
+    # fixed: the server assigns among `profiles`; by-resources: the device picks the first of
+    # `profiles` (largest first) that fits what it measured (runtime/tiering.py)
+    tier: str = "fixed"
 
 
 def load_device_config(path: str | Path, broker_url: str | None = None) -> DeviceConfig:
@@ -81,6 +85,7 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         ca_file=brk.optional_string("ca_file"),
         sysfs_root=dev.string("sysfs_root", default="/"),
         offline=dev.string("offline", OFFLINE_MODES, default="unreachable"),
+        tier=dev.string("tier", TIER_MODES, default="fixed"),
     )
 
 

@@ -56,6 +56,7 @@ from runtime.errors import ConfigError
 from runtime.methods import METHOD_NAMES, check_name, device_profile, spec
 from runtime.protocol import check_topic_root
 from runtime.tomlconf import TomlTable, check_tables, load_toml
+from server.policies import DEVICE_CHOICE
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
 
@@ -157,7 +158,7 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         engine=engine,
         train=train,
         default_profile=default_profile,
-        device_profiles={str(k): canonical(v) for k, v in devices.items()},
+        device_profiles={str(k): v if v == DEVICE_CHOICE else canonical(v) for k, v in devices.items()},
         seed=srv.integer("seed", 0, 2**31, default=0),
         downgrade_on_oom=asg.boolean("downgrade_on_oom", default=True),
         method=method,

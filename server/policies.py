@@ -367,13 +367,17 @@ class FixedProfile(AssignPolicy):
 
 @dataclass(frozen=True)
 class ProfileByDevice(AssignPolicy):
-    """Server-assigned tiers by device id (a campaign lists them)."""
+    """Server-assigned tiers by device id (a campaign lists them). `DEVICE_CHOICE` for a device:
+    the first profile of its hello (a device tiering itself by resources, runtime/tiering.py)."""
 
     profiles: Mapping[str, str]
     default: str = "dense"
 
     def profile_for(self, device_id: str, hello: Hello, round_index: int) -> str:
-        return self.profiles.get(device_id, self.default)
+        profile = self.profiles.get(device_id, self.default)
+        if profile == DEVICE_CHOICE:
+            return hello.profiles[0] if hello.profiles else self.default
+        return profile
 
 
 class Shrinks(Protocol):
@@ -382,6 +386,9 @@ class Shrinks(Protocol):
     def smaller(self, profile: str, offered: tuple[str, ...]) -> list[str]: ...
 
     def can_assign(self, profile: str) -> bool: ...
+
+
+DEVICE_CHOICE = "device"  # an [assign] entry meaning: the profile the device chose
 
 
 @dataclass(frozen=True)

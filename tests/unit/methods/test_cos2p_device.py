@@ -15,13 +15,13 @@ from models.methods.cos2p import build
 from runtime.errors import ConfigError, LayoutError
 from runtime.methods import spec
 from runtime.methods.cos2p import (
-    state_file,
     Device,
     jaccard,
     mask_indices,
     parse_tier,
     random_mask,
     sample_mask,
+    state_file,
 )
 from runtime.ort import OrtSession
 from runtime.protocol import Assignment
@@ -107,7 +107,7 @@ def test_a_mask_file_of_another_model_is_rejected(sets, tmp_path) -> None:
     device = make_device(sets, 0, tmp_path)
     (tmp_path / state_file(0.5, device.layout)).write_text(
         json.dumps({"layout": "0123abcd", "keep": 0.5, "scores": [], "mask": None}))
-    with pytest.raises(LayoutError, match="learned for layout '0123abcd' at keep 0.5"):
+    with pytest.raises(LayoutError, match=r"learned for layout '0123abcd' at keep 0\.5"):
         device.start(None, 0.05, np.random.default_rng(0))
 
 
