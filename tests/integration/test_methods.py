@@ -104,3 +104,35 @@ def test_distreal_devices_pick_their_vector_train_full_models_and_the_model_lear
     for e in accepted:
         assert e["report"]["steps.1"] == 12 and e["report"]["choice.0.vector"] == 1  # the one that fits
         assert e["n_values"] == full_size  # the full dense model came back, not the vector's slice
+
+
+@pytest.mark.timeout(200)
+def test_cos2p_tiers_learn_masks_upload_masked_deltas_and_the_model_learns(federation: Federate) -> None:
+    """Co-S²P over the real stack (multi-exit cnn on digits): every tier gets its three artifacts,
+    learns its mask in the mask rounds, uploads only its mask's coordinates (exit heads included),
+    the server keeps every exit and scores each."""
+    h = federation(devices=3, rounds=5, strategy="semi-async",
+                   strategy_params={"k_fraction": 1.0, "weight": "cos2p", "merge": "masked-delta"},
+                   model="cnn", method="cos2p", method_params={"mask_rounds": 1, "kd_from_round": 2}, local_steps=20,
+                   profiles=("keep=0.25,depth=0.5", "keep=0.5", "dense"))
+    h.start()
+    assert h.wait_server_exit(180) == 0
+    rows = h.rows()
+    assert [int(r["version"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]), rows
+    assert not h.find("update_rejected")
+    sent = Counter(e["device"] for e in h.find("artifact_sent"))
+    assert sent == {"dev0": 3, "dev1": 3, "dev2": 2}  # keep 1: the slice is the primary artifact
+    accepted = h.find("update_accepted")
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for e in accepted:
+        by_device.setdefault(e["device"], []).append(e)
+    full = next(e["n_values"] for e in by_device["dev2"])
+    assert all(e["n_values"] < full for d in ("dev0", "dev1") for e in by_device[d])
+    for device, events in by_device.items():
+        first, *later = sorted(events, key=lambda e: e["task_round"])
+        assert first["report"]["mask_steps"] == 10 and all(e["report"]["mask_steps"] == 0 for e in later)
+        assert len({e["n_values"] for e in events}) == 1, device  # one frozen mask, one size
+        assert any(e["report"]["kd_on"] == 1.0 for e in later)
+    evaluated = h.find("evaluate")
+    assert all(len(e["exit_accuracy"]) == 2 for e in evaluated)  # cnn: exit 1 and the final head
