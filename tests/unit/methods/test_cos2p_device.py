@@ -121,12 +121,26 @@ def test_random_ablation_and_mask_sizes(sets) -> None:
         device.set_mask({**device.mask, "conv1": np.arange(3)})
 
 
+class CountingRng:
+    """A real generator that counts its `random` draws (how often a layer was drawn)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng, self.draws = np.random.default_rng(seed), 0
+
+    def random(self, n: int) -> np.ndarray:
+        self.draws += 1
+        return self.rng.random(n)
+
+
 def test_an_empty_draw_is_resampled_and_sizes_are_fixed() -> None:
-    rng = np.random.default_rng(0)
-    scores = np.full(8, -6.0, dtype=np.float32)  # σ ≈ 0.0025: a draw is nearly always empty
-    scores[5] = 6.0
-    kept = sample_mask(scores, 0.25, rng)
-    assert kept.size == 2 and 5 in kept
+    scores = np.full(8, -5.0, dtype=np.float32)  # σ ≈ 0.0067: a draw of 8 units is empty 95 % of the time
+    scores[5] = -4.0
+    rng = CountingRng(0)
+    kept = sample_mask(scores, 0.25, rng)  # type: ignore[arg-type]
+    assert rng.draws > 1  # the empty draws were drawn again
+    assert kept.size == 2 and 5 in kept  # ⌈0.25·8⌉ units: the drawn one(s), then by score
+    keep_all = sample_mask(np.zeros(4, np.float32), 1.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(keep_all, np.arange(4))
 
 
 @pytest.mark.parametrize("text", ["keep=0", "keep=1.5", "depth=-0.5", "keep=abc"])
