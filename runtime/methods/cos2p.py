@@ -214,8 +214,9 @@ class Device(DeviceMethod):
         if data.get("layout") != self.layout.fingerprint() or data.get("keep") != self.keep:
             raise LayoutError(f"cos2p mask file {path} was learned for layout {data.get('layout')!r} at keep "
                               f"{data.get('keep')!r}, not this model's {self.layout.fingerprint()!r} at {self.keep:g}")
-        self.scores = np.asarray(data["scores"], dtype=np.float32)
-        if self.scores.size != self.mask_backend.layout.total:
+        # A random mask (the ablation) has no scores.
+        self.scores = None if data.get("scores") is None else np.asarray(data["scores"], dtype=np.float32)
+        if self.scores is not None and self.scores.size != self.mask_backend.layout.total:
             raise LayoutError(f"cos2p mask file {path} holds {self.scores.size} scores, the mask graph has "
                               f"{self.mask_backend.layout.total}")
         if data.get("mask") is not None:

@@ -111,10 +111,13 @@ def test_a_mask_file_of_another_model_is_rejected(sets, tmp_path) -> None:
         device.start(None, 0.05, np.random.default_rng(0))
 
 
-def test_random_ablation_and_mask_sizes(sets) -> None:
-    device = make_device(sets, 0, None, mask="random")
+def test_random_ablation_and_mask_sizes(sets, tmp_path) -> None:
+    device = make_device(sets, 0, tmp_path, mask="random")
     device.start(None, 0.05, np.random.default_rng(0))
     assert device.mask is not None and device.mask_steps == 0
+    again = make_device(sets, 1, tmp_path, mask="random")  # the next round reads the stored mask
+    again.start(None, 0.05, np.random.default_rng(1))
+    assert all(np.array_equal(device.mask[g], again.mask[g]) for g in device.groups)
     for g in device.groups:
         assert device.mask[g].size == kept_channels(0.5, device.layout.groups[g])
     with pytest.raises(LayoutError, match=r"keeps 3 units, keep 0\.5 needs 16"):
