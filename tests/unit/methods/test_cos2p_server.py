@@ -64,10 +64,16 @@ def send(r: Rig, device: str, idx: np.ndarray, values: np.ndarray, kind: str = "
     r.actions += r.engine.handle(UpdateReceived(device, upd, values, idx))
 
 
-def reference_merge(g: np.ndarray, ups: list[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
-    """methods.md §1.3 written out: imp = Σ|Δ|/rate, stale = drift L1, γ̃ = imp/(stale+1), γ = γ̃/Σγ̃,
-    W + Σ γ_i scatter(Δ_i)."""
-    raw = np.array([np.abs(v.astype(np.float64)).sum() / rate / (drift + 1.0) for _, v, rate, drift in ups])
+def reference_merge(g: np.ndarray, ups: list[tuple[np.ndarray, np.ndarray, float, float]],
+                    cap: float = 3.0) -> np.ndarray:
+    """methods.md §1.3 written out: imp = Σ|Δ|/rate, clipped at cap × the round's lower median of
+    imp/rate, times rate (the server's guard against a client buying weight with a big delta; not
+    in the paper), stale = drift L1, γ̃ = imp/(stale+1), γ = γ̃/Σγ̃, W + Σ γ_i scatter(Δ_i)."""
+    imp = np.array([np.abs(v.astype(np.float64)).sum() / rate for _, v, rate, _ in ups])
+    rates = np.array([rate for *_, rate, _ in ups])
+    per_rate = np.sort(imp / rates)[(len(ups) - 1) // 2]
+    imp = np.minimum(imp, cap * per_rate * rates)
+    raw = imp / np.array([drift + 1.0 for *_, drift in ups])
     gamma = raw / raw.sum()
     out = g.astype(np.float64).copy()
     for (idx, v, _, _), w in zip(ups, gamma, strict=False):
