@@ -37,6 +37,9 @@ class BuiltModel:
     flops_per_sample: int  # forward pass, 2 x multiply-accumulates of conv and dense layers
     init: FloatArray  # initial flat parameters in layout order
     flops_by_weight: Mapping[str, int] = field(default_factory=dict)  # forward FLOPs per weight tensor
+    # Per hidden group, the last post-ReLU tensor whose channel axis (1) is that group, and its
+    # per-sample shape: where Chen & Qin's filter relevance reads the activations (models/relevance.py).
+    activations: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class _Graph:
     specs: list[tuple[str, tuple[int, ...], tuple[AxisGroup | None, ...], str]] = field(default_factory=list)
     flops: int = 0
     flops_by_weight: dict[str, int] = field(default_factory=dict)
+    activations: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     counter: int = 0
 
     def tmp(self, stem: str) -> str:
@@ -88,7 +92,11 @@ class _Graph:
         w_out = (hw[1] + 2 * pad - k) // stride + 1
         self.flops_by_weight[w] = 2 * c_in * c_out * k * k * h_out * w_out
         self.flops += self.flops_by_weight[w]
-        return (self.scaled(self.relu(out), cout) if relu else out), (h_out, w_out)
+        if not relu:
+            return out, (h_out, w_out)
+        act = self.scaled(self.relu(out), cout)
+        self.activations[cout] = (act, (c_out, h_out, w_out))
+        return act, (h_out, w_out)
 
     def dense(
         self, x: str, name: str, fin: tuple[str | None, int], block: int, fout: str, relu: bool,
@@ -104,7 +112,11 @@ class _Graph:
         self.nodes.append(helper.make_node("Gemm", [x, w, b], [out], transB=1))
         self.flops_by_weight[w] = 2 * n_in * n_out
         self.flops += self.flops_by_weight[w]
-        return self.scaled(self.relu(out), fout) if relu else out
+        if not relu:
+            return out
+        act = self.scaled(self.relu(out), fout)
+        self.activations[fout] = (act, (n_out,))
+        return act
 
     def scaled(self, x: str, group: str) -> str:
         """`x` times the group's activation scale: inverted filter dropout (DISTREAL) trains a
@@ -191,6 +203,7 @@ def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
         else:
             skip = h
         h, hw, prev = g.relu(g.op("Add", [y, skip])), hw_out, stage
+        g.activations[stage] = (h, (g.channels[stage], *hw))
     pooled = g.flatten(g.op("GlobalAveragePool", [h]))
     return g.dense(pooled, "out", (prev, 0), 1, "classes", relu=False)
 
@@ -227,4 +240,4 @@ def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | 
     layout = ParamLayout(params=tuple(specs), groups=channels)
     init = np.concatenate([numpy_helper.to_array(t).reshape(-1) for t in g.inits]).astype(np.float32)
     return BuiltModel(model=model, layout=layout, flops_per_sample=g.flops, init=init,
-                      flops_by_weight=dict(g.flops_by_weight))
+                      flops_by_weight=dict(g.flops_by_weight), activations=dict(g.activations))
