@@ -7,6 +7,7 @@ MQTT), the initial global weights and the held-out evaluation split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,15 @@ def fresh_run_dir(run: Path, force: bool) -> None:
     run.chmod(0o750)  # private to its owner and group whatever the umask (the CLI's is 027)
 
 
+def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """About `n` indices with every class equally represented (as far as its samples allow)."""
+    rng = np.random.default_rng([seed, 7])
+    classes = np.unique(labels)
+    per = max(1, n // len(classes))
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
                 keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0) -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
@@ -97,12 +107,28 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     method_tbl = dict(server.get("method", {}))
     method = method_tbl.pop("name", None)
     params = spec(method).params(method_tbl) if method else {}
+    extra_spec: dict[str, Any] = {}
+    if method:
+        # A method whose profiles depend on the data (Chen & Qin's classes) fills them in here,
+        # from each shard's label histogram; the first profile is the one the device is assigned.
+        hists = [np.bincount(train.y[idx], minlength=ds.num_classes).tolist() for idx in parts]
+        firsts = spec(method).fleet_profiles(params, [d.profiles[0] for d in devices], hists, ds.num_classes)
+        devices = [dataclasses.replace(d, profiles=(f, *d.profiles[1:])) for d, f in zip(devices, firsts, strict=True)]
+        n_proxy = spec(method).proxy_samples(params)
+        if n_proxy:
+            pick = _stratified(train.y, n_proxy, data.seed)
+            np.savez(run / "proxy.npz", x=train.x[pick], y=train.y[pick])
+            extra_spec["proxy"] = "proxy.npz"
     profiles = sorted({p for d in devices for p in d.profiles})
     sets = {**artifacts_for(data.model, ds.input_shape, ds.num_classes, ["dense"]),
             **method_artifacts(method, params, data.model, ds.input_shape, ds.num_classes, profiles)}
-    dirs = {p: str(a.directory) for p, a in sorted(sets.items())}
+    # Names with "@" are artifacts a server half runs itself (Chen & Qin's relevance), not profiles.
+    dirs = {p: str(a.directory) for p, a in sorted(sets.items()) if not p.startswith("@")}
+    extra = {p[1:]: str(a.directory) for p, a in sorted(sets.items()) if p.startswith("@")}
+    if extra:
+        extra_spec["extra"] = extra
     (run / "artifacts.json").write_text(json.dumps(
-        {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs}, indent=1))
+        {"model": data.model, "init": "init.npy", "global": dirs["dense"], "profiles": dirs, **extra_spec}, indent=1))
 
     for plan, idx in zip(devices, parts, strict=True):
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -149,6 +149,17 @@ class MethodSpec(ABC):
     def extras(self, profile: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """Assignment.extras for a task under `profile` (JSON values)."""
         return {}
+
+    def fleet_profiles(self, params: Mapping[str, Any], profiles: Sequence[str],
+                       histograms: Sequence[Sequence[int]], num_classes: int) -> list[str]:
+        """Each device's profile once the campaign knows its data (label histogram per device, in
+        fleet order): a method whose profiles depend on the data (Chen & Qin's classes) fills them
+        in; the others keep them."""
+        return list(profiles)
+
+    def proxy_samples(self, params: Mapping[str, Any]) -> int:
+        """Samples of the proxy split the method's server half needs (0: none)."""
+        return 0
 
 
 class SliceSpec(MethodSpec):
