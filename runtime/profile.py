@@ -3,6 +3,7 @@
 Grammar: `dense`, or comma-separated `key=value` items, e.g. `width=0.5`,
 `width=0.25,window=rolling`, `classes=0-4`, `classes=0+3+7,width=0.5`,
 `drop=conv1:0.25+conv3:0.5`.
+`width=0.25,widths=conv1:0.5+conv2:0.5` (a group's own width overrides `width` for it).
 Class lists use `+` between items and `a-b` for inclusive ranges (commas separate items).
 `drop` gives a per-group share of channels dropped (a DISTREAL dropout vector, methods.md §2):
 the structure keeps `ceil((1 - d) * C)` channels of each named group; which ones is the device's
@@ -24,6 +25,12 @@ class Profile:
     window: str = "leading"  # leading (HeteroFL, FjORD) | rolling (FedRolex)
     classes: tuple[int, ...] | None = None  # class subset (Chen & Qin); None = all classes
     drop: tuple[tuple[str, float], ...] = ()  # (group, dropped share in [0, 1)), sorted by group
+    # (group, width) pairs sorted by group: those groups keep their own share instead of `width`
+    # (Chen & Qin's minimum keep ratio of the first layers)
+    group_widths: tuple[tuple[str, float], ...] = ()
+
+    def width_of(self, group: str) -> float:
+        return dict(self.group_widths).get(group, self.width)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
@@ -42,6 +49,12 @@ class Profile:
                 raise ConfigError(f"profile dropout rate {group}:{rate:g} is outside [0, 1)")
         if self.drop and self.width != 1.0:
             raise ConfigError("profile keys drop and width do not combine: a dropout vector sets every width")
+        names = [g for g, _ in self.group_widths]
+        if names != sorted(set(names)):
+            raise ConfigError(f"profile widths {names} must name each group once, sorted")
+        for group, w in self.group_widths:
+            if not 0.0 < w <= 1.0:
+                raise ConfigError(f"profile width {w} of group {group!r} is outside (0, 1]")
 
     def canonical(self) -> str:
         items = []
@@ -54,6 +67,8 @@ class Profile:
         kept = [f"{g}:{r:g}" for g, r in self.drop if r > 0]
         if kept:
             items.append("drop=" + "+".join(kept))
+        if self.group_widths:
+            items.append("widths=" + "+".join(f"{g}:{w:g}" for g, w in self.group_widths))
         return ",".join(items) or "dense"
 
 
@@ -102,12 +117,28 @@ def _parse_drop(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(rates.items()))
 
 
+def _parse_group_widths(text: str) -> tuple[tuple[str, float], ...]:
+    out: dict[str, float] = {}
+    for part in text.split("+"):
+        group, sep, value = part.partition(":")
+        group = group.strip()
+        try:
+            if not sep or not group:
+                raise ValueError
+            out[group] = float(value)
+        except ValueError:
+            raise ConfigError(f"profile widths {_short(text)}: {_short(part)} is not group:width") from None
+    return tuple(sorted(out.items()))
+
+
 def parse_profile(text: str) -> Profile:
     text = text.strip()
     if text in ("", "dense"):
         return Profile()
-    width, window, classes = 1.0, "leading", None
+    width, window = 1.0, "leading"
+    classes: tuple[int, ...] | None = None
     drop: tuple[tuple[str, float], ...] = ()
+    group_widths: tuple[tuple[str, float], ...] = ()
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
@@ -124,9 +155,11 @@ def parse_profile(text: str) -> Profile:
             classes = _parse_classes(value)
         elif key == "drop":
             drop = _parse_drop(value)
+        elif key == "widths":
+            group_widths = _parse_group_widths(value)
         else:
-            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop")
-    return Profile(width=width, window=window, classes=classes, drop=drop)
+            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop, widths")
+    return Profile(width=width, window=window, classes=classes, drop=drop, group_widths=group_widths)
 
 
 def split_variant(text: str) -> tuple[str, str | None]:

@@ -81,9 +81,9 @@ class DeviceSubmodel:
 
 
 def device_submodel(relevance: Mapping[str, npt.NDArray[np.float32]], groups: Mapping[str, int],
-                    classes: Sequence[int], width: float, q: float) -> DeviceSubmodel:
-    """Index map of a device with `classes` whose artifact keeps ⌈width·C⌉ filters per hidden
-    group, and what each held filter serves."""
+                    classes: Sequence[int], width: float | Mapping[str, float], q: float) -> DeviceSubmodel:
+    """Index map of a device with `classes` whose artifact keeps ⌈w·C⌉ filters of each hidden
+    group (w = `width`, or `width[group]` when given per group), and what each held filter serves."""
     k = groups[CLASSES]
     bad = [c for c in classes if not 0 <= c < k]
     if bad:
@@ -93,7 +93,8 @@ def device_submodel(relevance: Mapping[str, npt.NDArray[np.float32]], groups: Ma
     for group, n in groups.items():
         if group == CLASSES:
             continue
-        choice = select_channels(np.asarray(relevance[group]), classes, kept_channels(width, n), q)
+        w = width if isinstance(width, (int, float)) else width[group]
+        choice = select_channels(np.asarray(relevance[group]), classes, kept_channels(w, n), q)
         index_map[group], serves[group] = choice.channels, choice.serves
     index_map[CLASSES] = np.asarray(sorted(classes), dtype=np.int64)
     serves[CLASSES] = np.eye(len(classes), dtype=bool)  # row c serves class c

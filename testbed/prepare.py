@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from models.artifacts import artifacts_for
 from models.builder import build
@@ -80,7 +81,7 @@ def fresh_run_dir(run: Path, force: bool) -> None:
     run.chmod(0o750)  # private to its owner and group whatever the umask (the CLI's is 027)
 
 
-def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+def _stratified(labels: npt.NDArray[np.int64], n: int, seed: int) -> npt.NDArray[np.int64]:
     """About `n` indices with every class equally represented (as far as its samples allow)."""
     rng = np.random.default_rng([seed, 7])
     classes = np.unique(labels)
@@ -112,7 +113,8 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
         # A method whose profiles depend on the data (Chen & Qin's classes) fills them in here,
         # from each shard's label histogram; the first profile is the one the device is assigned.
         hists = [np.bincount(train.y[idx], minlength=ds.num_classes).tolist() for idx in parts]
-        firsts = spec(method).fleet_profiles(params, [d.profiles[0] for d in devices], hists, ds.num_classes)
+        groups = full_structure(data.model, ds.input_shape, ds.num_classes).channels
+        firsts = spec(method).fleet_profiles(params, [d.profiles[0] for d in devices], hists, groups)
         devices = [dataclasses.replace(d, profiles=(f, *d.profiles[1:])) for d, f in zip(devices, firsts, strict=True)]
         n_proxy = spec(method).proxy_samples(params)
         if n_proxy:

@@ -151,10 +151,11 @@ class MethodSpec(ABC):
         return {}
 
     def fleet_profiles(self, params: Mapping[str, Any], profiles: Sequence[str],
-                       histograms: Sequence[Sequence[int]], num_classes: int) -> list[str]:
+                       histograms: Sequence[Sequence[int]], groups: Mapping[str, int]) -> list[str]:
         """Each device's profile once the campaign knows its data (label histogram per device, in
-        fleet order): a method whose profiles depend on the data (Chen & Qin's classes) fills them
-        in; the others keep them."""
+        fleet order) and the model (channels per group in graph order, `classes` included): a
+        method whose profiles depend on them (Chen & Qin's classes) fills them in; the others
+        keep them."""
         return list(profiles)
 
     def proxy_samples(self, params: Mapping[str, Any]) -> int:

@@ -22,10 +22,9 @@ assignment with `balance = true`).
                      initial model ("": score it)
     min_share        x of "classes with at least x of its samples" (0.1)
     balance          assign classes so each is covered by >= 2 devices, load balanced (false)
-
-Not built: the paper-reading's minimum keep ratio of the first two layers. The artifact keeps
-⌈width·C⌉ filters in every hidden group (runtime.profile has one width), so the first layers are
-as wide as the others; a per-group width in the profile grammar would carry it.
+    min_keep         minimum keep ratio of the first two hidden groups (0.5): `fleet_profiles`
+                     writes it into the profile (`widths=conv1:0.5+conv2:0.5`), so the artifact
+                     holds that many filters there
 """
 
 from __future__ import annotations
@@ -39,16 +38,16 @@ from runtime.errors import ConfigError
 from runtime.methods.base import SliceDevice, SliceSpec
 from runtime.profile import Profile, parse_profile
 
-_SHARE_KEYS = ("q", "min_share")  # numbers in (0, 1]
+_SHARE_KEYS = ("q", "min_share", "min_keep")  # numbers in (0, 1]
 _INT_KEYS = {"relevance_every": 0, "relevance_batch": 1, "proxy_samples": 1}
 
 
 class Spec(SliceSpec):
     name = "chenqin"
-    allowed: ClassVar[frozenset[str]] = frozenset({"classes", "width"})
+    allowed: ClassVar[frozenset[str]] = frozenset({"classes", "width", "group_widths"})
     param_defaults: ClassVar[Mapping[str, Any]] = {
         "q": 0.4, "relevance_every": 1, "relevance_batch": 64, "proxy_samples": 500, "relevance_file": "",
-        "min_share": 0.1, "balance": False}
+        "min_share": 0.1, "balance": False, "min_keep": 0.5}
     # Per-element average with per-coordinate weights: the harvest (server/harvest.py).
     strategy_defaults: ClassVar[Mapping[str, Any]] = {"merge": "per-element"}
 
@@ -65,7 +64,7 @@ class Spec(SliceSpec):
             raise ConfigError(f"[method] chenqin: balance {params['balance']!r} must be true or false")
         if not isinstance(params["relevance_file"], str):
             raise ConfigError(f"[method] chenqin: relevance_file {params['relevance_file']!r} must be a path")
-        return {**params, "q": float(params["q"]), "min_share": float(params["min_share"])}
+        return {**params, **{k: float(params[k]) for k in _SHARE_KEYS}}
 
     def artifact_profiles(self, profile: str, params: Mapping[str, Any]) -> tuple[str, ...]:
         p = parse_profile(profile)
@@ -78,10 +77,12 @@ class Spec(SliceSpec):
         return int(params["proxy_samples"])
 
     def fleet_profiles(self, params: Mapping[str, Any], profiles: Sequence[str],
-                       histograms: Sequence[Sequence[int]], num_classes: int) -> list[str]:
-        """Each device's profile with its classes: declared ones checked against its data, the
-        others from its label histogram (or the balancer). ConfigError names the device index
-        and the class."""
+                       histograms: Sequence[Sequence[int]], groups: Mapping[str, int]) -> list[str]:
+        """Each device's profile with its classes (declared ones checked against its data, the
+        others from its label histogram or the balancer) and the minimum keep ratio of the first
+        two hidden groups. ConfigError names the device (fleet index) and the class."""
+        num_classes = int(groups["classes"])
+        first = [g for g in groups if g != "classes"][:2]
         parsed = [parse_profile(p) for p in profiles]
         h = np.zeros((len(profiles), num_classes), dtype=np.int64)
         for d, row in enumerate(histograms):
@@ -90,7 +91,7 @@ class Spec(SliceSpec):
             h[d, :len(row)] = row
         share = float(params["min_share"])
         if params["balance"]:
-            costs = [p.width ** 2 for p in parsed]  # conv FLOPs scale with width²
+            costs = [p.width ** 2 for p in parsed]  # per-sample conv FLOPs scale with width²
             derived = balance_classes(h, costs, 2, share)
         else:
             derived = [classes_from_histogram(row, share) for row in h]
@@ -102,7 +103,13 @@ class Spec(SliceSpec):
                     raise ConfigError(f"device {d}: class {c} is out of range for a model of {num_classes} classes")
                 if h[d, c] == 0:
                     raise ConfigError(f"device {d}: declares class {c} but holds no sample of it")
-            out.append(Profile(width=p.width, classes=tuple(classes)).canonical())
+            widths = dict(p.group_widths)
+            for g in first:
+                keep = max(p.width_of(g), float(params["min_keep"]))
+                if keep != p.width:
+                    widths[g] = min(1.0, keep)
+            out.append(Profile(width=p.width, classes=tuple(classes),
+                               group_widths=tuple(sorted(widths.items()))).canonical())
         return out
 
 

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from runtime.errors import ConfigError, RoundError
 from runtime.layout import ParamLayout
-from runtime.profile import parse_profile
+from runtime.profile import Profile, parse_profile
 from runtime.protocol import Assignment, Hello
 from runtime.relevance import Relevance, RelevanceSession
 from runtime.submodel import Submodel
@@ -104,7 +104,8 @@ class Server(ServerMethod):
             raise ConfigError("chenqin: no relevance yet (on_global has not run)")
         key = (p.canonical(), self.relevance.version)
         if key not in self._submodels:
-            dev = device_submodel(self.relevance.scores, self.layout.groups, p.classes, p.width, self.p["q"])
+            dev = device_submodel(self.relevance.scores, self.layout.groups, p.classes, _widths(p, self.layout),
+                                  self.p["q"])
             self._submodels[key] = (dev, Submodel.of(self.layout, dev.index_map))
         return self._submodels[key]
 
@@ -144,8 +145,12 @@ class Server(ServerMethod):
         if rel is None or p.classes is None:
             raise RoundError(f"update for task {task.task_id!r}: its relevance version {version!r} is no longer "
                              f"retained (kept: {sorted(self._history)})")
-        dev = device_submodel(rel.scores, self.layout.groups, p.classes, p.width, self.p["q"])
+        dev = device_submodel(rel.scores, self.layout.groups, p.classes, _widths(p, self.layout), self.p["q"])
         if task.indices is not None and not np.array_equal(Submodel.of(self.layout, dev.index_map).indices,
                                                            task.indices):
             raise RoundError(f"task {task.task_id!r}: its indices differ from the assignment of {task.profile!r}")
         return dev
+
+
+def _widths(p: Profile, layout: ParamLayout) -> dict[str, float]:
+    return {g: p.width_of(g) for g in layout.groups}
