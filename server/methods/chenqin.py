@@ -10,7 +10,8 @@ harvest merge.
   them with each task (`indices_derivable = False`).
 - `admit`: the update must cover exactly the task's coordinates; each coordinate's weight is
   the device's sample count of the classes it serves (its hello's label histogram), which the
-  strategy's per-element merge turns into the harvest `Σ α w / Σ α`.
+  strategy's per-element merge turns into the harvest `Σ α w / Σ α` (each update weighs 1
+  besides: `weight_policy`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from server.aggregate import FloatArray, IndexArray
 from server.events import UpdateReceived
 from server.harvest import DeviceSubmodel, device_submodel, harvest_weights
 from server.methods.base import ServerMethod
-from server.policies import ModelOps, Strategy
+from server.methods.heterofl import CountWeight
+from server.policies import ModelOps, Strategy, WeightPolicy
 from server.records import TaskRecord
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,11 @@ class Server(ServerMethod):
         return Assignment(self.name, canonical, keys, extras), (None if sub.is_full else sub.indices)
 
     # ------------------------------------------------------------ harvest
+    def weight_policy(self, strategy_weight: WeightPolicy) -> WeightPolicy:
+        """One per update: the per-coordinate α (sample counts of the served classes) is the whole
+        weight, so `Σ α w / Σ α` is not multiplied by the strategy's n_samples a second time."""
+        return CountWeight()
+
     def admit(self, event: UpdateReceived, task: TaskRecord, base: FloatArray, strategy: Strategy,
               who: str) -> Payload:
         if event.indices is not None and (task.indices is None or not np.array_equal(event.indices, task.indices)):
