@@ -67,7 +67,7 @@ def test_zerofl_sparse_uploads_bytes_are_what_the_broker_carried(federation: Fed
     observer.close()
     rows = h.rows()
     assert [int(r["version"]) for r in rows] == [1, 2, 3]
-    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]) or float(rows[-1]["accuracy"]) > 0.5
+    assert float(rows[-1]["accuracy"]) > 0.3, rows  # ten classes; no device sees more than four
     received = h.find("update_received")
     assert len(received) == 9 and not h.find("update_rejected")
     for device, chunks in seen.items():
@@ -104,3 +104,24 @@ def test_distreal_devices_pick_their_vector_train_full_models_and_the_model_lear
     for e in accepted:
         assert e["report"]["steps.1"] == 12 and e["report"]["choice.0.vector"] == 1  # the one that fits
         assert e["n_values"] == full_size  # the full dense model came back, not the vector's slice
+
+
+@pytest.mark.timeout(200)
+def test_chenqin_class_subsets_from_labels_harvested_over_the_real_stack(federation: Federate) -> None:
+    """Chen & Qin on three devices holding disjoint digit classes: the campaign derives each
+    device's classes from its labels, the server scores relevance with ORT on the proxy split
+    (at version 0 and after each merge), the devices train different relevant filters, and the
+    harvested model learns."""
+    h = federation(devices=3, rounds=3, strategy="fedavg", strategy_params={"merge": "per-element"},
+                   partition="classes:0-3;4-6;7-9", method="chenqin",
+                   method_params={"proxy_samples": 100, "relevance_batch": 32}, local_steps=20,
+                   profiles=("width=0.5",))
+    h.start()
+    assert h.wait_server_exit(180) == 0
+    rows = h.rows()
+    assert [int(r["version"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["accuracy"]) > 0.3, rows  # ten classes; no device sees more than four
+    sent = {e["device"]: e["profile"] for e in h.find("task_sent")}
+    assert sent == {"dev0": "width=0.5,classes=0+1+2+3", "dev1": "width=0.5,classes=4+5+6",
+                    "dev2": "width=0.5,classes=7+8+9"}
+    assert not h.find("update_rejected")
