@@ -100,16 +100,23 @@ class Server(ServerMethod):
     # ------------------------------------------------------------ assignment
     def submodel(self, profile: str) -> tuple[DeviceSubmodel, Submodel]:
         p = parse_profile(profile)
-        if p.classes is None:
-            raise ConfigError(f"chenqin profile {profile!r} names no classes (the campaign fills them in)")
+        classes = self.classes_of(p)
         if self.relevance is None:
             raise ConfigError("chenqin: no relevance yet (on_global has not run)")
         key = (p.canonical(), self.relevance.version)
         if key not in self._submodels:
-            dev = device_submodel(self.relevance.scores, self.layout.groups, p.classes, _widths(p, self.layout),
+            dev = device_submodel(self.relevance.scores, self.layout.groups, classes, _widths(p, self.layout),
                                   self.p["q"])
             self._submodels[key] = (dev, Submodel.of(self.layout, dev.index_map))
         return self._submodels[key]
+
+    def classes_of(self, p: Profile) -> tuple[int, ...]:
+        """The profile's classes; `dense` (a device that serves every class) has all of them."""
+        if p.classes is not None:
+            return p.classes
+        if p.canonical() == "dense":
+            return tuple(range(int(self.layout.groups["classes"])))
+        raise ConfigError(f"chenqin profile {p.canonical()!r} names no classes (the campaign fills them in)")
 
     def assign(self, profile: str, round_index: int) -> tuple[Assignment, IndexArray | None]:
         canonical = self.canonical(profile)
@@ -131,13 +138,15 @@ class Server(ServerMethod):
             raise RoundError(f"{who}: update covers {np.asarray(event.indices).size} coordinates that differ from "
                              f"the assignment of profile {task.profile!r}")
         payload = super().admit(event, task, base, strategy, who)
-        classes = parse_profile(task.profile).classes
-        if classes is None:
-            raise RoundError(f"{who}: profile {task.profile!r} names no classes")
+        p = parse_profile(task.profile)
+        try:
+            classes = self.classes_of(p)
+        except ConfigError as exc:
+            raise RoundError(f"{who}: {exc}") from None
         hist = self._histograms.get(task.device_id, ())
         counts = [hist[c] if c < len(hist) else 0 for c in classes]
         empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-        if empty:
+        if empty and p.classes is not None:  # a declared subset must have data; `dense` serves what it has
             raise RoundError(f"{who}: device holds no sample of class {empty[0]} of its subset {list(classes)}")
         dev = self._submodel_at(task, task.assignment.extras.get("relevance_version"))
         alpha = harvest_weights(self.layout, dev, counts)
@@ -149,10 +158,11 @@ class Server(ServerMethod):
         """The device sub-model the task was assigned, under the relevance it was assigned with."""
         rel = self._history.get(version) if isinstance(version, int) else None
         p = parse_profile(task.profile)
-        if rel is None or p.classes is None:
+        if rel is None:
             raise RoundError(f"update for task {task.task_id!r}: its relevance version {version!r} is no longer "
                              f"retained (kept: {sorted(self._history)})")
-        dev = device_submodel(rel.scores, self.layout.groups, p.classes, _widths(p, self.layout), self.p["q"])
+        dev = device_submodel(rel.scores, self.layout.groups, self.classes_of(p), _widths(p, self.layout),
+                              self.p["q"])
         if task.indices is not None and not np.array_equal(Submodel.of(self.layout, dev.index_map).indices,
                                                            task.indices):
             raise RoundError(f"task {task.task_id!r}: its indices differ from the assignment of {task.profile!r}")

@@ -143,3 +143,11 @@ def test_params_are_checked() -> None:
         server_method("chenqin", {"q": 0}, LayoutModel(LAYOUT))
     with pytest.raises(ConfigError, match="has no key 'qq'"):
         server_method("chenqin", {"qq": 0.3}, LayoutModel(LAYOUT))
+
+
+def test_dense_serves_every_class_and_a_subset_profile_without_classes_is_refused(rel_file: Path) -> None:
+    method = server_method("chenqin", {"relevance_file": str(rel_file)}, LayoutModel(LAYOUT))
+    assignment, indices = method.assign("dense", 0)
+    assert indices is None and assignment.profile == "dense"  # the full model, every class row
+    with pytest.raises(ConfigError, match="chenqin profile 'width=0.5' names no classes"):
+        method.assign("width=0.5", 0)
