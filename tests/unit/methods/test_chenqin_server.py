@@ -149,5 +149,5 @@ def test_dense_serves_every_class_and_a_subset_profile_without_classes_is_refuse
     method = server_method("chenqin", {"relevance_file": str(rel_file)}, LayoutModel(LAYOUT))
     assignment, indices = method.assign("dense", 0)
     assert indices is None and assignment.profile == "dense"  # the full model, every class row
-    with pytest.raises(ConfigError, match="chenqin profile 'width=0.5' names no classes"):
+    with pytest.raises(ConfigError, match=r"chenqin profile 'width=0\.5' names no classes"):
         method.assign("width=0.5", 0)
