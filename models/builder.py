@@ -52,6 +52,9 @@ class BuiltModel:
     flops_per_sample: int  # forward pass, 2 x multiply-accumulates of conv and dense layers
     init: FloatArray  # initial flat parameters in layout order
     flops_by_weight: Mapping[str, int] = field(default_factory=dict)  # forward FLOPs per weight tensor
+    # Per hidden group, the last post-ReLU tensor whose channel axis (1) is that group, and its
+    # per-sample shape: where Chen & Qin's filter relevance reads the activations (models/relevance.py).
+    activations: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Graph:
     specs: list[tuple[str, tuple[int, ...], tuple[AxisGroup | None, ...], str]] = field(default_factory=list)
     flops: int = 0
     flops_by_weight: dict[str, int] = field(default_factory=dict)
+    activations: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     counter: int = 0
     depth: int = 0  # Structure.depth: 0 = plain model, d = multi-exit model cut after block group d
     masked: bool = False  # the mask-learning graph (weights become inputs, scores are trained)
@@ -109,7 +113,11 @@ class _Graph:
         w_out = (hw[1] + 2 * pad - k) // stride + 1
         self.flops_by_weight[w] = 2 * c_in * c_out * k * k * h_out * w_out
         self.flops += self.flops_by_weight[w]
-        return (self.scaled(self.relu(out), cout) if relu else out), (h_out, w_out)
+        if not relu:
+            return out, (h_out, w_out)
+        act = self.scaled(self.relu(out), cout)
+        self.activations[cout] = (act, (c_out, h_out, w_out))
+        return act, (h_out, w_out)
 
     def dense(
         self, x: str, name: str, fin: tuple[str | None, int], block: int, fout: str, relu: bool,
@@ -125,7 +133,11 @@ class _Graph:
         self.nodes.append(helper.make_node("Gemm", [x, w, b], [out], transB=1))
         self.flops_by_weight[w] = 2 * n_in * n_out
         self.flops += self.flops_by_weight[w]
-        return self.scaled(self.relu(out), fout) if relu else out
+        if not relu:
+            return out
+        act = self.scaled(self.relu(out), fout)
+        self.activations[fout] = (act, (n_out,))
+        return act
 
     def scaled(self, x: str, group: str) -> str:
         """`x` times the group's activation scale: inverted filter dropout (DISTREAL) trains a
@@ -282,6 +294,7 @@ def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
             skip = h
         h, hw, prev = g.relu(g.op("Add", [y, skip])), hw_out, stage
         h = g.unit_mask(h, stage, True)  # s1 again: the stem's mask, shared by its group
+        g.activations[stage] = (h, (g.channels[stage], *hw))
         if g.depth and i < 3:
             if i == g.depth:
                 return _deepest_exit(g, h, i, stage)
@@ -341,4 +354,4 @@ def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | 
     layout = ParamLayout(params=tuple(specs), groups=channels)
     init = np.concatenate([numpy_helper.to_array(t).reshape(-1) for t in inits]).astype(np.float32)
     return BuiltModel(model=model, layout=layout, flops_per_sample=g.flops, init=init,
-                      flops_by_weight=dict(g.flops_by_weight))
+                      flops_by_weight=dict(g.flops_by_weight), activations=dict(g.activations))

@@ -39,11 +39,12 @@ class CentralRun:
     data_root: str | None = None
     test_fraction: float = 0.2
     cache_dir: Path | None = None
+    samples: int | None = None  # a stratified subset, drawn as a campaign's [model] samples is
 
 
 def train_central(run: CentralRun, progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     profile = parse_profile(run.profile)
-    ds = load_dataset(run.dataset, run.data_root, seed=run.seed)
+    ds = load_dataset(run.dataset, run.data_root, seed=run.seed, n=run.samples)
     train, test = train_test_split(ds, run.test_fraction, seed=run.seed)
     full = full_structure(run.model, ds.input_shape, ds.num_classes)
     built = build(full, seed=run.seed)
@@ -71,6 +72,7 @@ def train_central(run: CentralRun, progress: Callable[[int, int, float], None] |
         "optimizer": run.optimizer,
         "seed": run.seed,
         "threads": threads,
+        "samples": run.samples,
         "train_samples": result.n_samples,
         "eval_samples": ev.n_samples,
         "loss_first": losses[0],

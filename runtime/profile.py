@@ -3,6 +3,7 @@
 Grammar: `dense`, or comma-separated `key=value` items, e.g. `width=0.5`,
 `width=0.25,window=rolling`, `classes=0-4`, `classes=0+3+7,width=0.5`,
 `drop=conv1:0.25+conv3:0.5`.
+`width=0.25,widths=conv1:0.5+conv2:0.5` (a group's own width overrides `width` for it).
 Class lists use `+` between items and `a-b` for inclusive ranges (commas separate items).
 `drop` gives a per-group share of channels dropped (a DISTREAL dropout vector, methods.md §2):
 the structure keeps `ceil((1 - d) * C)` channels of each named group; which ones is the device's
@@ -27,6 +28,12 @@ class Profile:
     # Fraction of a multi-exit model's block groups kept (Co-S²P's depth rate ρ_d), in (0, 1]; it
     # selects tensors, not channels (an artifact's structure says which, models/artifacts.py).
     depth: float = 1.0
+    # (group, width) pairs sorted by group: those groups keep their own share instead of `width`
+    # (Chen & Qin's minimum keep ratio of the first layers)
+    group_widths: tuple[tuple[str, float], ...] = ()
+
+    def width_of(self, group: str) -> float:
+        return dict(self.group_widths).get(group, self.width)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
@@ -47,6 +54,12 @@ class Profile:
                 raise ConfigError(f"profile dropout rate {group}:{rate:g} is outside [0, 1)")
         if self.drop and self.width != 1.0:
             raise ConfigError("profile keys drop and width do not combine: a dropout vector sets every width")
+        names = [g for g, _ in self.group_widths]
+        if names != sorted(set(names)):
+            raise ConfigError(f"profile widths {names} must name each group once, sorted")
+        for group, w in self.group_widths:
+            if not 0.0 < w <= 1.0:
+                raise ConfigError(f"profile width {w} of group {group!r} is outside (0, 1]")
 
     def canonical(self) -> str:
         items = []
@@ -61,6 +74,8 @@ class Profile:
             items.append("drop=" + "+".join(kept))
         if self.depth != 1.0:
             items.append(f"depth={self.depth:g}")
+        if self.group_widths:
+            items.append("widths=" + "+".join(f"{g}:{w:g}" for g, w in self.group_widths))
         return ",".join(items) or "dense"
 
 
@@ -109,12 +124,28 @@ def _parse_drop(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(rates.items()))
 
 
+def _parse_group_widths(text: str) -> tuple[tuple[str, float], ...]:
+    out: dict[str, float] = {}
+    for part in text.split("+"):
+        group, sep, value = part.partition(":")
+        group = group.strip()
+        try:
+            if not sep or not group:
+                raise ValueError
+            out[group] = float(value)
+        except ValueError:
+            raise ConfigError(f"profile widths {_short(text)}: {_short(part)} is not group:width") from None
+    return tuple(sorted(out.items()))
+
+
 def parse_profile(text: str) -> Profile:
     text = text.strip()
     if text in ("", "dense"):
         return Profile()
-    width, window, classes, depth = 1.0, "leading", None, 1.0
+    width, window, depth = 1.0, "leading", 1.0
+    classes: tuple[int, ...] | None = None
     drop: tuple[tuple[str, float], ...] = ()
+    group_widths: tuple[tuple[str, float], ...] = ()
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
@@ -136,9 +167,12 @@ def parse_profile(text: str) -> Profile:
                 depth = float(value)
             except ValueError:
                 raise ConfigError(f"profile depth {value!r} is not a number") from None
+        elif key == "widths":
+            group_widths = _parse_group_widths(value)
         else:
-            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop, depth")
-    return Profile(width=width, window=window, classes=classes, drop=drop, depth=depth)
+            raise ConfigError(f"unknown profile key {key!r} in {text!r}; "
+                              "known: width, window, classes, drop, depth, widths")
+    return Profile(width=width, window=window, classes=classes, drop=drop, depth=depth, group_widths=group_widths)
 
 
 def split_variant(text: str) -> tuple[str, str | None]:

@@ -45,15 +45,19 @@ def depth_blocks(depth: float, blocks: int) -> int:
 def index_map_for(profile: Profile, groups: Mapping[str, int], round_index: int = 0) -> dict[str, IndexArray]:
     """The per-group channel sets a device with `profile` trains in round `round_index`."""
     out: dict[str, IndexArray] = {}
-    if profile.width < 1.0:
-        for group, n in groups.items():
-            if group == CLASSES:
-                continue
-            k = kept_channels(profile.width, n)
-            if profile.window == "rolling":
-                out[group] = np.sort((round_index + np.arange(k, dtype=np.int64)) % n)
-            else:
-                out[group] = np.arange(k, dtype=np.int64)
+    unknown = [g for g, _ in profile.group_widths if g not in groups or g == CLASSES]
+    if unknown:
+        raise ConfigError(f"profile widths name {unknown[0]!r}, not a hidden group of the model "
+                          f"({', '.join(g for g in groups if g != CLASSES)})")
+    for group, n in groups.items():
+        width = profile.width_of(group)
+        if group == CLASSES or width >= 1.0:
+            continue
+        k = kept_channels(width, n)
+        if profile.window == "rolling":
+            out[group] = np.sort((round_index + np.arange(k, dtype=np.int64)) % n)
+        else:
+            out[group] = np.arange(k, dtype=np.int64)
     for group, rate in profile.drop:
         if group not in groups or group == CLASSES:
             raise ConfigError(f"profile drops channels of {group!r}, which is not a hidden group of the model "

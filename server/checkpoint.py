@@ -112,9 +112,11 @@ def restore_engine(
     e._task_seq = int(state["task_seq"])
     e._history = {int(v): _frozen(np.array(a, dtype=np.float32)) for v, a in history.items()}
     e._history[e.version] = e.global_flat
+    e.method.on_global(e.version, e.global_flat)  # the restored version, not the 0 of construction
     for d in state["devices"]:
         h = d["hello"]
         hello = Hello(**{**h, **{k: tuple(h.get(k, ())) for k in ("profiles", "label_histogram", "artifacts")}})
+        e.method.on_hello(d["device_id"], hello)
         last = d["last_dispatch_s"]
         rec = DeviceRecord(**{**d, "hello": hello, "online": False,
                               "last_dispatch_s": None if last is None else last + shift})

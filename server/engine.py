@@ -99,6 +99,7 @@ class Engine:
         self._assign_cache: dict[tuple[str, int], tuple[Assignment, IndexArray | None]] = {}
         seed = self.config.sample_seed
         self._sampler = np.random.default_rng(seed) if seed is not None else None
+        self.method.on_global(self.version, self._global)
 
     # ------------------------------------------------------------ read-only views
     @property
@@ -173,6 +174,7 @@ class Engine:
         if not dev.online and dev.task_id is None:
             dev.state = "idle"
         self._set(dev, online=True)
+        self.method.on_hello(event.device_id, event.hello)
         out.append(self._log(now, EventName.DEVICE_HELLO, device=event.device_id, board=event.hello.board,
                              n_samples=event.hello.n_samples))
 
@@ -321,6 +323,7 @@ class Engine:
             self.version += 1
             self._global = _frozen(new)
             self._history[self.version] = self._global
+            self.method.on_global(self.version, self._global)
             devices = tuple(p.task.device_id for p in pending)
             staleness = tuple(p.staleness for p in pending)
             out.append(self._log(now, EventName.AGGREGATED, closed_round=closed_round, reason=reason,

@@ -8,7 +8,9 @@ The host side (`models/`, which needs onnx) generates artifacts and writes `arti
 (`auxiliary`, optional: profiles whose artifacts are sent to devices but are no slice of the
 global model the server can name.)
 
-(paths relative to the file). The server only reads them, so it runs without onnx, like a board.
+(paths relative to the file), and optionally `"extra": {"relevance": "<dir>"}` (artifacts a
+method's server half runs itself, not task profiles) and `"proxy": "proxy.npz"` (a proxy split
+(x, y) a method's server half scores on). The server only reads them, so it runs without onnx, like a board.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ServerModel:
             init = np.load(base / spec["init"], allow_pickle=False)
             profiles = {_canonical(k): base / v for k, v in spec["profiles"].items()}
             auxiliary = {_canonical(str(k)) for k in spec.get("auxiliary", [])}
+            self.extra_dirs: dict[str, Path] = {str(k): base / v for k, v in spec.get("extra", {}).items()}
+            self.proxy_path: Path | None = base / spec["proxy"] if spec.get("proxy") else None
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: {exc.filename} not found") from None
         except OSError as exc:  # a directory where a file belongs, no permission, ...

@@ -229,12 +229,14 @@ class Service:
         # Every fixed submodel is scored too, each version: a width or class profile is a model a
         # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round;
         # a graph variant (`@kd-…`, `@fd`) is a training graph, not a model anyone serves.
-        self.profile_evaluators = {
-            name: Trainer(art.directory, threads=1) for name, art in sorted(self.model.profiles.items())
-            if split_variant(name)[1] is None and not self.model.submodel(name, 0).is_full
-            and parse_profile(name).window != "rolling"}
+        # A class-subset profile is scored on the samples of its classes, as its board serves it.
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
         method = server_method(cfg.method, cfg.method_params, self.model)
+        self.profile_evaluators = {
+            name: Trainer(art.directory, threads=1, classes=parse_profile(name).classes)
+            for name, art in sorted(self.model.profiles.items())
+            if method.profile_slices_fixed and split_variant(name)[1] is None
+            and not self.model.submodel(name, 0).is_full and parse_profile(name).window != "rolling"}
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
         if cfg.downgrade_on_oom:
             assign = DowngradeOnOom(assign, method)

@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, profile=args.profile, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch, lr=args.lr, seed=args.seed, threads=args.threads,
         optimizer=args.optimizer, data_root=args.data_root, test_fraction=args.test_fraction,
-        cache_dir=Path(args.cache) if args.cache else None,
+        cache_dir=Path(args.cache) if args.cache else None, samples=args.samples,
     )
     result = train_central(run, progress=_progress_printer(not args.quiet))
     if args.json:
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: host cores)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--test-fraction", type=float, default=0.2)
+    t.add_argument("--samples", type=int, help="a stratified subset of this many samples, as a campaign's "
+                   "[model] samples draws it (same seed: the same training and held-out split)")
     t.add_argument("--cache", help="artifact cache folder (default: $ORCHARD_CACHE or ~/.cache/orchard)")
     t.add_argument("--json", help="write the figures to this JSON file")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

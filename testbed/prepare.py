@@ -7,6 +7,7 @@ MQTT), the initial global weights and the held-out evaluation split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from models.artifacts import artifacts_for, profile_structure
 from models.builder import build
@@ -81,6 +83,15 @@ def fresh_run_dir(run: Path, force: bool) -> None:
     run.chmod(0o750)  # private to its owner and group whatever the umask (the CLI's is 027)
 
 
+def _stratified(labels: npt.NDArray[np.int64], n: int, seed: int) -> npt.NDArray[np.int64]:
+    """About `n` indices with every class equally represented (as far as its samples allow)."""
+    rng = np.random.default_rng([seed, 7])
+    classes = np.unique(labels)
+    per = max(1, n // len(classes))
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
                 keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0) -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
@@ -96,6 +107,19 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     method_tbl = dict(server.get("method", {}))
     method = method_tbl.pop("name", None)
     params = spec(method).params(method_tbl) if method else {}
+    extra_spec: dict[str, Any] = {}
+    if method:
+        # A method whose profiles depend on the data (Chen & Qin's classes) fills them in here,
+        # from each shard's label histogram; the first profile is the one the device is assigned.
+        hists = [np.bincount(train.y[idx], minlength=ds.num_classes).tolist() for idx in parts]
+        groups = full_structure(data.model, ds.input_shape, ds.num_classes).channels
+        firsts = spec(method).fleet_profiles(params, [d.profiles[0] for d in devices], hists, groups)
+        devices = [dataclasses.replace(d, profiles=(f, *d.profiles[1:])) for d, f in zip(devices, firsts, strict=True)]
+        n_proxy = spec(method).proxy_samples(params)
+        if n_proxy:
+            pick = _stratified(train.y, n_proxy, data.seed)
+            np.savez(run / "proxy.npz", x=train.x[pick], y=train.y[pick])
+            extra_spec["proxy"] = "proxy.npz"
     # The global model is the method's (Co-S²P's holds every exit head); "dense" by default.
     global_profile = spec(method).global_profile(params) if method else "dense"
     structural, variant = split_variant(global_profile)
@@ -106,12 +130,16 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
     profiles = sorted({p for d in devices for p in d.profiles})
     sets = {**artifacts_for(data.model, ds.input_shape, ds.num_classes, [global_profile]),
             **method_artifacts(method, params, data.model, ds.input_shape, ds.num_classes, profiles)}
-    dirs = {p: str(a.directory) for p, a in sorted(sets.items())}
+    # Names with "@" are artifacts a server half runs itself (Chen & Qin's relevance), not profiles.
+    dirs = {p: str(a.directory) for p, a in sorted(sets.items()) if not p.startswith("@")}
+    extra = {p[1:]: str(a.directory) for p, a in sorted(sets.items()) if p.startswith("@")}
+    if extra:
+        extra_spec["extra"] = extra
     auxiliary = sorted({a for p in profiles for a in spec(method).auxiliary_artifacts(
         spec(method).parse_profile(p, params), params)}) if method else []
     (run / "artifacts.json").write_text(json.dumps(
         {"model": data.model, "init": "init.npy", "global": dirs[global_profile], "profiles": dirs,
-         "auxiliary": auxiliary}, indent=1))
+         "auxiliary": auxiliary, **extra_spec}, indent=1))
 
     for plan, idx in zip(devices, parts, strict=True):
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])

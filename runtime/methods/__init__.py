@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # Order matters only for inference: a campaign without a [method] table gets, per profile, the
 # first method whose spec accepts it (dense -> fedavg, width -> heterofl, classes -> classes).
-METHOD_NAMES: tuple[str, ...] = ("fedavg", "heterofl", "classes", "fjord", "zerofl", "distreal", "mpsl", "cos2p")
+METHOD_NAMES: tuple[str, ...] = ("fedavg", "heterofl", "classes", "fjord", "zerofl", "distreal", "mpsl", "cos2p",
+                                  "chenqin")
 HALF_PACKAGES = {"device": "runtime.methods", "server": "server.methods", "build": "models.methods"}
 
 

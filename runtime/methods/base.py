@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -162,6 +162,18 @@ class MethodSpec(ABC):
     def global_profile(self, params: Mapping[str, Any]) -> str:
         """The artifact profile of the server's (served, evaluated) global model."""
         return "dense"
+
+    def fleet_profiles(self, params: Mapping[str, Any], profiles: Sequence[str],
+                       histograms: Sequence[Sequence[int]], groups: Mapping[str, int]) -> list[str]:
+        """Each device's profile once the campaign knows its data (label histogram per device, in
+        fleet order) and the model (channels per group in graph order, `classes` included): a
+        method whose profiles depend on them (Chen & Qin's classes) fills them in; the others
+        keep them."""
+        return list(profiles)
+
+    def proxy_samples(self, params: Mapping[str, Any]) -> int:
+        """Samples of the proxy split the method's server half needs (0: none)."""
+        return 0
 
 
 class SliceSpec(MethodSpec):

@@ -1,7 +1,8 @@
 """`heterofl`, device half and spec: a device trains ⌈βC⌉ channels of every hidden group
 (methods.md §6.3), the leading ones (HeteroFL) or a window rolling with the round (FedRolex).
 
-Profiles: `dense`, `width=β`, `width=β,window=rolling`. [method] keys: `window` (the window of
+Profiles: `dense`, `width=β`, `width=β,window=rolling`, `width=β,widths=conv1:0.5+conv2:0.5`
+(groups with their own width: a baseline at the FLOPs of a Chen & Qin sub-model). [method] keys: `window` (the window of
 profiles that do not name one: leading | rolling), `average` (samples | count: weigh each
 covering update by its sample count, or count each once as HeteroFL's paper does).
 The device trains whatever slice the server sent; which channels those are is the server's.
@@ -21,7 +22,7 @@ AVERAGES = ("samples", "count")
 
 class Spec(SliceSpec):
     name = "heterofl"
-    allowed: ClassVar[frozenset[str]] = frozenset({"width", "window"})
+    allowed: ClassVar[frozenset[str]] = frozenset({"width", "window", "group_widths"})
     param_defaults: ClassVar[Mapping[str, Any]] = {"window": "leading", "average": "samples"}
     strategy_defaults: ClassVar[Mapping[str, Any]] = {"merge": "per-element"}
 

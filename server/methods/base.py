@@ -5,6 +5,7 @@
     weight_policy(strategy's) -> the WeightPolicy the merge uses
     smaller(profile, offered) -> a lighter profile after an OOM, or None
     served_weights(global, layout) -> the weights the served model is scored with
+    on_hello(device, hello), on_global(version, global) -> what a method that keeps state learns
     indices_derivable: indices are a pure function of (profile, round), so a checkpoint
                        recomputes them; a method whose indices are not stores them.
 
@@ -22,7 +23,7 @@ from runtime.layout import ParamLayout
 from runtime.methods import spec
 from runtime.methods.base import MethodSpec
 from runtime.profile import parse_profile
-from runtime.protocol import Assignment
+from runtime.protocol import Assignment, Hello
 from server.admission import Payload, admit_payload
 from server.aggregate import FloatArray, IndexArray
 from server.events import UpdateReceived
@@ -33,6 +34,9 @@ from server.records import TaskRecord
 class ServerMethod:
     name: ClassVar[str]
     indices_derivable: ClassVar[bool] = True
+    # A profile's artifact slice (runtime/submodel.py) is what its devices train, so the server
+    # scores that slice each version; False where the method picks other coordinates (Chen & Qin).
+    profile_slices_fixed: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, Any], model: ModelOps) -> None:
         self.model = model
@@ -86,6 +90,15 @@ class ServerMethod:
 
     def weight_policy(self, strategy_weight: WeightPolicy) -> WeightPolicy:
         return strategy_weight
+
+    def on_hello(self, device_id: str, hello: Hello) -> None:
+        """A device said hello (its label histogram, what it can run); most methods ignore it."""
+        return None
+
+    def on_global(self, version: int, flat: FloatArray) -> None:
+        """The global model is now `version` (0: the initial one, also after a resume); called
+        before any task of that version is assigned. Chen & Qin rescore relevance here."""
+        return None
 
     def smaller(self, profile: str, offered: tuple[str, ...]) -> list[str]:
         """The profiles in `offered` that train strictly fewer channels than `profile`, largest first.

@@ -114,3 +114,23 @@ def test_wrong_length_buffers_are_refused():
         sub.extract(np.zeros(LAYOUTS["mlp"].total))
     with pytest.raises(LayoutError, match="submodel buffer"):
         sub.scatter(np.zeros(LAYOUTS["mlp"].total, dtype=np.float32), np.zeros(5, dtype=np.float32))
+
+
+def test_group_widths_override_the_width_of_their_groups():
+    from runtime.errors import ConfigError
+    from runtime.profile import parse_profile
+
+    p = parse_profile("widths=conv2:0.5+conv1:0.75,width=0.25")
+    assert p.canonical() == "width=0.25,widths=conv1:0.75+conv2:0.5"
+    assert parse_profile(p.canonical()) == p
+    full = full_structure("lenet", (1, 8, 8), 10)
+    imap = index_map_for(p, full.channels)
+    assert {g: len(i) for g, i in imap.items()} == {"conv1": 5, "conv2": 8, "fc1": 30, "fc2": 21}
+    layout = build(full).layout
+    assert Submodel.of(layout, imap).sub_layout == build(sub_structure(full, imap)).layout
+    with pytest.raises(ConfigError, match="profile widths name 'conv9', not a hidden group"):
+        index_map_for(parse_profile("widths=conv9:0.5"), full.channels)
+    with pytest.raises(ConfigError, match="is not group:width"):
+        parse_profile("widths=conv1")
+    with pytest.raises(ConfigError, match=r"width 1\.5 of group 'conv1' is outside"):
+        parse_profile("widths=conv1:1.5")

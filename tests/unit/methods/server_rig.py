@@ -19,7 +19,8 @@ from server.policies import ModelOps, ProfileByDevice, Strategy
 
 class Rig:
     def __init__(self, strategy: Strategy, model: ModelOps, profiles: Mapping[str, str], *,
-                 method: str | None = None, params: Mapping[str, Any] | None = None) -> None:
+                 method: str | None = None, params: Mapping[str, Any] | None = None,
+                 histograms: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.g0 = np.linspace(-1, 1, model.n_params).astype(np.float32)
         self.method = server_method(method, params or {}, model)
         self.engine = Engine(strategy, model, self.g0, clock=lambda: 0.0, assign=ProfileByDevice(dict(profiles)),
@@ -27,7 +28,7 @@ class Rig:
         self.actions: list[Action] = []
         for d in profiles:
             # 1000 samples declared: an update's n_samples is capped at the hello's
-            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 1000, ())
+            hello = Hello(d, "test", 1.0, 512, "t", (profiles[d],), 1000, (histograms or {}).get(d, ()))
             self.actions += self.engine.handle(DeviceHello(d, hello))
         self.actions += self.engine.handle(Tick())
 
