@@ -29,6 +29,8 @@ import numpy.typing as npt
 
 from runtime import __version__
 from runtime.board import configs_dir, load_board
+from runtime.credentials import load_credentials, write_private
+from runtime.device_config import UNPROVISIONED
 from runtime.errors import ConfigError, OrchardError
 from runtime.manifest import ARTIFACT_FILES, MANIFEST
 from runtime.methods import device_profile
@@ -47,6 +49,7 @@ REQUIREMENTS = ("numpy>=1.24,<2", "paho-mqtt>=2,<3", "psutil>=5.9")
 BUNDLE_MANIFEST = "MANIFEST.json"
 TEMPLATES = Path(__file__).resolve().parent / "bundle_templates"
 SCRIPTS = ("install.sh", "build-ort-wheel.sh")
+CREDENTIALS = "credentials.toml"
 Shard = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 
@@ -98,6 +101,21 @@ def _read_shard(path: Path) -> Shard:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def _lab_credentials(lab: Path | None, device_id: str | None) -> tuple[str, str] | None:
+    """(run id, the device's credentials file text) from a lab's secrets folder."""
+    if lab is None:
+        return None
+    if device_id is None:
+        raise ConfigError("--lab needs --device-id: credentials belong to one device")
+    path = Path(lab) / f"{device_id}.toml"
+    load_credentials(path)  # refuses a missing, unreadable or world-readable file
+    try:
+        run_id = str(json.loads((Path(lab) / "lab.json").read_text())["run_id"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{lab}: not a lab's secrets folder (lab.json: {exc})") from None
+    return run_id, path.read_text()
+
+
 def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: Sequence[str], optimizer: str,
                      cache_dir: Path | None, shard: Shard | None) -> dict[str, Path]:
     """Artifact directory per profile, built the way testbed/prepare.py builds a run's."""
@@ -140,15 +158,19 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     info.mode = 0o755 if info.isdir() or info.name.endswith(SCRIPTS) else 0o644
+    if info.name.endswith(f"/{CREDENTIALS}"):
+        info.mode = 0o600  # the device's login and HMAC key: its owner only (runtime/credentials.py)
     return info
 
 
 def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url: str, root: str,
                  profiles: Sequence[str], model: str | None, dataset: str | None, shard: Path | None,
                  python: str = "python3", force: bool = False, optimizer: str = "sgd",
-                 cache_dir: Path | None = None, data_root: str | None = None) -> Path:
+                 cache_dir: Path | None = None, data_root: str | None = None, lab: Path | None = None) -> Path:
     """Build `out_dir/orchard-<board>-<device>/` and its `.tar.gz`; return the tarball's path
     (what `flash` takes). `dataset` (default digits) sets the artifacts' input shape and classes.
+    `lab`: a lab's secrets folder (testbed/lab_secrets.py); the device's credentials and the run id
+    come from it. Without one the device cannot log in until credentials.toml is put in place.
     Raises ConfigError naming the bad input; nothing is left half-written."""
     cfg = load_board(board)
     if device_id is not None and not ID_PATTERN.fullmatch(device_id):
@@ -162,6 +184,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
     if dataset is not None and model is None:
         raise ConfigError("a dataset only matters with a model (it sets the artifacts' input shape and classes)")
     arrays = _read_shard(Path(shard)) if shard is not None else None
+    secret = _lab_credentials(lab, device_id)
     # Same rule as load_board: a path-like argument is a file, anything else a name in the configs dir.
     is_path = board.endswith(".toml") or "/" in board or os.sep in board
     board_src = Path(board) if is_path else configs_dir() / f"{cfg.name}.toml"
@@ -178,7 +201,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
     stage.chmod(0o755)  # mkdtemp makes it 0700
     try:
         _fill(stage, name, cfg.name, cfg.description, board_src, device_id, broker_url, root, canonical, model,
-              dataset, arrays, artifacts, python)
+              dataset, arrays, artifacts, python, secret)
         if force:
             shutil.rmtree(target, ignore_errors=True)
         os.rename(stage, target)
@@ -193,7 +216,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
 
 def _fill(stage: Path, name: str, board: str, description: str, board_src: Path, device_id: str | None,
           broker_url: str, root: str, profiles: list[str], model: str | None, dataset: str | None,
-          arrays: Shard | None, artifacts: dict[str, Path], python: str) -> None:
+          arrays: Shard | None, artifacts: dict[str, Path], python: str, secret: tuple[str, str] | None) -> None:
     for src in sorted(RUNTIME_SRC.rglob("*.py")):
         if "__pycache__" not in src.parts:
             dst = stage / "runtime" / src.relative_to(RUNTIME_SRC)
@@ -220,8 +243,11 @@ def _fill(stage: Path, name: str, board: str, description: str, board_src: Path,
     write_toml(stage / "device.toml", {
         "device": {"id": device_id or "device", "board": board, "shard": "data/shard.npz",
                    "artifact_cache": "artifacts", "profiles": profiles, "threads": 0, "telemetry_hz": 1.0},
-        "broker": {"url": broker_url, "root": root, "keepalive_s": 10},
+        "broker": {"url": broker_url, "root": root, "keepalive_s": 10, "credentials": CREDENTIALS,
+                   "run_id": secret[0] if secret else UNPROVISIONED},
     })
+    if secret is not None:
+        write_private(stage / CREDENTIALS, secret[1])
     header = f"# Device config for {name} (format: runtime/device_config.py). Paths are relative to this file.\n"
     (stage / "device.toml").write_text(header + (stage / "device.toml").read_text())
     (stage / "requirements.txt").write_text(

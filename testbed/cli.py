@@ -204,6 +204,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         profiles=args.profiles, model=args.model, dataset=args.dataset,
         shard=Path(args.shard) if args.shard else None, python=args.python, force=args.force,
         optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
+        lab=Path(args.lab) if args.lab else None,
     )
     print(tar)
     return 0
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     b.add_argument("--cache", help="artifact cache folder")
     b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")
+    b.add_argument("--lab", help="a lab's secrets folder (RUN/secrets): bundles the device's credentials (0600)")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_bundle)
 
