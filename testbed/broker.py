@@ -276,9 +276,9 @@ class AmqttBroker(_ProcessBroker):
     kind = "amqtt"
 
     def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0,
-                 max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+                 max_packet_bytes: int = MAX_PACKET_BYTES, lab: Lab | None = None) -> None:
         self.max_packet_bytes = max_packet_bytes
-        super().__init__(port, host, start_timeout_s)
+        super().__init__(port, host, start_timeout_s, lab)
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port),
