@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data campaign sweep test lint bench train clean
+.PHONY: setup data campaign sweep test lint bench train clean board-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[host,dev,cluster]'
 	touch $(STAMP)
 
 # Fashion-MNIST, the dataset method comparisons use (Debian's package puts it where the reader
@@ -40,6 +40,14 @@ campaign: setup
 # Width methods on one 3-tier fleet, 3 seeds, Fashion-MNIST: the README's comparison table.
 sweep: setup data
 	$(BIN)/orchard campaign sweep campaigns/compare-width.toml --out runs/compare-width --force --quiet
+
+# The bundle's install.sh and the runtime in an arm64 Debian bookworm root under qemu-user (root;
+# installs qemu-user-static and debootstrap if missing). Not part of `make test`.
+board-check: setup
+	bash testbed/board_check.sh
+# DISTREAL against its baselines under time-varying CPU, 3 seeds: the README's DISTREAL table.
+sweep-distreal: setup data
+	$(BIN)/orchard campaign sweep campaigns/compare-distreal.toml --out runs/compare-distreal --force --quiet
 
 # Central training through the device trainer (one profile).
 train: setup

@@ -89,8 +89,10 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "fidelity": _optional("bench.fidelity_bench"),
     "testbed": _optional("bench.testbed_bench"),
     "fjord": _optional("bench.fjord_bench"),
+    "mpsl_transport": _optional("bench.mpsl_transport_bench"),
     "zerofl": _optional("bench.zerofl_bench"),
     "netshape": _optional("bench.netshape_bench"),
+    "distreal": _optional("bench.distreal_bench"),
 }
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import onnx
 
 from models.builder import IR_VERSION, LOGITS, OPSET, build
-from models.losses import DEFAULT_VARIANT, loss_for, parse_variant
-from models.structure import Structure, full_structure, sub_structure
+from models.losses import DEFAULT_VARIANT, FILTER_DROPOUT, loss_for, parse_variant
+from models.structure import BASE_CHANNELS, Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray
@@ -134,8 +134,14 @@ def _native_stderr_captured(what: str) -> Iterator[None]:
             os.close(saved)
 
 
+def dropout_scales(structure: Structure) -> dict[str, float]:
+    """Inverted filter dropout: each thinned hidden group's activations times C_full / C_kept."""
+    full = BASE_CHANNELS[structure.model]
+    return {g: full[g] / n for g, n in structure.channels.items() if g in full and n < full[g]}
+
+
 def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant: str) -> None:
-    built = build(structure)
+    built = build(structure, act_scale=dropout_scales(structure) if variant == FILTER_DROPOUT else None)
     art = training_artifacts_module()
     optim = art.OptimType.SGD if optimizer == "sgd" else art.OptimType.AdamW
     with _native_stderr_captured(f"generating artifacts for {structure.model} {dict(structure.channels)}"):
@@ -164,6 +170,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant
         "flops_per_sample": built.flops_per_sample,
         "optimizer": optimizer,
         "loss": "cross_entropy" if variant == DEFAULT_VARIANT else variant,
+        **({"act_scale": dropout_scales(structure)} if variant == FILTER_DROPOUT else {}),
         "opset": OPSET,
         "ir_version": IR_VERSION,
         "versions": {"orchard": orchard_version, "onnx": ONNX_VERSION, "onnxruntime": onnxruntime_version(),

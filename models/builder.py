@@ -45,6 +45,7 @@ class _Graph:
 
     channels: Mapping[str, int]
     rng: np.random.Generator
+    act_scale: Mapping[str, float] = field(default_factory=dict)  # group -> constant factor on its activations
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     specs: list[tuple[str, tuple[int, ...], tuple[AxisGroup | None, ...], str]] = field(default_factory=list)
@@ -87,7 +88,7 @@ class _Graph:
         w_out = (hw[1] + 2 * pad - k) // stride + 1
         self.flops_by_weight[w] = 2 * c_in * c_out * k * k * h_out * w_out
         self.flops += self.flops_by_weight[w]
-        return (self.relu(out) if relu else out), (h_out, w_out)
+        return (self.scaled(self.relu(out), cout) if relu else out), (h_out, w_out)
 
     def dense(
         self, x: str, name: str, fin: tuple[str | None, int], block: int, fout: str, relu: bool,
@@ -103,7 +104,20 @@ class _Graph:
         self.nodes.append(helper.make_node("Gemm", [x, w, b], [out], transB=1))
         self.flops_by_weight[w] = 2 * n_in * n_out
         self.flops += self.flops_by_weight[w]
-        return self.relu(out) if relu else out
+        return self.scaled(self.relu(out), fout) if relu else out
+
+    def scaled(self, x: str, group: str) -> str:
+        """`x` times the group's activation scale: inverted filter dropout (DISTREAL) trains a
+        graph that keeps k of C channels with their activations scaled by C/k, so the next layer
+        sees the full model's expected input. A graph constant, not a parameter: never trained."""
+        factor = self.act_scale.get(group)
+        if factor is None or factor == 1.0:
+            return x
+        const, out = self.tmp(f"{group}_scale"), self.tmp(f"{group}_scaled")
+        self.nodes.append(helper.make_node("Constant", [], [const],
+                                           value=numpy_helper.from_array(np.asarray(factor, np.float32), const)))
+        self.nodes.append(helper.make_node("Mul", [x, const], [out]))
+        return out
 
     def relu(self, x: str) -> str:
         out = self.tmp("relu")
@@ -189,11 +203,12 @@ _BODIES: dict[str, Callable[[_Graph, str, tuple[int, ...]], str]] = {
 }
 
 
-def build(structure: Structure, seed: int = 0) -> BuiltModel:
-    """Emit the ONNX graph, layout, FLOPs and initial weights of `structure`."""
+def build(structure: Structure, seed: int = 0, act_scale: Mapping[str, float] | None = None) -> BuiltModel:
+    """Emit the ONNX graph, layout, FLOPs and initial weights of `structure`; `act_scale` multiplies
+    the activations (after ReLU) of the layers whose output channels form the named groups."""
     channels = dict(structure.channels)
     channels["classes"] = structure.num_outputs
-    g = _Graph(channels=channels, rng=np.random.default_rng(seed))
+    g = _Graph(channels=channels, rng=np.random.default_rng(seed), act_scale=dict(act_scale or {}))
     logits = _BODIES[structure.model](g, INPUT, structure.input_shape)
     g.nodes.append(helper.make_node("Identity", [logits], [LOGITS]))
     graph = helper.make_graph(

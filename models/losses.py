@@ -1,6 +1,8 @@
 """Graph variants: the loss a training artifact is generated with (its key includes it).
 
     ce              cross-entropy on the model's logits (every artifact so far)
+    fd              cross-entropy, in a graph whose thinned groups scale their activations by
+                    C_full / C_kept (inverted filter dropout, DISTREAL, methods.md §2.2)
     kd-<α>-<T>      FjORD-KD (methods.md §6.4): (1 − α)·CE(y, z) + α·T²·KL(softmax(t/T) ‖ softmax(z/T)),
                     with the teacher's logits t as a third training input `teacher` (the device
                     computes them with its p_max model on the same batch; no gradient flows to it)
@@ -20,12 +22,13 @@ from runtime.errors import ConfigError
 from runtime.ort import training_artifacts_module
 
 DEFAULT_VARIANT = "ce"
+FILTER_DROPOUT = "fd"
 __all__ = ["DEFAULT_VARIANT", "kd_variant", "loss_for", "parse_variant"]
 
 
 def parse_variant(variant: str) -> tuple[str, float, float]:
     """("ce", 0, 1) or ("kd", α, T); ConfigError naming the variant otherwise."""
-    if variant == DEFAULT_VARIANT:
+    if variant in (DEFAULT_VARIANT, FILTER_DROPOUT):
         return "ce", 0.0, 1.0
     parts = variant.split("-")
     try:
@@ -35,7 +38,7 @@ def parse_variant(variant: str) -> tuple[str, float, float]:
                 return "kd", alpha, temperature
     except ValueError:
         pass
-    raise ConfigError(f"unknown graph variant {variant!r}; use 'ce' or 'kd-<alpha in [0, 1]>-<temperature > 0>'")
+    raise ConfigError(f"unknown graph variant {variant!r}; use 'ce', 'fd' or 'kd-<alpha in [0, 1]>-<temperature > 0>'")
 
 
 def loss_for(variant: str) -> Any:

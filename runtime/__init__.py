@@ -4,4 +4,6 @@ Depends on numpy, onnxruntime-training, paho-mqtt and psutil only; imports nothi
 `server`, `testbed` or `models` (a test enforces it).
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"

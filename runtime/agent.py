@@ -55,6 +55,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
+from runtime.sdnotify import SdNotify
 from runtime.seal import open_sealed, seal
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
@@ -97,7 +98,8 @@ class Agent:
             labels = shard["y"].astype(np.int64)
         self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
         self.freeze = FreezeWatch()
-        self.trainer = TrainerProcess(cfg.shard, threads=self.threads)
+        self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
+                                      providers=self.board.runtime.execution_providers)
         self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
                                freeze=self.freeze)
         self.state = "idle"
@@ -111,12 +113,18 @@ class Agent:
         self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
         self.done_tasks: dict[str, None] = {}  # oldest first, at most DONE_TASKS
         self.staged = StagedArtifacts(cfg.artifact_cache)  # authenticated, not named by a task yet
+        # A task's deadline counts from its arrival; the time it waits for its artifacts or the
+        # trainer, and the time its update takes to pack and publish (the last one's, measured),
+        # come off what the trainer may use.
+        self._received_at: dict[str, float] = {}
+        self.upload_s = 0.0
         self.server: ServerState | None = None
         self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
         self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
         self.samples: list[TelemetrySample] = []
         self.stop_event = threading.Event()
+        self.notify = SdNotify.from_env()
         offline = self._seal("status", encode_json(Status(self.id, "offline", time.time(), detail="connection lost")))
         self.mqtt = MqttClient(cfg.broker_url, MqttConfig(
             client_id=f"orchard-dev-{self.id}", keepalive_s=cfg.keepalive_s, ca_file=cfg.ca_file,
@@ -150,8 +158,10 @@ class Agent:
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
         next_sample = next_publish = next_expire = time.monotonic()
+        self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         try:
             while not self.stop_event.is_set():
+                self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
                 event = self.mqtt.get(timeout_s=0.05)
                 if event is not None:
                     self._on_event(event)
@@ -179,6 +189,7 @@ class Agent:
         return 0
 
     def _shutdown(self) -> None:
+        self.notify.stopping()
         # A last row, so the trace covers the run up to its end (a spell offline at the end too).
         self.samples.append(self.sampler.sample(self.state))
         reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects
@@ -284,6 +295,7 @@ class Agent:
         if msg.topic == self.topics.receipt(self.id):
             self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload), source="server"))
             return
+        arrived = time.monotonic()
         frame = self.reassembler.feed(msg.topic, msg.payload)
         if frame is None:
             return
@@ -295,6 +307,9 @@ class Agent:
                                                    self.running.task.task_id == task.task_id):
                 raise ProtocolError(f"task {task.task_id} was already received (a replay); not run again")
             self._remember(task.task_id)
+            self._received_at[task.task_id] = arrived
+            while len(self._received_at) > 8:  # tasks that never ran (superseded) leave no trace
+                del self._received_at[next(iter(self._received_at))]
             self._on_task(task)
 
     def _remember(self, task_id: str) -> None:
@@ -360,9 +375,11 @@ class Agent:
             self._set_state("idle")
             return
         seed = zlib.crc32(f"{self.id}/{task.task_id}".encode())
+        received = self._received_at.pop(task.task_id, time.monotonic())
+        deadline_at = received + task.deadline_s - self.upload_s if task.deadline_s else None  # 0: none
         job = TrainJob(job_id=task.task_id, artifact_root=str(self.cfg.artifact_cache), assignment=task.assignment,
                        upload=task.upload, steps=task.local_steps, epochs=task.local_epochs,
-                       batch_size=task.batch_size, lr=task.lr, seed=seed)
+                       batch_size=task.batch_size, lr=task.lr, seed=seed, deadline_at=deadline_at)
         # Meter readings at each end of the task, so its energy is the integral over the task
         # itself, not over the nearest 1 Hz rows (a sub-second task would otherwise report 0 J).
         # They move the energy integral only: rows keep their fixed rate and whole intervals.
@@ -405,6 +422,7 @@ class Agent:
             self._set_state("idle")
             return
         task = run.task
+        packing_from = time.monotonic()
         energy_j = self.sampler.mark()
         # The quota the task ran under, to check it was delivered: cpu_s / (train_s x quota).
         cores = self.sampler.limits.cpu_quota_cores()
@@ -429,6 +447,7 @@ class Agent:
             # is not subscribed, and after a reconnect we wait for its state. A resumed server
             # still holds the task from its checkpoint, so the update counts when it gets there.
             log.warning("%s: server not reachable; update for %s waits in the outbox", self.id, task.task_id)
+        self.upload_s = time.monotonic() - packing_from
         self._set_state("idle")
 
     def _reachable(self) -> bool:

@@ -13,8 +13,7 @@ from `eval_step`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from typing import Dict, Mapping, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +28,7 @@ LOSS = "loss"
 LOGITS = "logits"
 
 Feeds = Mapping[str, npt.NDArray[np.generic]]
-MutableFeeds = dict[str, npt.NDArray[np.generic]]
+MutableFeeds = Dict[str, npt.NDArray[np.generic]]
 Outputs = Mapping[str, npt.NDArray[np.generic]]
 
 
@@ -62,15 +61,20 @@ def loss_of(outputs: Outputs) -> float:
 
 class NumpyMLP:
     """Dense ReLU layers `<name>.W` (out, in) / `<name>.b` in layout order, softmax cross-entropy,
-    plain SGD, float64 inside. The layout must list W then b per layer (models/builder's mlp)."""
+    plain SGD, float64 inside. The layout must list W then b per layer (models/builder's mlp).
+    `act_scale` multiplies a hidden layer's activations (after ReLU) by a constant, keyed by the
+    layer's output group, as models/builder does for inverted filter dropout."""
 
-    def __init__(self, layout: ParamLayout, lr: float = 0.1) -> None:
+    def __init__(self, layout: ParamLayout, lr: float = 0.1, act_scale: Mapping[str, float] | None = None) -> None:
         names = [p.name for p in layout.params]
-        pairs = list(zip(names[::2], names[1::2], strict=False))
+        pairs = list(zip(names[::2], names[1::2]))
         if len(names) % 2 or any(not (w.endswith(".W") and b == w[:-2] + ".b") for w, b in pairs):
             raise LayoutError(f"NumpyMLP needs (W, b) pairs in layout order, got {names}")
         self.layout = layout
         self._layers = [(w[:-2]) for w in names[::2]]
+        scale = dict(act_scale or {})
+        out_groups = [getattr(layout.params[2 * i].axes[0], "group", None) for i in range(len(self._layers))]
+        self._scale = [float(scale.get(g, 1.0)) if g is not None else 1.0 for g in out_groups]
         self._flat = np.zeros(layout.total, dtype=np.float32)
         self.lr = lr
         self.steps = 0
@@ -93,7 +97,7 @@ class NumpyMLP:
         for i, name in enumerate(self._layers):
             z = acts[-1] @ w[f"{name}.W"].T + w[f"{name}.b"]
             pre.append(z)
-            acts.append(z if i == len(self._layers) - 1 else np.maximum(z, 0.0))
+            acts.append(z if i == len(self._layers) - 1 else np.maximum(z, 0.0) * self._scale[i])
         return w, acts, pre, acts[-1]
 
     @staticmethod
@@ -119,7 +123,7 @@ class NumpyMLP:
             grads[f"{name}.W"] = d.T @ acts[i]
             grads[f"{name}.b"] = d.sum(0)
             if i:
-                d = (d @ w[f"{name}.W"]) * (pre[i - 1] > 0)
+                d = (d @ w[f"{name}.W"]) * (pre[i - 1] > 0) * self._scale[i - 1]
         new = {k: (w[k] - self.lr * grads[k]).astype(np.float32) for k in w}
         self._flat = self.layout.join(new)
         self.steps += 1

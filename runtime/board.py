@@ -15,21 +15,22 @@ file, the table and the key):
               (optional; a campaign's `link = { kind = "wifi" }` takes them; testbed.links)
     [sources] one note per field saying where its number comes from (speed_factor, power required;
               link, when [link] is given)
+    [runtime] optional: python (the OS's CPython, "3.11"), arch ("aarch64"), execution_providers
+              (ONNX Runtime's, in order of preference; CPU is always the fallback)
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib  # stdlib from 3.11; boards on Python 3.10 (JetPack 6) need 3.11 for the runtime
-
 from runtime.errors import ConfigError
-from runtime.tomlconf import TomlTable
+from runtime.tomlconf import TomlTable, tomllib
 
 SENSOR_KINDS = ("model", "ina3221-hwmon", "ina3221-iio", "pmic-vcgencmd", "ina2xx-hwmon", "rapl")
 # Where a power figure is taken. Numbers from different points differ by PSU losses (wall vs 5 V
@@ -65,6 +66,10 @@ _LINK_KEYS = frozenset({"up_mbit", "down_mbit"})
 _REQUIRED_SOURCES = ("speed_factor", "power")
 
 ENV_CONFIG_DIR = "ORCHARD_FIRMWARE_CONFIGS"
+_RUNTIME_KEYS = frozenset({"python", "arch", "execution_providers"})
+ARCHES = ("aarch64", "x86_64", "armv7l")
+CPU_PROVIDER = "CPUExecutionProvider"
+_PYTHON_VERSION = re.compile(r"3\.(\d{1,2})")
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,16 @@ class SensorConfig:
 
 
 @dataclass(frozen=True)
+class BoardRuntime:
+    """What the board's OS gives the runtime: its CPython, its architecture, and the ONNX Runtime
+    execution providers to try (a Jetson with a CUDA-enabled wheel: CUDA, then CPU)."""
+
+    python: str = "3.11"  # Pi OS Bookworm's; JetPack 5 ships 3.8, JetPack 6 3.10
+    arch: str = "aarch64"
+    execution_providers: tuple[str, ...] = (CPU_PROVIDER,)
+
+
+@dataclass(frozen=True)
 class BoardConfig:
     name: str
     description: str
@@ -113,6 +128,7 @@ class BoardConfig:
     sources: tuple[tuple[str, str], ...]
     path: str
     links: tuple[tuple[str, float, float], ...] = ()  # (kind, up_mbit, down_mbit) per [link.<kind>]
+    runtime: BoardRuntime = BoardRuntime()
 
     @property
     def memory_cap_mb(self) -> int:
@@ -138,10 +154,10 @@ def _display(path: Path) -> str:
 def parse_board(data: Mapping[str, Any], file: str, expected_name: str | None = None) -> BoardConfig:
     """Validate a parsed TOML document; `file` names it in errors."""
     for key, value in data.items():
-        if key not in ("board", "power", "sensor", "sources", "link"):
+        if key not in ("board", "power", "sensor", "sources", "link", "runtime"):
             where = "table" if isinstance(value, dict) else "top-level key"
             raise ConfigError(f"{file}: unknown {where} '{key}' (expected [board], [power], [sensor], [sources], "
-                              "[link.<kind>])")
+                              "[link.<kind>], [runtime])")
     tables: dict[str, Mapping[str, Any]] = {}
     for name in ("board", "power", "sensor", "sources"):
         table = data.get(name)
@@ -193,6 +209,7 @@ def parse_board(data: Mapping[str, Any], file: str, expected_name: str | None = 
         sources=sources,
         path=file,
         links=links,
+        runtime=_parse_runtime(file, data.get("runtime", {})),
     )
 
 
@@ -207,6 +224,21 @@ def _parse_links(file: str, table: Any) -> tuple[tuple[str, float, float], ...]:
         out.append((kind, t.number("up_mbit", 0.0, 100_000.0, lo_open=True),
                     t.number("down_mbit", 0.0, 100_000.0, lo_open=True)))
     return tuple(out)
+
+
+def _parse_runtime(file: str, table: Any) -> BoardRuntime:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: 'runtime' must be a table [runtime], got {type(table).__name__}")
+    t = TomlTable(file, "runtime", table, _RUNTIME_KEYS)
+    default = BoardRuntime()
+    python = t.string("python", default=default.python)
+    if not _PYTHON_VERSION.fullmatch(python):
+        raise t.fail(f"[runtime] python must be a CPython version like \"3.11\", got {python!r}")
+    providers = t.strings("execution_providers", default=default.execution_providers)
+    if CPU_PROVIDER not in providers:
+        providers = (*providers, CPU_PROVIDER)  # the fallback when the wheel or the device lacks the others
+    return BoardRuntime(python=python, arch=t.string("arch", ARCHES, default=default.arch),
+                        execution_providers=providers)
 
 
 def _parse_sensor(file: str, table: Mapping[str, Any], power: PowerModel) -> SensorConfig:

@@ -6,7 +6,7 @@ Frame (all integers little-endian)::
 
 The header is one canonical JSON object (sorted keys, no whitespace)::
 
-    {"msg": "task"|"update"|"artifact", "fields": {message fields except tensors/files},
+    {"msg": "task"|"update"|"artifact"|"split", "fields": {message fields except tensors/files},
      "tensors": [{"name", "dtype", "shape", "encoding", "offset", "length"
                   (+ "nnz", "index_dtype" for sparse-coo)}, ...],
      "files": [{"name", "offset", "length"}, ...],      # artifact files; [] otherwise
@@ -46,6 +46,7 @@ from runtime.protocol import (
     PROTOCOL_VERSION,
     Artifact,
     SparseTensor,
+    SplitMessage,
     Task,
     Tensor,
     Update,
@@ -117,9 +118,14 @@ def encode_artifact(artifact: Artifact, *, limits: FrameLimits = DEFAULT_LIMITS)
     return _encode("artifact", artifact, {}, artifact.files, "dense", limits)
 
 
+def encode_split(msg: SplitMessage, *, limits: FrameLimits = DEFAULT_LIMITS) -> bytes:
+    """SplitMessage -> frame (dense float32: activations and gradients are not rounded)."""
+    return _encode("split", msg, msg.tensors, {}, "dense", limits)
+
+
 def _encode(
     kind: str,
-    msg: Task | Update | Artifact,
+    msg: Task | Update | Artifact | SplitMessage,
     tensors: Mapping[str, Tensor],
     files: Mapping[str, bytes],
     encoding: str | Mapping[str, str],
@@ -237,11 +243,16 @@ def decode_artifact(frame: bytes, *, source: str = "", limits: FrameLimits = DEF
     return Artifact(**fields, files=files)
 
 
+def decode_split(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> SplitMessage:
+    fields, tensors, _ = _decode("split", SplitMessage, frame, source, limits)
+    return SplitMessage(**fields, tensors=tensors)
+
+
 def _decode(
     kind: str, cls: type, frame: bytes, source: str, limits: FrameLimits
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bytes]]:
     ctx = context(f"{kind} frame", source)
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(frame).__name__}")
     view = memoryview(frame if isinstance(frame, bytes) else bytes(frame))  # slices below are views, no copies
     size = len(view)
@@ -405,7 +416,7 @@ def _check_name(name: Any, ctx: str) -> None:
 
 
 def _check_shape(shape: Any, name: str, limits: FrameLimits, ctx: str) -> tuple[int, ...]:
-    if not isinstance(shape, list | tuple) or len(shape) > limits.max_ndim:
+    if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
         raise ProtocolError(
             f"{ctx}: tensor {name!r} shape must be a list of at most {limits.max_ndim} sizes, got {show(shape)}"
         )

@@ -65,7 +65,7 @@ class ParamLayout:
                 raise LayoutError(f"parameter {p.name!r} starts at {p.offset}, expected {offset}")
             if len(p.axes) != len(p.shape):
                 raise LayoutError(f"parameter {p.name!r} has {len(p.shape)} axes but {len(p.axes)} roles")
-            for dim, ax in zip(p.shape, p.axes, strict=True):
+            for dim, ax in zip(p.shape, p.axes):
                 if ax is None:
                     continue
                 if ax.group not in self.groups:

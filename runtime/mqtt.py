@@ -33,7 +33,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -171,7 +171,7 @@ class Message:
     qos: int
 
 
-Event = Connected | Disconnected | Message
+Event = Union[Connected, Disconnected, Message]
 
 
 class _Ack:

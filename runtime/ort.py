@@ -7,9 +7,11 @@ hand with its `__path__` and only the `api` submodule (and, on the host, `artifa
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,32 @@ from runtime.layout import FloatArray
 from runtime.manifest import Manifest, read_manifest
 
 _LOG_ERROR_ONLY = 3
+CPU_PROVIDER = "CPUExecutionProvider"
+# The training API takes a device, not a provider list: these are the providers it can drive.
+_TRAINING_DEVICES = {"CUDAExecutionProvider": "cuda", CPU_PROVIDER: "cpu"}
+log = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()  # one line per reason and process, not one per session
+
+
+def choose_device(wanted: Sequence[str], available: Sequence[str]) -> tuple[str, str | None]:
+    """The training device for the first wanted provider this ORT build has, and why the ones
+    before it were passed over (None when the first one was taken)."""
+    reasons: list[str] = []
+    for provider in wanted:
+        device = _TRAINING_DEVICES.get(provider)
+        if device is None:
+            reasons.append(f"{provider} cannot train (the training API drives CUDA or CPU only)")
+        elif provider in available:
+            return device, "; ".join(reasons) or None
+        else:
+            reasons.append(f"{provider} is not in this onnxruntime build (it has {', '.join(available)})")
+    return "cpu", "; ".join(reasons) or None
+
+
+def _log_fallback(reason: str) -> None:
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log.warning("execution provider: %s; training on CPU", reason)
 
 
 def _register_training_package() -> None:
@@ -56,7 +84,8 @@ def onnxruntime_version() -> str:
 class OrtSession:
     """Training and eval sessions of one artifact directory, with a flat parameter buffer."""
 
-    def __init__(self, directory: Path | str, threads: int = 1, manifest: Manifest | None = None) -> None:
+    def __init__(self, directory: Path | str, threads: int = 1, manifest: Manifest | None = None,
+                 providers: Sequence[str] = (CPU_PROVIDER,)) -> None:
         self.directory = Path(directory)
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)
         self.layout = self.manifest.layout
@@ -67,13 +96,19 @@ class OrtSession:
         # Spinning threads burn CPU quota while waiting; under a cgroup that is stolen step time.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         d = self.directory
+        self.device, why = choose_device(providers, onnxruntime.get_available_providers())
         try:
-            self._state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
-            self._module = api.Module(str(d / "training_model.onnx"), self._state, str(d / "eval_model.onnx"),
-                                      device="cpu", session_options=opts)
-            self._optimizer = api.Optimizer(str(d / "optimizer_model.onnx"), self._module)
+            try:
+                self._open(api, d, opts)
+            except Exception as exc:  # a CUDA wheel on a board whose GPU or driver is unusable
+                if self.device == "cpu":
+                    raise
+                why, self.device = f"{self.device} failed on this device ({str(exc).splitlines()[0]})", "cpu"
+                self._open(api, d, opts)
         except Exception as exc:  # ORT raises its own RuntimeError/Fail types
             raise ArtifactError(f"artifact directory {d}: ONNX Runtime could not load it: {exc}") from None
+        if why is not None and self.device == "cpu":
+            _log_fallback(why)
         n = int(self._module.get_parameters_size(True))
         if n != self.layout.total:
             raise ArtifactError(f"artifact directory {d}: ORT has {n} parameters, manifest layout {self.layout.total}")
@@ -85,6 +120,12 @@ class OrtSession:
         self._train_outputs = [LOSS, *[str(n) for n in self._module.output_names()][1:]]
         self._eval_outputs = [LOSS, LOGITS]
 
+    def _open(self, api: Any, d: Path, opts: Any) -> None:
+        self._state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
+        self._module = api.Module(str(d / "training_model.onnx"), self._state, str(d / "eval_model.onnx"),
+                                  device=self.device, session_options=opts)
+        self._optimizer = api.Optimizer(str(d / "optimizer_model.onnx"), self._module)
+
     def set_params(self, flat: npt.NDArray[np.float32]) -> None:
         buf = np.ascontiguousarray(self.layout.check(flat))
         # The training API wants the C-level OrtValue, not the Python wrapper.
@@ -92,6 +133,17 @@ class OrtSession:
 
     def get_params(self) -> FloatArray:
         return np.array(self._module.get_contiguous_parameters(True).numpy(), dtype=np.float32, copy=True)
+
+    def param_grad(self, name: str) -> FloatArray:
+        """The gradient ORT holds for parameter `name` from the last train step (kept until the next
+        one: the reset is lazy). A split part reads its input probe's gradient this way."""
+        grad = self._state.parameters[name].grad
+        if grad is None:
+            raise TrainerError(f"artifact {self.directory.name}: no gradient for {name!r} yet")
+        return np.array(grad, dtype=np.float32, copy=True)
+
+    def set_param(self, name: str, value: npt.NDArray[np.float32]) -> None:
+        self._state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
 
     def set_lr(self, lr: float) -> None:
         self._optimizer.set_learning_rate(float(lr))
@@ -113,7 +165,7 @@ class OrtSession:
         except Exception as exc:
             raise TrainerError(f"ORT train step failed on batch of shape {args[0].shape}: {exc}") from None
         outs = out if isinstance(out, (list, tuple)) else [out]
-        return dict(zip(self._train_outputs, (np.asarray(o) for o in outs), strict=False))
+        return dict(zip(self._train_outputs, (np.asarray(o) for o in outs)))
 
     def eval_step(self, feeds: Feeds) -> Outputs:
         """`loss` and `logits` on a batch, without updating anything."""
@@ -123,4 +175,4 @@ class OrtSession:
             out = self._module(*args)
         except Exception as exc:
             raise TrainerError(f"ORT eval step failed on batch of shape {args[0].shape}: {exc}") from None
-        return dict(zip(self._eval_outputs, (np.asarray(o) for o in out), strict=False))
+        return dict(zip(self._eval_outputs, (np.asarray(o) for o in out)))

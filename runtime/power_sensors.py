@@ -21,9 +21,10 @@ import re
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from runtime.errors import EXIT_SENSOR, OrchardError, register_exit_code
 
@@ -127,7 +128,7 @@ class RaplSource(PowerSource):
         if dt <= 0:
             return self._last_power_w
         delta_uj = 0.0
-        for now, last, span in zip(now_uj, self._last_uj, self._ranges_uj, strict=True):
+        for now, last, span in zip(now_uj, self._last_uj, self._ranges_uj):
             # The counter restarts from 0 after max_energy_range_uj: one wrap per interval at most
             # (tens of minutes at full load), so adding the range once recovers the true delta.
             delta_uj += now - last if now >= last else now + span - last
@@ -144,6 +145,18 @@ class RaplSource(PowerSource):
 class _Rail:
     label: str
     paths: tuple[Path, ...]  # hwmon: (mV file, mA file); iio: (mW file,)
+
+    def power_w(self) -> float:
+        if len(self.paths) == 2:
+            return read_number(self.paths[0]) * read_number(self.paths[1]) / 1e6
+        return read_number(self.paths[0]) / 1e3
+
+
+def gpu_rail(source: PowerSource) -> _Rail | None:
+    """The INA3221 rail that feeds the GPU, if the board's sensor has one: POM_5V_GPU (Nano),
+    VDD_GPU_SOC (AGX Orin), VDD_CPU_GPU_CV (Orin Nano/NX, Xavier NX: CPU, GPU and CV together)."""
+    rails: list[_Rail] = getattr(source, "rails", [])
+    return next((r for r in rails if "GPU" in r.label.upper()), None)
 
 
 def _pick_rails(rails: list[_Rail], total_rail: str | None, where: str) -> tuple[list[_Rail], str]:
@@ -189,11 +202,12 @@ class Ina3221HwmonSource(PowerSource):
                     if enable.exists() and read_text(enable) == "0":
                         continue
                     rails.append(_Rail(label, (volts, amps)))
+        self.rails = rails
         self._rails, what = _pick_rails(rails, total_rail, f"{drivers}/{{{','.join(i2c_devices)}}}")
         super().__init__(f"ina3221-hwmon:{what}", measurement_point)
 
     def read_power_w(self) -> float:
-        return sum(read_number(r.paths[0]) * read_number(r.paths[1]) for r in self._rails) / 1e6
+        return sum(r.power_w() for r in self._rails)
 
 
 class Ina3221IioSource(PowerSource):
@@ -218,11 +232,12 @@ class Ina3221IioSource(PowerSource):
                     power = iio / f"in_power{channel}_input"
                     if _is_real_rail(label) and power.exists():
                         rails.append(_Rail(label, (power,)))
+        self.rails = rails
         self._rails, what = _pick_rails(rails, total_rail, f"{drivers}/{{{','.join(i2c_devices)}}}")
         super().__init__(f"ina3221-iio:{what}", measurement_point)
 
     def read_power_w(self) -> float:
-        return sum(read_number(r.paths[0]) for r in self._rails) / 1e3
+        return sum(r.power_w() for r in self._rails)
 
 
 # ---------------------------------------------------------------------------------------------

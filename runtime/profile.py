@@ -1,8 +1,12 @@
 """Profiles: what a device trains.
 
 Grammar: `dense`, or comma-separated `key=value` items, e.g. `width=0.5`,
-`width=0.25,window=rolling`, `classes=0-4`, `classes=0+3+7,width=0.5`.
+`width=0.25,window=rolling`, `classes=0-4`, `classes=0+3+7,width=0.5`,
+`drop=conv1:0.25+conv3:0.5`.
 Class lists use `+` between items and `a-b` for inclusive ranges (commas separate items).
+`drop` gives a per-group share of channels dropped (a DISTREAL dropout vector, methods.md §2):
+the structure keeps `ceil((1 - d) * C)` channels of each named group; which ones is the device's
+draw, per mini-batch. Rates lie in [0, 1); a rate of 0 is left out of the canonical form.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class Profile:
     width: float = 1.0  # fraction of channels kept in every hidden group, in (0, 1]
     window: str = "leading"  # leading (HeteroFL, FjORD) | rolling (FedRolex)
     classes: tuple[int, ...] | None = None  # class subset (Chen & Qin); None = all classes
+    drop: tuple[tuple[str, float], ...] = ()  # (group, dropped share in [0, 1)), sorted by group
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
@@ -32,6 +37,11 @@ class Profile:
                 raise ConfigError(f"profile class subset {list(self.classes)} has a negative class")
             if len(set(self.classes)) != len(self.classes) or list(self.classes) != sorted(self.classes):
                 raise ConfigError(f"profile class subset {list(self.classes)} must be sorted and unique")
+        for group, rate in self.drop:
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"profile dropout rate {group}:{rate:g} is outside [0, 1)")
+        if self.drop and self.width != 1.0:
+            raise ConfigError("profile keys drop and width do not combine: a dropout vector sets every width")
 
     def canonical(self) -> str:
         items = []
@@ -41,6 +51,9 @@ class Profile:
             items.append(f"window={self.window}")
         if self.classes is not None:
             items.append("classes=" + "+".join(str(c) for c in self.classes))
+        kept = [f"{g}:{r:g}" for g, r in self.drop if r > 0]
+        if kept:
+            items.append("drop=" + "+".join(kept))
         return ",".join(items) or "dense"
 
 
@@ -73,11 +86,28 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def _parse_drop(text: str) -> tuple[tuple[str, float], ...]:
+    rates: dict[str, float] = {}
+    for part in text.split("+"):
+        group, sep, value = part.strip().partition(":")
+        if not sep or not group.strip():
+            raise ConfigError(f"profile drop item {_short(part.strip())} in {_short(text)} is not group:rate")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ConfigError(f"profile dropout rate {_short(part.strip())} is not a number") from None
+        if not 0.0 <= rate < 1.0:  # NaN fails it too
+            raise ConfigError(f"profile dropout rate {_short(part.strip())} is outside [0, 1)")
+        rates[group.strip()] = rate
+    return tuple(sorted(rates.items()))
+
+
 def parse_profile(text: str) -> Profile:
     text = text.strip()
     if text in ("", "dense"):
         return Profile()
     width, window, classes = 1.0, "leading", None
+    drop: tuple[tuple[str, float], ...] = ()
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
@@ -92,9 +122,11 @@ def parse_profile(text: str) -> Profile:
             window = value
         elif key == "classes":
             classes = _parse_classes(value)
+        elif key == "drop":
+            drop = _parse_drop(value)
         else:
-            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes")
-    return Profile(width=width, window=window, classes=classes)
+            raise ConfigError(f"unknown profile key {key!r} in {text!r}; known: width, window, classes, drop")
+    return Profile(width=width, window=window, classes=classes, drop=drop)
 
 
 def split_variant(text: str) -> tuple[str, str | None]:

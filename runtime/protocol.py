@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import ConfigError, ProtocolError
+from runtime.typehints import type_hints
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
@@ -124,7 +125,7 @@ class SparseTensor:
     values: npt.NDArray[np.float32]
 
 
-Tensor = npt.NDArray[np.float32] | SparseTensor
+Tensor = Union[npt.NDArray[np.float32], SparseTensor]
 
 
 # ---------------------------------------------------------------- JSON messages
@@ -163,6 +164,10 @@ class TelemetrySample:
     power_w: float | None
     energy_j: float | None  # cumulative since the agent started
     temp_c: float | None = None
+    # A Jetson's integrated GPU (runtime/jetson_gpu.py); absent elsewhere.
+    gpu_pct: float | None = None
+    gpu_mem_mb: float | None = None  # NvMapMemUsed: shared DRAM the GPU holds
+    gpu_energy_j: float | None = None  # cumulative, of the INA3221 rail that feeds the GPU
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,7 @@ class Task:
     local_epochs: int
     lr: float
     batch_size: int
-    deadline_s: float  # seconds from receipt; the device may give up after this
+    deadline_s: float  # seconds from receipt, in the device's own time (board s x the testbed's dilation); 0: none
     upload: str = "weights"  # weights | delta: the form the update should take
     encoding: str = "dense"  # dense | fp16: how the update's tensors travel
     tensors: Mapping[str, Tensor] = field(default_factory=dict)  # primary artifact's weights by name
@@ -243,6 +248,26 @@ class Update:
     report: Mapping[str, float] = field(default_factory=dict)  # the method's own figures
 
 
+SPLIT_OPS = ("hello", "fwd", "bwd", "epoch_end", "weights", "error")
+
+
+@dataclass(frozen=True)
+class SplitMessage:
+    """MP-SL traffic between a data owner and the compute nodes (methods.md §4.2): activations
+    downstream (`fwd`), gradients upstream (`bwd`), one tensor `x` each; `hello` says who a
+    connection is (`note`: owner | node | aggregator), `epoch_end` closes an owner's epoch
+    (`n_batches`), `weights` carries a node's averaged part, `error` a refusal (`note`: why)."""
+
+    split_op: str
+    device_id: str  # the data owner the batch belongs to (the sender, for hello)
+    epoch: int
+    batch_index: int
+    sent_s: float = 0.0  # sender's wall clock, for the node's queue targets
+    n_batches: int = 0
+    note: str = ""
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Artifact:
     key: str
@@ -250,7 +275,7 @@ class Artifact:
 
 
 # ---------------------------------------------------------------- JSON schema
-JsonMessage = Union[Hello, Status, Telemetry, ServerState, Receipt]  # noqa: UP007 (runtime is 3.8 code)
+JsonMessage = Union[Hello, Status, Telemetry, ServerState, Receipt]
 J = TypeVar("J", Hello, Status, Telemetry, ServerState, Receipt)
 
 _JSON_KINDS: dict[type, str] = {
@@ -270,7 +295,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=,+-]{0,127}")
 
 _FIELD_CHOICES: dict[str, tuple[str, ...]] = {"state": DEVICE_STATES, "kind": UPDATE_KINDS, "upload": UPDATE_KINDS,
-                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES}
+                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES,
+                                              "split_op": SPLIT_OPS}
 _FIELD_PATTERNS: dict[str, re.Pattern[str]] = {
     "device_id": ID_PATTERN,
     "key": NAME_PATTERN,
@@ -344,22 +370,28 @@ def dumps_canonical(obj: Any, ctx: str) -> bytes:
         raise ProtocolError(f"{ctx}: not encodable as JSON: {exc}") from None
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return type_hints(cls)
+
+
+# Optional fields added within protocol version 2: left out when None, so a message without them
+# keeps its bytes and a peer from before them still reads it (a Jetson's GPU figures).
+_OMITTED_WHEN_NONE = frozenset({"gpu_pct", "gpu_mem_mb", "gpu_energy_j"})
 
 
 def _plain(value: Any, path: str, ctx: str) -> Any:
     """Dataclasses, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
+        fields = [f for f in dataclasses.fields(value)
+                  if not (f.name in _OMITTED_WHEN_NONE and getattr(value, f.name) is None)]
         return {f.name: _plain(getattr(value, f.name), f"{path}.{f.name}", ctx) for f in fields}
     if isinstance(value, Mapping):
         for key in value:
             if not isinstance(key, str):  # json.dumps would turn 1 into "1" without a word
                 raise ProtocolError(f"{ctx}: field '{path}' has non-string key {show(key)}")
         return {k: _plain(v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return [_plain(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
@@ -412,11 +444,11 @@ def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
             raise bad(f"an integer in [0, {_INT_MAX}]")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union or origin is types.UnionType:
+    if origin is Union or origin is getattr(types, "UnionType", Union):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
@@ -508,7 +540,7 @@ def decode_json(cls: type[J], data: bytes, *, source: str = "", max_bytes: int =
     if kind is None:  # a programming error, not bad input
         raise TypeError(f"decode_json: {cls!r} is not a JSON message type")
     ctx = context(f"{kind} message", source)
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise ProtocolError(f"{ctx}: {len(data)} bytes exceeds the limit of {max_bytes}")

@@ -12,8 +12,8 @@ All of it reduces to one int64 array of flat indices into the global buffer (`Su
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,13 @@ def index_map_for(profile: Profile, groups: Mapping[str, int], round_index: int 
                 out[group] = np.sort((round_index + np.arange(k, dtype=np.int64)) % n)
             else:
                 out[group] = np.arange(k, dtype=np.int64)
+    for group, rate in profile.drop:
+        if group not in groups or group == CLASSES:
+            raise ConfigError(f"profile drops channels of {group!r}, which is not a hidden group of the model "
+                              f"({', '.join(g for g in groups if g != CLASSES)})")
+        k = kept_channels(1.0 - rate, groups[group])
+        if k < groups[group]:  # leading here: the structure; a device draws its own set per batch
+            out[group] = np.arange(k, dtype=np.int64)
     if profile.classes is not None:
         n_classes = groups[CLASSES]
         if max(profile.classes) >= n_classes:
@@ -99,7 +106,7 @@ class Submodel:
             # Row-major flat index = offset + sum_k idx_k * stride_k, broadcast over the axes.
             strides = np.cumprod((1, *p.shape[:0:-1]))[::-1] if p.shape else np.array([], dtype=np.int64)
             flat = np.full((1,) * len(shape), p.offset, dtype=np.int64)
-            for a, (ix, stride) in enumerate(zip(axis_idx, strides, strict=True)):
+            for a, (ix, stride) in enumerate(zip(axis_idx, strides)):
                 view = [1] * len(shape)
                 view[a] = len(ix)
                 flat = flat + (ix * int(stride)).reshape(view)

@@ -18,6 +18,7 @@ import psutil
 from runtime.board import BoardConfig
 from runtime.energy import EnergyMeter, make_power_source
 from runtime.errors import ConfigError, TrainerError
+from runtime.jetson_gpu import JetsonGpu
 from runtime.protocol import TelemetrySample
 
 MB = 1024.0 * 1024.0
@@ -206,6 +207,7 @@ class Sampler:
         cpu0 = 0.0 if from_creation and cpu_time_s is None else self._cpu_time_s()
         self.meter = EnergyMeter(make_power_source(board, sysfs_root, utilisation=lambda: self.utilisation),
                                  clock=monotonic, start_s=start_s)
+        self.gpu = JetsonGpu.detect(sysfs_root, self.meter.source, clock=monotonic)
         frozen0 = freeze.frozen_s if freeze is not None else 0.0
         self._last = (start_s, cpu0, frozen0)  # (monotonic s, cpu s, frozen s) at the last reading
         self._row = (start_s, cpu0, 0.0)  # (monotonic s, cpu s, energy J) at the last row
@@ -281,10 +283,13 @@ class Sampler:
             power_w = None  # no good reading yet: the source is failing
         self._row = (now, cpu_s, energy_j)
         agent, trainer = self._cpu_rss(self.agent), self._cpu_rss(self._trainer)
+        gpu = self.gpu.read() if self.gpu is not None else None
         return TelemetrySample(
             t=stamp, state=state, cpu_pct=round(min(cpu_pct, 100.0), 2),
             rss_agent_mb=round(agent[1] if agent else 0.0, 2), rss_trainer_mb=round(trainer[1] if trainer else 0.0, 2),
             mem_limit_mb=self.limits.mem_limit_mb(), cpu_quota_cores=self.limits.cpu_quota_cores(),
             power_w=round(power_w, 6) if power_w is not None and math.isfinite(power_w) else None,
             energy_j=round(energy_j, 6),
+            **({} if gpu is None else {"gpu_pct": gpu.load_pct, "gpu_mem_mb": gpu.mem_mb,
+                                       "gpu_energy_j": gpu.rail_energy_j}),
         )

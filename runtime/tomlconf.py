@@ -8,11 +8,15 @@ the key, in one line.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib as tomllib  # re-exported: runtime.board reads board files with it
+else:  # boards on Python 3.8-3.10 (JetPack 5 and 6): the same parser, from PyPI
+    import tomli as tomllib
 
 from runtime.errors import ConfigError
 

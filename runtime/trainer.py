@@ -135,10 +135,11 @@ class Trainer:
         n = len(ys)
         if n == 0:
             raise TrainerError("the shard has no samples of the model's classes")
-        method.start(weights, cfg.lr, np.random.default_rng([cfg.seed, 1]))
-        rng = np.random.default_rng(cfg.seed)
         batches_per_epoch = -(-n // cfg.batch_size)
         total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch
+        method.total_steps = total
+        method.start(weights, cfg.lr, np.random.default_rng([cfg.seed, 1]))
+        rng = np.random.default_rng(cfg.seed)
         losses: list[float] = []
         step_ms: list[float] = []
         ort_ms: list[float] = []

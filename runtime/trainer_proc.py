@@ -41,6 +41,9 @@ class TrainJob:
     batch_size: int
     lr: float
     seed: int
+    # time.monotonic() (one clock for agent and child) by which training must end for the update
+    # to make the task's deadline; a method may fit its work to it (DISTREAL).
+    deadline_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,14 +87,14 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _child_main(conn: mpc.Connection, shard_path: str, threads: int) -> None:
+def _child_main(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple[str, ...]) -> None:
     try:
-        _serve(conn, shard_path, threads)
+        _serve(conn, shard_path, threads, providers)
     except (BrokenPipeError, EOFError, ConnectionResetError):
         return  # the agent closed its end (shutdown, or it died): nobody is left to answer
 
 
-def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
+def _serve(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple[str, ...]) -> None:
     # The agent handles Ctrl-C and shutdown (SIGTERM reaches the whole process group); the child
     # must not die halfway through a reply, nor under an agent that is still sending it a job.
     # It stops when told, or when the pipe closes (the agent is gone).
@@ -106,7 +109,7 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
     sessions: OrderedDict[str, OrtSession] = OrderedDict()
 
     def open_backend(root: str, key: str) -> OrtSession:
-        session = sessions.pop(key, None) or OrtSession(Path(root) / key, threads=threads)
+        session = sessions.pop(key, None) or OrtSession(Path(root) / key, threads=threads, providers=providers)
         sessions[key] = session
         return session
 
@@ -122,6 +125,7 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
         weights = np.frombuffer(conn.recv_bytes(), dtype=np.float32).copy()
         try:
             method = device_method(job.assignment, functools.partial(open_backend, job.artifact_root))
+            method.deadline_at = job.deadline_at
             needed = set(job.assignment.artifact_keys)
             for old in [k for k in sessions if k not in needed][: max(0, len(sessions) - len(needed) - _KEEP_SESSIONS)]:
                 del sessions[old]
@@ -149,9 +153,11 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int) -> None:
 class TrainerProcess:
     """Agent-side handle: start, submit a job, poll for its outcome, restart after a death."""
 
-    def __init__(self, shard_path: Path | str, threads: int = 1, start_timeout_s: float = 60.0) -> None:
+    def __init__(self, shard_path: Path | str, threads: int = 1, start_timeout_s: float = 60.0,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         self.shard_path = str(shard_path)
         self.threads = threads
+        self.providers = providers  # the board's, in order; ORT falls back to CPU
         self.start_timeout_s = start_timeout_s
         self.n_samples = 0
         self.restarts = 0
@@ -164,7 +170,7 @@ class TrainerProcess:
         # spawn, not fork: ORT's thread pools do not survive a fork, and the agent has paho threads.
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_main, args=(child, self.shard_path, self.threads), daemon=True,
+        proc = ctx.Process(target=_child_main, args=(child, self.shard_path, self.threads, self.providers), daemon=True,
                            name="orchard-trainer")
         proc.start()
         child.close()

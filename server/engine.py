@@ -97,6 +97,8 @@ class Engine:
         self._round_started_s = self._start_s
         self._started = False
         self._assign_cache: dict[tuple[str, int], tuple[Assignment, IndexArray | None]] = {}
+        seed = self.config.sample_seed
+        self._sampler = np.random.default_rng(seed) if seed is not None else None
 
     # ------------------------------------------------------------ read-only views
     @property
@@ -402,7 +404,11 @@ class Engine:
             at = self.strategy.close.deadline_at(self._view(now))
             deadline_s = None if at is None else max(0.0, at - now)
         # Least recently served first, so a concurrency limit rotates through the fleet.
-        chosen = sorted(self._idle, key=self._lru_key)[:slots]
+        if self._sampler is not None:
+            pool = sorted(self._idle)
+            chosen = [pool[int(i)] for i in self._sampler.choice(len(pool), size=min(slots, len(pool)), replace=False)]
+        else:
+            chosen = sorted(self._idle, key=self._lru_key)[:slots]
         for device_id in chosen:
             self._send(self._devices[device_id], now, deadline_s, out)
 

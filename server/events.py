@@ -59,6 +59,7 @@ class EventName(StrEnum):
     OOM = "oom"
     DEVICE_EXIT = "device_exit"
     DEVICE_RESTART = "device_restart"
+    NODE_LOST = "node_lost"  # a cluster node's launcher died: its devices are gone with it (testbed.cluster)
 
     @property
     def is_rejection(self) -> bool:

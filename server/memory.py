@@ -15,6 +15,7 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,8 @@ def simulate(
             device_id, inc, upd, values = payload
             if inc != incarnation[device_id]:
                 continue  # the device went offline while training; the work is lost
+            if isinstance(values, Future):  # a device that trains for real, in a pool (testbed.simulate)
+                values = values.result()
             event = UpdateReceived(device_id, upd, values)
             events = [event, event] if by_id[device_id].redeliver else [event]
         else:

@@ -25,6 +25,9 @@ class EngineConfig:
     max_devices: int = 10_000  # hellos from further new ids are refused: state per id stays bounded
     # Shard sizes the campaign knows: an update's n_samples is capped at them (and at the hello's).
     shard_samples: Mapping[str, int] = field(default_factory=dict)
+    # With a seed, a round's devices are drawn at random from the idle ones (a simulation's
+    # per-round client sampling); without one, least recently served first. Not checkpointed.
+    sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.target_version is not None and self.target_version < 1:

@@ -36,7 +36,7 @@ from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encod
 from runtime.layout import FloatArray, ParamLayout
 from runtime.manifest import manifest_digest
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
-from runtime.profile import parse_profile
+from runtime.profile import parse_profile, split_variant
 from runtime.protocol import (
     ID_PATTERN,
     Artifact,
@@ -238,10 +238,12 @@ class Service:
         self.eval_x, self.eval_y = load_eval_data(cfg.eval_data)
         self.evaluator = Trainer(self.model.global_dir, threads=1)
         # Every fixed submodel is scored too, each version: a width or class profile is a model a
-        # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round.
+        # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round;
+        # a graph variant (`@kd-…`, `@fd`) is a training graph, not a model anyone serves.
         self.profile_evaluators = {
             name: Trainer(art.directory, threads=1) for name, art in sorted(self.model.profiles.items())
-            if not self.model.submodel(name, 0).is_full and parse_profile(name).window != "rolling"}
+            if split_variant(name)[1] is None and not self.model.submodel(name, 0).is_full
+            and parse_profile(name).window != "rolling"}
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
         method = server_method(cfg.method, cfg.method_params, self.model)
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
@@ -534,7 +536,9 @@ class Service:
             task_id=action.task_id, round=action.round, base_version=action.base_version,
             model_id=self.model.model_name, assignment=a,
             local_steps=knobs.local_steps, local_epochs=knobs.local_epochs, lr=knobs.lr,
-            batch_size=knobs.batch_size, deadline_s=action.deadline_s or 0.0, upload=knobs.upload,
+            # The engine counts board seconds; a device measures its own wall time (dilated here).
+            batch_size=knobs.batch_size, deadline_s=(action.deadline_s or 0.0) * self.board_clock.dilation,
+            upload=knobs.upload,
             encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
             artifact_digests={k: manifest_digest(self.model.by_key(k).manifest.raw) for k in a.artifact_keys},
         )

@@ -20,6 +20,8 @@
                 mem_limit_mb (override the board's cap), link = {...} (bandwidth caps, testbed.links:
                 kind = wifi | ethernet (the board's figures) | custom, up_mbit, down_mbit, delay_ms,
                 loss_pct, trace = {a cpu-kind trace scaling both caps})
+    [cluster]   engine = "ray", address = "auto" | "ray://HOST:PORT": the fleet runs on the nodes of a
+                Ray cluster (testbed.cluster); without it nothing imports Ray
 
 Every table rejects unknown keys and every value is checked, so errors name the file, the
 table and the field. Traces are validated here too (by building them), so a bad trace fails
@@ -47,7 +49,7 @@ from testbed.links import LinkSpec, link_trace, parse_link
 
 BROKER_KINDS = ("embedded", "mosquitto", "url")
 THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
-_TABLES = ("campaign", "stop", "model", "method", "strategy", "train", "broker", "throttle", "fleet")
+_TABLES = ("campaign", "stop", "model", "method", "strategy", "train", "broker", "throttle", "fleet", "cluster")
 _KEYS = {
     "campaign": frozenset({"name", "seed", "description", "offline", "min_devices"}),
     "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
@@ -57,7 +59,9 @@ _KEYS = {
     "throttle": frozenset({"backend", "require", "dilation", "host_speed", "reserve_cores"}),
     "fleet": frozenset({"name", "board", "count", "profile", "profiles", "availability", "cpu", "mem_limit_mb",
                         "link"}),
+    "cluster": frozenset({"engine", "address"}),
 }
+CLUSTER_ENGINES = ("ray",)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class Group:
     cpu: Mapping[str, Any] = field(default_factory=lambda: {"kind": "constant", "value": 1.0})
     mem_limit_mb: int | None = None
     link: LinkSpec | None = None  # None: unshaped, in the host's network namespace
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    engine: str  # CLUSTER_ENGINES
+    address: str  # "auto" (RAY_ADDRESS, else the cluster this host belongs to) or "ray://HOST:PORT"
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class Campaign:
     offline: str = "unreachable"  # runtime.telemetry.OFFLINE_MODES
     min_devices: int | None = None  # None: the devices online at the start
     client_certs: bool = False  # mosquitto only: TLS client certificates on top of the passwords
+    cluster: ClusterSpec | None = None  # None: every device on this host (testbed.runner)
 
     @property
     def n_devices(self) -> int:
@@ -207,6 +218,7 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         offline=camp.string("offline", OFFLINE_MODES, default="unreachable"),
         min_devices=_min_devices(file, camp, sum(g.count for g in fleet)),
         client_certs=_client_certs(file, broker, kind),
+        cluster=_cluster(file, data.get("cluster"), fleet),
     )
 
 
@@ -215,6 +227,22 @@ def _client_certs(file: str, broker: TomlTable, kind: str) -> bool:
     if wanted and kind != "mosquitto":
         raise ConfigError(f"{file}: [broker] client_certs = true needs kind = \"mosquitto\" (the TLS broker)")
     return wanted
+
+
+def _cluster(file: str, raw: Any, fleet: tuple[Group, ...]) -> ClusterSpec | None:
+    if raw is None:
+        return None
+    t = TomlTable(file, "cluster", raw, _KEYS["cluster"])
+    engine = t.string("engine", CLUSTER_ENGINES, default="ray")
+    address = t.string("address", default="auto")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address != "auto" and not (address.startswith("ray://") and host and port.isdigit()):
+        raise ConfigError(f"{file}: [cluster] address must be \"auto\" or \"ray://HOST:PORT\", got {address!r}")
+    for g in fleet:
+        if g.link is not None:  # netns shaping needs the broker's bridge on the device's own host
+            raise ConfigError(f"{file}: [[fleet]] {g.name!r}: link shaping is not supported with [cluster] yet; "
+                              "remove link or [cluster]")
+    return ClusterSpec(engine, address)
 
 
 def _min_devices(file: str, camp: TomlTable, n_devices: int) -> int | None:

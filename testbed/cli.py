@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, OrchardError, exit_code, one_line
+from testbed.cli_boards import add_board_commands
 
 
 def _progress_printer(enabled: bool) -> Callable[[int, int, float], None] | None:
@@ -102,12 +103,21 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0 if summary.get("server_exit") == 0 else 1
 
 
-def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
+def _runner(campaign: Any, out: Path, args: argparse.Namespace) -> Any:
+    """The single-host launcher, or with [cluster] the Ray one (only then is Ray imported)."""
     from testbed.runner import CampaignRunner
 
+    runner: type[CampaignRunner] = CampaignRunner
+    if campaign.cluster is not None:
+        from testbed.cluster import ClusterRunner
+
+        runner = ClusterRunner
+    return runner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet, broker=args.broker)
+
+
+def _sweep_runner(args: argparse.Namespace) -> Callable[[Any, Path], dict[str, Any]]:
     def run(campaign: Any, out: Path) -> dict[str, Any]:
-        runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
-                                broker=args.broker)
+        runner = _runner(campaign, out, args)
         summary: dict[str, Any] = runner.execute()
         if runner.stop_reason and runner.stop_reason.startswith("interrupted"):
             raise KeyboardInterrupt  # the runner cleaned up and reported; the sweep stops too
@@ -150,7 +160,6 @@ def cmd_campaign_sweep(args: argparse.Namespace) -> int:
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from runtime.tomlconf import load_toml
     from testbed.campaign import load_campaign
-    from testbed.runner import CampaignRunner
 
     if "sweep" in load_toml(Path(args.campaign)):
         raise ConfigError(f"{args.campaign} is a sweep file ([sweep] table): run it with "
@@ -163,8 +172,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
         return _run_plan(plan, out, args)
     campaign = load_campaign(args.campaign)
     out = Path(args.out) if args.out else Path("runs") / campaign.name
-    runner = CampaignRunner(campaign, out, force=args.force, no_throttle=args.no_throttle, quiet=args.quiet,
-                            broker=args.broker)
+    runner = _runner(campaign, out, args)
     summary = runner.execute()
     keys = ("campaign", "strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
             "updates_accepted", "updates_rejected", "utilization")
@@ -176,6 +184,20 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from testbed.campaign import load_campaign
+    from testbed.simulate import run_simulation
+
+    campaign = load_campaign(args.campaign)
+    out = Path(args.out) if args.out else Path("runs") / f"{campaign.name}-sim"
+    result = run_simulation(campaign, args.clients, args.per_round, args.rounds or campaign.rounds or 50,
+                            engine=args.engine, workers=args.workers, target_accuracy=args.target_accuracy,
+                            eval_every=args.eval_every, eval_samples=args.eval_samples, out=out)
+    print("  ".join(f"{k}={_fmt(v)}" for k, v in result.summary.items()))
+    print(f"curve: {out / 'simulation.json'}")
     return 0
 
 
@@ -193,33 +215,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     summary = write_report(Path(args.run))
     print(json.dumps(summary, indent=1))
-    return 0
-
-
-def cmd_bundle(args: argparse.Namespace) -> int:
-    from testbed.bundle import build_bundle
-
-    tar = build_bundle(
-        args.board, Path(args.out), device_id=args.device_id, broker_url=args.broker, root=args.root,
-        profiles=args.profiles, model=args.model, dataset=args.dataset,
-        shard=Path(args.shard) if args.shard else None, python=args.python, force=args.force,
-        optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
-        lab=Path(args.lab) if args.lab else None,
-    )
-    print(tar)
-    return 0
-
-
-def cmd_flash(args: argparse.Namespace) -> int:
-    import shlex
-
-    from testbed.bundle import flash
-
-    cmds = flash(Path(args.bundle), args.host, ssh=args.ssh, scp=args.scp, dry_run=args.dry_run,
-                 wheel=Path(args.wheel) if args.wheel else None,
-                 install_args=[a for a in args.install_args if a != "--"])
-    if args.dry_run:
-        print("\n".join(shlex.join(c) for c in cmds))
     return 0
 
 
@@ -336,58 +331,84 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
     r.set_defaults(func=cmd_report)
 
-    b = sub.add_parser("bundle", help="build a board bundle (runtime, board config, device.toml, installer)",
-                       description="Build what goes onto a board: runtime, board config, device.toml, optional "
-                                   "shard and artifacts, install.sh, systemd unit; writes a .tar.gz.")
-    b.add_argument("--board", required=True, help="board name in firmware_configs/ or a board TOML path")
-    b.add_argument("--out", default="dist", help="output folder (default dist/)")
-    b.add_argument("--device-id", help="device id (default: the board's hostname at install time)")
-    b.add_argument("--broker", required=True, help="broker URL as the board sees it, mqtt://HOST:1883")
-    b.add_argument("--root", default="orchard/default", help="campaign topic root (must match the server)")
-    b.add_argument("--profiles", nargs="+", default=["dense"])
-    b.add_argument("--model", choices=MODELS, help="prebuild artifacts for this model")
-    b.add_argument("--dataset", help="sets the model's input shape and classes (default digits)")
-    b.add_argument("--data-root")
-    b.add_argument("--shard", help=".npz with x (N, C, H, W) and y (N,)")
-    b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    b.add_argument("--cache", help="artifact cache folder")
-    b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")
-    b.add_argument("--lab", help="a lab's secrets folder (RUN/secrets): bundles the device's credentials (0600)")
-    b.add_argument("--force", action="store_true")
-    b.set_defaults(func=cmd_bundle)
+    add_board_commands(sub, _Parser)
 
-    fl = sub.add_parser("flash", help="copy a bundle to a board over SSH and run its install.sh",
-                        description="Copy a bundle to a board over SSH and run its install.sh.")
-    fl.add_argument("bundle", help="bundle .tar.gz from `orchard bundle`")
-    fl.add_argument("--host", required=True, help="user@host or an ssh config name")
-    fl.add_argument("--wheel", help="onnxruntime-training wheel to install with it (aarch64 boards)")
-    fl.add_argument("--ssh", default="ssh")
-    fl.add_argument("--scp", default="scp")
-    fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    fl.add_argument("install_args", nargs=argparse.REMAINDER, help="after --: install.sh options (--broker URL)")
-    fl.set_defaults(func=cmd_flash)
+    from models.dse import add_dse_parser
+
+    add_dse_parser(sub)
+
+    from testbed.mpsl_cli import add_parsers as add_mpsl_parsers
+
+    add_mpsl_parsers(sub, _Parser)
+
+    sm = sub.add_parser("simulate", help="N simulated clients that really train, on the virtual clock",
+                        description="Simulate a campaign's method with N clients on the virtual clock "
+                                    "(testbed.simulate): per-round sampling, real training in a worker pool.")
+    sm.add_argument("campaign", help="campaign TOML: model, data, partition, [train], [[fleet]] boards and traces")
+    sm.add_argument("--clients", type=int, required=True, help="simulated clients (shards of the training set)")
+    sm.add_argument("--per-round", type=int, default=10, help="clients sampled per round (default 10)")
+    sm.add_argument("--rounds", type=int, help="rounds (default: the campaign's [stop] rounds, else 50)")
+    sm.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local worker processes, or Ray actors (RAY_ADDRESS, else a local Ray)")
+    sm.add_argument("--workers", type=int, default=1, help="clients training at once (pool size)")
+    sm.add_argument("--target-accuracy", type=float, help="for time-to-accuracy (default: [stop] target_accuracy)")
+    sm.add_argument("--eval-every", type=int, default=1, help="evaluate the global model every N rounds")
+    sm.add_argument("--eval-samples", type=int, help="held-out samples to evaluate on (default: all)")
+    sm.add_argument("--out", help="folder for simulation.json (default runs/<campaign>-sim)")
+    sm.set_defaults(func=cmd_simulate)
 
     # Listed for `orchard --help`; main() hands their arguments to their own parsers.
     for name, what in (("server", "the aggregator (python -m server)"),
-                       ("device", "a device agent, as a board runs it (python -m runtime)")):
+                       ("device", "a device agent, as a board runs it (python -m runtime)"),
+                       ("compute-node", "an MP-SL compute node (python -m runtime.compute_node)")):
         sub.add_parser(name, help=f"run {what}", add_help=False)
     return p
 
 
+HOST_PACKAGES = ("onnx", "sklearn", "amqtt", "matplotlib", "onnxruntime")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.version_info < (3, 11):  # the board runtime runs on 3.8+, the host side does not
+        print(f"error: the orchard command (host side) needs Python >= 3.11, this is {sys.version.split()[0]}; "
+              "a board runs `orchard-device` (python -m runtime)", file=sys.stderr)
+        return EXIT_USAGE
     # Run folders hold configs, shards and (with credentials) secrets: 0750 folders, 0640 files
     # for everything this process and its children (server, devices) create.
     os.umask(0o027)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in HOST_PACKAGES:
+            raise
+        print(f"error: {exc.name} is not installed: the orchard command needs the host packages "
+              "(pip install 'orchard[host]'; a board needs only `pip install orchard`)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: list[str]) -> int:
     # `server` and `device` hand everything after them to their own parsers (argparse's
     # REMAINDER would not take a leading option such as --help).
+    if argv and argv[0] == "compute-node":
+        from runtime.compute_node import main as node_main
+
+        return node_main(argv[1:])
     if argv and argv[0] in ("server", "device"):
         from runtime.__main__ import main as device_main
         from server.__main__ import main as server_main
 
         return (server_main if argv[0] == "server" else device_main)(argv[1:])
     parser = build_parser()
+    # `orchard flash ... -- --broker URL`: only what follows `--` is install.sh's, so flash's own
+    # options may come in any order around the bundle path (argparse's REMAINDER took them all).
+    install_args: list[str] = []
+    if argv and argv[0] == "flash" and "--" in argv:
+        cut = argv.index("--")
+        argv, install_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.command == "flash":
+        args.install_args = install_args
     try:
         code: int = args.func(args)
         return code

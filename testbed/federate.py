@@ -103,11 +103,12 @@ class Federation:
         self.broker_url = broker_url
         self.server: subprocess.Popen[bytes] | None = None
         self.devices: dict[str, subprocess.Popen[bytes]] = {}
+        self.device_python = sys.executable  # a board's interpreter, e.g. CPython 3.8 as on JetPack 5
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], python: str = sys.executable) -> subprocess.Popen[bytes]:
         log = (self.run / "logs" / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen([python, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
 
     def start_server(self, resume: bool = False) -> None:
@@ -118,7 +119,7 @@ class Federation:
     def start_device(self, device_id: str) -> None:
         cfg = self.run / "configs" / f"{device_id}.toml"
         self.devices[device_id] = self._spawn(device_id, ["-m", "runtime", "--config", str(cfg),
-                                                          "--broker", self.broker_url])
+                                                          "--broker", self.broker_url], self.device_python)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.server if name == "server" else self.devices.get(name)

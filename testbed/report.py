@@ -157,6 +157,7 @@ class RunData:
     local_steps: int | None = None  # steps per task, when config.toml's [train] fixes them
     work: WorkSummary = field(default_factory=WorkSummary)  # wasted device-seconds (server/waste.py)
     never_joined: list[dict[str, str]] = field(default_factory=list)  # {id, reason}
+    nodes_lost: list[dict[str, Any]] = field(default_factory=list)  # {node, t_s, devices}: a cluster run's lost hosts
 
 
 def _num(text: Any) -> float | None:
@@ -186,7 +187,10 @@ def _read_events(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
                 bad += 1
     if bad:
         warnings.append(f"events.jsonl: skipped {bad} unreadable line(s) (a run cut short?)")
-    return sorted(events, key=lambda e: float(e["t"]))  # stable: the writers' order within a tick
+    # Stable within a millisecond, the resolution service-written events carry (`t` rounded to 3
+    # places) while engine events carry the exact clock: an update_accepted at 1.6377 was sorted
+    # before its update_received at 1.638 and the report lost that update's step_ms_median.
+    return sorted(events, key=lambda e: round(float(e["t"]), 3))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -395,7 +399,9 @@ def load_run(run_dir: Path) -> RunData:
         timeline=_timeline(events, end_s), ooms=ooms, traces=traces, stop_reason=stop_reason,
         warnings=warnings, bytes_up=total_up, bytes_down=total_down, last_profile=last_profile, local_steps=local_steps,
         groups={d: str(fleet_by_id.get(d, {}).get("group") or boards.get(d) or d) for d in devices},
-        work=work_summary(events, "t"), never_joined=never_joined_devices(run_dir, devices, events))
+        work=work_summary(events, "t"), never_joined=never_joined_devices(run_dir, devices, events),
+        nodes_lost=[{"node": e.get("node"), "t_s": _num(e.get("t")), "devices": e.get("devices")}
+                    for e in events if e["event"] == EventName.NODE_LOST])
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -431,6 +437,7 @@ def summarise(data: RunData) -> dict[str, Any]:
         devices.append({
             "id": device, "board": data.boards.get(device, ""),
             **{k: fleet_by_id.get(device, {}).get(k) for k in ("group", "profile", "cpu_quota_cores", "mem_limit_mb")},
+            **({"node": fleet_by_id[device]["node"]} if "node" in fleet_by_id.get(device, {}) else {}),
             "profiles": sorted({u.profile for u in mine if u.profile}),
             "updates": len(mine), "train_s": _r(sum(u.train_s for u in mine)),
             "timeline_training_s": _r(spent["training"]), "idle_s": _r(spent["idle"] + spent["online"]),
@@ -469,6 +476,7 @@ def summarise(data: RunData) -> dict[str, Any]:
         "accuracy_per_profile": breakdown.final_profile_accuracy(data),
         "groups": breakdown.group_rows(data, devices), "devices": devices,
         "wasted_work": wasted_work_figures(data), "never_joined": data.never_joined,
+        **({"nodes": fleet["nodes"], "nodes_lost": data.nodes_lost} if "nodes" in fleet else {}),
         "per_round": [{"version": r.version, "t_s": _r(r.t_s), "start_s": _r(r.start_s), "accuracy": r.accuracy,
                        "loss": r.loss, "train_loss": _r(r.train_loss, 4), "n_updates": r.n_updates,
                        "train_s": _r(r.train_s), "utilization": _r(r.utilization, 4),
@@ -500,9 +508,13 @@ def render_html(summary: dict[str, Any], data: RunData, pngs: list[Path]) -> str
         parts.append(f"<p class='warn'>⚠ {html.escape(str(summary['dilation_warning']))}</p>")
     parts += [f"<p class='warn'>⚠ CPU NOT DELIVERED: {html.escape(w)}</p>" for w in summary["fidelity"]["warnings"]]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in summary["warnings"]]
+    parts += [f"<p class='warn'>⚠ CLUSTER NODE LOST at {n['t_s']} board s: {html.escape(str(n['node']))}; its "
+              f"devices {html.escape(' '.join(n['devices'] or []))} went offline</p>"
+              for n in summary.get("nodes_lost", [])]
     headline = [{"figure": k, "value": format_cell(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
     parts.append("<h2>Summary</h2>" + html_table(headline, ["figure", "value"]))
-    columns = ["id", "board", "group", "cpu_quota_cores", "mem_limit_mb", "profiles", "updates", "train_s",
+    columns = ["id", "board", "group", *(["node"] if "nodes" in summary else []), "cpu_quota_cores", "mem_limit_mb",
+               "profiles", "updates", "train_s",
                "timeline_training_s", "idle_s", "offline_s", "peak_rss_mb", "energy_j", "energy_source", "oom_count",
                "cpu_delivered"]
     columns += [k for k in ("link_kind", "link_up_mbit", "link_down_mbit", "link_bytes_up", "link_bytes_down")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import json
 import math
@@ -51,6 +52,7 @@ LOOP_S = 0.25
 RESTART_BACKOFF_S = 2.0
 STOP_GRACE_S = 30.0  # board seconds past [stop] wall_s until the runner stops a server that did not stop itself
 GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -69,7 +71,23 @@ class Device:
     died_at: float | None = None
 
 
+def server_tables(c: Campaign, min_devices: int) -> dict[str, dict[str, Any]]:
+    """The server TOML's [rounds], [strategy], [method] and [train] tables for a campaign (a run
+    folder's, or a lab's: testbed/lab.py)."""
+    rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
+                              "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
+    if c.rounds is not None:
+        rounds["target_version"] = c.rounds
+    method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
+    return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
+            "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
+                      "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
+
+
 class CampaignRunner:
+    # A cluster node's launcher sets it: when the node dies, its devices die with it (a lost host).
+    die_with_launcher = False
+
     def __init__(self, campaign: Campaign, out: Path, *, force: bool = False, no_throttle: bool = False,
                  quiet: bool = False, broker: str | None = None) -> None:
         self.c = campaign
@@ -195,15 +213,7 @@ class CampaignRunner:
         initially_online = sum(
             make_availability(g.availability, seed=c.seed + i, base_dir=self._base(), device=d, index=i).online_at(0.0)
             for i, (d, g) in enumerate(c.devices()))
-        min_devices = c.min_devices if c.min_devices is not None else max(1, initially_online)
-        rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
-                                  "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
-        if c.rounds is not None:
-            rounds["target_version"] = c.rounds
-        method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
-        return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
-                "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
-                          "batch_size": c.batch_size, "upload": c.upload, "encoding": c.encoding}}
+        return server_tables(c, c.min_devices if c.min_devices is not None else max(1, initially_online))
 
     def _base(self) -> Path:
         return self.c.source.parent if self.c.source is not None else Path.cwd()
@@ -237,8 +247,12 @@ class CampaignRunner:
         log = (self.run / "logs" / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         endpoint = self.links.endpoint(name)
+        # Looked up before the fork: the child of a threaded parent must not take the loader's lock.
+        prctl = ctypes.CDLL(None).prctl if self.die_with_launcher else None
 
         def join() -> None:
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             # In the child before exec: no instruction of the device runs unthrottled or unshaped.
             if group is not None:
                 group.add_pid(os.getpid())
@@ -324,7 +338,10 @@ class CampaignRunner:
 
     def _trace_driver(self) -> TraceDriver:
         avail, cpu = {}, {}
-        for i, d in enumerate(self.devices.values()):
+        # The index in the whole fleet, so a device gets the same trace on whichever host runs it.
+        index_of = {device_id: i for i, (device_id, _) in enumerate(self.c.devices())}
+        for d in self.devices.values():
+            i = index_of[d.device_id]
             # `device`/`index` pick this device's rows from a trace file that holds a whole fleet.
             avail[d.device_id] = make_availability(d.group.availability, seed=self.c.seed + i, base_dir=self._base(),
                                                    device=d.device_id, index=i)

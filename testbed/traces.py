@@ -17,6 +17,9 @@ A campaign gives each trace as a TOML table; `make_availability` / `make_cpu_tra
   cpu           {kind="constant", value}                     fraction of the board's quota, (0, 1]
                 {kind="random_walk", step_s, sigma, min, max, start, seed}
                     every step_s add N(0, sigma), clipped to [min, max]; start defaults to max
+                {kind="step", at_s, before, after, until_s}
+                    `before` until at_s, then `after` (e.g. the quota halves mid-campaign);
+                    with until_s, back to `before` from until_s on
                 {kind="file", path, device}
 File formats and how a device is picked out of a file: `testbed.trace_files`. The `seed` given
 to the factory (per device, from the runner) is mixed with the spec's optional `seed` and with
@@ -50,6 +53,7 @@ AVAILABILITY_KEYS: Mapping[str, frozenset[str]] = {
 CPU_KEYS: Mapping[str, frozenset[str]] = {
     "constant": frozenset({"kind", "value"}),
     "random_walk": frozenset({"kind", "step_s", "sigma", "min", "max", "start", "seed"}),
+    "step": frozenset({"kind", "at_s", "before", "after", "until_s"}),
     "file": frozenset({"kind", "path", "device"}),
 }
 DAY_S = 86_400.0
@@ -235,6 +239,32 @@ class FileCpu(_Steps[float]):
         return self._at(t_s)
 
 
+@dataclass(frozen=True)
+class StepCpu(_Steps[float]):
+    at_s: float
+    before: float
+    after: float
+    until_s: float | None = None  # None: `after` holds to the end
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.before, "step CPU trace before")
+        _check_fraction(self.after, "step CPU trace after")
+        if not (self.at_s > 0 and math.isfinite(self.at_s)) or (self.until_s is not None and self.until_s <= self.at_s):
+            raise ConfigError(f"step CPU trace needs 0 < at_s < until_s, got at_s {self.at_s}, until_s {self.until_s}")
+
+    def _points(self, until_s: float) -> tuple[list[float], list[float]]:
+        if self.after == self.before:
+            return [0.0], [self.before]
+        times, values = [0.0, self.at_s], [self.before, self.after]
+        if self.until_s is not None:
+            times.append(self.until_s)
+            values.append(self.before)
+        return times, values
+
+    def value_at(self, t_s: float) -> float:
+        return self._at(t_s)
+
+
 def _check_fraction(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ConfigError(f"{what} must be a fraction of the board's CPU quota in (0, 1], got {value!r}")
@@ -305,6 +335,11 @@ def make_cpu_trace(spec: Mapping[str, Any], *, seed: int, base_dir: str | Path, 
             seed=_mixed_seed(seed, t.integer("seed", 0, MAX_SEED, default=0), stream),
             start=t.optional_number("start", lo, hi),
         )
+    if kind == "step":
+        at_s = t.number("at_s", 0.0, DAY_S, lo_open=True)
+        until = t.optional_number("until_s", at_s, DAY_S)
+        return StepCpu(at_s, t.number("before", 0.0, 1.0, lo_open=True), t.number("after", 0.0, 1.0, lo_open=True),
+                       until)
     times, values = read_cpu_file(_file_path(t, base_dir), chosen=t.optional_string("device"), device=device,
                                   index=index)
     return FileCpu(times, values)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # Order matters only for inference: a campaign without a [method] table gets, per profile, the
 # first method whose spec accepts it (dense -> fedavg, width -> heterofl, classes -> classes).
-METHOD_NAMES: tuple[str, ...] = ("fedavg", "heterofl", "classes", "fjord", "zerofl")
+METHOD_NAMES: tuple[str, ...] = ("fedavg", "heterofl", "classes", "fjord", "zerofl", "distreal", "mpsl")
 HALF_PACKAGES = {"device": "runtime.methods", "server": "server.methods", "build": "models.methods"}
 
 

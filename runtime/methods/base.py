@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,8 @@ class UpdateBody:
 
 class DeviceMethod:
     label_classes: tuple[int, ...] | None = None  # train only on these labels, mapped to rows 0..k-1
+    deadline_at: float | None = None  # time.monotonic() by which training must end (None: no limit)
+    total_steps: int = 0  # steps this task trains (set by the trainer before `start`)
 
     def __init__(self, assignment: Assignment, open_backend: BackendOpener) -> None:
         self.assignment: Assignment | None = assignment

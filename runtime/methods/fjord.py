@@ -48,8 +48,8 @@ class Spec(MethodSpec):
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         widths = params["widths"]
-        if (not isinstance(widths, list | tuple) or not widths
-                or not all(isinstance(w, int | float) and not isinstance(w, bool) and 0 < w <= 1 for w in widths)):
+        if (not isinstance(widths, (list, tuple)) or not widths
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1 for w in widths)):
             raise ConfigError(f"[method] fjord: widths must be a list of numbers in (0, 1], got {widths!r}")
         ws = sorted({float(w) for w in widths})
         if ws[-1] != 1.0:
@@ -60,9 +60,9 @@ class Spec(MethodSpec):
         if not isinstance(params["distill"], bool):
             raise ConfigError(f"[method] fjord: distill must be true or false, got {params['distill']!r}")
         alpha, temperature = params["distill_alpha"], params["distill_temperature"]
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ConfigError(f"[method] fjord: distill_alpha must be in [0, 1], got {alpha!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ConfigError(f"[method] fjord: distill_temperature must be > 0, got {temperature!r}")
         return {"widths": ws, "resample_every": k, "distill": params["distill"], "distill_alpha": float(alpha),
                 "distill_temperature": float(temperature)}
@@ -170,6 +170,6 @@ class Device(DeviceMethod):
         return self._full.copy()
 
     def report(self) -> dict[str, float]:
-        out = {f"steps_width_{w:g}": float(n) for w, n in zip(self.widths, self.visits, strict=True)}
+        out = {f"steps_width_{w:g}": float(n) for w, n in zip(self.widths, self.visits)}
         out["width_switches"] = float(self.switches)
         return out

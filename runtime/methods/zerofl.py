@@ -43,7 +43,7 @@ DENSITY_RULES = ("extra", "total")
 
 
 def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"[method] zerofl: {key} must be a finite number, got {value!r}")
     return float(value)
 

@@ -11,6 +11,9 @@ BROKER=""
 RUN_USER=orchard
 SERVICE=1
 ORT_VERSION=@ORT_VERSION@
+BOARD_PYTHON=@BOARD_PYTHON@  # the CPython the bundle's wheels are locked for (requirements.lock)
+BUNDLE_ARCH=@ARCH@
+ORT_WHEEL=@ORT_WHEEL@  # an onnxruntime-training wheel in wheels/ (locked too), or empty
 ID_FROM_HOSTNAME=@ID_FROM_HOSTNAME@  # 1: the bundle names no device; use this board's hostname
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
@@ -27,9 +30,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python >= 3.11 or pass --python"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-  || die "$PYTHON is $("$PYTHON" -V 2>&1); the runtime needs Python >= 3.11 (pass --python python3.11)"
+echo "[1/6] checking Python, architecture and the bundle"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python $BOARD_PYTHON or pass --python"
+PYV="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" || PYV="unknown"
+[ "$PYV" = "$BOARD_PYTHON" ] || die "$PYTHON is Python $PYV; this bundle's wheels are locked for CPython" \
+  "$BOARD_PYTHON (pass --python python$BOARD_PYTHON, or rebuild the bundle with --board-python $PYV)"
+ARCH="$(uname -m)"
+[ "$ARCH" = "$BUNDLE_ARCH" ] || die "this machine is $ARCH; the bundle's wheels are for $BUNDLE_ARCH (rebuild with --arch $ARCH)"
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || die "$PYTHON has no venv; run: sudo apt-get install python3-venv"
 (cd "$HERE" && "$PYTHON" -c '@HASH_CHECK@') || die "the bundle in $HERE is damaged; copy the tarball again"
 if [ "$SERVICE" = 1 ] && [ "$(id -u)" != 0 ]; then
@@ -44,24 +51,28 @@ ort_ok() {
 api = os.path.join(os.path.dirname(o.__file__), "training", "api", "module.py")
 sys.exit(not (o.__version__.startswith("'"$ORT_VERSION"'") and os.path.isfile(api)))' 2>/dev/null
 }
+echo "[2/6] finding onnxruntime-training $ORT_VERSION"
 if [ -z "$WHEEL" ]; then
   for w in "$HERE"/onnxruntime_training*.whl; do if [ -f "$w" ]; then WHEEL="$w"; fi; done
 fi
-ARCH="$(uname -m)"
 ORT_SOURCE=""
 if [ -n "$WHEEL" ]; then
   [ -f "$WHEEL" ] || die "wheel $WHEEL not found"
+  "$PYTHON" -c 'import sys, zipfile
+sys.exit("onnxruntime/training/api/module.py" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$WHEEL" \
+    || die "$WHEEL has no onnxruntime/training/api: build it with --enable_training_apis"
   ORT_SOURCE="$WHEEL"
+elif [ -n "$ORT_WHEEL" ]; then
+  echo "onnxruntime-training from the bundle: $ORT_WHEEL (locked)"
 elif [ -x "$PREFIX/venv/bin/python" ] && ort_ok "$PREFIX/venv/bin/python"; then
   echo "onnxruntime-training $ORT_VERSION already installed in $PREFIX/venv"
-elif [ "$ARCH" = x86_64 ]; then
-  ORT_SOURCE="onnxruntime-training-cpu==$ORT_VERSION"
 else
   cat >&2 <<EOF
 There is no onnxruntime-training $ORT_VERSION wheel for $ARCH. Build one from source, once per
 Python version (it serves every board of that kind), on the board or in an $ARCH container:
 @BUILD_CMDS@
-(or run: bash $HERE/build-ort-wheel.sh, which also installs cmake >= 3.26 and checks the wheel).
+(or run: bash $HERE/build-ort-wheel.sh, which also installs cmake >= 3.26 and checks the wheel;
+on a bigger x86_64 machine: bash build-ort-wheel.sh --container [--jetson], in an arm64 image under QEMU).
 It needs about 6 GB of RAM + swap and takes hours on a Pi 4. Enlarge swap on Pi OS first:
   sudo dphys-swapfile swapoff
   sudo sed -i 's/^#\?CONF_SWAPSIZE=.*/CONF_SWAPSIZE=4096/; s/^#\?CONF_MAXSWAP=.*/CONF_MAXSWAP=4096/' /etc/dphys-swapfile
@@ -83,11 +94,11 @@ open(path, "w").write(text)
 EOF
 }
 
-echo "installing into $PREFIX"
-mkdir -p "$PREFIX/artifacts" "$PREFIX/data"
+echo "[3/6] installing into $PREFIX"
+mkdir -p "$PREFIX/artifacts" "$PREFIX/data" "$PREFIX/state"
 rm -rf "$PREFIX/runtime" "$PREFIX/firmware_configs"
 cp -r "$HERE/runtime" "$HERE/firmware_configs" "$PREFIX/"
-cp "$HERE/requirements.txt" "$HERE/README.md" "$HERE/MANIFEST.json" "$PREFIX/"
+cp "$HERE/requirements.lock" "$HERE/README.md" "$HERE/MANIFEST.json" "$PREFIX/"
 if [ -f "$PREFIX/device.toml" ]; then cp "$PREFIX/device.toml" "$PREFIX/device.toml.bak"; fi
 cp "$HERE/device.toml" "$PREFIX/device.toml"
 # The device's login and HMAC key: 0600 from the start, never readable by others.
@@ -101,12 +112,16 @@ if [ "$ID_FROM_HOSTNAME" = 1 ]; then
 fi
 if [ -n "$BROKER" ]; then set_key url "$BROKER"; fi
 
+echo "[4/6] installing the locked wheels (offline, hashes checked)"
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/python" -m pip install --quiet -r "$PREFIX/requirements.txt"
+# Every package pinned with its hash and taken from the bundle only; --no-deps keeps ORT's
+# metadata (onnx, sympy, h5py, ...) from being resolved: the training API imports none of it.
+"$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$HERE/wheels" \
+  --no-deps --require-hashes --only-binary :all: -r "$PREFIX/requirements.lock"
 if [ -n "$ORT_SOURCE" ]; then
-  # -c keeps the requirements' pins (numpy<2) while pip resolves the wheel's own dependencies.
-  "$PREFIX/venv/bin/python" -m pip install --quiet -c "$PREFIX/requirements.txt" "$ORT_SOURCE"
+  "$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps "$ORT_SOURCE"
 fi
+echo "[5/6] checking the installed runtime"
 (cd "$PREFIX" && ORCHARD_FIRMWARE_CONFIGS="$PREFIX/firmware_configs" "$PREFIX/venv/bin/python" -c '
 from runtime.ort import training_api; training_api()
 from runtime.board import load_board; from runtime.device_config import load_device_config
@@ -116,6 +131,7 @@ print(f"runtime ok: device {c.device_id} on {b.name}, broker {c.broker_url}, roo
 # The service user cannot write __pycache__ under the root-owned prefix: compile once here.
 "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/runtime" >/dev/null
 
+echo "[6/6] service"
 if [ "$SERVICE" = 0 ]; then
   echo "installed; start by hand: cd $PREFIX && venv/bin/python -m runtime --config device.toml"
   exit 0
@@ -125,7 +141,7 @@ if [ "$RUN_USER" != root ]; then
     || useradd --system --home-dir "$PREFIX" --no-create-home --shell /usr/sbin/nologin "$RUN_USER"
   # Power sensors: Pi 5's PMIC is read with vcgencmd (group video), INA2xx/INA3221 over i2c.
   for g in video i2c; do if getent group "$g" >/dev/null; then usermod -aG "$g" "$RUN_USER"; fi; done
-  chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data"
+  chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data" "$PREFIX/state"
   # device.toml may hold the broker password: readable by the service user, not by everyone.
   chown "root:$(id -gn "$RUN_USER")" "$PREFIX/device.toml" && chmod 640 "$PREFIX/device.toml"
   if [ -f "$PREFIX/credentials.toml" ]; then chown "$RUN_USER" "$PREFIX/credentials.toml"; fi

@@ -1,4 +1,6 @@
-"""Methods over the real stack (broker, server process, device agents with ORT trainers):
+"""Methods over the real stack (broker, server process, device agents with ORT trainers).
+DISTREAL: devices pick their dropout vector themselves and upload full models (below).
+
 FjORD's tiers each receive one artifact per width up to their p_max, train with per-batch width
 sampling, and the global model learns."""
 
@@ -9,6 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from models.builder import build
+from models.structure import full_structure
 
 Federate = Callable[..., Any]
 
@@ -78,3 +83,27 @@ def test_zerofl_sparse_uploads_bytes_are_what_the_broker_carried(federation: Fed
         assert e["frame_bytes"] < 0.5 * dense_task, (e["frame_bytes"], dense_task)
     reports = [e["report"] for e in h.find("update_accepted")]
     assert all(0.19 < r["upload_fraction"] < 0.22 and r["topk_recomputes"] == 15 for r in reports)
+
+
+LENET_FRONT = {"format": 1, "model": "lenet", "groups": {"conv1": 6, "conv2": 16}, "vectors": [
+    {"drop": {}, "step_ms": 1e6, "score": 0.9},  # "profiled" so slow that it never fits the deadline
+    {"drop": {"conv1": 0.5, "conv2": 0.5}, "step_ms": 1.0, "score": 0.5}]}
+
+
+@pytest.mark.timeout(200)
+def test_distreal_devices_pick_their_vector_train_full_models_and_the_model_learns(federation: Federate) -> None:
+    """The real stack: every device gets the dense and the vector's artifact, picks the vector
+    that fits the deadline by itself, trains it per batch and uploads the full dense model."""
+    h = federation(devices=2, rounds=4, strategy="fedavg-deadline", strategy_params={"deadline_s": 30.0},
+                   method="distreal", method_params={"front": LENET_FRONT}, local_steps=12)
+    full_size = build(full_structure("lenet", (1, 8, 8), 10)).layout.total
+    h.start()
+    assert h.wait_server_exit(180) == 0
+    accuracy = [float(r["accuracy"]) for r in h.rows()]
+    assert len(accuracy) == 4 and accuracy[-1] > accuracy[0], accuracy
+    assert Counter(e["device"] for e in h.find("artifact_sent")) == {"dev0": 2, "dev1": 2}
+    accepted = h.find("update_accepted")
+    assert len(accepted) == 8 and not h.find("update_rejected")
+    for e in accepted:
+        assert e["report"]["steps.1"] == 12 and e["report"]["choice.0.vector"] == 1  # the one that fits
+        assert e["n_values"] == full_size  # the full dense model came back, not the vector's slice

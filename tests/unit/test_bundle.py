@@ -24,6 +24,7 @@ from runtime.device_config import load_device_config
 from runtime.errors import ConfigError, OrchardError
 from testbed.bundle import UNIT_NAME, build_bundle, flash
 from testbed.lab_secrets import provision
+from tests.unit.fake_wheels import fake_ort_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 BOARD = "rpi4b-4gb"
@@ -46,7 +47,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, artifact_cache: Path) -> tup
     lab = provision(tmp / "lab", "orchard/lab", ["pi7"])
     tar = build_bundle(BOARD, tmp / "dist", device_id="pi7", broker_url="mqtt://10.0.0.2:1883", root="orchard/lab",
                        profiles=PROFILES, model="lenet", dataset="digits", shard=_shard(tmp / "shard.npz"),
-                       cache_dir=artifact_cache, lab=lab.directory)
+                       cache_dir=artifact_cache, secrets=lab.directory)
     return tmp / "dist" / NAME, tar
 
 
@@ -84,7 +85,7 @@ def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
     assert {f for f in files if f.startswith("runtime/")} == runtime_src  # .py files only
     assert {f for f in files if f.startswith("firmware_configs/")} == {
         f"firmware_configs/{BOARD}.toml", "firmware_configs/README.md"}
-    for name in ("device.toml", "data/shard.npz", "requirements.txt", "install.sh", "build-ort-wheel.sh", UNIT_NAME,
+    for name in ("device.toml", "data/shard.npz", "requirements.lock", "install.sh", "build-ort-wheel.sh", UNIT_NAME,
                  "README.md", "MANIFEST.json"):
         assert name in files, name
     manifest = json.loads((bundle / "MANIFEST.json").read_text())
@@ -93,9 +94,20 @@ def test_bundle_holds_runtime_board_config_shard_artifacts_and_scripts(built):
     for key in manifest["artifacts"].values():
         assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "manifest.json"} == {
             f.split("/")[-1] for f in files if f.startswith(f"artifacts/{key}/")}
-    reqs = [ln for ln in (bundle / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
-    assert [r.split(">")[0].split("=")[0] for r in reqs] == ["numpy", "paho-mqtt", "psutil"]
-    assert "paho-mqtt>=2,<3" in reqs
+    # The lock: every board package pinned with the hash of the wheel shipped for the board's
+    # Python (Pi OS Bookworm: 3.11) and machine; no ORT (no aarch64 wheel on PyPI), no onnx.
+    reqs = [ln for ln in (bundle / "requirements.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert [r.split("==")[0] for r in reqs] == ["numpy", "paho-mqtt", "psutil"]
+    wheels = {p.name: p for p in (bundle / "wheels").iterdir()}
+    for line in reqs:
+        name_version, _, digest = line.partition(" --hash=sha256:")
+        name, version = name_version.split("==")
+        [wheel] = [w for w in wheels if w.lower().startswith(f"{name.replace('-', '_')}-{version}-")]
+        assert hashlib.sha256(wheels[wheel].read_bytes()).hexdigest() == digest
+        assert wheel.endswith((".any.whl", "-any.whl")) or "aarch64" in wheel, wheel
+        assert "cp311" in wheel or "abi3" in wheel or "py3-none" in wheel, wheel
+    assert json.loads((bundle / "MANIFEST.json").read_text())["target"] == {
+        "python": "3.11", "arch": "aarch64", "ort_wheel": None, "ort_cuda": False}
     with np.load(bundle / "data" / "shard.npz") as shard:
         assert shard["x"].dtype == np.float32 and shard["y"].dtype == np.int64 and len(shard["y"]) == 96
     readme = (bundle / "README.md").read_text()
@@ -129,9 +141,9 @@ def test_scripts_pass_bash_syntax_check_and_document_the_source_build(built):
     install = (bundle / "install.sh").read_text()
     assert "./build.sh --config Release --build_shared_lib --parallel --enable_training_apis --build_wheel" \
            " --skip_tests" in install
-    assert "--branch v1.19.2" in install and "onnxruntime-training-cpu==$ORT_VERSION" in install
+    assert "--branch v1.19.2" in install and "BOARD_PYTHON=3.11" in install and "BUNDLE_ARCH=aarch64" in install
     assert "onnxruntime_training*.whl" in install and "dphys-swapfile" in install
-    assert "sys.version_info < (3, 11)" in install
+    assert "--no-index" in install and "--require-hashes" in install and "--no-deps" in install
 
 
 def _unit_keys(text: str) -> dict[str, list[str]]:
@@ -143,7 +155,7 @@ def _unit_keys(text: str) -> dict[str, list[str]]:
     return keys
 
 
-def test_systemd_unit_restarts_always_and_sets_no_memory_cap(built, tmp_path):
+def test_systemd_unit_is_hardened_notifies_and_caps_memory_from_the_board(built, tmp_path):
     bundle, _ = built
     text = (bundle / UNIT_NAME).read_text()
     keys = _unit_keys(text)
@@ -152,15 +164,31 @@ def test_systemd_unit_restarts_always_and_sets_no_memory_cap(built, tmp_path):
     assert keys["WorkingDirectory"] == ["/opt/orchard"]
     assert "ORCHARD_FIRMWARE_CONFIGS=/opt/orchard/firmware_configs" in keys["Environment"]
     assert keys["WantedBy"] == ["multi-user.target"]
-    assert "MemoryMax" not in keys and "MemoryMax" in text  # only the comment that says why not
+    assert keys["Type"] == ["notify"] and keys["NotifyAccess"] == ["main"] and keys["WatchdogSec"] == ["60"]
+    assert keys["NoNewPrivileges"] == ["yes"] and keys["ProtectSystem"] == ["strict"]
+    assert keys["PrivateTmp"] == ["yes"] and keys["ProtectHome"] == ["yes"]
+    assert keys["ReadWritePaths"] == ["/opt/orchard/artifacts /opt/orchard/state"]
+    board = load_board(BOARD)  # RAM less the OS reserve: the same cap the testbed emulates
+    assert keys["MemoryMax"] == [f"{board.memory_cap_mb}M"]
+    assert keys["MemoryHigh"] == [f"{board.memory_cap_mb * 9 // 10}M"]
+    assert int(keys["OOMScoreAdjust"][0]) > 0
     if shutil.which("systemd-analyze") is None:
         return
-    # What install.sh --prefix does, against a prefix whose interpreter exists.
+    # What install.sh --prefix does, against a prefix whose interpreter and state folders exist.
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
-    (tmp_path / UNIT_NAME).write_text(text.replace("/opt/orchard", str(tmp_path)))
+    for d in ("artifacts", "state"):
+        (tmp_path / d).mkdir()
+    unit = text.replace("/opt/orchard", str(tmp_path)).replace("User=orchard", "User=root")
+    (tmp_path / UNIT_NAME).write_text(unit)
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / UNIT_NAME)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "Unknown key" not in proc.stderr and "Failed to parse" not in proc.stderr, proc.stderr
+    # A unit with a typo'd key fails the same check: it can fail.
+    bad = tmp_path / "bad.service"
+    bad.write_text((tmp_path / UNIT_NAME).read_text().replace("WatchdogSec=60", "WatchdogSec=sixty"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True)
+    assert "Failed to parse" in proc.stderr and "sixty" in proc.stderr, proc.stderr
 
 
 def test_a_bundle_without_a_lab_refuses_to_start_until_provisioned(tmp_path: Path, artifact_cache: Path) -> None:
@@ -273,11 +301,15 @@ def test_install_sh_refuses_a_damaged_bundle_and_an_old_python(built, tmp_path):
         f.write("# torn\n")
     proc = _run_install(copy, tmp_path, "--python", sys.executable)
     assert proc.returncode != 0 and "damaged" in proc.stderr and "runtime/agent.py" in proc.stderr
-    old = tmp_path / "python3.9"
-    old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.2'\nexit 1\n")
-    old.chmod(0o755)
-    proc = _run_install(bundle, tmp_path, "--python", str(old))
-    assert proc.returncode != 0 and "needs Python >= 3.11" in proc.stderr
+    # The wheels are locked for the board's CPython: another interpreter, or another machine, is
+    # refused with what to do, before anything changes.
+    other = tmp_path / "python3.9"
+    other.write_text("#!/bin/sh\necho 3.9\n")
+    other.chmod(0o755)
+    proc = _run_install(bundle, tmp_path, "--python", str(other))
+    assert proc.returncode != 0 and "locked for CPython 3.11" in proc.stderr and "--board-python 3.9" in proc.stderr
+    proc = _run_install(bundle, tmp_path, "--python", sys.executable, arch="armv7l")
+    assert proc.returncode != 0 and "the bundle's wheels are for aarch64" in proc.stderr
     assert not (tmp_path / "prefix").exists()
 
 
@@ -292,8 +324,7 @@ def test_flash_dry_run_returns_scp_then_remote_install(built, monkeypatch, tmp_p
         ["ssh", "-t", "pi@raspberrypi.local",
          f"cd {d} && tar xzf {NAME}.tar.gz && sudo bash {d}/{NAME}/install.sh; status=$?; rm -rf {d}; exit $status"],
     ]
-    wheel = tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl"
-    wheel.write_bytes(b"PK")
+    wheel = fake_ort_wheel(tmp_path / "onnxruntime_training-1.19.2-cp311-cp311-linux_aarch64.whl")
     cmds = flash(tar, "pi5", ssh="ssh -p 2222", scp="scp -P 2222", dry_run=True, wheel=wheel,
                  install_args=["--broker", "mqtt://10.0.0.2:1883"])
     assert cmds[1] == ["scp", "-P", "2222", str(tar), str(wheel), f"pi5:{d}/"]
@@ -389,3 +420,45 @@ def test_a_fjord_device_bundle_prebuilds_only_what_its_profiles_name(tmp_path, a
     assert list(json.loads((bundle / "MANIFEST.json").read_text())["artifacts"]) == ["dense"]
     monkeypatch.setenv(ENV_CONFIG_DIR, str(bundle / "firmware_configs"))
     assert load_device_config(bundle / "device.toml").profiles == ("p_max=0.5", "dense")
+
+
+def _fake_engine(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "engine.log"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {log}\n')
+    (bin_dir / "docker").chmod(0o755)
+    binfmt = tmp_path / "qemu-aarch64"
+    binfmt.write_text("enabled\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BINFMT_QEMU": str(binfmt), "WORK": str(tmp_path)}
+    return env, log
+
+
+@pytest.mark.parametrize(("args", "image", "jetson"), [
+    ([], "docker.io/library/python:3.11-bookworm", "0"),                 # the bundle's board: Pi OS, 3.11
+    (["--python", "3.10"], "docker.io/library/python:3.10-bullseye", "0"),
+    (["--jetson", "--python", "3.8"], "nvcr.io/nvidia/l4t-jetpack:r35.4.1", "1"),
+    (["--jetson", "--python", "3.10"], "nvcr.io/nvidia/l4t-jetpack:r36.3.0", "1"),
+])
+def test_build_ort_wheel_container_path_runs_the_native_build_in_an_arm64_image(built, tmp_path, args, image, jetson):
+    bundle, _ = built
+    env, log = _fake_engine(tmp_path)
+    proc = subprocess.run(["bash", str(bundle / "build-ort-wheel.sh"), "--container", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = log.read_text().splitlines()
+    assert argv[:4] == ["run", "--rm", "--platform", "linux/arm64"] and image in argv
+    assert f"ORCHARD_JETSON={jetson}" in argv and f"{bundle}:/bundle" in argv
+    assert argv[-1].endswith("bash /bundle/build-ort-wheel.sh --python " + (args[-1] if args else "3.11"))
+
+
+def test_build_ort_wheel_refuses_what_cannot_work(built, tmp_path):
+    bundle, _ = built
+    env, _ = _fake_engine(tmp_path)
+    for args, want in ((["--container", "--jetson", "--python", "3.11"], "JetPack 5 ships 3.8, JetPack 6 ships 3.10"),
+                       (["--python", "3.6"], "the runtime runs on CPython 3.8-3.12"),
+                       (["--container"], "no QEMU for aarch64 registered")):
+        run_env = {**env, "BINFMT_QEMU": str(tmp_path / "absent")} if want.startswith("no QEMU") else env
+        proc = subprocess.run(["bash", str(bundle / "build-ort-wheel.sh"), *args], env=run_env, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode != 0 and want in proc.stderr, (args, proc.stderr)

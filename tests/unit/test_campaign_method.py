@@ -45,7 +45,7 @@ def test_method_defaults_reach_the_strategy_and_strategy_wins(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("method", "profiles", "match"), [
-    ('[method]\nname = "distreal"', '["dense"]', "unknown method 'distreal'"),
+    ('[method]\nname = "no-such-method"', '["dense"]', "unknown method 'no-such-method'"),
     ('[method]\nwindow = "rolling"', '["dense"]', r"\[method\] needs name"),
     ('[method]\nname = "heterofl"\nwidth = 0.5', '["dense"]', "has no key 'width'"),
     ('[method]\nname = "fjord"', '["width=0.5"]', "takes profiles 'p_max=<width>'"),

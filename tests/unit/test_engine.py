@@ -412,6 +412,21 @@ def test_clients_per_round_rotates_least_recently_served() -> None:
     assert {t.device_id for t in rig.engine.outstanding.values()} == {"d2", "d0"}
 
 
+def test_sample_seed_draws_each_round_at_random_as_numpy_does() -> None:
+    rig = Rig(get_strategy("fedavg", clients_per_round=3), devices=20, config=EngineConfig(sample_seed=7))
+    reference = np.random.default_rng(7)
+    pool = sorted(rig.ids)
+    for round_index in range(4):
+        expected = {pool[int(i)] for i in reference.choice(len(pool), size=3, replace=False)}
+        chosen = {t.device_id for t in rig.engine.outstanding.values()}
+        assert chosen == expected, round_index
+        for k, d in enumerate(sorted(chosen)):
+            rig.at(round_index * 10 + k + 1).update(d)
+    # Not the rotation: without a seed the first round is the three lowest ids.
+    plain = Rig(get_strategy("fedavg", clients_per_round=3), devices=20).engine.outstanding.values()
+    assert {t.device_id for t in plain} == {"d0", "d1", "d10"}
+
+
 def test_adaptive_deadline_waits_until_half_the_fleet_is_timed() -> None:
     rig = Rig(get_strategy("fedavg-deadline"), devices=4)
     assert rig.tasks["d0"].deadline_s is None  # nobody timed yet

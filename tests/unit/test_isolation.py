@@ -14,7 +14,7 @@ from models.artifacts import ensure_artifacts
 from models.structure import full_structure
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME_ALLOWED = {"numpy", "onnxruntime", "paho", "psutil", "runtime"}
+RUNTIME_ALLOWED = {"numpy", "onnxruntime", "paho", "psutil", "runtime", "tomli"}  # tomli: Python < 3.11
 # The server shares the board-safe runtime layer (schema, frames, the one paho wrapper, the TOML
 # reader, ORT for evaluation) instead of keeping second copies; the device-only parts stay out.
 SERVER_FORBIDDEN_RUNTIME = {"runtime.agent", "runtime.trainer_proc", "runtime.telemetry", "runtime.device_config",
