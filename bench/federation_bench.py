@@ -48,6 +48,7 @@ import psutil
 from runtime.errors import OrchardError
 from testbed.broker import open_broker
 from testbed.federate import Federation, FederationSpec, prepare, server_rows
+from testbed.lab_secrets import load_lab
 from testbed.throttle import DeviceGroup, Throttle, detect_throttle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def run_one(strategy: str, throttle: Throttle, rep: int = 0) -> dict[str, Any]:
     sweeper: _Sweeper | None = None
     stopped = "server finished"
     slow_stats: dict[str, dict[str, Any]] = {}
-    with open_broker("amqtt") as broker:
+    with open_broker("amqtt", lab=load_lab(run)) as broker:
         fed = Federation(run, broker.url)
         try:
             fed.start_server()

@@ -9,6 +9,11 @@ on CLOCK_MONOTONIC, which is system-wide on Linux, so the two processes' stamps 
 The physical reference is a plain loopback TCP send of the same bytes until the reader has
 all of them and answered one byte. Medians of `repeats` rounds.
 
+`mosquitto_tls` is the same through mosquitto as a campaign serves it (a lab's logins, ACLs and
+TLS; the device gets its login on stdin, never on its command line). `seal_10mb` is the cost of
+binding an update to its run and device (runtime/seal.py: HMAC-SHA256 over the whole frame),
+to seal and to open, next to the SHA-256 the frame already takes of its body.
+
 `run() -> dict` is what bench/run.py merges into bench.json; `python bench/mqtt_bench.py`
 prints it.
 """
@@ -22,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +35,9 @@ from typing import Any
 
 from runtime.errors import OrchardError
 from runtime.mqtt import Message, MqttClient, MqttConfig
+from runtime.seal import open_sealed, seal
 from testbed.broker import AmqttBroker, Broker, MosquittoBroker, find_mosquitto
+from testbed.lab_secrets import Lab, provision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD_BYTES = 10 * 1024 * 1024
@@ -40,8 +48,9 @@ DEVICE = """
 import hashlib, json, os, sys, time
 from runtime.mqtt import MqttClient, MqttConfig
 url, n_bytes = sys.argv[1], int(sys.argv[2])
+login = json.loads(sys.stdin.readline())
 payload = os.urandom(n_bytes)
-c = MqttClient(url, MqttConfig("bench-device", keepalive_s=30))
+c = MqttClient(url, MqttConfig("bench-device", keepalive_s=30, **login))
 c.connect()
 print(json.dumps({"sha256": hashlib.sha256(payload).hexdigest()}), flush=True)
 for line in sys.stdin:
@@ -80,8 +89,32 @@ def loopback_send_s(n_bytes: int) -> float:
     return elapsed
 
 
-def bench_broker(broker: Broker, repeats: int, n_bytes: int) -> dict[str, Any]:
-    server = MqttClient(broker.url, MqttConfig("bench-server", keepalive_s=30))
+def seal_cost(n_bytes: int, repeats: int = 5) -> dict[str, Any]:
+    """Milliseconds to seal and to open an n-byte frame, and to SHA-256 it (what a frame pays anyway)."""
+    frame, key = os.urandom(n_bytes), os.urandom(32)
+    times: dict[str, list[float]] = {"seal_ms": [], "open_ms": [], "sha256_ms": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sealed = seal(frame, key=key, run_id="bench", device_id="dev1", kind="update")
+        t1 = time.perf_counter()
+        open_sealed(sealed, key=key, run_id="bench", device_id="dev1", kind="update")
+        t2 = time.perf_counter()
+        hashlib.sha256(frame).digest()
+        t3 = time.perf_counter()
+        for name, dt in (("seal_ms", t1 - t0), ("open_ms", t2 - t1), ("sha256_ms", t3 - t2)):
+            times[name].append(dt * 1000)
+    out: dict[str, Any] = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    out.update(payload_bytes=n_bytes, repeats=repeats)
+    return out
+
+
+def bench_broker(broker: Broker, repeats: int, n_bytes: int, lab: Lab | None = None) -> dict[str, Any]:
+    ca = str(lab.tls.ca_file) if lab is not None and lab.tls is not None else None
+    server_login = ({"username": lab.server.username, "password": lab.server.password, "ca_file": ca}
+                    if lab is not None else {})
+    device_login = ({"username": lab.server.username, "password": lab.server.password, "ca_file": ca}
+                    if lab is not None else {})  # the bench's topic is outside the devices' ACLs
+    server = MqttClient(broker.url, MqttConfig("bench-server", keepalive_s=30, **server_login))
     server.connect()
     server.subscribe(TOPIC, qos=1)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -90,6 +123,8 @@ def bench_broker(broker: Broker, repeats: int, n_bytes: int) -> dict[str, Any]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
     assert device.stdin is not None and device.stdout is not None
+    device.stdin.write(json.dumps(device_login) + "\n")
+    device.stdin.flush()
     puback, receipt, intact = [], [], True
     try:
         sha = json.loads(device.stdout.readline())["sha256"]
@@ -138,7 +173,11 @@ def run(repeats: int = 3, n_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
     else:
         with MosquittoBroker(binary=binary) as mosq:
             result["mosquitto"] = bench_broker(mosq, repeats, n_bytes)
-    return {"mqtt_10mb": result}
+        with tempfile.TemporaryDirectory() as tmp:
+            lab = provision(Path(tmp), "orchard/bench", ["dev1"], tls=True)
+            with MosquittoBroker(binary=binary, lab=lab) as mosq:
+                result["mosquitto_tls"] = bench_broker(mosq, repeats, n_bytes, lab)
+    return {"mqtt_10mb": result, "seal_10mb": seal_cost(n_bytes)}
 
 
 if __name__ == "__main__":

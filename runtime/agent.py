@@ -8,35 +8,41 @@ Faults it survives: the trainer dying mid-task (reported with its cause, restart
 or the server going away (paho reconnects with backoff; the hello and any update finished
 meanwhile wait until the server's retained state says it is online again), bad frames (dropped
 with a logged reason; the server times the task out).
+
+Trust (runtime/seal.py): everything on this device's topics is sealed under its own key, bound
+to the run and the device, and opened before use; a task already run is not run again; an
+artifact is stored only when a task that names it gives its manifest hash, and the manifest has
+it. Nothing lost: an update stays in the outbox (runtime/outbox.py) until the server's receipt
+for it comes, and is sent again after every reconnect (and, without one, after a backoff).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from runtime import __version__
 from runtime.board import load_board
-from runtime.chunks import Reassembler, chunk_frame
+from runtime.chunks import Reassembler
+from runtime.credentials import load_credentials
 from runtime.device_config import DeviceConfig
-from runtime.errors import OrchardError, ProtocolError, TransportError
+from runtime.errors import ConfigError, OrchardError, ProtocolError, TransportError
 from runtime.frames import DEFAULT_LIMITS, decode_artifact, decode_task, encode_update
-from runtime.manifest import MANIFEST, read_manifest
+from runtime.manifest import MANIFEST, StagedArtifacts, read_manifest
 from runtime.methods import check_name
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
+from runtime.outbox import Outbox
 from runtime.protocol import (
     Artifact,
     Hello,
+    Receipt,
     ServerState,
     SparseTensor,
     Status,
@@ -50,6 +56,7 @@ from runtime.protocol import (
     validate_tensors,
 )
 from runtime.sdnotify import SdNotify
+from runtime.seal import open_sealed, seal
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.tiering import Limits, Measured, TierCache, choose_tier
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
@@ -61,6 +68,7 @@ REASSEMBLY_TIMEOUT_S = 60.0
 REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
 SHUTDOWN_RECONNECT_S = 2.0
 TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
+DONE_TASKS = 1024  # task ids remembered, so a replayed task is not trained twice
 
 
 @dataclass
@@ -74,6 +82,12 @@ class Agent:
     def __init__(self, cfg: DeviceConfig) -> None:
         self.cfg = cfg
         self.id = cfg.device_id
+        # Credentials first: without them nothing else is worth starting (a trainer child included).
+        cfg.check_provisioned()
+        self.creds = load_credentials(cfg.credentials)
+        if self.creds.hmac_key is None:
+            raise ConfigError(f"{cfg.credentials}: a device's credentials need hmac_key")
+        self.key: bytes = self.creds.hmac_key
         self.topics = Topics(cfg.root)
         self.board = load_board(cfg.board)
         limits = CgroupLimits()
@@ -96,7 +110,10 @@ class Agent:
         # given up on the running task (timed out, or the device was marked offline), so this is
         # the one that counts; it starts as soon as the trainer is free.
         self.queued: Task | None = None
-        self.outbox: list[tuple[str, list[bytes]]] = []  # (task id, chunks) finished while offline
+        # Sealed update frames by task id, from the end of training until the server's receipt.
+        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
+        self.done_tasks: dict[str, None] = {}  # oldest first, at most DONE_TASKS
+        self.staged = StagedArtifacts(cfg.artifact_cache)  # authenticated, not named by a task yet
         # A task's deadline counts from its arrival; the time it waits for its artifacts or the
         # trainer, and the time its update takes to pack and publish (the last one's, measured),
         # come off what the trainer may use.
@@ -115,11 +132,19 @@ class Agent:
         self.tier, self.tier_reason = self._choose_tier()
         self.stop_event = threading.Event()
         self.notify = SdNotify.from_env()
-        offline = encode_json(Status(self.id, "offline", time.time(), detail="connection lost"))
+        offline = self._seal("status", encode_json(Status(self.id, "offline", time.time(), detail="connection lost")))
         self.mqtt = MqttClient(cfg.broker_url, MqttConfig(
             client_id=f"orchard-dev-{self.id}", keepalive_s=cfg.keepalive_s, ca_file=cfg.ca_file,
-            will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
+            cert_file=cfg.cert_file, key_file=cfg.key_file, username=self.creds.username,
+            password=self.creds.password, will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
         ))
+
+    def _seal(self, kind: str, payload: bytes) -> bytes:
+        return seal(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind)
+
+    def _open(self, kind: str, payload: bytes) -> bytes:
+        return open_sealed(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind,
+                           source="server").payload
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -127,7 +152,7 @@ class Agent:
         # Our own status too: a Last Will from a connection our reconnect superseded can land
         # after we are back, and would leave a live device marked offline (see _on_message).
         for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
-                      self.topics.status(self.id)):
+                      self.topics.status(self.id), self.topics.receipt(self.id)):
             try:
                 self.mqtt.subscribe(topic, qos=1)
             except TransportError as exc:
@@ -162,6 +187,9 @@ class Agent:
                 if now >= next_expire:
                     for reason in self.reassembler.expire():
                         log.warning("%s: dropped a partial frame: %s", self.id, reason)
+                    if self._reachable():
+                        for task_id in self.outbox.send_due():
+                            log.warning("%s: no receipt for update %s yet; sent again", self.id, task_id)
                     next_expire = now + 5.0
         finally:
             self._shutdown()
@@ -177,7 +205,7 @@ class Agent:
         try:
             self._publish_telemetry(wait_s=2.0)
             if self.mqtt.is_connected:
-                status = encode_json(Status(self.id, "offline", time.time(), detail="shut down"))
+                status = self._seal("status", encode_json(Status(self.id, "offline", time.time(), detail="shut down")))
                 self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
         except TransportError as exc:
             log.warning("%s: could not say goodbye: %s", self.id, exc)
@@ -204,7 +232,7 @@ class Agent:
             runtime_version=__version__, profiles=profiles, n_samples=self.trainer.n_samples,
             label_histogram=self.label_histogram, artifacts=keys,
         )
-        self.mqtt.publish(self.topics.hello(self.id), encode_json(hello), qos=1)
+        self.mqtt.publish(self.topics.hello(self.id), self._seal("hello", encode_json(hello)), qos=1)
         detail = f"tier {self.tier} by resources: {self.tier_reason}" if self.tiers is not None else ""
         self._set_state(self.state, self.running.task.task_id if self.running else None, detail=detail)
         # A row the server surely hears (it is subscribed once its state is online): rows sent
@@ -217,7 +245,8 @@ class Agent:
         self.state = state
         status = Status(self.id, state, time.time(), task_id=task_id, detail=detail, failure=failure)
         try:
-            self.mqtt.publish(self.topics.status(self.id), encode_json(status), qos=1, retain=True)
+            self.mqtt.publish(self.topics.status(self.id), self._seal("status", encode_json(status)), qos=1,
+                              retain=True)
         except TransportError as exc:  # QoS 1 is queued while offline; this is a refused publish
             log.warning("%s: status %s not sent: %s", self.id, state, exc)
 
@@ -231,7 +260,8 @@ class Agent:
             return
         batch = Telemetry(self.id, self.sampler.power_source, tuple(self.samples))
         try:
-            self.mqtt.publish(self.topics.telemetry(self.id), encode_json(batch), qos=1, wait_s=wait_s)
+            self.mqtt.publish(self.topics.telemetry(self.id), self._seal("telemetry", encode_json(batch)), qos=1,
+                              wait_s=wait_s)
         except TransportError as exc:  # refused outright: keep the rows for the next try
             log.warning("%s: telemetry held back: %s", self.id, exc)
             del self.samples[:-TELEMETRY_BACKLOG]
@@ -256,8 +286,11 @@ class Agent:
                 log.warning("%s: dropped message on %s: %s", self.id, event.topic, exc)
 
     def _on_message(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a retained message being cleared
         if msg.topic == self.topics.status(self.id):
-            own = decode_json(Status, msg.payload, source=self.id)
+            own = decode_json(Status, open_sealed(msg.payload, key=self.key, run_id=self.cfg.run_id,
+                                                  device_id=self.id, kind="status").payload, source=self.id)
             if own.state == "offline" and self.greeted and not self.stop_event.is_set():
                 log.warning("%s: a stale Last Will said we are offline; announcing again", self.id)
                 self._announce()
@@ -267,6 +300,10 @@ class Agent:
                 self.server = decode_json(ServerState, msg.payload, source="server")
                 if not self.server.online:
                     self.greeted = False
+                    # It may come back fresh, counting task ids from t1 again: only a server that
+                    # stayed up can replay a task id (and a forged state can at most re-open
+                    # replays of real tasks, whose updates the server refuses).
+                    self.done_tasks.clear()
                 elif not self.greeted:
                     # First sight of an online server since we (re)connected or it (re)started:
                     # a fresh server has not heard our hello, a resumed one only knows its
@@ -275,33 +312,49 @@ class Agent:
                     self._announce()
                     self._flush_outbox()
             return
+        if msg.topic == self.topics.receipt(self.id):
+            self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload), source="server"))
+            return
         arrived = time.monotonic()
         frame = self.reassembler.feed(msg.topic, msg.payload)
         if frame is None:
             return
         if msg.topic == self.topics.artifact(self.id):
-            self._store_artifact(decode_artifact(frame, source="server"))
+            self._on_artifact(decode_artifact(self._open("artifact", frame), source="server"))
         elif msg.topic == self.topics.task(self.id):
-            task = decode_task(frame, source="server")
+            task = decode_task(self._open("task", frame), source="server")
+            if task.task_id in self.done_tasks or (self.running is not None and
+                                                   self.running.task.task_id == task.task_id):
+                raise ProtocolError(f"task {task.task_id} was already received (a replay); not run again")
+            self._remember(task.task_id)
             self._received_at[task.task_id] = arrived
             while len(self._received_at) > 8:  # tasks that never ran (superseded) leave no trace
                 del self._received_at[next(iter(self._received_at))]
             self._on_task(task)
 
-    def _store_artifact(self, artifact: Artifact) -> None:
-        target = self.cfg.artifact_cache / artifact.key
-        if not target.exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{artifact.key}-", dir=self.cfg.artifact_cache))
-            try:
-                for name, data in artifact.files.items():
-                    (tmp / name).write_bytes(data)
-                read_manifest(tmp)  # verify before publishing it to the cache
-                os.rename(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        log.info("%s: stored artifact %s", self.id, artifact.key)
+    def _remember(self, task_id: str) -> None:
+        self.done_tasks[task_id] = None
+        while len(self.done_tasks) > DONE_TASKS:
+            del self.done_tasks[next(iter(self.done_tasks))]
+
+    def _on_receipt(self, receipt: Receipt) -> None:
+        if receipt.device_id != self.id:
+            raise ProtocolError(f"receipt for {receipt.device_id!r} on {self.id}'s topic")
+        if not self.outbox.settle(receipt):
+            return  # a second receipt for a re-sent copy
+        if receipt.accepted:
+            log.info("%s: update %s accepted", self.id, receipt.task_id)
+        else:
+            log.warning("%s: update %s refused: %s", self.id, receipt.task_id, receipt.reason)
+
+    def _on_artifact(self, artifact: Artifact) -> None:
+        # Authenticated already; it still has to be one a task asked for, with the manifest hash
+        # that task gave. The server pushes artifacts just before the task naming them, so a
+        # few wait here for it.
+        for dropped in self.staged.hold(artifact.key, artifact.files):
+            log.warning("%s: dropped artifact %s: no task named it", self.id, dropped)
         pending = self.waiting_for_artifact
-        if pending is not None and not self._missing_artifacts(pending):
+        if pending is not None and artifact.key in pending.assignment.artifact_keys:
             self.waiting_for_artifact = None
             self._on_task(pending)
 
@@ -315,6 +368,14 @@ class Agent:
             # (forever without one). Newest wins: an older queued task was given up on as well.
             log.warning("%s: task %s queued: still training %s", self.id, task.task_id, self.running.task.task_id)
             self.queued = task
+            return
+        try:
+            for key in self.staged.install(task.assignment.artifact_keys, task.artifact_digests,
+                                           f"task {task.task_id}"):
+                log.info("%s: stored artifact %s", self.id, key)
+        except OrchardError as exc:
+            self._set_state("failed", task.task_id, f"task {task.task_id}: {exc}", failure="error")
+            self._set_state("idle")
             return
         missing = self._missing_artifacts(task)
         if missing:
@@ -397,11 +458,16 @@ class Agent:
             tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )
         self._measure_tier(task, outcome.peak_rss_mb, outcome.step_ms_median, cores)
-        frame = encode_update(update, encoding=task.encoding)
-        attempt = self.trainer.restarts
-        chunks = chunk_frame(frame, f"{task.task_id}.{attempt}.{int(time.time() * 1000) % 10**9}")
+        frame = self._seal("update", encode_update(update, encoding=task.encoding))
         self._set_state("uploading", task.task_id)
-        self._send_update(task.task_id, chunks)
+        self.outbox.add(task.task_id, frame)
+        if self._reachable():
+            self._send_update(task.task_id)
+        else:
+            # Published now it would reach no server: a crashed one (its Last Will said offline)
+            # is not subscribed, and after a reconnect we wait for its state. A resumed server
+            # still holds the task from its checkpoint, so the update counts when it gets there.
+            log.warning("%s: server not reachable; update for %s waits in the outbox", self.id, task.task_id)
         self.upload_s = time.monotonic() - packing_from
         self._set_state("idle")
 
@@ -420,24 +486,21 @@ class Agent:
             if self.mqtt.is_connected and self.greeted:
                 self._announce()  # the hello again, with the new choice first
 
-    def _send_update(self, task_id: str, chunks: list[bytes]) -> None:
-        if not (self.mqtt.is_connected and self.greeted):
-            # Published now it would reach no server: a crashed one (its Last Will said offline)
-            # is not subscribed, and after a reconnect we wait for its state. A resumed server
-            # still holds the task from its checkpoint, so the update counts when it gets there.
-            log.warning("%s: server not reachable; update for %s waits in the outbox", self.id, task_id)
-            self.outbox.append((task_id, chunks))
-            return
-        for chunk in chunks:
-            self.mqtt.publish(self.topics.update(self.id), chunk, qos=1)
+    def _reachable(self) -> bool:
+        return self.mqtt.is_connected and self.greeted
+
+    def _send_update(self, task_id: str) -> None:
+        try:
+            self.outbox.send(task_id)
+        except TransportError as exc:  # refused outright (queue full): the backoff tries again
+            log.warning("%s: update %s not sent: %s", self.id, task_id, exc)
 
     def _flush_outbox(self) -> None:
-        # Called once the server is back. "Still useful" is its call: it knows the staleness
-        # bound and refuses stale or abandoned updates with a reason.
-        pending, self.outbox = self.outbox, []
-        for task_id, chunks in pending:
-            log.info("%s: sending outboxed update %s", self.id, task_id)
-            self._send_update(task_id, chunks)
+        # Called once the server is back: everything without a receipt goes again. "Still
+        # useful" is its call: it knows the staleness bound and refuses stale updates with a reason.
+        for task_id in self.outbox.task_ids():
+            log.info("%s: sending update %s again (no receipt yet)", self.id, task_id)
+            self._send_update(task_id)
 
 
 def run_device(cfg: DeviceConfig) -> int:

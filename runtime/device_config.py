@@ -16,7 +16,11 @@
     url = "mqtt://127.0.0.1:1883"    # mqtt:// or mqtts://, optional user:password@
     root = "orchard/default"         # topic root of the campaign
     keepalive_s = 10
-    ca_file = "ca.crt"               # optional, for mqtts://
+    ca_file = "ca.crt"               # optional, for mqtts://: the lab's CA, the broker is verified with it
+    cert_file = "dev0.crt"           # optional client certificate (with key_file), for brokers that want one
+    key_file = "dev0.key"
+    credentials = "dev0.secret.toml" # broker login + this device's HMAC key (mode 0600; runtime/credentials.py)
+    run_id = "4f1c0a9e2b7d3c55"      # the campaign run this device serves; messages of other runs are refused
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.methods import device_profile
-from runtime.protocol import check_topic_root
+from runtime.protocol import ID_PATTERN, check_topic_root
 from runtime.telemetry import OFFLINE_MODES
 from runtime.tiering import TIER_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
                           "sysfs_root", "offline", "tier"})
-_BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file"})
+UNPROVISIONED = "unprovisioned"  # what a bundle built without a lab says, until someone provisions it
+_BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file", "cert_file", "key_file", "credentials",
+                          "run_id"})
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,25 @@ class DeviceConfig:
     profiles: tuple[str, ...]
     broker_url: str
     root: str
+    credentials: Path
+    run_id: str
     threads: int = 0
     telemetry_hz: float = 1.0
     keepalive_s: int = 10
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     sysfs_root: str = "/"
     offline: str = "unreachable"  # one of runtime.telemetry.OFFLINE_MODES
     # fixed: the server assigns among `profiles`; by-resources: the device picks the first of
     # `profiles` (largest first) that fits what it measured (runtime/tiering.py)
     tier: str = "fixed"
+
+    def check_provisioned(self) -> None:
+        """Before joining: a bundle built without a lab loads (install.sh checks it) but cannot log in."""
+        if self.run_id == UNPROVISIONED:
+            raise ConfigError(f"device {self.device_id}: [broker] run_id is {UNPROVISIONED!r}: set the campaign's "
+                              "run id and put the device's credentials in place (orchard bundle --lab does both)")
 
 
 def load_device_config(path: str | Path, broker_url: str | None = None) -> DeviceConfig:
@@ -71,6 +87,13 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
 
     profiles = dev.strings("profiles", default=("dense",))
     canonical = [_canonical(str(p), t) for t in profiles]  # ConfigError naming the bad profile
+    run_id = brk.string("run_id")
+    if not ID_PATTERN.fullmatch(run_id):
+        raise ConfigError(f"{p}: [broker] run_id must match {ID_PATTERN.pattern}, got {run_id!r}")
+
+    def optional_path(key: str) -> str | None:
+        text = brk.optional_string(key)
+        return None if text is None else str(resolve(text))
     return DeviceConfig(
         device_id=dev.string("id"),
         board=dev.string("board"),
@@ -79,10 +102,14 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         profiles=tuple(canonical),
         broker_url=broker_url or brk.string("url"),
         root=_topic_root(str(p), brk.string("root", default="orchard/default")),
+        credentials=resolve(brk.string("credentials")),
+        run_id=run_id,
         threads=dev.integer("threads", 0, 256, default=0),
         telemetry_hz=dev.number("telemetry_hz", 0.0, 50.0, default=1.0, lo_open=True),
         keepalive_s=brk.integer("keepalive_s", 2, 3600, default=10),
-        ca_file=brk.optional_string("ca_file"),
+        ca_file=optional_path("ca_file"),
+        cert_file=optional_path("cert_file"),
+        key_file=optional_path("key_file"),
         sysfs_root=dev.string("sysfs_root", default="/"),
         offline=dev.string("offline", OFFLINE_MODES, default="unreachable"),
         tier=dev.string("tier", TIER_MODES, default="fixed"),

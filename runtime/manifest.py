@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,3 +94,59 @@ def read_manifest(directory: Path | str, verify: bool = True) -> Manifest:
             if file_sha256(f) != expected:
                 raise ArtifactError(f"artifact directory {d}: {name} is corrupted (sha256 mismatch)")
     return manifest
+
+
+def install_artifact(cache: Path, key: str, files: Mapping[str, bytes], digest: str) -> bool:
+    """Verify a pushed artifact and publish it into `cache/key` atomically; False if it was there.
+
+    It must be exactly what the task asked for: its manifest names `key` and hashes to `digest`
+    (the task's `artifact_digests[key]`), and every file matches the manifest. Anything else is
+    an ArtifactError and leaves the cache untouched."""
+    target = Path(cache) / key
+    if target.exists():
+        return False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        manifest = read_manifest(tmp)
+        got = manifest_digest(manifest.raw)
+        if manifest.key != key or got != digest:
+            raise ArtifactError(f"artifact {key}: manifest is for key {manifest.key!r} with hash {got[:12]}..., "
+                                f"the task asked for {digest[:12]}...; refused")
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+class StagedArtifacts:
+    """Authenticated artifacts held, at most `limit`, until a task names them with their manifest
+    hash: the server pushes artifacts just before the task that needs them."""
+
+    def __init__(self, cache: Path, limit: int = 4) -> None:
+        self.cache, self.limit = Path(cache), limit
+        self._held: dict[str, Mapping[str, bytes]] = {}
+
+    def hold(self, key: str, files: Mapping[str, bytes]) -> list[str]:
+        """Keep one; returns the keys dropped to stay within the limit (oldest first)."""
+        self._held.pop(key, None)
+        self._held[key] = files
+        dropped = list(self._held)[: max(0, len(self._held) - self.limit)]
+        for old in dropped:
+            del self._held[old]
+        return dropped
+
+    def install(self, keys: tuple[str, ...], digests: Mapping[str, str], who: str) -> list[str]:
+        """Install the held artifacts among `keys`, each checked against its digest; returns the
+        keys installed. ArtifactError if one is held but the task gave no hash for it."""
+        installed = []
+        for key in keys:
+            files = self._held.pop(key, None)
+            if files is None:
+                continue
+            if key not in digests:
+                raise ArtifactError(f"{who} names artifact {key} without its manifest hash")
+            if install_artifact(self.cache, key, files, digests[key]):
+                installed.append(key)
+        return installed

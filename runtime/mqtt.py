@@ -114,8 +114,16 @@ class MqttConfig:
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     will: Will | None = None
-    # CA bundle for mqtts://; None means the system trust store.
+    # CA bundle for mqtts://; None means the system trust store. The server's certificate is
+    # always verified (hostname included): paho's tls_set defaults to CERT_REQUIRED.
     ca_file: str | None = None
+    # Optional client certificate and key for brokers that require one (mqtts:// only).
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Broker credentials. They come from a credentials file (never a command line); a password
+    # in the URL is refused when these are set, so there is one source of truth.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     clean_session: bool = True
     # Unacknowledged QoS>0 messages in flight at once (paho default 20).
@@ -248,15 +256,22 @@ class MqttClient:
         client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
-        if self.url.username is not None:
+        if cfg.username is not None:
+            if self.url.username is not None:
+                raise ConfigError(f"{who}: credentials come from both the URL and a credentials file; use the file")
+            client.username_pw_set(cfg.username, cfg.password)
+        elif self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
+        if (cfg.cert_file is None) != (cfg.key_file is None):
+            raise ConfigError(f"{who}: a client certificate needs both cert_file and key_file")
         if self.url.tls:
             try:
-                client.tls_set(ca_certs=cfg.ca_file)
+                client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file)
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"{who}: cannot load CA file {cfg.ca_file!r}: {exc}") from exc
-        elif cfg.ca_file is not None:
-            raise ConfigError(f"{who}: ca_file is set but {self.url} is not mqtts://")
+                raise ConfigError(f"{who}: cannot load TLS files (CA {cfg.ca_file!r}, certificate "
+                                  f"{cfg.cert_file!r}): {exc}") from exc
+        elif cfg.ca_file is not None or cfg.cert_file is not None:
+            raise ConfigError(f"{who}: ca_file or cert_file is set but {self.url} is not mqtts://")
         if cfg.will is not None:
             w = cfg.will
             try:

@@ -4,6 +4,13 @@ Control messages (hello, status, telemetry, server state) are JSON. Messages tha
 (task, update, artifact) are binary *frames*: magic + version byte, a JSON header describing
 every tensor and a SHA-256 of the body, then raw little-endian bytes. No pickle anywhere.
 
+Version 3 seals every message on a device's topics (`runtime.seal`): an envelope bound to the
+run id, the device and the message kind, with an HMAC-SHA256 under that device's key. Both
+sides open it before decoding anything. The server answers each update with a `Receipt`
+(accepted, or rejected with the reason) on `dev/<id>/receipt`; the device keeps the update in
+its outbox until the receipt comes. A task names the manifest SHA-256 of every artifact it
+needs (`artifact_digests`), and a device stores only an artifact whose manifest matches it.
+
 This module is the import point for the message types and holds the JSON codec
 (`encode_json` / `decode_json`) and `validate_tensors`. The binary frame and chunking live in
 `runtime.frames` (it imports this module, never the other way round).
@@ -37,7 +44,9 @@ from runtime.typehints import type_hints
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
-PROTOCOL_VERSION = 2
+# 3: every dev/<id>/* message sealed (runtime.seal: run id, device, kind, HMAC-SHA256); Receipt;
+# Task.artifact_digests.
+PROTOCOL_VERSION = 3
 
 DEVICE_STATES = ("online", "idle", "training", "uploading", "offline", "failed")
 UPDATE_KINDS = ("weights", "delta")
@@ -97,6 +106,9 @@ class Topics:
 
     def artifact(self, device_id: str) -> str:
         return f"{self.root}/dev/{device_id}/artifact"
+
+    def receipt(self, device_id: str) -> str:
+        return f"{self.root}/dev/{device_id}/receipt"
 
     @property
     def all_devices(self) -> str:
@@ -166,6 +178,16 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """The server's verdict on one update, so the device knows it may drop it from its outbox."""
+
+    device_id: str
+    task_id: str
+    accepted: bool
+    reason: str = ""  # why it was refused; empty when accepted
+
+
+@dataclass(frozen=True)
 class ServerState:
     server_id: str
     model_id: str
@@ -206,6 +228,9 @@ class Task:
     upload: str = "weights"  # weights | delta: the form the update should take
     encoding: str = "dense"  # dense | fp16: how the update's tensors travel
     tensors: Mapping[str, Tensor] = field(default_factory=dict)  # primary artifact's weights by name
+    # Manifest SHA-256 of each artifact the task needs, by key: a pushed artifact is stored only
+    # if its manifest has exactly this hash.
+    artifact_digests: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -250,14 +275,15 @@ class Artifact:
 
 
 # ---------------------------------------------------------------- JSON schema
-JsonMessage = Union[Hello, Status, Telemetry, ServerState]
-J = TypeVar("J", Hello, Status, Telemetry, ServerState)
+JsonMessage = Union[Hello, Status, Telemetry, ServerState, Receipt]
+J = TypeVar("J", Hello, Status, Telemetry, ServerState, Receipt)
 
 _JSON_KINDS: dict[type, str] = {
     Hello: "hello",
     Status: "status",
     Telemetry: "telemetry",
     ServerState: "server_state",
+    Receipt: "receipt",
 }
 _INT_MAX = 2**63 - 1  # every integer must fit an int64 on the other side (numpy, C)
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"; also keeps Python's 4300-digit ValueError away

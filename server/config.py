@@ -8,6 +8,11 @@
     broker = "mqtt://127.0.0.1:1883"
     seed = 0
     roster = ["dev0", "dev1"]       # optional: messages from any other id are refused
+    credentials = "secrets/server.toml"  # broker login + every device's HMAC key (mode 0600)
+    run_id = "4f1c0a9e2b7d3c55"     # this run: messages sealed for another run are refused
+    ca_file = "secrets/ca.crt"      # optional, for mqtts://
+    cert_file = "secrets/orchard-server.crt"  # optional client certificate (with key_file)
+    key_file = "secrets/orchard-server.key"
 
     [rounds]
     strategy = "semi-async"         # fedavg | fedavg-deadline | semi-async | fedbuff | fedasync
@@ -15,7 +20,8 @@
     time_limit_s = 600
     min_devices = 3                 # no task goes out before this many devices said hello
     max_devices = 10000             # hellos from more ids than this are refused (bounded state)
-    task_timeout_s = 120            # a task unanswered this long is abandoned
+    task_timeout_s = 120            # a task unanswered this long is abandoned (default 600: none
+                                    # leaves a device, or a round, waiting forever)
     eval_every = 1
 
     [strategy]                      # parameters of the chosen strategy, e.g. k_fraction, deadline_s
@@ -54,13 +60,15 @@ from typing import Any
 
 from runtime.errors import ConfigError
 from runtime.methods import METHOD_NAMES, check_name, device_profile, spec
-from runtime.protocol import check_topic_root
+from runtime.protocol import ID_PATTERN, check_topic_root
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.policies import DEVICE_CHOICE
 from server.records import EngineConfig
 from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
 
-_SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed", "roster"})
+_SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed", "roster", "credentials", "run_id",
+                          "ca_file", "cert_file", "key_file"})
+DEFAULT_TASK_TIMEOUT_S = 600.0
 _ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every",
                          "max_devices"})
 _TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
@@ -85,6 +93,8 @@ class ServerConfig:
     artifacts: Path
     eval_data: Path
     broker: str
+    credentials: Path
+    run_id: str
     strategy: str
     strategy_params: Mapping[str, Any]
     engine: EngineConfig
@@ -98,6 +108,9 @@ class ServerConfig:
     start_unix: float | None = None  # None: the server's own start
     time_dilation: float = 1.0
     roster: frozenset[str] | None = None  # None: any id may join; else messages from others are refused
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
@@ -122,7 +135,7 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
     except ConfigError as exc:
         raise ConfigError(f"{file}: [strategy] {exc}") from None
     time_limit = rnd.optional_number("time_limit_s", 0.0, 1e7, lo_open=True)
-    timeout = rnd.optional_number("task_timeout_s", 0.0, 1e7, lo_open=True)
+    timeout = rnd.number("task_timeout_s", 0.0, 1e7, lo_open=True, default=DEFAULT_TASK_TIMEOUT_S)
     target = rnd.integer("target_version", 1, 10**7) if "target_version" in rnd.data else None
     engine = EngineConfig(
         target_version=target, time_limit_s=time_limit, task_timeout_s=timeout,
@@ -144,6 +157,13 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
     devices = asg.data.get("devices", {})
     if not isinstance(devices, dict) or not all(isinstance(v, str) for v in devices.values()):
         raise ConfigError(f"{file}: [assign] devices must map device ids to profile strings")
+    def optional_path(key: str) -> str | None:
+        text = srv.optional_string(key)
+        return None if text is None else str(resolve(text))
+
+    run_id = srv.string("run_id")
+    if not ID_PATTERN.fullmatch(run_id):
+        raise ConfigError(f"{file}: [server] run_id must match {ID_PATTERN.pattern}, got {run_id!r}")
     method, method_params = method_table(file, data.get("method"))
     canonical = canonical_profile(file, method, method_params)
     default_profile = canonical(asg.string("default", default="dense"))
@@ -153,6 +173,11 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         artifacts=resolve(srv.string("artifacts")),
         eval_data=resolve(srv.string("eval_data")),
         broker=broker or srv.string("broker", default="mqtt://127.0.0.1:1883"),
+        credentials=resolve(srv.string("credentials")),
+        run_id=run_id,
+        ca_file=optional_path("ca_file"),
+        cert_file=optional_path("cert_file"),
+        key_file=optional_path("key_file"),
         strategy=strategy,
         strategy_params=params,
         engine=engine,

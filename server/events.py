@@ -47,6 +47,8 @@ class EventName(StrEnum):
     FRAME_REJECTED = "frame_rejected"
     HELLO_REJECTED = "hello_rejected"
     TELEMETRY_REJECTED = "telemetry_rejected"
+    RECEIPT_SENT = "receipt_sent"  # the verdict on one update, told to its device
+    UPDATE_REPEATED = "update_repeated"  # a re-sent copy of an update already answered: receipt again
     # the campaign runner
     CAMPAIGN_START = "campaign_start"
     CAMPAIGN_STOPPING = "campaign_stopping"  # processes are being stopped: tasks still out are unfinished

@@ -4,6 +4,11 @@ MQTT messages become engine events; engine actions become publishes, checkpoints
 rows. Every frame is validated before it reaches the engine, and a bad one is logged with its
 reason in events.jsonl and dropped: the global model never sees it.
 
+Every message on `dev/<id>/*` is opened (runtime/seal.py) under that device's key before it is
+decoded: a device with no key in the credentials file, a forgery, or a replay from another run
+or device is refused with the reason. Each update gets a sealed receipt (accepted, or refused
+and why); a re-sent copy of one already answered gets the same receipt again and is counted once.
+
 Outputs in the run folder: events.jsonl (one JSON object per line), server.csv (one row per
 aggregation), devices/<id>.csv (telemetry), checkpoint/ (global model + engine state).
 """
@@ -25,15 +30,18 @@ from typing import Any, TextIO
 import numpy as np
 
 from runtime.chunks import Reassembler, chunk_frame
+from runtime.credentials import load_credentials
 from runtime.errors import ConfigError, OrchardError, ProtocolError
 from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
 from runtime.layout import FloatArray, ParamLayout
+from runtime.manifest import manifest_digest
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
 from runtime.profile import parse_profile, split_variant
 from runtime.protocol import (
     ID_PATTERN,
     Artifact,
     Hello,
+    Receipt,
     ServerState,
     SparseTensor,
     Status,
@@ -46,6 +54,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
+from runtime.seal import open_sealed, seal
 from runtime.trainer import Trainer
 from server import checkpoint
 from server.aggregate import IndexArray
@@ -83,6 +92,8 @@ log = logging.getLogger("orchard.server")
 
 TICK_S = 0.2
 MAX_OPEN_CSV = 64  # telemetry files held open at once (1,016 ids once exhausted the descriptors)
+RECEIPTS_KEPT = 100_000  # answered (device, task id) pairs, to answer a re-sent copy the same way
+DEVICE_KINDS = ("hello", "status", "telemetry", "update")  # what devices publish; the rest is ours
 # Times in every output (server.csv t_s, devices/<id>.csv t_s, events.jsonl t) are board seconds
 # since the campaign start ([clock] in the config); `_total` columns are cumulative counters.
 SERVER_CSV = ("round", "version", "t_s", "accuracy", "loss", "n_updates", "accepted_total", "rejected_total",
@@ -272,10 +283,14 @@ class Service:
         self.pending_row: dict[str, Any] | None = None
         self.finished: str | None = None
         self._send_seq = 0
+        creds = load_credentials(cfg.credentials)
+        self.keys = dict(creds.device_keys)
+        self.receipts: dict[tuple[str, str], Receipt] = {}
         offline = encode_json(self._state(online=False))
         self.mqtt = MqttClient(cfg.broker, MqttConfig(
-            client_id=f"orchard-{cfg.server_id}", keepalive_s=10,
-            will=Will(self.topics.server_state, offline, qos=1, retain=True)))
+            client_id=f"orchard-{cfg.server_id}", keepalive_s=10, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
+            key_file=cfg.key_file, username=creds.username,
+            password=creds.password, will=Will(self.topics.server_state, offline, qos=1, retain=True)))
 
     def _clock(self) -> float:
         return self.board_clock.now()
@@ -327,8 +342,8 @@ class Service:
         if len(parts) != 3 or parts[0] != "dev" or not ID_PATTERN.fullmatch(parts[1]):
             return
         device_id, kind = parts[1], parts[2]
-        if kind not in ("hello", "status", "telemetry", "update"):
-            return
+        if kind not in DEVICE_KINDS:
+            return  # our own tasks, artifacts and receipts, echoed by the dev/+/+ subscription
         try:
             self._on_device_message(device_id, kind, msg)
         except OrchardError as exc:  # any bad input from a device is logged and dropped, never fatal
@@ -355,7 +370,8 @@ class Service:
             if not self.hello_limit.allow(device_id):
                 raise ProtocolError(f"hello from {device_id!r} refused: more than {HELLO_BURST} in "
                                     f"{HELLO_BURST / HELLO_PER_S:g} s")
-            hello = decode_json(Hello, msg.payload, source=device_id, max_bytes=HELLO_MAX_BYTES)
+            hello = decode_json(Hello, self._open(device_id, kind, msg.payload), source=device_id,
+                                max_bytes=HELLO_MAX_BYTES)
             self._check_sender(device_id, hello.device_id)
             self._feed(DeviceHello(device_id, hello))
             if device_id in self.engine.devices:  # the engine may refuse it (max_devices)
@@ -363,7 +379,7 @@ class Service:
         elif kind == "status":
             if not known:
                 raise ProtocolError(f"status from {device_id!r}, which has not said hello")
-            status = decode_json(Status, msg.payload, source=device_id)
+            status = decode_json(Status, self._open(device_id, kind, msg.payload), source=device_id)
             self._check_sender(device_id, status.device_id)
             self.out.event({"event": EventName.DEVICE_STATUS, "device": device_id, "state": status.state,
                             "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
@@ -371,7 +387,7 @@ class Service:
         elif kind == "telemetry":
             if not known:  # no file is opened for an id the engine never accepted a hello from
                 raise ProtocolError(f"telemetry from {device_id!r}, which has not said hello")
-            telemetry = decode_json(Telemetry, msg.payload, source=device_id)
+            telemetry = decode_json(Telemetry, self._open(device_id, kind, msg.payload), source=device_id)
             self._check_sender(device_id, telemetry.device_id)
             self.out.telemetry(telemetry)
         elif kind == "update":
@@ -380,6 +396,34 @@ class Service:
             frame = self.reassembler.feed(msg.topic, msg.payload)
             if frame is not None:
                 self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
+
+    def _open(self, device_id: str, kind: str, data: bytes) -> bytes:
+        key = self.keys.get(device_id)
+        if key is None:
+            raise ProtocolError(f"{kind} from {device_id}: no key for this device in the lab's credentials")
+        return open_sealed(data, key=key, run_id=self.cfg.run_id, device_id=device_id, kind=kind).payload
+
+    def _seal(self, device_id: str, kind: str, payload: bytes) -> bytes:
+        return seal(payload, key=self.keys[device_id], run_id=self.cfg.run_id, device_id=device_id, kind=kind)
+
+    def _send_receipt(self, device_id: str, task_id: str, accepted: bool, reason: str = "",
+                      final: bool = True) -> None:
+        """`final`: the engine's verdict, which settles the task, so a re-sent copy gets it again.
+        A frame refused before the engine saw it settles nothing: a good copy may still count."""
+        if device_id not in self.keys:
+            return
+        receipt = Receipt(device_id, task_id, accepted, reason[:300])
+        if final:
+            self.receipts[(device_id, task_id)] = receipt
+            while len(self.receipts) > RECEIPTS_KEPT:
+                del self.receipts[next(iter(self.receipts))]
+        self._publish_receipt(receipt)
+
+    def _publish_receipt(self, receipt: Receipt) -> None:
+        payload = self._seal(receipt.device_id, "receipt", encode_json(receipt))
+        self.mqtt.publish(self.topics.receipt(receipt.device_id), payload, qos=1)
+        self.out.event({"event": EventName.RECEIPT_SENT, "device": receipt.device_id, "task_id": receipt.task_id,
+                        "accepted": receipt.accepted})
 
     @staticmethod
     def _check_sender(topic_id: str, claimed: str) -> None:
@@ -391,13 +435,25 @@ class Service:
         received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": wire_bytes,
                     "frame_bytes": len(frame)}
         try:
-            update = self.board_clock.update(decode_update(frame, source=device_id))
+            update = self.board_clock.update(decode_update(self._open(device_id, "update", frame), source=device_id))
         except OrchardError:
             self.out.event(received)  # a refused frame still crossed the link: count its bytes
             raise
         metrics = {k: round(float(v), 4) for k in ("step_ms_median", "loss_last")
                    if isinstance(v := update.metrics.get(k), (int, float)) and np.isfinite(v)}
         self.out.event({**received, "task_id": update.task_id, **metrics})
+        answered = self.receipts.get((device_id, update.task_id))
+        if answered is not None:  # a re-sent copy (its receipt was lost): counted once, told again
+            self.out.event({"event": EventName.UPDATE_REPEATED, "device": device_id, "task_id": update.task_id})
+            self._publish_receipt(answered)
+            return
+        try:
+            self._admit_update(device_id, update)
+        except OrchardError as exc:
+            self._send_receipt(device_id, update.task_id, False, str(exc), final=False)
+            raise
+
+    def _admit_update(self, device_id: str, update: Update) -> None:
         task = self.engine.outstanding.get(update.task_id)
         if task is None or task.device_id != device_id:
             # Let the engine name the reason (unknown task, duplicate, wrong device).
@@ -415,7 +471,12 @@ class Service:
     # ------------------------------------------------------------ actions -> the world
     def _act(self, action: Action) -> None:
         if isinstance(action, Log):
-            self.out.event(dict(action.event))
+            record = dict(action.event)
+            self.out.event(record)
+            kind = record.get("event")
+            if kind in (EventName.UPDATE_ACCEPTED, EventName.UPDATE_REJECTED) and "task_id" in record:
+                self._send_receipt(str(record.get("device")), str(record["task_id"]),
+                                   kind == EventName.UPDATE_ACCEPTED, str(record.get("reason", "")))
         elif isinstance(action, SendTask):
             self._send_task(action)
         elif isinstance(action, NewGlobal):
@@ -466,7 +527,9 @@ class Service:
                                 "reason": f"more than {ARTIFACT_BURST} artifact frames in "
                                           f"{ARTIFACT_BURST / ARTIFACT_PER_S:g} s"})
                 continue
-            frame = encode_artifact(Artifact(key, self.model.artifact_files(key)))
+            # frame_bytes: the sealed frame, what was chunked (as for updates and tasks).
+            frame = self._seal(action.device_id, "artifact",
+                               encode_artifact(Artifact(key, self.model.artifact_files(key))))
             wire_bytes = self._publish_chunks(self.topics.artifact(action.device_id), frame)
             known.add(key)
             self.out.event({"event": EventName.ARTIFACT_SENT, "device": action.device_id, "key": key,
@@ -480,8 +543,9 @@ class Service:
             batch_size=knobs.batch_size, deadline_s=(action.deadline_s or 0.0) * self.board_clock.dilation,
             upload=knobs.upload,
             encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
+            artifact_digests={k: manifest_digest(self.model.by_key(k).manifest.raw) for k in a.artifact_keys},
         )
-        frame = encode_task(task)
+        frame = self._seal(action.device_id, "task", encode_task(task))
         wire_bytes = self._publish_chunks(self.topics.task(action.device_id), frame)
         self.out.event({"event": EventName.TASK_FRAME, "device": action.device_id, "task_id": action.task_id,
                         "bytes": wire_bytes, "frame_bytes": len(frame)})

@@ -7,7 +7,12 @@
   answering PINGREQs, so every client looks dead and the broker fires false Last Wills. A child
   process also makes stop/restart a real crash-and-recover, and leaves no asyncio loop behind.
 * `MosquittoBroker`: mosquitto with a generated config in a temp dir: one listener on
-  127.0.0.1, anonymous, no persistence, `max_packet_size` large enough for 10 MB+ frames.
+  127.0.0.1, no persistence, `max_packet_size` large enough for 10 MB+ frames.
+
+Given a `Lab` (testbed/lab_secrets.py: what every campaign and federation provisions), both
+serve it: anonymous access off, each user's password checked, and the lab's ACLs enforced;
+mosquitto also over TLS with the lab's certificate when the lab has one (the URL is then
+mqtts://). Without a lab (the transport tests only) they stay anonymous, loopback only.
 * `ExternalBroker`: a URL; nothing to start or stop.
 
 All of them: `with open_broker("amqtt") as b: b.url` ... and `stop()` / `start()` /
@@ -26,7 +31,9 @@ amqtt 0.12.1 quirks, handled in the child (see `_patch_amqtt`):
      size as mosquitto's `max_packet_size` does: a fixed header announcing more than
      `MAX_PACKET_BYTES` closes that client's connection before the body is read.
   4. The default config enables `$SYS` publishing and packet logging; we load only the
-     anonymous-auth plugin. Anonymous access is why the listener is loopback-only. The
+     auth plugins: with a lab, its FileAuthPlugin (Argon2 hashes) and TopicAccessControlListPlugin
+     (`acl` for subscriptions, `publish_acl`; an empty `publish_acl` would allow every publish);
+     without one, the anonymous plugin, which is why the listener is loopback-only. The
      documented hyphenated keys ("timeout-disconnect-delay") are rejected by 0.12's strict
      dict loader: use underscores.
   5. `Broker._run_broadcast` logs f"Processing broadcast message: {broadcast}" without checking
@@ -44,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -57,6 +65,7 @@ from typing import Any
 
 from runtime.errors import ConfigError, TransportError
 from runtime.mqtt import parse_broker_url
+from testbed.lab_secrets import Lab, amqtt_auth, broker_certificate, mosquitto_files
 
 LOOPBACK = "127.0.0.1"
 # Both brokers' cap on one MQTT packet: a frame travels in 256 KiB chunks, so 64 MiB is far above
@@ -159,14 +168,20 @@ class ExternalBroker(Broker):
 class _ProcessBroker(Broker):
     """A broker in its own process group on 127.0.0.1:port; the port survives restarts."""
 
-    def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0) -> None:
+    def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0,
+                 lab: Lab | None = None) -> None:
         _require_loopback(host)
         self.host = host
         self.port = port or free_port(host)
         self.start_timeout_s = start_timeout_s
+        self.lab = lab
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        super().__init__(f"mqtt://{host}:{self.port}")
+        super().__init__(f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}")
+
+    @property
+    def tls(self) -> bool:
+        return False
 
     @property
     def workdir(self) -> Path:
@@ -261,13 +276,18 @@ class AmqttBroker(_ProcessBroker):
     kind = "amqtt"
 
     def __init__(self, port: int | None = None, host: str = LOOPBACK, start_timeout_s: float = 10.0,
-                 max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+                 max_packet_bytes: int = MAX_PACKET_BYTES, lab: Lab | None = None) -> None:
         self.max_packet_bytes = max_packet_bytes
-        super().__init__(port, host, start_timeout_s)
+        super().__init__(port, host, start_timeout_s, lab)
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port),
-                "--max-packet-bytes", str(self.max_packet_bytes)]
+        cmd = [sys.executable, "-m", "testbed.broker", "--host", self.host, "--port", str(self.port),
+               "--max-packet-bytes", str(self.max_packet_bytes)]
+        if self.lab is not None:  # a file, never the command line: it names the password file
+            auth = self.workdir / "auth.json"
+            auth.write_text(json.dumps(amqtt_auth(self.lab, self.workdir)))
+            cmd += ["--auth", str(auth)]
+        return cmd
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -288,18 +308,42 @@ class MosquittoBroker(_ProcessBroker):
         binary: str | None = None,
         max_packet_bytes: int = MAX_PACKET_BYTES,
         start_timeout_s: float = 10.0,
+        lab: Lab | None = None,
     ) -> None:
         self.binary = binary or find_mosquitto()
         # 0 would mean unlimited; an explicit cap documents the budget (a 10 MB update plus
         # the frame header fits many times) and an oversize sender is disconnected, not
         # silently dropped as with message_size_limit (platform.md 4.1).
         self.max_packet_bytes = max_packet_bytes
-        super().__init__(port, host, start_timeout_s)
+        super().__init__(port, host, start_timeout_s, lab)
+
+    @property
+    def tls(self) -> bool:
+        return self.lab is not None and self.lab.tls is not None
+
+    def _security(self) -> list[str]:
+        if self.lab is None:
+            return ["allow_anonymous true"]
+        passwd, acl = mosquitto_files(self.lab, self.workdir)
+        lines = ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
+        files = [passwd, acl]
+        if self.lab.tls is not None:
+            t = self.lab.tls
+            ca = self.workdir / "ca.crt"
+            shutil.copyfile(t.ca_file, ca)
+            cert, key = broker_certificate(t, self.workdir, self.host)
+            files += [ca, cert, key]
+            # Client certificates are the lab's choice; a password is checked either way.
+            require = "true" if t.client_certs else "false"
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+                      f"require_certificate {require}", "tls_version tlsv1.2"]
+        _hand_to_broker_user([self.workdir, *files])
+        return lines
 
     def config_text(self) -> str:
         return "\n".join([
             f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            *self._security(),
             "persistence false",
             f"max_packet_size {self.max_packet_bytes}",
             "max_inflight_messages 20",
@@ -319,15 +363,33 @@ class MosquittoBroker(_ProcessBroker):
         return [self.binary, "-c", str(conf)]
 
 
-def open_broker(spec: str = "amqtt", port: int | None = None, host: str = LOOPBACK) -> Broker:
+def _hand_to_broker_user(paths: list[Path]) -> None:
+    """Started as root, mosquitto drops to the `mosquitto` user before it reads its password, ACL
+    and key files: give it those files (still 0600, in a 0700 directory) rather than run as root."""
+    if os.geteuid() != 0:
+        return
+    try:
+        import pwd
+
+        account = pwd.getpwnam("mosquitto")
+    except (ImportError, KeyError):
+        return  # no such user: mosquitto stays root and can read them as they are
+    for path in paths:
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def open_broker(spec: str = "amqtt", port: int | None = None, host: str = LOOPBACK,
+                lab: Lab | None = None) -> Broker:
     """`amqtt` (or `embedded`), `mosquitto`, or an mqtt:// / mqtts:// URL of an external broker.
     `host`: where an embedded broker listens (a testbed bridge address when devices are shaped).
 
-    Returns an unstarted broker; `with open_broker(...) as b:` starts it and cleans up."""
+    `lab`: serve its logins and ACLs (and TLS on mosquitto). An external broker's accounts are its
+    operator's business; the sealed messages hold there anyway. Returns an unstarted broker;
+    `with open_broker(...) as b:` starts it and cleans up."""
     if spec in ("amqtt", "embedded"):
-        return AmqttBroker(port, host)
+        return AmqttBroker(port, host, lab=lab)
     if spec == "mosquitto":
-        return MosquittoBroker(port, host)
+        return MosquittoBroker(port, host, lab=lab)
     if "://" in spec:
         return ExternalBroker(spec)
     raise ConfigError(f"broker {spec!r}: expected 'amqtt', 'mosquitto' or an mqtt://host:port URL")
@@ -402,17 +464,19 @@ def _patch_amqtt(max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
     AmqttCore._initialize_client_session = initialize_client_session
 
 
-def amqtt_config(host: str, port: int) -> dict[str, Any]:
+def amqtt_config(host: str, port: int, auth: dict[str, Any] | None = None) -> dict[str, Any]:
+    anonymous = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         # Underscore: 0.12 loads the dict strictly into a dataclass and rejects the documented
         # hyphenated key "timeout-disconnect-delay".
         "timeout_disconnect_delay": 0,
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "plugins": auth if auth is not None else anonymous,
     }
 
 
-def serve_amqtt(host: str, port: int, max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+def serve_amqtt(host: str, port: int, max_packet_bytes: int = MAX_PACKET_BYTES,
+                auth: dict[str, Any] | None = None) -> None:
     """Run an amqtt broker until SIGTERM/SIGINT (the body of `python -m testbed.broker`)."""
     import asyncio
     import logging
@@ -426,7 +490,7 @@ def serve_amqtt(host: str, port: int, max_packet_bytes: int = MAX_PACKET_BYTES) 
     _patch_amqtt(max_packet_bytes)
 
     async def main() -> None:
-        broker = AmqttCore(amqtt_config(host, port))
+        broker = AmqttCore(amqtt_config(host, port, auth))
         await broker.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -444,9 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     parser.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES,
                         help="close a client that sends a bigger MQTT packet (default 64 MiB)")
+    parser.add_argument("--auth", help="JSON file: amqtt auth and topic-check plugin sections (a lab's)")
     args = parser.parse_args(argv)
     try:
-        serve_amqtt(args.host, args.port, args.max_packet_bytes)
+        auth = None
+        if args.auth:
+            try:
+                auth = json.loads(Path(args.auth).read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--auth {args.auth}: {exc}") from None
+        serve_amqtt(args.host, args.port, args.max_packet_bytes, auth)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ import numpy.typing as npt
 
 from runtime import __version__
 from runtime.board import BoardConfig, configs_dir, load_board
+from runtime.credentials import load_credentials, write_private
+from runtime.device_config import UNPROVISIONED
 from runtime.errors import ConfigError, OrchardError
 from runtime.manifest import ARTIFACT_FILES, MANIFEST
 from runtime.methods import device_profile
@@ -48,6 +50,7 @@ MIN_BOARD_PYTHON = (3, 8)
 BUNDLE_MANIFEST = "MANIFEST.json"
 TEMPLATES = Path(__file__).resolve().parent / "bundle_templates"
 SCRIPTS = ("install.sh", "build-ort-wheel.sh")
+CREDENTIALS = "credentials.toml"
 Shard = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 
@@ -99,6 +102,21 @@ def _read_shard(path: Path) -> Shard:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def _lab_credentials(secrets: Path | None, device_id: str | None) -> tuple[str, str] | None:
+    """(run id, the device's credentials file text) from a lab's secrets folder."""
+    if secrets is None:
+        return None
+    if device_id is None:
+        raise ConfigError("--secrets needs --device-id: credentials belong to one device")
+    path = Path(secrets) / f"{device_id}.toml"
+    load_credentials(path)  # refuses a missing, unreadable or world-readable file
+    try:
+        run_id = str(json.loads((Path(secrets) / "lab.json").read_text())["run_id"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{secrets}: not a lab's secrets folder (lab.json: {exc})") from None
+    return run_id, path.read_text()
+
+
 def _build_artifacts(model: str, dataset: str, data_root: str | None, profiles: Sequence[str], optimizer: str,
                      cache_dir: Path | None, shard: Shard | None) -> dict[str, Path]:
     """Artifact directory per profile, built the way testbed/prepare.py builds a run's."""
@@ -141,6 +159,8 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     info.mode = 0o755 if info.isdir() or info.name.endswith(SCRIPTS) else 0o644
+    if info.name.endswith(f"/{CREDENTIALS}"):
+        info.mode = 0o600  # the device's login and HMAC key: its owner only (runtime/credentials.py)
     return info
 
 
@@ -148,13 +168,16 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
                  profiles: Sequence[str], model: str | None, dataset: str | None, shard: Path | None,
                  python: str = "python3", force: bool = False, optimizer: str = "sgd",
                  cache_dir: Path | None = None, data_root: str | None = None, ort_wheel: Path | None = None,
-                 board_python: str | None = None, arch: str | None = None, pareto: Path | None = None) -> Path:
+                 board_python: str | None = None, arch: str | None = None, pareto: Path | None = None,
+                 secrets: Path | None = None) -> Path:
     """Build `out_dir/orchard-<board>-<device>/` and its `.tar.gz`; return the tarball's path
     (what `flash` takes). `dataset` (default digits) sets the artifacts' input shape and classes.
     `board_python` / `arch` override the board config's [runtime] (the OS's CPython, its machine);
     `ort_wheel` is a built onnxruntime-training wheel, checked against them before anything is copied.
     `pareto` (a DISTREAL front from `orchard dse`) ships as pareto.json with one artifact per
-    vector. Raises ConfigError naming the bad input; nothing is left half-written."""
+    vector. `secrets`: a lab's secrets folder (testbed/lab_secrets.py); the device's credentials and
+    the run id come from it. Without one the device cannot log in until credentials.toml is put in
+    place. Raises ConfigError naming the bad input; nothing is left half-written."""
     cfg = load_board(board)
     py, machine = _board_target(cfg, board_python, arch)
     wheel = check_ort_wheel(Path(ort_wheel), py, machine) if ort_wheel is not None else None
@@ -169,6 +192,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
     if dataset is not None and model is None:
         raise ConfigError("a dataset only matters with a model (it sets the artifacts' input shape and classes)")
     arrays = _read_shard(Path(shard)) if shard is not None else None
+    secret = _lab_credentials(secrets, device_id)
     # Same rule as load_board: a path-like argument is a file, anything else a name in the configs dir.
     is_path = board.endswith(".toml") or "/" in board or os.sep in board
     board_src = Path(board) if is_path else configs_dir() / f"{cfg.name}.toml"
@@ -203,7 +227,7 @@ def build_bundle(board: str, out_dir: Path, *, device_id: str | None, broker_url
     try:
         wheel_info = _add_wheels(stage, lock, wheels, py, machine, wheel)
         _fill(stage, name, cfg, board_src, device_id, broker_url, root, canonical, model,
-              dataset, arrays, artifacts, python, wheel_info)
+              dataset, arrays, artifacts, python, wheel_info, secret)
         if front_text is not None:
             (stage / "pareto.json").write_text(front_text)
         if force:
@@ -249,7 +273,8 @@ def _add_wheels(stage: Path, lock: str, wheels: list[Path], py: str, machine: st
 
 def _fill(stage: Path, name: str, cfg: BoardConfig, board_src: Path, device_id: str | None,
           broker_url: str, root: str, profiles: list[str], model: str | None, dataset: str | None,
-          arrays: Shard | None, artifacts: dict[str, Path], python: str, target: dict[str, object]) -> None:
+          arrays: Shard | None, artifacts: dict[str, Path], python: str, target: dict[str, object],
+          secret: tuple[str, str] | None) -> None:
     board, description = cfg.name, cfg.description
     for src in sorted(RUNTIME_SRC.rglob("*.py")):
         if "__pycache__" not in src.parts:
@@ -277,8 +302,11 @@ def _fill(stage: Path, name: str, cfg: BoardConfig, board_src: Path, device_id: 
     write_toml(stage / "device.toml", {
         "device": {"id": device_id or "device", "board": board, "shard": "data/shard.npz",
                    "artifact_cache": "artifacts", "profiles": profiles, "threads": 0, "telemetry_hz": 1.0},
-        "broker": {"url": broker_url, "root": root, "keepalive_s": 10},
+        "broker": {"url": broker_url, "root": root, "keepalive_s": 10, "credentials": CREDENTIALS,
+                   "run_id": secret[0] if secret else UNPROVISIONED},
     })
+    if secret is not None:
+        write_private(stage / CREDENTIALS, secret[1])
     header = f"# Device config for {name} (format: runtime/device_config.py). Paths are relative to this file.\n"
     (stage / "device.toml").write_text(header + (stage / "device.toml").read_text())
     common = {"BOARD": board, "DEVICE": device_id or "(hostname)", "ORT_VERSION": ORT_VERSION, "UNIT": UNIT_NAME}

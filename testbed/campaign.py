@@ -12,7 +12,8 @@
                 keys the method sets by default (e.g. merge = "per-element") may be overridden
     [train]     local_steps, local_epochs, lr, batch_size, upload, encoding
     [broker]    kind = embedded | mosquitto | url, url, keepalive_s (devices; the broker declares a
-                silent device offline after 1.5 x this, so it bounds how fast an outage is seen)
+                silent device offline after 1.5 x this, so it bounds how fast an outage is seen),
+                client_certs (mosquitto: every client also shows a certificate the lab's CA signed)
     [throttle]  backend = auto | cgroup2 | cgroup1 | none, require, dilation = "auto" | <number> | "off",
                 host_speed (pin the host's speed factor), reserve_cores (kept for broker, server, harness)
     [[fleet]]   name, board, count, profile | profiles, availability = {...}, cpu = {...},
@@ -54,7 +55,7 @@ _KEYS = {
     "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
     "model": frozenset({"name", "dataset", "data_root", "partition", "eval_fraction", "samples", "input_shape"}),
     "train": frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"}),
-    "broker": frozenset({"kind", "url", "keepalive_s"}),
+    "broker": frozenset({"kind", "url", "keepalive_s", "client_certs"}),
     "throttle": frozenset({"backend", "require", "dilation", "host_speed", "reserve_cores"}),
     "fleet": frozenset({"name", "board", "count", "profile", "profiles", "availability", "cpu", "mem_limit_mb",
                         "link"}),
@@ -117,6 +118,7 @@ class Campaign:
     source: Path | None = None
     offline: str = "unreachable"  # runtime.telemetry.OFFLINE_MODES
     min_devices: int | None = None  # None: the devices online at the start
+    client_certs: bool = False  # mosquitto only: TLS client certificates on top of the passwords
     cluster: ClusterSpec | None = None  # None: every device on this host (testbed.runner)
 
     @property
@@ -215,8 +217,16 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         source=p,
         offline=camp.string("offline", OFFLINE_MODES, default="unreachable"),
         min_devices=_min_devices(file, camp, sum(g.count for g in fleet)),
+        client_certs=_client_certs(file, broker, kind),
         cluster=_cluster(file, data.get("cluster"), fleet),
     )
+
+
+def _client_certs(file: str, broker: TomlTable, kind: str) -> bool:
+    wanted = broker.boolean("client_certs", default=False)
+    if wanted and kind != "mosquitto":
+        raise ConfigError(f"{file}: [broker] client_certs = true needs kind = \"mosquitto\" (the TLS broker)")
+    return wanted
 
 
 def _cluster(file: str, raw: Any, fleet: tuple[Group, ...]) -> ClusterSpec | None:

@@ -24,6 +24,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         # The lab's entry, except what the command line says itself.
         given = {**bundle_args(lab, args.device_id), **{k: v for k, v in given.items() if v is not None}}
         out = Path(args.out or lab.folder / "dist")
+        if args.secrets is None and (lab.folder / "secrets").is_dir():
+            args.secrets = str(lab.folder / "secrets")  # what `orchard lab init` provisioned
     else:
         missing = [flag for flag, key in (("--board", "board"), ("--broker", "broker_url")) if not given[key]]
         if missing:
@@ -35,7 +37,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         dataset=args.dataset, shard=given["shard"], python=args.python, force=args.force,
         optimizer=args.optimizer, cache_dir=Path(args.cache) if args.cache else None, data_root=args.data_root,
         ort_wheel=Path(args.ort_wheel) if args.ort_wheel else None, board_python=args.board_python, arch=args.arch,
-        pareto=Path(args.pareto) if args.pareto else None,
+        pareto=Path(args.pareto) if args.pareto else None, secrets=Path(args.secrets) if args.secrets else None,
     )
     print(tar)
     return 0
@@ -107,6 +109,8 @@ def add_board_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) ->
     b.add_argument("--data-root")
     b.add_argument("--shard", help=".npz with x (N, C, H, W) and y (N,)")
     b.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    b.add_argument("--secrets", help="a lab's secrets folder (RUN/secrets; default LAB/secrets with --lab): "
+                                     "bundles the device's credentials (0600) and the run id")
     b.add_argument("--pareto", help="DISTREAL front (orchard dse): ship it and its vectors' artifacts")
     b.add_argument("--cache", help="artifact cache folder")
     b.add_argument("--python", default="python3", help="interpreter install.sh uses on the board")

@@ -22,6 +22,7 @@ from typing import Any
 from runtime.errors import ConfigError, OrchardError
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
+from testbed.lab_secrets import load_lab
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
 from testbed.runner import stop_process_groups
 
@@ -88,7 +89,7 @@ def prepare(spec: FederationSpec, force: bool = False) -> Path:
         "train": {"local_steps": spec.local_steps, "lr": spec.lr, "batch_size": spec.batch_size},
         **({"method": {"name": method, **params}} if method else {}),
     }
-    prepare_run(run, data, plans, server, keepalive_s=spec.keepalive_s)
+    prepare_run(run, data, plans, server, keepalive_s=spec.keepalive_s, tls=spec.broker == "mosquitto")
     (run / "federation.json").write_text(json.dumps({**spec.__dict__, "out": str(spec.out)}, indent=1,
                                                     default=list))
     return run
@@ -151,7 +152,7 @@ def run_federation(spec: FederationSpec, force: bool = False,
     """Run it; `progress` gets the server.csv rows that are new since its last call (one per
     version), so every version is shown with its own accuracy."""
     run = prepare(spec, force)
-    broker: Broker = open_broker(spec.broker)
+    broker: Broker = open_broker(spec.broker, lab=load_lab(run))
     started = time.monotonic()
     with broker:
         fed = Federation(run, broker.url)

@@ -37,6 +37,8 @@ from runtime.mqtt import parse_broker_url
 from runtime.tomlconf import TomlTable, load_toml
 from testbed.broker import LOOPBACK, AmqttBroker, Broker, MosquittoBroker
 from testbed.campaign import load_campaign
+from testbed.lab_secrets import Lab as SecretsLab
+from testbed.lab_secrets import load_lab as load_secrets
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
 from testbed.runner import server_tables
 
@@ -161,9 +163,10 @@ def load_lab(folder: Path) -> Lab:
 class _LanMosquitto(MosquittoBroker):
     """mosquitto on the lab's address, with its password file and ACL when the lab has them."""
 
-    def __init__(self, port: int, listen: str, credentials: Path | None) -> None:
-        super().__init__(port)  # loopback first: the base refuses anything else for anonymous use
-        self.host, self.url, self.credentials = listen, f"mqtt://{listen}:{port}", credentials
+    def __init__(self, port: int, listen: str, credentials: Path | None, secrets: SecretsLab | None) -> None:
+        super().__init__(port, lab=secrets)  # loopback first: the base refuses anything else for anonymous use
+        scheme = "mqtts" if self.tls else "mqtt"
+        self.host, self.url, self.credentials = listen, f"{scheme}://{listen}:{port}", credentials
 
     def config_text(self) -> str:
         text = super().config_text().replace(f"listener {self.port} {LOOPBACK}", f"listener {self.port} {self.host}")
@@ -178,8 +181,8 @@ class _LanMosquitto(MosquittoBroker):
 
 
 class _LanAmqtt(AmqttBroker):
-    def __init__(self, port: int, listen: str) -> None:
-        super().__init__(port)
+    def __init__(self, port: int, listen: str, secrets: SecretsLab | None) -> None:
+        super().__init__(port, lab=secrets)
         self.host, self.url = listen, f"mqtt://{listen}:{port}"
 
 
@@ -191,6 +194,12 @@ def lab_broker(lab: Lab, *, kind: str | None = None, listen: str | None = None, 
     port = port or lab.port
     loopback = ipaddress.ip_address(listen).is_loopback
     creds = lab.credentials
+    secrets_dir = lab.folder / "secrets"
+    # The lab's own logins and ACLs (testbed/lab_secrets.py, provisioned by `lab init`): both
+    # brokers check them, so it may listen where the boards can reach it.
+    secrets = load_secrets(lab.folder) if (secrets_dir / "lab.json").is_file() else None
+    if secrets is not None:
+        return _LanMosquitto(port, listen, None, secrets) if kind == "mosquitto" else _LanAmqtt(port, listen, secrets)
     if kind == "embedded":
         if creds is not None:
             raise ConfigError(f"lab {lab.folder} has broker credentials; the embedded broker (amqtt) cannot check "
@@ -198,11 +207,11 @@ def lab_broker(lab: Lab, *, kind: str | None = None, listen: str | None = None, 
         if not loopback and not insecure_anonymous:
             raise ConfigError(f"--listen {listen}: an anonymous broker the boards can reach needs "
                               "--insecure-anonymous (a closed lab network only), or credentials and mosquitto")
-        return _LanAmqtt(port, listen)
+        return _LanAmqtt(port, listen, None)
     if not loopback and creds is None and not insecure_anonymous:
         raise ConfigError(f"--listen {listen}: lab {lab.folder} has no {CREDENTIALS}/{PASSWD}; an anonymous broker "
                           "the boards can reach needs --insecure-anonymous (a closed lab network only)")
-    return _LanMosquitto(port, listen, creds)
+    return _LanMosquitto(port, listen, creds, None)
 
 
 def serve(broker: Broker, say: Callable[[str], None], stop: threading.Event | None = None) -> int:

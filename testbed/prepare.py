@@ -2,7 +2,8 @@
 
 Per-device data shards and TOML configs, the server's TOML, the training artifacts (generated
 here, where onnx is; each device starts with an empty artifact cache and receives them over
-MQTT), the initial global weights and the held-out evaluation split.
+MQTT), the initial global weights, the held-out evaluation split, and the lab's secrets
+(testbed/lab_secrets.py: logins, per-device HMAC keys, the run id, a CA when `tls`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from runtime.errors import ConfigError
 from runtime.methods import spec
 from runtime.profile import parse_profile, split_variant
 from runtime.protocol import check_topic_root
+from testbed.lab_secrets import provision
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def _stratified(labels: npt.NDArray[np.int64], n: int, seed: int) -> npt.NDArray
 
 
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
-                keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0) -> dict[str, str]:
+                keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0,
+                tls: bool = False, client_certs: bool = False) -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
     `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
     server TOML. Returns the artifact directory per profile."""
@@ -141,17 +144,29 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
         {"model": data.model, "init": "init.npy", "global": dirs[global_profile], "profiles": dirs,
          "auxiliary": auxiliary, **extra_spec}, indent=1))
 
+    lab = provision(run, root, [d.device_id for d in devices], tls=tls, client_certs=client_certs)
+    ca_file = "../secrets/ca.crt" if tls else None
+
+    def client_cert(name: str) -> dict[str, str | None]:
+        if not client_certs:
+            return {}
+        return {"cert_file": f"../secrets/{name}.crt", "key_file": f"../secrets/{name}.key"}
+
     for plan, idx in zip(devices, parts, strict=True):
         np.savez(run / "shards" / f"{plan.device_id}.npz", x=train.x[idx], y=train.y[idx])
         write_toml(run / "configs" / f"{plan.device_id}.toml", {
             "device": {"id": plan.device_id, "board": plan.board, "shard": f"../shards/{plan.device_id}.npz",
                        "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles),
                        "offline": offline, "threads": plan.threads or None, "telemetry_hz": telemetry_hz},
-            "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s},
+            "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s,
+                       "credentials": f"../secrets/{plan.device_id}.toml", "run_id": lab.run_id, "ca_file": ca_file,
+                       **client_cert(plan.device_id)},
         })
     write_toml(run / "configs" / "server.toml", {
         "server": {"id": "server", "root": root, "artifacts": "../artifacts.json", "eval_data": "../eval.npz",
-                   "seed": data.seed, "roster": [d.device_id for d in devices]},
+                   "seed": data.seed, "roster": [d.device_id for d in devices],
+                   "credentials": "../secrets/server.toml", "run_id": lab.run_id,
+                   "ca_file": ca_file, **client_cert(lab.server.username)},
         **server,
         "assign": {"default": "dense", "devices": {d.device_id: d.profiles[0] for d in devices},
                    "shard_samples": {d.device_id: len(idx) for d, idx in zip(devices, parts, strict=True)}},

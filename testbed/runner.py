@@ -40,6 +40,7 @@ from testbed.calibrate import HostSpeed, board_quota_cores, get_host_speed
 from testbed.campaign import Campaign, Group
 from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
 from testbed.dilation import Dilation, background_cores, plan_dilation
+from testbed.lab_secrets import load_lab
 from testbed.live import LiveView
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
 from testbed.shaping import RunLinks, check_links
@@ -161,7 +162,8 @@ class CampaignRunner:
             # Time constants a device applies itself are given to it in wall time.
             prepare_run(self.run, data, plans, self._server_tables(plans),
                         keepalive_s=math.ceil(dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
-                        telemetry_hz=1.0 / dilation.factor)
+                        telemetry_hz=1.0 / dilation.factor, tls=self.broker_spec == "mosquitto",
+                        client_certs=self.c.client_certs and self.broker_spec == "mosquitto")
             for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
                 board = boards[plan.board]
                 mem = group.mem_limit_mb or board.memory_cap_mb
@@ -179,7 +181,8 @@ class CampaignRunner:
                 print(f"warning: {line}", file=sys.stderr, flush=True)
             self._write_fleet(throttle, host, dilation, {p.device_id: p.threads for p in plans})
             launched = True
-            broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host))
+            broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host,
+                                                     lab=load_lab(self.run)))
             self._loop(broker.url, started)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"

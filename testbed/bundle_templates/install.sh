@@ -101,6 +101,8 @@ cp -r "$HERE/runtime" "$HERE/firmware_configs" "$PREFIX/"
 cp "$HERE/requirements.lock" "$HERE/README.md" "$HERE/MANIFEST.json" "$PREFIX/"
 if [ -f "$PREFIX/device.toml" ]; then cp "$PREFIX/device.toml" "$PREFIX/device.toml.bak"; fi
 cp "$HERE/device.toml" "$PREFIX/device.toml"
+# The device's login and HMAC key: 0600 from the start, never readable by others.
+if [ -f "$HERE/credentials.toml" ]; then install -m 600 "$HERE/credentials.toml" "$PREFIX/credentials.toml"; fi
 # Artifacts pushed by the server accumulate in $PREFIX/artifacts; re-installing keeps them.
 if [ -d "$HERE/artifacts" ]; then cp -r "$HERE/artifacts/." "$PREFIX/artifacts/"; fi
 if [ -f "$HERE/data/shard.npz" ]; then cp "$HERE/data/shard.npz" "$PREFIX/data/shard.npz"; fi
@@ -142,6 +144,7 @@ if [ "$RUN_USER" != root ]; then
   chown -R "$RUN_USER" "$PREFIX/artifacts" "$PREFIX/data" "$PREFIX/state"
   # device.toml may hold the broker password: readable by the service user, not by everyone.
   chown "root:$(id -gn "$RUN_USER")" "$PREFIX/device.toml" && chmod 640 "$PREFIX/device.toml"
+  if [ -f "$PREFIX/credentials.toml" ]; then chown "$RUN_USER" "$PREFIX/credentials.toml"; fi
 fi
 sed -e "s#@PREFIX@#$PREFIX#g" -e "s#^User=.*#User=$RUN_USER#" "$HERE/@UNIT@" > "/etc/systemd/system/@UNIT@"
 systemctl daemon-reload

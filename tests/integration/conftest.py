@@ -23,12 +23,15 @@ import numpy as np
 import pytest
 
 from runtime.chunks import Reassembler, chunk_frame
+from runtime.credentials import load_credentials
 from runtime.frames import decode_task, encode_update
 from runtime.mqtt import Message, MqttClient, MqttConfig
 from runtime.protocol import Hello, ServerState, Status, Task, Topics, Update, decode_json, encode_json
+from runtime.seal import open_sealed, seal
 from runtime.tomlconf import load_toml
 from testbed.broker import AmqttBroker, Broker, MosquittoBroker
 from testbed.federate import Federation, FederationSpec, prepare, server_rows, write_toml
+from testbed.lab_secrets import Lab, load_lab
 
 WAIT_S = 30.0  # upper bound of any single wait; only reached when something is broken
 Record = dict[str, Any]
@@ -88,6 +91,7 @@ class Harness:
         self.fed = Federation(run, broker.url)
         self.events = EventLog(run / "events.jsonl")
         self.root = f"orchard/{run.name}"
+        self.lab: Lab = load_lab(run)
         self.fakes: list[FakeDevice] = []
         self._groups: set[int] = set()  # every process group started, checked gone at close
 
@@ -199,7 +203,11 @@ class Harness:
 
 class FakeDevice:
     """A plain MQTT client on one device's topics: says hello, receives its tasks, and publishes
-    whatever bytes a test wants on its update topic, as a misbehaving or hostile client would."""
+    whatever bytes a test wants on its update topic, as a misbehaving or hostile client would.
+
+    It holds the device's own login and key from the lab, so what it sends is sealed as the
+    real device's would be. A device the lab does not know logs in as the server (an insider
+    with the broker's run of the root) and seals under a key nobody else has."""
 
     def __init__(self, h: Harness, device_id: str, profiles: tuple[str, ...] = ("dense",),
                  n_samples: int = 50) -> None:
@@ -207,13 +215,20 @@ class FakeDevice:
         self.topics = Topics(h.root)
         self.profiles = profiles
         self.n_samples = n_samples
+        self.run_id = h.lab.run_id
+        creds = h.lab.devices.get(device_id) or load_credentials(h.lab.server_file)
+        self.key = creds.hmac_key or bytes(32)
+        ca = str(h.lab.tls.ca_file) if h.lab.tls and h.broker.url.startswith("mqtts") else None
         self.client = MqttClient(h.broker.url, MqttConfig(f"fake-{device_id}-{uuid.uuid4().hex[:6]}",
-                                                          keepalive_s=5))
+                                                          keepalive_s=5, username=creds.username,
+                                                          password=creds.password, ca_file=ca))
         self.client.connect()
-        for topic in (self.topics.task(device_id), self.topics.artifact(device_id), self.topics.server_state):
+        for topic in (self.topics.task(device_id), self.topics.artifact(device_id), self.topics.server_state,
+                      self.topics.receipt(device_id)):
             self.client.subscribe(topic, qos=1)
         self.reassembler = Reassembler(timeout_s=60.0, max_bytes=64 * 1024 * 1024)
         self.server_online = False
+        self.receipts: list[bytes] = []  # sealed receipts seen while waiting for tasks
 
     def _next(self, timeout_s: float) -> Message | None:
         ev = self.client.get(timeout_s)
@@ -231,12 +246,16 @@ class FakeDevice:
             self._next(0.1)
         msg = Hello(device_id=self.device_id, board="fake", cores=1.0, ram_mb=1024, runtime_version="fake",
                     profiles=self.profiles, n_samples=self.n_samples, label_histogram=(), artifacts=())
-        self.client.publish(self.topics.hello(self.device_id), encode_json(msg), qos=1, wait_s=10)
+        self.client.publish(self.topics.hello(self.device_id), self.seal("hello", encode_json(msg)), qos=1, wait_s=10)
         self.status("idle")
+
+    def seal(self, kind: str, payload: bytes) -> bytes:
+        return seal(payload, key=self.key, run_id=self.run_id, device_id=self.device_id, kind=kind)
 
     def status(self, state: str) -> None:
         msg = Status(self.device_id, state, time.time())
-        self.client.publish(self.topics.status(self.device_id), encode_json(msg), qos=1, retain=True, wait_s=10)
+        self.client.publish(self.topics.status(self.device_id), self.seal("status", encode_json(msg)), qos=1,
+                            retain=True, wait_s=10)
 
     def next_task(self, timeout_s: float = WAIT_S) -> Task:
         deadline = time.monotonic() + timeout_s
@@ -244,9 +263,13 @@ class FakeDevice:
             ev = self._next(left)
             if ev is None:
                 continue
+            if ev.topic == self.topics.receipt(self.device_id):
+                self.receipts.append(ev.payload)
+                continue
             frame = self.reassembler.feed(ev.topic, ev.payload)
             if frame is not None and ev.topic == self.topics.task(self.device_id):
-                return decode_task(frame, source="server")
+                opened = open_sealed(frame, key=self.key, run_id=self.run_id, device_id=self.device_id, kind="task")
+                return decode_task(opened.payload, source="server")
         pytest.fail(f"fake {self.device_id}: no task within {timeout_s:g} s")
 
     def update(self, task: Task, shift: float = 0.0, **tensors: np.ndarray) -> Update:
@@ -260,8 +283,9 @@ class FakeDevice:
     def publish(self, payload: bytes) -> None:
         self.client.publish(self.topics.update(self.device_id), payload, qos=1, wait_s=10)
 
-    def send_frame(self, frame: bytes, msg_id: str | None = None) -> None:
-        for chunk in chunk_frame(frame, msg_id or uuid.uuid4().hex):
+    def send_frame(self, frame: bytes, msg_id: str | None = None, sealed: bool = True) -> None:
+        """Chunk and publish `frame`, sealed as an update of this device unless `sealed` is False."""
+        for chunk in chunk_frame(self.seal("update", frame) if sealed else frame, msg_id or uuid.uuid4().hex):
             self.publish(chunk)
 
     def send_update(self, update: Update, msg_id: str | None = None) -> bytes:
@@ -281,8 +305,9 @@ def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
     def make(broker: str = "amqtt", **spec_kw: Any) -> Harness:
         spec = FederationSpec(out=tmp_path / f"run{len(made)}", **{**TEST_SPEC, **spec_kw})
         run = prepare(spec)
-        b: Broker = (MosquittoBroker(binary=request.getfixturevalue("mosquitto_bin")) if broker == "mosquitto"
-                     else AmqttBroker())
+        lab = load_lab(run)
+        b: Broker = (MosquittoBroker(binary=request.getfixturevalue("mosquitto_bin"), lab=lab)
+                     if broker == "mosquitto" else AmqttBroker(lab=lab))
         h = Harness(spec, run, b)
         made.append(h)
         b.start()

@@ -56,7 +56,10 @@ def test_zerofl_sparse_uploads_bytes_are_what_the_broker_carried(federation: Fed
 
     h = federation(broker="mosquitto", devices=3, rounds=3, strategy="fedavg", method="zerofl",
                    method_params={"sparsity": 0.9, "mask_ratio": 0.1, "upload": "top-k-diff"}, local_steps=15)
-    observer = MqttClient(h.broker.url, MqttConfig(f"observer-{uuid.uuid4().hex[:6]}", keepalive_s=5))
+    login = h.lab.server  # the broker takes only the lab's logins; a device's may not read others' updates
+    ca = str(h.lab.tls.ca_file) if h.lab.tls else None
+    observer = MqttClient(h.broker.url, MqttConfig(f"observer-{uuid.uuid4().hex[:6]}", keepalive_s=5,
+                                                   username=login.username, password=login.password, ca_file=ca))
     observer.connect()
     observer.subscribe(f"{h.root}/dev/+/update", qos=1)
     h.start()

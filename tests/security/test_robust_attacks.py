@@ -19,6 +19,7 @@ from runtime.chunks import _CHUNK, CHUNK_MAGIC, CHUNK_VERSION, chunk_frame
 from runtime.frames import decode_task, encode_update
 from runtime.mqtt import MqttClient, MqttConfig
 from runtime.protocol import Hello, Status, Task, Telemetry, TelemetrySample, Topics, encode_json
+from runtime.seal import open_sealed
 from tests.integration.conftest import Harness, federation  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,11 @@ FLOOD_FRAME = 64 * 1024 * 1024
 
 
 def attacker(h: Harness) -> MqttClient:
-    client = MqttClient(h.broker.url, MqttConfig(f"attacker-{uuid.uuid4().hex[:6]}", keepalive_s=10))
+    # An insider the broker lets publish anywhere under the root (the server's login): the brokers'
+    # ACLs stop a device's own login earlier (tests/security/test_auth_brokers.py).
+    login, ca = h.lab.server, str(h.lab.tls.ca_file) if h.lab.tls else None
+    client = MqttClient(h.broker.url, MqttConfig(f"attacker-{uuid.uuid4().hex[:6]}", keepalive_s=10,
+                                                 username=login.username, password=login.password, ca_file=ca))
     client.connect()
     return client
 
@@ -87,13 +92,15 @@ def test_flood_bloat_bomb_sybils_and_descriptors_leave_the_rounds_going(federati
 
     # Hello bloat: 30 hellos of 1 MiB (before: state.json reached 115 MB, rounds took 40-52 s).
     for _ in range(30):
-        client.publish(topics.hello("dev2"), hello_bytes("dev2", artifacts=tuple("k" * 1000 for _ in range(1000))),
+        client.publish(topics.hello("dev2"),
+                       evil.seal("hello", hello_bytes("dev2", artifacts=tuple("k" * 1000 for _ in range(1000)))),
                        qos=1, wait_s=10)
     # Profile bomb (before: 1.6 GB), then a spoofed OOM that makes the server parse it.
-    client.publish(topics.hello("dev2"), hello_bytes("dev2", profiles=("dense", "classes=0-20000000")), qos=1)
+    bomb = hello_bytes("dev2", profiles=("dense", "classes=0-20000000"))
+    client.publish(topics.hello("dev2"), evil.seal("hello", bomb), qos=1)
     task = evil.next_task()
     oom = Status("dev2", "failed", time.time(), task.task_id, "killed (exit 137, OOM)", "oom")
-    client.publish(topics.status("dev2"), encode_json(oom), qos=1, wait_s=10)
+    client.publish(topics.status("dev2"), evil.seal("status", encode_json(oom)), qos=1, wait_s=10)
     # Sybils and descriptors: 200 hellos and 1,100 telemetry batches from made-up ids (before:
     # 37.7 MB published to sybils; 1,016 ids exhausted the descriptors).
     sample = TelemetrySample(time.time(), "idle", 1.0, 1.0, 1.0, None, None, None, None)
@@ -137,7 +144,8 @@ def latest_task(fake: Any, task: Task, quiet_s: float = 1.5) -> Task:
             continue
         frame = fake.reassembler.feed(msg.topic, msg.payload)
         if frame is not None and msg.topic.endswith("/task"):
-            task, deadline = decode_task(frame, source="server"), time.monotonic() + quiet_s
+            opened = open_sealed(frame, key=fake.key, run_id=fake.run_id, device_id=fake.device_id, kind="task")
+            task, deadline = decode_task(opened.payload, source="server"), time.monotonic() + quiet_s
     return task
 
 
@@ -168,12 +176,13 @@ def test_ten_thousand_mutated_messages_on_a_devices_own_topics_change_nothing(
     task = fake.next_task()
     topics, client, rng = Topics(h.root), attacker(h), random.Random(15)
     frame = encode_update(fake.update(task, shift=0.01))
+    # Sealed as the real device's would be: a mutation breaks the MAC (or the chunk's CRC).
     seeds = {
-        "hello": hello_bytes("dev0"),
-        "status": encode_json(Status("dev0", "training", time.time(), task.task_id)),
-        "telemetry": encode_json(Telemetry("dev0", "model", (TelemetrySample(time.time(), "idle", 1.0, 1.0, 1.0,
-                                                                            None, None, None, None),))),
-        "update": chunk_frame(frame, "seed")[0],
+        "hello": fake.seal("hello", hello_bytes("dev0")),
+        "status": fake.seal("status", encode_json(Status("dev0", "training", time.time(), task.task_id))),
+        "telemetry": fake.seal("telemetry", encode_json(Telemetry("dev0", "model", (
+            TelemetrySample(time.time(), "idle", 1.0, 1.0, 1.0, None, None, None, None),)))),
+        "update": chunk_frame(fake.seal("update", frame), "seed")[0],
     }
     for i in range(10_000):
         kind = rng.choice(sorted(seeds))
@@ -183,7 +192,8 @@ def test_ten_thousand_mutated_messages_on_a_devices_own_topics_change_nothing(
         client.publish(f"{h.root}/dev/dev0/{kind}", payload, qos=0)
         if i % 500 == 499:
             time.sleep(0.05)  # let the broker drain (QoS 0 floods are dropped, not refused)
-    client.publish(topics.status("dev0"), encode_json(Status("dev0", "idle", time.time())), qos=1, wait_s=10)
+    client.publish(topics.status("dev0"), fake.seal("status", encode_json(Status("dev0", "idle", time.time()))), qos=1,
+                   wait_s=10)
     time.sleep(1.0)
     assert h.fed.server.poll() is None, h.diagnose()  # type: ignore[union-attr]
     assert not h.find("update_accepted") and not h.find("aggregated")

@@ -139,22 +139,30 @@ def test_a_handler_exception_refuses_that_message_and_the_service_keeps_serving(
     import json
 
     from runtime.mqtt import Message
+    from runtime.seal import seal
     from server.config import load_server_config
     from server.service import Service
+    from testbed.lab_secrets import load_lab
     from tests.security.test_robust_attacks import hello_bytes
 
     service = Service(load_server_config(run / "configs" / "server.toml"), tmp_path / "out")
     root = service.cfg.root
+    lab = load_lab(run)
+    key = lab.devices["dev0"].hmac_key
+    assert key is not None
+
+    def sealed_hello(device_id: str) -> bytes:  # as dev0 seals it (secauth): opened before the handler
+        return seal(hello_bytes(device_id), key=key, run_id=lab.run_id, device_id=device_id, kind="hello")
 
     def boom(event: object) -> list[object]:
         raise RuntimeError("a bug this message found")
 
     monkeypatch.setattr(service.engine, "handle", boom)
-    service._on_message(Message(f"{root}/dev/dev0/hello", hello_bytes("dev0"), False, 1))
+    service._on_message(Message(f"{root}/dev/dev0/hello", sealed_hello("dev0"), False, 1))
     monkeypatch.undo()
     service._on_message(Message(f"{root}/dev/intruder/hello", hello_bytes("intruder"), False, 1))
     for _ in range(12):
-        service._on_message(Message(f"{root}/dev/dev0/hello", hello_bytes("dev0"), False, 1))
+        service._on_message(Message(f"{root}/dev/dev0/hello", sealed_hello("dev0"), False, 1))
     service.out.close()
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     rejected = [(e["device"], e["reason"]) for e in events if e["event"] == "hello_rejected"]

@@ -134,5 +134,6 @@ def test_fjord_falls_back_to_a_lower_p_max() -> None:
 @pytest.mark.parametrize(("text", "expected"), [("", True), ("downgrade_on_oom = false", False)])
 def test_server_config_switch(tmp_path: Path, text: str, expected: bool) -> None:
     path = tmp_path / "server.toml"
-    path.write_text(f'[server]\nroot = "orchard/t"\nartifacts = "a.json"\neval_data = "e.npz"\n[assign]\n{text}\n')
+    path.write_text(f'[server]\nroot = "orchard/t"\nartifacts = "a.json"\neval_data = "e.npz"\n'
+                    f'credentials = "s.toml"\nrun_id = "r1"\n[assign]\n{text}\n')
     assert load_server_config(path).downgrade_on_oom is expected

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -18,9 +19,11 @@ import numpy as np
 import pytest
 
 from runtime.board import ENV_CONFIG_DIR, load_board
+from runtime.credentials import load_credentials
 from runtime.device_config import load_device_config
 from runtime.errors import ConfigError, OrchardError
 from testbed.bundle import UNIT_NAME, build_bundle, flash
+from testbed.lab_secrets import provision
 from tests.unit.fake_wheels import fake_ort_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,10 +44,27 @@ def _shard(path: Path, n: int = 96, shape: tuple[int, ...] = (1, 8, 8)) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory, artifact_cache: Path) -> tuple[Path, Path]:
     """(bundle directory, tarball) for rpi4b-4gb with a small shard and lenet artifacts."""
     tmp = tmp_path_factory.mktemp("bundle")
+    lab = provision(tmp / "lab", "orchard/lab", ["pi7"])
     tar = build_bundle(BOARD, tmp / "dist", device_id="pi7", broker_url="mqtt://10.0.0.2:1883", root="orchard/lab",
                        profiles=PROFILES, model="lenet", dataset="digits", shard=_shard(tmp / "shard.npz"),
-                       cache_dir=artifact_cache)
+                       cache_dir=artifact_cache, secrets=lab.directory)
     return tmp / "dist" / NAME, tar
+
+
+def test_bundle_carries_the_device_credentials_owner_only(built):
+    bundle, tar = built
+    cfg = load_device_config(bundle / "device.toml")
+    lab = json.loads((bundle.parent.parent / "lab" / "secrets" / "lab.json").read_text())
+    assert cfg.credentials == bundle / "credentials.toml" and cfg.run_id == lab["run_id"]
+    assert stat.S_IMODE(cfg.credentials.stat().st_mode) == 0o600
+    creds = load_credentials(cfg.credentials)
+    assert creds.username == "pi7" and creds.hmac_key is not None and len(creds.hmac_key) == 32
+    with tarfile.open(tar) as t:
+        member = t.getmember(f"{NAME}/credentials.toml")
+    assert stat.S_IMODE(member.mode) == 0o600
+    # No secret in the world-readable files of the bundle.
+    assert creds.password not in (bundle / "device.toml").read_text()
+    assert creds.password not in (bundle / "MANIFEST.json").read_text()
 
 
 def _files(root: Path) -> set[str]:
@@ -169,6 +189,16 @@ def test_systemd_unit_is_hardened_notifies_and_caps_memory_from_the_board(built,
     bad.write_text((tmp_path / UNIT_NAME).read_text().replace("WatchdogSec=60", "WatchdogSec=sixty"))
     proc = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True)
     assert "Failed to parse" in proc.stderr and "sixty" in proc.stderr, proc.stderr
+
+
+def test_a_bundle_without_a_lab_refuses_to_start_until_provisioned(tmp_path: Path, artifact_cache: Path) -> None:
+    build_bundle(BOARD, tmp_path, device_id="pi8", broker_url="mqtt://10.0.0.2:1883", root="orchard/lab",
+                 profiles=["dense"], model=None, dataset=None, shard=None, cache_dir=artifact_cache)
+    bundle = tmp_path / f"orchard-{BOARD}-pi8"
+    assert not (bundle / "credentials.toml").exists()
+    cfg = load_device_config(bundle / "device.toml")  # loads: install.sh checks the runtime with it
+    with pytest.raises(ConfigError, match="run_id is 'unprovisioned'"):
+        cfg.check_provisioned()  # the agent's first step: it refuses to start
 
 
 def test_device_toml_loads_with_the_bundled_board(built, monkeypatch):

@@ -60,6 +60,7 @@ def test_bad_method_tables_name_the_problem(tmp_path: Path, method: str, profile
 def test_server_config_reads_the_method(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text('[server]\nroot = "r"\nartifacts = "a.json"\neval_data = "e.npz"\n'
+                    'credentials = "s.toml"\nrun_id = "r1"\n'
                     '[method]\nname = "fjord"\nwidths = [0.5, 1.0]\n[assign]\ndevices = { d = "p_max=0.5" }\n')
     cfg = load_server_config(path)
     assert cfg.method == "fjord" and cfg.method_params["widths"] == [0.5, 1.0]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.chunks import Reassembler, chunk_frame
+from runtime.chunks import CHUNK_VERSION, Reassembler, chunk_frame
 from runtime.errors import ProtocolError
 from runtime.frames import (
     FrameLimits,
@@ -34,6 +34,7 @@ from runtime.protocol import (
     Artifact,
     Assignment,
     Hello,
+    Receipt,
     ServerState,
     SparseTensor,
     Status,
@@ -45,6 +46,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
+from runtime.seal import open_sealed, seal
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("ORCHARD_UPDATE_GOLDEN") == "1"
@@ -79,6 +81,10 @@ def sample_server_state() -> ServerState:
     return ServerState(server_id="srv0", model_id="lenet-digits", version=12, strategy="fedbuff")
 
 
+def sample_receipt() -> Receipt:
+    return Receipt(device_id="dev3", task_id="r3-dev3", accepted=False, reason="too stale: 3 > max_staleness 2")
+
+
 def sample_task() -> Task:
     tensors = {
         "conv1.W": (np.arange(18, dtype=np.float32).reshape(2, 1, 3, 3) - 9) / 8,
@@ -101,6 +107,7 @@ def sample_task() -> Task:
         upload="delta",
         encoding="fp16",
         tensors=tensors,
+        artifact_digests={"a1b2c3d4": "ab" * 32, "e5f6a7b8": "cd" * 32},
     )
 
 
@@ -130,7 +137,8 @@ def sample_artifact() -> Artifact:
     return Artifact(key="a1b2c3d4", files={"training_model.onnx": b"\x08\x07ONNX", "checkpoint": bytes(range(16))})
 
 
-JSON_SAMPLES: list[Callable[[], Any]] = [sample_hello, sample_status, sample_telemetry, sample_server_state]
+JSON_SAMPLES: list[Callable[[], Any]] = [sample_hello, sample_status, sample_telemetry, sample_server_state,
+                                         sample_receipt]
 
 
 def task_frame() -> bytes:
@@ -242,6 +250,15 @@ def test_chunk_golden_and_reassembly() -> None:
     assert r.pending_bytes == 0
 
 
+def test_sealed_golden_and_open() -> None:
+    """The envelope of protocol 3 (runtime/seal.py): fixed key, so the MAC is golden too."""
+    frame = update_frame()
+    sealed = seal(frame, key=bytes(range(32)), run_id="run7", device_id="dev3", kind="update")
+    check_golden("update_sealed.hex", sealed)
+    opened = open_sealed(sealed, key=bytes(range(32)), run_id="run7", device_id="dev3", kind="update")
+    assert opened.payload == frame and (opened.run_id, opened.device_id, opened.kind) == ("run7", "dev3", "update")
+
+
 def test_decoded_arrays_are_writable_owned_float32() -> None:
     task = decode_task(task_frame())
     for name, t in task.tensors.items():
@@ -294,12 +311,12 @@ def status_json(**changes: Any) -> bytes:
         (status_json(device_id="dev/3"), "field 'device_id' must match"),
         (status_json(task_id=7), "field 'task_id' must be a string, got 7"),
         (status_json(detail="\ud800"), "valid Unicode"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle"}', "missing required field 't'"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":NaN}', "non-finite number NaN"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":-Infinity}', "non-finite number -Infinity"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":1e400}', "non-finite number 1e400"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":1,"t":2}', "duplicate key 't'"),
-        (b'{"msg":"status","v":2,"device_id":"d","state":"idle","t":' + b"9" * 5000 + b"}", "integer with 5000"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle"}', "missing required field 't'"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle","t":NaN}', "non-finite number NaN"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle","t":-Infinity}', "non-finite number -Infinity"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle","t":1e400}', "non-finite number 1e400"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle","t":1,"t":2}', "duplicate key 't'"),
+        (b'{"msg":"status","v":3,"device_id":"d","state":"idle","t":' + b"9" * 5000 + b"}", "integer with 5000"),
     ],
 )
 def test_json_rejections(payload: bytes, match: str) -> None:
@@ -332,7 +349,7 @@ def test_nested_telemetry_sample_is_validated() -> None:
 
 def test_json_size_cap_and_defaults() -> None:
     rejects(decode_json, Status, status_json(detail="x" * 100), max_bytes=64, match="exceeds the limit of 64")
-    minimal = b'{"msg":"server_state","v":2,"server_id":"s","model_id":"m","version":0,"strategy":"fedavg"}'
+    minimal = b'{"msg":"server_state","v":3,"server_id":"s","model_id":"m","version":0,"strategy":"fedavg"}'
     assert decode_json(ServerState, minimal).online is True  # omitted defaulted field -> default
 
 
@@ -454,7 +471,7 @@ def test_forge_without_edits_is_the_encoder_output() -> None:
 def test_prefix_rejections() -> None:
     frame = task_frame()
     rejects(decode_task, b"ORCX" + frame[4:], match=r"bad magic b'ORCX', expected b'ORCH'")
-    rejects(decode_task, frame[:4] + b"\x01" + frame[5:], match="frame version 1, this side speaks 2")
+    rejects(decode_task, frame[:4] + b"\x01" + frame[5:], match="frame version 1, this side speaks 3")
     rejects(decode_task, frame[:5] + struct.pack("<I", 2**32 - 1) + frame[9:], match="header length 4294967295")
     rejects(decode_task, frame[:5] + struct.pack("<I", len(frame)) + frame[9:], match="runs past the frame")
     rejects(decode_task, "text", match="payload must be bytes")
@@ -712,7 +729,7 @@ def test_chunks_that_overfill_the_announced_length_are_rejected() -> None:
     def chunk(index: int, payload: bytes) -> bytes:
         import zlib
 
-        return struct.pack("<4sBBIIII", b"OCHK", 2, 1, index, 2, 3, zlib.crc32(payload)) + b"m" + payload
+        return struct.pack("<4sBBIIII", b"OCHK", CHUNK_VERSION, 1, index, 2, 3, zlib.crc32(payload)) + b"m" + payload
 
     r = Reassembler(timeout_s=10, max_bytes=1 << 20)
     assert r.feed("dev3", chunk(0, b"ab")) is None

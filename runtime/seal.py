@@ -1,0 +1,136 @@
+"""Sealed envelopes: every message on a device's topics, bound to its run, device and kind.
+
+Each payload on `dev/<id>/*` (hello, status, telemetry, update, task, artifact, receipt) travels
+sealed under the device's own key, shared only by that device and the server. Frames are sealed
+whole before chunking; JSON messages are sealed as they are. Layout (integers little-endian)::
+
+    b"OSEL" | version u8 | header_len u16 | header (canonical JSON) | payload | mac (32 bytes)
+
+    header = {"dev": device id, "kind": message kind, "run": run id}
+    mac    = HMAC-SHA256(device key, every byte before the mac)
+
+The receiver checks, in this order, and refuses with the reason: the MAC under the key of the
+device whose topic it came in on (a forgery, a tampered message or another device's key fails
+here), then the run id (a replay from another run of a lab whose keys persist), then the device
+(sealed for another device's topic) and the kind (a task replayed as an update). Kinds are
+direction-specific, so a server message cannot be reflected back as a device's.
+
+Why a whole-payload MAC and not one over the frame header (which holds the body's SHA-256): one
+code path for JSON and frames, checked before any parsing. Its cost, HMAC-SHA256 over a 10 MB
+update, is measured in `make bench` (bench/mqtt_bench.py, `seal_10mb_ms`).
+
+The retained `server/state` is the one message left unsealed: it goes to every device at once,
+and each device holds only its own key. It carries no work; a forged one can at most make a
+device announce itself again (its hello is sealed) or hold its outbox, which waits for receipts.
+
+Board code: standard library and runtime.errors / runtime.protocol only, Python 3.8 compatible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import struct
+from typing import NamedTuple
+
+from runtime.errors import ProtocolError
+from runtime.protocol import ID_PATTERN, PROTOCOL_VERSION, dumps_canonical, loads_strict, show
+
+SEAL_MAGIC = b"OSEL"
+SEAL_VERSION = PROTOCOL_VERSION
+MAC_BYTES = 32
+KEY_BYTES = 32  # per-device key length the lab generates; shorter keys are refused
+SEALED_KINDS = ("hello", "status", "telemetry", "update", "task", "artifact", "receipt")
+# Run ids become config values and log fields: the same safe alphabet as device ids.
+RUN_ID_PATTERN = ID_PATTERN
+_PREFIX = struct.Struct("<4sBH")
+_MAX_HEADER = 512
+_HEADER_KEYS = frozenset({"dev", "kind", "run"})
+
+
+class Opened(NamedTuple):
+    payload: bytes
+    run_id: str
+    device_id: str
+    kind: str
+
+
+def check_key(key: bytes, who: str) -> bytes:
+    if not isinstance(key, bytes) or len(key) < KEY_BYTES:
+        raise ProtocolError(f"{who}: HMAC key must be at least {KEY_BYTES} bytes")
+    return key
+
+
+def parse_key(text: str, who: str) -> bytes:
+    """A key as it is written in a credentials file: hex."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9a-fA-F]+", text or "") or len(text) % 2:
+        raise ProtocolError(f"{who}: HMAC key must be hex digits, got {len(text) if isinstance(text, str) else 0} "
+                            "characters that are not")
+    return check_key(bytes.fromhex(text), who)
+
+
+def seal(payload: bytes, *, key: bytes, run_id: str, device_id: str, kind: str) -> bytes:
+    """Wrap `payload` for the topic of `device_id`, run `run_id`, message `kind`."""
+    ctx = f"sealing {kind} for {device_id}"
+    if kind not in SEALED_KINDS:
+        raise ProtocolError(f"{ctx}: kind must be one of {', '.join(SEALED_KINDS)}")
+    for name, value in (("run id", run_id), ("device id", device_id)):
+        if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+            raise ProtocolError(f"{ctx}: {name} {show(value)} must match {ID_PATTERN.pattern}")
+    check_key(key, ctx)
+    header = dumps_canonical({"dev": device_id, "kind": kind, "run": run_id}, ctx)
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    head = _PREFIX.pack(SEAL_MAGIC, SEAL_VERSION, len(header)) + header
+    mac.update(head)
+    mac.update(payload)
+    return b"".join((head, payload, mac.digest()))
+
+
+def open_sealed(data: bytes, *, key: bytes, run_id: str, device_id: str, kind: str, source: str = "") -> Opened:
+    """Verify and unwrap a sealed message received on `device_id`'s `kind` topic.
+
+    Raises ProtocolError naming why it was refused; returns the payload only once everything
+    matched, so nothing downstream ever sees an unauthenticated byte."""
+    ctx = f"{kind} from {source or device_id}"
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{ctx}: payload must be bytes, got {type(data).__name__}")
+    view = memoryview(data)
+    if len(view) < _PREFIX.size + MAC_BYTES:
+        raise ProtocolError(f"{ctx}: not sealed ({len(view)} bytes, shorter than an envelope)")
+    magic, version, header_len = _PREFIX.unpack_from(view)
+    if magic != SEAL_MAGIC:
+        raise ProtocolError(f"{ctx}: not sealed (magic {bytes(magic)!r}, expected {SEAL_MAGIC!r})")
+    if version != SEAL_VERSION:
+        raise ProtocolError(f"{ctx}: envelope version {version}, this side speaks {SEAL_VERSION}")
+    if header_len > _MAX_HEADER or _PREFIX.size + header_len + MAC_BYTES > len(view):
+        raise ProtocolError(f"{ctx}: envelope header length {header_len} is out of bounds")
+    end = len(view) - MAC_BYTES
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    mac.update(view[:end])
+    claimed = _claimed(view[_PREFIX.size:_PREFIX.size + header_len], ctx)
+    if not hmac.compare_digest(mac.digest(), bytes(view[end:])):
+        raise ProtocolError(
+            f"{ctx}: bad MAC: not sealed under {device_id}'s key (claims run {show(claimed[0], 40)}, "
+            f"device {show(claimed[1], 40)}): forged, tampered, or from another lab")
+    got_run, got_dev, got_kind = claimed
+    if got_run != run_id:
+        raise ProtocolError(f"{ctx}: sealed for run {show(got_run, 40)}, this is run {run_id!r} "
+                            "(a replay from another run)")
+    if got_dev != device_id:
+        raise ProtocolError(f"{ctx}: sealed for device {show(got_dev, 40)}, received on {device_id}'s topic "
+                            "(a replay from another device)")
+    if got_kind != kind:
+        raise ProtocolError(f"{ctx}: sealed as a {show(got_kind, 20)} message, received as {kind!r}")
+    return Opened(bytes(view[_PREFIX.size + header_len:end]), got_run, got_dev, got_kind)
+
+
+def _claimed(header: memoryview, ctx: str) -> tuple[object, object, object]:
+    """What the header claims; checked against the MAC before any of it is trusted."""
+    try:
+        obj = loads_strict(header, f"{ctx}: envelope header")
+    except ProtocolError:
+        return ("?", "?", "?")
+    if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
+        return ("?", "?", "?")
+    return (obj["run"], obj["dev"], obj["kind"])
