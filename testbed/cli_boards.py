@@ -150,10 +150,9 @@ def add_board_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) ->
     li.set_defaults(func=cmd_lab_init)
 
     br = sub.add_parser("broker", help="run the lab's MQTT broker (mosquitto or the embedded one)",
-                        description="Start the lab's broker (lab.toml [broker]) and keep it up until Ctrl-C. "
-                                    "Anonymous brokers listen on loopback only, unless --insecure-anonymous; "
-                                    "with LAB/credentials/mosquitto.passwd, mosquitto checks passwords (and "
-                                    "mosquitto.acl, if present).")
+                        description="Start the lab's broker (lab.toml [broker]) and keep it up until Ctrl-C, with "
+                                    "the lab's logins and ACLs (LAB/secrets/); --insecure-anonymous serves "
+                                    "anonymously instead (a closed lab network only).")
     br.add_argument("--lab", required=True, help="lab folder")
     br.add_argument("--kind", choices=("mosquitto", "embedded"), help="override lab.toml [broker] kind")
     br.add_argument("--listen", help="address to listen on (default lab.toml's, 127.0.0.1)")

@@ -29,6 +29,7 @@ from server.events import EventName
 from testbed.broker import open_broker
 from testbed.campaign import Campaign
 from testbed.dilation import Dilation
+from testbed.lab_secrets import load_lab
 from testbed.live import LiveView
 from testbed.node import NodeLauncher, dilation_at
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
@@ -65,6 +66,10 @@ def _files_for(run: Path, campaign: Campaign, device_ids: list[str]) -> dict[str
     for d in device_ids:
         files[f"configs/{d}.toml"] = (run / "configs" / f"{d}.toml").read_bytes()
         files[f"shards/{d}.npz"] = (run / "shards" / f"{d}.npz").read_bytes()
+        files[f"secrets/{d}.toml"] = (run / "secrets" / f"{d}.toml").read_bytes()  # its login and HMAC key only
+    for name in ("ca.crt", *(f"{d}.{ext}" for d in device_ids for ext in ("crt", "key"))):
+        if (run / "secrets" / name).is_file():  # TLS: the CA, and client certificates when the lab has them
+            files[f"secrets/{name}"] = (run / "secrets" / name).read_bytes()
     base = campaign.source.parent if campaign.source is not None else Path.cwd()
     groups = {g.name: g for d, g in campaign.devices() if d in device_ids}
     for g in groups.values():
@@ -141,7 +146,7 @@ class ClusterRunner(CampaignRunner):
                         keepalive_s=math.ceil(self.dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
                         telemetry_hz=1.0 / factor)
             launched = True
-            broker = stack.enter_context(open_broker(self.broker_spec))
+            broker = stack.enter_context(open_broker(self.broker_spec, lab=load_lab(self.run)))
             self._loop_cluster(ray, broker.url, started, infos, node_dilation, address)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"

@@ -10,10 +10,10 @@ the lab's own index:
                url: the broker as the boards reach it (mqtt://<this host's LAN address>:port)
     [[device]] id, board, profiles, shard, host (the SSH target `orchard flash` uses; fill it in)
 
-`orchard broker --lab LAB` starts that broker. An anonymous broker listens on loopback only (as
-in the testbed); one the boards can reach needs credentials in `LAB/credentials/`
-(`mosquitto.passwd`, `mosquitto.acl`; the broker-credentials work fills them), or an explicit
-`--insecure-anonymous` for a closed lab network. `orchard bundle --lab LAB --device ID` and
+`orchard broker --lab LAB` starts that broker with the lab's logins and ACLs (`LAB/secrets/`,
+which `lab init` provisions as every testbed run does: testbed/lab_secrets.py), so it may listen
+where the boards reach it. `--insecure-anonymous` serves anonymously instead (loopback, or a
+closed lab network). `orchard bundle --lab LAB --device ID` and
 `orchard flash --lab LAB --device ID` take the device's entry.
 """
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import pwd
 import shutil
 import signal
 import socket
@@ -43,8 +41,6 @@ from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, wr
 from testbed.runner import server_tables
 
 LAB_FILE = "lab.toml"
-CREDENTIALS = "credentials"
-PASSWD, ACL = "mosquitto.passwd", "mosquitto.acl"
 BROKER_KINDS = ("mosquitto", "embedded")
 
 
@@ -75,11 +71,6 @@ class Lab:
                 return d
         known = ", ".join(d.device_id for d in self.devices)
         raise ConfigError(f"lab {self.folder}: no device {device_id!r} (its devices: {known})")
-
-    @property
-    def credentials(self) -> Path | None:
-        folder = self.folder / CREDENTIALS
-        return folder if (folder / PASSWD).is_file() else None
 
 
 def _lan_address() -> str:
@@ -112,7 +103,6 @@ def init_lab(folder: Path, campaign_file: Path, *, broker_host: str | None = Non
                     offline=campaign.offline)
         for sub in ("devices", "cache"):  # the testbed's per-run folders; a lab's boards keep their own
             (folder / sub).rmdir()
-        (folder / CREDENTIALS).mkdir(mode=0o700)
         write_toml(folder / LAB_FILE, {
             "lab": {"name": folder.name, "campaign": str(Path(campaign_file).resolve()),
                     "root": f"orchard/{folder.name}"},
@@ -161,23 +151,14 @@ def load_lab(folder: Path) -> Lab:
 
 
 class _LanMosquitto(MosquittoBroker):
-    """mosquitto on the lab's address, with its password file and ACL when the lab has them."""
+    """mosquitto on the lab's address (the base starts on loopback: it refuses anything else)."""
 
-    def __init__(self, port: int, listen: str, credentials: Path | None, secrets: SecretsLab | None) -> None:
-        super().__init__(port, lab=secrets)  # loopback first: the base refuses anything else for anonymous use
-        scheme = "mqtts" if self.tls else "mqtt"
-        self.host, self.url, self.credentials = listen, f"{scheme}://{listen}:{port}", credentials
+    def __init__(self, port: int, listen: str, secrets: SecretsLab | None) -> None:
+        super().__init__(port, lab=secrets)
+        self.host, self.url = listen, f"{'mqtts' if self.tls else 'mqtt'}://{listen}:{port}"
 
     def config_text(self) -> str:
-        text = super().config_text().replace(f"listener {self.port} {LOOPBACK}", f"listener {self.port} {self.host}")
-        if self.credentials is None:
-            return text
-        lines = ["allow_anonymous false", f"password_file {self.credentials / PASSWD}"]
-        if os.geteuid() == 0:  # mosquitto drops root for user `mosquitto`, who cannot read a 0700 folder
-            lines.append(f"user {pwd.getpwuid(self.credentials.stat().st_uid).pw_name}")
-        if (self.credentials / ACL).is_file():
-            lines.append(f"acl_file {self.credentials / ACL}")
-        return text.replace("allow_anonymous true", "\n".join(lines))
+        return super().config_text().replace(f"listener {self.port} {LOOPBACK}", f"listener {self.port} {self.host}")
 
 
 class _LanAmqtt(AmqttBroker):
@@ -188,30 +169,18 @@ class _LanAmqtt(AmqttBroker):
 
 def lab_broker(lab: Lab, *, kind: str | None = None, listen: str | None = None, port: int | None = None,
                insecure_anonymous: bool = False) -> Broker:
-    """The unstarted broker `orchard broker` runs for the lab."""
+    """The unstarted broker `orchard broker` runs for the lab: the lab's logins and ACLs, or
+    anonymous when asked (which a reachable address needs said out loud)."""
     kind = kind or lab.broker_kind
     listen = listen or lab.listen
     port = port or lab.port
-    loopback = ipaddress.ip_address(listen).is_loopback
-    creds = lab.credentials
-    secrets_dir = lab.folder / "secrets"
-    # The lab's own logins and ACLs (testbed/lab_secrets.py, provisioned by `lab init`): both
-    # brokers check them, so it may listen where the boards can reach it.
-    secrets = load_secrets(lab.folder) if (secrets_dir / "lab.json").is_file() else None
-    if secrets is not None:
-        return _LanMosquitto(port, listen, None, secrets) if kind == "mosquitto" else _LanAmqtt(port, listen, secrets)
-    if kind == "embedded":
-        if creds is not None:
-            raise ConfigError(f"lab {lab.folder} has broker credentials; the embedded broker (amqtt) cannot check "
-                              "them: use --kind mosquitto")
-        if not loopback and not insecure_anonymous:
-            raise ConfigError(f"--listen {listen}: an anonymous broker the boards can reach needs "
-                              "--insecure-anonymous (a closed lab network only), or credentials and mosquitto")
-        return _LanAmqtt(port, listen, None)
-    if not loopback and creds is None and not insecure_anonymous:
-        raise ConfigError(f"--listen {listen}: lab {lab.folder} has no {CREDENTIALS}/{PASSWD}; an anonymous broker "
-                          "the boards can reach needs --insecure-anonymous (a closed lab network only)")
-    return _LanMosquitto(port, listen, creds, None)
+    secrets = None
+    if not insecure_anonymous:
+        if not (lab.folder / "secrets" / "lab.json").is_file():
+            raise ConfigError(f"lab {lab.folder} has no secrets/ (logins, keys, run id): make it with `orchard lab "
+                              "init`, or pass --insecure-anonymous (a closed lab network only)")
+        secrets = load_secrets(lab.folder)
+    return _LanMosquitto(port, listen, secrets) if kind == "mosquitto" else _LanAmqtt(port, listen, secrets)
 
 
 def serve(broker: Broker, say: Callable[[str], None], stop: threading.Event | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import socket
 import tempfile
@@ -83,6 +84,12 @@ class NodeLauncher(CampaignRunner):
         for rel, blob in files.items():
             path = self.run / rel
             path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.startswith("secrets/"):  # credentials: owner-only, or the device refuses them
+                path.parent.chmod(0o700)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                continue
             path.write_bytes(blob)
         for sub in ("logs", "cache"):
             (self.run / sub).mkdir(parents=True, exist_ok=True)

@@ -81,14 +81,15 @@ def events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
 
 
-def orchard_cgroups_left(campaign: str) -> list[str]:
-    """Groups of runs of `campaign` (run ids are `<campaign>-<random>`) still present."""
-    left = []
+def orchard_cgroups_left(campaign: str, before: frozenset[str] = frozenset()) -> list[str]:
+    """Groups of runs of `campaign` (run ids are `<campaign>-<random>`) still present, except
+    those in `before`: another checkout's run of the same campaign on this host is not ours."""
+    left: list[str] = []
     for controller in ("cpu", "cpuacct", "memory", "freezer", ""):
         base = CGROUP_ROOT / controller / "orchard" if controller else CGROUP_ROOT / "orchard"
         if base.is_dir():
             left += [str(p) for run in base.glob(f"{campaign}-*") for p in [run, *run.rglob("*")] if p.is_dir()]
-    return left
+    return [g for g in left if g not in before]
 
 
 def processes_of(run: Path) -> list[psutil.Process]:
@@ -165,6 +166,7 @@ def test_campaign_requiring_cgroups_on_a_host_without_them(tmp_path):
 # ----------------------------------------------------------------- real campaigns
 def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     run = tmp_path / "default"
+    before = frozenset(orchard_cgroups_left("default"))
     started = time.monotonic()
     proc = orchard("campaign", "run", str(ROOT / "campaigns" / "default.toml"), "--out", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,7 +185,7 @@ def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     for plot in ("accuracy", "timeline", "cpu", "memory", "energy", "staleness"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 5000
     assert (run / "report.html").stat().st_size > 50_000
-    assert orchard_cgroups_left("default") == [] and processes_of(run) == []
+    assert orchard_cgroups_left("default", before) == [] and processes_of(run) == []
 
 
 def test_memory_cap_below_need_records_oom_and_finishes(tmp_path, cgroups):
@@ -274,6 +276,7 @@ def test_compare_sync_and_semi_async_runs_of_the_same_fleet(tmp_path, cgroups):
 def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
     path = campaign_file(tmp_path, "ctrlc", SMALL_FLEET, rounds=500, wall_s=300)
     run = tmp_path / "run"
+    before = frozenset(orchard_cgroups_left("ctrlc"))
     # A suite started in the background by a shell without job control ignores SIGINT, and children
     # inherit that (Python then installs no KeyboardInterrupt handler): give the runner the default.
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "campaign", "run", str(path), "--out", str(run),
@@ -287,7 +290,7 @@ def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
             time.sleep(0.5)
         else:
             pytest.fail("campaign never aggregated")
-        assert orchard_cgroups_left("ctrlc"), "devices should be in cgroups while running"
+        assert orchard_cgroups_left("ctrlc", before), "devices should be in cgroups while running"
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     finally:
@@ -295,5 +298,5 @@ def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
             proc.kill()
     assert proc.returncode == 130, proc.stderr
     assert (run / "report.html").exists() and json.loads((run / "summary.json").read_text())["rounds"] >= 1
-    assert orchard_cgroups_left("ctrlc") == []
+    assert orchard_cgroups_left("ctrlc", before) == []
     assert processes_of(run) == []

@@ -79,6 +79,11 @@ def test_device_agent_federates_under(version: str, federation: Callable[..., An
     assert {r["device"] for r in accepted} == {"dev0", "dev1"}, h.diagnose()
     assert [int(r["version"]) for r in h.rows()] == [1, 2, 3]
     assert not h.find("update_rejected")
+    # A short federation can end before a second ping is due (one every 0.2 s per agent); the
+    # agents keep looping until stopped, so give their watchdogs the time to turn.
+    deadline = time.monotonic() + 10
+    while messages.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     h.fed.stop_all()
     time.sleep(0.3)
     done.set()

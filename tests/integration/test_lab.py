@@ -1,10 +1,11 @@
 """A lab from a campaign file: `orchard lab init` lays it out, `orchard broker` serves it (with
-the lab's mosquitto credentials when it has them), and a server and a device agent started from
+the lab's logins and ACLs from LAB/secrets), and a server and a device agent started from
 the lab's own files train through that broker. `orchard bundle`/`flash` take its entries."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from runtime.mqtt import MqttClient, MqttConfig
 from testbed.broker import free_port, port_accepts
 from testbed.cli import main
 from testbed.lab import init_lab, lab_broker, load_lab
+from testbed.lab_secrets import load_lab as load_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 CAMPAIGN = """
@@ -63,7 +65,7 @@ def test_lab_init_writes_what_server_and_boards_start_from(lab, tmp_path: Path) 
         assert (folder / name).is_file(), name
     assert [d.device_id for d in lab.devices] == ["pi-0", "pi-1"] and lab.root == "orchard/lab"
     assert lab.broker_url.startswith("mqtt://192.168.1.10:") and lab.listen == "127.0.0.1"
-    assert (folder / "credentials").stat().st_mode & 0o077 == 0
+    assert (folder / "secrets").stat().st_mode & 0o077 == 0 and (folder / "secrets" / "pi-0.toml").is_file()
     with np.load(folder / "shards/pi-0.npz") as a, np.load(folder / "shards/pi-1.npz") as b, \
             np.load(folder / "eval.npz") as e:
         assert len(a["y"]) + len(b["y"]) + len(e["y"]) == 1797  # digits, split without loss or overlap
@@ -76,32 +78,37 @@ def test_lab_init_writes_what_server_and_boards_start_from(lab, tmp_path: Path) 
         load_lab(tmp_path)
 
 
-def test_anonymous_brokers_stay_on_loopback_unless_asked(lab) -> None:
-    with pytest.raises(ConfigError, match="needs --insecure-anonymous"):
-        lab_broker(lab, listen="0.0.0.0")
-    with pytest.raises(ConfigError, match="needs --insecure-anonymous"):
-        lab_broker(lab, kind="embedded", listen="0.0.0.0")
-    assert lab_broker(lab, listen="0.0.0.0", insecure_anonymous=True).url.startswith("mqtt://0.0.0.0:")
+def test_the_lab_broker_serves_the_labs_secrets_and_anonymous_only_when_asked(lab) -> None:
+    served = lab_broker(lab, listen="0.0.0.0")  # logins checked: it may listen where boards reach it
+    assert served.url.startswith("mqtt://0.0.0.0:") and served.lab is not None
+    assert served.lab.run_id == load_secrets(lab.folder).run_id
+    anonymous = lab_broker(lab, kind="embedded", listen="0.0.0.0", insecure_anonymous=True)
+    assert anonymous.lab is None
+    shutil.rmtree(lab.folder / "secrets")
+    with pytest.raises(ConfigError, match="has no secrets/"):
+        lab_broker(lab)
 
 
-def _client(url: str, name: str) -> MqttClient:
-    c = MqttClient(url, MqttConfig(client_id=name, keepalive_s=5, connect_timeout_s=5))
+def _client(url: str, name: str, username: str | None = None, password: str | None = None) -> MqttClient:
+    c = MqttClient(url, MqttConfig(client_id=name, keepalive_s=5, connect_timeout_s=5, username=username,
+                                   password=password))
     c.connect()
     return c
 
 
 @pytest.mark.integration
-def test_broker_with_the_labs_credentials_refuses_anonymous(lab, mosquitto_bin: str) -> None:
-    creds = lab.folder / "credentials"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(creds / "mosquitto.passwd"), "pi-0", "s3cret"], check=True)
-    broker = lab_broker(load_lab(lab.folder))
+@pytest.mark.parametrize("kind", ["mosquitto", "embedded"])
+def test_the_lab_broker_refuses_anonymous_and_admits_a_board_of_the_lab(lab, mosquitto_bin: str, kind: str) -> None:
+    secrets = load_secrets(lab.folder)
+    board = secrets.devices["pi-0"]
+    broker = lab_broker(lab, kind=kind)
     with broker:
         port = broker.url.rsplit(":", 1)[1]
         with pytest.raises(TransportError):
             _client(f"mqtt://127.0.0.1:{port}", "anon")
-        _client(f"mqtt://pi-0:s3cret@127.0.0.1:{port}", "pi-0").close()
-    with pytest.raises(ConfigError, match=r"embedded broker .* cannot check"):
-        lab_broker(load_lab(lab.folder), kind="embedded")
+        with pytest.raises(TransportError):
+            _client(f"mqtt://127.0.0.1:{port}", "pi-0", "pi-0", "not-its-password")
+        _client(f"mqtt://127.0.0.1:{port}", "pi-0", board.username, board.password).close()
 
 
 @pytest.mark.integration
