@@ -98,11 +98,15 @@ def test_a_node_gets_its_devices_files_and_the_trace_files_they_name(tmp_path: P
     path = write(tmp_path, link='availability = { kind = "file", path = "traces/a.json" }', count=3)
     c = load_campaign(path)
     run = tmp_path / "run"
-    for sub in ("configs", "shards"):
+    for sub in ("configs", "shards", "secrets"):
         (run / sub).mkdir(parents=True)
     for i in range(3):
         (run / "configs" / f"pi5-{i}.toml").write_text(f"# {i}")
         (run / "shards" / f"pi5-{i}.npz").write_bytes(bytes([i]))
+        (run / "secrets" / f"pi5-{i}.toml").write_text(f"key {i}")
+    (run / "secrets" / "server.toml").write_text("every device's key")
     files = _files_for(run, c, ["pi5-1", "pi5-2"])
-    assert files == {"configs/pi5-1.toml": b"# 1", "shards/pi5-1.npz": b"\x01", "configs/pi5-2.toml": b"# 2",
-                     "shards/pi5-2.npz": b"\x02", "campaign/traces/a.json": b'{"active": [[0, 10]]}'}
+    # Its devices' own credentials, never another device's nor the server's (which holds every key).
+    assert files == {"configs/pi5-1.toml": b"# 1", "shards/pi5-1.npz": b"\x01", "secrets/pi5-1.toml": b"key 1",
+                     "configs/pi5-2.toml": b"# 2", "shards/pi5-2.npz": b"\x02", "secrets/pi5-2.toml": b"key 2",
+                     "campaign/traces/a.json": b'{"active": [[0, 10]]}'}
