@@ -43,7 +43,7 @@ from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import ParamLayout, ParamSpec
 from runtime.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, file_sha256, manifest_digest, read_manifest
 from runtime.ort import onnxruntime_version, training_artifacts_module
-from runtime.split import GRAD, PROBE
+from runtime.split import GRAD, PROBE, PartPosition
 
 SPLIT_VERSION = 1  # bump when part graphs change
 
@@ -58,7 +58,7 @@ class Layer:
 
 
 @dataclass(frozen=True)
-class Part:
+class Part(PartPosition):
     index: int  # 0 .. P-1
     count: int  # P
     layers: tuple[str, ...]
@@ -66,14 +66,6 @@ class Part:
     out_shape: tuple[int, ...]
     layout: ParamLayout  # the part's own parameters (no probe), offsets from 0
     full_offsets: tuple[tuple[int, int], ...]  # (start, end) of each param in the full model's buffer
-
-    @property
-    def first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.count - 1
 
 
 def _per_sample(vi: onnx.ValueInfoProto) -> tuple[int, ...]:

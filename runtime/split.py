@@ -23,7 +23,23 @@ PROBE = "probe"
 GRAD = "grad"
 
 
-class PartRunner:
+class PartPosition:
+    """Where a part sits in the chain: the first has no probe, the last holds the loss. Shared by
+    the artifact builder's `Part` (models/split.py) and the runner that trains it."""
+
+    index: int  # 0 .. P-1
+    count: int  # P
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+class PartRunner(PartPosition):
     """A part's ORT session; weights in and out exclude the probe."""
 
     def __init__(self, directory: Path | str, threads: int = 1) -> None:
@@ -44,14 +60,6 @@ class PartRunner:
         self._probe = None if self.first else np.zeros((self.batch, *self.in_shape), np.float32)
         self._zero_grad = np.zeros((self.batch, *self.out_shape), np.float32)
         self._zero_labels = np.zeros(self.batch, np.int64)
-
-    @property
-    def first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.count - 1
 
     def load(self, weights: npt.NDArray[np.float32]) -> None:
         flat = np.asarray(weights, dtype=np.float32)
