@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import OrchardError, ProtocolError, TransportError
+from runtime.errors import OrchardError, ProtocolError, TransportError, one_line
 from runtime.layout import FloatArray
 from runtime.protocol import SplitMessage
 from runtime.split import PartRunner, fedavg
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.part, args.listen, tuple(o for o in args.owners.split(",") if o), args.next_addr, args.lr,
               args.threads)
     except OrchardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
