@@ -56,7 +56,7 @@ from runtime.protocol import (
     validate_tensors,
 )
 from runtime.sdnotify import SdNotify
-from runtime.seal import open_sealed, seal
+from runtime.seal import Opened, open_sealed, seal
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.tiering import Limits, Measured, TierCache, choose_tier
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
@@ -142,9 +142,9 @@ class Agent:
     def _seal(self, kind: str, payload: bytes) -> bytes:
         return seal(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind)
 
-    def _open(self, kind: str, payload: bytes) -> bytes:
+    def _open(self, kind: str, payload: bytes | memoryview) -> Opened:
         return open_sealed(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind,
-                           source="server").payload
+                           source="server")
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -313,7 +313,7 @@ class Agent:
                     self._flush_outbox()
             return
         if msg.topic == self.topics.receipt(self.id):
-            self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload), source="server"))
+            self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload).payload, source="server"))
             return
         arrived = time.monotonic()
         frame = self.reassembler.feed(msg.topic, msg.payload)

@@ -9,6 +9,13 @@ so the reassembly logic is exercised by every message, not only by big ones. Chu
 The CRC-32 covers the payload: a frame's SHA-256 covers only its body, so the CRC is what
 catches a damaged frame header in transit. `Reassembler` rebuilds frames per (key, msg_id).
 Like the frame decoders, it raises only `ProtocolError`.
+
+Every chunk but the last carries the same payload size (`chunk_frame` splits evenly), so any one
+chunk places itself: chunk i starts at i x that size. The receiver appends each payload to the
+frame's buffer as it comes (in order, as MQTT delivers one publisher's messages; one that
+comes early waits for the gap) and hands back that buffer: one copy from MQTT message to frame,
+none at completion (a 10 MB frame used to be copied out of each chunk, then joined). A chunk
+that breaks the even layout is refused with the partial frame.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 _CHUNK = struct.Struct("<4sBBIIII")  # magic, version, id length, index, total, frame length, crc32
 
 
-def chunk_frame(frame: bytes, msg_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+def chunk_frame(frame: bytes | bytearray | memoryview, msg_id: str,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
     """Split a frame into chunks of at most `chunk_bytes` payload each (always at least one chunk).
 
     `msg_id` must be unique per send (e.g. a uuid4 hex or "<task id>.<attempt>"): the receiver
@@ -46,11 +54,12 @@ def chunk_frame(frame: bytes, msg_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTE
         raise ProtocolError(f"chunking: frame of {len(frame)} bytes, expected 1..{0xFFFFFFFF}")
     ident = msg_id.encode("ascii")
     total = -(-len(frame) // chunk_bytes)
+    view = memoryview(frame)  # slices are views: each chunk is built with one copy of its payload
     chunks = []
     for index in range(total):
-        payload = frame[index * chunk_bytes : (index + 1) * chunk_bytes]
+        payload = view[index * chunk_bytes : (index + 1) * chunk_bytes]
         head = _CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), index, total, len(frame), zlib.crc32(payload))
-        chunks.append(head + ident + payload)
+        chunks.append(b"".join((head, ident, payload)))
     return chunks
 
 
@@ -59,7 +68,13 @@ class _Partial:
     started_s: float
     total: int
     frame_len: int
-    parts: dict[int, bytes] = field(default_factory=dict)
+    # The frame so far: chunks in order are appended, a chunk ahead of a gap waits in `early`.
+    # Growing with what arrived (not one frame_len allocation at the first chunk) means a chunk
+    # that announces 64 MB costs 64 MB of memory only once 64 MB of chunks came.
+    buffer: bytearray = field(default_factory=bytearray)
+    early: dict[int, bytes] = field(default_factory=dict)
+    stride: int = 0  # payload bytes of every chunk but the last; 0 until a chunk tells
+    parts: set[int] = field(default_factory=set)  # indices in
     received: int = 0
     wire_bytes: int = 0  # whole chunks (headers included): what the broker carried
 
@@ -115,8 +130,11 @@ class Reassembler:
         """Bytes reserved by incomplete frames."""
         return self._reserved
 
-    def feed(self, key: str, chunk: bytes) -> bytes | None:
-        """Add one chunk; return the whole frame once all its chunks are in, else None."""
+    def feed(self, key: str, chunk: bytes | bytearray | memoryview) -> memoryview | None:
+        """Add one chunk; return the whole frame once all its chunks are in, else None.
+
+        The frame is a writable view of the buffer the chunks were copied into, the caller's from
+        then on (decoders read tensors in place from it)."""
         msg_id, index, total, frame_len, payload = self._parse(key, chunk)
         ident = (key, msg_id)
         ctx = f"chunk {index} of {msg_id!r} from {key}"
@@ -141,27 +159,37 @@ class Reassembler:
                     f"{ctx}: says {total} chunks / {frame_len} bytes, earlier chunks said "
                     f"{partial.total} / {partial.frame_len}; partial frame dropped"
                 )
+            start = self._place(partial, index, len(payload))
+            if start is None:
+                self._drop(ident)
+                raise ProtocolError(
+                    f"{ctx}: {len(payload)} payload bytes do not fit an even split of {frame_len} bytes "
+                    f"into {total} chunks" + (f" of {partial.stride}" if partial.stride else "")
+                    + "; partial frame dropped")
             if index in partial.parts:
-                if partial.parts[index] == payload:
+                kept = (partial.buffer[start:start + len(payload)] if start < len(partial.buffer)
+                        else partial.early[index])
+                if kept == bytes(payload):
                     return None  # redelivered duplicate
                 self._drop(ident)
                 raise ProtocolError(f"{ctx}: duplicate with different content; partial frame dropped")
-            if partial.received + len(payload) > frame_len:
-                self._drop(ident)
-                raise ProtocolError(f"{ctx}: chunks exceed the announced {frame_len} bytes; partial frame dropped")
-            partial.parts[index] = payload
+            if start == len(partial.buffer):
+                partial.buffer += payload
+                while partial.early and len(partial.buffer) // partial.stride in partial.early:
+                    partial.buffer += partial.early.pop(len(partial.buffer) // partial.stride)
+            else:
+                partial.early[index] = bytes(payload)
+            partial.parts.add(index)
             partial.received += len(payload)
             partial.wire_bytes += len(chunk)
             if len(partial.parts) < total:
                 return None
             self._drop(ident)
-            if partial.received != frame_len:
-                raise ProtocolError(f"{ctx}: chunks hold {partial.received} bytes, announced {frame_len}")
             self._done[ident] = now
             self.completed_wire_bytes = partial.wire_bytes
             while len(self._done) > 4 * self.max_partials:  # bound the memory of finished ids
                 del self._done[next(iter(self._done))]
-            return b"".join(partial.parts[i] for i in range(total))
+            return memoryview(partial.buffer)  # no more appends: the view pins its size
 
     def expire(self) -> list[str]:
         """Drop partial frames older than timeout_s; return why each frame was dropped since last call."""
@@ -187,11 +215,32 @@ class Reassembler:
             release_heap()
         return reasons
 
-    def _parse(self, key: str, chunk: bytes) -> tuple[str, int, int, int, bytes]:
+    @staticmethod
+    def _place(partial: _Partial, index: int, size: int) -> int | None:
+        """Where chunk `index` of `size` payload bytes starts in the frame, or None if it cannot
+        belong to an even split (every chunk `stride` bytes but the last, which holds the rest)."""
+        last = index == partial.total - 1
+        if partial.total == 1:
+            stride = partial.frame_len
+        elif not last:
+            stride = size
+        elif (partial.frame_len - size) % (partial.total - 1):
+            return None
+        else:
+            stride = (partial.frame_len - size) // (partial.total - 1)
+        if partial.stride and stride != partial.stride:
+            return None
+        tail = partial.frame_len - (partial.total - 1) * stride
+        if stride < 1 or not 0 < tail <= stride or size != (tail if last else stride):
+            return None
+        partial.stride = stride
+        return index * stride
+
+    def _parse(self, key: str, chunk: bytes | bytearray | memoryview) -> tuple[str, int, int, int, memoryview]:
         ctx = f"chunk from {key}"
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"{ctx}: payload must be bytes, got {type(chunk).__name__}")
-        chunk = bytes(chunk)
+        chunk = memoryview(chunk).cast("B")  # views, not copies, of the header and payload
         if len(chunk) < _CHUNK.size:
             raise ProtocolError(f"{ctx}: truncated: {len(chunk)} bytes, shorter than the {_CHUNK.size}-byte header")
         magic, version, id_len, index, total, frame_len, crc = _CHUNK.unpack_from(chunk)
@@ -203,11 +252,12 @@ class Reassembler:
         if len(chunk) <= start:
             raise ProtocolError(f"{ctx}: truncated: {len(chunk)} bytes leaves no payload after a {id_len}-byte id")
         try:
-            msg_id = chunk[_CHUNK.size : start].decode("ascii")
+            msg_id = bytes(chunk[_CHUNK.size : start]).decode("ascii")
         except UnicodeDecodeError:
             msg_id = ""
         if not ID_PATTERN.fullmatch(msg_id):
-            raise ProtocolError(f"{ctx}: msg id {show(chunk[_CHUNK.size : start])} must match {ID_PATTERN.pattern}")
+            raw = bytes(chunk[_CHUNK.size : start])
+            raise ProtocolError(f"{ctx}: msg id {show(raw)} must match {ID_PATTERN.pattern}")
         payload = chunk[start:]
         ctx = f"chunk {index} of {msg_id!r} from {key}"
         if not index < total <= frame_len:

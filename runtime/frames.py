@@ -18,8 +18,14 @@ Encodings: `dense` = float32; `fp16` = float16 on the wire, chosen per tensor by
 and widened to float32 on decode; `sparse-coo` = nnz indices (int32 when every index of the
 shape fits, else int64) followed by nnz float32 values, indices strictly increasing.
 
-Decoded arrays are *writable, owned float32 copies* (sparse indices: int64 copies): the server
-merges them in place and the frame's bytes can be freed at once; fp16 needs a new array anyway.
+Decoded arrays are *writable float32 arrays* (sparse indices: int64 copies): the server merges
+them in place. A dense float32 tensor in a writable frame buffer (what `Reassembler` hands
+back) is decoded in place: the array is a view of the frame, no copy. The header is padded with
+spaces (JSON whitespace) so the body starts 8-byte aligned, which makes that view aligned.
+Anything else (a read-only `bytes` frame, fp16, a misaligned tensor) is copied out as before.
+
+Integrity: the body's SHA-256 is checked, unless the frame is given as a `runtime.seal.Opened`,
+whose MAC already authenticated every byte of it: each byte is hashed once on receipt.
 
 Every decoder raises only `ProtocolError`, with one line naming the message, the sender, the
 field or tensor and the value. There is no catch-all: each failure is checked explicitly, and
@@ -35,7 +41,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +63,7 @@ from runtime.protocol import (
     loads_strict,
     show,
 )
+from runtime.seal import Opened
 
 FRAME_MAGIC = b"ORCH"
 FRAME_VERSION = PROTOCOL_VERSION
@@ -71,6 +78,8 @@ _WIRE_DTYPE = {"dense": "float32", "fp16": "float16", "sparse-coo": "float32"}
 _ITEM_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8}
 _MAX_NAME_CHARS = 256
 _FP16_MAX = 65504.0
+_BODY_ALIGN = 8  # the body's offset in a frame is a multiple of this (header padding)
+Received = Union[bytes, bytearray, memoryview, Opened]  # what the decoders take
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,7 @@ def _encode(
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
     header_bytes = dumps_canonical(header, ctx)
+    header_bytes += b" " * (-(_PREFIX.size + len(header_bytes)) % _BODY_ALIGN)
     if len(header_bytes) > limits.max_header_bytes:
         raise ProtocolError(f"{ctx}: header of {len(header_bytes)} bytes exceeds {limits.max_header_bytes}")
     frame = _PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, len(header_bytes)) + header_bytes + body
@@ -228,33 +238,36 @@ def _pack_tensor(
 
 
 # ---------------------------------------------------------------- decode
-def decode_task(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Task:
+def decode_task(frame: Received, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Task:
     fields, tensors, _ = _decode("task", Task, frame, source, limits)
     return Task(**fields, tensors=tensors)
 
 
-def decode_update(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Update:
+def decode_update(frame: Received, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Update:
     fields, tensors, _ = _decode("update", Update, frame, source, limits)
     return Update(**fields, tensors=tensors)
 
 
-def decode_artifact(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Artifact:
+def decode_artifact(frame: Received, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> Artifact:
     fields, _, files = _decode("artifact", Artifact, frame, source, limits)
     return Artifact(**fields, files=files)
 
 
-def decode_split(frame: bytes, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> SplitMessage:
+def decode_split(frame: Received, *, source: str = "", limits: FrameLimits = DEFAULT_LIMITS) -> SplitMessage:
     fields, tensors, _ = _decode("split", SplitMessage, frame, source, limits)
     return SplitMessage(**fields, tensors=tensors)
 
 
 def _decode(
-    kind: str, cls: type, frame: bytes, source: str, limits: FrameLimits
+    kind: str, cls: type, frame: Received, source: str, limits: FrameLimits
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bytes]]:
     ctx = context(f"{kind} frame", source)
+    authenticated = isinstance(frame, Opened)  # its MAC covered every byte: no second hash
+    if isinstance(frame, Opened):
+        frame = frame.payload
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{ctx}: payload must be bytes, got {type(frame).__name__}")
-    view = memoryview(frame if isinstance(frame, bytes) else bytes(frame))  # slices below are views, no copies
+    view = memoryview(frame).cast("B")  # slices below are views, no copies
     size = len(view)
     if size > limits.max_frame_bytes:
         raise ProtocolError(f"{ctx}: {size} bytes exceeds the frame limit of {limits.max_frame_bytes}")
@@ -311,7 +324,7 @@ def _decode(
     if offset != body_len:
         raise ProtocolError(f"{ctx}: table covers {offset} bytes but the body has {body_len}")
     # Hash last among the cheap checks: it is the one pass over the whole body.
-    actual = hashlib.sha256(body).hexdigest()
+    actual = sha if authenticated else hashlib.sha256(body).hexdigest()
     if actual != sha:
         raise ProtocolError(f"{ctx}: body sha256 mismatch (header {sha[:12]}..., body {actual[:12]}...)")
     tensors: dict[str, Tensor] = {}
@@ -378,7 +391,8 @@ def _parse_file_entry(raw: Any, i: int, offset: int, body_len: int, ctx: str) ->
 
 
 def _read_tensor(body: memoryview, e: _Entry, ctx: str) -> Tensor:
-    """Copy one entry out of the body into an owned native-order array, then check its values."""
+    """One entry as a writable native-order array (a view of a writable body when it can be,
+    else a copy), its values checked."""
     if e.encoding == "sparse-coo":
         index_bytes = _ITEM_BYTES[e.index_dtype]
         idx = np.frombuffer(body, "<i4" if index_bytes == 4 else "<i8", count=e.nnz, offset=e.offset)
@@ -389,7 +403,8 @@ def _read_tensor(body: memoryview, e: _Entry, ctx: str) -> Tensor:
         return SparseTensor(shape=e.shape, indices=indices, values=values)
     numel = math.prod(e.shape)
     wire = np.frombuffer(body, "<f2" if e.encoding == "fp16" else "<f4", count=numel, offset=e.offset)
-    arr = wire.reshape(e.shape).astype(np.float32)  # astype copies: writable, owned, aligned
+    in_place = wire.dtype == np.float32 and wire.flags.writeable and wire.flags.aligned  # "<f4" on a little-endian host
+    arr = wire.reshape(e.shape) if in_place else wire.reshape(e.shape).astype(np.float32)
     _check_finite(arr, e.name, ctx)
     return arr
 

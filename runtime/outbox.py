@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runtime.chunks import chunk_frame
+from runtime.chunks import DEFAULT_CHUNK_BYTES, chunk_frame
 from runtime.protocol import Receipt
 
 RESEND_AFTER_S = 120.0
@@ -35,8 +35,9 @@ class _Pending:
 
 class Outbox:
     def __init__(self, publish: Callable[[bytes], object], resend_after_s: float = RESEND_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self._publish = publish  # one chunk onto the device's update topic
+        self.chunk_bytes = chunk_bytes
         self.resend_after_s = resend_after_s
         self._clock = clock
         self._pending: dict[str, _Pending] = {}
@@ -59,7 +60,7 @@ class Outbox:
         out.sends += 1
         out.next_send_s = self._clock() + self.resend_after_s * 2 ** min(out.sends - 1, MAX_BACKOFF_DOUBLINGS)
         msg_id = f"{task_id}.{out.sends}.{int(time.time() * 1000) % 10**9}"
-        for chunk in chunk_frame(out.frame, msg_id):
+        for chunk in chunk_frame(out.frame, msg_id, self.chunk_bytes):
             self._publish(chunk)
 
     def task_ids(self) -> list[str]:

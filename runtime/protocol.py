@@ -531,7 +531,8 @@ def encode_json(msg: JsonMessage) -> bytes:
     return dumps_canonical(obj, ctx)
 
 
-def decode_json(cls: type[J], data: bytes, *, source: str = "", max_bytes: int = JSON_MAX_BYTES) -> J:
+def decode_json(cls: type[J], data: bytes | bytearray | memoryview, *, source: str = "",
+                max_bytes: int = JSON_MAX_BYTES) -> J:
     """Parse and validate one JSON message of type `cls`.
 
     `source` (device id or topic) names the sender in error messages.

@@ -4,10 +4,15 @@ Each payload on `dev/<id>/*` (hello, status, telemetry, update, task, artifact, 
 sealed under the device's own key, shared only by that device and the server. Frames are sealed
 whole before chunking; JSON messages are sealed as they are. Layout (integers little-endian)::
 
-    b"OSEL" | version u8 | header_len u16 | header (canonical JSON) | payload | mac (32 bytes)
+    b"OSEL" | version u8 | header_len u16 | header (canonical JSON, space-padded) | payload | mac (32 bytes)
 
     header = {"dev": device id, "kind": message kind, "run": run id}
     mac    = HMAC-SHA256(device key, every byte before the mac)
+
+The header is padded with spaces (JSON whitespace: any reader parses it the same) so that the
+payload starts 8-byte aligned, and a frame's body, which frames align within the payload, can be
+decoded in place, without a copy, from the buffer the chunks were reassembled into.
+`open_sealed` returns the payload as a view of its input for the same reason.
 
 The receiver checks, in this order, and refuses with the reason: the MAC under the key of the
 device whose topic it came in on (a forgery, a tampered message or another device's key fails
@@ -16,8 +21,10 @@ here), then the run id (a replay from another run of a lab whose keys persist), 
 direction-specific, so a server message cannot be reflected back as a device's.
 
 Why a whole-payload MAC and not one over the frame header (which holds the body's SHA-256): one
-code path for JSON and frames, checked before any parsing. Its cost, HMAC-SHA256 over a 10 MB
-update, is measured in `make bench` (bench/mqtt_bench.py, `seal_10mb_ms`).
+code path for JSON and frames, checked before any parsing. Since the MAC authenticates every
+byte, a frame decoded from an `Opened` skips its own body SHA-256 (runtime/frames.py), so the
+receiver hashes each byte once. Its cost, HMAC-SHA256 over a 10 MB update, is measured in
+`make bench` (bench/mqtt_bench.py, `seal_10mb`).
 
 The retained `server/state` is the one message left unsealed: it goes to every device at once,
 and each device holds only its own key. It carries no work; a forged one can at most make a
@@ -46,11 +53,14 @@ SEALED_KINDS = ("hello", "status", "telemetry", "update", "task", "artifact", "r
 RUN_ID_PATTERN = ID_PATTERN
 _PREFIX = struct.Struct("<4sBH")
 _MAX_HEADER = 512
+PAYLOAD_ALIGN = 8  # the payload's offset in a sealed message is a multiple of this
 _HEADER_KEYS = frozenset({"dev", "kind", "run"})
 
 
 class Opened(NamedTuple):
-    payload: bytes
+    """A message whose MAC, run, device and kind all checked out."""
+
+    payload: memoryview  # a view into the received message, not a copy (writable if that was)
     run_id: str
     device_id: str
     kind: str
@@ -70,7 +80,7 @@ def parse_key(text: str, who: str) -> bytes:
     return check_key(bytes.fromhex(text), who)
 
 
-def seal(payload: bytes, *, key: bytes, run_id: str, device_id: str, kind: str) -> bytes:
+def seal(payload: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str) -> bytes:
     """Wrap `payload` for the topic of `device_id`, run `run_id`, message `kind`."""
     ctx = f"sealing {kind} for {device_id}"
     if kind not in SEALED_KINDS:
@@ -80,6 +90,7 @@ def seal(payload: bytes, *, key: bytes, run_id: str, device_id: str, kind: str) 
             raise ProtocolError(f"{ctx}: {name} {show(value)} must match {ID_PATTERN.pattern}")
     check_key(key, ctx)
     header = dumps_canonical({"dev": device_id, "kind": kind, "run": run_id}, ctx)
+    header += b" " * (-(_PREFIX.size + len(header)) % PAYLOAD_ALIGN)
     mac = hmac.new(key, digestmod=hashlib.sha256)
     head = _PREFIX.pack(SEAL_MAGIC, SEAL_VERSION, len(header)) + header
     mac.update(head)
@@ -87,7 +98,8 @@ def seal(payload: bytes, *, key: bytes, run_id: str, device_id: str, kind: str) 
     return b"".join((head, payload, mac.digest()))
 
 
-def open_sealed(data: bytes, *, key: bytes, run_id: str, device_id: str, kind: str, source: str = "") -> Opened:
+def open_sealed(data: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str,
+                source: str = "") -> Opened:
     """Verify and unwrap a sealed message received on `device_id`'s `kind` topic.
 
     Raises ProtocolError naming why it was refused; returns the payload only once everything
@@ -122,7 +134,7 @@ def open_sealed(data: bytes, *, key: bytes, run_id: str, device_id: str, kind: s
                             "(a replay from another device)")
     if got_kind != kind:
         raise ProtocolError(f"{ctx}: sealed as a {show(got_kind, 20)} message, received as {kind!r}")
-    return Opened(bytes(view[_PREFIX.size + header_len:end]), got_run, got_dev, got_kind)
+    return Opened(view[_PREFIX.size + header_len:end], got_run, got_dev, got_kind)
 
 
 def _claimed(header: memoryview, ctx: str) -> tuple[object, object, object]:

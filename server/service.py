@@ -54,7 +54,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.seal import open_sealed, seal
+from runtime.seal import Opened, open_sealed, seal
 from runtime.trainer import Trainer
 from server import checkpoint
 from server.aggregate import IndexArray
@@ -370,7 +370,7 @@ class Service:
             if not self.hello_limit.allow(device_id):
                 raise ProtocolError(f"hello from {device_id!r} refused: more than {HELLO_BURST} in "
                                     f"{HELLO_BURST / HELLO_PER_S:g} s")
-            hello = decode_json(Hello, self._open(device_id, kind, msg.payload), source=device_id,
+            hello = decode_json(Hello, self._open(device_id, kind, msg.payload).payload, source=device_id,
                                 max_bytes=HELLO_MAX_BYTES)
             self._check_sender(device_id, hello.device_id)
             self._feed(DeviceHello(device_id, hello))
@@ -379,7 +379,7 @@ class Service:
         elif kind == "status":
             if not known:
                 raise ProtocolError(f"status from {device_id!r}, which has not said hello")
-            status = decode_json(Status, self._open(device_id, kind, msg.payload), source=device_id)
+            status = decode_json(Status, self._open(device_id, kind, msg.payload).payload, source=device_id)
             self._check_sender(device_id, status.device_id)
             self.out.event({"event": EventName.DEVICE_STATUS, "device": device_id, "state": status.state,
                             "task_id": status.task_id, "detail": status.detail, "device_t": status.t})
@@ -387,7 +387,7 @@ class Service:
         elif kind == "telemetry":
             if not known:  # no file is opened for an id the engine never accepted a hello from
                 raise ProtocolError(f"telemetry from {device_id!r}, which has not said hello")
-            telemetry = decode_json(Telemetry, self._open(device_id, kind, msg.payload), source=device_id)
+            telemetry = decode_json(Telemetry, self._open(device_id, kind, msg.payload).payload, source=device_id)
             self._check_sender(device_id, telemetry.device_id)
             self.out.telemetry(telemetry)
         elif kind == "update":
@@ -397,11 +397,11 @@ class Service:
             if frame is not None:
                 self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
 
-    def _open(self, device_id: str, kind: str, data: bytes) -> bytes:
+    def _open(self, device_id: str, kind: str, data: bytes | memoryview) -> Opened:
         key = self.keys.get(device_id)
         if key is None:
             raise ProtocolError(f"{kind} from {device_id}: no key for this device in the lab's credentials")
-        return open_sealed(data, key=key, run_id=self.cfg.run_id, device_id=device_id, kind=kind).payload
+        return open_sealed(data, key=key, run_id=self.cfg.run_id, device_id=device_id, kind=kind)
 
     def _seal(self, device_id: str, kind: str, payload: bytes) -> bytes:
         return seal(payload, key=self.keys[device_id], run_id=self.cfg.run_id, device_id=device_id, kind=kind)
@@ -430,7 +430,7 @@ class Service:
         if topic_id != claimed:
             raise ProtocolError(f"message on the topic of {topic_id!r} claims to be from {claimed!r}")
 
-    def _on_update_frame(self, device_id: str, frame: bytes, wire_bytes: int) -> None:
+    def _on_update_frame(self, device_id: str, frame: memoryview, wire_bytes: int) -> None:
         # bytes: what the broker carried (chunks with their headers); frame_bytes: the frame alone.
         received = {"event": EventName.UPDATE_RECEIVED, "device": device_id, "bytes": wire_bytes,
                     "frame_bytes": len(frame)}

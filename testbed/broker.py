@@ -194,6 +194,11 @@ class _ProcessBroker(Broker):
         return self.workdir / "broker.log"
 
     @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (for its CPU time in the benchmarks)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

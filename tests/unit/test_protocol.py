@@ -209,6 +209,7 @@ def forge(frame: bytes, edit: Callable[[dict[str, Any], bytearray], None], *, re
         header["body_sha256"] = hashlib.sha256(body).hexdigest()
         header["body_len"] = len(body)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-(9 + len(raw)) % 8)  # padded so the body starts 8-byte aligned
     return struct.pack("<4sBI", magic, version, len(raw)) + raw + bytes(body)
 
 
@@ -733,9 +734,11 @@ def test_chunks_that_overfill_the_announced_length_are_rejected() -> None:
 
     r = Reassembler(timeout_s=10, max_bytes=1 << 20)
     assert r.feed("dev3", chunk(0, b"ab")) is None
-    rejects(r.feed, "dev3", chunk(1, b"cd"), match="chunks exceed the announced 3 bytes")
-    assert r.feed("dev3", chunk(0, b"a")) is None
-    rejects(r.feed, "dev3", chunk(1, b"b"), match="chunks hold 2 bytes, announced 3")
+    rejects(r.feed, "dev3", chunk(1, b"cd"), match="2 payload bytes do not fit an even split of 3 bytes into 2 chunks")
+    assert r.pending_bytes == 0  # the partial frame went with it
+    # ... and too few bytes: chunks of 1 byte cannot cover 3 in 2, which the first chunk already shows.
+    rejects(r.feed, "dev3", chunk(0, b"a"), match="1 payload bytes do not fit an even split of 3 bytes")
+    assert r.pending_bytes == 0
 
 
 def test_reassembler_refuses_a_frame_over_its_cap_at_the_first_chunk():

@@ -1,0 +1,279 @@
+"""The real update path, device -> broker -> server, for a 10 MB update, vs raw loopback TCP.
+
+What one `update_path_s` figure includes, on CLOCK_MONOTONIC (system-wide on Linux, so the
+device's and the server's stamps compare):
+  from the device holding its encoded update frame (`encode_update`, not timed: training's
+  output), through seal (`runtime.seal.seal`), the outbox's send (`runtime.outbox.Outbox`:
+  chunking, one QoS-q publish per chunk, as the agent does), the broker, the server's MQTT
+  client, reassembly (`runtime.chunks.Reassembler`), open (`open_sealed`, MAC checked) and
+  decode (`decode_update`, every value checked), to a decoded `Update` in the server's hands.
+The device is its own process (its paho thread must not share the server's GIL, as on a real
+testbed). CPU per round: `device_cpu_ms` (process_time of the device process), `server_cpu_ms`
+(this process: its paho thread and the receive path), `broker_cpu_ms` (/proc utime + stime).
+
+The physical reference, `raw_tcp_s`: the same number of bytes (the sealed frame) written into
+a loopback TCP socket by a second process until this process has read all of them into one
+buffer and answered one byte. `raw_tcp_cpu_ms`: both ends' CPU.
+
+Every configuration (broker x chunk size x chunk QoS) and the raw reference run once per
+repeat, interleaved, so host load hits them alike; medians over repeats. `update_over_raw`
+is raw_tcp_s / update_path_s: the issue's ">= 70% of raw TCP" asks for >= 0.7.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.chunks import Reassembler
+from runtime.errors import OrchardError
+from runtime.frames import decode_update
+from runtime.mqtt import Message, MqttClient, MqttConfig
+from runtime.seal import open_sealed
+from testbed.broker import Broker
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+UPDATE_PARAMS = 10 * 1024 * 1024 // 4  # one float32 tensor: a 10 MB update body
+KEY = bytes(range(32))
+RUN_ID = "bench"
+DEVICE_ID = "dev1"
+WAIT_S = 120.0
+
+# The device: encodes one update once, then on "go <chunk_bytes> <qos> <round>" seals and sends it
+# exactly as runtime/agent.py does (seal, Outbox.add, Outbox.send), and reports its stamps.
+DEVICE = """
+import json, sys, time
+import numpy as np
+from runtime.frames import encode_update
+from runtime.mqtt import MqttClient, MqttConfig
+from runtime.outbox import Outbox
+from runtime.protocol import Update
+from runtime.seal import seal
+from runtime.protocol import Receipt
+url, topic, n_params = sys.argv[1], sys.argv[2], int(sys.argv[3])
+key = bytes(range(32))
+rng = np.random.default_rng(0)
+update = Update(task_id="t0", device_id="dev1", base_version=0, n_samples=32, train_s=1.0,
+                peak_rss_mb=1.0, energy_j=None, kind="delta",
+                tensors={"w": rng.standard_normal(n_params).astype(np.float32)})
+encoded = encode_update(update)
+c = MqttClient(url, MqttConfig("bench-update-device", keepalive_s=60))
+c.connect()
+qos_now = [1]
+tickets = []
+outbox = Outbox(lambda chunk: tickets.append(c.publish(topic, chunk, qos=qos_now[0])))
+print(json.dumps({"encoded_bytes": len(encoded)}), flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if not words or words[0] != "go":
+        break
+    chunk_bytes, qos_now[0], task = int(words[1]), int(words[2]), words[3]
+    outbox.chunk_bytes = chunk_bytes
+    tickets.clear()
+    cpu0, t0 = time.process_time(), time.monotonic()
+    frame = seal(encoded, key=key, run_id="bench", device_id="dev1", kind="update")
+    outbox.add(task, frame)
+    outbox.send(task)
+    t_sent = time.monotonic()
+    for t in tickets:
+        t.wait(120)
+    t_acked = time.monotonic()
+    outbox.settle(Receipt("dev1", task, True))
+    print(json.dumps({"t0": t0, "t_sent": t_sent, "t_acked": t_acked, "sealed_bytes": len(frame),
+                      "chunks": len(tickets), "cpu_ms": (time.process_time() - cpu0) * 1000}), flush=True)
+c.close()
+"""
+
+# The raw reference's writer: connects, then on each "go" line writes n bytes and waits for one byte.
+RAW_WRITER = """
+import os, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(n)
+s = socket.create_connection(("127.0.0.1", port))
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() != "go":
+        break
+    cpu0, t0 = time.process_time(), time.monotonic()
+    s.sendall(data)
+    s.recv(1)
+    print(f"{t0} {(time.process_time() - cpu0) * 1000}", flush=True)
+s.close()
+"""
+
+
+def proc_cpu_ms(pid: int) -> float:
+    """utime + stime of a process (and its reaped children: none here), in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+class RawTcp:
+    """The loopback reference: a writer process, this process reading into one buffer."""
+
+    def __init__(self, n_bytes: int) -> None:
+        import socket
+
+        self.n_bytes = n_bytes
+        self._server = socket.create_server(("127.0.0.1", 0))
+        port = self._server.getsockname()[1]
+        self._proc = subprocess.Popen([sys.executable, "-c", RAW_WRITER, str(port), str(n_bytes)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._conn, _ = self._server.accept()
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()
+        self._buf = bytearray(n_bytes)
+
+    def once(self) -> tuple[float, float]:
+        """(seconds, CPU ms of both ends) for one transfer."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        view, got = memoryview(self._buf), 0
+        cpu0 = time.process_time()
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+        while got < self.n_bytes:
+            got += self._conn.recv_into(view[got:])
+        t_end = time.monotonic()
+        self._conn.sendall(b"k")
+        my_cpu = (time.process_time() - cpu0) * 1000
+        t0, writer_cpu = (float(x) for x in self._proc.stdout.readline().split())
+        return t_end - t0, my_cpu + writer_cpu
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        self._proc.wait(timeout=30)
+        self._conn.close()
+        self._server.close()
+
+
+class UpdateLink:
+    """One broker: a device process publishing updates, this process receiving them as the server does."""
+
+    def __init__(self, broker: Broker, n_params: int) -> None:
+        self.broker = broker
+        self.topic = f"orchard/bench/dev/{DEVICE_ID}/update"
+        self.server = MqttClient(broker.url, MqttConfig("bench-update-server", keepalive_s=60))
+        self.server.connect()
+        self.server.subscribe(self.topic, qos=1)
+        self.reassembler = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        self.device = subprocess.Popen([sys.executable, "-c", DEVICE, broker.url, self.topic, str(n_params)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.device.stdout is not None
+        self.encoded_bytes = json.loads(self.device.stdout.readline())["encoded_bytes"]
+        self._round = 0
+
+    def once(self, chunk_bytes: int, qos: int) -> dict[str, Any]:
+        assert self.device.stdin is not None and self.device.stdout is not None
+        self._round += 1
+        broker_pid = getattr(self.broker, "pid", None)
+        broker0 = proc_cpu_ms(broker_pid) if broker_pid else 0.0
+        cpu0 = time.process_time()
+        self.device.stdin.write(f"go {chunk_bytes} {qos} t{self._round}\n")
+        self.device.stdin.flush()
+        deadline = time.monotonic() + WAIT_S
+        update = None
+        while update is None:
+            ev = self.server.get(deadline - time.monotonic())
+            if ev is None:
+                raise OrchardError(f"bench: no update through {self.broker.url} within {WAIT_S:g} s")
+            if not isinstance(ev, Message) or ev.topic != self.topic:
+                continue
+            frame = self.reassembler.feed(ev.topic, ev.payload)
+            if frame is not None:  # the server's own three steps (server/service.py)
+                opened = open_sealed(frame, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update")
+                update = decode_update(opened.payload, source=DEVICE_ID)
+        t_end = time.monotonic()
+        server_cpu = (time.process_time() - cpu0) * 1000
+        stamps = json.loads(self.device.stdout.readline())
+        return {
+            "update_path_s": t_end - stamps["t0"],
+            "publish_return_s": stamps["t_sent"] - stamps["t0"],
+            "all_pubacks_s": stamps["t_acked"] - stamps["t0"],
+            "device_cpu_ms": stamps["cpu_ms"],
+            "server_cpu_ms": server_cpu,
+            "broker_cpu_ms": (proc_cpu_ms(broker_pid) - broker0) if broker_pid else None,
+            "chunks": stamps["chunks"],
+            "sealed_bytes": stamps["sealed_bytes"],
+            "intact": bool(update.tensors["w"].shape == (UPDATE_PARAMS,)),
+        }
+
+    def close(self) -> None:
+        assert self.device.stdin is not None
+        self.device.stdin.close()
+        self.device.wait(timeout=30)
+        self.server.close()
+
+
+def _median(rows: list[dict[str, Any]], key: str, digits: int = 4) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), digits) if values else None
+
+
+def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], repeats: int,
+            n_params: int = UPDATE_PARAMS) -> dict[str, Any]:
+    """configs: (broker name, chunk bytes, chunk QoS). One warm-up round each, then `repeats`."""
+    links = {name: UpdateLink(b, n_params) for name, b in brokers.items()}
+    rows: dict[tuple[str, int, int], list[dict[str, Any]]] = {c: [] for c in configs}
+    raw_rows: list[tuple[float, float]] = []
+    loads: list[float] = []
+    try:
+        sealed = next(iter(links.values())).once(configs[0][1], configs[0][2])["sealed_bytes"]
+        raw = RawTcp(sealed)
+        try:
+            for c in configs:
+                links[c[0]].once(c[1], c[2])  # warm-up
+            for _ in range(repeats):
+                loads.append(os.getloadavg()[0])
+                raw_rows.append(raw.once())
+                for c in configs:
+                    rows[c].append(links[c[0]].once(c[1], c[2]))
+        finally:
+            raw.close()
+    finally:
+        for link in links.values():
+            link.close()
+    raw_s = statistics.median(r[0] for r in raw_rows)
+    out: dict[str, Any] = {
+        "update_params": n_params,
+        "sealed_bytes": sealed,
+        "repeats": repeats,
+        "loadavg_1min": round(statistics.median(loads), 2),
+        "raw_tcp_s": round(raw_s, 4),
+        "raw_tcp_spread_s": round(max(r[0] for r in raw_rows) - min(r[0] for r in raw_rows), 4),
+        "raw_tcp_cpu_ms": round(statistics.median(r[1] for r in raw_rows), 2),
+        "configs": [],
+    }
+    for (name, chunk_bytes, qos), got in rows.items():
+        med = statistics.median(r["update_path_s"] for r in got)
+        out["configs"].append({
+            "broker": name, "chunk_bytes": chunk_bytes, "qos": qos, "chunks": got[0]["chunks"],
+            "update_path_s": round(med, 4),
+            "spread_s": round(max(r["update_path_s"] for r in got) - min(r["update_path_s"] for r in got), 4),
+            "update_over_raw": round(raw_s / med, 3),
+            **{k: _median(got, k, 2 if k.endswith("_ms") else 4)
+               for k in ("publish_return_s", "all_pubacks_s", "device_cpu_ms", "server_cpu_ms", "broker_cpu_ms")},
+            "intact": all(r["intact"] for r in got),
+        })
+    return out
+
+
+if __name__ == "__main__":
+    from testbed.broker import AmqttBroker, MosquittoBroker
+
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    chunk_sizes = [int(x) for x in (sys.argv[2].split(",") if len(sys.argv) > 2 else ["262144"])]
+    qoses = [int(x) for x in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["1"])]
+    names = sys.argv[4].split(",") if len(sys.argv) > 4 else ["mosquitto", "amqtt"]
+    with MosquittoBroker() as mosq, AmqttBroker() as amqtt:
+        chosen = {"mosquitto": mosq, "amqtt": amqtt}
+        brokers = {n: chosen[n] for n in names}
+        cfgs = [(n, cb, q) for n in names for cb in chunk_sizes for q in qoses]
+        print(json.dumps(measure(brokers, cfgs, reps), indent=1))
