@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.update_path import DEVICE_ID, measure
+from bench.update_path import DEVICE_ID, measure, steps_cpu
 from runtime.chunks import DEFAULT_CHUNK_BYTES
 from runtime.errors import OrchardError
 from runtime.mqtt import Message, MqttClient, MqttConfig
@@ -214,7 +214,8 @@ def run(repeats: int = 3, n_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
             lab = provision(Path(tmp), "orchard/bench", ["dev1"], tls=True)
             with MosquittoBroker(binary=binary, lab=lab) as mosq:
                 result["mosquitto_tls"] = bench_broker(mosq, repeats, n_bytes, lab)
-    return {"mqtt_10mb": result, "seal_10mb": seal_cost(n_bytes), "update_10mb": update_path(max(5, repeats))}
+    return {"mqtt_10mb": result, "seal_10mb": seal_cost(n_bytes), "update_10mb": update_path(max(5, repeats)),
+            "update_steps_10mb": steps_cpu()}
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.chunks import Reassembler
 from runtime.errors import OrchardError
 from runtime.frames import decode_update
@@ -214,6 +216,53 @@ class UpdateLink:
         self.device.stdin.close()
         self.device.wait(timeout=30)
         self.server.close()
+
+
+def steps_cpu(n_params: int = UPDATE_PARAMS, repeats: int = 9) -> dict[str, Any]:
+    """CPU ms (process time, median of `repeats`) of each step of the path this process runs,
+    without MQTT: on the device `seal_ms` and `chunk_ms` (chunk_frame at the default size); on the
+    server `reassemble_ms` (every chunk through Reassembler.feed), `open_ms` (MAC check) and
+    `decode_ms` (decode_update of the Opened frame), and `receive_ms`, the three together."""
+    from runtime.chunks import chunk_frame
+    from runtime.frames import encode_update
+    from runtime.protocol import Update
+    from runtime.seal import seal
+
+    rng = np.random.default_rng(0)
+    update = Update(task_id="t0", device_id=DEVICE_ID, base_version=0, n_samples=32, train_s=1.0,
+                    peak_rss_mb=1.0, energy_j=None, kind="delta",
+                    tensors={"w": rng.standard_normal(n_params).astype(np.float32)})
+    encoded = encode_update(update)
+    sealed = seal(encoded, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update")
+    chunks = chunk_frame(sealed, "m1")
+
+    def reassemble() -> memoryview:
+        r = Reassembler(timeout_s=60.0, max_bytes=512 * 1024 * 1024)
+        frames = [f for f in (r.feed(DEVICE_ID, c) for c in chunks) if f is not None]
+        return frames[0]
+
+    frame = reassemble()
+    opened = open_sealed(frame, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update")
+    steps = {
+        "seal_ms": lambda: seal(encoded, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update"),
+        "chunk_ms": lambda: chunk_frame(sealed, "m1"),
+        "reassemble_ms": reassemble,
+        "open_ms": lambda: open_sealed(frame, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update"),
+        "decode_ms": lambda: decode_update(opened, source=DEVICE_ID),
+        "receive_ms": lambda: decode_update(open_sealed(reassemble(), key=KEY, run_id=RUN_ID,
+                                                        device_id=DEVICE_ID, kind="update")),
+    }
+    out: dict[str, Any] = {}
+    for name, step in steps.items():
+        times = []
+        for _ in range(repeats):
+            cpu0 = time.process_time()
+            step()
+            times.append((time.process_time() - cpu0) * 1000)
+        out[name] = round(statistics.median(times), 2)
+    out.update(sealed_bytes=len(sealed), chunks=len(chunks), repeats=repeats,
+               loadavg_1min=round(os.getloadavg()[0], 2))
+    return out
 
 
 def _median(rows: list[dict[str, Any]], key: str, digits: int = 4) -> float | None:
