@@ -40,13 +40,27 @@ import hashlib
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
-import numpy.typing as npt
 
 from runtime.errors import ProtocolError
+from runtime.frame_table import DEFAULT_LIMITS as DEFAULT_LIMITS
+from runtime.frame_table import ENCODINGS as ENCODINGS
+from runtime.frame_table import (
+    ITEM_BYTES,
+    WIRE_DTYPE,
+    Entry,
+    as_int,
+    check_finite,
+    check_keys,
+    check_name,
+    check_shape,
+    check_sparse_indices,
+    parse_file_entry,
+    parse_tensor_entry,
+)
+from runtime.frame_table import FrameLimits as FrameLimits
 from runtime.protocol import (
     NAME_PATTERN,
     PROTOCOL_VERSION,
@@ -67,44 +81,12 @@ from runtime.seal import Opened
 
 FRAME_MAGIC = b"ORCH"
 FRAME_VERSION = PROTOCOL_VERSION
-ENCODINGS = ("dense", "fp16", "sparse-coo")
 
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 _HEADER_KEYS = frozenset({"msg", "fields", "tensors", "files", "body_len", "body_sha256"})
-_TENSOR_KEYS = frozenset({"name", "dtype", "shape", "encoding", "offset", "length"})
-_SPARSE_KEYS = _TENSOR_KEYS | {"nnz", "index_dtype"}
-_FILE_KEYS = frozenset({"name", "offset", "length"})
-_WIRE_DTYPE = {"dense": "float32", "fp16": "float16", "sparse-coo": "float32"}
-_ITEM_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8}
-_MAX_NAME_CHARS = 256
 _FP16_MAX = 65504.0
 _BODY_ALIGN = 8  # the body's offset in a frame is a multiple of this (header padding)
 Received = Union[bytes, bytearray, memoryview, Opened]  # what the decoders take
-
-
-@dataclass(frozen=True)
-class FrameLimits:
-    """Caps a receiver enforces before allocating anything; senders check the same ones."""
-
-    max_frame_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 1024 * 1024
-    max_tensors: int = 4096  # table entries: tensors plus artifact files
-    max_ndim: int = 8
-    max_tensor_elements: int = 1 << 28  # dense size a shape may claim (sparse shapes included)
-
-
-DEFAULT_LIMITS = FrameLimits()
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    encoding: str  # one of ENCODINGS, or "file"
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-    nnz: int = 0
-    index_dtype: str = ""
 
 
 # ---------------------------------------------------------------- encode
@@ -156,7 +138,7 @@ def _encode(
     table: list[dict[str, Any]] = []
     offset = 0
     for name, tensor in tensors.items():
-        _check_name(name, ctx)
+        check_name(name, ctx)
         entry, data = _pack_tensor(name, tensor, choice.get(name, default), limits, ctx)
         table.append({**entry, "offset": offset, "length": len(data)})
         parts.append(data)
@@ -195,7 +177,7 @@ def _pack_tensor(
     if isinstance(tensor, SparseTensor):
         if encoding == "fp16":
             raise ProtocolError(f"{ctx}: tensor {name!r} is sparse; fp16 applies to dense tensors only")
-        shape = _check_shape(tensor.shape, name, limits, ctx)
+        shape = check_shape(tensor.shape, name, limits, ctx)
         numel = math.prod(shape)
         idx, vals = np.asarray(tensor.indices), np.asarray(tensor.values)
         if idx.ndim != 1 or idx.dtype.kind not in "iu":
@@ -207,8 +189,8 @@ def _pack_tensor(
             )
         order = np.argsort(idx, kind="stable")  # canonical: decoders require increasing indices
         idx, vals = idx[order].astype(np.int64), vals[order]
-        _check_sparse_indices(idx, numel, name, ctx)
-        _check_finite(vals, name, ctx)
+        check_sparse_indices(idx, numel, name, ctx)
+        check_finite(vals, name, ctx)
         index_dtype = "int32" if numel <= 2**31 else "int64"  # max index numel-1 must fit
         data = idx.astype("<i4" if index_dtype == "int32" else "<i8").tobytes() + vals.astype("<f4").tobytes()
         entry = {
@@ -225,8 +207,8 @@ def _pack_tensor(
         raise ProtocolError(f"{ctx}: tensor {name!r} must be a float32 array or SparseTensor, got {got}")
     if encoding not in ("dense", "fp16"):
         raise ProtocolError(f"{ctx}: tensor {name!r}: encoding must be 'dense' or 'fp16', got {show(encoding)}")
-    shape = _check_shape(tensor.shape, name, limits, ctx)
-    _check_finite(tensor, name, ctx)
+    shape = check_shape(tensor.shape, name, limits, ctx)
+    check_finite(tensor, name, ctx)
     if encoding == "fp16":
         peak = float(np.max(np.abs(tensor))) if tensor.size else 0.0
         if peak > _FP16_MAX:  # would become inf on the wire, and the receiver rejects inf
@@ -234,7 +216,7 @@ def _pack_tensor(
         data = tensor.astype("<f2").tobytes()
     else:
         data = tensor.astype("<f4", copy=False).tobytes()
-    return {"name": name, "dtype": _WIRE_DTYPE[encoding], "shape": list(shape), "encoding": encoding}, data
+    return {"name": name, "dtype": WIRE_DTYPE[encoding], "shape": list(shape), "encoding": encoding}, data
 
 
 # ---------------------------------------------------------------- decode
@@ -288,10 +270,10 @@ def _decode(
     body = view[_PREFIX.size + header_len :]
     if not isinstance(header, dict):
         raise ProtocolError(f"{ctx}: header must be a JSON object, got {show(header)}")
-    _check_keys(header, _HEADER_KEYS, "header", ctx)
+    check_keys(header, _HEADER_KEYS, "header", ctx)
     if header["msg"] != kind:
         raise ProtocolError(f"{ctx}: header says this is a {show(header['msg'])} frame, expected {kind!r}")
-    body_len = _int(header["body_len"], "body_len", ctx)
+    body_len = as_int(header["body_len"], "body_len", ctx)
     if body_len != len(body):
         raise ProtocolError(f"{ctx}: body has {len(body)} bytes, header says body_len {body_len} (truncated?)")
     sha = header["body_sha256"]
@@ -309,13 +291,13 @@ def _decode(
             f"{ctx}: {len(tables[0]) + len(tables[1])} entries exceeds the limit of {limits.max_tensors}"
         )
     fields = fields_from_json(cls, header["fields"], ctx, exclude=frozenset({"tensors", "files"}))
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     offset = 0
     for i, raw in enumerate(tables[0]):
-        entries.append(_parse_tensor_entry(raw, i, offset, body_len, limits, ctx))
+        entries.append(parse_tensor_entry(raw, i, offset, body_len, limits, ctx))
         offset += entries[-1].length
     for i, raw in enumerate(tables[1]):
-        entries.append(_parse_file_entry(raw, i, offset, body_len, ctx))
+        entries.append(parse_file_entry(raw, i, offset, body_len, ctx))
         offset += entries[-1].length
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -337,142 +319,20 @@ def _decode(
     return fields, tensors, files
 
 
-def _parse_tensor_entry(raw: Any, i: int, offset: int, body_len: int, limits: FrameLimits, ctx: str) -> _Entry:
-    where = f"tensor #{i}"
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{ctx}: {where} must be a JSON object, got {show(raw)}")
-    encoding = raw.get("encoding")
-    if encoding not in ENCODINGS:
-        raise ProtocolError(f"{ctx}: {where} encoding must be one of {', '.join(ENCODINGS)}, got {show(encoding)}")
-    _check_keys(raw, _SPARSE_KEYS if encoding == "sparse-coo" else _TENSOR_KEYS, where, ctx)
-    name = raw["name"]
-    _check_name(name, ctx)
-    where = f"tensor {name!r}"
-    shape = _check_shape(raw["shape"], name, limits, ctx)
-    if raw["dtype"] != _WIRE_DTYPE[encoding]:
-        raise ProtocolError(
-            f"{ctx}: {where} dtype {show(raw['dtype'])} does not match encoding {encoding!r} "
-            f"(expected {_WIRE_DTYPE[encoding]!r})"
-        )
-    numel = math.prod(shape)
-    nnz, index_dtype = 0, ""
-    if encoding == "sparse-coo":
-        nnz = _int(raw["nnz"], f"{where} nnz", ctx)
-        index_dtype = raw["index_dtype"]
-        if index_dtype not in ("int32", "int64"):
-            raise ProtocolError(f"{ctx}: {where} index_dtype must be 'int32' or 'int64', got {show(index_dtype)}")
-        if nnz > numel:
-            raise ProtocolError(f"{ctx}: {where} has nnz {nnz} > {numel} elements of shape {shape}")
-        want = nnz * (_ITEM_BYTES[index_dtype] + 4)
-    else:
-        want = numel * _ITEM_BYTES[_WIRE_DTYPE[encoding]]
-    entry_offset = _int(raw["offset"], f"{where} offset", ctx)
-    length = _int(raw["length"], f"{where} length", ctx)
-    _check_span(where, entry_offset, length, offset, body_len, ctx)
-    if length != want:
-        raise ProtocolError(
-            f"{ctx}: {where} length {length} does not match {encoding} {_WIRE_DTYPE[encoding]} "
-            f"shape {shape}{f' nnz {nnz}' if nnz else ''} ({want} bytes)"
-        )
-    return _Entry(name, encoding, shape, entry_offset, length, nnz, index_dtype)
-
-
-def _parse_file_entry(raw: Any, i: int, offset: int, body_len: int, ctx: str) -> _Entry:
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{ctx}: file #{i} must be a JSON object, got {show(raw)}")
-    _check_keys(raw, _FILE_KEYS, f"file #{i}", ctx)
-    name = raw["name"]
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ProtocolError(f"{ctx}: file name {show(name)} must match {NAME_PATTERN.pattern}")
-    entry_offset = _int(raw["offset"], f"file {name!r} offset", ctx)
-    length = _int(raw["length"], f"file {name!r} length", ctx)
-    _check_span(f"file {name!r}", entry_offset, length, offset, body_len, ctx)
-    return _Entry(name, "file", (length,), entry_offset, length)
-
-
-def _read_tensor(body: memoryview, e: _Entry, ctx: str) -> Tensor:
+def _read_tensor(body: memoryview, e: Entry, ctx: str) -> Tensor:
     """One entry as a writable native-order array (a view of a writable body when it can be,
     else a copy), its values checked."""
     if e.encoding == "sparse-coo":
-        index_bytes = _ITEM_BYTES[e.index_dtype]
+        index_bytes = ITEM_BYTES[e.index_dtype]
         idx = np.frombuffer(body, "<i4" if index_bytes == 4 else "<i8", count=e.nnz, offset=e.offset)
         vals = np.frombuffer(body, "<f4", count=e.nnz, offset=e.offset + e.nnz * index_bytes)
         indices, values = idx.astype(np.int64), vals.astype(np.float32)
-        _check_sparse_indices(indices, math.prod(e.shape), e.name, ctx)
-        _check_finite(values, e.name, ctx)
+        check_sparse_indices(indices, math.prod(e.shape), e.name, ctx)
+        check_finite(values, e.name, ctx)
         return SparseTensor(shape=e.shape, indices=indices, values=values)
     numel = math.prod(e.shape)
     wire = np.frombuffer(body, "<f2" if e.encoding == "fp16" else "<f4", count=numel, offset=e.offset)
     in_place = wire.dtype == np.float32 and wire.flags.writeable and wire.flags.aligned  # "<f4" on a little-endian host
     arr = wire.reshape(e.shape) if in_place else wire.reshape(e.shape).astype(np.float32)
-    _check_finite(arr, e.name, ctx)
+    check_finite(arr, e.name, ctx)
     return arr
-
-
-# ---------------------------------------------------------------- checks
-def _int(value: Any, what: str, ctx: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"{ctx}: {what} must be a non-negative integer, got {show(value)}")
-    return value
-
-
-def _check_keys(obj: dict[str, Any], allowed: frozenset[str], where: str, ctx: str) -> None:
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise ProtocolError(f"{ctx}: {where} has unknown key {unknown[0]!r}")
-    missing = sorted(allowed - set(obj))
-    if missing:
-        raise ProtocolError(f"{ctx}: {where} is missing key {missing[0]!r}")
-
-
-def _check_name(name: Any, ctx: str) -> None:
-    if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME_CHARS:
-        raise ProtocolError(f"{ctx}: tensor name must be a string of 1-{_MAX_NAME_CHARS} characters, got {show(name)}")
-
-
-def _check_shape(shape: Any, name: str, limits: FrameLimits, ctx: str) -> tuple[int, ...]:
-    if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
-        raise ProtocolError(
-            f"{ctx}: tensor {name!r} shape must be a list of at most {limits.max_ndim} sizes, got {show(shape)}"
-        )
-    dims = [int(d) if isinstance(d, np.integer) else d for d in shape]  # numpy shapes may hold np.int64
-    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
-        raise ProtocolError(f"{ctx}: tensor {name!r} shape must hold non-negative integers, got {show(shape)}")
-    if math.prod(dims) > limits.max_tensor_elements:
-        raise ProtocolError(f"{ctx}: tensor {name!r} shape {tuple(dims)} exceeds {limits.max_tensor_elements} elements")
-    return tuple(dims)
-
-
-def _check_span(where: str, offset: int, length: int, expected: int, body_len: int, ctx: str) -> None:
-    if offset != expected:
-        raise ProtocolError(f"{ctx}: {where} offset {offset} must follow the previous entry at {expected}")
-    if offset + length > body_len:
-        raise ProtocolError(f"{ctx}: {where} spans bytes {offset}..{offset + length}, past the {body_len}-byte body")
-
-
-def _check_finite(arr: npt.NDArray[np.float32], name: str, ctx: str) -> None:
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        flat = bad.reshape(-1)
-        first = int(np.argmax(flat))
-        kind = "NaN" if np.isnan(arr.reshape(-1)[first]) else "Inf"
-        raise ProtocolError(
-            f"{ctx}: tensor {name!r} has {kind} at flat index {first} "
-            f"({int(flat.sum())} non-finite of {arr.size} values)"
-        )
-
-
-def _check_sparse_indices(idx: npt.NDArray[np.int64], numel: int, name: str, ctx: str) -> None:
-    if idx.size == 0:
-        return
-    low, high = int(idx.min()), int(idx.max())
-    if low < 0 or high >= numel:
-        value = low if low < 0 else high
-        raise ProtocolError(f"{ctx}: tensor {name!r} sparse index {value} out of range [0, {numel})")
-    steps = np.diff(idx)
-    if steps.size and (steps <= 0).any():
-        at = int(np.argmax(steps <= 0))
-        raise ProtocolError(
-            f"{ctx}: tensor {name!r} sparse indices repeat or go backwards at position {at + 1} "
-            f"({int(idx[at])} then {int(idx[at + 1])})"
-        )
