@@ -129,6 +129,16 @@ class Broker:
     def running(self) -> bool:
         return True
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process (its own process group), None when Orchard does not run it."""
+        return None
+
+    @property
+    def scratch_dir(self) -> Path | None:
+        """Where a broker Orchard runs keeps its config, certificates and log."""
+        return None
+
     def start(self) -> Broker:
         return self
 
@@ -201,6 +211,14 @@ class _ProcessBroker(Broker):
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def scratch_dir(self) -> Path | None:
+        return self.workdir
 
     def _command(self) -> list[str]:
         raise NotImplementedError

@@ -32,6 +32,7 @@ from testbed.dilation import Dilation
 from testbed.lab_secrets import load_lab
 from testbed.live import LiveView
 from testbed.node import NodeLauncher, dilation_at
+from testbed.orphans import sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
 from testbed.runner import LOOP_S, STOP_GRACE_S, CampaignRunner, _best_accuracy, stop_process_groups
 
@@ -122,6 +123,8 @@ class ClusterRunner(CampaignRunner):
             for node, ids in share.items()}
         self.share = share
         self.lost: dict[str, float] = {}
+        sweep_and_report()  # the head's orphans (broker, server); a node's devices die with it (PDEATHSIG)
+        self.ledger.open(self.run)
         started = time.monotonic()
         stack = contextlib.ExitStack()
         prepared = launched = False
@@ -147,6 +150,7 @@ class ClusterRunner(CampaignRunner):
                         telemetry_hz=1.0 / factor)
             launched = True
             broker = stack.enter_context(open_broker(self.broker_spec, lab=load_lab(self.run)))
+            self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
             self._loop_cluster(ray, broker.url, started, infos, node_dilation, address)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
@@ -156,6 +160,7 @@ class ClusterRunner(CampaignRunner):
         finally:
             self._shutdown_cluster(ray)
             stack.close()
+            self.ledger.close()
             if prepared and not launched:
                 shutil.rmtree(self.run, ignore_errors=True)
             elif prepared and (self.run / "events.jsonl").exists():

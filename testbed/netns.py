@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ConfigError, OrchardError
+from testbed.orphans import proc_start, same_process
 
 NET_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 SLOT_PREFIX = 20  # 32 slots of 4094 addresses each
@@ -169,23 +170,6 @@ def list_qdiscs() -> list[str]:
     return found
 
 
-def _owner_alive(record: dict[str, object]) -> bool:
-    pid = record.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return False
-    return str(record.get("start")) == start  # a reused pid is another process
-
-
-def _proc_start(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[19]
-
-
 def teardown_slot(slot: int) -> None:
     """Kill what runs in the slot's namespaces, delete them, its host-side veths and its bridge."""
     for ns in list_namespaces():
@@ -215,7 +199,7 @@ def sweep_stale() -> list[int]:
                 record = json.loads((Path(state_dir) / entry / "owner.json").read_text())
             except (OSError, ValueError):
                 record = {}
-            claimed[int(m.group(1))] = _owner_alive(record) if isinstance(record, dict) else False
+            claimed[int(m.group(1))] = isinstance(record, dict) and same_process(record.get("pid"), record.get("start"))
     present = {int(m.group(1)) for n in list_namespaces() if (m := re.match(rf"{NS_PREFIX}(\d+)-", n))}
     present |= {int(m.group(2)) for n in list_links() if (m := re.match(r"or(br|h)(\d+)", n))}
     # A slot dir is made before its first resource, and its owner file right after it: resources
@@ -259,7 +243,7 @@ class Network:
                 os.mkdir(Path(state_dir) / f"slot-{slot}")
             except FileExistsError:
                 continue
-            record = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "argv": sys.argv[:3]}
+            record = {"pid": os.getpid(), "start": proc_start(os.getpid()), "argv": sys.argv[:3]}
             (Path(state_dir) / f"slot-{slot}" / "owner.json").write_text(json.dumps(record) + "\n")
             net = cls(slot, support)
             with _live_lock:

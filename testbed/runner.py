@@ -42,6 +42,7 @@ from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
 from testbed.dilation import Dilation, background_cores, plan_dilation
 from testbed.lab_secrets import load_lab
 from testbed.live import LiveView
+from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
 from testbed.shaping import RunLinks, check_links
 from testbed.throttle import DeviceGroup, NullThrottle, Throttle, detect_throttle
@@ -106,6 +107,7 @@ class CampaignRunner:
         self.dilation: Dilation | None = None
         self.start_unix = time.time()  # reset when the server starts: the origin of every output time
         self.links = RunLinks({}, 1.0)
+        self.ledger = RunLedger()  # what this run starts, so the next run can stop it if this one is SIGKILLed
 
     # ------------------------------------------------------------ checks before anything starts
     def _throttle(self) -> Throttle:
@@ -137,8 +139,10 @@ class CampaignRunner:
     def execute(self) -> dict[str, Any]:
         """Run the campaign; returns summary.json's content. Raises on errors after cleaning up
         (and after writing the report, if the run got far enough to have one)."""
+        sweep_and_report()  # what SIGKILLed runs left: their processes would skew this run's CPU
         self._check_links()
         throttle = self._throttle()
+        self.ledger.open(self.run)
         started = time.monotonic()
         prepared = launched = False
         stack = contextlib.ExitStack()
@@ -170,6 +174,7 @@ class CampaignRunner:
                 # A board with more compute than the host (or dilation "off") gets at most every core.
                 cgroup_quota = min(quotas[device_id] / dilation.factor, float(host_cpu_cores()))
                 cgroup = throttle.create(device_id, cgroup_quota, mem)
+                self.ledger.add_cgroup(cgroup)
                 cgroup.set_cpu_weight(cgroup_quota)
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], cgroup_quota, mem, cgroup)
             throttle.prioritise_cpu()
@@ -183,6 +188,7 @@ class CampaignRunner:
             launched = True
             broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host,
                                                      lab=load_lab(self.run)))
+            self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
             self._loop(broker.url, started)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
@@ -193,6 +199,7 @@ class CampaignRunner:
             # Processes first, the broker last: the server and devices say goodbye through it.
             self._shutdown(throttle)
             stack.close()
+            self.ledger.close()  # only once all of it is gone: a failed cleanup is swept by the next run
             if prepared and not launched:  # a check failed while laying out: leave no half-built folder
                 shutil.rmtree(self.run, ignore_errors=True)
             elif prepared and (self.run / "events.jsonl").exists():
@@ -259,8 +266,10 @@ class CampaignRunner:
             if endpoint is not None:
                 endpoint.enter()
 
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=join)
+        self.ledger.add_process(name, proc.pid)
+        return proc
 
     def _start_device(self, d: Device) -> None:
         config = self.run / "configs" / f"{d.device_id}.toml"
