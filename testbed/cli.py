@@ -92,7 +92,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
                   f" updates={r['n_updates']} staleness_max={r['staleness_max']} ({r['reason']})", flush=True)
 
     summary = run_federation(spec, force=args.force, progress=show)
-    keys = ("strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "updates_accepted",
+    keys = ("strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy", "updates_accepted",
             "updates_rejected", "utilization", "server_exit")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -174,7 +174,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / campaign.name
     runner = _runner(campaign, out, args)
     summary = runner.execute()
-    keys = ("campaign", "strategy", "wall_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
+    keys = ("campaign", "strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
             "updates_accepted", "updates_rejected", "utilization")
     print("  ".join(f"{k}={_fmt(summary.get(k))}" for k in keys))
     print(f"stopped: {runner.stop_reason}\nreport: {out / 'report.html'}")

@@ -17,7 +17,7 @@ from typing import Any
 from runtime.errors import ConfigError
 from testbed.report import load_run, summarise
 
-COLUMNS = ("label", "run", "campaign", "strategy", "n_devices", "rounds", "wall_s", "served_profile",
+COLUMNS = ("label", "run", "campaign", "strategy", "n_devices", "rounds", "duration_board_s", "served_profile",
            "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s", "energy_to_target_j",
            "updates_accepted", "updates_rejected", "utilization", "train_s_total", "energy_j_total",
            "bytes_up_total", "bytes_down_total", "throttle_backend")

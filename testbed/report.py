@@ -8,7 +8,8 @@ half-written files) are reported for what ran; unreadable lines are counted, not
 Clock: every time is in board seconds since the campaign start, the one base that events.jsonl
 (`t`), server.csv (`t_s`) and devices/<id>.csv (`t_s`) share; under time dilation a board second
 is `dilation` wall seconds (fleet.json). Events before the start (set-up) get negative times.
-`wall_s` of the run is the time of its last event, in board seconds too.
+`duration_board_s` of the run is the time of its last event, in board seconds too (summaries
+written before it had that name call it `wall_s`: `duration_board_s()` reads either).
 
 Definitions (also written into summary.json under "definitions"):
 - A *round* is the span between two aggregations; the first starts at the first `task_sent`.
@@ -456,7 +457,7 @@ def summarise(data: RunData) -> dict[str, Any]:
     time_to_target_s = reached[0] if reached else None
     return {
         "run": str(data.run_dir), "campaign": data.campaign, "strategy": data.strategy,
-        "wall_s": _r(data.end_s), "rounds": len(rounds), "n_devices": len(data.devices),
+        "duration_board_s": _r(data.end_s), "rounds": len(rounds), "n_devices": len(data.devices),
         "served_profile": breakdown.served_profile(data),
         "final_accuracy": curve[-1][2] if curve else None,
         "best_accuracy": max(a for _, _, a in curve) if curve else None,
@@ -486,6 +487,15 @@ def summarise(data: RunData) -> dict[str, Any]:
                       for r in rounds],
         "definitions": DEFINITIONS,
     }
+
+
+LEGACY_DURATION_KEY = "wall_s"  # duration_board_s's name in run folders from before it said board seconds
+
+
+def duration_board_s(summary: dict[str, Any]) -> float:
+    """A summary's run duration in board seconds, from an old run folder's summary.json too."""
+    value = summary.get("duration_board_s", summary.get(LEGACY_DURATION_KEY))
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 # The docstring's definitions, one string each, for summary.json and report.html (one source).
@@ -552,7 +562,8 @@ def write_report(run_dir: Path) -> dict[str, Any]:
         old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         old = {}
-    merged = {**(old if isinstance(old, dict) else {}), **summary}
+    old = {k: v for k, v in old.items() if k != LEGACY_DURATION_KEY} if isinstance(old, dict) else {}
+    merged = {**old, **summary}
     old_path.write_text(json.dumps(merged, indent=1) + "\n")
     (data.run_dir / "report.html").write_text(render_html(summary, data, pngs))
     return merged

@@ -28,7 +28,7 @@ import numpy as np
 
 from testbed import breakdown
 from testbed.compare import html_page, html_table, png_figure
-from testbed.report import load_run
+from testbed.report import duration_board_s, load_run
 
 if TYPE_CHECKING:
     from testbed.sweep import RunRecord, SweepPlan
@@ -120,7 +120,7 @@ def write_sweep(plan: SweepPlan, records: Sequence[RunRecord], out: Path) -> dic
         figures, curve = run_figures(record, plan.target_accuracy)
         per_run[label].append({"seed": record.seed, **figures})
         curves[label].append(curve)
-        ends.append(float(record.summary.get("wall_s") or 0.0))
+        ends.append(duration_board_s(record.summary))
     keys = list(dict.fromkeys(k for runs in per_run.values() for run in runs for k in run
                               if k not in ("seed", "served_profile", "target_accuracy")))
     rows, stats = [], {}

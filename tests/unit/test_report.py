@@ -13,7 +13,7 @@ import pytest
 
 from runtime.errors import ConfigError
 from testbed.compare import compare_runs
-from testbed.report import load_run, write_report
+from testbed.report import duration_board_s, load_run, write_report
 
 T0 = 1_700_000_000.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +101,7 @@ def make_run(root: Path, name: str = "known", fleet: dict[str, Any] | None = FLE
 def test_summary_figures_match_the_known_run(tmp_path: Path) -> None:
     s = write_report(make_run(tmp_path))
     assert (s["campaign"], s["strategy"], s["throttle_backend"]) == ("known", "semi-async", "cgroup1")
-    assert (s["rounds"], s["wall_s"], s["n_devices"]) == (2, 12.0, 2)
+    assert (s["rounds"], s["duration_board_s"], s["n_devices"]) == (2, 12.0, 2)
     assert (s["final_accuracy"], s["best_accuracy"], s["target_accuracy"]) == (0.6, 0.6, 0.5)
     assert s["time_to_target_s"] == 9.0
     assert (s["updates_accepted"], s["updates_rejected"]) == (2, 1)
@@ -159,7 +159,7 @@ def test_partial_run_reports_what_ran(tmp_path: Path) -> None:
     telemetry = (run / "devices" / "a.csv").read_text()
     (run / "devices" / "a.csv").write_text(telemetry[: telemetry.rindex("\n", 0, -1) + 9])
     s = write_report(run)
-    assert (s["rounds"], s["final_accuracy"], s["updates_accepted"], s["wall_s"]) == (1, 0.4, 1, 5.0)
+    assert (s["rounds"], s["final_accuracy"], s["updates_accepted"], s["duration_board_s"]) == (1, 0.4, 1, 5.0)
     assert s["utilization"] == round(2.0 / (2 * 3.0), 4)
     assert any("cut short" in w for w in s["warnings"]) and any("unreadable line" in w for w in s["warnings"])
     assert all((run / "plots" / f"{n}.png").stat().st_size > 5000 for n in ("accuracy", "timeline", "memory"))
@@ -205,7 +205,7 @@ def test_resumed_server_csv_times_continue_from_the_second_start(tmp_path: Path)
         csv.writer(f).writerow([2, 3, 3.0, 0.7, 0.9, 1, 3, 1, 0.0, 0, "a", "K"])
     s = write_report(run)
     assert [r["t_s"] for r in s["per_round"]] == [5.0, 9.0, 23.0]
-    assert (s["final_accuracy"], s["wall_s"], s["per_round"][2]["start_s"]) == (0.7, 24.0, 9.0)
+    assert (s["final_accuracy"], s["duration_board_s"], s["per_round"][2]["start_s"]) == (0.7, 24.0, 9.0)
     b = [(seg.state, seg.start_s, seg.end_s) for seg in load_run(run).timeline["b"]]
     assert b[-3:] == [("idle", 10.5, 21.0), ("failed", 21.0, 22.0), ("online", 22.0, 24.0)]
 
@@ -260,3 +260,14 @@ def test_report_of_a_real_federation(tmp_path: Path) -> None:
     assert sum(d["updates"] for d in s["devices"]) == s["updates_accepted"]
     assert s["warnings"] == [] and s["server_exit"] == 0  # the federation's own summary key is kept
     assert (run / "report.html").stat().st_size > 50_000
+
+
+def test_old_run_folders_name_the_duration_wall_s_and_still_read(tmp_path: Path) -> None:
+    # Before duration_board_s said it was board seconds, summary.json called it wall_s.
+    run = make_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps({"wall_s": 12.0, "server_exit": 0}))
+    assert duration_board_s(json.loads((run / "summary.json").read_text())) == 12.0
+    rebuilt = write_report(run)  # `orchard report` on the old folder: one name, the new one
+    assert rebuilt["duration_board_s"] == 12.0 and "wall_s" not in rebuilt and rebuilt["server_exit"] == 0
+    assert "wall_s" not in json.loads((run / "summary.json").read_text())
+    assert duration_board_s({"duration_board_s": 3.5, "wall_s": 9.0}) == 3.5
