@@ -172,8 +172,8 @@ def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - started < 180
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("campaign", "strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy", "time_to_target_s",
-                "updates_accepted", "updates_rejected", "utilization", "devices"):
+    for key in ("campaign", "strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy",
+                "time_to_target_s", "updates_accepted", "updates_rejected", "utilization", "devices"):
         assert key in summary, key
     assert summary["best_accuracy"] > 0.8 and summary["updates_accepted"] > 0
     assert len(summary["devices"]) == 8

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_campaign import ROOT, SMALL_FLEET, campaign_file, cgroups, orchard, orchard_cgroups_left
 from testbed.orphans import same_process
+from tests.e2e.test_campaign import ROOT, SMALL_FLEET, campaign_file, cgroups, orchard, orchard_cgroups_left
 
 __all__ = ["cgroups"]  # the fixture, used by name
 
