@@ -12,7 +12,7 @@ from runtime.errors import ConfigError
 from runtime.profile import parse_profile
 
 if TYPE_CHECKING:
-    from testbed.report import Round, RunData
+    from testbed.run_data import Round, RunData
 
 GLOBAL = "dense"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
-from testbed.report import load_run, summarise
+from testbed.report import summarise
+from testbed.run_data import load_run
 
 COLUMNS = ("label", "run", "campaign", "strategy", "n_devices", "rounds", "duration_board_s", "served_profile",
            "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s", "energy_to_target_j",

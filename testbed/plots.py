@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:  # report imports this module lazily; the types only matter to mypy
-    from testbed.report import FloatArray, RunData
+    from testbed.run_data import FloatArray, RunData
 
 log = logging.getLogger("orchard.report")
 

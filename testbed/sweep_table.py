@@ -28,7 +28,8 @@ import numpy as np
 
 from testbed import breakdown
 from testbed.compare import html_page, html_table, png_figure
-from testbed.report import duration_board_s, load_run
+from testbed.report import duration_board_s
+from testbed.run_data import load_run
 
 if TYPE_CHECKING:
     from testbed.sweep import RunRecord, SweepPlan

@@ -13,7 +13,8 @@ import pytest
 
 from runtime.errors import ConfigError
 from testbed.compare import compare_runs
-from testbed.report import duration_board_s, load_run, write_report
+from testbed.report import duration_board_s, write_report
+from testbed.run_data import load_run
 
 T0 = 1_700_000_000.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

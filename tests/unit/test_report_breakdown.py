@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed import breakdown
-from testbed.report import load_run, write_report
+from testbed.report import write_report
+from testbed.run_data import load_run
 from tests.unit.test_report import CONFIG, EVENTS, FLEET, ev, make_run
 
 # Frames and scores the server logs around the known run of test_report: a gets its artifact and

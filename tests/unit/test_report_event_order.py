@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from testbed.report import _read_events
+from testbed.run_data import _read_events
 
 
 def test_events_within_a_millisecond_keep_the_writers_order(tmp_path: Path) -> None:
