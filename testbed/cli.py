@@ -229,6 +229,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message}\n")
 
 
+def _add_runner_options(p: argparse.ArgumentParser) -> None:
+    """What `campaign run` and `campaign sweep` hand the campaign runner (see _runner)."""
+    p.add_argument("--broker", help="override [broker]: amqtt | mosquitto | mqtt://host:port")
+    p.add_argument("--force", action="store_true", help="replace existing run folders")
+    p.add_argument("--no-throttle", action="store_true", help="run without cgroups (reports say so)")
+    p.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.structure import MODELS
 
@@ -301,10 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr = csub.add_parser("run", help="run a campaign file", description="Run a campaign of emulated boards.")
     cr.add_argument("campaign", help="campaign TOML, e.g. campaigns/default.toml")
     cr.add_argument("--out", help="run folder (default: runs/<campaign name>)")
-    cr.add_argument("--broker", help="override [broker]: amqtt | mosquitto | mqtt://host:port")
-    cr.add_argument("--force", action="store_true", help="replace an existing run folder")
-    cr.add_argument("--no-throttle", action="store_true", help="run without cgroups (the report says so)")
-    cr.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    _add_runner_options(cr)
     cr.add_argument("--seeds", help="run once per seed (e.g. 0,1,2) into OUT/seed-<s>/ (default OUT: "
                                     "runs/<name>-seeds), then write mean ± band curves and a table of means "
                                     "with spreads (OUT/sweep.md)")
@@ -316,10 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--out", help="sweep folder (default: runs/sweep-<file name>)")
     cs.add_argument("--seeds", help="override [sweep] seeds, e.g. 0,1,2")
     cs.add_argument("--variants", help="run only these variants, e.g. heterofl,fedrolex")
-    cs.add_argument("--broker", help="override [broker]: amqtt | mosquitto | mqtt://host:port")
-    cs.add_argument("--force", action="store_true", help="replace existing run folders")
-    cs.add_argument("--no-throttle", action="store_true", help="run without cgroups (the reports say so)")
-    cs.add_argument("--quiet", action="store_true", help="no live view; one line per new version")
+    _add_runner_options(cs)
     cs.add_argument("--table-only", action="store_true",
                     help="run nothing: rebuild the reports and the table from the run folders in --out")
     cs.set_defaults(func=cmd_campaign_sweep)

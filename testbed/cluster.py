@@ -26,10 +26,8 @@ from typing import Any
 
 from runtime.errors import ConfigError, OrchardError
 from server.events import EventName
-from testbed.broker import open_broker
 from testbed.campaign import Campaign
 from testbed.dilation import Dilation
-from testbed.lab_secrets import load_lab
 from testbed.live import LiveView
 from testbed.node import NodeLauncher, dilation_at
 from testbed.orphans import sweep_and_report
@@ -149,9 +147,7 @@ class ClusterRunner(CampaignRunner):
                         keepalive_s=math.ceil(self.dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
                         telemetry_hz=1.0 / factor)
             launched = True
-            broker = stack.enter_context(open_broker(self.broker_spec, lab=load_lab(self.run)))
-            self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
-            self._loop_cluster(ray, broker.url, started, infos, node_dilation, address)
+            self._loop_cluster(ray, self._open_broker(stack).url, started, infos, node_dilation, address)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
         except BaseException as exc:
@@ -159,12 +155,7 @@ class ClusterRunner(CampaignRunner):
             raise
         finally:
             self._shutdown_cluster(ray)
-            stack.close()
-            self.ledger.close()
-            if prepared and not launched:
-                shutil.rmtree(self.run, ignore_errors=True)
-            elif prepared and (self.run / "events.jsonl").exists():
-                self.summary = self._report()
+            self._finish(stack, prepared, launched)
         return self.summary
 
     def _calibrate(self, ray: Any) -> dict[str, dict[str, Any]]:

@@ -35,7 +35,7 @@ from runtime.board import BoardConfig, load_board
 from runtime.errors import EXIT_TRANSPORT, ConfigError, OrchardError, TransportError
 from runtime.telemetry import threads_for_quota
 from server.events import EventName
-from testbed.broker import open_broker
+from testbed.broker import Broker, open_broker
 from testbed.calibrate import HostSpeed, board_quota_cores, get_host_speed
 from testbed.campaign import Campaign, Group
 from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
@@ -186,10 +186,7 @@ class CampaignRunner:
                 print(f"warning: {line}", file=sys.stderr, flush=True)
             self._write_fleet(throttle, host, dilation, {p.device_id: p.threads for p in plans})
             launched = True
-            broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host,
-                                                     lab=load_lab(self.run)))
-            self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
-            self._loop(broker.url, started)
+            self._loop(self._open_broker(stack).url, started)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
         except BaseException as exc:
@@ -198,16 +195,28 @@ class CampaignRunner:
         finally:
             # Processes first, the broker last: the server and devices say goodbye through it.
             self._shutdown(throttle)
-            stack.close()
-            self.ledger.close()  # only once all of it is gone: a failed cleanup is swept by the next run
-            if prepared and not launched:  # a check failed while laying out: leave no half-built folder
-                shutil.rmtree(self.run, ignore_errors=True)
-            elif prepared and (self.run / "events.jsonl").exists():
-                self.summary = self._report()
+            self._finish(stack, prepared, launched)
         if self.server_error is not None:  # e.g. its broker unreachable: the campaign failed, say so
             raise (TransportError if self.server_error.startswith(f"code {EXIT_TRANSPORT}") else OrchardError)(
                 f"the server exited with {self.server_error}")
         return self.summary
+
+    def _open_broker(self, stack: contextlib.ExitStack) -> Broker:
+        """Start the run's broker (closed with `stack`, after every process), recorded for the sweep."""
+        broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host,
+                                                 lab=load_lab(self.run)))
+        self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
+        return broker
+
+    def _finish(self, stack: contextlib.ExitStack, prepared: bool, launched: bool) -> None:
+        """Once the processes are stopped: the broker and links go, then the ledger (a failed cleanup
+        keeps it, for the next run's sweep); then the folder is removed or reported."""
+        stack.close()
+        self.ledger.close()
+        if prepared and not launched:  # a check failed while laying out: leave no half-built folder
+            shutil.rmtree(self.run, ignore_errors=True)
+        elif prepared and (self.run / "events.jsonl").exists():
+            self.summary = self._report()
 
     def _plan_dilation(self, throttle: Throttle, quotas: list[float]) -> Dilation:
         cores = os.cpu_count() or 1
