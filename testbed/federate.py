@@ -23,6 +23,7 @@ from runtime.errors import ConfigError, OrchardError
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
 from testbed.lab_secrets import load_lab
+from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
 from testbed.runner import stop_process_groups
 
@@ -104,12 +105,18 @@ class Federation:
         self.server: subprocess.Popen[bytes] | None = None
         self.devices: dict[str, subprocess.Popen[bytes]] = {}
         self.device_python = sys.executable  # a board's interpreter, e.g. CPython 3.8 as on JetPack 5
+        sweep_and_report()  # what killed runs (or killed tests) left
+        self.ledger = RunLedger().open(run)  # removed by stop_all; left for the next sweep if we are killed
 
     def _spawn(self, name: str, args: list[str], python: str = sys.executable) -> subprocess.Popen[bytes]:
         log = (self.run / "logs" / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        return subprocess.Popen([python, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([python, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
+        if self.ledger.path is None:  # started again after stop_all (a restart test)
+            self.ledger.open(self.run)
+        self.ledger.add_process(name, proc.pid)
+        return proc
 
     def start_server(self, resume: bool = False) -> None:
         args = ["-m", "server", "--config", str(self.run / "configs" / "server.toml"), "--out", str(self.run),
@@ -129,6 +136,7 @@ class Federation:
 
     def stop_all(self, grace_s: float = 5.0) -> None:
         stop_process_groups([p for p in [self.server, *self.devices.values()] if p is not None], grace_s)
+        self.ledger.close()
 
 
 def server_rows(run: Path) -> list[dict[str, str]]:
@@ -156,6 +164,7 @@ def run_federation(spec: FederationSpec, force: bool = False,
     started = time.monotonic()
     with broker:
         fed = Federation(run, broker.url)
+        fed.ledger.add_process("broker", broker.pid, broker.scratch_dir)
         try:
             fed.start_server()
             for device_id in spec.device_ids():

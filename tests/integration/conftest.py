@@ -311,6 +311,7 @@ def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
         h = Harness(spec, run, b)
         made.append(h)
         b.start()
+        h.fed.ledger.add_process("broker", b.pid, b.scratch_dir)  # a killed test's broker is swept too
         return h
 
     yield make
