@@ -213,10 +213,6 @@ class _ProcessBroker(Broker):
         return self._proc is not None and self._proc.poll() is None
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
     def scratch_dir(self) -> Path | None:
         return self.workdir
 
