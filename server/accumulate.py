@@ -1,0 +1,129 @@
+"""The accumulation kernels under `server/aggregate.py`'s merges: weighted sums of float32 updates
+into buffers allocated once per merge, never per update.
+
+Why float32 products and partial sums: numpy has no fused cast-multiply-add, so a float64
+accumulator costs a cast, a multiply and an add per update, each a pass over 8-byte values (~3.5x
+a memcpy of the update here). `weighted_sum_into` instead multiplies and adds in float32 (two
+passes over 4-byte values that stay in cache) and adds each partial sum of `GROUP` updates into a
+float64 buffer (exact: a float32 value always fits a float64). The error against an all-float64
+sum is bounded by ~(GROUP + 1) float32 epsilons of `Σ|w_i v_i|` per coordinate, and measured at
+< 2 float32 epsilons of it on the benchmark's round (tests/unit/test_accumulate.py states the
+tolerance); the merged model is rounded to float32 anyway.
+
+Non-finite values are not looked for here: NaN and ±inf survive every multiply by a finite weight
+and every add, so a merge checks its (n_params-sized) result once instead of every update
+(`server/aggregate.py`, `_finish`).
+
+Per-element merges (`coverage_sums`) group updates by their index array: a HeteroFL/FjORD tier's
+updates share the engine's cached assignment array, so each group is a dense sum over the
+group's coordinates followed by ONE scatter-add. Updates whose index arrays are their own (Chen &
+Qin per-device submodels, sparse uploads) are scattered one by one with `np.add.at`, which since
+numpy 1.25 was ~2x faster here than `acc[idx] += x` and ~7x faster than `np.bincount` into a fresh
+buffer (bench/aggregation_bench.py, per_element_random).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # server/aggregate.py imports this module
+    from server.aggregate import Float64Array, FloatArray, IndexArray, UpdateContribution
+
+GROUP = 16  # updates per float32 partial sum (speed vs error; see the module docstring)
+
+
+@dataclass
+class Scratch:
+    """Float32 buffers for `weighted_sum_into`, sized once for the largest update of a merge."""
+
+    part: FloatArray
+    prod: FloatArray
+
+    @classmethod
+    def for_size(cls, size: int) -> Scratch:
+        return cls(np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32))
+
+
+def weighted_sum_into(out: Float64Array, values: Sequence[FloatArray], weights: Sequence[float],
+                      scratch: Scratch, coord_weights: Sequence[FloatArray | None] | None = None) -> None:
+    """`out += Σ_i weights[i] · coord_weights[i] · values[i]` (coord_weights None = 1), all the same length."""
+    size = out.shape[0]
+    part, prod = scratch.part[:size], scratch.prod[:size]
+    for start in range(0, len(values), GROUP):
+        for j in range(start, min(start + GROUP, len(values))):
+            target = part if j == start else prod
+            np.multiply(values[j], np.float32(weights[j]), out=target)
+            cw = None if coord_weights is None else coord_weights[j]
+            if cw is not None:
+                np.multiply(target, cw, out=target)
+            if j != start:
+                np.add(part, prod, out=part)
+        np.add(out, part, out=out)
+
+
+@dataclass
+class Coverage:
+    """Per coordinate: `num` = Σ γ_i v_i over the updates covering it, `den` = Σ γ_i of those
+    (None when not asked for: the delta merge needs no per-coordinate normalisation)."""
+
+    num: Float64Array
+    den: Float64Array | None
+
+
+def coverage_sums(n_params: int, contributions: Sequence[UpdateContribution], counts: bool = True) -> Coverage:
+    """`Coverage` of a round; γ_i = weight × coord_weights (when given). Indices must be unique
+    (`aggregate.check_contributions`)."""
+    groups: dict[int, list[UpdateContribution]] = {}
+    for c in contributions:  # same array object = same coordinates; insertion order is deterministic
+        groups.setdefault(id(c.indices), []).append(c)
+    num = np.zeros(n_params, dtype=np.float64)
+    den = np.zeros(n_params if counts else 0, dtype=np.float64)
+    largest = max((c.size for c in contributions), default=0)
+    compact = np.empty(largest, dtype=np.float64)
+    scratch = Scratch.for_size(largest)
+    for members in groups.values():
+        idx = members[0].indices
+        size = members[0].size
+        weights = [c.weight for c in members]
+        cws = [c.coord_weights for c in members]
+        if idx is not None and len(members) == 1 and cws[0] is None:
+            _scatter_one(num, den if counts else None, idx, members[0].values, weights[0], compact[:size])
+            continue
+        acc = num if idx is None else compact[:size]
+        if idx is not None:
+            acc.fill(0.0)
+        weighted_sum_into(acc, [c.values for c in members], weights, scratch, cws)
+        if idx is not None:
+            np.add.at(num, idx, acc)
+        if counts:
+            den_part = _weight_sum(weights, cws, size)
+            if idx is None:
+                den += den_part
+            else:
+                np.add.at(den, idx, den_part)
+    return Coverage(num, den if counts else None)
+
+
+def _scatter_one(num: Float64Array, den: Float64Array | None, idx: IndexArray, values: FloatArray, weight: float,
+                 buf: Float64Array) -> None:
+    np.copyto(buf, values)  # float64 products: exact to float64 rounding, as the scatter is the cost here
+    buf *= weight
+    np.add.at(num, idx, buf)
+    if den is not None:
+        np.add.at(den, idx, weight)
+
+
+def _weight_sum(weights: Sequence[float], cws: Sequence[FloatArray | None], size: int) -> float | Float64Array:
+    """Σ γ_i of a group: a scalar without coordinate weights, else a per-coordinate float64 vector."""
+    scalar = sum(w for w, cw in zip(weights, cws, strict=True) if cw is None)
+    if all(cw is None for cw in cws):
+        return scalar
+    vec = np.full(size, scalar, dtype=np.float64)
+    for w, cw in zip(weights, cws, strict=True):
+        if cw is not None:
+            vec += w * cw.astype(np.float64)
+    return vec
