@@ -53,6 +53,12 @@ def weighted_sum_into(out: Float64Array, values: Sequence[FloatArray], weights: 
     """`out += Σ_i weights[i] · coord_weights[i] · values[i]` (coord_weights None = 1), all the same length."""
     size = out.shape[0]
     part, prod = scratch.part[:size], scratch.prod[:size]
+    with np.errstate(over="ignore", invalid="ignore"):  # the merge reports non-finite results
+        _sum_groups(out, values, weights, part, prod, coord_weights)
+
+
+def _sum_groups(out: Float64Array, values: Sequence[FloatArray], weights: Sequence[float], part: FloatArray,
+                prod: FloatArray, coord_weights: Sequence[FloatArray | None] | None) -> None:
     for start in range(0, len(values), GROUP):
         for j in range(start, min(start + GROUP, len(values))):
             target = part if j == start else prod
@@ -111,7 +117,8 @@ def coverage_sums(n_params: int, contributions: Sequence[UpdateContribution], co
 def _scatter_one(num: Float64Array, den: Float64Array | None, idx: IndexArray, values: FloatArray, weight: float,
                  buf: Float64Array) -> None:
     np.copyto(buf, values)  # float64 products: exact to float64 rounding, as the scatter is the cost here
-    buf *= weight
+    with np.errstate(invalid="ignore"):  # 0 x inf: the merge reports non-finite results
+        buf *= weight
     np.add.at(num, idx, buf)
     if den is not None:
         np.add.at(den, idx, weight)
