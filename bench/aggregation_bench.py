@@ -28,7 +28,9 @@ the `sparse` case's indices (ZeroFL top-k uploads, checked at admission) stay wr
 Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
 median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes,
 `fraction_of_memcpy` = merge MB/s / memcpy MB/s, and `peak_extra_mb`: the most memory the merge
-held at once beyond its inputs (tracemalloc, which sees numpy's buffers; the 4 MB result included).
+held at once beyond its inputs, in a first merge (tracemalloc, which sees numpy's buffers; the 4 MB
+result included; the buffers `server/accumulate.py` pools between merges are counted, as a first
+merge allocates them).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from server.accumulate import release
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
 from server.robust import RobustConfig, robust_merge
@@ -92,6 +95,7 @@ def _interleaved(merge: Callable[[], object], values: list[FloatArray], repeats:
 
 
 def _peak_extra_mb(merge: Callable[[], object]) -> float:
+    release()  # the merge's pooled buffers count: measure a first merge
     gc.collect()
     tracemalloc.start()
     try:

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import RoundError
-from server.accumulate import Scratch, coverage_sums, weighted_sum_into
+from server.accumulate import coverage_sums, weighted_sum_into, zeroed
 
 FloatArray = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
@@ -191,9 +191,8 @@ def weighted_average(global_flat: FloatArray, contributions: Sequence[UpdateCont
     total = sum(c.weight for c in contributions)
     if total <= 0:
         raise RoundError(f"weighted average: weights sum to {total}, need > 0")
-    acc = np.zeros(g.size, dtype=np.float64)
-    weighted_sum_into(acc, [c.values for c in contributions], [c.weight / total for c in contributions],
-                      Scratch.for_size(g.size))
+    acc = zeroed("num", g.size)
+    weighted_sum_into(acc, [c.values for c in contributions], [c.weight / total for c in contributions])
     return _finish(acc, "weighted average", contributions)
 
 
@@ -255,7 +254,8 @@ def apply_deltas(
     _no_coord_weights(contributions, "the delta merge")
     _check_lr(server_lr)
     acc = coverage_sums(g.size, contributions, counts=False).num
-    acc *= server_lr
+    if server_lr != 1.0:
+        acc *= server_lr
     acc += g
     return _finish(acc, "delta merge", contributions)
 

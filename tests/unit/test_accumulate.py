@@ -10,7 +10,7 @@ import pytest
 
 from runtime.errors import RoundError
 from server import aggregate as agg
-from server.accumulate import GROUP, Scratch, coverage_sums, weighted_sum_into
+from server.accumulate import GROUP, coverage_sums, weighted_sum_into
 from server.aggregate import UpdateContribution as UC
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -38,7 +38,7 @@ def test_weighted_sum_matches_float64_within_the_stated_bound(seed: int) -> None
     values = [(r.standard_normal(size) * 10.0 ** r.uniform(-3, 3)).astype(np.float32) for _ in range(count)]
     weights = [float(r.uniform(0, 100)) for _ in range(count)]
     out = np.zeros(size)
-    weighted_sum_into(out, values, weights, Scratch.for_size(size + 7))  # scratch may be larger
+    weighted_sum_into(out, values, weights)
     total, mag = ref_sum(values, weights)
     assert np.all(np.abs(out - total) <= BOUND * EPS32 * mag + 1e-300)
 
@@ -46,7 +46,7 @@ def test_weighted_sum_matches_float64_within_the_stated_bound(seed: int) -> None
 def test_weighted_sum_adds_to_what_is_there_and_is_exact_for_exact_inputs() -> None:
     values = [np.array([1.0, -2.0, 0.5], np.float32)] * (2 * GROUP + 1)
     out = np.array([10.0, 0.0, -1.0])
-    weighted_sum_into(out, values, [0.25] * len(values), Scratch.for_size(3))
+    weighted_sum_into(out, values, [0.25] * len(values))
     n = 2 * GROUP + 1
     np.testing.assert_array_equal(out, [10.0 + 0.25 * n, -0.5 * n, -1.0 + 0.125 * n])
 
@@ -179,3 +179,26 @@ def test_overflow_of_finite_updates_is_refused_with_one_line() -> None:
     # A weighted average is a convex combination: normalised weights cannot overflow.
     np.testing.assert_allclose(agg.weighted_average(np.zeros(4, np.float32), [UC(None, big, 1e30),
                                                                               UC(None, big, 1.0)]), big)
+
+
+def test_pooled_buffers_are_sized_by_the_model_not_the_round() -> None:
+    """Merges reuse the same buffers: a round of many updates allocates nothing per update."""
+    from server import accumulate
+
+    n = 1000
+    r = np.random.default_rng(3)
+    g = r.standard_normal(n).astype(np.float32)
+    tier = np.arange(0, n, 3, dtype=np.int64)
+
+    def round_of(k: int) -> list[UC]:
+        return [UC(tier if i % 2 else None, r.standard_normal(tier.size if i % 2 else n).astype(np.float32), 1.0)
+                for i in range(k)]
+
+    accumulate.release()
+    agg.per_element_delta(g, round_of(4))
+    bufs = accumulate._POOL.__dict__["bufs"]
+    before = {role: (id(b), b.size) for role, b in bufs.items()}
+    agg.per_element_delta(g, round_of(5 * GROUP))
+    agg.apply_deltas(g, round_of(3))
+    assert {role: (id(b), b.size) for role, b in bufs.items() if role in before} == before
+    assert max(b.size for b in bufs.values()) <= n
