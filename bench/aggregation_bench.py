@@ -30,7 +30,9 @@ median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the
 `fraction_of_memcpy` = merge MB/s / memcpy MB/s, and `peak_extra_mb`: the most memory the merge
 held at once beyond its inputs, in a first merge (tracemalloc, which sees numpy's buffers; the 4 MB
 result included; the buffers `server/accumulate.py` pools between merges are counted, as a first
-merge allocates them).
+merge allocates them), and `max_err_eps32`: for the plain merges, the largest difference from the
+same formula in float64 update by update, in float32 epsilons of each coordinate's scale (|W| +
+the merge of |values|); float32 rounding of the result alone is up to 0.5.
 """
 
 from __future__ import annotations
@@ -106,6 +108,40 @@ def _peak_extra_mb(merge: Callable[[], object]) -> float:
     return peak / MB
 
 
+# The float64 formula each plain case computes: (per-element normalisation, weights L1-normalised
+# over the round, W added). The robust rules are exact (sorts and float64 sums) and have none.
+FORMS = {"dense": (False, True, True), "fedavg_weights": (False, True, False),
+         "per_element_random": (True, False, True), "per_element_leading": (True, False, True),
+         "sparse": (False, True, True)}
+
+
+def _float64_merge(g: FloatArray, contributions: list[UpdateContribution], per_element: bool,
+                   normalised: bool, add_global: bool, magnitude: bool = False) -> np.ndarray:
+    """The merge in float64, update by update; `magnitude`: the same of |W| and |values|, the
+    scale against which the float32 rounding is measured."""
+    total = sum(c.weight for c in contributions) if normalised else 1.0
+    num, den = np.zeros(g.size), np.zeros(g.size)
+    for c in contributions:
+        v = c.values.astype(np.float64)
+        idx = slice(None) if c.indices is None else c.indices
+        num[idx] += c.weight / total * (np.abs(v) if magnitude else v)
+        den[idx] += c.weight / total
+    if per_element:
+        np.divide(num, den, out=num, where=den > 0)
+    base = np.abs(g.astype(np.float64)) if magnitude else g.astype(np.float64)
+    return base + num if add_global else num
+
+
+def _max_err_eps32(name: str, g: FloatArray, contributions: list[UpdateContribution], got: FloatArray) -> float | None:
+    """max over coordinates of |merge − float64 formula| in float32 epsilons of that coordinate's scale."""
+    if name not in FORMS:
+        return None
+    ref = _float64_merge(g, contributions, *FORMS[name])
+    scale = _float64_merge(g, contributions, *FORMS[name], magnitude=True)
+    err = np.abs(got.astype(np.float64) - ref) / (np.finfo(np.float32).eps * np.maximum(scale, 1e-30))
+    return round(float(err.max()), 3)
+
+
 def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndarray) -> list[UpdateContribution]:
     out = []
     for i in range(N_UPDATES):
@@ -167,6 +203,7 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         load_1m = os.getloadavg()[0]
         merge_s, copy_s = _interleaved(call, values, repeats)
         peak_mb = _peak_extra_mb(call)
+        err = _max_err_eps32(name, global_flat, contributions, call())
         merge_mbs, copy_mbs = update_bytes / MB / merge_s, update_bytes / MB / copy_s
         coverage = sum(v.size for v in values) / (n * len(values))
         rows.append({
@@ -175,12 +212,12 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
             "merge_s_median": round(merge_s, 4), "merge_mb_s": round(merge_mbs, 1),
             "memcpy_s_median": round(copy_s, 5), "memcpy_mb_s": round(copy_mbs, 1),
             "fraction_of_memcpy": round(merge_mbs / copy_mbs, 4),
-            "peak_extra_mb": round(peak_mb, 1), "load_1m": round(load_1m, 2),
+            "peak_extra_mb": round(peak_mb, 1), "load_1m": round(load_1m, 2), "max_err_eps32": err,
         })
         print(f"  aggregation {name:<20} {len(values)} x {coverage:4.0%} of {n:,} params"
               f" ({update_bytes / MB:6.1f} MB): {merge_s * 1e3:8.1f} ms = {merge_mbs:7.0f} MB/s;"
               f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}; peak +{peak_mb:.0f} MB;"
-              f" load {load_1m:.1f}", flush=True)
+              f" load {load_1m:.1f}" + ("" if err is None else f"; error {err:.2f} eps32"), flush=True)
     return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "timer": "process_time", "rows": rows}
 
 
