@@ -18,27 +18,42 @@ validation in `server/aggregate.py` as part of the merge, as the engine does):
 Reference (`memcpy`): `np.copyto` of every update's values into a preallocated buffer: the bytes
 the merge has to read at least once, moved at this machine's memory bandwidth.
 
+Timing is CPU time of this process (`time.process_time`, all threads), not wall time: the host is
+shared, and a merge is single-threaded numpy. Merge and memcpy repetitions alternate (A, B, A, B,
+...) so both see the same load; each figure is the median over `repeats`, and the 1-minute load
+average is recorded next to it. Submodel index arrays are frozen (read-only) as the engine's
+assignment cache freezes them (`Engine.assignment_for`), so a merge may skip re-checking them;
+the `sparse` case's indices (ZeroFL top-k uploads, checked at admission) stay writable.
+
 Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
-median seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes, and
-`fraction_of_memcpy` = merge MB/s / memcpy MB/s.
+median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes,
+`fraction_of_memcpy` = merge MB/s / memcpy MB/s, and `peak_extra_mb`: the most memory the merge
+held at once beyond its inputs, in a first merge (tracemalloc, which sees numpy's buffers; the 4 MB
+result included; the buffers `server/accumulate.py` pools between merges are counted, as a first
+merge allocates them), and `max_err_eps32`: for the plain merges, the largest difference from the
+same formula in float64 update by update, in float32 epsilons of each coordinate's scale (|W| +
+the merge of |values|); float32 rounding of the result alone is up to 0.5.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from server.accumulate import release
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
 from server.robust import RobustConfig, robust_merge
 
 N_UPDATES = 100
-REPEATS = 5
+REPEATS = 7
 WIDTH_SCALE = 1.3  # cnn channels x1.3 -> 994,263 parameters
 LEADING_WIDTH = 0.7  # covers ~50% of the coordinates
 SPARSE_FRACTION = 0.10
@@ -58,24 +73,73 @@ def model_layout() -> tuple[int, np.ndarray]:
     return built.layout.total, sub.indices
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: page faults of first-touch buffers, allocator pools
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _cpu_s(fn: Callable[[], object]) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
 
 
-def _memcpy_s(values: list[FloatArray], repeats: int) -> float:
+def _interleaved(merge: Callable[[], object], values: list[FloatArray], repeats: int) -> tuple[float, float]:
+    """Median CPU seconds of `merge` and of copying `values`, alternating the two."""
     dest = np.empty(max(v.size for v in values), dtype=np.float32)
 
     def copy_all() -> None:
         for v in values:
             np.copyto(dest[: v.size], v)
 
-    return _median_s(copy_all, repeats)
+    merge()  # warm-up: page faults of first-touch buffers, allocator pools
+    copy_all()
+    merge_s, copy_s = [], []
+    for _ in range(repeats):
+        merge_s.append(_cpu_s(merge))
+        copy_s.append(_cpu_s(copy_all))
+    return statistics.median(merge_s), statistics.median(copy_s)
+
+
+def _peak_extra_mb(merge: Callable[[], object]) -> float:
+    release()  # the merge's pooled buffers count: measure a first merge
+    gc.collect()
+    tracemalloc.start()
+    try:
+        merge()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / MB
+
+
+# The float64 formula each plain case computes: (per-element normalisation, weights L1-normalised
+# over the round, W added). The robust rules are exact (sorts and float64 sums) and have none.
+FORMS = {"dense": (False, True, True), "fedavg_weights": (False, True, False),
+         "per_element_random": (True, False, True), "per_element_leading": (True, False, True),
+         "sparse": (False, True, True)}
+
+
+def _float64_merge(g: FloatArray, contributions: list[UpdateContribution], per_element: bool,
+                   normalised: bool, add_global: bool, magnitude: bool = False) -> np.ndarray:
+    """The merge in float64, update by update; `magnitude`: the same of |W| and |values|, the
+    scale against which the float32 rounding is measured."""
+    total = sum(c.weight for c in contributions) if normalised else 1.0
+    num, den = np.zeros(g.size), np.zeros(g.size)
+    for c in contributions:
+        v = c.values.astype(np.float64)
+        idx = slice(None) if c.indices is None else c.indices
+        num[idx] += c.weight / total * (np.abs(v) if magnitude else v)
+        den[idx] += c.weight / total
+    if per_element:
+        np.divide(num, den, out=num, where=den > 0)
+    base = np.abs(g.astype(np.float64)) if magnitude else g.astype(np.float64)
+    return base + num if add_global else num
+
+
+def _max_err_eps32(name: str, g: FloatArray, contributions: list[UpdateContribution], got: FloatArray) -> float | None:
+    """max over coordinates of |merge − float64 formula| in float32 epsilons of that coordinate's scale."""
+    if name not in FORMS:
+        return None
+    ref = _float64_merge(g, contributions, *FORMS[name])
+    scale = _float64_merge(g, contributions, *FORMS[name], magnitude=True)
+    err = np.abs(got.astype(np.float64) - ref) / (np.finfo(np.float32).eps * np.maximum(scale, 1e-30))
+    return round(float(err.max()), 3)
 
 
 def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndarray) -> list[UpdateContribution]:
@@ -89,6 +153,8 @@ def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndar
             idx = leading  # the same tier for every update, as a HeteroFL fleet of one tier would send
         else:
             idx = np.sort(rng.choice(n, int(n * SPARSE_FRACTION), replace=False)).astype(np.int64)
+        if idx is not None and kind == "random_half":  # a per-device assignment (Chen & Qin), frozen by
+            idx.flags.writeable = False  # the engine's cache; sparse uploads stay writable (admission)
         size = n if idx is None else idx.size
         values = (rng.standard_normal(size, dtype=np.float32) * 0.01).astype(np.float32)
         out.append(UpdateContribution(idx, values, float(50 + i % 50)))
@@ -111,6 +177,7 @@ def _robust(policy: Any, cfg: RobustConfig) -> Callable[[FloatArray, list[Update
 def run(repeats: int = REPEATS) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     n, leading = model_layout()
+    leading.flags.writeable = False
     global_flat = rng.standard_normal(n, dtype=np.float32)
     cases: list[tuple[str, str, Callable[[FloatArray, list[UpdateContribution]], FloatArray]]] = [
         ("dense", "dense", DenseMerge().merge),
@@ -132,8 +199,11 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         values = [c.values for c in contributions]
         update_bytes = sum(v.nbytes for v in values)
         index_bytes = sum(c.indices.nbytes for c in contributions if c.indices is not None)
-        merge_s = _median_s(lambda m=merge, c=contributions: m(global_flat, c), repeats)
-        copy_s = _memcpy_s(values, repeats)
+        call = lambda m=merge, c=contributions: m(global_flat, c)  # noqa: E731
+        load_1m = os.getloadavg()[0]
+        merge_s, copy_s = _interleaved(call, values, repeats)
+        peak_mb = _peak_extra_mb(call)
+        err = _max_err_eps32(name, global_flat, contributions, call())
         merge_mbs, copy_mbs = update_bytes / MB / merge_s, update_bytes / MB / copy_s
         coverage = sum(v.size for v in values) / (n * len(values))
         rows.append({
@@ -142,11 +212,13 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
             "merge_s_median": round(merge_s, 4), "merge_mb_s": round(merge_mbs, 1),
             "memcpy_s_median": round(copy_s, 5), "memcpy_mb_s": round(copy_mbs, 1),
             "fraction_of_memcpy": round(merge_mbs / copy_mbs, 4),
+            "peak_extra_mb": round(peak_mb, 1), "load_1m": round(load_1m, 2), "max_err_eps32": err,
         })
         print(f"  aggregation {name:<20} {len(values)} x {coverage:4.0%} of {n:,} params"
               f" ({update_bytes / MB:6.1f} MB): {merge_s * 1e3:8.1f} ms = {merge_mbs:7.0f} MB/s;"
-              f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}", flush=True)
-    return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "rows": rows}
+              f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}; peak +{peak_mb:.0f} MB;"
+              f" load {load_1m:.1f}" + ("" if err is None else f"; error {err:.2f} eps32"), flush=True)
+    return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "timer": "process_time", "rows": rows}
 
 
 if __name__ == "__main__":

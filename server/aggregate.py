@@ -6,12 +6,16 @@ Co-S²P masks, ZeroFL top-k) all reduce to an index array (`runtime.submodel`), 
 functions serve every method.
 
 Rules every merge follows:
-- inputs are validated first (finite values and weights, matching lengths, indices in range and
-  unique), and a `RoundError` names the offending contribution;
+- inputs are validated (finite values and weights, matching lengths, indices in range and unique),
+  and a `RoundError` names the offending contribution. Shapes, weights and indices are checked
+  first; an index array is checked once per merge however many updates share it, and once for
+  good when it is frozen (read-only, as the engine's assignment cache makes it). Finiteness of the
+  values is checked on the result: NaN/inf survive the weighted sum, so one pass over the merged
+  buffer finds them, and only then are the updates searched for the one to name;
 - the result is a NEW float32 array; the global buffer passed in is never written to, so a failed
   merge leaves the old global model intact;
-- sums are accumulated in float64 and rounded to float32 once, so results do not depend on the
-  order of updates beyond float64 rounding.
+- sums are float32 products and partial sums of 16 updates, accumulated in float64 and rounded
+  to float32 once (`server/accumulate.py` gives the speed and the error bound).
 
 Formulas are those of research/methods.md §1.3 (Co-S²P), §6.1 (FedAvg), §6.3 (HeteroFL), §6.5
 (FedAsync) and §6.6 (FedBuff).
@@ -20,6 +24,7 @@ Formulas are those of research/methods.md §1.3 (Co-S²P), §6.1 (FedAvg), §6.3
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import RoundError
+from server.accumulate import coverage_sums, weighted_sum_into, zeroed
 
 FloatArray = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
@@ -62,18 +68,53 @@ def check_global(global_flat: npt.NDArray[np.float32], what: str = "global model
     return arr
 
 
+# id -> (the array, n_params) of frozen index arrays already checked; an entry leaves with its array.
+_CHECKED: dict[int, tuple[weakref.ref[IndexArray], int]] = {}
+
+
+def _frozen(arr: npt.NDArray[np.int64]) -> bool:
+    """Nothing can write to `arr`: it and every array it is a view of are read-only."""
+    a: object = arr
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return True
+
+
 def check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
-    """`indices` as a 1-D int64 array of unique coordinates in [0, n_params), or raise."""
+    """`indices` as a 1-D int64 array of unique coordinates in [0, n_params), or raise. A frozen
+    int64 array that passed before (for this `n_params`) is returned at once."""
+    hit = _CHECKED.get(id(indices))
+    if hit is not None and hit[0]() is indices and hit[1] == n_params:
+        return indices
+    idx = _check_indices(indices, n_params, what)
+    if idx is indices and _frozen(idx):
+        key = id(idx)
+
+        def forget(_ref: object, key: int = key) -> None:
+            _CHECKED.pop(key, None)
+
+        _CHECKED[key] = (weakref.ref(idx, forget), n_params)
+    return idx
+
+
+def _check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
     idx = np.asarray(indices)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
         raise RoundError(f"{what}: indices must be a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
     idx = idx.astype(np.int64, copy=False)
     if idx.size == 0:
         return idx
-    lo, hi = int(idx.min()), int(idx.max())
+    # Submodels and top-k uploads come sorted: strictly increasing means unique, with the range at
+    # the ends, in one pass over the indices instead of the n_params scratch below.
+    increasing = idx.size == 1 or bool((idx[1:] > idx[:-1]).all())
+    lo, hi = (int(idx[0]), int(idx[-1])) if increasing else (int(idx.min()), int(idx.max()))
     if lo < 0 or hi >= n_params:
         raise RoundError(f"{what}: indices span [{lo}, {hi}], outside the model's [0, {n_params})")
-    # Scatter-adds below use `acc[idx] += x`, which is only correct for unique indices; a boolean
+    if increasing:
+        return idx
+    # Each update must cover a coordinate once (per-element counts, robust blocks); a boolean
     # scratch buffer checks that in O(n) without sorting.
     seen = np.zeros(n_params, dtype=bool)
     seen[idx] = True
@@ -83,20 +124,24 @@ def check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> I
     return idx
 
 
-def check_contributions(n_params: int, contributions: Sequence[UpdateContribution]) -> None:
-    """Raise `RoundError` naming the first contribution that does not fit a model of `n_params`."""
+def check_contributions(n_params: int, contributions: Sequence[UpdateContribution], *,
+                        finite: bool = True) -> None:
+    """Raise `RoundError` naming the first contribution that does not fit a model of `n_params`.
+    `finite=False` leaves the values' finiteness to the caller's check of its result (`_finish`)."""
+    checked: set[int] = set()  # index arrays already checked in this call
     for i, c in enumerate(contributions):
         what = f"contribution {i}"
         values = np.asarray(c.values)
         if values.dtype != np.float32 or values.ndim != 1:
             raise RoundError(f"{what}: values must be 1-D float32, got {values.dtype}, shape {values.shape}")
         expected = n_params if c.indices is None else int(np.asarray(c.indices).shape[0])
-        if c.indices is not None:
+        if c.indices is not None and id(c.indices) not in checked:
             check_indices(c.indices, n_params, what)
+            checked.add(id(c.indices))
         if values.shape[0] != expected:
             raise RoundError(f"{what}: {values.shape[0]} values, expected {expected}")
-        if not np.isfinite(values).all():
-            raise RoundError(f"{what}: {int((~np.isfinite(values)).sum())} non-finite values")
+        if finite:
+            _check_finite(what, values)
         if not math.isfinite(c.weight) or c.weight < 0:
             raise RoundError(f"{what}: weight {c.weight} must be finite and >= 0")
         if c.coord_weights is not None:
@@ -107,25 +152,37 @@ def check_contributions(n_params: int, contributions: Sequence[UpdateContributio
                 raise RoundError(f"{what}: coordinate weights must be finite and >= 0")
 
 
+def _check_finite(what: str, values: FloatArray) -> None:
+    if not np.isfinite(values).all():
+        raise RoundError(f"{what}: {int((~np.isfinite(values)).sum())} non-finite values")
+
+
 def _no_coord_weights(contributions: Sequence[UpdateContribution], what: str) -> None:
     if any(c.coord_weights is not None for c in contributions):
         raise RoundError(f"{what} takes no per-coordinate weights; only the per-element merges do")
 
 
-def _finish(out: Float64Array, what: str) -> FloatArray:
-    with np.errstate(over="ignore"):  # overflow is reported below, with a count
+def _finish(out: Float64Array, what: str, contributions: Sequence[UpdateContribution] = ()) -> FloatArray:
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported below
         result = out.astype(np.float32)
     if not np.isfinite(result).all():
-        # float32 overflow of a finite float64 sum; refuse rather than publish inf.
+        _name_nonfinite(contributions)
+        # Finite inputs, but the sum overflowed float32; refuse rather than publish inf.
         raise RoundError(f"{what} produced {int((~np.isfinite(result)).sum())} non-finite values")
     return result
+
+
+def _name_nonfinite(contributions: Sequence[UpdateContribution]) -> None:
+    """Raise naming the first contribution with a non-finite value, if there is one."""
+    for i, c in enumerate(contributions):
+        _check_finite(f"contribution {i}", c.values)
 
 
 # ---------------------------------------------------------------- merges
 def weighted_average(global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
     """FedAvg: `Σ n_i w_i / Σ n_i` over dense weight vectors (weights = n_i)."""
     g = check_global(global_flat)
-    check_contributions(g.size, contributions)
+    check_contributions(g.size, contributions, finite=False)
     if not contributions:
         raise RoundError("weighted average of zero contributions")
     if any(c.indices is not None for c in contributions):
@@ -134,29 +191,19 @@ def weighted_average(global_flat: FloatArray, contributions: Sequence[UpdateCont
     total = sum(c.weight for c in contributions)
     if total <= 0:
         raise RoundError(f"weighted average: weights sum to {total}, need > 0")
-    acc = np.zeros(g.size, dtype=np.float64)
-    for c in contributions:
-        acc += c.weight * c.values.astype(np.float64)
-    return _finish(acc / total, "weighted average")
+    acc = zeroed("num", g.size)
+    weighted_sum_into(acc, [c.values for c in contributions], [c.weight / total for c in contributions])
+    return _finish(acc, "weighted average", contributions)
 
 
-def _coverage_sums(
-    n_params: int, contributions: Sequence[UpdateContribution]
-) -> tuple[Float64Array, Float64Array]:
-    """Per coordinate: Σ γ_i v_i over the contributions covering it, and Σ γ_i of those."""
-    num = np.zeros(n_params, dtype=np.float64)
-    den = np.zeros(n_params, dtype=np.float64)
-    for c in contributions:
-        gamma = c.weight if c.coord_weights is None else c.weight * c.coord_weights.astype(np.float64)
-        weighted = gamma * c.values.astype(np.float64)
-        if c.indices is None:
-            num += weighted
-            den += gamma
-        else:
-            # Indices are unique (checked), so fancy-index += is an exact scatter-add.
-            num[c.indices] += weighted
-            den[c.indices] += gamma
-    return num, den
+def _coverage(n_params: int, contributions: Sequence[UpdateContribution],
+              what: str) -> tuple[Float64Array, Float64Array]:
+    cov = coverage_sums(n_params, contributions)
+    if not np.isfinite(cov.num).all():  # also where den is 0: a weight-0 update's NaN is still bad
+        _name_nonfinite(contributions)
+        raise RoundError(f"{what}: weighted sums overflowed")
+    assert cov.den is not None  # counts=True
+    return cov.num, cov.den
 
 
 def per_element_average(global_flat: FloatArray, contributions: Sequence[UpdateContribution]) -> FloatArray:
@@ -166,12 +213,12 @@ def per_element_average(global_flat: FloatArray, contributions: Sequence[UpdateC
     keep the global value. With unit weights this is HeteroFL's count average (methods.md §6.3).
     """
     g = check_global(global_flat)
-    check_contributions(g.size, contributions)
-    num, den = _coverage_sums(g.size, contributions)
-    out = g.astype(np.float64)
+    check_contributions(g.size, contributions, finite=False)
+    num, den = _coverage(g.size, contributions, "per-element average")
     covered = den > 0
-    out[covered] = num[covered] / den[covered]
-    return _finish(out, "per-element average")
+    np.divide(num, den, out=num, where=covered)
+    np.copyto(num, g, where=~covered)
+    return _finish(num, "per-element average", contributions)
 
 
 def per_element_delta(
@@ -183,13 +230,14 @@ def per_element_delta(
     is the form that stays meaningful when updates start from different (stale) base versions.
     """
     g = check_global(global_flat)
-    check_contributions(g.size, contributions)
+    check_contributions(g.size, contributions, finite=False)
     _check_lr(server_lr)
-    num, den = _coverage_sums(g.size, contributions)
-    out = g.astype(np.float64)
-    covered = den > 0
-    out[covered] += server_lr * (num[covered] / den[covered])
-    return _finish(out, "per-element delta merge")
+    num, den = _coverage(g.size, contributions, "per-element delta merge")
+    # Where den is 0 every covering weight is 0, so num is an exact 0 there and W stays W.
+    np.divide(num, den, out=num, where=den > 0)
+    num *= server_lr
+    num += g
+    return _finish(num, "per-element delta merge", contributions)
 
 
 def apply_deltas(
@@ -202,17 +250,14 @@ def apply_deltas(
     picks γ_i (normalised or not).
     """
     g = check_global(global_flat)
-    check_contributions(g.size, contributions)
+    check_contributions(g.size, contributions, finite=False)
     _no_coord_weights(contributions, "the delta merge")
     _check_lr(server_lr)
-    acc = np.zeros(g.size, dtype=np.float64)
-    for c in contributions:
-        weighted = c.weight * c.values.astype(np.float64)
-        if c.indices is None:
-            acc += weighted
-        else:
-            acc[c.indices] += weighted
-    return _finish(g.astype(np.float64) + server_lr * acc, "delta merge")
+    acc = coverage_sums(g.size, contributions, counts=False).num
+    if server_lr != 1.0:
+        acc *= server_lr
+    acc += g
+    return _finish(acc, "delta merge", contributions)
 
 
 def masked_delta_merge(

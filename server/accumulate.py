@@ -1,0 +1,152 @@
+"""The accumulation kernels under `server/aggregate.py`'s merges: weighted sums of float32 updates
+into per-thread pooled buffers (`pooled`), sized by the model, never by the number of updates.
+
+Why float32 products and partial sums: numpy has no fused cast-multiply-add, so a float64
+accumulator costs a cast, a multiply and an add per update, each a pass over 8-byte values (~3.5x
+a memcpy of the update here). `weighted_sum_into` instead multiplies and adds in float32 (two
+passes over 4-byte values that stay in cache) and adds each partial sum of `GROUP` updates into a
+float64 buffer (exact: a float32 value always fits a float64). The error against an all-float64
+sum is bounded by ~(GROUP + 1) float32 epsilons of `Σ|w_i v_i|` per coordinate, and measured at
+< 2 float32 epsilons of it on the benchmark's round (tests/unit/test_accumulate.py states the
+tolerance); the merged model is rounded to float32 anyway.
+
+Non-finite values are not looked for here: NaN and ±inf survive every multiply by a finite weight
+and every add, so a merge checks its (n_params-sized) result once instead of every update
+(`server/aggregate.py`, `_finish`).
+
+Per-element merges (`coverage_sums`) group updates by their index array: a HeteroFL/FjORD tier's
+updates share the engine's cached assignment array, so each group is a dense sum over the
+group's coordinates followed by ONE scatter-add. Updates whose index arrays are their own (Chen &
+Qin per-device submodels, sparse uploads) are scattered one by one with `np.add.at`, which since
+numpy 1.25 was ~2x faster here than `acc[idx] += x` and ~7x faster than `np.bincount` into a fresh
+buffer (bench/aggregation_bench.py, per_element_random).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # server/aggregate.py imports this module
+    from server.aggregate import Float64Array, FloatArray, IndexArray, UpdateContribution
+
+GROUP = 16  # updates per float32 partial sum (speed vs error; see the module docstring)
+
+
+_POOL = threading.local()  # per thread: role -> the largest buffer asked for so far
+
+
+def pooled(role: str, size: int, dtype: Any) -> Any:
+    """A buffer of `size` elements for `role`, with undefined contents, reused by every merge in
+    this thread (it is valid until the next call for the same role). Fresh buffers of a 1M-param
+    model cost ~25% of a dense merge in page faults; the pool keeps at most 3 float64 and 2
+    float32 values per parameter of the largest model merged (32 MB at 1M) between merges."""
+    bufs: dict[str, Any] = _POOL.__dict__.setdefault("bufs", {})
+    buf = bufs.get(role)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = bufs[role] = np.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def release() -> int:
+    """Drop this thread's pooled buffers (the next merge allocates them again); returns the bytes freed."""
+    bufs: dict[str, Any] = _POOL.__dict__.pop("bufs", {})
+    return sum(int(b.nbytes) for b in bufs.values())
+
+
+def zeroed(role: str, size: int) -> Float64Array:
+    buf: Float64Array = pooled(role, size, np.float64)
+    buf.fill(0.0)
+    return buf
+
+
+def weighted_sum_into(out: Float64Array, values: Sequence[FloatArray], weights: Sequence[float],
+                      coord_weights: Sequence[FloatArray | None] | None = None) -> None:
+    """`out += Σ_i weights[i] · coord_weights[i] · values[i]` (coord_weights None = 1), all the same length."""
+    size = out.shape[0]
+    part: FloatArray = pooled("part", size, np.float32)
+    prod: FloatArray = pooled("prod", size, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the merge reports non-finite results
+        _sum_groups(out, values, weights, part, prod, coord_weights)
+
+
+def _sum_groups(out: Float64Array, values: Sequence[FloatArray], weights: Sequence[float], part: FloatArray,
+                prod: FloatArray, coord_weights: Sequence[FloatArray | None] | None) -> None:
+    for start in range(0, len(values), GROUP):
+        for j in range(start, min(start + GROUP, len(values))):
+            target = part if j == start else prod
+            np.multiply(values[j], np.float32(weights[j]), out=target)
+            cw = None if coord_weights is None else coord_weights[j]
+            if cw is not None:
+                np.multiply(target, cw, out=target)
+            if j != start:
+                np.add(part, prod, out=part)
+        np.add(out, part, out=out)
+
+
+@dataclass
+class Coverage:
+    """Per coordinate: `num` = Σ γ_i v_i over the updates covering it, `den` = Σ γ_i of those
+    (None when not asked for: the delta merge needs no per-coordinate normalisation)."""
+
+    num: Float64Array
+    den: Float64Array | None
+
+
+def coverage_sums(n_params: int, contributions: Sequence[UpdateContribution], counts: bool = True) -> Coverage:
+    """`Coverage` of a round, in pooled buffers (valid until the next merge in this thread);
+    γ_i = weight × coord_weights (when given). Indices must be unique (`check_contributions`)."""
+    groups: dict[int, list[UpdateContribution]] = {}
+    for c in contributions:  # same array object = same coordinates; insertion order is deterministic
+        groups.setdefault(id(c.indices), []).append(c)
+    num = zeroed("num", n_params)
+    den = zeroed("den", n_params if counts else 0)
+    largest = max((c.size for c in contributions), default=0)
+    compact: Float64Array = pooled("compact", largest, np.float64)
+    for members in groups.values():
+        idx = members[0].indices
+        size = members[0].size
+        weights = [c.weight for c in members]
+        cws = [c.coord_weights for c in members]
+        if idx is not None and len(members) == 1 and cws[0] is None:
+            _scatter_one(num, den if counts else None, idx, members[0].values, weights[0], compact[:size])
+            continue
+        acc = num if idx is None else compact[:size]
+        if idx is not None:
+            acc.fill(0.0)
+        weighted_sum_into(acc, [c.values for c in members], weights, cws)
+        if idx is not None:
+            np.add.at(num, idx, acc)
+        if counts:
+            den_part = _weight_sum(weights, cws, size)
+            if idx is None:
+                den += den_part
+            else:
+                np.add.at(den, idx, den_part)
+    return Coverage(num, den if counts else None)
+
+
+def _scatter_one(num: Float64Array, den: Float64Array | None, idx: IndexArray, values: FloatArray, weight: float,
+                 buf: Float64Array) -> None:
+    np.copyto(buf, values)  # float64 products: exact to float64 rounding, as the scatter is the cost here
+    with np.errstate(invalid="ignore"):  # 0 x inf: the merge reports non-finite results
+        buf *= weight
+    np.add.at(num, idx, buf)
+    if den is not None:
+        np.add.at(den, idx, weight)
+
+
+def _weight_sum(weights: Sequence[float], cws: Sequence[FloatArray | None], size: int) -> float | Float64Array:
+    """Σ γ_i of a group: a scalar without coordinate weights, else a per-coordinate float64 vector."""
+    scalar = sum(w for w, cw in zip(weights, cws, strict=True) if cw is None)
+    if all(cw is None for cw in cws):
+        return scalar
+    vec = np.full(size, scalar, dtype=np.float64)
+    for w, cw in zip(weights, cws, strict=True):
+        if cw is not None:
+            vec += w * cw.astype(np.float64)
+    return vec
