@@ -1,0 +1,41 @@
+"""Rewrites of ORT's generated training graph that keep its arithmetic and cut its CPU time.
+
+ONNX Runtime 1.19's CPU `ReluGrad` (com.microsoft) runs ~35x slower than a `Mul` of the same
+size (1.13 ms against 0.033 ms on 32x8x32x32 floats, one thread, bench/README.md "trainer"), and
+was 17-32 % of a VGG-style `cnn` training step. `dX = ReluGrad(dY, T)` is `dY` where `T > 0`, else
+0, with `T` either the ReLU's input or its output (the gradient builder uses both); the same
+values come from `dY * Ceil(Clip(T, 0, 1))` (the mask is exactly 0 for T <= 0 and 1 for T > 0,
+denormals included), in three vectorised passes that together take 0.135 ms there.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+_ZERO, _ONE = "orchard_relu_mask_zero", "orchard_relu_mask_one"
+
+
+def rewrite_relu_grads(model: onnx.ModelProto) -> int:
+    """Replace every `ReluGrad` of `model`'s graph in place; returns how many were replaced."""
+    nodes: list[onnx.NodeProto] = []
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type != "ReluGrad" or node.domain != "com.microsoft":
+            nodes.append(node)
+            continue
+        d_y, t = node.input
+        stem = f"{node.output[0]}_relu_mask"
+        nodes += [
+            helper.make_node("Clip", [t, _ZERO, _ONE], [f"{stem}_clipped"], name=f"{stem}_clip"),
+            helper.make_node("Ceil", [f"{stem}_clipped"], [stem], name=f"{stem}_ceil"),
+            helper.make_node("Mul", [d_y, stem], [node.output[0]], name=f"{stem}_mul"),
+        ]
+        replaced += 1
+    if replaced:
+        consts = [helper.make_node("Constant", [], [name], name=name,
+                                   value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+                  for name, value in ((_ZERO, 0.0), (_ONE, 1.0))]
+        del model.graph.node[:]
+        model.graph.node.extend(consts + nodes)
+    return replaced
