@@ -19,7 +19,8 @@ def _relu_grad_model() -> onnx.ModelProto:
          helper.make_node("ReluGrad", ["dy", "y"], ["dx_from_y"], domain="com.microsoft")],
         "relu_grad", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("dy", "t")],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("dx", "dx_from_y")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
 
