@@ -38,7 +38,7 @@ from runtime.submodel import depth_blocks, index_map_for
 log = logging.getLogger(__name__)
 
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
-BUILDER_VERSION = 2  # bump when the generated graphs change, so old cache entries are not reused (2: ReluGrad rewrite)
+BUILDER_VERSION = 3  # bump when the generated graphs change, so old cache entries are not reused (3: ReluGrad rewrite)
 OPTIMIZERS = ("sgd", "adamw")
 # The graph around the model: its loss, exits, probes (models/losses.py). The default variant adds
 # nothing to the key, so caches from before variants stay valid.

@@ -20,11 +20,15 @@ def rewrite_relu_grads(model: onnx.ModelProto) -> int:
     """Replace every `ReluGrad` of `model`'s graph in place; returns how many were replaced."""
     nodes: list[onnx.NodeProto] = []
     replaced = 0
+    # The mask from a ReLU's output (y > 0 exactly where x > 0), so that nothing but the ReLU
+    # reads the conv or dense output before it and ORT can fuse the pair (FusedConv, FusedGemm).
+    relu_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "Relu" and not n.domain}
     for node in model.graph.node:
         if node.op_type != "ReluGrad" or node.domain != "com.microsoft":
             nodes.append(node)
             continue
         d_y, t = node.input
+        t = relu_out.get(t, t)
         stem = f"{node.output[0]}_relu_mask"
         nodes += [
             helper.make_node("Clip", [t, _ZERO, _ONE], [f"{stem}_clipped"], name=f"{stem}_clip"),
