@@ -22,8 +22,10 @@ def rewrite_relu_grads(model: onnx.ModelProto) -> int:
     replaced = 0
     # The mask from a ReLU's output (y > 0 exactly where x > 0), so that nothing but the ReLU
     # reads the conv or dense output before it and ORT can fuse the pair (FusedConv, FusedGemm).
-    relu_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "Relu" and not n.domain}
+    relu_out: dict[str, str] = {}  # of the ReLUs before the node at hand, so the order stays topological
     for node in model.graph.node:
+        if node.op_type == "Relu" and not node.domain:
+            relu_out[node.input[0]] = node.output[0]
         if node.op_type != "ReluGrad" or node.domain != "com.microsoft":
             nodes.append(node)
             continue
