@@ -1,6 +1,7 @@
 """`make bench` trainer section: the device trainer's CPU per step against the host's fp32 GEMM
 rate and against PyTorch eager on the same network, weights and batches.
 
+- `gemm.kernels_us`: single ORT kernels on one activation of the CNN at width 0.25, CPU us.
 - `gemm`: fp32 1024x1024x1024 GEMM at one thread, numpy/OpenBLAS `np.dot` and ONNX Runtime's own
   MatMul (an inference session, intra-op 1), in a fresh process with BLAS pools sized to 1.
   `ceiling_gflops` is the larger: the rate a training step's FLOPs are compared with.
@@ -74,7 +75,56 @@ def gemm_probe(reps: int = 15) -> dict[str, Any]:
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     ort_rate = rates(lambda: sess.run(None, {"a": a, "b": b}))
-    return {"n": GEMM_N, "numpy": numpy_rate, "ort_matmul": ort_rate}
+    return {"n": GEMM_N, "numpy": numpy_rate, "ort_matmul": ort_rate, "kernels_us": kernel_costs(reps)}
+
+
+def kernel_costs(reps: int) -> dict[str, float]:
+    """Median CPU us of single ORT kernels on one CNN width-0.25 activation (32x8x32x32 floats),
+    one thread: the backward ReLU as ORT generates it and as models/grad_rewrite.py rewrites it,
+    and max pooling with and without the index output the training graph needs."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from models.grad_rewrite import rewrite_relu_grads
+    from runtime.ort import onnxruntime
+
+    shape = [32, 8, 32, 32]
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    ms = "com.microsoft"
+    graphs = {  # name: (nodes, inputs, outputs with their element type)
+        "relu_grad_ort": ([helper.make_node("ReluGrad", ["dy", "x"], ["dx"], domain=ms)], ["dy", "x"], ["dx"]),
+        "relu_grad_rewritten": ([helper.make_node("ReluGrad", ["dy", "x"], ["dx"], domain=ms)], ["dy", "x"], ["dx"]),
+        "mul": ([helper.make_node("Mul", ["dy", "x"], ["dx"])], ["dy", "x"], ["dx"]),
+        "maxpool": ([helper.make_node("MaxPool", ["x"], ["y"], **pool)], ["x"], ["y"]),
+        "maxpool_with_indices": ([helper.make_node("MaxPool", ["x"], ["y", "i"], **pool)], ["x"], ["y", "i"]),
+    }
+    rng = np.random.default_rng(0)
+    feeds_all = {"x": rng.normal(size=shape).astype(np.float32), "dy": rng.normal(size=shape).astype(np.float32)}
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    out: dict[str, float] = {}
+    for name, (nodes, inputs, outputs) in graphs.items():
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds_all[n].shape)) for n in inputs]
+        g = helper.make_graph(
+            nodes, name, ins,
+            [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "i" else TensorProto.FLOAT, None)
+             for n in outputs])
+        opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(ms, 1)] if nodes[0].domain == ms else [])
+        model = helper.make_model(g, opset_imports=opsets)
+        model.ir_version = 8
+        if name == "relu_grad_rewritten":
+            rewrite_relu_grads(model)
+        sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {n: feeds_all[n] for n in inputs}
+        for _ in range(3):
+            sess.run(None, feeds)
+        times = []
+        for _ in range(reps * 3):
+            c0 = time.process_time()
+            sess.run(None, feeds)
+            times.append(time.process_time() - c0)
+        out[name] = round(statistics.median(times) * 1e6, 1)
+    return out
 
 
 def _gemm() -> dict[str, Any]:
