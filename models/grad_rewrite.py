@@ -3,9 +3,10 @@
 ONNX Runtime 1.19's CPU `ReluGrad` (com.microsoft) runs ~33x slower than a `Mul` of the same
 size (1.25 ms against 0.037 ms on 32x8x32x32 floats, one thread: bench.json
 `trainer.gemm.kernels_us`), and was 17-32 % of a VGG-style `cnn` training step.
-`dX = ReluGrad(dY, T)` is `dY` where `T > 0`, else 0, with `T` either the ReLU's input or its output (the gradient builder uses both); the same
-values come from `dY * Ceil(Clip(T, 0, 1))` (the mask is exactly 0 for T <= 0 and 1 for T > 0,
-denormals included), in three vectorised passes that together take 0.14 ms there.
+`dX = ReluGrad(dY, T)` is `dY` where `T > 0`, else 0, with `T` the ReLU's input or its output
+(the gradient builder uses both); the same values come from `dY * Ceil(Clip(T, 0, 1))` (the mask
+is exactly 0 for T <= 0 and 1 for T > 0, denormals included), in three vectorised passes that
+together take 0.14 ms there.
 """
 
 from __future__ import annotations
