@@ -66,8 +66,17 @@ class EvalResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far: VmHWM, the high-water mark of this
+    process's own memory map. Not ru_maxrss: Linux carries that across exec from the parent's map
+    at fork (a probe started by a 350 MB parent reported 350 MB), so it can be the parent's."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class Trainer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from models.artifacts import ensure_artifacts, initial_weights
 from models.structure import full_structure
@@ -22,6 +23,8 @@ def _numpy_sgd(tensors: dict[str, np.ndarray], batches: list[tuple[np.ndarray, n
 def test_mlp_sgd_matches_numpy_reference(artifact_cache):
     structure = full_structure("mlp", (1, 4, 4), 5)
     art = ensure_artifacts(structure, "sgd", artifact_cache)
+    ops = {n.op_type for n in onnx.load(str(art.directory / "training_model.onnx")).graph.node}
+    assert "ReluGrad" not in ops and "Ceil" in ops  # the rewritten backward (models/grad_rewrite.py) is checked here
     trainer = Trainer(art.directory, threads=1)
     layout = trainer.layout
     w0 = initial_weights(structure, seed=3)
