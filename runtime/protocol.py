@@ -40,9 +40,16 @@ from typing import Any, TypeVar, Union
 from runtime.errors import ConfigError, ProtocolError
 from runtime.typehints import type_hints
 
-if typing.TYPE_CHECKING:  # numpy is imported where tensors are handled: the agent starts without it
+# numpy is imported where tensors are handled: the agent starts without it. The array aliases are
+# numpy's for the type checker and Any at run time, so the wire dataclasses' hints still resolve.
+if typing.TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+    Int64Array = npt.NDArray[np.int64]
+    Float32Array = npt.NDArray[np.float32]
+else:
+    Int64Array = Float32Array = Any
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
@@ -123,14 +130,11 @@ class SparseTensor:
     """COO form of a tensor of `shape`: `values` at flat (row-major) `indices`; the rest is zero."""
 
     shape: tuple[int, ...]
-    indices: npt.NDArray[np.int64]
-    values: npt.NDArray[np.float32]
+    indices: Int64Array
+    values: Float32Array
 
 
-if typing.TYPE_CHECKING:
-    Tensor = Union[npt.NDArray[np.float32], SparseTensor]
-else:
-    Tensor = Union[Any, SparseTensor]  # the same at run time, without importing numpy
+Tensor = Union[Float32Array, SparseTensor]
 
 
 # ---------------------------------------------------------------- JSON messages
