@@ -469,6 +469,8 @@ class Agent:
 
     # ------------------------------------------------------------ training results
     def _poll_trainer(self) -> None:
+        if self.stop_event.is_set():
+            return  # shutting down: a trainer that stopped meanwhile is no failure
         run = self.running
         if run is None:
             # A child that died while starting ends the agent (as one that cannot load its shard

@@ -107,7 +107,11 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 # argv: sys.path as JSON, then what _entry reads. The marker names the process in ps / top.
-_CHILD_CODE = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+# Signals first: the agent's stop (SIGTERM to the process group) must not kill a child that is
+# still importing, which would make a clean shutdown look like a trainer failure.
+_CHILD_CODE = ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "signal.signal(signal.SIGINT, signal.SIG_IGN); "
+               "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
                "from runtime.trainer_proc import _entry; _entry(sys.argv[2:])")
 _MARKER = "orchard-trainer"
 TRAINER_NICE = 19  # CFS weight 15 against the agent's 1024 (nice 0): the agent wins when both run
