@@ -45,6 +45,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "zerofl": _optional("bench.zerofl_bench"),
     "netshape": _optional("bench.netshape_bench"),
     "distreal": _optional("bench.distreal_bench"),
+    "startup": _optional("bench.startup_bench"),
 }
 
 

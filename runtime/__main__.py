@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
+from runtime import startup
 
-from runtime.errors import OrchardError, exit_code, one_line
+startup.mark("interpreter")  # first: process start to here is the interpreter's own start-up
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from runtime.errors import OrchardError, exit_code, one_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.agent import run_device
         from runtime.device_config import load_device_config
 
-        return run_device(load_device_config(args.config, args.broker))
+        startup.mark("imports")
+        cfg = load_device_config(args.config, args.broker)
+        startup.mark("config")
+        return run_device(cfg)
     except OrchardError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)

@@ -14,6 +14,14 @@ to the run and the device, and opened before use; a task already run is not run 
 artifact is stored only when a task that names it gives its manifest hash, and the manifest has
 it. Nothing lost: an update stays in the outbox (runtime/outbox.py) until the server's receipt
 for it comes, and is sent again after every reconnect (and, without one, after a backoff).
+
+Start-up (issue 16): what the hello needs is all that runs before it. The agent never imports
+ONNX Runtime, and imports numpy (with the frame codec and the manifests) only when the first
+task or artifact arrives; the hello's sample count and label histogram come from the shard read
+without numpy (runtime/shard.py). The trainer child is launched before the agent connects and
+starts meanwhile, at a lower CPU priority than the agent (runtime/trainer_proc.py), so its ONNX
+Runtime import uses what the agent leaves of the device's CPU quota instead of delaying the
+hello; a task that arrives before it is ready waits for it (`queued`).
 """
 
 from __future__ import annotations
@@ -25,17 +33,14 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from runtime import __version__
+from runtime import __version__, startup
 from runtime.board import load_board
 from runtime.chunks import Reassembler
 from runtime.credentials import load_credentials
 from runtime.device_config import DeviceConfig
 from runtime.errors import ConfigError, OrchardError, ProtocolError, TransportError
-from runtime.frames import DEFAULT_LIMITS, decode_artifact, decode_task, encode_update
-from runtime.manifest import MANIFEST, StagedArtifacts, read_manifest
 from runtime.methods import check_name
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
 from runtime.outbox import Outbox
@@ -57,9 +62,13 @@ from runtime.protocol import (
 )
 from runtime.sdnotify import SdNotify
 from runtime.seal import Opened, open_sealed, seal
+from runtime.shard import label_histogram
 from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.tiering import Limits, Measured, TierCache, choose_tier
 from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
+
+if TYPE_CHECKING:
+    from runtime.manifest import StagedArtifacts
 
 log = logging.getLogger("orchard.device")
 
@@ -69,6 +78,7 @@ REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
 SHUTDOWN_RECONNECT_S = 2.0
 TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
 DONE_TASKS = 1024  # task ids remembered, so a replayed task is not trained twice
+MANIFEST = "manifest.json"  # runtime.manifest.MANIFEST (a test checks); that module imports numpy
 
 
 @dataclass
@@ -85,6 +95,7 @@ class Agent:
         # Credentials first: without them nothing else is worth starting (a trainer child included).
         cfg.check_provisioned()
         self.creds = load_credentials(cfg.credentials)
+        startup.mark("credentials")
         if self.creds.hmac_key is None:
             raise ConfigError(f"{cfg.credentials}: a device's credentials need hmac_key")
         self.key: bytes = self.creds.hmac_key
@@ -95,12 +106,12 @@ class Agent:
         cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
         self.threads = cfg.threads or threads_for_quota(cores, self.board.cores)
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
-        with np.load(cfg.shard) as shard:
-            labels = shard["y"].astype(np.int64)
-        self.label_histogram = tuple(int(c) for c in np.bincount(labels)) if len(labels) else ()
+        self.n_samples, self.label_histogram = label_histogram(cfg.shard)
         self.freeze = FreezeWatch()
+        # Launched at the end of __init__ and not waited for (see the module doc).
         self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
-                                      providers=self.board.runtime.execution_providers)
+                                      providers=self.board.runtime.execution_providers, start=False)
+        self._said_hello = False
         self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
                                freeze=self.freeze)
         self.state = "idle"
@@ -113,7 +124,7 @@ class Agent:
         # Sealed update frames by task id, from the end of training until the server's receipt.
         self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
         self.done_tasks: dict[str, None] = {}  # oldest first, at most DONE_TASKS
-        self.staged = StagedArtifacts(cfg.artifact_cache)  # authenticated, not named by a task yet
+        self._staged: StagedArtifacts | None = None  # authenticated, not named by a task yet
         # A task's deadline counts from its arrival; the time it waits for its artifacts or the
         # trainer, and the time its update takes to pack and publish (the last one's, measured),
         # come off what the trainer may use.
@@ -121,8 +132,7 @@ class Agent:
         self.upload_s = 0.0
         self.server: ServerState | None = None
         self.greeted = False  # hello sent to the server since our last (re)connect / its last restart
-        self.reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
-                                       max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
+        self._reassembler: Reassembler | None = None  # made with the first chunk (it needs the frame codec)
         self.samples: list[TelemetrySample] = []
         # Tier by resources (runtime/tiering.py): measurements kept next to the artifact cache.
         state = cfg.artifact_cache.with_name(cfg.artifact_cache.name + ".state")
@@ -138,6 +148,25 @@ class Agent:
             cert_file=cfg.cert_file, key_file=cfg.key_file, username=self.creds.username,
             password=self.creds.password, will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
         ))
+        self.trainer.launch()
+        startup.mark("agent_init")
+
+    @property
+    def staged(self) -> StagedArtifacts:
+        if self._staged is None:
+            from runtime.manifest import StagedArtifacts
+
+            self._staged = StagedArtifacts(self.cfg.artifact_cache)
+        return self._staged
+
+    @property
+    def reassembler(self) -> Reassembler:
+        if self._reassembler is None:
+            from runtime.frames import DEFAULT_LIMITS  # numpy, from the first artifact or task on
+
+            self._reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
+                                            max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes)
+        return self._reassembler
 
     def _seal(self, kind: str, payload: bytes) -> bytes:
         return seal(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind)
@@ -148,24 +177,16 @@ class Agent:
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        self.mqtt.connect()
-        # Our own status too: a Last Will from a connection our reconnect superseded can land
-        # after we are back, and would leave a live device marked offline (see _on_message).
-        for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
-                      self.topics.status(self.id), self.topics.receipt(self.id)):
-            try:
-                self.mqtt.subscribe(topic, qos=1)
-            except TransportError as exc:
-                if not self.mqtt.is_subscribed(topic):
-                    raise  # refused by the broker: we would never hear that topic
-                # A freeze (an emulated board taken offline during start-up) can outlast the wait
-                # for the SUBACK; the subscription stays registered and goes out with the next
-                # CONNACK, so the device joins once it is back instead of exiting.
-                log.warning("%s: %s; it is sent again when the connection is back", self.id, exc)
-        # No hello yet: it goes out when the server's (retained) state says it is online (see
-        # _on_message). A hello sent before the server subscribed would be lost for good.
+        try:
+            self._connect()
+        except BaseException:
+            self.trainer.close()  # launched already; nothing else to undo before the loop
+            raise
+        startup.mark("connected")
         next_sample = next_publish = next_expire = time.monotonic()
         self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
+        # No hello yet: it goes out when the server's (retained) state says it is online (see
+        # _on_message). A hello sent before the server subscribed would be lost for good.
         try:
             while not self.stop_event.is_set():
                 self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
@@ -185,7 +206,7 @@ class Agent:
                     self._publish_telemetry()
                     next_publish = now + TELEMETRY_BATCH_S
                 if now >= next_expire:
-                    for reason in self.reassembler.expire():
+                    for reason in self._reassembler.expire() if self._reassembler is not None else ():
                         log.warning("%s: dropped a partial frame: %s", self.id, reason)
                     if self._reachable():
                         for task_id in self.outbox.send_due():
@@ -194,6 +215,22 @@ class Agent:
         finally:
             self._shutdown()
         return 0
+
+    def _connect(self) -> None:
+        self.mqtt.connect()
+        # Our own status too: a Last Will from a connection our reconnect superseded can land
+        # after we are back, and would leave a live device marked offline (see _on_message).
+        for topic in (self.topics.task(self.id), self.topics.artifact(self.id), self.topics.server_state,
+                      self.topics.status(self.id), self.topics.receipt(self.id)):
+            try:
+                self.mqtt.subscribe(topic, qos=1)
+            except TransportError as exc:
+                if not self.mqtt.is_subscribed(topic):
+                    raise  # refused by the broker: we would never hear that topic
+                # A freeze (an emulated board taken offline during start-up) can outlast the wait
+                # for the SUBACK; the subscription stays registered and goes out with the next
+                # CONNACK, so the device joins once it is back instead of exiting.
+                log.warning("%s: %s; it is sent again when the connection is back", self.id, exc)
 
     def _shutdown(self) -> None:
         self.notify.stopping()
@@ -229,10 +266,14 @@ class Agent:
         profiles = (self.tier, *(p for p in self.cfg.profiles if p != self.tier))
         hello = Hello(
             device_id=self.id, board=self.board.name, cores=float(self.board.cores), ram_mb=self.board.ram_mb,
-            runtime_version=__version__, profiles=profiles, n_samples=self.trainer.n_samples,
+            runtime_version=__version__, profiles=profiles, n_samples=self.n_samples,
             label_histogram=self.label_histogram, artifacts=keys,
         )
         self.mqtt.publish(self.topics.hello(self.id), self._seal("hello", encode_json(hello)), qos=1)
+        if not self._said_hello:
+            self._said_hello = True
+            startup.mark("hello")
+            log.info("%s: %s", self.id, startup.line())
         detail = f"tier {self.tier} by resources: {self.tier_reason}" if self.tiers is not None else ""
         self._set_state(self.state, self.running.task.task_id if self.running else None, detail=detail)
         # A row the server surely hears (it is subscribed once its state is online): rows sent
@@ -319,6 +360,8 @@ class Agent:
         frame = self.reassembler.feed(msg.topic, msg.payload)
         if frame is None:
             return
+        from runtime.frames import decode_artifact, decode_task
+
         if msg.topic == self.topics.artifact(self.id):
             self._on_artifact(decode_artifact(self._open("artifact", frame), source="server"))
         elif msg.topic == self.topics.task(self.id):
@@ -369,6 +412,14 @@ class Agent:
             log.warning("%s: task %s queued: still training %s", self.id, task.task_id, self.running.task.task_id)
             self.queued = task
             return
+        if not self.trainer.up:  # starting (or restarting); _poll_trainer polls it and raises its failures
+            if not self.trainer.launched:
+                self.trainer.launch()
+            log.info("%s: task %s waits for the trainer to start", self.id, task.task_id)
+            self.queued = task
+            return
+        from runtime.manifest import read_manifest  # numpy, from the first task on
+
         try:
             for key in self.staged.install(task.assignment.artifact_keys, task.artifact_digests,
                                            f"task {task.task_id}"):
@@ -418,9 +469,18 @@ class Agent:
 
     # ------------------------------------------------------------ training results
     def _poll_trainer(self) -> None:
+        if self.stop_event.is_set():
+            return  # shutting down: a trainer that stopped meanwhile is no failure
         run = self.running
         if run is None:
-            if self.queued is not None:
+            # A child that died while starting ends the agent (as one that cannot load its shard
+            # always did): restarting it in a loop would hide the cause.
+            if self.trainer.launched and not self.trainer.up:
+                if not self.trainer.ready:
+                    return
+                startup.mark("trainer_ready")
+                log.info("%s: trainer %s ready; %s", self.id, self.trainer.pid, startup.line())
+            if self.queued is not None and self.trainer.up:
                 task, self.queued = self.queued, None
                 self._on_task(task)
             return
@@ -441,6 +501,9 @@ class Agent:
                             failure=outcome.failure or "error")
             self._set_state("idle")
             return
+        from runtime.frames import encode_update
+        from runtime.manifest import read_manifest
+
         task = run.task
         packing_from = time.monotonic()
         energy_j = self.sampler.mark()

@@ -14,14 +14,17 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from runtime.errors import LayoutError
 
-FloatArray = npt.NDArray[np.float32]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float32]
+else:
+    FloatArray = Any  # numpy is imported by the methods that use it: the agent starts without it
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class ParamLayout:
 
     def check(self, flat: npt.NDArray[Any], what: str = "parameter buffer") -> FloatArray:
         """Return `flat` as a 1-D float32 array, or raise naming the mismatch."""
+        import numpy as np
+
         arr = np.asarray(flat)
         if arr.dtype != np.float32:
             raise LayoutError(f"{what} has dtype {arr.dtype}, expected float32")
@@ -110,6 +115,8 @@ class ParamLayout:
 
     def join(self, tensors: Mapping[str, npt.NDArray[Any]]) -> FloatArray:
         """Pack named tensors into one new flat buffer in layout order."""
+        import numpy as np
+
         out = np.empty(self.total, dtype=np.float32)
         for p in self.params:
             if p.name not in tensors:

@@ -30,17 +30,26 @@ import functools
 import json
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
-import numpy as np
-import numpy.typing as npt
-
 from runtime.errors import ConfigError, ProtocolError
 from runtime.typehints import type_hints
+
+# numpy is imported where tensors are handled: the agent starts without it. The array aliases are
+# numpy's for the type checker and Any at run time, so the wire dataclasses' hints still resolve.
+if typing.TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    Int64Array = npt.NDArray[np.int64]
+    Float32Array = npt.NDArray[np.float32]
+else:
+    Int64Array = Float32Array = Any
 
 # 2: Task carries an Assignment (method, profile, artifact keys, extras) and upload/encoding in
 # place of profile/artifact_key/options; Update carries the method's report; Status a failure kind.
@@ -121,11 +130,11 @@ class SparseTensor:
     """COO form of a tensor of `shape`: `values` at flat (row-major) `indices`; the rest is zero."""
 
     shape: tuple[int, ...]
-    indices: npt.NDArray[np.int64]
-    values: npt.NDArray[np.float32]
+    indices: Int64Array
+    values: Float32Array
 
 
-Tensor = Union[npt.NDArray[np.float32], SparseTensor]
+Tensor = Union[Float32Array, SparseTensor]
 
 
 # ---------------------------------------------------------------- JSON messages
@@ -393,7 +402,8 @@ def _plain(value: Any, path: str, ctx: str) -> Any:
         return {k: _plain(v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
-    if isinstance(value, np.generic):
+    numpy = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
+    if numpy is not None and isinstance(value, numpy.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError(f"{ctx}: field '{path}' must be a finite number, got {value}")
@@ -571,6 +581,8 @@ def validate_tensors(
     Unknown names are always an error; missing ones only unless `allow_missing` (masked or
     top-k updates may omit tensors). Values were already checked finite by the frame decoder.
     """
+    import numpy as np
+
     ctx = context("tensors", source)
     for name, tensor in tensors.items():
         if name not in expected:

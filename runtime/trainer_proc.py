@@ -5,27 +5,46 @@ telemetry sampler in the same process would stall (missed keepalives, a false La
 holes in the traces). The agent therefore talks to this child over a pipe. Weights travel as
 one flat float32 buffer (`send_bytes`, no pickle of arrays). If the child dies, for instance
 SIGKILLed by the kernel under a memory cap, the agent sees it through `poll()` and restarts it.
+
+Start-up (issue 16): `launch()` returns at once; the child imports ONNX Runtime and loads the
+shard while the agent goes on (`ready` says when it has). It is a fresh interpreter, never a fork
+of the agent: a fork would copy paho's threads and locks mid-flight, and a fresh child imports
+ONNX Runtime exactly once, before any session or thread pool exists in it. It is started as
+multiprocessing's "spawn" would (the agent's sys.path, a socketpair as the pipe) but with
+subprocess, because spawn also starts multiprocessing's resource tracker: one more interpreter
+per device (~13 MB RSS and its start-up CPU) that guards nothing here. The child runs at nice
+`TRAINER_NICE`: whenever the agent has work (its start-up to the hello, keepalives, telemetry,
+packing an update) it goes first, and the trainer has every cycle the agent leaves. Nice only
+weighs tasks against each other inside one CPU cgroup or autogroup (one per session: a device
+cgroup in the testbed, the systemd service on a board), so it costs the trainer nothing against
+the rest of the host. Nothing here imports numpy
+or ONNX Runtime at module level: the agent imports this module and must stay off both until its
+first task (numpy) or for good (ONNX Runtime).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import multiprocessing as mp
+import json
 import multiprocessing.connection as mpc
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runtime.errors import OrchardError, TrainerError
-from runtime.layout import FloatArray
-from runtime.methods.base import UpdateBody
 from runtime.protocol import Assignment
+
+if TYPE_CHECKING:
+    from runtime.layout import FloatArray
+    from runtime.methods.base import UpdateBody
 
 _KEEP_SESSIONS = 2  # sessions cached beyond the running task's; each holds its model and gradient buffers
 
@@ -87,6 +106,48 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+# argv: sys.path as JSON, then what _entry reads. The marker names the process in ps / top.
+# Signals first: the agent's stop (SIGTERM to the process group) must not kill a child that is
+# still importing, which would make a clean shutdown look like a trainer failure.
+_CHILD_CODE = ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "signal.signal(signal.SIGINT, signal.SIG_IGN); "
+               "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+               "from runtime.trainer_proc import _entry; _entry(sys.argv[2:])")
+_MARKER = "orchard-trainer"
+TRAINER_NICE = 19  # CFS weight 15 against the agent's 1024 (nice 0): the agent wins when both run
+
+
+def _entry(argv: list[str]) -> None:
+    marker, fd, shard_path, threads, providers = argv
+    assert marker == _MARKER, marker
+    with contextlib.suppress(OSError):  # raising one's own nice needs no privilege; never fatal
+        os.nice(TRAINER_NICE)
+    _child_main(mpc.Connection(int(fd)), shard_path, int(threads), tuple(json.loads(providers)))
+
+
+class _Child:
+    """A Popen with the multiprocessing.Process calls this module uses (exitcode < 0: a signal)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout_s: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout_s)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.kill()
+
+
 def _child_main(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple[str, ...]) -> None:
     try:
         _serve(conn, shard_path, threads, providers)
@@ -100,6 +161,8 @@ def _serve(conn: mpc.Connection, shard_path: str, threads: int, providers: tuple
     # It stops when told, or when the pipe closes (the agent is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import numpy as np
+
     from runtime.methods import device_method
     from runtime.ort import OrtSession
     from runtime.trainer import TrainConfig, Trainer
@@ -156,7 +219,7 @@ class TrainerProcess:
     """Agent-side handle: start, submit a job, poll for its outcome, restart after a death."""
 
     def __init__(self, shard_path: Path | str, threads: int = 1, start_timeout_s: float = 60.0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), start: bool = True) -> None:
         self.shard_path = str(shard_path)
         self.threads = threads
         self.providers = providers  # the board's, in order; ORT falls back to CPU
@@ -166,27 +229,74 @@ class TrainerProcess:
         self._proc: Any = None
         self._conn: mpc.Connection | None = None
         self._job: TrainJob | None = None
-        self.start()
+        self._starting_since: float | None = None  # time.monotonic() of launch() until the child said ready
+        if start:
+            self.start()
+
+    def launch(self) -> None:
+        """Start the child and return at once; `ready` (or `wait_ready`) tells when it is up."""
+        # A fresh interpreter, not a fork: ORT's thread pools do not survive a fork, and the agent
+        # has paho threads. Same process group as the agent, so it shares its cgroup and netns.
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-c", _CHILD_CODE, json.dumps(sys.path), _MARKER, str(theirs.fileno()),
+                self.shard_path, str(self.threads), json.dumps(list(self.providers))]
+        try:
+            popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise TrainerError(f"cannot start the trainer: {exc}") from None
+        finally:
+            theirs.close()
+        self._proc, self._conn, self._job = _Child(popen), mpc.Connection(ours.detach()), None
+        self._starting_since = time.monotonic()
 
     def start(self) -> None:
-        # spawn, not fork: ORT's thread pools do not survive a fork, and the agent has paho threads.
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_main, args=(child, self.shard_path, self.threads, self.providers), daemon=True,
-                           name="orchard-trainer")
-        proc.start()
-        child.close()
-        if not parent.poll(self.start_timeout_s):
-            proc.kill()
-            raise TrainerError(f"trainer did not start within {self.start_timeout_s:.0f} s")
+        """Spawn the child and wait until it is ready."""
+        self.launch()
+        self.wait_ready(self.start_timeout_s)
+
+    @property
+    def launched(self) -> bool:
+        return self._proc is not None
+
+    @property
+    def up(self) -> bool:
+        """Launched and known to be ready (no polling: see `ready`)."""
+        return self._proc is not None and self._starting_since is None
+
+    @property
+    def ready(self) -> bool:
+        """Launched and up; raises TrainerDied if it died while starting, TrainerError if it took
+        longer than start_timeout_s."""
+        return self.wait_ready(0.0)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        if self._starting_since is None:
+            return self._proc is not None
+        assert self._conn is not None
+        if not self._conn.poll(timeout_s):
+            if not self._proc.is_alive():
+                self._died_starting()
+            if time.monotonic() - self._starting_since > self.start_timeout_s:
+                self._proc.kill()
+                self._proc.join(5)
+                self._proc, self._conn, self._starting_since = None, None, None
+                raise TrainerError(f"trainer did not start within {self.start_timeout_s:.0f} s")
+            return False
         try:
-            hello = parent.recv()
-        except EOFError:
-            proc.join(5)
-            raise TrainerDied(f"trainer died while loading {self.shard_path}: {describe_exit(proc.exitcode)}",
-                              proc.exitcode) from None
+            hello = self._conn.recv()
+        except (EOFError, OSError):
+            self._died_starting()
         self.n_samples = int(hello["n_samples"])
-        self._proc, self._conn, self._job = proc, parent, None
+        self._starting_since = None
+        return True
+
+    def _died_starting(self) -> NoReturn:
+        proc = self._proc
+        proc.join(5)
+        self._proc, self._conn, self._starting_since = None, None, None
+        raise TrainerDied(f"trainer died while loading {self.shard_path}: {describe_exit(proc.exitcode)}",
+                          proc.exitcode) from None
 
     @property
     def pid(self) -> int | None:
@@ -199,6 +309,11 @@ class TrainerProcess:
     def submit(self, job: TrainJob, weights: FloatArray) -> None:
         if self._job is not None:
             raise TrainerError(f"trainer is busy with job {self._job.job_id}; cannot start {job.job_id}")
+        import numpy as np
+
+        if not self.launched:
+            self.launch()
+        self.wait_ready(self.start_timeout_s)  # returns at once when it is up (the agent waits for `ready`)
         assert self._conn is not None
         # Assignment stays a dataclass through the (local, trusted) pipe; asdict would flatten it.
         try:
@@ -228,6 +343,10 @@ class TrainerProcess:
             self._job = None
             raise TrainerDied(f"trainer died during job {job.job_id}: {describe_exit(code)}", code) from None
         self._job = None
+        import numpy as np
+
+        from runtime.methods.base import UpdateBody
+
         if reply.get("error"):
             return TrainOutcome(job_id=job.job_id, body=None, error=str(reply["error"]),
                                 failure=str(reply.get("failure", "error")))
@@ -239,9 +358,10 @@ class TrainerProcess:
         return TrainOutcome(job_id=job.job_id, body=body, error=None, **fields)
 
     def restart(self) -> None:
+        """A fresh child, launched (not waited for): the agent's loop keeps turning while it starts."""
         self.close()
         self.restarts += 1
-        self.start()
+        self.launch()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -253,4 +373,4 @@ class TrainerProcess:
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(2)
-        self._proc, self._conn, self._job = None, None, None
+        self._proc, self._conn, self._job, self._starting_since = None, None, None, None

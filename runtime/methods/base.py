@@ -21,18 +21,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import numpy as np
-import numpy.typing as npt
-
-from runtime.backend import MutableFeeds, TrainingBackend
 from runtime.errors import ConfigError, LayoutError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.profile import Profile, parse_profile
 from runtime.protocol import Assignment, SparseTensor, Tensor
 
-BackendOpener = Callable[[str], TrainingBackend]  # artifact key -> an opened backend (cached by the caller)
+# numpy and the backend only where tensors are handled: the device config's profile check
+# imports this module (runtime/device_config.py), and the agent starts without numpy.
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from runtime.backend import MutableFeeds, TrainingBackend
+
+BackendOpener = Callable[[str], "TrainingBackend"]  # artifact key -> an opened backend (cached by the caller)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class UpdateBody:
         tensor sent whole goes dense."""
         if self.indices is None:
             return dict(layout.split(self.values))
+        import numpy as np
+
         idx = np.asarray(self.indices, dtype=np.int64)
         values = np.asarray(self.values, dtype=np.float32)
         if idx.shape != values.shape or (idx.size > 1 and np.any(np.diff(idx) <= 0)):

@@ -110,6 +110,22 @@ class Harness:
         for device_id in self.spec.device_ids() if devices is None else devices:
             self.start_device(device_id)
 
+    def start_warm(self, devices: list[str] | None = None) -> None:
+        """Devices first, the server once every device's trainer child is up. The hello does not
+        wait for the trainer (runtime/agent.py), so in a run of a few sub-second rounds a device
+        whose trainer starts last could miss them all; tests that need every device in every
+        round start like this (the devices wait for the server's online state to say hello)."""
+        ids = self.spec.device_ids() if devices is None else devices
+        for device_id in ids:
+            self.start_device(device_id)
+
+        def ready() -> bool:
+            logs = {d: self.run / "logs" / f"{d}.log" for d in ids}
+            return all(p.exists() and f"{d}: trainer " in p.read_text(errors="replace") for d, p in logs.items())
+
+        self.wait_until(ready, "every device's trainer child up")
+        self.start_server()
+
     def fake(self, device_id: str, **kw: Any) -> FakeDevice:
         fake = FakeDevice(self, device_id, **kw)
         self.fakes.append(fake)

@@ -71,7 +71,7 @@ def test_device_agent_federates_under(version: str, federation: Callable[..., An
     listener.start()
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
-    h.start()
+    h.start_warm()
     running = {os.path.realpath(f"/proc/{p.pid}/exe") for p in h.fed.devices.values()}
     assert all(Path(exe).name.startswith(f"python{version}") for exe in running), running
     assert h.wait_server_exit(120) == 0, h.diagnose()

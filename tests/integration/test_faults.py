@@ -21,14 +21,14 @@ Federate = Callable[..., Harness]
 
 
 def trainer_pid(h: Harness, device_id: str, timeout_s: float = 20.0) -> int:
-    """The device's trainer: the agent's child started by multiprocessing's spawn (the other
-    child, if any, is multiprocessing's resource tracker)."""
+    """The device's trainer: the agent's child whose command line carries the trainer marker
+    (runtime/trainer_proc.py starts it with subprocess)."""
 
     def find() -> int | None:
         agent = psutil.Process(h.fed.devices[device_id].pid)
         for child in agent.children():
             try:
-                if any("spawn_main" in part for part in child.cmdline()):
+                if "orchard-trainer" in child.cmdline():
                     return child.pid
             except psutil.NoSuchProcess:
                 continue

@@ -61,7 +61,7 @@ def poke_value(frame: bytes, value: float) -> bytes:
 @pytest.mark.parametrize("broker", ["amqtt", "mosquitto"])
 def test_three_devices_learn_lenet_on_digits(federation: Federate, broker: str) -> None:
     h = federation(broker, devices=3, rounds=5, partition="dirichlet:0.5", local_steps=20)
-    h.start()
+    h.start_warm()
     assert h.wait_server_exit(90) == 0
     rows = h.rows()
     assert [int(r["version"]) for r in rows] == [1, 2, 3, 4, 5]

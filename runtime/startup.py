@@ -1,0 +1,46 @@
+"""Start-up marks: where a device's seconds from process start to hello go.
+
+`mark(name)` records the time since the process started (the kernel's start time of this pid,
+so the interpreter's own start-up is counted too) and this process's CPU seconds. The agent logs
+them as one line, `startup pid=<pid> <name>=<s> ... cpu_<name>=<s> ...`, at its hello and again
+when its trainer child is ready; bench/startup_bench.py reads that line. Linux only (procfs);
+elsewhere the marks count from the first mark instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_marks: dict[str, float] = {}
+_cpu: dict[str, float] = {}
+_origin: float | None = None  # time.monotonic() of process start
+
+
+def _process_start_monotonic() -> float:
+    """Process start on time.monotonic()'s clock: /proc/self/stat's starttime (clock ticks since
+    boot) against /proc/uptime, both counted from boot (10 ms resolution)."""
+    try:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; comm may hold spaces
+        return time.monotonic() - (uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+def mark(name: str) -> None:
+    global _origin
+    if _origin is None:
+        _origin = _process_start_monotonic()
+    if name not in _marks:  # the first time counts (a reconnect says hello again)
+        _marks[name] = max(0.0, time.monotonic() - _origin)
+        _cpu[name] = time.process_time()
+
+
+def line() -> str:
+    times = " ".join(f"{k}={v:.3f}" for k, v in _marks.items())
+    cpu = " ".join(f"cpu_{k}={v:.3f}" for k, v in _cpu.items())
+    return f"startup pid={os.getpid()} {times} {cpu}"

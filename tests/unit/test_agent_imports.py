@@ -1,0 +1,49 @@
+"""What the device agent imports before its first task (issue 16 part 4): never ONNX Runtime
+(the trainer child owns it), and no numpy until a task or artifact arrives. Run in a fresh
+interpreter, as a board starts it (`python -m runtime`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import json, sys
+import runtime.__main__, runtime.agent  # everything `python -m runtime` imports before the hello
+from runtime.device_config import load_device_config
+for path in sys.argv[1:]:  # the config check canonicalises profiles through the method's spec
+    load_device_config(path, None)
+print(json.dumps({'numpy': 'numpy' in sys.modules, 'onnxruntime': 'onnxruntime' in sys.modules}))
+"""
+
+
+def test_agent_import_path_has_no_onnxruntime_and_no_numpy(tmp_path: Path) -> None:
+    configs = []
+    for i, profile in enumerate(("dense", "width=0.5", "classes=0-4")):
+        path = tmp_path / f"dev{i}.toml"
+        path.write_text(f'[device]\nid = "dev{i}"\nboard = "rpi-zero2w"\nshard = "s.npz"\nartifact_cache = "c"\n'
+                        f'profiles = ["{profile}"]\n\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n'
+                        f'root = "orchard/t"\ncredentials = "d.toml"\nrun_id = "r1"\n')
+        configs.append(str(path))
+    out = subprocess.run([sys.executable, "-c", _PROBE, *configs], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == {"numpy": False, "onnxruntime": False}, loaded
+
+
+def test_the_codec_path_brings_numpy_but_never_onnxruntime() -> None:
+    # What the agent imports once a task arrives (frames, manifests, the trainer handle's poll).
+    probe = ("import sys, runtime.agent, runtime.frames, runtime.manifest, runtime.methods.base; "
+             "print(int('numpy' in sys.modules), int('onnxruntime' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "0"]
+
+
+def test_agent_manifest_name_is_the_manifest_module_s() -> None:
+    from runtime import agent, manifest
+
+    assert agent.MANIFEST == manifest.MANIFEST
