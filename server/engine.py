@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -45,7 +44,7 @@ from server.events import (
 )
 from server.methods import ServerMethod, server_method
 from server.policies import AssignPolicy, FixedProfile, ModelOps, RoundView, Strategy, WeightInput
-from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, TaskRecord, TaskTimeMedian
+from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, IdleQueue, TaskRecord, TaskTimeMedian
 from server.robust import robust_merge
 
 __all__ = ["AcceptedUpdate", "DeviceRecord", "Engine", "EngineConfig", "TaskRecord"]
@@ -87,7 +86,8 @@ class Engine:
         self._history: dict[int, FloatArray] = {0: self._global}
         self._devices: dict[str, DeviceRecord] = {}
         self._online: set[str] = set()
-        self._idle: set[str] = set()  # online and idle: who can take a task now
+        self._idle = IdleQueue()  # online and idle: who can take a task now
+        self._done: set[str] = set()  # state "done": their update is in this round
         self._tasks: dict[str, TaskRecord] = {}  # insertion order = dispatch order
         self._pending: list[AcceptedUpdate] = []
         self._closed: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -332,9 +332,8 @@ class Engine:
         if self.strategy.close.abandon_at_close:
             for task in list(self._tasks.values()):
                 self._abandon(task, now, f"straggler dropped when round {closed_round} closed", out, slow=True)
-        for dev in self._devices.values():
-            if dev.state == "done":
-                self._set(dev, state="idle")
+        for device_id in list(self._done):
+            self._set(self._devices[device_id], state="idle")
         self._prune_history()
         if new is None:
             return
@@ -411,13 +410,9 @@ class Engine:
             pool = sorted(self._idle)
             chosen = [pool[int(i)] for i in self._sampler.choice(len(pool), size=min(slots, len(pool)), replace=False)]
         else:
-            chosen = sorted(self._idle, key=self._lru_key)[:slots]
+            chosen = self._idle.least_recent(slots)
         for device_id in chosen:
             self._send(self._devices[device_id], now, deadline_s, out)
-
-    def _lru_key(self, device_id: str) -> tuple[float, str]:
-        last = self._devices[device_id].last_dispatch_s
-        return (-math.inf if last is None else last, device_id)
 
     def unassignable(self, profile: str) -> str | None:
         """Why `profile` cannot be sent under this strategy, or None if it can."""
@@ -508,11 +503,18 @@ class Engine:
             dev.online = online
         if state is not None:
             dev.state = state
-        for bucket, member in ((self._online, dev.online), (self._idle, dev.online and dev.state == "idle")):
-            if member:
-                bucket.add(dev.device_id)
-            else:
-                bucket.discard(dev.device_id)
+        if dev.online:
+            self._online.add(dev.device_id)
+        else:
+            self._online.discard(dev.device_id)
+        if dev.online and dev.state == "idle":
+            self._idle.add(dev.device_id, dev.last_dispatch_s)
+        else:
+            self._idle.discard(dev.device_id)
+        if dev.state == "done":
+            self._done.add(dev.device_id)
+        else:
+            self._done.discard(dev.device_id)
 
     def _log(self, now: float, event: str, **fields: Any) -> Log:
         return Log({"event": event, "t": now, "round": self.round, "version": self.version, **fields})
