@@ -131,3 +131,19 @@ def test_training_at_delivery_gives_the_same_run_as_training_at_dispatch() -> No
     assert len(EagerDevice.calls) == len(eager[0])  # every task trained at dispatch
     assert len(LazyDevice.calls) < len(EagerDevice.calls)  # tasks lost to churn never trained
 
+
+
+@pytest.mark.parametrize("kind", ["delta", "weights"])
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float32), (np.float64, np.float64)])
+def test_fake_training_in_place_matches_the_formula_bit_for_bit(kind: str, dtypes: tuple[Any, Any]) -> None:
+    rng = np.random.default_rng(2)
+    target, base = rng.standard_normal(999).astype(dtypes[0]), rng.standard_normal(999).astype(dtypes[1])
+    dev = SimDevice("d", target, kind=kind, local_steps=7, step_frac=0.3)
+    progress = 1.0 - (1.0 - 0.3) ** 7
+    local = (base + progress * (target - base)).astype(np.float32)
+    want = (local - base).astype(np.float32) if kind == "delta" else local
+    got = dev.train(base, None)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    idx = np.array([5, 1, 900])
+    np.testing.assert_array_equal(dev.train(base[idx], idx), want[idx])
