@@ -20,12 +20,16 @@ import os
 import statistics
 import time
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from server.engine import EngineConfig
-from server.memory import Periodic, SimDevice, simulate
+from server.aggregate import FloatArray
+from server.engine import Engine, EngineConfig
+from server.events import DeviceHello, DeviceOffline, Event
+from server.memory import Periodic, SimDevice, VirtualClock, simulate
+from server.policies import DenseModel
 from server.strategies import get_strategy
 
 N_PARAMS = 1_000_000
@@ -41,7 +45,7 @@ STRATEGIES = {
 N_TARGETS = 8  # distinct target vectors shared by the fleet (32 MB at 1M params)
 
 
-def make_fleet(total: int, active: int, targets: list[np.ndarray], seed: int = 0) -> list[SimDevice]:
+def make_fleet(total: int, active: int, targets: list[FloatArray], seed: int = 0) -> list[SimDevice]:
     rng = np.random.default_rng(seed)
     step_s = 0.1 * rng.lognormal(0.0, 0.5, size=total)
     samples = rng.integers(50, 500, size=total)
@@ -58,28 +62,66 @@ def make_fleet(total: int, active: int, targets: list[np.ndarray], seed: int = 0
 
 
 def _run(strategy_name: str, fleet: list[SimDevice], traced: bool) -> dict[str, Any]:
-    strategy = get_strategy(strategy_name, **STRATEGIES[strategy_name])  # type: ignore[arg-type]
+    strategy = get_strategy(strategy_name, **STRATEGIES[strategy_name])
     config = EngineConfig(eval_every=0, max_devices=max(len(fleet), EngineConfig.max_devices))
+    clock = VirtualClock()
+    engine = Engine(strategy, DenseModel(N_PARAMS), np.zeros(N_PARAMS, dtype=np.float32), clock=clock, config=config)
+    inner: Callable[[Event], list[Any]] = engine.handle
+    handle_cpu = [0.0]
+
+    def timed(event: Event) -> list[Any]:
+        t0 = time.process_time()
+        try:
+            return inner(event)
+        finally:
+            handle_cpu[0] += time.process_time() - t0
+
+    if not traced:
+        engine.handle = timed  # type: ignore[method-assign]
     gc.collect()
     if traced:
         tracemalloc.start()
     cpu0 = time.process_time()
-    result = simulate(strategy, fleet, initial_global=np.zeros(N_PARAMS, dtype=np.float32),
-                      until_version=VERSIONS, config=config, keep_logs=False)
+    result = simulate(strategy, fleet, engine=engine, clock=clock, until_version=VERSIONS, keep_logs=False)
     cpu_s = time.process_time() - cpu0
-    out: dict[str, Any] = {"events": result.n_events, "versions": result.engine.version,
-                           "virtual_s": round(result.clock.now, 1), "devices_seen": len(result.engine.devices),
-                           "cpu_s": cpu_s}
+    out: dict[str, Any] = {"events": result.n_events, "versions": engine.version, "virtual_s": round(clock.now, 1),
+                           "devices_seen": len(engine.devices), "cpu_s": cpu_s, "handle_cpu_s": handle_cpu[0]}
     if traced:
         current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         out["peak_mb"] = peak / 1e6
         out["held_mb"] = current / 1e6  # still allocated when simulate returned: engine + result
-    del result
+    del result, engine
     return out
 
 
-def run(repeats: int = 1) -> dict[str, Any]:
+def engine_bytes_per_device(n: int = 20_000) -> float:
+    """Engine state per device that said hello and went offline (its record, its hello, its
+    entries in the engine's indices), from tracemalloc over n registrations."""
+    zeros = np.zeros(10, dtype=np.float32)
+    fleet = [SimDevice(f"d{i:06d}", zeros) for i in range(n)]
+    engine = Engine(get_strategy("fedavg"), DenseModel(10), zeros, clock=VirtualClock(),
+                    config=EngineConfig(max_devices=n, min_devices=n + 1))  # registers, never dispatches
+    gc.collect()
+    tracemalloc.start()
+    for dev in fleet:
+        engine.handle(DeviceHello(dev.device_id, dev.hello()))
+        engine.handle(DeviceOffline(dev.device_id, "bench"))
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return current / n
+
+
+def _slope(rows: list[dict[str, Any]], name: str, vary: str, fixed: str, fixed_value: int) -> float | None:
+    """Bytes of peak memory per extra device along one axis of the grid (ends of the curve)."""
+    pts = sorted((r[vary], r["peak_mb"]) for r in rows if r["strategy"] == name and r[fixed] == fixed_value)
+    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
+        return None
+    return float(round((pts[-1][1] - pts[0][1]) * 1e6 / (pts[-1][0] - pts[0][0])))
+
+
+def run(repeats: int = 2) -> dict[str, Any]:
+    started = time.perf_counter()
     rng = np.random.default_rng(1)
     targets = [rng.standard_normal(N_PARAMS, dtype=np.float32) for _ in range(N_TARGETS)]
     rows = []
@@ -90,19 +132,28 @@ def run(repeats: int = 1) -> dict[str, Any]:
             timed = [_run(name, fleet, traced=False) for _ in range(repeats)]
             mem = _run(name, fleet, traced=True)
             cpu_s = statistics.median(r["cpu_s"] for r in timed)
+            handle_s = statistics.median(r["handle_cpu_s"] for r in timed)
             row = {"strategy": name, "total": total, "active": active, "in_flight": IN_FLIGHT,
                    "n_params": N_PARAMS, "events": timed[0]["events"], "versions": timed[0]["versions"],
                    "virtual_s": timed[0]["virtual_s"], "devices_seen": timed[0]["devices_seen"],
                    "cpu_s": round(cpu_s, 2), "events_per_cpu_s": round(timed[0]["events"] / cpu_s),
+                   "engine_events_per_cpu_s": round(timed[0]["events"] / handle_s) if handle_s > 0 else None,
                    "peak_mb": round(mem["peak_mb"], 1), "held_mb": round(mem["held_mb"], 1),
                    "loadavg_1m": round(load, 2)}
             rows.append(row)
             print(f"  engine-scale {name:<10} total {total:>6} active {active:>5}: {row['events']} events"
-                  f" in {row['cpu_s']} CPU s = {row['events_per_cpu_s']} ev/CPU s;"
-                  f" peak {row['peak_mb']} MB, held {row['held_mb']} MB"
-                  f" ({row['devices_seen']} devices seen, load {load:.2f})", flush=True)
+                  f" in {row['cpu_s']} CPU s = {row['events_per_cpu_s']} ev/CPU s"
+                  f" (engine alone {row['engine_events_per_cpu_s']}); peak {row['peak_mb']} MB,"
+                  f" held {row['held_mb']} MB ({row['devices_seen']} devices seen, load {load:.2f})", flush=True)
         del fleet
-    return {"n_params": N_PARAMS, "in_flight": IN_FLIGHT, "versions": VERSIONS, "rows": rows}
+    per_device = round(engine_bytes_per_device())
+    slopes = {name: {"bytes_per_total_device": _slope(rows, name, "total", "active", 1_000),
+                     "bytes_per_active_device": _slope(rows, name, "active", "total", 100_000)}
+              for name in STRATEGIES}
+    print(f"  engine-scale: engine state {per_device} B per known device; peak bytes per device {slopes}", flush=True)
+    return {"n_params": N_PARAMS, "in_flight": IN_FLIGHT, "versions": VERSIONS, "repeats": repeats,
+            "rows": rows, "engine_bytes_per_known_device": per_device, "slopes": slopes,
+            "section_wall_s": round(time.perf_counter() - started, 1)}
 
 
 if __name__ == "__main__":
