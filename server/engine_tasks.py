@@ -5,6 +5,7 @@ constructor sets every attribute declared here."""
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -126,7 +127,8 @@ class TaskBook:
 
     def _resolve(self, task: TaskRecord, closed_reason: str, state: str) -> None:
         del self._tasks[task.task_id]
-        self._closed[(task.device_id, task.task_id)] = closed_reason
+        # Interned: up to remember_tasks entries, most of them sharing a few reasons per round.
+        self._closed[(task.device_id, task.task_id)] = sys.intern(closed_reason)
         while len(self._closed) > self.config.remember_tasks:
             self._closed.popitem(last=False)
         dev = self._devices[task.device_id]
