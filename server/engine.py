@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -28,6 +27,7 @@ from runtime.errors import ConfigError, RoundError
 from runtime.protocol import Assignment, Status
 from server import aggregate as agg
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
+from server.engine_tasks import TaskBook
 from server.events import (
     Action,
     DeviceHello,
@@ -37,15 +37,13 @@ from server.events import (
     Event,
     EventName,
     Finish,
-    Log,
     NewGlobal,
-    SendTask,
     Tick,
     UpdateReceived,
 )
 from server.methods import ServerMethod, server_method
-from server.policies import AssignPolicy, FixedProfile, ModelOps, RoundView, Strategy, WeightInput
-from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, TaskRecord, TaskTimeMedian
+from server.policies import AssignPolicy, FixedProfile, ModelOps, Strategy, WeightInput
+from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, IdleQueue, TaskRecord, TaskTimeMedian
 from server.robust import robust_merge
 
 __all__ = ["AcceptedUpdate", "DeviceRecord", "Engine", "EngineConfig", "TaskRecord"]
@@ -55,7 +53,7 @@ def _frozen(arr: FloatArray) -> FloatArray:
     return arr
 
 
-class Engine:
+class Engine(TaskBook):
     def __init__(
         self,
         strategy: Strategy,
@@ -87,7 +85,8 @@ class Engine:
         self._history: dict[int, FloatArray] = {0: self._global}
         self._devices: dict[str, DeviceRecord] = {}
         self._online: set[str] = set()
-        self._idle: set[str] = set()  # online and idle: who can take a task now
+        self._idle = IdleQueue()  # online and idle: who can take a task now
+        self._done: set[str] = set()  # state "done": their update is in this round
         self._tasks: dict[str, TaskRecord] = {}  # insertion order = dispatch order
         self._pending: list[AcceptedUpdate] = []
         self._closed: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -302,11 +301,6 @@ class Engine:
         if not self.finished:
             self._dispatch(now, out)
 
-    def _view(self, now: float) -> RoundView:
-        return RoundView(now_s=now, round_started_s=self._round_started_s, n_pending=len(self._pending),
-                         n_outstanding=len(self._tasks), n_active=len(self._online),
-                         median_task_s=self._task_time.median())
-
     def _close(self, reason: str, now: float, out: list[Action]) -> None:
         pending, self._pending = self._pending, []
         new: FloatArray | None = None
@@ -332,9 +326,8 @@ class Engine:
         if self.strategy.close.abandon_at_close:
             for task in list(self._tasks.values()):
                 self._abandon(task, now, f"straggler dropped when round {closed_round} closed", out, slow=True)
-        for dev in self._devices.values():
-            if dev.state == "done":
-                self._set(dev, state="idle")
+        for device_id in list(self._done):
+            self._set(self._devices[device_id], state="idle")
         self._prune_history()
         if new is None:
             return
@@ -385,134 +378,3 @@ class Engine:
         self.finished = True
         out.append(self._log(now, EventName.FINISHED, reason=reason))
         out.append(Finish(reason, self.version))
-
-    # ------------------------------------------------------------ tasks
-    def _dispatch(self, now: float, out: list[Action]) -> None:
-        if not self._started:
-            if len(self._online) < max(1, self.config.min_devices):
-                return
-            self._started = True
-        in_progress = bool(self._tasks or self._pending)
-        if (self.strategy.close.dispatch == "round" and in_progress) or not self._idle:
-            return
-        slots = len(self._idle)
-        if self.strategy.concurrency is not None:
-            slots = min(slots, self.strategy.concurrency - len(self._tasks))
-        if slots <= 0:
-            return
-        if not in_progress:
-            self._round_started_s = now  # an idle spell does not count against the deadline
-        deadline_s: float | None = None
-        if self.strategy.close.abandon_at_close:
-            at = self.strategy.close.deadline_at(self._view(now))
-            deadline_s = None if at is None else max(0.0, at - now)
-        # Least recently served first, so a concurrency limit rotates through the fleet.
-        if self._sampler is not None:
-            pool = sorted(self._idle)
-            chosen = [pool[int(i)] for i in self._sampler.choice(len(pool), size=min(slots, len(pool)), replace=False)]
-        else:
-            chosen = sorted(self._idle, key=self._lru_key)[:slots]
-        for device_id in chosen:
-            self._send(self._devices[device_id], now, deadline_s, out)
-
-    def _lru_key(self, device_id: str) -> tuple[float, str]:
-        last = self._devices[device_id].last_dispatch_s
-        return (-math.inf if last is None else last, device_id)
-
-    def unassignable(self, profile: str) -> str | None:
-        """Why `profile` cannot be sent under this strategy, or None if it can."""
-        try:
-            _, indices = self.assignment_for(profile, self.round)
-        except ConfigError as exc:
-            return str(exc)
-        if indices is not None and not self.strategy.merge.accepts_submodels:
-            return f"strategy {self.strategy.name!r} merges full models only; {profile!r} is a submodel"
-        return None
-
-    def _send(self, dev: DeviceRecord, now: float, deadline_s: float | None, out: list[Action]) -> None:
-        if dev.profile_override is not None and (why := self.unassignable(dev.profile_override)) is not None:
-            # A per-device choice (from its hello, or restored from a checkpoint) that no longer
-            # fits: drop it with a reason rather than stop the server.
-            out.append(self._log(now, EventName.DOWNGRADE_REFUSED, device=dev.device_id,
-                                 **{"from": dev.profile_override, "to": None}, reason=why))
-            dev.profile_override = None
-        profile = dev.profile_override or self.assign.profile_for(dev.device_id, dev.hello, self.round)
-        assignment, indices = self.assignment_for(profile, self.round)
-        if indices is not None and not self.strategy.merge.accepts_submodels:
-            raise ConfigError(f"strategy {self.strategy.name!r} merges full models only, but device "
-                              f"{dev.device_id!r} was assigned submodel profile {profile!r}")
-        self._task_seq += 1
-        task = TaskRecord(f"t{self._task_seq}", dev.device_id, self.round, self.version, profile, now, indices,
-                          assignment)
-        self._tasks[task.task_id] = task
-        dev.task_id, dev.last_dispatch_s = task.task_id, now
-        self._set(dev, state="busy")
-        out.append(SendTask(dev.device_id, task.task_id, task.round, task.base_version, assignment, indices,
-                            deadline_s))
-        out.append(self._log(now, EventName.TASK_SENT, device=dev.device_id, task_id=task.task_id,
-                             base_version=task.base_version, profile=profile))
-
-    def assignment_for(self, profile: str, round_index: int) -> tuple[Assignment, IndexArray | None]:
-        """The method's assignment for `profile` in `round_index` and its checked global indices."""
-        key = (profile, round_index)
-        if key not in self._assign_cache:
-            if len(self._assign_cache) > 64:  # profiles × a few rounds; FedRolex changes per round
-                self._assign_cache.clear()
-            assignment, raw = self.method.for_profile(profile).assign(profile, round_index)
-            try:
-                idx = None if raw is None else agg.check_indices(raw, self.model.n_params, f"profile {profile!r}")
-            except RoundError as exc:
-                raise ConfigError(str(exc)) from None
-            if idx is not None:
-                idx.flags.writeable = False
-            self._assign_cache[key] = (assignment, idx)
-        return self._assign_cache[key]
-
-    def _resolve(self, task: TaskRecord, closed_reason: str, state: str) -> None:
-        del self._tasks[task.task_id]
-        self._closed[(task.device_id, task.task_id)] = closed_reason
-        while len(self._closed) > self.config.remember_tasks:
-            self._closed.popitem(last=False)
-        dev = self._devices[task.device_id]
-        dev.task_id = None
-        self._set(dev, state=state)
-
-    def _abandon(self, task: TaskRecord, now: float, reason: str, out: list[Action], *, slow: bool = False) -> None:
-        """`slow`: dropped for taking too long, so its elapsed time is a lower bound on its task time."""
-        self._resolve(task, f"was abandoned ({reason})", "idle")
-        dev = self._devices[task.device_id]
-        dev.n_abandoned += 1
-        if slow:
-            self._set_task_time(dev, max(dev.task_s or 0.0, now - task.dispatched_s))
-        out.append(self._log(now, EventName.TASK_ABANDONED, device=task.device_id, task_id=task.task_id,
-                             base_version=task.base_version, reason=reason))
-
-    def _expire_tasks(self, now: float, out: list[Action]) -> None:
-        timeout = self.config.task_timeout_s
-        if timeout is None:
-            return
-        for task in list(self._tasks.values()):  # dispatch order: stop at the first young task
-            if now - task.dispatched_s < timeout:
-                break
-            self._abandon(task, now, f"no update within task_timeout_s={timeout:g}", out, slow=True)
-
-    def _set_task_time(self, dev: DeviceRecord, task_s: float) -> None:
-        if dev.online:
-            self._task_time.remove(dev.task_s)
-            self._task_time.add(task_s)
-        dev.task_s = task_s
-
-    def _set(self, dev: DeviceRecord, *, online: bool | None = None, state: str | None = None) -> None:
-        if online is not None and online != dev.online:
-            (self._task_time.add if online else self._task_time.remove)(dev.task_s)
-            dev.online = online
-        if state is not None:
-            dev.state = state
-        for bucket, member in ((self._online, dev.online), (self._idle, dev.online and dev.state == "idle")):
-            if member:
-                bucket.add(dev.device_id)
-            else:
-                bucket.discard(dev.device_id)
-
-    def _log(self, now: float, event: str, **fields: Any) -> Log:
-        return Log({"event": event, "t": now, "round": self.round, "version": self.version, **fields})

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -110,6 +110,11 @@ class SimDevice:
     redeliver: bool = False  # deliver every update twice, as a QoS-1 redelivery would
     ram_mb: int = 1024
     profiles: tuple[str, ...] = ()
+    # `train` is a pure function of (base, indices): `simulate` may run it when the update is
+    # delivered rather than when the task is sent, so a task in flight holds only a reference to
+    # its base model (shared with the engine's history), not its own trained copy. A device whose
+    # training takes real time (testbed.simulate's pool) leaves this False and starts at dispatch.
+    train_at_delivery: ClassVar[bool] = True
 
     @property
     def duration_s(self) -> float:
@@ -119,8 +124,15 @@ class SimDevice:
         """Deterministic fake training from `base` (the submodel buffer it was sent)."""
         target = self.target if indices is None else self.target[indices]
         progress = 1.0 - (1.0 - self.step_frac) ** self.local_steps
-        local = (base + progress * (target - base)).astype(np.float32)
-        return (local - base).astype(np.float32) if self.kind == "delta" else local
+        # The same float ops as base + progress·(target − base), in place: 1M-parameter fleets
+        # spend most of their simulation time here, and each temporary is a 4 MB pass.
+        moved = target - base
+        moved *= progress
+        moved += base
+        local = moved.astype(np.float32, copy=False)
+        if self.kind == "delta":
+            np.subtract(local, base, out=local)
+        return local
 
     def hello(self) -> Hello:
         return Hello(device_id=self.device_id, board="sim", cores=1.0, ram_mb=self.ram_mb,
@@ -169,6 +181,25 @@ def _update_for(dev: SimDevice, task_id: str, base_version: int) -> Update:
                   train_s=dev.duration_s, peak_rss_mb=0.0, energy_j=None, kind=dev.kind)
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """A task's training, run when its update is delivered. `base` is the global model it was
+    sent (the engine never writes a published model in place, so the reference stays valid)."""
+
+    dev: SimDevice
+    base: FloatArray
+    indices: IndexArray | None
+
+    def run(self) -> FloatArray:
+        return self.dev.train(self.base if self.indices is None else self.base[self.indices], self.indices)
+
+
+def _trained(dev: SimDevice, base: FloatArray, indices: IndexArray | None) -> Any:
+    if getattr(dev, "train_at_delivery", False):
+        return _Deferred(dev, base, indices)
+    return dev.train(base if indices is None else base[indices], indices)
+
+
 _HELLO, _OFFLINE, _UPDATE, _TICK = range(4)
 
 
@@ -209,7 +240,8 @@ def simulate(
 
     heap: list[tuple[float, int, int, Any]] = []
     seq = itertools.count()
-    incarnation = dict.fromkeys(by_id, 0)  # bumped when a device drops, voiding its in-flight work
+    # Bumped when a device drops, voiding its in-flight work; only devices that dropped have one.
+    incarnation: dict[str, int] = {}
     ticks: set[float] = set()
     result = SimResult(engine, clock, [], [], [], None, 0)
 
@@ -233,19 +265,18 @@ def simulate(
         base_model = engine.model_at(task.base_version)
         if task.device_id in by_id and base_model is not None:
             dev = by_id[task.device_id]
-            base = base_model if task.indices is None else base_model[task.indices]
             push(max(start, task.dispatched_s + dev.duration_s), _UPDATE,
-                 (dev.device_id, 0, _update_for(dev, task.task_id, task.base_version), dev.train(base, task.indices)))
+                 (dev.device_id, 0, _update_for(dev, task.task_id, task.base_version),
+                  _trained(dev, base_model, task.indices)))
 
     def run_actions(actions: list[Any], now: float) -> bool:
         for action in actions:
             if isinstance(action, SendTask):
                 dev = by_id[action.device_id]
                 assert engine is not None and action.base_version == engine.version
-                base = engine.global_flat if action.indices is None else engine.global_flat[action.indices]
                 upd = _update_for(dev, action.task_id, action.base_version)
-                push(now + dev.duration_s, _UPDATE,
-                     (dev.device_id, incarnation[dev.device_id], upd, dev.train(base, action.indices)))
+                push(now + dev.duration_s, _UPDATE, (dev.device_id, incarnation.get(dev.device_id, 0), upd,
+                                                     _trained(dev, engine.global_flat, action.indices)))
             elif isinstance(action, NewGlobal):
                 assert engine is not None
                 value = metric(engine.global_flat) if metric is not None else None
@@ -277,14 +308,16 @@ def simulate(
                 ticks.add(t)
                 push(t, _TICK, None)
         elif kind == _OFFLINE:
-            incarnation[payload] += 1
+            incarnation[payload] = incarnation.get(payload, 0) + 1
             events = [DeviceOffline(payload, "availability schedule")]
             schedule_change(by_id[payload], t)
         elif kind == _UPDATE:
             device_id, inc, upd, values = payload
-            if inc != incarnation[device_id]:
+            if inc != incarnation.get(device_id, 0):
                 continue  # the device went offline while training; the work is lost
-            if isinstance(values, Future):  # a device that trains for real, in a pool (testbed.simulate)
+            if isinstance(values, _Deferred):
+                values = values.run()
+            elif isinstance(values, Future):  # a device that trains for real, in a pool (testbed.simulate)
                 values = values.result()
             event = UpdateReceived(device_id, upd, values)
             events = [event, event] if by_id[device_id].redeliver else [event]

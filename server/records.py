@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from runtime.errors import ConfigError
@@ -42,7 +43,7 @@ class EngineConfig:
             raise ConfigError(f"max_devices={self.max_devices} must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)  # one per device that said hello: 100,000 in a large simulation
 class DeviceRecord:
     """Engine-owned and mutable; read it through `Engine.devices`, never change it."""
 
@@ -59,7 +60,7 @@ class DeviceRecord:
     profile_override: str | None = None  # set by the assign policy after a failure (OOM: a smaller profile)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class TaskRecord:
     task_id: str
     device_id: str
@@ -72,7 +73,7 @@ class TaskRecord:
     assignment: Assignment
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class AcceptedUpdate:
     task: TaskRecord
     staleness: int
@@ -124,3 +125,52 @@ class TaskTimeMedian:
         k = (total - 1) // 2  # lower median: the time by which half the fleet is done
         value = self._sorted[k] if k < len(self._sorted) else math.inf
         return value if math.isfinite(value) else None
+
+
+class IdleQueue:
+    """The online idle devices, least recently served first, as a heap with lazy deletion.
+
+    The engine dispatches on almost every event; sorting every idle device each time made
+    dispatch O(idle · log idle) per event (the largest cost at 100,000 simulated devices). A
+    device's key (last dispatch time, id) cannot change while it is idle (only a dispatch sets
+    it, and a dispatch takes it out), so a heap gives the same order: ids are unique, no ties.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._members: dict[str, tuple[float, str]] = {}  # id -> its key in the heap
+
+    def add(self, device_id: str, last_dispatch_s: float | None) -> None:
+        if device_id in self._members:
+            return
+        key = (-math.inf if last_dispatch_s is None else last_dispatch_s, device_id)
+        self._members[device_id] = key
+        heapq.heappush(self._heap, key)
+
+    def discard(self, device_id: str) -> None:
+        if self._members.pop(device_id, None) is not None and len(self._heap) > 2 * len(self._members) + 64:
+            self._heap = list(self._members.values())  # drop the dead entries; amortised O(1)
+            heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __bool__(self) -> bool:
+        return bool(self._members)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def least_recent(self, n: int) -> list[str]:
+        """The `n` least recently served idle devices, in that order; they stay members."""
+        out: list[tuple[float, str]] = []
+        while self._heap and len(out) < n:
+            key = heapq.heappop(self._heap)
+            if self._members.get(key[1]) == key and (not out or out[-1] != key):
+                out.append(key)
+        for key in out:
+            heapq.heappush(self._heap, key)
+        return [key[1] for key in out]
