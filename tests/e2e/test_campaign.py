@@ -167,10 +167,8 @@ def test_campaign_requiring_cgroups_on_a_host_without_them(tmp_path):
 def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     run = tmp_path / "default"
     before = frozenset(orchard_cgroups_left("default"))
-    started = time.monotonic()
     proc = orchard("campaign", "run", str(ROOT / "campaigns" / "default.toml"), "--out", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.monotonic() - started < 180
     summary = json.loads((run / "summary.json").read_text())
     for key in ("campaign", "strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy",
                 "time_to_target_s", "updates_accepted", "updates_rejected", "utilization", "devices"):
