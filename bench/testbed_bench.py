@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import itertools
 import json
 import math
 import os
@@ -72,18 +71,18 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench-testbed")
 ORCHARD = ROOT / ".venv" / "bin" / "orchard"
 DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 LADDER = (8, 16, 32, 48, 64)
 OVERHEAD_SCALE_N = 16
@@ -93,8 +92,6 @@ LOCAL_STEPS = 10
 TELEMETRY_HZ = 1.0  # the devices' default (runtime/device_config.py)
 KEEP_HZ = 0.9
 KEEP_CONTRIBUTED = 0.9
-SAMPLE_S = 0.5
-LAG_EVERY_S = 2.0
 SPACING_SLACK_S = 0.02
 EDGE_S = 1.5  # the last samples may still be in flight when the server stops
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
@@ -103,8 +100,6 @@ SECTION_BUDGET_S = 340.0  # no run starts unless its estimate fits in this
 RUN_GRACE_S = 90.0  # past wall_s: SIGINT the runner (it cleans up), then SIGKILL what is left
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
-CLASSES = ("runner", "server", "broker", "devices", "other")
-HARNESS = ("runner", "server", "broker")
 
 
 # ------------------------------------------------------------------------------ campaigns
@@ -146,188 +141,6 @@ board = "{SCALE_BOARD}"
 count = {n}
 """
 
-
-# ------------------------------------------------------------------------------ the sampler
-def _classify(cmdline: list[str]) -> str:
-    text = " ".join(cmdline)
-    if "-m server" in text:
-        return "server"
-    if "testbed.broker" in text or "amqtt" in text:
-        return "broker"
-    if "-m runtime" in text:
-        return "devices"
-    return "other"
-
-
-def _proc_cgroups(pid: int) -> list[str]:
-    """cgroupfs dirs of a process under an `orchard` prefix (v1: one per controller; v2: one)."""
-    dirs = []
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "/orchard/" not in path + "/":
-                continue
-            if not controllers:
-                dirs.append(CGROUP_ROOT + path)
-            for c in controllers.split(","):
-                if c and not c.startswith("name="):
-                    dirs.append(f"{CGROUP_ROOT}/{c}{path}")
-    return dirs
-
-
-def _read_usage_s(group_dir: str) -> float | None:
-    """CPU seconds a device group received: v1 cpuacct.usage, v2 cpu.stat usage_usec; None elsewhere."""
-    with contextlib.suppress(OSError, ValueError):
-        return int(Path(group_dir, "cpuacct.usage").read_text()) / 1e9
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(group_dir, "cpu.stat").read_text().splitlines():
-            if line.startswith("usage_usec "):
-                return int(line.split()[1]) / 1e6
-    return None
-
-
-def _last_t(path: Path) -> float | None:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 400))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        return float(lines[-1].split(",", 1)[0]) if len(lines) > 1 else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class TreeSampler(threading.Thread):
-    """Cumulative CPU per process class of one campaign's process tree, plus cgroups, memory and
-    the server's telemetry lag, sampled every SAMPLE_S until stop()."""
-
-    def __init__(self, root_pid: int, run: Path) -> None:
-        super().__init__(daemon=True)
-        self.root_pid = root_pid
-        self.run_dir = run
-        self.halt = threading.Event()
-        self.cls: dict[tuple[int, float], str] = {}
-        self.cpu: dict[tuple[int, float], float] = {}
-        self.procs: dict[tuple[int, float], psutil.Process] = {}
-        self.groups: dict[str, float] = {}  # cpuacct / cpu.stat dir -> last usage seconds
-        self.all_group_dirs: set[str] = set()  # every controller dir of every device group
-        self.usage_dirs: set[str] = set()  # one CPU-accounting dir per device group
-        self.series: list[tuple[float, dict[str, float], float]] = []  # (wall t, cumulative per class, host busy s)
-        self.lag_ticks: list[tuple[float, float, float]] = []  # (wall t, median lag, max lag)
-        self.peak_devices_rss_mb = 0.0
-        self.peak_device_rss_mb = 0.0
-        self.min_available_mb = psutil.virtual_memory().available / 2**20
-        self.errors: list[str] = []
-        self._next_lag = 0.0
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(10)
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                self.sample()
-            except Exception as exc:  # a sampler bug must not hang the bench
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            self.halt.wait(SAMPLE_S)
-        with contextlib.suppress(Exception):
-            self.sample()
-
-    def sample(self) -> None:
-        now = time.time()
-        try:
-            root = psutil.Process(self.root_pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        seen: dict[int, tuple[psutil.Process, tuple[int, float], int]] = {}
-        for p in tree:
-            with contextlib.suppress(psutil.Error):
-                seen[p.pid] = (p, (p.pid, p.create_time()), p.ppid())
-
-        def kind_of(pid: int) -> str | None:
-            if pid not in seen:
-                return None
-            p, key, ppid = seen[pid]
-            # "other" is looked at again: between fork and exec a child still shows the runner's
-            # command line, and the runner forks every server, broker and device process.
-            if self.cls.get(key, "other") == "other":
-                parent = kind_of(ppid) if ppid != pid else None
-                if pid == self.root_pid:
-                    kind = "runner"
-                elif parent == "devices":  # the trainer the agent spawns, and anything below it
-                    kind = "devices"
-                else:
-                    try:
-                        kind = _classify(p.cmdline())
-                    except psutil.Error:
-                        kind = "other"
-                    if kind == "devices":
-                        self._add_groups(pid)
-                self.cls[key] = kind
-                self.procs[key] = p
-            return self.cls[key]
-
-        rss_by_device: dict[int, float] = {}
-        for pid, (p, key, ppid) in seen.items():
-            kind = kind_of(pid)
-            try:
-                t = p.cpu_times()
-                self.cpu[key] = t.user + t.system
-                if kind == "devices":
-                    agent = ppid if kind_of(ppid) == "devices" else pid
-                    rss_by_device[agent] = rss_by_device.get(agent, 0.0) + p.memory_info().rss / 2**20
-            except psutil.Error:
-                continue
-        for d in self.usage_dirs:
-            usage = _read_usage_s(d)
-            if usage is not None:
-                self.groups[d] = usage
-        totals = dict.fromkeys(CLASSES, 0.0)
-        for key, cpu in self.cpu.items():
-            totals[self.cls[key]] += cpu
-        h = psutil.cpu_times()
-        busy = h.user + h.nice + h.system + getattr(h, "irq", 0.0) + getattr(h, "softirq", 0.0) + getattr(
-            h, "steal", 0.0)
-        self.series.append((now, totals, busy))
-        if rss_by_device:
-            self.peak_devices_rss_mb = max(self.peak_devices_rss_mb, sum(rss_by_device.values()))
-            self.peak_device_rss_mb = max(self.peak_device_rss_mb, max(rss_by_device.values()))
-        self.min_available_mb = min(self.min_available_mb, psutil.virtual_memory().available / 2**20)
-        if now >= self._next_lag:
-            self._next_lag = now + LAG_EVERY_S
-            lags = [now - t for f in (self.run_dir / "devices").glob("*.csv") if (t := _last_t(f)) is not None]
-            if lags:
-                self.lag_ticks.append((now, statistics.median(lags), max(lags)))
-
-    def _add_groups(self, pid: int) -> None:
-        for d in _proc_cgroups(pid):
-            self.all_group_dirs.add(d)
-            real = os.path.realpath(d)
-            if real not in self.usage_dirs and _read_usage_s(real) is not None:
-                self.usage_dirs.add(real)
-
-    def at(self, t: float) -> tuple[dict[str, float], float]:
-        """Cumulative CPU per class and host busy seconds at wall time t (linear between samples)."""
-        s = self.series
-        if not s:
-            return dict.fromkeys(CLASSES, 0.0), 0.0
-        if t <= s[0][0]:
-            return dict(s[0][1]), s[0][2]
-        for (t0, a, h0), (t1, b, h1) in itertools.pairwise(s):
-            if t0 <= t <= t1:
-                w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
-                return {k: a[k] + w * (b[k] - a[k]) for k in CLASSES}, h0 + w * (h1 - h0)
-        return dict(s[-1][1]), s[-1][2]
-
-    def alive_tree(self) -> list[psutil.Process]:
-        alive = []
-        for (_pid, created), p in self.procs.items():
-            with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
 
 
 # ------------------------------------------------------------------------------ one run
