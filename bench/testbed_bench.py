@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import signal
 import statistics
@@ -77,6 +76,7 @@ from typing import Any
 
 import psutil
 
+from bench.testbed_figures import fleet_figures
 from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,39 +84,38 @@ OUT = Path("/tmp/bench-testbed")
 ORCHARD = ROOT / ".venv" / "bin" / "orchard"
 DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
 
-LADDER = (8, 16, 32, 48, 64)
-OVERHEAD_SCALE_N = 16
+LADDER = (8, 16, 32, 48, 64, 96)
+OVERHEAD_SCALE_N = 32
 SCALE_BOARD = "rpi4b-4gb"
-SCALE_WALL_S = 40.0
-LOCAL_STEPS = 10
-TELEMETRY_HZ = 1.0  # the devices' default (runtime/device_config.py)
+SCALE_MODEL = "lenet"
+BOARD_S = 40.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
+LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in runs (delivered CPU)
 KEEP_HZ = 0.9
+KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
-SPACING_SLACK_S = 0.02
-EDGE_S = 1.5  # the last samples may still be in flight when the server stops
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
-SECTION_BUDGET_S = 340.0  # no run starts unless its estimate fits in this
-RUN_GRACE_S = 90.0  # past wall_s: SIGINT the runner (it cleans up), then SIGKILL what is left
+SECTION_BUDGET_S = 600.0  # no run starts unless its estimate fits in this
+RUN_GRACE_S = 90.0  # past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
 
 
 # ------------------------------------------------------------------------------ campaigns
-def scale_toml(n: int, name: str, wall_s: float = SCALE_WALL_S) -> str:
-    # Quotas are a ceiling per board (~0.21 core for a Pi 4 here); N of them oversubscribe the
-    # 2 cores on purpose, which is what this measures, so the capacity check is opened up.
+def scale_toml(n: int, name: str, board_s: float = BOARD_S) -> str:
+    # dilation = "auto": the runner slows the campaign by (sum of board quotas) / (what the host can
+    # give), so N boards get their quota each; the ladder measures whether they really do.
     return f"""[campaign]
 name = "{name}"
 seed = 0
-description = "testbed bench: {n} x {SCALE_BOARD}, mlp, fixed wall time"
+description = "testbed bench: {n} x {SCALE_BOARD}, {SCALE_MODEL}, fixed board time, dilated"
 
 [stop]
 rounds = 1000000
-wall_s = {wall_s:g}
+wall_s = {board_s:g}
 
 [model]
-name = "mlp"
+name = "{SCALE_MODEL}"
 dataset = "digits"
 partition = "iid"
 
@@ -133,7 +132,8 @@ kind = "embedded"
 
 [throttle]
 backend = "auto"
-dilation = "off"          # the scale bench measures an oversubscribed host on purpose
+require = true
+dilation = "auto"
 
 [[fleet]]
 name = "pi4"
@@ -153,29 +153,8 @@ def _events(run: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _device_ts(path: Path) -> list[float]:
-    ts = []
-    with contextlib.suppress(OSError), path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                ts.append(float(row["t_s"]))
-    return ts
-
-
-def _rate_hz(ts: list[float], a: float, b: float) -> float:
-    """Telemetry rate in [a, b]: samples at least one period apart (less `SPACING_SLACK_S`) per
-    second, taken greedily in time order. The agent's periodic samples are >= 1/hz apart, so on
-    their own they all count; the extra samples the agent takes at each end of a task (per-task
-    energy, runtime/agent.py `_on_task` / `_poll_trainer`) are thinned out, and can only fill a
-    second the periodic sampler left empty. So this is "seconds of the window with fresh telemetry
-    at the server", at most ~1/(period - slack)."""
-    if b <= a:
-        return 0.0
-    n, last = 0, -math.inf
-    for t in sorted(t for t in ts if a <= t <= b):
-        if t >= last + 1.0 / TELEMETRY_HZ - SPACING_SLACK_S:
-            n, last = n + 1, t
-    return n / (b - a)
+def _median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 2) if xs else None
 
 
 def _share(part: float, whole: float) -> float | None:
@@ -202,7 +181,8 @@ def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[s
     }
 
 
-def run_campaign(label: str, config: Path, run: Path, wall_s: float) -> dict[str, Any]:
+def run_campaign(label: str, config: Path, run: Path, wall_s: float,
+                 board_s: float | None = None) -> dict[str, Any]:
     """Run one campaign under the sampler; return its raw figures (never raises for a failed run)."""
     cores = os.cpu_count() or 1
     log_path = run.parent / f"{run.name}.out"
@@ -214,14 +194,22 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float) -> dict[str
                                  "--quiet"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     sampler = TreeSampler(proc.pid, run)
     sampler.start()
+    # wall_s is the expected wall time; once fleet.json gives the run's dilation, the deadline
+    # follows it (a busier host at launch means a larger dilation, so a longer run).
     deadline = time.monotonic() + wall_s + RUN_GRACE_S
     interrupted = killed = False
+    dilated = board_s is None
     rusage = None
     status = 0
     while True:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        if not dilated and board_s is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                factor = float(json.loads((run / "fleet.json").read_text())["time_dilation"])
+                deadline = time.monotonic() + board_s * factor + RUN_GRACE_S
+                dilated = True
         if time.monotonic() > deadline and not interrupted:
             interrupted = True  # the runner turns SIGINT into a clean stop
             deadline = time.monotonic() + 40.0
@@ -248,7 +236,6 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float) -> dict[str
     first = {e["event"]: e for e in reversed(events) if "event" in e}
     start_t = first.get("server_start", {}).get("wall_t")
     stop_t = first.get("server_stop", {}).get("wall_t")
-    camp_t = first.get("campaign_start", {}).get("wall_t")
     fin = first.get("finished")
     res["stop_reason"] = first.get("campaign_stop", {}).get("reason")
 
@@ -275,45 +262,35 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float) -> dict[str
     if sampler.errors:
         res["sampler_errors"] = sorted(set(sampler.errors))[:5]
 
-    # ---- federation figures
-    device_ids: list[str] = []
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        device_ids = [d["id"] for d in json.loads((run / "fleet.json").read_text())["devices"]]
+    # ---- federation figures (board time: server.csv and devices/<id>.csv are stamped in it)
+    fleet: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        fleet = json.loads((run / "fleet.json").read_text())
+    device_ids = [d["id"] for d in fleet.get("devices", []) if isinstance(d, dict) and "id" in d]
     res["n_devices"] = len(device_ids)
     contributed = {e.get("device") for e in events
                    if e.get("event") == "update_accepted" or str(e.get("event", "")).endswith("_rejected")}
     res["contributed_fraction"] = _share(len(contributed & set(device_ids)), len(device_ids))
-    if fin is not None and "t" in fin and "wall_t" in fin:
+    if fin is not None and "t" in fin:
         span = float(fin["t"])
-        engine0 = float(fin["wall_t"]) - span
         rows: list[float] = []
         with contextlib.suppress(OSError), (run / "server.csv").open(newline="") as f:
             for r in csv.DictReader(f):
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     rows.append(float(r["t_s"]))
-        res["server_s"] = round(span, 2)
+        res["server_board_s"] = round(span, 2)
         res["aggregations"] = len(rows)
         half = [w for w in rows if w >= span / 2]
-        res["aggregations_per_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
-        a, b = engine0 + span / 2, engine0 + span - EDGE_S
-        series = {d: _device_ts(run / "devices" / f"{d}.csv") for d in device_ids}
-        rates = [_rate_hz(series[d], a, b) for d in device_ids]
-        raw = [sum(1 for t in series[d] if a <= t <= b) / (b - a) for d in device_ids] if b > a else []
-        # The same, per device from 2 s after its first sample (devices up by then, window >= 5 s):
-        # tells a fleet that could not start in time from one that cannot keep the rate once up.
-        up = [_rate_hz(series[d], max(a, series[d][0] + 2.0), b) for d in device_ids
-              if series[d] and b - max(a, series[d][0] + 2.0) >= 5.0]
-        res["telemetry_hz_median"] = round(statistics.median(rates), 3) if rates else None
-        res["telemetry_hz_min"] = round(min(rates), 3) if rates else None
-        res["telemetry_hz_raw_median"] = round(statistics.median(raw), 3) if raw else None
-        res["telemetry_hz_median_once_up"] = round(statistics.median(up), 3) if up else None
-        res["devices_up_by_half"] = _share(sum(1 for ts in series.values() if ts and ts[0] <= a), len(device_ids))
-        starts = [ts[0] - camp_t for ts in series.values() if ts and camp_t]
-        res["startup_s_median"] = round(statistics.median(starts), 2) if starts else None
-        res["devices_without_telemetry"] = sum(1 for ts in series.values() if not ts)
-        ticks = [(m, x) for t, m, x in sampler.lag_ticks if a <= t <= b]
-        res["telemetry_lag_s_median"] = round(statistics.median(m for m, _ in ticks), 2) if ticks else None
-        res["telemetry_lag_s_max"] = round(max(x for _, x in ticks), 2) if ticks else None
+        res["aggregations_per_board_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
+    res["fleet"] = fleet_figures(run, events, fleet, sampler.usage_series, sampler.newest_ticks)
+    res["device_cpu"] = sampler.device_cpu_split()
+    res["memory"]["peak_agent_rss_mb_median"] = _median(list(sampler.peak_agent_rss_mb.values()))
+    res["memory"]["peak_trainer_rss_mb_median"] = _median(list(sampler.peak_trainer_rss_mb.values()))
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        fidelity = json.loads((run / "summary.json").read_text())["fidelity"]["delivered_cpu"]
+        ratios = [float(v["ratio"]) for v in fidelity.values()]
+        res["fleet"]["trainer_delivered_cpu"] = {"median": _median(ratios), "min": min(ratios) if ratios else None,
+                                                 "devices_measured": len(ratios)}
     res["cleanup_problems"] = _check_clean(sampler, run)
     return res
 
@@ -338,11 +315,22 @@ def _check_clean(sampler: TreeSampler, run: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ reporting
-def _keeps_up(r: dict[str, Any]) -> bool:
-    return (r.get("returncode") == 0 and "error" not in r
-            and (r.get("telemetry_hz_median") or 0.0) >= KEEP_HZ
-            and (r.get("contributed_fraction") or 0.0) >= KEEP_CONTRIBUTED
-            and (r.get("aggregations_per_min_2nd_half") or 0.0) > 0)
+def _broken(r: dict[str, Any]) -> list[str]:
+    """The properties a ladder point did not keep (empty: it keeps up)."""
+    fleet = r.get("fleet") or {}
+    hz, cpu = fleet.get("telemetry_hz_median"), (fleet.get("delivered_cpu") or {}).get("min")
+    out = []
+    if r.get("returncode") != 0 or "error" in r:
+        out.append(f"run failed: {str(r.get('error'))[:160]}")
+    if hz is None or hz < KEEP_HZ:
+        out.append(f"telemetry median {_fmt(hz, '.3f')} Hz < {KEEP_HZ}")
+    if cpu is None or cpu < KEEP_DELIVERED:
+        out.append(f"delivered CPU min {_fmt(cpu, '.3f')} < {KEEP_DELIVERED}")
+    if (r.get("contributed_fraction") or 0.0) < KEEP_CONTRIBUTED:
+        out.append(f"contributed {_fmt(r.get('contributed_fraction'), '.2f')} < {KEEP_CONTRIBUTED}")
+    if not (r.get("aggregations_per_board_min_2nd_half") or 0.0) > 0:
+        out.append("no aggregation in the 2nd half")
+    return out
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -366,30 +354,86 @@ def _overhead_line(label: str, r: dict[str, Any]) -> str:
 
 def _scale_line(r: dict[str, Any]) -> str:
     live = r.get("live") or {}
-    mem = r.get("memory") or {}
-    head = f"  scale N={r['n']:<3}"
-    if "error" in r and r.get("telemetry_hz_median") is None:
+    fleet = r.get("fleet") or {}
+    cpu = fleet.get("delivered_cpu") or {}
+    rss = fleet.get("rss") or {}
+    head = f"  fleet N={r['n']:<3}"
+    if "error" in r and fleet.get("telemetry_hz_median") is None:
         return f"{head} ERROR {r['error'][:200]}"
-    verdict = "keeps up" if r["keeps_up"] else "does NOT keep up"
-    return (f"{head} telemetry {_fmt(r.get('telemetry_hz_median'), '.2f')} Hz"
-            f" (min {_fmt(r.get('telemetry_hz_min'), '.2f')},"
-            f" once up {_fmt(r.get('telemetry_hz_median_once_up'), '.2f')},"
-            f" lag {_fmt(r.get('telemetry_lag_s_median'), '.1f')} s)"
-            f"  up by half {_fmt(r.get('devices_up_by_half'), '.0%')}"
+    verdict = "keeps up" if not r["broken"] else "does NOT keep up: " + "; ".join(r["broken"])
+    return (f"{head} dilation {_fmt(fleet.get('dilation'), '.2f')}"
+            f"  telemetry {_fmt(fleet.get('telemetry_hz_median'), '.3f')} Hz board"
+            f" (min {_fmt(fleet.get('telemetry_hz_min'), '.2f')},"
+            f" lag {_fmt(fleet.get('telemetry_lag_board_s_median'), '.1f')} s)"
+            f"  delivered CPU median {_fmt(cpu.get('median'), '.3f')} min {_fmt(cpu.get('min'), '.3f')}"
+            f" ({cpu.get('devices_measured')}/{cpu.get('devices')} devices)"
             f"  contributed {_fmt(r.get('contributed_fraction'), '.0%')}"
-            f"  aggregations/min 2nd half {_fmt(r.get('aggregations_per_min_2nd_half'), '.0f')}"
-            f"  startup {_fmt(r.get('startup_s_median'), '.1f')} s"
-            f"  harness {_fmt(live.get('harness_share_of_campaign_cpu'), '.0%')} of campaign CPU /"
-            f" {_fmt(live.get('harness_share_of_host'), '.0%')} of host"
+            f"  startup {_fmt(fleet.get('startup_board_s_median'), '.1f')} board s"
+            f"  harness {_fmt(live.get('harness_share_of_campaign_cpu'), '.1%')} of campaign CPU /"
+            f" {_fmt(live.get('harness_share_of_host'), '.1%')} of host"
+            f"  RSS agent {_fmt(rss.get('agent_mb_median'), '.0f')}"
+            f" + trainer {_fmt(rss.get('trainer_mb_median'), '.0f')} MB"
             f"  host busy {_fmt(live.get('host_busy_fraction'), '.0%')}"
             f" (others {_fmt(live.get('foreign_busy_fraction'), '.0%')})"
             f"  load {_fmt(r.get('loadavg_1m_end'), '.1f')}"
-            f"  devices RSS {_fmt(mem.get('peak_devices_rss_mb'), '.0f')} MB  -> {verdict}"
-            + (f"  [{r['error'][:120]}]" if "error" in r else ""))
+            f"  wall {_fmt(r.get('command_wall_s'), '.0f')} s -> {verdict}")
 
 
-def _estimate_s(n: int) -> float:
-    return SCALE_WALL_S + 20.0 + 0.5 * n  # start-up, shutdown and report grow with the fleet
+def _estimate_s(n: int, quota_cores: float, capacity_cores: float) -> float:
+    """Wall seconds of a ladder point: BOARD_S x the dilation the runner will pick, plus
+    preparation, start and shutdown (growing with the fleet)."""
+    return BOARD_S * max(1.0, n * quota_cores / capacity_cores) + 20.0 + 0.5 * n
+
+
+def _quota_and_capacity() -> tuple[float, float]:
+    """A SCALE_BOARD's quota on this host and the capacity the runner would plan with now."""
+    from runtime.board import load_board
+    from testbed.calibrate import board_quota_cores, get_host_speed
+    from testbed.dilation import DEFAULT_RESERVE_CORES, MIN_CAPACITY_CORES, background_cores
+
+    cores = os.cpu_count() or 1
+    quota = board_quota_cores(load_board(SCALE_BOARD), get_host_speed())
+    return quota, max(MIN_CAPACITY_CORES, cores - DEFAULT_RESERVE_CORES - background_cores(cores))
+
+
+def fleet_point(n: int) -> dict[str, Any]:
+    """One ladder point: N devices for BOARD_S board seconds."""
+    name = f"tbbench-n{n}"
+    config = OUT / f"{name}.toml"
+    config.write_text(scale_toml(n, name))
+    quota, capacity = _quota_and_capacity()
+    try:
+        r = run_campaign(f"N={n}", config, OUT / name, wall_s=_estimate_s(n, quota, capacity), board_s=BOARD_S)
+    except Exception as exc:  # the bench reports, it does not crash
+        r = {"label": f"N={n}", "error": f"{type(exc).__name__}: {exc}"}
+    r["n"] = n
+    r["broken"] = _broken(r)
+    r["keeps_up"] = not r["broken"]
+    return r
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    live, fleet = r.get("live") or {}, r.get("fleet") or {}
+    cpu, rss = fleet.get("delivered_cpu") or {}, fleet.get("rss") or {}
+    return {"n": r.get("n"), "keeps_up": r.get("keeps_up"), "broken": r.get("broken"),
+            "dilation": fleet.get("dilation"), "quota_cores_per_device": fleet.get("quota_cores_per_device"),
+            "telemetry_hz_board_median": fleet.get("telemetry_hz_median"),
+            "telemetry_hz_board_min": fleet.get("telemetry_hz_min"),
+            "telemetry_lag_board_s_median": fleet.get("telemetry_lag_board_s_median"),
+            "delivered_cpu_median": cpu.get("median"), "delivered_cpu_min": cpu.get("min"),
+            "trainer_delivered_cpu_median": (fleet.get("trainer_delivered_cpu") or {}).get("median"),
+            "contributed_fraction": r.get("contributed_fraction"),
+            "aggregations_per_board_min_2nd_half": r.get("aggregations_per_board_min_2nd_half"),
+            "startup_board_s_median": fleet.get("startup_board_s_median"),
+            "harness_share_of_campaign_cpu": live.get("harness_share_of_campaign_cpu"),
+            "harness_share_of_host": live.get("harness_share_of_host"),
+            "share_of_host": live.get("share_of_host"),
+            "rss_agent_mb_median": rss.get("agent_mb_median"), "rss_trainer_mb_median": rss.get("trainer_mb_median"),
+            "rss_device_mb_max": rss.get("device_mb_max"),
+            "host_busy_fraction": live.get("host_busy_fraction"),
+            "foreign_busy_fraction": live.get("foreign_busy_fraction"),
+            "device_cpu": r.get("device_cpu"),
+            "loadavg_1m_end": r.get("loadavg_1m_end"), "command_wall_s": r.get("command_wall_s")}
 
 
 def run() -> dict[str, Any]:
@@ -399,11 +443,12 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "caveat": CAVEAT,
         "host": {"cores": cores, "mem_total_mb": round(psutil.virtual_memory().total / 2**20)},
-        "setup": {"ladder": list(LADDER), "board": SCALE_BOARD, "model": "mlp", "dataset": "digits",
-                  "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "wall_s": SCALE_WALL_S,
-                  "telemetry_hz_configured": TELEMETRY_HZ,
-                  "keeps_up_when": f"no error, telemetry_hz_median >= {KEEP_HZ}, contributed_fraction >= "
-                                   f"{KEEP_CONTRIBUTED}, aggregations_per_min_2nd_half > 0"},
+        "setup": {"ladder": list(LADDER), "board": SCALE_BOARD, "model": SCALE_MODEL, "dataset": "digits",
+                  "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "board_s": BOARD_S,
+                  "dilation": "auto", "telemetry_hz_board_configured": 1.0,
+                  "keeps_up_when": f"no error, telemetry_hz_board_median >= {KEEP_HZ}, delivered_cpu_min >= "
+                                   f"{KEEP_DELIVERED}, contributed_fraction >= {KEEP_CONTRIBUTED}, "
+                                   "aggregations in the 2nd half"},
     }
     problems: list[str] = []
 
@@ -416,28 +461,24 @@ def run() -> dict[str, Any]:
     print(_overhead_line("default", r) + (f"  [{r['error'][:160]}]" if "error" in r else ""), flush=True)
     overhead: dict[str, Any] = {"default": r}
 
-    # ---- SCALE ladder
+    # ---- FLEET ladder
     rows: list[dict[str, Any]] = []
     stopped = "ladder done"
+    quota, _ = _quota_and_capacity()
     for n in LADDER:
         spent = time.monotonic() - t_section
-        if spent + _estimate_s(n) > SECTION_BUDGET_S:
-            stopped = f"time budget: N={n} would end past {SECTION_BUDGET_S:.0f} s (spent {spent:.0f} s)"
+        # Planned with the quiet host's capacity: the lead's rerun is the one the budget is for.
+        estimate = _estimate_s(n, quota, cores - 0.5)
+        if spent + estimate > SECTION_BUDGET_S:
+            stopped = (f"time budget: N={n} (~{estimate:.0f} s) would end past {SECTION_BUDGET_S:.0f} s"
+                       f" (spent {spent:.0f} s)")
             break
         need = n * MB_PER_DEVICE_BUDGET + MEM_RESERVE_MB
         avail = psutil.virtual_memory().available / 2**20
         if avail < need:
             stopped = f"memory: N={n} needs ~{need} MB, {avail:.0f} MB available"
             break
-        name = f"tbbench-n{n}"
-        config = OUT / f"{name}.toml"
-        config.write_text(scale_toml(n, name))
-        try:
-            r = run_campaign(f"N={n}", config, OUT / name, wall_s=SCALE_WALL_S)
-        except Exception as exc:
-            r = {"label": f"N={n}", "error": f"{type(exc).__name__}: {exc}"}
-        r["n"] = n
-        r["keeps_up"] = _keeps_up(r)
+        r = fleet_point(n)
         rows.append(r)
         problems += [f"N={n}: {p}" for p in r.get("cleanup_problems", [])]
         print(_scale_line(r), flush=True)
@@ -445,31 +486,16 @@ def run() -> dict[str, Any]:
             overhead[f"n{n}"] = r
             print(_overhead_line(f"N={n}", r), flush=True)
         if not r["keeps_up"] and n >= OVERHEAD_SCALE_N:
-            stopped = f"N={n} did not keep up"
+            stopped = f"N={n} did not keep up: {'; '.join(r['broken'])}"
             break
     keeping = [r["n"] for r in rows if r["keeps_up"]]
     largest = max(keeping) if keeping else None
-    print(f"  scale: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
-
-    def brief(r: dict[str, Any]) -> dict[str, Any]:
-        live = r.get("live") or {}
-        return {"n": r.get("n"), "keeps_up": r.get("keeps_up"), "error": r.get("error"),
-                "telemetry_hz_median": r.get("telemetry_hz_median"), "telemetry_hz_min": r.get("telemetry_hz_min"),
-                "telemetry_hz_median_once_up": r.get("telemetry_hz_median_once_up"),
-                "devices_up_by_half": r.get("devices_up_by_half"),
-                "telemetry_lag_s_median": r.get("telemetry_lag_s_median"),
-                "contributed_fraction": r.get("contributed_fraction"),
-                "aggregations_per_min_2nd_half": r.get("aggregations_per_min_2nd_half"),
-                "startup_s_median": r.get("startup_s_median"),
-                "harness_share_of_campaign_cpu": live.get("harness_share_of_campaign_cpu"),
-                "harness_share_of_host": live.get("harness_share_of_host"),
-                "host_busy_fraction": live.get("host_busy_fraction"),
-                "foreign_busy_fraction": live.get("foreign_busy_fraction"),
-                "loadavg_1m_end": r.get("loadavg_1m_end"),
-                "peak_devices_rss_mb": (r.get("memory") or {}).get("peak_devices_rss_mb")}
-
-    out["scale"] = {"table": [brief(r) for r in rows], "largest_keeping_up": largest, "stopped": stopped,
-                    "runs": rows}
+    first_fail = next((r for r in rows if not r["keeps_up"]), None)
+    print(f"  fleet: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
+    out["fleet"] = {"table": [_brief(r) for r in rows], "largest_keeping_up": largest,
+                    "first_failing": None if first_fail is None else {"n": first_fail["n"],
+                                                                       "broken": first_fail["broken"]},
+                    "stopped": stopped, "section_wall_s": round(time.monotonic() - t_section, 1), "runs": rows}
     out["overhead"] = {k: {"live": v.get("live"), "whole_command": v.get("whole_command"),
                            "error": v.get("error"), "command_wall_s": v.get("command_wall_s"),
                            "stop_reason": v.get("stop_reason")} for k, v in overhead.items()}
@@ -480,4 +506,11 @@ def run() -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(json.dumps(run(), indent=1))
+    if len(sys.argv) > 1:  # `python bench/testbed_bench.py 32 [48 ...]`: single ladder points, for A/B runs
+        OUT.mkdir(parents=True, exist_ok=True)
+        for arg in sys.argv[1:]:
+            r = fleet_point(int(arg))
+            print(_scale_line(r), flush=True)
+            print(json.dumps({"brief": _brief(r), "run": r}, indent=1, default=str))
+    else:
+        print(json.dumps(run(), indent=1))

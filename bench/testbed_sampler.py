@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -87,9 +86,16 @@ class TreeSampler(threading.Thread):
         self.all_group_dirs: set[str] = set()  # every controller dir of every device group
         self.usage_dirs: set[str] = set()  # one CPU-accounting dir per device group
         self.series: list[tuple[float, dict[str, float], float]] = []  # (wall t, cumulative per class, host busy s)
-        self.lag_ticks: list[tuple[float, float, float]] = []  # (wall t, median lag, max lag)
+        # (wall t, the newest t_s of every devices/<id>.csv): t_s is board time, so the lag is
+        # worked out once the run's clock (start, dilation) is known
+        self.newest_ticks: list[tuple[float, list[float]]] = []
+        self.usage_series: dict[str, list[tuple[float, float]]] = {}  # device id -> (wall t, cgroup CPU s)
         self.peak_devices_rss_mb = 0.0
         self.peak_device_rss_mb = 0.0
+        self.peak_agent_rss_mb: dict[int, float] = {}  # agent pid -> its peak RSS
+        self.agent_keys: set[tuple[int, float]] = set()  # device processes: agents ...
+        self.trainer_keys: set[tuple[int, float]] = set()  # ... and the trainers they started
+        self.peak_trainer_rss_mb: dict[int, float] = {}  # agent pid -> the peak RSS of its trainer(s)
         self.min_available_mb = psutil.virtual_memory().available / 2**20
         self.errors: list[str] = []
         self._next_lag = 0.0
@@ -150,14 +156,20 @@ class TreeSampler(threading.Thread):
                 t = p.cpu_times()
                 self.cpu[key] = t.user + t.system
                 if kind == "devices":
-                    agent = ppid if kind_of(ppid) == "devices" else pid
-                    rss_by_device[agent] = rss_by_device.get(agent, 0.0) + p.memory_info().rss / 2**20
+                    is_trainer = kind_of(ppid) == "devices"
+                    agent = ppid if is_trainer else pid
+                    rss = p.memory_info().rss / 2**20
+                    rss_by_device[agent] = rss_by_device.get(agent, 0.0) + rss
+                    peaks = self.peak_trainer_rss_mb if is_trainer else self.peak_agent_rss_mb
+                    (self.trainer_keys if is_trainer else self.agent_keys).add(key)
+                    peaks[agent] = max(peaks.get(agent, 0.0), rss)
             except psutil.Error:
                 continue
         for d in self.usage_dirs:
             usage = _read_usage_s(d)
             if usage is not None:
                 self.groups[d] = usage
+                self.usage_series.setdefault(os.path.basename(d), []).append((time.time(), usage))
         totals = dict.fromkeys(CLASSES, 0.0)
         for key, cpu in self.cpu.items():
             totals[self.cls[key]] += cpu
@@ -171,9 +183,9 @@ class TreeSampler(threading.Thread):
         self.min_available_mb = min(self.min_available_mb, psutil.virtual_memory().available / 2**20)
         if now >= self._next_lag:
             self._next_lag = now + LAG_EVERY_S
-            lags = [now - t for f in (self.run_dir / "devices").glob("*.csv") if (t := _last_t(f)) is not None]
-            if lags:
-                self.lag_ticks.append((now, statistics.median(lags), max(lags)))
+            newest = [t for f in (self.run_dir / "devices").glob("*.csv") if (t := _last_t(f)) is not None]
+            if newest:
+                self.newest_ticks.append((now, newest))
 
     def _add_groups(self, pid: int) -> None:
         for d in _proc_cgroups(pid):
@@ -194,6 +206,11 @@ class TreeSampler(threading.Thread):
                 w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
                 return {k: a[k] + w * (b[k] - a[k]) for k in CLASSES}, h0 + w * (h1 - h0)
         return dict(s[-1][1]), s[-1][2]
+
+    def device_cpu_split(self) -> dict[str, float]:
+        """CPU seconds of the agents and of their trainers over the whole run (last samples)."""
+        return {"agents_cpu_s": round(sum(self.cpu.get(k, 0.0) for k in self.agent_keys), 3),
+                "trainers_cpu_s": round(sum(self.cpu.get(k, 0.0) for k in self.trainer_keys), 3)}
 
     def alive_tree(self) -> list[psutil.Process]:
         alive = []
