@@ -190,7 +190,7 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
-                event = self.mqtt.get(timeout_s=0.05)
+                event = self.mqtt.get(timeout_s=self.cfg.poll_s)
                 if event is not None:
                     self._on_event(event)
                 self._poll_trainer()
