@@ -1,36 +1,40 @@
-"""Testbed capacity and overhead (issue 4): how many emulated boards this host runs, and what
-the harness itself costs.
+"""Testbed capacity and overhead (issue 16 part 7): how many emulated boards this host runs
+faithfully under time dilation, and what the harness itself costs.
 
-SCALE. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training the smallest model
-(mlp on digits, iid, `LOCAL_STEPS` local steps, semi-async K = N/2), each with a fixed wall time
-(`SCALE_WALL_S`, the stop rule; rounds = 10^6 so they never stop it), for N in `LADDER`, stopping
-after the first N (>= 16) that does not keep up. Per N, from the run folder:
-  * telemetry_hz_median: per device, the telemetry rate in the second half of the server's life
-    (wall clock [start + T/2, start + T - 1.5 s]; T = the server's own clock at `finished`), from
-    the sample timestamps in devices/<id>.csv, which the server writes as it receives them (a
-    server that falls behind shows as missing samples at the end). Samples are counted at most one
-    per period (see `_rate_hz`: the agent adds samples at task ends; `telemetry_hz_raw_median`
-    counts every row). A device not up yet counts 0 for the time it was not. The configured rate is
-    1 Hz; the agent schedules each sample 1/hz after the previous one was taken, so ~0.97-0.98 is
-    ideal, and one sample more or less in the ~18.5 s window moves a device by ~0.05 Hz (so 1.03
-    can show up when task-end samples fill the gaps).
-    `telemetry_hz_median_once_up`: the same from 2 s after each device's first sample, and
-    `devices_up_by_half`: devices with a sample before the window; together they separate a fleet
-    too slow to start within the window from one that cannot hold the rate;
-  * telemetry_lag_s_median: how stale the newest sample the server has written is, sampled every
-    `LAG_EVERY_S` in the second half (median over ticks of the median over devices). Up to ~2 s
-    when keeping up (1 Hz sampling + up to 1 s publish batching);
-  * contributed_fraction: devices with at least one update accepted or rejected by the server;
-  * aggregations_per_min_2nd_half: server.csv rows with wall_s >= T/2, per minute;
-  * startup_s_median: campaign_start -> a device's first telemetry sample;
-  * harness CPU share (as OVERHEAD below) and host load: 1-min load average at the end, the host's
-    busy fraction over the run (all cores, everyone's work) and the part of it not from this
-    campaign (`foreign_busy_fraction`: other engineers' tests, this sampler);
-  * memory: peak summed RSS of the device processes (agent + trainer), the peak per device, and the
-    lowest MemAvailable seen. A run does not start unless MemAvailable leaves room for N devices at
-    `MB_PER_DEVICE_BUDGET`.
-A run "keeps up" when it ended without error, telemetry_hz_median >= 0.9, contributed_fraction >=
-0.9 and aggregations_per_min_2nd_half > 0. `largest_keeping_up` is the largest such N.
+FLEET. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training LeNet-5 on digits
+(iid, `LOCAL_STEPS` local steps, semi-async K = N/2) for `BOARD_S` board seconds ([stop] wall_s;
+rounds = 10^6 never stop it), with [throttle] dilation = "auto" and require = true: the runner
+slows the campaign by delta = (sum of board quotas) / (host cores - 0.5 reserved - other tenants'
+use at launch), so each device's cgroup quota is its board's / delta (= capacity / N for one board
+kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. N goes through
+`LADDER` and stops after the first N >= `OVERHEAD_SCALE_N` that does not keep up, or when the
+next point would not fit `SECTION_BUDGET_S` (estimated with a quiet host's delta). Per N (figures
+from bench/testbed_figures.py, all in board time):
+  * telemetry_hz_board_median / _min: per device, samples at least one board period apart per
+    board second, over [w0, w1]: from 2 board s after the last device's first sample (at latest
+    the middle of the run; devices not up by then count 0 until they are) to 1.5 board s before
+    the server's end. Configured: 1 Hz of board time (the runner gives agents 1/delta Hz of wall
+    time); ~0.97-0.98 is ideal (the agent schedules on a fixed grid);
+  * delivered_cpu_median / _min: per device, the cgroup's CPU (cpuacct.usage, sampled every
+    0.5 s wall) over quota x wall time, summed over the spans between two consecutive telemetry
+    rows both taken while training. Why this definition: the quota caps the whole cgroup (agent +
+    trainer) and a training trainer always wants more than it, so anything below 1 is CPU the host
+    did not give (other devices, the harness, other tenants). `trainer_delivered_cpu_median` is
+    the report's own check (summary.json fidelity: the trainer's CPU over its steps / (train time
+    x quota)); it is lower by what the agent used inside the same quota while the trainer trained;
+  * device_cpu: CPU seconds of all agents and all trainers over the run (psutil): the agents'
+    share of a device's CPU is overhead a real board pays in proportion to delta times less;
+  * RSS: agent and trainer as the devices report them (median over devices of each device's
+    median), and the bench's own peak per process kind (agent, trainer, multiprocessing's
+    resource tracker: every process a device keeps);
+  * harness CPU share (as OVERHEAD below), contributed_fraction, aggregations per board minute in
+    the 2nd half, start-up (board s from the campaign start to a device's first sample), host load:
+    1-min load average at the end, host busy fraction over the live window and the part of it not
+    from this campaign (`foreign_busy_fraction`).
+A point keeps up when it ended without error, telemetry_hz_board_median >= 0.9, delivered_cpu_min
+>= 0.9 (every device), contributed_fraction >= 0.9 and an aggregation happened in the 2nd half;
+`largest_keeping_up` is the largest such N, `first_failing` names the first N that did not and
+which property broke. `python bench/testbed_bench.py 32 48` runs single points (A/B runs).
 
 OVERHEAD. The process tree of the `orchard campaign run` subprocess is sampled every `SAMPLE_S`
 with psutil; every process (keyed by pid + start time, so reuse is never confused) keeps its last
@@ -48,7 +52,7 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
     includes every descendant that was reaped: a lower bound, since a trainer orphaned when its
     agent is killed is reaped by init) next to the sampled total.
 Reported for campaigns/default.toml (8 boards, CNN, stops at 30 rounds / 0.93 accuracy) and for
-the N=16 scale point.
+the N=32 fleet point.
 
 Hygiene: after each run the device cgroups the sampler saw (from /proc/<pid>/cgroup) must be gone,
 and no process the runner started may be alive, nor any process with the run folder on its
@@ -62,13 +66,9 @@ runs. Benchmarks measure, never assert: a run that errors is reported with its e
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,12 +76,11 @@ from typing import Any
 
 import psutil
 
-from bench.testbed_figures import fleet_figures
-from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
+from bench.testbed_run import run_campaign
+from bench.testbed_sampler import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench-testbed")
-ORCHARD = ROOT / ".venv" / "bin" / "orchard"
 DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
 
 LADDER = (8, 16, 32, 48, 64, 96)
@@ -96,7 +95,6 @@ KEEP_CONTRIBUTED = 0.9
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
 SECTION_BUDGET_S = 600.0  # no run starts unless its estimate fits in this
-RUN_GRACE_S = 90.0  # past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
 
@@ -141,177 +139,6 @@ board = "{SCALE_BOARD}"
 count = {n}
 """
 
-
-
-# ------------------------------------------------------------------------------ one run
-def _events(run: Path) -> list[dict[str, Any]]:
-    out = []
-    with contextlib.suppress(OSError), (run / "events.jsonl").open() as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def _median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 2) if xs else None
-
-
-def _share(part: float, whole: float) -> float | None:
-    return round(part / whole, 4) if whole > 0 else None
-
-
-def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[str, Any]:
-    ca, ha = sampler.at(a)
-    cb, hb = sampler.at(b)
-    cpu = {k: round(cb[k] - ca[k], 3) for k in CLASSES}
-    harness = sum(cpu[k] for k in HARNESS)
-    total = sum(cpu.values())
-    window = b - a
-    host_busy = hb - ha
-    return {
-        "window_s": round(window, 2), "cpu_s": cpu, "harness_cpu_s": round(harness, 3),
-        "campaign_cpu_s": round(total, 3),
-        "harness_share_of_campaign_cpu": _share(harness, total),
-        "harness_share_of_host": _share(harness, window * cores),
-        "share_of_host": {k: _share(v, window * cores) for k, v in cpu.items()},
-        "campaign_share_of_host": _share(total, window * cores),
-        "host_busy_fraction": _share(host_busy, window * cores),
-        "foreign_busy_fraction": _share(max(0.0, host_busy - total), window * cores),
-    }
-
-
-def run_campaign(label: str, config: Path, run: Path, wall_s: float,
-                 board_s: float | None = None) -> dict[str, Any]:
-    """Run one campaign under the sampler; return its raw figures (never raises for a failed run)."""
-    cores = os.cpu_count() or 1
-    log_path = run.parent / f"{run.name}.out"
-    t0 = time.time()
-    me0 = psutil.Process().cpu_times()
-    res: dict[str, Any] = {"label": label, "config": str(config), "run": str(run)}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(ORCHARD), "campaign", "run", str(config), "--out", str(run), "--force",
-                                 "--quiet"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    sampler = TreeSampler(proc.pid, run)
-    sampler.start()
-    # wall_s is the expected wall time; once fleet.json gives the run's dilation, the deadline
-    # follows it (a busier host at launch means a larger dilation, so a longer run).
-    deadline = time.monotonic() + wall_s + RUN_GRACE_S
-    interrupted = killed = False
-    dilated = board_s is None
-    rusage = None
-    status = 0
-    while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if not dilated and board_s is not None:
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                factor = float(json.loads((run / "fleet.json").read_text())["time_dilation"])
-                deadline = time.monotonic() + board_s * factor + RUN_GRACE_S
-                dilated = True
-        if time.monotonic() > deadline and not interrupted:
-            interrupted = True  # the runner turns SIGINT into a clean stop
-            deadline = time.monotonic() + 40.0
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-        elif time.monotonic() > deadline and not killed:
-            killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    t_end = time.time()
-    sampler.stop()
-    me1 = psutil.Process().cpu_times()
-    res.update(returncode=proc.returncode, command_wall_s=round(t_end - t0, 2))
-    if interrupted:
-        res["timeout"] = f"still running {wall_s + RUN_GRACE_S:.0f} s after start: SIGINT" + (
-            ", then SIGKILL" if killed else "")
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
-        res["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
-
-    events = _events(run)
-    first = {e["event"]: e for e in reversed(events) if "event" in e}
-    start_t = first.get("server_start", {}).get("wall_t")
-    stop_t = first.get("server_stop", {}).get("wall_t")
-    fin = first.get("finished")
-    res["stop_reason"] = first.get("campaign_stop", {}).get("reason")
-
-    # ---- CPU: live window and whole command
-    res["bench_sampler_cpu_s"] = round((me1.user + me1.system) - (me0.user + me0.system), 3)
-    if start_t and stop_t and stop_t > start_t:
-        res["live"] = _cpu_figures(sampler, start_t, stop_t, cores)
-    whole = _cpu_figures(sampler, t0, t_end, cores)
-    ca, _ = sampler.at(start_t or t0)
-    cb, _ = sampler.at(stop_t or t_end)
-    ce, _ = sampler.at(t_end)
-    whole["runner_cpu_s_split"] = {"before_live": round(ca["runner"], 3),
-                                   "live": round(cb["runner"] - ca["runner"], 3),
-                                   "after_live": round(ce["runner"] - cb["runner"], 3)}
-    whole["devices_cpu_s_from_cgroups"] = round(sum(sampler.groups.values()), 3)
-    whole["device_groups_seen"] = len(sampler.usage_dirs)
-    if rusage is not None:
-        whole["tree_cpu_s_from_wait4"] = round(rusage.ru_utime + rusage.ru_stime, 3)
-    res["whole_command"] = whole
-    res["memory"] = {"peak_devices_rss_mb": round(sampler.peak_devices_rss_mb, 1),
-                     "peak_device_rss_mb": round(sampler.peak_device_rss_mb, 1),
-                     "min_host_available_mb": round(sampler.min_available_mb)}
-    res["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    if sampler.errors:
-        res["sampler_errors"] = sorted(set(sampler.errors))[:5]
-
-    # ---- federation figures (board time: server.csv and devices/<id>.csv are stamped in it)
-    fleet: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        fleet = json.loads((run / "fleet.json").read_text())
-    device_ids = [d["id"] for d in fleet.get("devices", []) if isinstance(d, dict) and "id" in d]
-    res["n_devices"] = len(device_ids)
-    contributed = {e.get("device") for e in events
-                   if e.get("event") == "update_accepted" or str(e.get("event", "")).endswith("_rejected")}
-    res["contributed_fraction"] = _share(len(contributed & set(device_ids)), len(device_ids))
-    if fin is not None and "t" in fin:
-        span = float(fin["t"])
-        rows: list[float] = []
-        with contextlib.suppress(OSError), (run / "server.csv").open(newline="") as f:
-            for r in csv.DictReader(f):
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    rows.append(float(r["t_s"]))
-        res["server_board_s"] = round(span, 2)
-        res["aggregations"] = len(rows)
-        half = [w for w in rows if w >= span / 2]
-        res["aggregations_per_board_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
-    res["fleet"] = fleet_figures(run, events, fleet, sampler.usage_series, sampler.newest_ticks)
-    res["device_cpu"] = sampler.device_cpu_split()
-    res["memory"]["peak_agent_rss_mb_median"] = _median(list(sampler.peak_agent_rss_mb.values()))
-    res["memory"]["peak_trainer_rss_mb_median"] = _median(list(sampler.peak_trainer_rss_mb.values()))
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        fidelity = json.loads((run / "summary.json").read_text())["fidelity"]["delivered_cpu"]
-        ratios = [float(v["ratio"]) for v in fidelity.values()]
-        res["fleet"]["trainer_delivered_cpu"] = {"median": _median(ratios), "min": min(ratios) if ratios else None,
-                                                 "devices_measured": len(ratios)}
-    res["cleanup_problems"] = _check_clean(sampler, run)
-    return res
-
-
-def _check_clean(sampler: TreeSampler, run: Path) -> list[str]:
-    problems = []
-    left = sorted({d for d in sampler.all_group_dirs if os.path.isdir(d)})
-    if left:
-        problems.append(f"cgroups left behind: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}")
-    strays = sampler.alive_tree()
-    for p in strays:  # processes of our own tree (pid + start time matched): ours to end
-        with contextlib.suppress(psutil.Error):
-            problems.append(f"process left running: pid {p.pid} {' '.join(p.cmdline())[:120]} (killed)")
-            p.kill()
-    ours = {p.pid for p in strays}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if str(run) in cmd and p.pid not in ours and p.pid != os.getpid():
-            problems.append(f"process with the run folder in its command line: pid {p.pid} {cmd[:120]} "
-                            "(not started by this sampler's tree as far as it saw; left alone)")
-    return problems
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -430,10 +257,40 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
             "share_of_host": live.get("share_of_host"),
             "rss_agent_mb_median": rss.get("agent_mb_median"), "rss_trainer_mb_median": rss.get("trainer_mb_median"),
             "rss_device_mb_max": rss.get("device_mb_max"),
+            "peak_rss_mb_median": {k: (r.get("memory") or {}).get(f"peak_{k}_rss_mb_median")
+                                   for k in ("agent", "trainer", "tracker")},
+            "peak_device_rss_mb": (r.get("memory") or {}).get("peak_device_rss_mb"),
             "host_busy_fraction": live.get("host_busy_fraction"),
             "foreign_busy_fraction": live.get("foreign_busy_fraction"),
             "device_cpu": r.get("device_cpu"),
             "loadavg_1m_end": r.get("loadavg_1m_end"), "command_wall_s": r.get("command_wall_s")}
+
+
+def runner_poll_cost(reps: int = 7, calls: int = 300) -> dict[str, Any]:
+    """CPU per device per runner loop for its OOM check, before (group.stats(): every counter, the
+    pid lists) and after (group.oom_kills(): one file), on a real cgroup, interleaved, median over
+    `reps` of `calls` calls each (process_time)."""
+    from testbed.throttle import detect_throttle
+
+    try:
+        throttle = detect_throttle(prefix="orchard", run_id=f"tbbench-poll-{os.getpid()}", required=True)
+    except Exception as exc:  # no writable cgroups: nothing to measure
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        group = throttle.create("probe", 0.1, 256)
+        stats_us, oom_us = [], []
+        for _ in range(reps):
+            for fn, out in ((group.stats, stats_us), (group.oom_kills, oom_us)):
+                c0 = time.process_time()
+                for _ in range(calls):
+                    fn()
+                out.append((time.process_time() - c0) / calls * 1e6)
+    finally:
+        throttle.close()
+    before, after = statistics.median(stats_us), statistics.median(oom_us)
+    return {"backend": throttle.backend, "stats_us_per_device_loop": round(before, 1),
+            "oom_kills_us_per_device_loop": round(after, 1), "ratio": round(before / after, 1),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def run() -> dict[str, Any]:
@@ -451,6 +308,8 @@ def run() -> dict[str, Any]:
                                    "aggregations in the 2nd half"},
     }
     problems: list[str] = []
+    out["runner_poll"] = runner_poll_cost()
+    print(f"  runner OOM poll per device per loop: {out['runner_poll']}", flush=True)
 
     # ---- OVERHEAD on the default campaign
     try:

@@ -93,6 +93,8 @@ class TreeSampler(threading.Thread):
         self.peak_devices_rss_mb = 0.0
         self.peak_device_rss_mb = 0.0
         self.peak_agent_rss_mb: dict[int, float] = {}  # agent pid -> its peak RSS
+        self.peak_tracker_rss_mb: dict[int, float] = {}  # agent pid -> multiprocessing's resource tracker
+        self._trackers: dict[tuple[int, float], bool] = {}
         self.agent_keys: set[tuple[int, float]] = set()  # device processes: agents ...
         self.trainer_keys: set[tuple[int, float]] = set()  # ... and the trainers they started
         self.peak_trainer_rss_mb: dict[int, float] = {}  # agent pid -> the peak RSS of its trainer(s)
@@ -160,9 +162,11 @@ class TreeSampler(threading.Thread):
                     agent = ppid if is_trainer else pid
                     rss = p.memory_info().rss / 2**20
                     rss_by_device[agent] = rss_by_device.get(agent, 0.0) + rss
-                    peaks = self.peak_trainer_rss_mb if is_trainer else self.peak_agent_rss_mb
-                    (self.trainer_keys if is_trainer else self.agent_keys).add(key)
+                    tracker = is_trainer and self._is_tracker(key, p)
+                    peaks = (self.peak_tracker_rss_mb if tracker else self.peak_trainer_rss_mb) if is_trainer \
+                        else self.peak_agent_rss_mb
                     peaks[agent] = max(peaks.get(agent, 0.0), rss)
+                    (self.trainer_keys if is_trainer else self.agent_keys).add(key)
             except psutil.Error:
                 continue
         for d in self.usage_dirs:
@@ -206,6 +210,15 @@ class TreeSampler(threading.Thread):
                 w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
                 return {k: a[k] + w * (b[k] - a[k]) for k in CLASSES}, h0 + w * (h1 - h0)
         return dict(s[-1][1]), s[-1][2]
+
+    def _is_tracker(self, key: tuple[int, float], p: psutil.Process) -> bool:
+        """A child of an agent that is multiprocessing's resource tracker, not its trainer."""
+        if key not in self._trackers:
+            try:
+                self._trackers[key] = "resource_tracker" in " ".join(p.cmdline())
+            except psutil.Error:
+                return False
+        return self._trackers[key]
 
     def device_cpu_split(self) -> dict[str, float]:
         """CPU seconds of the agents and of their trainers over the whole run (last samples)."""
