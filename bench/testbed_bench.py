@@ -6,10 +6,11 @@ FLEET. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training Le
 rounds = 10^6 never stop it), with [throttle] dilation = "auto" and require = true: the runner
 slows the campaign by delta = (sum of board quotas) / (host cores - 0.5 reserved - other tenants'
 use at launch), so each device's cgroup quota is its board's / delta (= capacity / N for one board
-kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. N goes through
-`LADDER` and stops after the first N >= `OVERHEAD_SCALE_N` that does not keep up, or when the
-next point would not fit `SECTION_BUDGET_S` (estimated with a quiet host's delta). Per N (figures
-from bench/testbed_figures.py, all in board time):
+kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. N starts at
+`START_N` (32), doubles while it keeps up and then halves the gap to the smallest N that did not,
+down to `SEARCH_STEP` (or halves towards `MIN_N` when 32 fails); it stops early when the next point
+would not fit `SECTION_BUDGET_S` (estimated with a quiet host's delta). Per N (figures from
+bench/testbed_figures.py, all in board time):
   * telemetry_hz_board_median / _min: per device, samples at least one board period apart per
     board second, over [w0, w1]: from 2 board s after the last device's first sample (at latest
     the middle of the run; devices not up by then count 0 until they are) to 1.5 board s before
@@ -52,7 +53,7 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
     includes every descendant that was reaped: a lower bound, since a trainer orphaned when its
     agent is killed is reaped by init) next to the sampled total.
 Reported for campaigns/default.toml (8 boards, CNN, stops at 30 rounds / 0.93 accuracy) and for
-the N=32 fleet point.
+the N=32 (`START_N`) fleet point.
 
 Hygiene: after each run the device cgroups the sampler saw (from /proc/<pid>/cgroup) must be gone,
 and no process the runner started may be alive, nor any process with the run folder on its
@@ -83,18 +84,19 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench-testbed")
 DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
 
-LADDER = (8, 16, 32, 48, 64, 96)
-OVERHEAD_SCALE_N = 32
+START_N = 32  # the issue's target; the search doubles from here, or halves towards MIN_N
+MIN_N = 8
+SEARCH_STEP = 8  # the search stops when the largest good and smallest bad N are this close
 SCALE_BOARD = "rpi4b-4gb"
 SCALE_MODEL = "lenet"
-BOARD_S = 40.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
+BOARD_S = 30.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
 LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in runs (delivered CPU)
 KEEP_HZ = 0.9
 KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
-SECTION_BUDGET_S = 600.0  # no run starts unless its estimate fits in this
+SECTION_BUDGET_S = 720.0  # no point starts unless its estimate fits: quiet host ~ default + N=32, 64, 48
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
 
@@ -206,6 +208,17 @@ def _scale_line(r: dict[str, Any]) -> str:
             f"  wall {_fmt(r.get('command_wall_s'), '.0f')} s -> {verdict}")
 
 
+def _next_n(good: int, bad: int | None) -> int | None:
+    """The next fleet size to try: double past the largest that kept up, or halve the gap to the
+    smallest that did not, until the gap is within SEARCH_STEP."""
+    if bad is None:
+        return 2 * good
+    if good == 0:
+        return bad // 2 if bad // 2 >= MIN_N else None
+    mid = (good + bad) // 2 // SEARCH_STEP * SEARCH_STEP
+    return mid if good < mid < bad else None
+
+
 def _estimate_s(n: int, quota_cores: float, capacity_cores: float) -> float:
     """Wall seconds of a ladder point: BOARD_S x the dilation the runner will pick, plus
     preparation, start and shutdown (growing with the fleet)."""
@@ -300,7 +313,8 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "caveat": CAVEAT,
         "host": {"cores": cores, "mem_total_mb": round(psutil.virtual_memory().total / 2**20)},
-        "setup": {"ladder": list(LADDER), "board": SCALE_BOARD, "model": SCALE_MODEL, "dataset": "digits",
+        "setup": {"start_n": START_N, "search_step": SEARCH_STEP, "board": SCALE_BOARD, "model": SCALE_MODEL,
+                  "dataset": "digits",
                   "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "board_s": BOARD_S,
                   "dilation": "auto", "telemetry_hz_board_configured": 1.0,
                   "keeps_up_when": f"no error, telemetry_hz_board_median >= {KEEP_HZ}, delivered_cpu_min >= "
@@ -320,11 +334,14 @@ def run() -> dict[str, Any]:
     print(_overhead_line("default", r) + (f"  [{r['error'][:160]}]" if "error" in r else ""), flush=True)
     overhead: dict[str, Any] = {"default": r}
 
-    # ---- FLEET ladder
+    # ---- FLEET search: from N = START_N, doubling while it keeps up, then halving the gap
+    # to the first N that does not (down to 8 when even START_N fails).
     rows: list[dict[str, Any]] = []
-    stopped = "ladder done"
+    stopped = "search done"
     quota, _ = _quota_and_capacity()
-    for n in LADDER:
+    good, bad = 0, None
+    n: int | None = START_N
+    while n is not None:
         spent = time.monotonic() - t_section
         # Planned with the quiet host's capacity: the lead's rerun is the one the budget is for.
         estimate = _estimate_s(n, quota, cores - 0.5)
@@ -341,15 +358,17 @@ def run() -> dict[str, Any]:
         rows.append(r)
         problems += [f"N={n}: {p}" for p in r.get("cleanup_problems", [])]
         print(_scale_line(r), flush=True)
-        if n == OVERHEAD_SCALE_N:
+        if n == START_N:
             overhead[f"n{n}"] = r
             print(_overhead_line(f"N={n}", r), flush=True)
-        if not r["keeps_up"] and n >= OVERHEAD_SCALE_N:
-            stopped = f"N={n} did not keep up: {'; '.join(r['broken'])}"
-            break
+        if r["keeps_up"]:
+            good = n
+        else:
+            bad = n
+        n = _next_n(good, bad)
     keeping = [r["n"] for r in rows if r["keeps_up"]]
     largest = max(keeping) if keeping else None
-    first_fail = next((r for r in rows if not r["keeps_up"]), None)
+    first_fail = min((r for r in rows if not r["keeps_up"]), key=lambda r: r["n"], default=None)
     print(f"  fleet: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
     out["fleet"] = {"table": [_brief(r) for r in rows], "largest_keeping_up": largest,
                     "first_failing": None if first_fail is None else {"n": first_fail["n"],
