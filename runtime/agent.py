@@ -107,7 +107,7 @@ class Agent:
         self.threads = cfg.threads or threads_for_quota(cores, self.board.cores)
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
         self.n_samples, self.label_histogram = label_histogram(cfg.shard)
-        self.freeze = FreezeWatch()
+        self.freeze = FreezeWatch.for_poll(cfg.poll_s)
         # Launched at the end of __init__ and not waited for (see the module doc).
         self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
                                       providers=self.board.runtime.execution_providers, start=False)
