@@ -190,7 +190,9 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
-                event = self.mqtt.get(timeout_s=self.cfg.poll_s)
+                # Woken for the next sample too: a poll_s scaled by dilation would otherwise make
+                # samples up to poll_s late, and the 1/hz grid jitter by as much.
+                event = self.mqtt.get(timeout_s=min(self.cfg.poll_s, max(0.0, next_sample - time.monotonic())))
                 if event is not None:
                     self._on_event(event)
                 self._poll_trainer()
