@@ -170,7 +170,9 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
     out["telemetry_lag_board_s_median"] = _median(lags)
     per_device: dict[str, Any] = {}
     for d in devices:
-        quota = _num(d.get("cpu_quota_cores"))
+        # The quota the cgroup enforces, as the device reads it (full precision; fleet.json rounds)
+        enforced = [q for r in rows[d["id"]] if (q := _num(r.get("cpu_quota_cores")))]
+        quota = statistics.median(enforced) if enforced else _num(d.get("cpu_quota_cores"))
         got = delivered(training_spans(rows[d["id"]]), usage_series.get(d["id"], ()), quota or 0.0, start_unix,
                         dilation) if quota else None
         if got is not None:
