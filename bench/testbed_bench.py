@@ -96,7 +96,7 @@ KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
-SECTION_BUDGET_S = 720.0  # no point starts unless its estimate fits: quiet host ~ default + N=32, 64, 48
+SECTION_BUDGET_S = 780.0  # no point starts unless its estimate fits: quiet host ~ default + N=32, 64, 48
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
 
