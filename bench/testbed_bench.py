@@ -1,36 +1,41 @@
-"""Testbed capacity and overhead (issue 4): how many emulated boards this host runs, and what
-the harness itself costs.
+"""Testbed capacity and overhead (issue 16 part 7): how many emulated boards this host runs
+faithfully under time dilation, and what the harness itself costs.
 
-SCALE. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training the smallest model
-(mlp on digits, iid, `LOCAL_STEPS` local steps, semi-async K = N/2), each with a fixed wall time
-(`SCALE_WALL_S`, the stop rule; rounds = 10^6 so they never stop it), for N in `LADDER`, stopping
-after the first N (>= 16) that does not keep up. Per N, from the run folder:
-  * telemetry_hz_median: per device, the telemetry rate in the second half of the server's life
-    (wall clock [start + T/2, start + T - 1.5 s]; T = the server's own clock at `finished`), from
-    the sample timestamps in devices/<id>.csv, which the server writes as it receives them (a
-    server that falls behind shows as missing samples at the end). Samples are counted at most one
-    per period (see `_rate_hz`: the agent adds samples at task ends; `telemetry_hz_raw_median`
-    counts every row). A device not up yet counts 0 for the time it was not. The configured rate is
-    1 Hz; the agent schedules each sample 1/hz after the previous one was taken, so ~0.97-0.98 is
-    ideal, and one sample more or less in the ~18.5 s window moves a device by ~0.05 Hz (so 1.03
-    can show up when task-end samples fill the gaps).
-    `telemetry_hz_median_once_up`: the same from 2 s after each device's first sample, and
-    `devices_up_by_half`: devices with a sample before the window; together they separate a fleet
-    too slow to start within the window from one that cannot hold the rate;
-  * telemetry_lag_s_median: how stale the newest sample the server has written is, sampled every
-    `LAG_EVERY_S` in the second half (median over ticks of the median over devices). Up to ~2 s
-    when keeping up (1 Hz sampling + up to 1 s publish batching);
-  * contributed_fraction: devices with at least one update accepted or rejected by the server;
-  * aggregations_per_min_2nd_half: server.csv rows with wall_s >= T/2, per minute;
-  * startup_s_median: campaign_start -> a device's first telemetry sample;
-  * harness CPU share (as OVERHEAD below) and host load: 1-min load average at the end, the host's
-    busy fraction over the run (all cores, everyone's work) and the part of it not from this
-    campaign (`foreign_busy_fraction`: other engineers' tests, this sampler);
-  * memory: peak summed RSS of the device processes (agent + trainer), the peak per device, and the
-    lowest MemAvailable seen. A run does not start unless MemAvailable leaves room for N devices at
-    `MB_PER_DEVICE_BUDGET`.
-A run "keeps up" when it ended without error, telemetry_hz_median >= 0.9, contributed_fraction >=
-0.9 and aggregations_per_min_2nd_half > 0. `largest_keeping_up` is the largest such N.
+FLEET. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training LeNet-5 on digits
+(iid, `LOCAL_STEPS` local steps, semi-async K = N/2) for `BOARD_S` board seconds ([stop] wall_s;
+rounds = 10^6 never stop it), with [throttle] dilation = "auto" and require = true: the runner
+slows the campaign by delta = (sum of board quotas) / (host cores - 0.5 reserved - other tenants'
+use at launch), so each device's cgroup quota is its board's / delta (= capacity / N for one board
+kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. N starts at
+`START_N` (32), doubles while it keeps up and then halves the gap to the smallest N that did not,
+down to `SEARCH_STEP` (or halves towards `MIN_N` when 32 fails); it stops early when the next point
+would not fit `SECTION_BUDGET_S` (estimated with a quiet host's delta). Per N (figures from
+bench/testbed_figures.py, all in board time):
+  * telemetry_hz_board_median / _min: per device, samples at least one board period apart per
+    board second, over [w0, w1]: from 2 board s after the last device's first sample (at latest
+    the middle of the run; devices not up by then count 0 until they are) to 1.5 board s before
+    the server's end. Configured: 1 Hz of board time (the runner gives agents 1/delta Hz of wall
+    time); ~0.97-0.98 is ideal (the agent schedules on a fixed grid);
+  * delivered_cpu_median / _min: per device, the cgroup's CPU (cpuacct.usage, sampled every
+    0.5 s wall) over quota x wall time, summed over the spans between two consecutive telemetry
+    rows both taken while training. Why this definition: the quota caps the whole cgroup (agent +
+    trainer) and a training trainer always wants more than it, so anything below 1 is CPU the host
+    did not give (other devices, the harness, other tenants). `trainer_delivered_cpu_median` is
+    the report's own check (summary.json fidelity: the trainer's CPU over its steps / (train time
+    x quota)); it is lower by what the agent used inside the same quota while the trainer trained;
+  * device_cpu: CPU seconds of all agents and all trainers over the run (psutil): the agents'
+    share of a device's CPU is overhead a real board pays in proportion to delta times less;
+  * RSS: agent and trainer as the devices report them (median over devices of each device's
+    median), and the bench's own peak per process kind (agent, trainer, multiprocessing's
+    resource tracker: every process a device keeps);
+  * harness CPU share (as OVERHEAD below), contributed_fraction, aggregations per board minute in
+    the 2nd half, start-up (board s from the campaign start to a device's first sample), host load:
+    1-min load average at the end, host busy fraction over the live window and the part of it not
+    from this campaign (`foreign_busy_fraction`).
+A point keeps up when it ended without error, telemetry_hz_board_median >= 0.9, delivered_cpu_min
+>= 0.9 (every device), contributed_fraction >= 0.9 and an aggregation happened in the 2nd half;
+`largest_keeping_up` is the largest such N, `first_failing` names the first N that did not and
+which property broke. `python bench/testbed_bench.py 32 48` runs single points (A/B runs).
 
 OVERHEAD. The process tree of the `orchard campaign run` subprocess is sampled every `SAMPLE_S`
 with psutil; every process (keyed by pid + start time, so reuse is never confused) keeps its last
@@ -48,7 +53,7 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
     includes every descendant that was reaped: a lower bound, since a trainer orphaned when its
     agent is killed is reaped by init) next to the sampled total.
 Reported for campaigns/default.toml (8 boards, CNN, stops at 30 rounds / 0.93 accuracy) and for
-the N=16 scale point.
+the N=32 (`START_N`) fleet point.
 
 Hygiene: after each run the device cgroups the sampler saw (from /proc/<pid>/cgroup) must be gone,
 and no process the runner started may be alive, nor any process with the run folder on its
@@ -62,66 +67,55 @@ runs. Benchmarks measure, never assert: a run that errors is reported with its e
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import itertools
 import json
-import math
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from bench.testbed_run import run_campaign
+from bench.testbed_sampler import CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench-testbed")
-ORCHARD = ROOT / ".venv" / "bin" / "orchard"
 DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
-CGROUP_ROOT = "/sys/fs/cgroup"
 
-LADDER = (8, 16, 32, 48, 64)
-OVERHEAD_SCALE_N = 16
+START_N = 32  # the issue's target; the search doubles from here, or halves towards MIN_N
+MIN_N = 8
+SEARCH_STEP = 8  # the search stops when the largest good and smallest bad N are this close
 SCALE_BOARD = "rpi4b-4gb"
-SCALE_WALL_S = 40.0
-LOCAL_STEPS = 10
-TELEMETRY_HZ = 1.0  # the devices' default (runtime/device_config.py)
+SCALE_MODEL = "lenet"
+BOARD_S = 30.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
+LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in runs (delivered CPU)
 KEEP_HZ = 0.9
+KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
-SAMPLE_S = 0.5
-LAG_EVERY_S = 2.0
-SPACING_SLACK_S = 0.02
-EDGE_S = 1.5  # the last samples may still be in flight when the server stops
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
-SECTION_BUDGET_S = 340.0  # no run starts unless its estimate fits in this
-RUN_GRACE_S = 90.0  # past wall_s: SIGINT the runner (it cleans up), then SIGKILL what is left
+SECTION_BUDGET_S = 780.0  # no point starts unless its estimate fits: quiet host ~ default + N=32, 64, 48
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
-CLASSES = ("runner", "server", "broker", "devices", "other")
-HARNESS = ("runner", "server", "broker")
 
 
 # ------------------------------------------------------------------------------ campaigns
-def scale_toml(n: int, name: str, wall_s: float = SCALE_WALL_S) -> str:
-    # Quotas are a ceiling per board (~0.21 core for a Pi 4 here); N of them oversubscribe the
-    # 2 cores on purpose, which is what this measures, so the capacity check is opened up.
+def scale_toml(n: int, name: str, board_s: float = BOARD_S) -> str:
+    # dilation = "auto": the runner slows the campaign by (sum of board quotas) / (what the host can
+    # give), so N boards get their quota each; the ladder measures whether they really do.
     return f"""[campaign]
 name = "{name}"
 seed = 0
-description = "testbed bench: {n} x {SCALE_BOARD}, mlp, fixed wall time"
+description = "testbed bench: {n} x {SCALE_BOARD}, {SCALE_MODEL}, fixed board time, dilated"
 
 [stop]
 rounds = 1000000
-wall_s = {wall_s:g}
+wall_s = {board_s:g}
 
 [model]
-name = "mlp"
+name = "{SCALE_MODEL}"
 dataset = "digits"
 partition = "iid"
 
@@ -138,7 +132,8 @@ kind = "embedded"
 
 [throttle]
 backend = "auto"
-dilation = "off"          # the scale bench measures an oversubscribed host on purpose
+require = true
+dilation = "auto"
 
 [[fleet]]
 name = "pi4"
@@ -147,389 +142,24 @@ count = {n}
 """
 
 
-# ------------------------------------------------------------------------------ the sampler
-def _classify(cmdline: list[str]) -> str:
-    text = " ".join(cmdline)
-    if "-m server" in text:
-        return "server"
-    if "testbed.broker" in text or "amqtt" in text:
-        return "broker"
-    if "-m runtime" in text:
-        return "devices"
-    return "other"
-
-
-def _proc_cgroups(pid: int) -> list[str]:
-    """cgroupfs dirs of a process under an `orchard` prefix (v1: one per controller; v2: one)."""
-    dirs = []
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "/orchard/" not in path + "/":
-                continue
-            if not controllers:
-                dirs.append(CGROUP_ROOT + path)
-            for c in controllers.split(","):
-                if c and not c.startswith("name="):
-                    dirs.append(f"{CGROUP_ROOT}/{c}{path}")
-    return dirs
-
-
-def _read_usage_s(group_dir: str) -> float | None:
-    """CPU seconds a device group received: v1 cpuacct.usage, v2 cpu.stat usage_usec; None elsewhere."""
-    with contextlib.suppress(OSError, ValueError):
-        return int(Path(group_dir, "cpuacct.usage").read_text()) / 1e9
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(group_dir, "cpu.stat").read_text().splitlines():
-            if line.startswith("usage_usec "):
-                return int(line.split()[1]) / 1e6
-    return None
-
-
-def _last_t(path: Path) -> float | None:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 400))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        return float(lines[-1].split(",", 1)[0]) if len(lines) > 1 else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class TreeSampler(threading.Thread):
-    """Cumulative CPU per process class of one campaign's process tree, plus cgroups, memory and
-    the server's telemetry lag, sampled every SAMPLE_S until stop()."""
-
-    def __init__(self, root_pid: int, run: Path) -> None:
-        super().__init__(daemon=True)
-        self.root_pid = root_pid
-        self.run_dir = run
-        self.halt = threading.Event()
-        self.cls: dict[tuple[int, float], str] = {}
-        self.cpu: dict[tuple[int, float], float] = {}
-        self.procs: dict[tuple[int, float], psutil.Process] = {}
-        self.groups: dict[str, float] = {}  # cpuacct / cpu.stat dir -> last usage seconds
-        self.all_group_dirs: set[str] = set()  # every controller dir of every device group
-        self.usage_dirs: set[str] = set()  # one CPU-accounting dir per device group
-        self.series: list[tuple[float, dict[str, float], float]] = []  # (wall t, cumulative per class, host busy s)
-        self.lag_ticks: list[tuple[float, float, float]] = []  # (wall t, median lag, max lag)
-        self.peak_devices_rss_mb = 0.0
-        self.peak_device_rss_mb = 0.0
-        self.min_available_mb = psutil.virtual_memory().available / 2**20
-        self.errors: list[str] = []
-        self._next_lag = 0.0
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(10)
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                self.sample()
-            except Exception as exc:  # a sampler bug must not hang the bench
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            self.halt.wait(SAMPLE_S)
-        with contextlib.suppress(Exception):
-            self.sample()
-
-    def sample(self) -> None:
-        now = time.time()
-        try:
-            root = psutil.Process(self.root_pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        seen: dict[int, tuple[psutil.Process, tuple[int, float], int]] = {}
-        for p in tree:
-            with contextlib.suppress(psutil.Error):
-                seen[p.pid] = (p, (p.pid, p.create_time()), p.ppid())
-
-        def kind_of(pid: int) -> str | None:
-            if pid not in seen:
-                return None
-            p, key, ppid = seen[pid]
-            # "other" is looked at again: between fork and exec a child still shows the runner's
-            # command line, and the runner forks every server, broker and device process.
-            if self.cls.get(key, "other") == "other":
-                parent = kind_of(ppid) if ppid != pid else None
-                if pid == self.root_pid:
-                    kind = "runner"
-                elif parent == "devices":  # the trainer the agent spawns, and anything below it
-                    kind = "devices"
-                else:
-                    try:
-                        kind = _classify(p.cmdline())
-                    except psutil.Error:
-                        kind = "other"
-                    if kind == "devices":
-                        self._add_groups(pid)
-                self.cls[key] = kind
-                self.procs[key] = p
-            return self.cls[key]
-
-        rss_by_device: dict[int, float] = {}
-        for pid, (p, key, ppid) in seen.items():
-            kind = kind_of(pid)
-            try:
-                t = p.cpu_times()
-                self.cpu[key] = t.user + t.system
-                if kind == "devices":
-                    agent = ppid if kind_of(ppid) == "devices" else pid
-                    rss_by_device[agent] = rss_by_device.get(agent, 0.0) + p.memory_info().rss / 2**20
-            except psutil.Error:
-                continue
-        for d in self.usage_dirs:
-            usage = _read_usage_s(d)
-            if usage is not None:
-                self.groups[d] = usage
-        totals = dict.fromkeys(CLASSES, 0.0)
-        for key, cpu in self.cpu.items():
-            totals[self.cls[key]] += cpu
-        h = psutil.cpu_times()
-        busy = h.user + h.nice + h.system + getattr(h, "irq", 0.0) + getattr(h, "softirq", 0.0) + getattr(
-            h, "steal", 0.0)
-        self.series.append((now, totals, busy))
-        if rss_by_device:
-            self.peak_devices_rss_mb = max(self.peak_devices_rss_mb, sum(rss_by_device.values()))
-            self.peak_device_rss_mb = max(self.peak_device_rss_mb, max(rss_by_device.values()))
-        self.min_available_mb = min(self.min_available_mb, psutil.virtual_memory().available / 2**20)
-        if now >= self._next_lag:
-            self._next_lag = now + LAG_EVERY_S
-            lags = [now - t for f in (self.run_dir / "devices").glob("*.csv") if (t := _last_t(f)) is not None]
-            if lags:
-                self.lag_ticks.append((now, statistics.median(lags), max(lags)))
-
-    def _add_groups(self, pid: int) -> None:
-        for d in _proc_cgroups(pid):
-            self.all_group_dirs.add(d)
-            real = os.path.realpath(d)
-            if real not in self.usage_dirs and _read_usage_s(real) is not None:
-                self.usage_dirs.add(real)
-
-    def at(self, t: float) -> tuple[dict[str, float], float]:
-        """Cumulative CPU per class and host busy seconds at wall time t (linear between samples)."""
-        s = self.series
-        if not s:
-            return dict.fromkeys(CLASSES, 0.0), 0.0
-        if t <= s[0][0]:
-            return dict(s[0][1]), s[0][2]
-        for (t0, a, h0), (t1, b, h1) in itertools.pairwise(s):
-            if t0 <= t <= t1:
-                w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
-                return {k: a[k] + w * (b[k] - a[k]) for k in CLASSES}, h0 + w * (h1 - h0)
-        return dict(s[-1][1]), s[-1][2]
-
-    def alive_tree(self) -> list[psutil.Process]:
-        alive = []
-        for (_pid, created), p in self.procs.items():
-            with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
-
-
-# ------------------------------------------------------------------------------ one run
-def _events(run: Path) -> list[dict[str, Any]]:
-    out = []
-    with contextlib.suppress(OSError), (run / "events.jsonl").open() as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def _device_ts(path: Path) -> list[float]:
-    ts = []
-    with contextlib.suppress(OSError), path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                ts.append(float(row["t_s"]))
-    return ts
-
-
-def _rate_hz(ts: list[float], a: float, b: float) -> float:
-    """Telemetry rate in [a, b]: samples at least one period apart (less `SPACING_SLACK_S`) per
-    second, taken greedily in time order. The agent's periodic samples are >= 1/hz apart, so on
-    their own they all count; the extra samples the agent takes at each end of a task (per-task
-    energy, runtime/agent.py `_on_task` / `_poll_trainer`) are thinned out, and can only fill a
-    second the periodic sampler left empty. So this is "seconds of the window with fresh telemetry
-    at the server", at most ~1/(period - slack)."""
-    if b <= a:
-        return 0.0
-    n, last = 0, -math.inf
-    for t in sorted(t for t in ts if a <= t <= b):
-        if t >= last + 1.0 / TELEMETRY_HZ - SPACING_SLACK_S:
-            n, last = n + 1, t
-    return n / (b - a)
-
-
-def _share(part: float, whole: float) -> float | None:
-    return round(part / whole, 4) if whole > 0 else None
-
-
-def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[str, Any]:
-    ca, ha = sampler.at(a)
-    cb, hb = sampler.at(b)
-    cpu = {k: round(cb[k] - ca[k], 3) for k in CLASSES}
-    harness = sum(cpu[k] for k in HARNESS)
-    total = sum(cpu.values())
-    window = b - a
-    host_busy = hb - ha
-    return {
-        "window_s": round(window, 2), "cpu_s": cpu, "harness_cpu_s": round(harness, 3),
-        "campaign_cpu_s": round(total, 3),
-        "harness_share_of_campaign_cpu": _share(harness, total),
-        "harness_share_of_host": _share(harness, window * cores),
-        "share_of_host": {k: _share(v, window * cores) for k, v in cpu.items()},
-        "campaign_share_of_host": _share(total, window * cores),
-        "host_busy_fraction": _share(host_busy, window * cores),
-        "foreign_busy_fraction": _share(max(0.0, host_busy - total), window * cores),
-    }
-
-
-def run_campaign(label: str, config: Path, run: Path, wall_s: float) -> dict[str, Any]:
-    """Run one campaign under the sampler; return its raw figures (never raises for a failed run)."""
-    cores = os.cpu_count() or 1
-    log_path = run.parent / f"{run.name}.out"
-    t0 = time.time()
-    me0 = psutil.Process().cpu_times()
-    res: dict[str, Any] = {"label": label, "config": str(config), "run": str(run)}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(ORCHARD), "campaign", "run", str(config), "--out", str(run), "--force",
-                                 "--quiet"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    sampler = TreeSampler(proc.pid, run)
-    sampler.start()
-    deadline = time.monotonic() + wall_s + RUN_GRACE_S
-    interrupted = killed = False
-    rusage = None
-    status = 0
-    while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline and not interrupted:
-            interrupted = True  # the runner turns SIGINT into a clean stop
-            deadline = time.monotonic() + 40.0
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-        elif time.monotonic() > deadline and not killed:
-            killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    t_end = time.time()
-    sampler.stop()
-    me1 = psutil.Process().cpu_times()
-    res.update(returncode=proc.returncode, command_wall_s=round(t_end - t0, 2))
-    if interrupted:
-        res["timeout"] = f"still running {wall_s + RUN_GRACE_S:.0f} s after start: SIGINT" + (
-            ", then SIGKILL" if killed else "")
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
-        res["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
-
-    events = _events(run)
-    first = {e["event"]: e for e in reversed(events) if "event" in e}
-    start_t = first.get("server_start", {}).get("wall_t")
-    stop_t = first.get("server_stop", {}).get("wall_t")
-    camp_t = first.get("campaign_start", {}).get("wall_t")
-    fin = first.get("finished")
-    res["stop_reason"] = first.get("campaign_stop", {}).get("reason")
-
-    # ---- CPU: live window and whole command
-    res["bench_sampler_cpu_s"] = round((me1.user + me1.system) - (me0.user + me0.system), 3)
-    if start_t and stop_t and stop_t > start_t:
-        res["live"] = _cpu_figures(sampler, start_t, stop_t, cores)
-    whole = _cpu_figures(sampler, t0, t_end, cores)
-    ca, _ = sampler.at(start_t or t0)
-    cb, _ = sampler.at(stop_t or t_end)
-    ce, _ = sampler.at(t_end)
-    whole["runner_cpu_s_split"] = {"before_live": round(ca["runner"], 3),
-                                   "live": round(cb["runner"] - ca["runner"], 3),
-                                   "after_live": round(ce["runner"] - cb["runner"], 3)}
-    whole["devices_cpu_s_from_cgroups"] = round(sum(sampler.groups.values()), 3)
-    whole["device_groups_seen"] = len(sampler.usage_dirs)
-    if rusage is not None:
-        whole["tree_cpu_s_from_wait4"] = round(rusage.ru_utime + rusage.ru_stime, 3)
-    res["whole_command"] = whole
-    res["memory"] = {"peak_devices_rss_mb": round(sampler.peak_devices_rss_mb, 1),
-                     "peak_device_rss_mb": round(sampler.peak_device_rss_mb, 1),
-                     "min_host_available_mb": round(sampler.min_available_mb)}
-    res["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    if sampler.errors:
-        res["sampler_errors"] = sorted(set(sampler.errors))[:5]
-
-    # ---- federation figures
-    device_ids: list[str] = []
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        device_ids = [d["id"] for d in json.loads((run / "fleet.json").read_text())["devices"]]
-    res["n_devices"] = len(device_ids)
-    contributed = {e.get("device") for e in events
-                   if e.get("event") == "update_accepted" or str(e.get("event", "")).endswith("_rejected")}
-    res["contributed_fraction"] = _share(len(contributed & set(device_ids)), len(device_ids))
-    if fin is not None and "t" in fin and "wall_t" in fin:
-        span = float(fin["t"])
-        engine0 = float(fin["wall_t"]) - span
-        rows: list[float] = []
-        with contextlib.suppress(OSError), (run / "server.csv").open(newline="") as f:
-            for r in csv.DictReader(f):
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    rows.append(float(r["t_s"]))
-        res["server_s"] = round(span, 2)
-        res["aggregations"] = len(rows)
-        half = [w for w in rows if w >= span / 2]
-        res["aggregations_per_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
-        a, b = engine0 + span / 2, engine0 + span - EDGE_S
-        series = {d: _device_ts(run / "devices" / f"{d}.csv") for d in device_ids}
-        rates = [_rate_hz(series[d], a, b) for d in device_ids]
-        raw = [sum(1 for t in series[d] if a <= t <= b) / (b - a) for d in device_ids] if b > a else []
-        # The same, per device from 2 s after its first sample (devices up by then, window >= 5 s):
-        # tells a fleet that could not start in time from one that cannot keep the rate once up.
-        up = [_rate_hz(series[d], max(a, series[d][0] + 2.0), b) for d in device_ids
-              if series[d] and b - max(a, series[d][0] + 2.0) >= 5.0]
-        res["telemetry_hz_median"] = round(statistics.median(rates), 3) if rates else None
-        res["telemetry_hz_min"] = round(min(rates), 3) if rates else None
-        res["telemetry_hz_raw_median"] = round(statistics.median(raw), 3) if raw else None
-        res["telemetry_hz_median_once_up"] = round(statistics.median(up), 3) if up else None
-        res["devices_up_by_half"] = _share(sum(1 for ts in series.values() if ts and ts[0] <= a), len(device_ids))
-        starts = [ts[0] - camp_t for ts in series.values() if ts and camp_t]
-        res["startup_s_median"] = round(statistics.median(starts), 2) if starts else None
-        res["devices_without_telemetry"] = sum(1 for ts in series.values() if not ts)
-        ticks = [(m, x) for t, m, x in sampler.lag_ticks if a <= t <= b]
-        res["telemetry_lag_s_median"] = round(statistics.median(m for m, _ in ticks), 2) if ticks else None
-        res["telemetry_lag_s_max"] = round(max(x for _, x in ticks), 2) if ticks else None
-    res["cleanup_problems"] = _check_clean(sampler, run)
-    return res
-
-
-def _check_clean(sampler: TreeSampler, run: Path) -> list[str]:
-    problems = []
-    left = sorted({d for d in sampler.all_group_dirs if os.path.isdir(d)})
-    if left:
-        problems.append(f"cgroups left behind: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}")
-    strays = sampler.alive_tree()
-    for p in strays:  # processes of our own tree (pid + start time matched): ours to end
-        with contextlib.suppress(psutil.Error):
-            problems.append(f"process left running: pid {p.pid} {' '.join(p.cmdline())[:120]} (killed)")
-            p.kill()
-    ours = {p.pid for p in strays}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if str(run) in cmd and p.pid not in ours and p.pid != os.getpid():
-            problems.append(f"process with the run folder in its command line: pid {p.pid} {cmd[:120]} "
-                            "(not started by this sampler's tree as far as it saw; left alone)")
-    return problems
-
 
 # ------------------------------------------------------------------------------ reporting
-def _keeps_up(r: dict[str, Any]) -> bool:
-    return (r.get("returncode") == 0 and "error" not in r
-            and (r.get("telemetry_hz_median") or 0.0) >= KEEP_HZ
-            and (r.get("contributed_fraction") or 0.0) >= KEEP_CONTRIBUTED
-            and (r.get("aggregations_per_min_2nd_half") or 0.0) > 0)
+def _broken(r: dict[str, Any]) -> list[str]:
+    """The properties a ladder point did not keep (empty: it keeps up)."""
+    fleet = r.get("fleet") or {}
+    hz, cpu = fleet.get("telemetry_hz_median"), (fleet.get("delivered_cpu") or {}).get("min")
+    out = []
+    if r.get("returncode") != 0 or "error" in r:
+        out.append(f"run failed: {str(r.get('error'))[:160]}")
+    if hz is None or hz < KEEP_HZ:
+        out.append(f"telemetry median {_fmt(hz, '.3f')} Hz < {KEEP_HZ}")
+    if cpu is None or cpu < KEEP_DELIVERED:
+        out.append(f"delivered CPU min {_fmt(cpu, '.3f')} < {KEEP_DELIVERED}")
+    if (r.get("contributed_fraction") or 0.0) < KEEP_CONTRIBUTED:
+        out.append(f"contributed {_fmt(r.get('contributed_fraction'), '.2f')} < {KEEP_CONTRIBUTED}")
+    if not (r.get("aggregations_per_board_min_2nd_half") or 0.0) > 0:
+        out.append("no aggregation in the 2nd half")
+    return out
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -553,30 +183,127 @@ def _overhead_line(label: str, r: dict[str, Any]) -> str:
 
 def _scale_line(r: dict[str, Any]) -> str:
     live = r.get("live") or {}
-    mem = r.get("memory") or {}
-    head = f"  scale N={r['n']:<3}"
-    if "error" in r and r.get("telemetry_hz_median") is None:
+    fleet = r.get("fleet") or {}
+    cpu = fleet.get("delivered_cpu") or {}
+    rss = fleet.get("rss") or {}
+    head = f"  fleet N={r['n']:<3}"
+    if "error" in r and fleet.get("telemetry_hz_median") is None:
         return f"{head} ERROR {r['error'][:200]}"
-    verdict = "keeps up" if r["keeps_up"] else "does NOT keep up"
-    return (f"{head} telemetry {_fmt(r.get('telemetry_hz_median'), '.2f')} Hz"
-            f" (min {_fmt(r.get('telemetry_hz_min'), '.2f')},"
-            f" once up {_fmt(r.get('telemetry_hz_median_once_up'), '.2f')},"
-            f" lag {_fmt(r.get('telemetry_lag_s_median'), '.1f')} s)"
-            f"  up by half {_fmt(r.get('devices_up_by_half'), '.0%')}"
+    verdict = "keeps up" if not r["broken"] else "does NOT keep up: " + "; ".join(r["broken"])
+    return (f"{head} dilation {_fmt(fleet.get('dilation'), '.2f')}"
+            f"  telemetry {_fmt(fleet.get('telemetry_hz_median'), '.3f')} Hz board"
+            f" (min {_fmt(fleet.get('telemetry_hz_min'), '.2f')},"
+            f" lag {_fmt(fleet.get('telemetry_lag_board_s_median'), '.1f')} s)"
+            f"  delivered CPU median {_fmt(cpu.get('median'), '.3f')} min {_fmt(cpu.get('min'), '.3f')}"
+            f" ({cpu.get('devices_measured')}/{cpu.get('devices')} devices)"
             f"  contributed {_fmt(r.get('contributed_fraction'), '.0%')}"
-            f"  aggregations/min 2nd half {_fmt(r.get('aggregations_per_min_2nd_half'), '.0f')}"
-            f"  startup {_fmt(r.get('startup_s_median'), '.1f')} s"
-            f"  harness {_fmt(live.get('harness_share_of_campaign_cpu'), '.0%')} of campaign CPU /"
-            f" {_fmt(live.get('harness_share_of_host'), '.0%')} of host"
+            f"  startup {_fmt(fleet.get('startup_board_s_median'), '.1f')} board s"
+            f"  harness {_fmt(live.get('harness_share_of_campaign_cpu'), '.1%')} of campaign CPU /"
+            f" {_fmt(live.get('harness_share_of_host'), '.1%')} of host"
+            f"  RSS agent {_fmt(rss.get('agent_mb_median'), '.0f')}"
+            f" + trainer {_fmt(rss.get('trainer_mb_median'), '.0f')} MB"
             f"  host busy {_fmt(live.get('host_busy_fraction'), '.0%')}"
             f" (others {_fmt(live.get('foreign_busy_fraction'), '.0%')})"
             f"  load {_fmt(r.get('loadavg_1m_end'), '.1f')}"
-            f"  devices RSS {_fmt(mem.get('peak_devices_rss_mb'), '.0f')} MB  -> {verdict}"
-            + (f"  [{r['error'][:120]}]" if "error" in r else ""))
+            f"  wall {_fmt(r.get('command_wall_s'), '.0f')} s -> {verdict}")
 
 
-def _estimate_s(n: int) -> float:
-    return SCALE_WALL_S + 20.0 + 0.5 * n  # start-up, shutdown and report grow with the fleet
+def _next_n(good: int, bad: int | None) -> int | None:
+    """The next fleet size to try: double past the largest that kept up, or halve the gap to the
+    smallest that did not, until the gap is within SEARCH_STEP."""
+    if bad is None:
+        return 2 * good
+    if good == 0:
+        return bad // 2 if bad // 2 >= MIN_N else None
+    mid = (good + bad) // 2 // SEARCH_STEP * SEARCH_STEP
+    return mid if good < mid < bad else None
+
+
+def _estimate_s(n: int, quota_cores: float, capacity_cores: float) -> float:
+    """Wall seconds of a ladder point: BOARD_S x the dilation the runner will pick, plus
+    preparation, start and shutdown (growing with the fleet)."""
+    return BOARD_S * max(1.0, n * quota_cores / capacity_cores) + 20.0 + 0.5 * n
+
+
+def _quota_and_capacity() -> tuple[float, float]:
+    """A SCALE_BOARD's quota on this host and the capacity the runner would plan with now."""
+    from runtime.board import load_board
+    from testbed.calibrate import board_quota_cores, get_host_speed
+    from testbed.dilation import DEFAULT_RESERVE_CORES, MIN_CAPACITY_CORES, background_cores
+
+    cores = os.cpu_count() or 1
+    quota = board_quota_cores(load_board(SCALE_BOARD), get_host_speed())
+    return quota, max(MIN_CAPACITY_CORES, cores - DEFAULT_RESERVE_CORES - background_cores(cores))
+
+
+def fleet_point(n: int) -> dict[str, Any]:
+    """One ladder point: N devices for BOARD_S board seconds."""
+    name = f"tbbench-n{n}"
+    config = OUT / f"{name}.toml"
+    config.write_text(scale_toml(n, name))
+    quota, capacity = _quota_and_capacity()
+    try:
+        r = run_campaign(f"N={n}", config, OUT / name, wall_s=_estimate_s(n, quota, capacity), board_s=BOARD_S)
+    except Exception as exc:  # the bench reports, it does not crash
+        r = {"label": f"N={n}", "error": f"{type(exc).__name__}: {exc}"}
+    r["n"] = n
+    r["broken"] = _broken(r)
+    r["keeps_up"] = not r["broken"]
+    return r
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    live, fleet = r.get("live") or {}, r.get("fleet") or {}
+    cpu, rss = fleet.get("delivered_cpu") or {}, fleet.get("rss") or {}
+    return {"n": r.get("n"), "keeps_up": r.get("keeps_up"), "broken": r.get("broken"),
+            "dilation": fleet.get("dilation"), "quota_cores_per_device": fleet.get("quota_cores_per_device"),
+            "telemetry_hz_board_median": fleet.get("telemetry_hz_median"),
+            "telemetry_hz_board_min": fleet.get("telemetry_hz_min"),
+            "telemetry_lag_board_s_median": fleet.get("telemetry_lag_board_s_median"),
+            "delivered_cpu_median": cpu.get("median"), "delivered_cpu_min": cpu.get("min"),
+            "trainer_delivered_cpu_median": (fleet.get("trainer_delivered_cpu") or {}).get("median"),
+            "contributed_fraction": r.get("contributed_fraction"),
+            "aggregations_per_board_min_2nd_half": r.get("aggregations_per_board_min_2nd_half"),
+            "startup_board_s_median": fleet.get("startup_board_s_median"),
+            "harness_share_of_campaign_cpu": live.get("harness_share_of_campaign_cpu"),
+            "harness_share_of_host": live.get("harness_share_of_host"),
+            "share_of_host": live.get("share_of_host"),
+            "rss_agent_mb_median": rss.get("agent_mb_median"), "rss_trainer_mb_median": rss.get("trainer_mb_median"),
+            "rss_device_mb_max": rss.get("device_mb_max"),
+            "peak_rss_mb_median": {k: (r.get("memory") or {}).get(f"peak_{k}_rss_mb_median")
+                                   for k in ("agent", "trainer", "tracker")},
+            "peak_device_rss_mb": (r.get("memory") or {}).get("peak_device_rss_mb"),
+            "host_busy_fraction": live.get("host_busy_fraction"),
+            "foreign_busy_fraction": live.get("foreign_busy_fraction"),
+            "device_cpu": r.get("device_cpu"),
+            "loadavg_1m_end": r.get("loadavg_1m_end"), "command_wall_s": r.get("command_wall_s")}
+
+
+def runner_poll_cost(reps: int = 7, calls: int = 300) -> dict[str, Any]:
+    """CPU per device per runner loop for its OOM check, before (group.stats(): every counter, the
+    pid lists) and after (group.oom_kills(): one file), on a real cgroup, interleaved, median over
+    `reps` of `calls` calls each (process_time)."""
+    from testbed.throttle import detect_throttle
+
+    try:
+        throttle = detect_throttle(prefix="orchard", run_id=f"tbbench-poll-{os.getpid()}", required=True)
+    except Exception as exc:  # no writable cgroups: nothing to measure
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        group = throttle.create("probe", 0.1, 256)
+        stats_us, oom_us = [], []
+        for _ in range(reps):
+            for fn, out in ((group.stats, stats_us), (group.oom_kills, oom_us)):
+                c0 = time.process_time()
+                for _ in range(calls):
+                    fn()
+                out.append((time.process_time() - c0) / calls * 1e6)
+    finally:
+        throttle.close()
+    before, after = statistics.median(stats_us), statistics.median(oom_us)
+    return {"backend": throttle.backend, "stats_us_per_device_loop": round(before, 1),
+            "oom_kills_us_per_device_loop": round(after, 1), "ratio": round(before / after, 1),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def run() -> dict[str, Any]:
@@ -586,13 +313,17 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "caveat": CAVEAT,
         "host": {"cores": cores, "mem_total_mb": round(psutil.virtual_memory().total / 2**20)},
-        "setup": {"ladder": list(LADDER), "board": SCALE_BOARD, "model": "mlp", "dataset": "digits",
-                  "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "wall_s": SCALE_WALL_S,
-                  "telemetry_hz_configured": TELEMETRY_HZ,
-                  "keeps_up_when": f"no error, telemetry_hz_median >= {KEEP_HZ}, contributed_fraction >= "
-                                   f"{KEEP_CONTRIBUTED}, aggregations_per_min_2nd_half > 0"},
+        "setup": {"start_n": START_N, "search_step": SEARCH_STEP, "board": SCALE_BOARD, "model": SCALE_MODEL,
+                  "dataset": "digits",
+                  "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "board_s": BOARD_S,
+                  "dilation": "auto", "telemetry_hz_board_configured": 1.0,
+                  "keeps_up_when": f"no error, telemetry_hz_board_median >= {KEEP_HZ}, delivered_cpu_min >= "
+                                   f"{KEEP_DELIVERED}, contributed_fraction >= {KEEP_CONTRIBUTED}, "
+                                   "aggregations in the 2nd half"},
     }
     problems: list[str] = []
+    out["runner_poll"] = runner_poll_cost()
+    print(f"  runner OOM poll per device per loop: {out['runner_poll']}", flush=True)
 
     # ---- OVERHEAD on the default campaign
     try:
@@ -603,60 +334,46 @@ def run() -> dict[str, Any]:
     print(_overhead_line("default", r) + (f"  [{r['error'][:160]}]" if "error" in r else ""), flush=True)
     overhead: dict[str, Any] = {"default": r}
 
-    # ---- SCALE ladder
+    # ---- FLEET search: from N = START_N, doubling while it keeps up, then halving the gap
+    # to the first N that does not (down to 8 when even START_N fails).
     rows: list[dict[str, Any]] = []
-    stopped = "ladder done"
-    for n in LADDER:
+    stopped = "search done"
+    quota, _ = _quota_and_capacity()
+    good, bad = 0, None
+    n: int | None = START_N
+    while n is not None:
         spent = time.monotonic() - t_section
-        if spent + _estimate_s(n) > SECTION_BUDGET_S:
-            stopped = f"time budget: N={n} would end past {SECTION_BUDGET_S:.0f} s (spent {spent:.0f} s)"
+        # Planned with the quiet host's capacity: the lead's rerun is the one the budget is for.
+        estimate = _estimate_s(n, quota, cores - 0.5)
+        if spent + estimate > SECTION_BUDGET_S:
+            stopped = (f"time budget: N={n} (~{estimate:.0f} s) would end past {SECTION_BUDGET_S:.0f} s"
+                       f" (spent {spent:.0f} s)")
             break
         need = n * MB_PER_DEVICE_BUDGET + MEM_RESERVE_MB
         avail = psutil.virtual_memory().available / 2**20
         if avail < need:
             stopped = f"memory: N={n} needs ~{need} MB, {avail:.0f} MB available"
             break
-        name = f"tbbench-n{n}"
-        config = OUT / f"{name}.toml"
-        config.write_text(scale_toml(n, name))
-        try:
-            r = run_campaign(f"N={n}", config, OUT / name, wall_s=SCALE_WALL_S)
-        except Exception as exc:
-            r = {"label": f"N={n}", "error": f"{type(exc).__name__}: {exc}"}
-        r["n"] = n
-        r["keeps_up"] = _keeps_up(r)
+        r = fleet_point(n)
         rows.append(r)
         problems += [f"N={n}: {p}" for p in r.get("cleanup_problems", [])]
         print(_scale_line(r), flush=True)
-        if n == OVERHEAD_SCALE_N:
+        if n == START_N:
             overhead[f"n{n}"] = r
             print(_overhead_line(f"N={n}", r), flush=True)
-        if not r["keeps_up"] and n >= OVERHEAD_SCALE_N:
-            stopped = f"N={n} did not keep up"
-            break
+        if r["keeps_up"]:
+            good = n
+        else:
+            bad = n
+        n = _next_n(good, bad)
     keeping = [r["n"] for r in rows if r["keeps_up"]]
     largest = max(keeping) if keeping else None
-    print(f"  scale: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
-
-    def brief(r: dict[str, Any]) -> dict[str, Any]:
-        live = r.get("live") or {}
-        return {"n": r.get("n"), "keeps_up": r.get("keeps_up"), "error": r.get("error"),
-                "telemetry_hz_median": r.get("telemetry_hz_median"), "telemetry_hz_min": r.get("telemetry_hz_min"),
-                "telemetry_hz_median_once_up": r.get("telemetry_hz_median_once_up"),
-                "devices_up_by_half": r.get("devices_up_by_half"),
-                "telemetry_lag_s_median": r.get("telemetry_lag_s_median"),
-                "contributed_fraction": r.get("contributed_fraction"),
-                "aggregations_per_min_2nd_half": r.get("aggregations_per_min_2nd_half"),
-                "startup_s_median": r.get("startup_s_median"),
-                "harness_share_of_campaign_cpu": live.get("harness_share_of_campaign_cpu"),
-                "harness_share_of_host": live.get("harness_share_of_host"),
-                "host_busy_fraction": live.get("host_busy_fraction"),
-                "foreign_busy_fraction": live.get("foreign_busy_fraction"),
-                "loadavg_1m_end": r.get("loadavg_1m_end"),
-                "peak_devices_rss_mb": (r.get("memory") or {}).get("peak_devices_rss_mb")}
-
-    out["scale"] = {"table": [brief(r) for r in rows], "largest_keeping_up": largest, "stopped": stopped,
-                    "runs": rows}
+    first_fail = min((r for r in rows if not r["keeps_up"]), key=lambda r: r["n"], default=None)
+    print(f"  fleet: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
+    out["fleet"] = {"table": [_brief(r) for r in rows], "largest_keeping_up": largest,
+                    "first_failing": None if first_fail is None else {"n": first_fail["n"],
+                                                                       "broken": first_fail["broken"]},
+                    "stopped": stopped, "section_wall_s": round(time.monotonic() - t_section, 1), "runs": rows}
     out["overhead"] = {k: {"live": v.get("live"), "whole_command": v.get("whole_command"),
                            "error": v.get("error"), "command_wall_s": v.get("command_wall_s"),
                            "stop_reason": v.get("stop_reason")} for k, v in overhead.items()}
@@ -667,4 +384,11 @@ def run() -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(json.dumps(run(), indent=1))
+    if len(sys.argv) > 1:  # `python bench/testbed_bench.py 32 [48 ...]`: single ladder points, for A/B runs
+        OUT.mkdir(parents=True, exist_ok=True)
+        for arg in sys.argv[1:]:
+            r = fleet_point(int(arg))
+            print(_scale_line(r), flush=True)
+            print(json.dumps({"brief": _brief(r), "run": r}, indent=1, default=str))
+    else:
+        print(json.dumps(run(), indent=1))

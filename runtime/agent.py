@@ -107,7 +107,7 @@ class Agent:
         self.threads = cfg.threads or threads_for_quota(cores, self.board.cores)
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
         self.n_samples, self.label_histogram = label_histogram(cfg.shard)
-        self.freeze = FreezeWatch()
+        self.freeze = FreezeWatch.for_poll(cfg.poll_s)
         # Launched at the end of __init__ and not waited for (see the module doc).
         self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
                                       providers=self.board.runtime.execution_providers, start=False)
@@ -190,7 +190,9 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 self.notify.tick()  # systemd's watchdog: a loop that stops turning gets restarted
-                event = self.mqtt.get(timeout_s=0.05)
+                # Woken for the next sample too: a poll_s scaled by dilation would otherwise make
+                # samples up to poll_s late, and the 1/hz grid jitter by as much.
+                event = self.mqtt.get(timeout_s=min(self.cfg.poll_s, max(0.0, next_sample - time.monotonic())))
                 if event is not None:
                     self._on_event(event)
                 self._poll_trainer()

@@ -115,6 +115,15 @@ class FreezeWatch:
     waits release the GIL), and a CFS throttle delays it by about one period (100 ms), far below
     the tolerance; a frozen cgroup stops every thread, so the gap shows in full."""
 
+    @classmethod
+    def for_poll(cls, poll_s: float) -> FreezeWatch:
+        """On the agent loop's time scale: 4 and 20 polls (0.2 s / 1 s at the 50 ms default). Under
+        time dilation poll_s is 50 ms x delta, so the watch wakes delta times less often (each wake
+        costs ~65 us of a quota delta times smaller) and its tolerance stays above the CFS
+        period, which grows as the dilated quota shrinks (testbed.cgroups.cpu_period_us, up to
+        1 s); a frozen spell lasts its board seconds x delta, so none worth counting is missed."""
+        return cls(period_s=4 * poll_s, tolerance_s=20 * poll_s)
+
     def __init__(self, period_s: float = 0.2, tolerance_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.period_s, self.tolerance_s, self._clock = period_s, tolerance_s, clock

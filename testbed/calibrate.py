@@ -150,8 +150,9 @@ def _speed(host_speed: HostSpeed | float) -> float:
 def board_quota_cores(board: BoardConfig, host_speed: HostSpeed | float) -> float:
     """CPU quota, in host cores, that makes this host deliver the board's compute:
     cores x min(1, speed_board / speed_host). A board faster per core than the host gets whole
-    cores (the host cannot go faster). Quotas below the kernel's 0.01-core floor are raised to
-    it by the throttle, so such a board would run fast."""
+    cores (the host cannot go faster). Quotas below the kernel's floor (1 ms per period, the
+    period at most 1 s: 0.001 core, testbed.cgroups.cpu_period_us stretches the period for small
+    quotas) are raised to it by the throttle, so such a board would run fast."""
     return board.cores * min(1.0, board.speed_factor / _speed(host_speed))
 
 

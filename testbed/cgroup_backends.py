@@ -144,6 +144,12 @@ class CgroupGroup(ABC):
             self._check_live()
             return self._read_stats()
 
+    def oom_kills(self) -> int | None:
+        """stats().oom_kills from one file: the runner asks every device this at every loop."""
+        with self._lock:
+            self._check_live()
+            return self._read_oom_kills()
+
     def _peak(self, current_bytes: int, kernel_peak_bytes: int | None) -> float:
         self._peak_seen_bytes = max(self._peak_seen_bytes, current_bytes, kernel_peak_bytes or 0)
         return self._peak_seen_bytes / MIB
@@ -178,6 +184,9 @@ class CgroupGroup(ABC):
 
     @abstractmethod
     def _read_stats(self) -> GroupStats: ...
+
+    @abstractmethod
+    def _read_oom_kills(self) -> int | None: ...
 
 
 class _CgroupThrottle:
@@ -286,6 +295,10 @@ class V2Group(CgroupGroup):
             frozen=self._read_frozen(),
             pids=tuple(read_pids(fs, self.path)),
         )
+
+    def _read_oom_kills(self) -> int | None:
+        path = self._file("memory.events")
+        return parse_keyed(get(self._fs, path)).get("oom_kill") if self._fs.exists(path) else None
 
 
 class V2Throttle(_CgroupThrottle):
@@ -404,6 +417,9 @@ class V1Group(CgroupGroup):
             frozen=self._read_frozen(),
             pids=tuple(pids),
         )
+
+    def _read_oom_kills(self) -> int | None:
+        return parse_keyed(get(self._fs, self._file("memory", "memory.oom_control"))).get("oom_kill")
 
 
 class V1Throttle(_CgroupThrottle):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.device_config import DEFAULT_POLL_S
 from runtime.errors import ConfigError, OrchardError
 from server.events import EventName
 from testbed.campaign import Campaign
@@ -145,7 +146,7 @@ class ClusterRunner(CampaignRunner):
                             self.c.seed, self.c.samples, self.c.input_shape)
             prepare_run(self.run, data, plans, self._server_tables(plans),
                         keepalive_s=math.ceil(self.dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
-                        telemetry_hz=1.0 / factor)
+                        telemetry_hz=1.0 / factor, poll_s=DEFAULT_POLL_S * factor)
             launched = True
             self._loop_cluster(ray, self._open_broker(stack).url, started, infos, node_dilation, address)
         except KeyboardInterrupt:

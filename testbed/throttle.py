@@ -7,6 +7,7 @@
     group.set_cpu_weight(0.9)          # cpu.shares / cpu.weight in proportion to the quota
     group.freeze(); group.thaw()       # offline = frozen: keepalives stop, the broker fires the LWT
     group.stats()                      # cpu_usage_s, mem_peak_mb, oom_kills, nr_throttled, ...
+    group.oom_kills()                  # the same counter alone: one file, for per-loop polling
     throttle.close()                   # or cleanup_all("orchard") on Ctrl-C / after a crash
 
 The "none" backend keeps the interface but throttles nothing; its `warning` says so loudly and
@@ -67,6 +68,7 @@ class DeviceGroup(Protocol):
     def freeze(self) -> None: ...
     def thaw(self) -> None: ...
     def stats(self) -> GroupStats: ...
+    def oom_kills(self) -> int | None: ...  # stats().oom_kills, read cheaply
     def destroy(self) -> None: ...
 
 
@@ -120,6 +122,9 @@ class NullGroup:
         live = tuple(pid for pid, start in self._pids.items() if _start_time(pid) == start)
         return GroupStats(cpu_usage_s=0.0, nr_periods=0, nr_throttled=0, throttled_s=0.0, mem_current_mb=0.0,
                           mem_peak_mb=0.0, mem_limit_hits=0, oom_kills=None, frozen=False, pids=live)
+
+    def oom_kills(self) -> int | None:
+        return None
 
     def destroy(self) -> None:
         for pid in self.stats().pids:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomllib
 
 from tests.conftest import require_or_skip
 
@@ -183,6 +184,13 @@ def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
     for plot in ("accuracy", "timeline", "cpu", "memory", "energy", "staleness"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 5000
     assert (run / "report.html").stat().st_size > 50_000
+    # Under dilation every time constant an agent applies itself is board time x delta, its idle
+    # poll included: at 50 ms wall its wakes would eat delta times more of the dilated quota.
+    dilation = json.loads((run / "fleet.json").read_text())["time_dilation"]
+    for d in summary["devices"]:
+        device = tomllib.loads((run / "configs" / f"{d['id']}.toml").read_text())["device"]
+        assert device["poll_s"] == pytest.approx(0.05 * dilation) and device["telemetry_hz"] == pytest.approx(
+            1 / dilation), d["id"]
     assert orchard_cgroups_left("default", before) == [] and processes_of(run) == []
 
 

@@ -180,6 +180,8 @@ def test_memory_cap_gets_an_allocating_child_oom_killed(throttle: Throttle, spaw
     after = group.stats()
     # oom_kill: v1 oom_control / v2 memory.events since 4.13. failcnt alone is not reliable: this
     # host's 6.18 kernel leaves v1 memory.failcnt at 0 through an OOM kill.
+    # oom_kills() is the runner's per-loop read of the same counter, from the one file.
+    assert group.oom_kills() == after.oom_kills
     if after.oom_kills is not None:
         assert after.oom_kills == (before.oom_kills or 0) + 1, after
     else:

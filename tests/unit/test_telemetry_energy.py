@@ -125,7 +125,7 @@ def test_unknown_offline_mode_is_refused(tmp_path: Path) -> None:
 
 
 def _watch_child(conn: mpc.Connection) -> None:
-    watch = FreezeWatch(period_s=0.05, tolerance_s=0.5)
+    watch = FreezeWatch.for_poll(0.025)  # the agent's way: wakes every 0.1 s, tolerance 0.5 s
     conn.send("ready")
     conn.recv()
     conn.send(watch.frozen_s)
@@ -150,3 +150,14 @@ def test_freeze_watch_counts_the_seconds_a_process_was_stopped() -> None:
         proc.kill()
         proc.join(5)
     assert 1.5 <= frozen_s <= 2.3
+
+
+def test_freeze_watch_follows_the_agent_poll_so_dilation_scales_it() -> None:
+    plain, dilated = FreezeWatch.for_poll(0.05), FreezeWatch.for_poll(0.05 * 12)
+    try:
+        assert (plain.period_s, plain.tolerance_s) == pytest.approx((0.2, 1.0))  # the undilated defaults
+        # 12x dilation: 12x fewer wakes, and a tolerance (12 s) above the longest CFS period (1 s).
+        assert (dilated.period_s, dilated.tolerance_s) == pytest.approx((2.4, 12.0))
+    finally:
+        plain.close()
+        dilated.close()

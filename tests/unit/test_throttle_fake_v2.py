@@ -153,6 +153,7 @@ def test_stats_parse_the_groups_own_counters(fake: FakeCgroup2) -> None:
     s = group.stats()
     assert (s.cpu_usage_s, s.nr_periods, s.nr_throttled, s.throttled_s) == (1.5, 20, 7, 0.3)
     assert (s.mem_current_mb, s.mem_peak_mb, s.mem_limit_hits, s.oom_kills) == (48, 63, 5, 2)
+    assert group.oom_kills() == 2  # the runner's per-loop read: memory.events alone
     assert (s.frozen, s.pids) == (False, (4242,))
 
 
@@ -167,6 +168,7 @@ def test_peak_falls_back_to_sampled_max_and_old_kernels_report_no_oom_counter(tm
         (fs.root / rel / "memory.current").write_text(f"{5 * MIB}\n")
         s = group.stats()
         assert (s.mem_current_mb, s.mem_peak_mb, s.oom_kills) == (5, 10, None)
+        assert group.oom_kills() is None
     finally:
         cleanup_all(PREFIX, str(fs.root), fs=fs)
 
