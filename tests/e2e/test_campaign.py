@@ -210,6 +210,7 @@ profiles = ["dense", "width=0.25"]
     path = campaign_file(tmp_path, "oom", fleet, rounds=8, model="cnn")
     path.write_text(path.read_text().replace('[model]\nname = "cnn"\ndataset = "digits"\n', synthetic))
     run = tmp_path / "run"
+    before = frozenset(orchard_cgroups_left("oom"))
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = events(run)
@@ -226,7 +227,7 @@ profiles = ["dense", "width=0.25"]
     assert summary["rounds"] >= 8
     tiny = next(d for d in summary["devices"] if d["id"] == "tiny-0")
     assert tiny["oom_count"] >= 1
-    assert orchard_cgroups_left("oom") == []
+    assert orchard_cgroups_left("oom", before) == []
 
 
 def test_on_off_availability_shows_offline_last_will_and_rejoin(tmp_path, cgroups):
