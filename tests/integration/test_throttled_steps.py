@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _probe_in_group(group, artifact: Path, steps: int) -> dict:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "trainer_probe.py"), "--artifact", str(artifact), "--threads", "1",
-         "--steps", str(steps), "--warmup", "3"],
+         "--steps", str(steps), "--warmup", "3", "--rounds", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: group.add_pid(os.getpid()),
     )
