@@ -204,8 +204,8 @@ mem_limit_mb = 110
 profiles = ["dense", "width=0.25"]
 """
     # What the cap counts is anonymous memory (shared-library pages are page cache, reclaimed before
-    # an OOM kill): the dense CNN on 3x32x32 inputs peaks at ~130 MB RSS in the trainer, ~95 MB of it
-    # anonymous, its width-0.25 submodel at ~81 MB (~46 MB); the agent at ~45 MB (~30 MB). Under a
+    # an OOM kill): the dense CNN on 3x32x32 inputs peaks at ~131 MB RSS in the trainer, 97 MB of it
+    # anonymous, its width-0.25 submodel at ~76 MB (41 MB anonymous); the agent at ~45 MB RSS. Under a
     # 110 MB cap both start, the dense trainer is OOM-killed once it trains, and the server moves the
     # device to the width-0.25 profile it also offers. (140 MB held the dense trainer once the agent
     # stopped importing numpy before its first task and the trainer lost its resource tracker.)
