@@ -345,7 +345,8 @@ def bench_campaign(n: int = CAMPAIGN_N) -> dict[str, Any]:
                 for line in (run / "events.jsonl").read_text().splitlines():
                     with contextlib.suppress(ValueError):
                         e = json.loads(line)
-                        if e.get("event") == "campaign_start" and start is None:
+                        # Until the runner replaces the folder, its events are the last run's.
+                        if e.get("event") == "campaign_start" and start is None and e.get("wall_t", 0) >= t0:
                             start = e
                         if e.get("event") == "device_hello" and e.get("wall_t", 0) >= t0:
                             first.setdefault(e["device"], e)
