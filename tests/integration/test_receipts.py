@@ -55,6 +55,9 @@ class StatusWatch:
             self.seen.append(decode_json(Status, opened.payload))
         return self.seen
 
+    def training(self, device_id: str, task_id: str) -> bool:
+        return any(s.device_id == device_id and s.task_id == task_id and s.state == "training" for s in self.poll())
+
     def uploaded(self, device_id: str, task_id: str) -> bool:
         """It said uploading for the task and idle after that: its update left it."""
         states = [s.state for s in self.poll() if s.device_id == device_id and s.task_id in (task_id, None)]
@@ -69,6 +72,11 @@ def test_broker_killed_with_updates_in_flight_loses_nothing(federation: Federate
     watch = StatusWatch(h)
     h.start()
     tasks = {d: h.wait("task_sent", device=d)[1]["task_id"] for d in h.spec.device_ids()}
+    # `task_sent` is logged when the task is handed to paho, not when it has left the server:
+    # stopped before its network thread flushed it, a task never arrives. Stop the server once
+    # every device is training its task, so only the updates are in flight.
+    for device_id, task_id in tasks.items():
+        h.wait_until(lambda d=device_id, t=task_id: watch.training(d, t), f"{device_id} training {task_id}")
     server = h.fed.server
     assert server is not None
     os.kill(server.pid, signal.SIGSTOP)
