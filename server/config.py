@@ -17,6 +17,7 @@
     [rounds]
     strategy = "semi-async"         # fedavg | fedavg-deadline | semi-async | fedbuff | fedasync
     target_version = 10             # stop after this many aggregations
+    target_accuracy = 0.93          # optional: stop once an evaluated version reaches this accuracy
     time_limit_s = 600
     min_devices = 3                 # no task goes out before this many devices said hello
     max_devices = 10000             # hellos from more ids than this are refused (bounded state)
@@ -69,8 +70,8 @@ from server.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, get_strategy
 _SERVER_KEYS = frozenset({"id", "root", "artifacts", "eval_data", "broker", "seed", "roster", "credentials", "run_id",
                           "ca_file", "cert_file", "key_file"})
 DEFAULT_TASK_TIMEOUT_S = 600.0
-_ROUND_KEYS = frozenset({"strategy", "target_version", "time_limit_s", "min_devices", "task_timeout_s", "eval_every",
-                         "max_devices"})
+_ROUND_KEYS = frozenset({"strategy", "target_version", "target_accuracy", "time_limit_s", "min_devices",
+                         "task_timeout_s", "eval_every", "max_devices"})
 _TRAIN_KEYS = frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"})
 _ASSIGN_KEYS = frozenset({"default", "devices", "downgrade_on_oom", "shard_samples"})
 _CLOCK_KEYS = frozenset({"start_unix", "dilation"})
@@ -111,6 +112,9 @@ class ServerConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Stop once an evaluated version reaches it, so the model left is the one that did: a stop
+    # rule outside the server would see it late and let later merges replace it.
+    target_accuracy: float | None = None
 
 
 def load_server_config(path: str | Path, broker: str | None = None) -> ServerConfig:
@@ -180,6 +184,7 @@ def load_server_config(path: str | Path, broker: str | None = None) -> ServerCon
         key_file=optional_path("key_file"),
         strategy=strategy,
         strategy_params=params,
+        target_accuracy=rnd.optional_number("target_accuracy", 0.0, 1.0, lo_open=True),
         engine=engine,
         train=train,
         default_profile=default_profile,

@@ -500,6 +500,9 @@ class Service:
                 self.pending_row.update(accuracy=round(ev.accuracy, 5), loss=round(ev.loss, 5))
             self._flush_row()
             log.info("version %d: accuracy %.4f", action.version, ev.accuracy)
+            target = self.cfg.target_accuracy
+            if target is not None and ev.accuracy >= target and self.finished is None:
+                self.finished = f"target accuracy {target:g} reached"
             flat = np.asarray(self.engine.global_flat)
             for profile, evaluator in self.profile_evaluators.items():
                 sub = evaluator.evaluate(self.model.submodel(profile, 0).extract(flat), self.eval_x, self.eval_y)

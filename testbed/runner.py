@@ -81,6 +81,8 @@ def server_tables(c: Campaign, min_devices: int) -> dict[str, dict[str, Any]]:
                               "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
     if c.rounds is not None:
         rounds["target_version"] = c.rounds
+    if c.target_accuracy is not None:
+        rounds["target_accuracy"] = c.target_accuracy
     method = {"method": {"name": c.method, **c.method_params}} if c.method else {}
     return {"rounds": rounds, "strategy": dict(c.strategy_params), **method,
             "train": {"local_steps": c.local_steps, "local_epochs": c.local_epochs, "lr": c.lr,
@@ -328,14 +330,16 @@ class CampaignRunner:
             driver.step(now)
             link_driver.step(now)
             self._watch_devices(now)
-            if self.server.poll() is not None:
+            # The server stops itself at the target (the model it leaves is the one that got there);
+            # the target is checked first so its exit reads as that, not as "server finished".
+            if self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
+                self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
+            elif self.server.poll() is not None:
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
                 if self.server.returncode != 0:
                     self.server_error = f"code {self.server.returncode}: {self._last_error('server')}"
             elif now > self.c.wall_s + STOP_GRACE_S:
                 self.stop_reason = f"time limit {self.c.wall_s:.0f} board s reached"
-            elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
-                self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
             elif self._all_gave_up():
                 self.stop_reason = (f"every device exited {GIVE_UP_EXITS} times without ever saying hello; "
                                     "nothing can run")
