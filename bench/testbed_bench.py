@@ -77,6 +77,8 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/testbed_bench.py 32`
+
 from bench.testbed_run import run_campaign
 from bench.testbed_sampler import CLASSES
 
