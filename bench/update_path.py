@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from bench.transport_ceiling import PlainPaho, RawTcp, RelayTcp, chunk_sizes, proc_cpu_ms
 from runtime.chunks import Reassembler
 from runtime.errors import OrchardError
 from runtime.frames import decode_update
-from runtime.mqtt import Message, MqttClient, MqttConfig
+from runtime.mqtt import Message, MqttClient, MqttConfig, parse_broker_url
 from runtime.seal import open_sealed
 from testbed.broker import Broker
 
@@ -92,69 +93,6 @@ for line in sys.stdin:
                       "chunks": len(tickets), "cpu_ms": (time.process_time() - cpu0) * 1000}), flush=True)
 c.close()
 """
-
-# The raw reference's writer: connects, then on each "go" line writes n bytes and waits for one byte.
-RAW_WRITER = """
-import os, socket, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
-data = os.urandom(n)
-s = socket.create_connection(("127.0.0.1", port))
-print("ready", flush=True)
-for line in sys.stdin:
-    if line.strip() != "go":
-        break
-    cpu0, t0 = time.process_time(), time.monotonic()
-    s.sendall(data)
-    s.recv(1)
-    print(f"{t0} {(time.process_time() - cpu0) * 1000}", flush=True)
-s.close()
-"""
-
-
-def proc_cpu_ms(pid: int) -> float:
-    """utime + stime of a process (and its reaped children: none here), in ms."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
-class RawTcp:
-    """The loopback reference: a writer process, this process reading into one buffer."""
-
-    def __init__(self, n_bytes: int) -> None:
-        import socket
-
-        self.n_bytes = n_bytes
-        self._server = socket.create_server(("127.0.0.1", 0))
-        port = self._server.getsockname()[1]
-        self._proc = subprocess.Popen([sys.executable, "-c", RAW_WRITER, str(port), str(n_bytes)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._conn, _ = self._server.accept()
-        assert self._proc.stdout is not None
-        self._proc.stdout.readline()
-        self._buf = bytearray(n_bytes)
-
-    def once(self) -> tuple[float, float]:
-        """(seconds, CPU ms of both ends) for one transfer."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        view, got = memoryview(self._buf), 0
-        cpu0 = time.process_time()
-        self._proc.stdin.write("go\n")
-        self._proc.stdin.flush()
-        while got < self.n_bytes:
-            got += self._conn.recv_into(view[got:])
-        t_end = time.monotonic()
-        self._conn.sendall(b"k")
-        my_cpu = (time.process_time() - cpu0) * 1000
-        t0, writer_cpu = (float(x) for x in self._proc.stdout.readline().split())
-        return t_end - t0, my_cpu + writer_cpu
-
-    def close(self) -> None:
-        assert self._proc.stdin is not None
-        self._proc.stdin.close()
-        self._proc.wait(timeout=30)
-        self._conn.close()
-        self._server.close()
-
 
 class UpdateLink:
     """One broker: a device process publishing updates, this process receiving them as the server does."""
@@ -273,28 +211,46 @@ def _median(rows: list[dict[str, Any]], key: str, digits: int = 4) -> float | No
 def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], repeats: int,
             n_params: int = UPDATE_PARAMS, logins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """configs: (broker name, chunk bytes, chunk QoS). One warm-up round each, then `repeats`.
-    `logins`: per broker name, the MqttConfig login fields (username, password, ca_file) both ends use."""
+    `logins`: per broker name, the MqttConfig login fields (username, password, ca_file) both ends use.
+    A broker without a login also gets the plain-paho ceiling (bench/transport_ceiling.py) per config."""
     links = {name: UpdateLink(b, n_params, (logins or {}).get(name)) for name, b in brokers.items()}
     rows: dict[tuple[str, int, int], list[dict[str, Any]]] = {c: [] for c in configs}
     raw_rows: list[tuple[float, float]] = []
+    relay_rows: list[tuple[float, float]] = []
     loads: list[float] = []
+    plains: dict[tuple[str, int], PlainPaho] = {}
     try:
         sealed = next(iter(links.values())).once(configs[0][1], configs[0][2])["sealed_bytes"]
-        raw = RawTcp(sealed)
+        for name, chunk_bytes, _qos in configs:
+            if name not in (logins or {}) and (name, chunk_bytes) not in plains:
+                url = parse_broker_url(brokers[name].url)
+                plains[name, chunk_bytes] = PlainPaho(url.host, url.port, chunk_sizes(sealed, chunk_bytes),
+                                                      getattr(brokers[name], "pid", None))
+        raw, relay = RawTcp(sealed), RelayTcp(sealed)
         try:
             for c in configs:
                 links[c[0]].once(c[1], c[2])  # warm-up
+                if (c[0], c[1]) in plains:
+                    plains[c[0], c[1]].once(c[2])
             for _ in range(repeats):
                 loads.append(os.getloadavg()[0])
                 raw_rows.append(raw.once())
+                relay_rows.append(relay.once())
                 for c in configs:
-                    rows[c].append(links[c[0]].once(c[1], c[2]))
+                    row = links[c[0]].once(c[1], c[2])
+                    if (c[0], c[1]) in plains:
+                        row.update(plains[c[0], c[1]].once(c[2]))
+                    rows[c].append(row)
         finally:
             raw.close()
+            relay.close()
     finally:
         for link in links.values():
             link.close()
+        for plain in plains.values():
+            plain.close()
     raw_s = statistics.median(r[0] for r in raw_rows)
+    relay_s = statistics.median(r[0] for r in relay_rows)
     out: dict[str, Any] = {
         "update_params": n_params,
         "sealed_bytes": sealed,
@@ -303,22 +259,39 @@ def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], rep
         "raw_tcp_s": round(raw_s, 4),
         "raw_tcp_spread_s": round(max(r[0] for r in raw_rows) - min(r[0] for r in raw_rows), 4),
         "raw_tcp_cpu_ms": round(statistics.median(r[1] for r in raw_rows), 2),
+        "relay_tcp_s": round(relay_s, 4),
+        "relay_tcp_spread_s": round(max(r[0] for r in relay_rows) - min(r[0] for r in relay_rows), 4),
+        "relay_cpu_ms": round(statistics.median(r[1] for r in relay_rows), 2),
+        "relay_over_raw": round(raw_s / relay_s, 3),
         "configs": [],
     }
     for (name, chunk_bytes, qos), got in rows.items():
         med = statistics.median(r["update_path_s"] for r in got)
+        plain_s = _median(got, "plain_paho_s")
         out["configs"].append({
             "broker": name, "chunk_bytes": chunk_bytes, "qos": qos, "chunks": got[0]["chunks"],
             "update_path_s": round(med, 4),
             "spread_s": round(max(r["update_path_s"] for r in got) - min(r["update_path_s"] for r in got), 4),
             "update_over_raw": round(raw_s / med, 3),
+            "update_over_relay": round(relay_s / med, 3),
             **{k: _median(got, k, 2 if k.endswith("_ms") else 4)
                for k in ("publish_return_s", "all_pubacks_s", "device_cpu_ms", "server_cpu_ms")},
             # /proc counts clock ticks (10 ms): a mean over the repeats resolves what one round cannot.
             "broker_cpu_ms": (round(statistics.mean(r["broker_cpu_ms"] for r in got), 1)
                               if got[0]["broker_cpu_ms"] is not None else None),
+            "plain_paho_s": plain_s,
+            "plain_over_raw": round(raw_s / plain_s, 3) if plain_s else None,
+            "update_over_plain": round(plain_s / med, 3) if plain_s else None,
+            **{k: _median(got, k, 2) for k in ("plain_device_cpu_ms", "plain_server_cpu_ms")},
+            "plain_broker_cpu_ms": (round(statistics.mean(r["plain_broker_cpu_ms"] for r in got), 1)
+                                    if got[0].get("plain_broker_cpu_ms") is not None else None),
             "intact": all(r["intact"] for r in got),
         })
+        row = out["configs"][-1]
+        # Every process's CPU per update: medians of the ends plus the broker's mean (ticks).
+        for prefix in ("", "plain_"):
+            parts = [row[f"{prefix}{k}_cpu_ms"] for k in ("device", "server", "broker")]
+            row[f"{prefix}total_cpu_ms"] = round(sum(parts), 1) if None not in parts else None
     return out
 
 
@@ -326,11 +299,11 @@ if __name__ == "__main__":
     from testbed.broker import AmqttBroker, MosquittoBroker
 
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    chunk_sizes = [int(x) for x in (sys.argv[2].split(",") if len(sys.argv) > 2 else ["262144"])]
+    sizes = [int(x) for x in (sys.argv[2].split(",") if len(sys.argv) > 2 else ["262144"])]
     qoses = [int(x) for x in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["1"])]
     names = sys.argv[4].split(",") if len(sys.argv) > 4 else ["mosquitto", "amqtt"]
     with MosquittoBroker() as mosq, AmqttBroker() as amqtt:
         chosen = {"mosquitto": mosq, "amqtt": amqtt}
         brokers = {n: chosen[n] for n in names}
-        cfgs = [(n, cb, q) for n in names for cb in chunk_sizes for q in qoses]
+        cfgs = [(n, cb, q) for n in names for cb in sizes for q in qoses]
         print(json.dumps(measure(brokers, cfgs, reps), indent=1))
