@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ProtocolError
-from runtime.protocol import ID_PATTERN, PROTOCOL_VERSION, show
+from runtime.protocol import PROTOCOL_VERSION
+from runtime.wire_json import ID_PATTERN, show
 
 CHUNK_MAGIC = b"OCHK"
 CHUNK_VERSION = PROTOCOL_VERSION

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import ProtocolError
-from runtime.protocol import NAME_PATTERN, show
+from runtime.wire_json import NAME_PATTERN, show
 
 ENCODINGS = ("dense", "fp16", "sparse-coo")
 _TENSOR_KEYS = frozenset({"name", "dtype", "shape", "encoding", "offset", "length"})

@@ -61,15 +61,10 @@ from runtime.frame_table import (
     parse_tensor_entry,
 )
 from runtime.frame_table import FrameLimits as FrameLimits
-from runtime.protocol import (
+from runtime.protocol import PROTOCOL_VERSION, Artifact, SparseTensor, SplitMessage, Task, Tensor, Update
+from runtime.seal import Opened
+from runtime.wire_json import (
     NAME_PATTERN,
-    PROTOCOL_VERSION,
-    Artifact,
-    SparseTensor,
-    SplitMessage,
-    Task,
-    Tensor,
-    Update,
     context,
     dumps_canonical,
     fields_from_json,
@@ -77,7 +72,6 @@ from runtime.protocol import (
     loads_strict,
     show,
 )
-from runtime.seal import Opened
 
 FRAME_MAGIC = b"ORCH"
 FRAME_VERSION = PROTOCOL_VERSION

@@ -11,8 +11,9 @@ sides open it before decoding anything. The server answers each update with a `R
 its outbox until the receipt comes. A task names the manifest SHA-256 of every artifact it
 needs (`artifact_digests`), and a device stores only an artifact whose manifest matches it.
 
-This module is the import point for the message types and holds the JSON codec
-(`encode_json` / `decode_json`) and `validate_tensors`. The binary frame and chunking live in
+This module is the import point for the message types and holds their JSON codec
+(`encode_json` / `decode_json`, on the strict JSON layer of `runtime.wire_json`) and
+`validate_tensors`. The binary frame and chunking live in
 `runtime.frames` (it imports this module, never the other way round).
 
 JSON messages are one flat object: the dataclass fields plus `"msg"` (the message kind) and
@@ -25,20 +26,25 @@ kinds from their closed sets, device ids and artifact keys safe to use in topics
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import math
-import re
-import sys
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
+from runtime import wire_json
 from runtime.errors import ConfigError, ProtocolError
-from runtime.typehints import type_hints
+from runtime.wire_json import (
+    context,
+    dumps_canonical,
+    fields_from_json,
+    fields_to_json,
+    loads_strict,
+    show,
+)
+
+# Taken from here by modules written before the JSON layer moved to runtime.wire_json.
+ID_PATTERN = wire_json.ID_PATTERN
+NAME_PATTERN = wire_json.NAME_PATTERN
 
 # numpy is imported where tensors are handled: the agent starts without it. The array aliases are
 # numpy's for the type checker and Any at run time, so the wire dataclasses' hints still resolve.
@@ -57,12 +63,6 @@ else:
 # Task.artifact_digests.
 PROTOCOL_VERSION = 3
 
-DEVICE_STATES = ("online", "idle", "training", "uploading", "offline", "failed")
-UPDATE_KINDS = ("weights", "delta")
-# Why a task failed, so the server never guesses from free text: the trainer was killed under a
-# memory cap or raised MemoryError (oom), killed by another signal (killed), anything else (error).
-FAILURES = ("oom", "killed", "error")
-UPLOAD_ENCODINGS = ("dense", "fp16")
 JSON_MAX_BYTES = 1 << 20  # control messages are small; a bigger one is a bug or an attack
 
 
@@ -257,7 +257,6 @@ class Update:
     report: Mapping[str, float] = field(default_factory=dict)  # the method's own figures
 
 
-SPLIT_OPS = ("hello", "fwd", "bwd", "epoch_end", "weights", "error")
 
 
 @dataclass(frozen=True)
@@ -294,240 +293,6 @@ _JSON_KINDS: dict[type, str] = {
     ServerState: "server_state",
     Receipt: "receipt",
 }
-_INT_MAX = 2**63 - 1  # every integer must fit an int64 on the other side (numpy, C)
-_MAX_INT_DIGITS = 20  # "-9223372036854775808"; also keeps Python's 4300-digit ValueError away
-_MAX_FREE_DEPTH = 32  # nesting allowed in free-form values (Assignment.extras); deeper breaks re-encoding
-
-# Device ids become topic levels (no "/", "+", "#"); message ids become dict keys in chunks.
-ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Artifact keys and artifact file names become paths on the device: no separators, no leading dot.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=,+-]{0,127}")
-
-_FIELD_CHOICES: dict[str, tuple[str, ...]] = {"state": DEVICE_STATES, "kind": UPDATE_KINDS, "upload": UPDATE_KINDS,
-                                              "encoding": UPLOAD_ENCODINGS, "failure": FAILURES,
-                                              "split_op": SPLIT_OPS}
-_FIELD_PATTERNS: dict[str, re.Pattern[str]] = {
-    "device_id": ID_PATTERN,
-    "key": NAME_PATTERN,
-    "method": ID_PATTERN,
-}
-_ELEMENT_PATTERNS: dict[str, re.Pattern[str]] = {"artifact_keys": NAME_PATTERN}
-
-
-def show(value: object, limit: int = 60) -> str:
-    """repr() capped in length, so an error message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def context(what: str, source: str) -> str:
-    """Error-message prefix: "update frame from dev3" or just "update frame"."""
-    return f"{what} from {source}" if source else what
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # "1e400" parses to inf without this
-        raise ValueError(f"non-finite number {text[:30]}")
-    return value
-
-
-def _parse_int(text: str) -> int:
-    if len(text) > _MAX_INT_DIGITS:
-        raise ValueError(f"integer with {len(text)} digits")
-    return int(text)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # json.loads would silently keep the last one
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def loads_strict(data: bytes | bytearray | memoryview, ctx: str) -> Any:
-    """Parse UTF-8 JSON, rejecting NaN/Infinity, duplicate keys and absurd integers."""
-    try:
-        text = bytes(data).decode("utf-8")
-        return json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_parse_float,
-            parse_int=_parse_int,
-            object_pairs_hook=_unique_keys,
-        )
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"{ctx}: JSON is not UTF-8 (byte {exc.start})") from None
-    except RecursionError:
-        raise ProtocolError(f"{ctx}: JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError and the hooks above
-        raise ProtocolError(f"{ctx}: bad JSON: {exc}") from None
-
-
-def dumps_canonical(obj: Any, ctx: str) -> bytes:
-    """Sorted keys, no whitespace, no NaN: the same message always gives the same bytes."""
-    try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
-    except (TypeError, ValueError) as exc:  # unserialisable value, NaN, lone surrogate
-        raise ProtocolError(f"{ctx}: not encodable as JSON: {exc}") from None
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    return type_hints(cls)
-
-
-# Optional fields added within protocol version 2: left out when None, so a message without them
-# keeps its bytes and a peer from before them still reads it (a Jetson's GPU figures).
-_OMITTED_WHEN_NONE = frozenset({"gpu_pct", "gpu_mem_mb", "gpu_energy_j"})
-
-
-def _plain(value: Any, path: str, ctx: str) -> Any:
-    """Dataclasses, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [f for f in dataclasses.fields(value)
-                  if not (f.name in _OMITTED_WHEN_NONE and getattr(value, f.name) is None)]
-        return {f.name: _plain(getattr(value, f.name), f"{path}.{f.name}", ctx) for f in fields}
-    if isinstance(value, Mapping):
-        for key in value:
-            if not isinstance(key, str):  # json.dumps would turn 1 into "1" without a word
-                raise ProtocolError(f"{ctx}: field '{path}' has non-string key {show(key)}")
-        return {k: _plain(v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
-    numpy = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
-    if numpy is not None and isinstance(value, numpy.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError(f"{ctx}: field '{path}' must be a finite number, got {value}")
-    return value
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion (a server re-encodes it later)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if level > _MAX_FREE_DEPTH:
-            break
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
-
-
-def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
-    """Check one parsed JSON value against a field's type hint; return it in the field's type."""
-
-    def bad(expected: str) -> ProtocolError:
-        return ProtocolError(f"{ctx}: field '{path}' must be {expected}, got {show(value)}")
-
-    if hint is Any:  # free-form (Assignment.extras): strict-parsed already, so only the depth is left
-        if _depth(value) > _MAX_FREE_DEPTH:
-            raise bad(f"nested at most {_MAX_FREE_DEPTH} deep")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
-            raise bad("valid Unicode text") from None
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        if not 0 <= value <= _INT_MAX:
-            raise bad(f"an integer in [0, {_INT_MAX}]")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union or origin is getattr(types, "UnionType", Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check(inner, value, path, ctx)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise bad("a list")
-        return tuple(_check(args[0], v, f"{path}[{i}]", ctx) for i, v in enumerate(value))
-    if origin is Mapping:
-        if not isinstance(value, dict):
-            raise bad("an object")
-        return {k: _check(args[1], v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return hint(**fields_from_json(hint, value, ctx, path=path))
-    raise TypeError(f"protocol schema has no rule for type {hint!r}")  # a bug here, not bad input
-
-
-def fields_from_json(
-    cls: type, obj: Any, ctx: str, *, exclude: frozenset[str] = frozenset(), path: str = ""
-) -> dict[str, Any]:
-    """Validate a JSON object against dataclass `cls` (minus `exclude`); return constructor kwargs."""
-    prefix = f"{path}." if path else ""
-    if not isinstance(obj, dict):
-        where = f"field '{path}'" if path else "message"
-        raise ProtocolError(f"{ctx}: {where} must be a JSON object, got {show(obj)}")
-    fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
-    unknown = sorted(set(obj) - {f.name for f in fields})
-    if unknown:
-        raise ProtocolError(f"{ctx}: unknown field '{prefix}{unknown[0]}'")
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in fields:
-        name = prefix + f.name
-        if f.name not in obj:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{ctx}: missing required field '{name}'")
-            continue
-        value = _check(hints[f.name], obj[f.name], name, ctx)
-        choices = _FIELD_CHOICES.get(f.name)
-        if choices is not None and value is not None and value not in choices:
-            allowed = ", ".join(choices)
-            raise ProtocolError(f"{ctx}: field '{name}' must be one of {allowed}, got {show(value)}")
-        pattern = _FIELD_PATTERNS.get(f.name)
-        if pattern is not None and not pattern.fullmatch(value):
-            raise ProtocolError(f"{ctx}: field '{name}' must match {pattern.pattern}, got {show(value)}")
-        element = _ELEMENT_PATTERNS.get(f.name)
-        if element is not None:
-            if not value:
-                raise ProtocolError(f"{ctx}: field '{name}' must not be empty")
-            for i, item in enumerate(value):
-                if not element.fullmatch(item):
-                    raise ProtocolError(f"{ctx}: field '{name}[{i}]' must match {element.pattern}, got {show(item)}")
-        kwargs[f.name] = value
-    return kwargs
-
-
-def fields_to_json(msg: Any, ctx: str, *, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The JSON object for `msg`'s fields (minus `exclude`), validated exactly as a receiver would.
-
-    Round-tripping through the strict parser here means a sender finds out about a NaN, a bad
-    state or a float in an int field itself, instead of every receiver rejecting the message.
-    """
-    fields = [f for f in dataclasses.fields(msg) if f.name not in exclude]
-    obj = {f.name: _plain(getattr(msg, f.name), f.name, ctx) for f in fields}
-    parsed = loads_strict(dumps_canonical(obj, ctx), ctx)
-    checked = fields_from_json(type(msg), parsed, ctx, exclude=exclude)
-    # Re-plain the checked values so an int given for a float field is written as 4.0, not 4:
-    # the bytes then depend only on the message's value, which keeps goldens stable.
-    return {k: _plain(v, k, ctx) for k, v in checked.items()}
 
 
 def encode_json(msg: JsonMessage) -> bytes:

@@ -42,7 +42,8 @@ import struct
 from typing import NamedTuple
 
 from runtime.errors import ProtocolError
-from runtime.protocol import ID_PATTERN, PROTOCOL_VERSION, dumps_canonical, loads_strict, show
+from runtime.protocol import PROTOCOL_VERSION
+from runtime.wire_json import ID_PATTERN, dumps_canonical, loads_strict, show
 
 SEAL_MAGIC = b"OSEL"
 SEAL_VERSION = PROTOCOL_VERSION
