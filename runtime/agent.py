@@ -32,12 +32,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from runtime import __version__, startup
 from runtime.agent_tasks import MANIFEST, TaskLifecycle
 from runtime.board import load_board
-from runtime.chunks import Reassembler
+from runtime.chunks import Reassembler, chunk_sealed
 from runtime.credentials import load_credentials
 from runtime.device_config import DeviceConfig
 from runtime.errors import ConfigError, OrchardError, ProtocolError, TransportError
@@ -106,8 +107,10 @@ class Agent(TaskLifecycle):
         # given up on the running task (timed out, or the device was marked offline), so this is
         # the one that counts; it starts as soon as the trainer is free.
         self.queued = None
-        # Sealed update frames by task id, from the end of training until the server's receipt.
-        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
+        # Update frames by task id, from the end of training until the server's receipt; sealed
+        # as they are chunked (runtime/outbox.py).
+        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1),
+                             chunks=self._update_chunks)
         self.done_tasks = {}  # oldest first, at most DONE_TASKS
         self._staged: StagedArtifacts | None = None  # authenticated, not named by a task yet
         # A task's deadline counts from its arrival; the time it waits for its artifacts or the
@@ -155,6 +158,10 @@ class Agent(TaskLifecycle):
 
     def _seal(self, kind: str, payload: bytes) -> bytes:
         return seal(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind)
+
+    def _update_chunks(self, frame: bytes, msg_id: str, chunk_bytes: int) -> Iterator[bytes]:
+        return chunk_sealed(frame, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind="update",
+                            msg_id=msg_id, chunk_bytes=chunk_bytes)
 
     def _open(self, kind: str, payload: bytes | memoryview) -> Opened:
         return open_sealed(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind,
@@ -344,7 +351,7 @@ class Agent(TaskLifecycle):
             self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload).payload, source="server"))
             return
         arrived = time.monotonic()
-        frame = self.reassembler.feed(msg.topic, msg.payload)
+        frame = self.reassembler.feed(msg.topic, msg.payload, mac_key=self.key)  # the MAC as chunks come
         if frame is None:
             return
         from runtime.frames import decode_artifact, decode_task

@@ -74,9 +74,6 @@ class TaskLifecycle(ABC):
                    failure: str | None = None) -> None: ...
 
     @abstractmethod
-    def _seal(self, kind: str, payload: bytes) -> bytes: ...
-
-    @abstractmethod
     def _choose_tier(self) -> tuple[str, str]: ...
 
     @abstractmethod
@@ -228,7 +225,7 @@ class TaskLifecycle(ABC):
             tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )
         self._measure_tier(task, outcome.peak_rss_mb, outcome.step_ms_median, cores)
-        frame = self._seal("update", encode_update(update, encoding=task.encoding))
+        frame = encode_update(update, encoding=task.encoding)  # the outbox seals it as it chunks it
         self._set_state("uploading", task.task_id)
         self.outbox.add(task.task_id, frame)
         if self._reachable():

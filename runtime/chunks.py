@@ -25,12 +25,13 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ProtocolError
 from runtime.protocol import PROTOCOL_VERSION
+from runtime.seal import MAC_BYTES, MacStream, seal_head
 from runtime.wire_json import ID_PATTERN, show
 
 CHUNK_MAGIC = b"OCHK"
@@ -47,21 +48,67 @@ def chunk_frame(frame: bytes | bytearray | memoryview, msg_id: str,
     `msg_id` must be unique per send (e.g. a uuid4 hex or "<task id>.<attempt>"): the receiver
     ignores chunks of a msg_id it completed within its timeout, so a re-sent frame needs a new id.
     """
+    view = memoryview(frame).cast("B")
+    _check_split(len(view), msg_id, chunk_bytes)
+    return list(_chunks(b"", view, None, msg_id, chunk_bytes))
+
+
+def chunk_sealed(payload: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str,
+                 msg_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """The chunks of `seal(payload, ...)` (the same bytes as `chunk_frame` of it), made one at a
+    time as the caller takes them: each chunk's share of the MAC is computed when it is, so sealing
+    overlaps the publishing of the chunks before it and no sealed copy of the payload is made.
+    Bad arguments raise here, before the first chunk."""
+    view = memoryview(payload).cast("B")
+    head, mac = seal_head(len(view), key=key, run_id=run_id, device_id=device_id, kind=kind)
+    _check_split(len(head) + len(view) + MAC_BYTES, msg_id, chunk_bytes)
+    return _chunks(head, view, mac, msg_id, chunk_bytes)
+
+
+def _check_split(frame_len: int, msg_id: str, chunk_bytes: int) -> None:
     if not isinstance(msg_id, str) or not ID_PATTERN.fullmatch(msg_id):
         raise ProtocolError(f"chunking: msg_id {show(msg_id)} must match {ID_PATTERN.pattern}")
     if chunk_bytes < 1:
         raise ProtocolError(f"chunking: chunk_bytes must be >= 1, got {chunk_bytes}")
-    if not 0 < len(frame) <= 0xFFFFFFFF:
-        raise ProtocolError(f"chunking: frame of {len(frame)} bytes, expected 1..{0xFFFFFFFF}")
+    if not 0 < frame_len <= 0xFFFFFFFF:
+        raise ProtocolError(f"chunking: frame of {frame_len} bytes, expected 1..{0xFFFFFFFF}")
+
+
+def _chunks(head: bytes, body: memoryview, mac: MacStream | None, msg_id: str, chunk_bytes: int) -> Iterator[bytes]:
+    """Chunks of the frame `head | body | mac digest` (no digest without `mac`); `mac` has been fed
+    `head` and is fed each piece of `body` as its chunk is made. Each chunk is one copy of its
+    pieces (slices of `body` are views)."""
     ident = msg_id.encode("ascii")
-    total = -(-len(frame) // chunk_bytes)
-    view = memoryview(frame)  # slices are views: each chunk is built with one copy of its payload
-    chunks = []
-    for index in range(total):
-        payload = view[index * chunk_bytes : (index + 1) * chunk_bytes]
-        head = _CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), index, total, len(frame), zlib.crc32(payload))
-        chunks.append(b"".join((head, ident, payload)))
-    return chunks
+    body_end = len(head) + len(body)
+    frame_len = body_end + (MAC_BYTES if mac is not None else 0)
+    digest = b""
+    for index in range(-(-frame_len // chunk_bytes)):
+        lo, hi = index * chunk_bytes, min(frame_len, (index + 1) * chunk_bytes)
+        pieces: list[bytes | memoryview] = [head[lo:hi]] if lo < len(head) else []
+        if lo < body_end and hi > len(head):
+            pieces.append(body[max(lo - len(head), 0):hi - len(head)])
+            if mac is not None:
+                mac.update(pieces[-1])
+        if mac is not None and hi > body_end:
+            digest = digest or mac.digest()
+            pieces.append(digest[max(lo - body_end, 0):hi - body_end])
+        crc = 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        yield b"".join((_CHUNK.pack(CHUNK_MAGIC, CHUNK_VERSION, len(ident), index, -(-frame_len // chunk_bytes),
+                                    frame_len, crc), ident, *pieces))
+
+
+class FrameBuffer(bytearray):
+    """A frame as the Reassembler rebuilds it. `mac`: its running MAC (runtime.seal.MacStream) when
+    the receiver gave the sender's key, fed each chunk as it is appended in order; `open_sealed`
+    takes it instead of hashing the frame again."""
+
+    __slots__ = ("mac",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mac: MacStream | None = None
 
 
 @dataclass
@@ -72,7 +119,7 @@ class _Partial:
     # The frame so far: chunks in order are appended, a chunk ahead of a gap waits in `early`.
     # Growing with what arrived (not one frame_len allocation at the first chunk) means a chunk
     # that announces 64 MB costs 64 MB of memory only once 64 MB of chunks came.
-    buffer: bytearray = field(default_factory=bytearray)
+    buffer: FrameBuffer = field(default_factory=FrameBuffer)
     early: dict[int, bytes] = field(default_factory=dict)
     stride: int = 0  # payload bytes of every chunk but the last; 0 until a chunk tells
     parts: set[int] = field(default_factory=set)  # indices in
@@ -131,11 +178,13 @@ class Reassembler:
         """Bytes reserved by incomplete frames."""
         return self._reserved
 
-    def feed(self, key: str, chunk: bytes | bytearray | memoryview) -> memoryview | None:
+    def feed(self, key: str, chunk: bytes | bytearray | memoryview, mac_key: bytes | None = None) -> memoryview | None:
         """Add one chunk; return the whole frame once all its chunks are in, else None.
 
         The frame is a writable view of the buffer the chunks were copied into, the caller's from
-        then on (decoders read tensors in place from it)."""
+        then on (decoders read tensors in place from it). `mac_key`: the sender's sealing key, if
+        the frame is a sealed message: its MAC is then computed chunk by chunk as they come
+        (`FrameBuffer.mac`), and opening the frame only compares it."""
         msg_id, index, total, frame_len, payload = self._parse(key, chunk)
         ident = (key, msg_id)
         ctx = f"chunk {index} of {msg_id!r} from {key}"
@@ -150,6 +199,8 @@ class Reassembler:
                                         f"{min(self.max_frame_bytes, self.max_sender_bytes)} bytes")
                 self._make_room(key, frame_len, now)
                 partial = self._partials[ident] = _Partial(now, total, frame_len)
+                if mac_key is not None:
+                    partial.buffer.mac = MacStream(mac_key, frame_len)
                 self._reserved += frame_len
                 held = self._by_sender.setdefault(key, [0, 0])
                 held[0] += 1
@@ -176,8 +227,14 @@ class Reassembler:
                 raise ProtocolError(f"{ctx}: duplicate with different content; partial frame dropped")
             if start == len(partial.buffer):
                 partial.buffer += payload
+                mac = partial.buffer.mac
+                if mac is not None:
+                    mac.update(payload)
                 while partial.early and len(partial.buffer) // partial.stride in partial.early:
-                    partial.buffer += partial.early.pop(len(partial.buffer) // partial.stride)
+                    piece = partial.early.pop(len(partial.buffer) // partial.stride)
+                    partial.buffer += piece
+                    if mac is not None:
+                        mac.update(piece)
             else:
                 partial.early[index] = bytes(payload)
             partial.parts.add(index)

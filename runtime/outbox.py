@@ -10,12 +10,17 @@ doubling up to 32x. Every send gets a new chunk msg_id: a receiver ignores the c
 it completed, and the server answers a copy it has already judged with the same receipt, so a
 re-send is counted once.
 
+The agent's outbox holds each update frame unsealed and seals it as it chunks it
+(`chunks.chunk_sealed`, the same bytes every send): the MAC is computed chunk by chunk while the
+chunks before go out, and no second, sealed copy of a 10 MB frame is held until the receipt.
+
 Board code: standard library and runtime only, Python 3.8 compatible.
 """
 
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +29,10 @@ from runtime.protocol import Receipt
 
 RESEND_AFTER_S = 120.0
 MAX_BACKOFF_DOUBLINGS = 5
+
+
+# (frame, msg_id, chunk bytes) -> its chunks; the agent's seals the frame as it chunks it.
+Chunker = typing.Callable[[bytes, str, int], typing.Iterable[bytes]]  # typing's: board Pythons from 3.8
 
 
 @dataclass
@@ -35,8 +44,10 @@ class _Pending:
 
 class Outbox:
     def __init__(self, publish: Callable[[bytes], object], resend_after_s: float = RESEND_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 clock: Callable[[], float] = time.monotonic, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 chunks: Chunker = chunk_frame) -> None:
         self._publish = publish  # one chunk onto the device's update topic
+        self._chunks = chunks
         self.chunk_bytes = chunk_bytes
         self.resend_after_s = resend_after_s
         self._clock = clock
@@ -60,7 +71,7 @@ class Outbox:
         out.sends += 1
         out.next_send_s = self._clock() + self.resend_after_s * 2 ** min(out.sends - 1, MAX_BACKOFF_DOUBLINGS)
         msg_id = f"{task_id}.{out.sends}.{int(time.time() * 1000) % 10**9}"
-        for chunk in chunk_frame(out.frame, msg_id, self.chunk_bytes):
+        for chunk in self._chunks(out.frame, msg_id, self.chunk_bytes):
             self._publish(chunk)
 
     def task_ids(self) -> list[str]:

@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import re
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from runtime.errors import ProtocolError
 from runtime.protocol import PROTOCOL_VERSION
@@ -81,8 +81,10 @@ def parse_key(text: str, who: str) -> bytes:
     return check_key(bytes.fromhex(text), who)
 
 
-def seal(payload: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str) -> bytes:
-    """Wrap `payload` for the topic of `device_id`, run `run_id`, message `kind`."""
+def seal_head(payload_bytes: int, *, key: bytes, run_id: str, device_id: str, kind: str) -> tuple[bytes, MacStream]:
+    """The envelope's prefix and header for a payload of `payload_bytes`, and the MAC already fed
+    with them: feed it the payload, then append its digest. `seal` does that at once; chunks.py's
+    `chunk_sealed` does it chunk by chunk while the chunks are published."""
     ctx = f"sealing {kind} for {device_id}"
     if kind not in SEALED_KINDS:
         raise ProtocolError(f"{ctx}: kind must be one of {', '.join(SEALED_KINDS)}")
@@ -92,11 +94,46 @@ def seal(payload: bytes | bytearray | memoryview, *, key: bytes, run_id: str, de
     check_key(key, ctx)
     header = dumps_canonical({"dev": device_id, "kind": kind, "run": run_id}, ctx)
     header += b" " * (-(_PREFIX.size + len(header)) % PAYLOAD_ALIGN)
-    mac = hmac.new(key, digestmod=hashlib.sha256)
     head = _PREFIX.pack(SEAL_MAGIC, SEAL_VERSION, len(header)) + header
+    mac = MacStream(key, len(head) + payload_bytes + MAC_BYTES)
     mac.update(head)
+    return head, mac
+
+
+def seal(payload: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str) -> bytes:
+    """Wrap `payload` for the topic of `device_id`, run `run_id`, message `kind`."""
+    head, mac = seal_head(len(payload), key=key, run_id=run_id, device_id=device_id, kind=kind)
     mac.update(payload)
     return b"".join((head, payload, mac.digest()))
+
+
+class MacStream:
+    """The HMAC-SHA256 of one sealed message of `sealed_bytes`, fed its bytes in order as they are
+    produced or arrive (chunk by chunk), so neither end needs a pass of its own over the whole
+    message. Bytes past the MAC's place (the MAC itself) are not fed. hashlib releases the GIL
+    over large buffers, so the hashing runs beside the MQTT client's network thread."""
+
+    __slots__ = ("_key", "_left", "_mac", "sealed_bytes")
+
+    def __init__(self, key: bytes, sealed_bytes: int) -> None:
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._key = key
+        self.sealed_bytes = sealed_bytes
+        self._left = sealed_bytes - MAC_BYTES  # bytes before the MAC, still to come
+
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
+        if self._left > 0:
+            take = piece if len(piece) <= self._left else memoryview(piece)[:self._left]
+            self._mac.update(take)
+            self._left -= len(take)
+
+    def covers(self, key: bytes, sealed_bytes: int) -> bool:
+        """Whether this is the MAC, under `key`, of everything before the MAC of a message of
+        `sealed_bytes`: the one `open_sealed` would compute."""
+        return self._left == 0 and sealed_bytes == self.sealed_bytes and hmac.compare_digest(key, self._key)
+
+    def digest(self) -> bytes:
+        return self._mac.digest()
 
 
 def open_sealed(data: bytes | bytearray | memoryview, *, key: bytes, run_id: str, device_id: str, kind: str,
@@ -119,8 +156,10 @@ def open_sealed(data: bytes | bytearray | memoryview, *, key: bytes, run_id: str
     if header_len > _MAX_HEADER or _PREFIX.size + header_len + MAC_BYTES > len(view):
         raise ProtocolError(f"{ctx}: envelope header length {header_len} is out of bounds")
     end = len(view) - MAC_BYTES
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    mac.update(view[:end])
+    mac = _received_mac(view, key)
+    if mac is None:
+        mac = MacStream(key, len(view))
+        mac.update(view[:end])
     claimed = _claimed(view[_PREFIX.size:_PREFIX.size + header_len], ctx)
     if not hmac.compare_digest(mac.digest(), bytes(view[end:])):
         raise ProtocolError(
@@ -136,6 +175,19 @@ def open_sealed(data: bytes | bytearray | memoryview, *, key: bytes, run_id: str
     if got_kind != kind:
         raise ProtocolError(f"{ctx}: sealed as a {show(got_kind, 20)} message, received as {kind!r}")
     return Opened(view[_PREFIX.size + header_len:end], got_run, got_dev, got_kind)
+
+
+def _received_mac(view: memoryview, key: bytes) -> MacStream | None:
+    """The MAC the reassembler computed while this message's chunks came in (runtime/chunks.py:
+    a frame's buffer carries it as `mac`), if it covers exactly these bytes under `key`. Taken
+    once: a second open of the same buffer (whose tensors the decoder hands out writable)
+    computes afresh."""
+    owner: Any = view.obj
+    mac = getattr(owner, "mac", None)
+    if not isinstance(mac, MacStream) or not mac.covers(key, len(view)) or len(view) != len(owner):
+        return None
+    owner.mac = None
+    return mac
 
 
 def _claimed(header: memoryview, ctx: str) -> tuple[object, object, object]:

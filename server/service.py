@@ -393,7 +393,8 @@ class Service:
         elif kind == "update":
             if not known:  # nothing is reassembled for an id the engine does not know
                 raise ProtocolError(f"update chunk from {device_id!r}, which has not said hello")
-            frame = self.reassembler.feed(msg.topic, msg.payload)
+            # With the device's key, the MAC is computed as the chunks come (runtime/chunks.py).
+            frame = self.reassembler.feed(msg.topic, msg.payload, mac_key=self.keys.get(device_id))
             if frame is not None:
                 self._on_update_frame(device_id, frame, self.reassembler.completed_wire_bytes)
 
