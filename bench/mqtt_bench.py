@@ -14,9 +14,13 @@ TLS; the device gets its login on stdin, never on its command line). `seal_10mb`
 binding an update to its run and device (runtime/seal.py: HMAC-SHA256 over the whole frame),
 to seal and to open, next to the SHA-256 the frame already takes of its body.
 
+`mac_10mb`: CPU per 10 MB of each MAC hashlib has (HMAC-SHA256, keyed BLAKE2b / BLAKE2s,
+HMAC-SHA512) and of the chunks' CRC-32, on this host and with OpenSSL's SHA extensions masked.
+
 `update_10mb` is the real update path (seal, chunks, broker, reassembly, open, decode) against
-raw loopback TCP, swept over chunk size and chunk QoS: bench/update_path.py says what each of
-its figures includes.
+raw loopback TCP, a minimal relay (two hops) and plain paho through the same broker (the
+ceiling: bench/transport_ceiling.py), swept over chunk size and chunk QoS: bench/update_path.py
+says what each of its figures includes.
 
 `run() -> dict` is what bench/run.py merges into bench.json; `python bench/mqtt_bench.py`
 prints it.
@@ -113,6 +117,41 @@ def seal_cost(n_bytes: int, repeats: int = 5) -> dict[str, Any]:
             times[name].append(dt * 1000)
     out: dict[str, Any] = {k: round(statistics.median(v), 2) for k, v in times.items()}
     out.update(payload_bytes=n_bytes, repeats=repeats)
+    return out
+
+
+# Every MAC hashlib offers without a new native dependency (on CPython 3.8-3.12 as here), and the
+# chunks' CRC-32; run twice, in fresh interpreters: as the host is, and with OpenSSL told the CPU
+# has no SHA extensions (OPENSSL_ia32cap bit 29 of CPUID leaf 7 EBX), as on a Pi 4's Cortex-A72.
+MAC_PROBE = """
+import hashlib, hmac, json, os, statistics, sys, time, zlib
+data, key, repeats = os.urandom(int(sys.argv[1])), os.urandom(32), int(sys.argv[2])
+cases = {
+    "hmac_sha256": lambda: hmac.new(key, data, hashlib.sha256).digest(),
+    "blake2b_keyed": lambda: hashlib.blake2b(data, key=key, digest_size=32).digest(),
+    "blake2s_keyed": lambda: hashlib.blake2s(data, key=key).digest(),
+    "hmac_sha512": lambda: hmac.new(key, data, hashlib.sha512).digest(),
+    "crc32": lambda: zlib.crc32(data),
+}
+out = {}
+for _ in range(repeats):  # interleaved
+    for name, case in cases.items():
+        cpu0 = time.process_time()
+        case()
+        out.setdefault(name, []).append((time.process_time() - cpu0) * 1000)
+print(json.dumps({k: round(statistics.median(v), 2) for k, v in out.items()}))
+"""
+
+
+def mac_cost(n_bytes: int, repeats: int = 9) -> dict[str, Any]:
+    """CPU ms per `n_bytes` of each MAC candidate (MAC_PROBE), with and without SHA extensions."""
+    has_sha_ni = " sha_ni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    out: dict[str, Any] = {"payload_bytes": n_bytes, "repeats": repeats, "host_sha_ni": has_sha_ni,
+                           "loadavg_1min": round(os.getloadavg()[0], 2)}
+    for name, extra in (("host", {}), ("no_sha_extensions", {"OPENSSL_ia32cap": ":~0x20000000"})):
+        proc = subprocess.run([sys.executable, "-c", MAC_PROBE, str(n_bytes), str(repeats)], capture_output=True,
+                              text=True, check=True, env={**os.environ, **extra})
+        out[name] = json.loads(proc.stdout)
     return out
 
 
@@ -214,7 +253,8 @@ def run(repeats: int = 3, n_bytes: int = PAYLOAD_BYTES) -> dict[str, Any]:
             lab = provision(Path(tmp), "orchard/bench", ["dev1"], tls=True)
             with MosquittoBroker(binary=binary, lab=lab) as mosq:
                 result["mosquitto_tls"] = bench_broker(mosq, repeats, n_bytes, lab)
-    return {"mqtt_10mb": result, "seal_10mb": seal_cost(n_bytes), "update_10mb": update_path(max(5, repeats)),
+    return {"mqtt_10mb": result, "seal_10mb": seal_cost(n_bytes), "mac_10mb": mac_cost(n_bytes),
+            "update_10mb": update_path(max(5, repeats)),
             "update_steps_10mb": steps_cpu()}
 
 
