@@ -205,8 +205,9 @@ def bench_broker(broker: Broker, repeats: int, n_bytes: int, lab: Lab | None = N
 
 
 # (chunk bytes, chunk QoS) per broker: the default first, then the sweep around it.
-UPDATE_CONFIGS = ((DEFAULT_CHUNK_BYTES, 1), (64 * 1024, 1), (1024 * 1024, 1), (4 * 1024 * 1024, 1),
-                  (DEFAULT_CHUNK_BYTES, 0))
+# "whole": the same update sealed whole, then chunked (the path before streaming), for the A/B.
+UPDATE_CONFIGS = ((DEFAULT_CHUNK_BYTES, 1, "stream"), (DEFAULT_CHUNK_BYTES, 1, "whole"), (64 * 1024, 1, "stream"),
+                  (1024 * 1024, 1, "stream"), (4 * 1024 * 1024, 1, "stream"), (DEFAULT_CHUNK_BYTES, 0, "stream"))
 
 
 def update_path(repeats: int) -> dict[str, Any]:
@@ -227,9 +228,10 @@ def update_path(repeats: int) -> dict[str, Any]:
             brokers["mosquitto_tls"] = stack.enter_context(MosquittoBroker(binary=binary, lab=lab))
             assert lab.tls is not None
             logins["mosquitto_tls"] = {**server_login, "ca_file": str(lab.tls.ca_file)}
-        configs: list[tuple[str, int, int]] = [(name, chunk, qos) for name in ("amqtt", "mosquitto") if name in brokers
-                   for chunk, qos in UPDATE_CONFIGS]
-        configs += [(name, DEFAULT_CHUNK_BYTES, 1) for name in ("amqtt_lab", "mosquitto_tls") if name in brokers]
+        configs = [(name, chunk, qos, sealing) for name in ("amqtt", "mosquitto") if name in brokers
+                   for chunk, qos, sealing in UPDATE_CONFIGS]
+        configs += [(name, DEFAULT_CHUNK_BYTES, 1, "stream") for name in ("amqtt_lab", "mosquitto_tls")
+                    if name in brokers]
         return measure(brokers, configs, repeats, logins=logins)
 
 

@@ -78,10 +78,10 @@ PLAIN_DEVICE = """
 import json, os, sys, time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, topic, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sizes = json.loads(sys.stdin.readline())
 chunks = [os.urandom(n) for n in sizes]
-c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-plain-device", protocol=paho.MQTTv311)
+c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-device", protocol=paho.MQTTv311)
 c.max_queued_messages_set(0)
 c.max_inflight_messages_set(1000)
 c.connect(host, port, keepalive=60)
@@ -204,14 +204,17 @@ class RelayTcp:
 class PlainPaho:
     """A plain paho publisher process and a plain paho subscriber here, through one broker."""
 
-    def __init__(self, host: str, port: int, sizes: list[int], broker_pid: int | None,
-                 topic: str = "bench/plain") -> None:
+    def __init__(self, host: str, port: int, sizes: list[int], broker_pid: int | None, name: str = "plain") -> None:
+        """`name`: unique per broker (one pair of clients and one topic per instance)."""
         self.broker_pid = broker_pid
+        topic = f"bench/{name}"
         self.n_chunks = len(sizes)
+        self.topic = topic
         self._done = threading.Event()
         self._got = 0
         self._t_last = 0.0
-        self._sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-plain-server", protocol=paho.MQTTv311)
+        self._sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{name}-server",
+                                protocol=paho.MQTTv311)
         self._sub.on_message = self._on_message
         subscribed = threading.Event()
         self._sub.on_subscribe = lambda *_a: subscribed.set()
@@ -220,7 +223,8 @@ class PlainPaho:
         self._sub.subscribe(topic, qos=1)
         if not subscribed.wait(10):
             raise RuntimeError(f"bench: plain paho subscriber got no SUBACK from {host}:{port}")
-        self._dev = subprocess.Popen([sys.executable, "-c", PLAIN_DEVICE, host, str(port), topic],
+        self._dev = subprocess.Popen([sys.executable, "-c", PLAIN_DEVICE, host, str(port), topic,
+                                      f"bench-{name}"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._dev.stdin is not None and self._dev.stdout is not None
         self._dev.stdin.write(json.dumps(sizes) + "\n")
@@ -242,7 +246,7 @@ class PlainPaho:
         self._dev.stdin.write(f"go {qos}\n")
         self._dev.stdin.flush()
         if not self._done.wait(120):
-            raise RuntimeError(f"bench: plain paho got {self._got} of {self.n_chunks} chunks in 120 s")
+            raise RuntimeError(f"bench: plain paho ({self.topic}) got {self._got} of {self.n_chunks} chunks in 120 s")
         server_cpu = (time.process_time() - cpu0) * 1000
         stamps = json.loads(self._dev.stdout.readline())
         broker_cpu = proc_cpu_ms(self.broker_pid) - broker0 if self.broker_pid else None

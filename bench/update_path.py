@@ -48,8 +48,9 @@ RUN_ID = "bench"
 DEVICE_ID = "dev1"
 WAIT_S = 120.0
 
-# The device: encodes one update once, then on "go <chunk_bytes> <qos> <round>" seals and sends it
-# exactly as runtime/agent.py does (Outbox.add, Outbox.send sealing as it chunks), and reports its stamps.
+# The device: encodes one update once, then on "go <chunk_bytes> <qos> <round> <sealing>" seals and
+# sends it exactly as runtime/agent.py does (Outbox.add, Outbox.send sealing as it chunks: "stream"),
+# or as it did before (seal, then chunk_frame: "whole"), and reports its stamps.
 DEVICE = """
 import json, sys, time
 import numpy as np
@@ -57,9 +58,9 @@ from runtime.frames import encode_update
 from runtime.mqtt import MqttClient, MqttConfig
 from runtime.outbox import Outbox
 from runtime.protocol import Update
-from runtime.chunks import chunk_sealed
+from runtime.chunks import chunk_frame, chunk_sealed
 from runtime.protocol import Receipt
-from runtime.seal import MAC_BYTES, seal_head
+from runtime.seal import MAC_BYTES, seal, seal_head
 url, topic, n_params = sys.argv[1], sys.argv[2], int(sys.argv[3])
 login = json.loads(sys.stdin.readline())  # a lab's login and CA on stdin, never on the command line
 key = bytes(range(32))
@@ -82,12 +83,17 @@ for line in sys.stdin:
     words = line.split()
     if not words or words[0] != "go":
         break
-    chunk_bytes, qos_now[0], task = int(words[1]), int(words[2]), words[3]
+    chunk_bytes, qos_now[0], task, sealing = int(words[1]), int(words[2]), words[3], words[4]
     outbox.chunk_bytes = chunk_bytes
     tickets.clear()
     cpu0, t0 = time.process_time(), time.monotonic()
-    outbox.add(task, encoded)
-    outbox.send(task)
+    if sealing == "stream":
+        outbox.add(task, encoded)
+        outbox.send(task)
+    else:  # "whole": the path before streaming, for the A/B: seal the frame, then chunk it
+        for chunk in chunk_frame(seal(encoded, key=key, run_id="bench", device_id="dev1", kind="update"),
+                                 f"{task}.1", chunk_bytes):
+            tickets.append(c.publish(topic, chunk, qos=qos_now[0]))
     t_sent = time.monotonic()
     for t in tickets:
         t.wait(120)
@@ -118,13 +124,13 @@ class UpdateLink:
         self.encoded_bytes = json.loads(self.device.stdout.readline())["encoded_bytes"]
         self._round = 0
 
-    def once(self, chunk_bytes: int, qos: int) -> dict[str, Any]:
+    def once(self, chunk_bytes: int, qos: int, sealing: str = "stream") -> dict[str, Any]:
         assert self.device.stdin is not None and self.device.stdout is not None
         self._round += 1
         broker_pid = getattr(self.broker, "pid", None)
         broker0 = proc_cpu_ms(broker_pid) if broker_pid else 0.0
         cpu0 = time.process_time()
-        self.device.stdin.write(f"go {chunk_bytes} {qos} t{self._round}\n")
+        self.device.stdin.write(f"go {chunk_bytes} {qos} t{self._round} {sealing}\n")
         self.device.stdin.flush()
         deadline = time.monotonic() + WAIT_S
         update = None
@@ -134,7 +140,7 @@ class UpdateLink:
                 raise OrchardError(f"bench: no update through {self.broker.url} within {WAIT_S:g} s")
             if not isinstance(ev, Message) or ev.topic != self.topic:
                 continue
-            frame = self.reassembler.feed(ev.topic, ev.payload, mac_key=KEY)
+            frame = self.reassembler.feed(ev.topic, ev.payload, mac_key=KEY if sealing == "stream" else None)
             if frame is not None:  # the server's own three steps (server/service.py)
                 opened = open_sealed(frame, key=KEY, run_id=RUN_ID, device_id=DEVICE_ID, kind="update")
                 update = decode_update(opened.payload, source=DEVICE_ID)
@@ -230,28 +236,29 @@ def _median(rows: list[dict[str, Any]], key: str, digits: int = 4) -> float | No
     return round(statistics.median(values), digits) if values else None
 
 
-def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], repeats: int,
+def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int, str]], repeats: int,
             n_params: int = UPDATE_PARAMS, logins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """configs: (broker name, chunk bytes, chunk QoS). One warm-up round each, then `repeats`.
+    """configs: (broker name, chunk bytes, chunk QoS, sealing "stream" or "whole"). One warm-up round
+    each, then `repeats`.
     `logins`: per broker name, the MqttConfig login fields (username, password, ca_file) both ends use.
     A broker without a login also gets the plain-paho ceiling (bench/transport_ceiling.py) per config."""
     links = {name: UpdateLink(b, n_params, (logins or {}).get(name)) for name, b in brokers.items()}
-    rows: dict[tuple[str, int, int], list[dict[str, Any]]] = {c: [] for c in configs}
+    rows: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {c: [] for c in configs}
     raw_rows: list[tuple[float, float]] = []
     relay_rows: list[tuple[float, float]] = []
     loads: list[float] = []
     plains: dict[tuple[str, int], PlainPaho] = {}
     try:
         sealed = next(iter(links.values())).once(configs[0][1], configs[0][2])["sealed_bytes"]
-        for name, chunk_bytes, _qos in configs:
+        for name, chunk_bytes, _qos, _sealing in configs:
             if name not in (logins or {}) and (name, chunk_bytes) not in plains:
                 url = parse_broker_url(brokers[name].url)
                 plains[name, chunk_bytes] = PlainPaho(url.host, url.port, chunk_sizes(sealed, chunk_bytes),
-                                                      getattr(brokers[name], "pid", None))
+                                                      getattr(brokers[name], "pid", None), f"plain-{chunk_bytes}")
         raw, relay = RawTcp(sealed), RelayTcp(sealed)
         try:
             for c in configs:
-                links[c[0]].once(c[1], c[2])  # warm-up
+                links[c[0]].once(c[1], c[2], c[3])  # warm-up
                 if (c[0], c[1]) in plains:
                     plains[c[0], c[1]].once(c[2])
             for _ in range(repeats):
@@ -259,7 +266,7 @@ def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], rep
                 raw_rows.append(raw.once())
                 relay_rows.append(relay.once())
                 for c in configs:
-                    row = links[c[0]].once(c[1], c[2])
+                    row = links[c[0]].once(c[1], c[2], c[3])
                     if (c[0], c[1]) in plains:
                         row.update(plains[c[0], c[1]].once(c[2]))
                     rows[c].append(row)
@@ -287,11 +294,11 @@ def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int]], rep
         "relay_over_raw": round(raw_s / relay_s, 3),
         "configs": [],
     }
-    for (name, chunk_bytes, qos), got in rows.items():
+    for (name, chunk_bytes, qos, sealing), got in rows.items():
         med = statistics.median(r["update_path_s"] for r in got)
         plain_s = _median(got, "plain_paho_s")
         out["configs"].append({
-            "broker": name, "chunk_bytes": chunk_bytes, "qos": qos, "chunks": got[0]["chunks"],
+            "broker": name, "chunk_bytes": chunk_bytes, "qos": qos, "sealing": sealing, "chunks": got[0]["chunks"],
             "update_path_s": round(med, 4),
             "spread_s": round(max(r["update_path_s"] for r in got) - min(r["update_path_s"] for r in got), 4),
             "update_over_raw": round(raw_s / med, 3),
@@ -327,5 +334,5 @@ if __name__ == "__main__":
     with MosquittoBroker() as mosq, AmqttBroker() as amqtt:
         chosen = {"mosquitto": mosq, "amqtt": amqtt}
         brokers = {n: chosen[n] for n in names}
-        cfgs = [(n, cb, q) for n in names for cb in sizes for q in qoses]
+        cfgs = [(n, cb, q, sealing) for n in names for cb in sizes for q in qoses for sealing in ("stream", "whole")]
         print(json.dumps(measure(brokers, cfgs, reps), indent=1))
