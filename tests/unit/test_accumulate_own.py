@@ -143,3 +143,37 @@ def test_a_nonfinite_own_set_value_is_named_after_partial_sums(kernel: str, bad:
     for merge in (agg.per_element_average, agg.per_element_delta, agg.apply_deltas):
         with pytest.raises(RoundError, match=f"contribution {victim}: 1 non-finite values"):
             merge(g, [UC(c.indices, c.values, c.weight) for c in cs] if merge is agg.apply_deltas else cs)
+
+
+def test_a_sparse_uploads_indices_are_checked_once_and_the_senders_array_is_left_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission checks an upload's indices and keeps a read-only copy, so the merge does not
+    check them again (it was twice: ~as costly as the scatter); the sender's array stays writable."""
+    from runtime.methods import spec
+    from runtime.protocol import Update
+    from server.events import UpdateReceived
+    from server.strategies import get_strategy
+    from tests.unit.methods.conftest import mlp_layout
+    from tests.unit.methods.server_rig import LayoutModel, Rig
+
+    layout = mlp_layout(1.0)
+    rig = Rig(get_strategy("fedavg"), LayoutModel(layout), {"a": "dense"}, method="zerofl",
+              params=spec("zerofl").params({"upload": "top-k-diff"}))
+    calls: list[int] = []
+    real = agg._check_indices
+
+    def counted(indices: np.ndarray, n_params: int, what: str) -> np.ndarray:
+        calls.append(int(np.asarray(indices).size))
+        return real(indices, n_params, what)
+
+    monkeypatch.setattr(agg, "_check_indices", counted)
+    sent = np.arange(0, layout.total, 7, dtype=np.int64)
+    delta = np.full(sent.size, 0.5, np.float32)
+    upd = Update(rig.task("a").task_id, "a", 0, 5, 1.0, 1.0, None, "delta")
+    rig.actions += rig.engine.handle(UpdateReceived("a", upd, delta, sent))
+    assert rig.engine.version == 1  # merged
+    assert calls == [sent.size]  # admission only
+    assert sent.flags.writeable
+    expected = rig.g0.copy()
+    expected[sent] += 0.5
+    np.testing.assert_allclose(rig.engine.global_flat, expected, atol=1e-6)
