@@ -225,6 +225,13 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
     def fancy(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
         out32[i] += v * w
 
+    mask = np.zeros(n, dtype=bool)
+
+    def bool_mask(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:  # sorted indices = mask order
+        mask.fill(False)
+        mask[i] = True
+        out32[mask] += v * w
+
     def bincount() -> None:  # one pass over the concatenated round, float64 weights
         out64.__iadd__(np.bincount(np.concatenate(idxs), weights=np.concatenate([v * w for v, w in zip(
             vals, ws, strict=True)]), minlength=n))
@@ -232,7 +239,8 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
     kernels: dict[str, Callable[[], None]] = {
         "memcpy": each(lambda i, v, w: np.copyto(dest[: v.size], v)),
         "np_add_at": each(lambda i, v, w: accumulate._scatter_add_numpy(out32, i, v, w)),
-        "fancy_iadd": each(fancy), "take_put": each(take_put), "bincount_concat": bincount,
+        "fancy_iadd": each(fancy), "take_put": each(take_put), "bool_mask": each(bool_mask),
+        "bincount_concat": bincount,
     }
     if accumulate.scatter_add is accumulate._scatter_add_csc:  # scipy imported: the merges' kernel
         kernels["scipy_csc"] = each(lambda i, v, w: accumulate._scatter_add_csc(out32, i, v, w))
