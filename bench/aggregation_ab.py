@@ -8,7 +8,8 @@ Upload-kind cases (`masked_own`, `sparse`) give the old side writable index arra
 left them before it froze them (so its merge re-checked them); assignment-kind cases are frozen
 on both sides (the engine's cache froze them already). Prints one line per case: median CPU ms of
 each side, each as a fraction of a memcpy of the same values (measured in the same loop), the
-speed-up, the largest difference between the two results, and the 1-minute load average.
+speed-up, the largest difference between the two results, each side's `peak_extra_mb` (as in
+aggregation_bench.py: a first merge, pooled buffers included), and the 1-minute load average.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def load_revision(rev: str) -> object:
 
 
 def compare(before: object, merge: object, g: np.ndarray, new: list[UpdateContribution], upload: bool,
-            repeats: int) -> tuple[float, float, float, float]:
-    """(before s, after s, memcpy s, max |after - before|), medians over `repeats`, interleaved."""
+            repeats: int) -> tuple[float, float, float, float, float, float]:
+    """(before s, after s, memcpy s, max |after - before|, before and after peak MB of a first
+    merge), times as medians over `repeats`, interleaved."""
     after_sums = agg.coverage_sums
     old = [UpdateContribution(c.indices.copy() if upload and c.indices is not None else c.indices, c.values,
                               c.weight, c.coord_weights) for c in new]
@@ -75,7 +77,12 @@ def compare(before: object, merge: object, g: np.ndarray, new: list[UpdateContri
         t_new.append(ab._cpu_s(lambda: side(after_sums, new)))
         t_copy.append(ab._cpu_s(copy_all))
     diff = float(np.abs(first_old.astype(np.float64) - first_new).max())
-    return statistics.median(t_old), statistics.median(t_new), statistics.median(t_copy), diff
+    before.release()  # type: ignore[attr-defined]  # its pool too: each side's first merge allocates
+    peak_old = ab._peak_extra_mb(lambda: side(before.coverage_sums, old))  # type: ignore[attr-defined]
+    before.release()  # type: ignore[attr-defined]
+    peak_new = ab._peak_extra_mb(lambda: side(after_sums, new))
+    return (statistics.median(t_old), statistics.median(t_new), statistics.median(t_copy), diff, peak_old,
+            peak_new)
 
 
 def main(rev: str = "main", repeats: int = 7) -> None:
@@ -84,11 +91,11 @@ def main(rev: str = "main", repeats: int = 7) -> None:
     n, leading, layout = ab.model_layout()
     g = rng.standard_normal(n, dtype=np.float32)
     for name, kind, merge, upload in CASES:
-        mo, mn, mc, diff = compare(before, merge, g, ab._contributions(rng, n, kind, leading, layout), upload,
+        mo, mn, mc, diff, po, pn = compare(before, merge, g, ab._contributions(rng, n, kind, leading, layout), upload,
                                    repeats)
         print(f"{name:20s} before {mo * 1e3:7.1f} ms ({mc / mo:.3f} of memcpy)  after {mn * 1e3:7.1f} ms "
               f"({mc / mn:.3f})  speed-up {mo / mn:.2f}x  max|after-before| {diff:.2e}  "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+              f"peak +{po:.0f} / +{pn:.0f} MB  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
