@@ -20,8 +20,9 @@ group's coordinates followed by ONE scatter-add. Updates whose index arrays are 
 Qin per-device submodels, ZeroFL top-k uploads, Co-S²P masks) are scattered by `scatter_add`
 into float32 partial sums of GROUP updates, as the dense sums are. The kernel is scipy's compiled
 CSC matrix-vector product (`out += A @ [w]` for the one-column matrix of the update), ~0.6 ns per
-value here against ~1.2 ns for `np.add.at`, the fastest numpy scatter (`acc[idx] += x` ~2x and
-np.take/np.put ~3x slower, `np.bincount` on concatenated updates ~10x; bench/README.md). scipy
+value here against ~1.0 ns for `np.add.at`, the fastest numpy scatter (`acc[idx] += x` 1.8x,
+np.take + np.put 2.7x and `np.bincount` over the concatenated round 2.8x slower than np.add.at;
+`scatter_kernels` in bench/README.md). scipy
 is no new dependency (scikit-learn, in the host extra, requires it) and ships compiled wheels; the
 module is private (`scipy.sparse._sparsetools`), so without it the merge falls back to np.add.at.
 Neither kernel checks bounds or repeats: the merges validate every index array first.
