@@ -22,8 +22,9 @@ Timing is CPU time of this process (`time.process_time`, all threads), not wall 
 shared, and a merge is single-threaded numpy. Merge and memcpy repetitions alternate (A, B, A, B,
 ...) so both see the same load; each figure is the median over `repeats`, and the 1-minute load
 average is recorded next to it. Submodel index arrays are frozen (read-only) as the engine's
-assignment cache freezes them (`Engine.assignment_for`), so a merge may skip re-checking them;
-the `sparse` case's indices (ZeroFL top-k uploads, checked at admission) stay writable.
+assignment cache freezes them (`Engine.assignment_for`), and sparse uploads' indices (ZeroFL top-k,
+Co-S²P masks) as admission freezes them once it has checked them (`server/admission.py`), so a
+merge skips re-checking them.
 
 Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
 median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes,
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from server import accumulate
 from server.accumulate import release
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
@@ -57,11 +59,12 @@ REPEATS = 7
 WIDTH_SCALE = 1.3  # cnn channels x1.3 -> 994,263 parameters
 LEADING_WIDTH = 0.7  # covers ~50% of the coordinates
 SPARSE_FRACTION = 0.10
+OWN_WIDTH = 0.7  # per-device channel subsets: ~49% of the coordinates
 MB = 1e6
 
 
-def model_layout() -> tuple[int, np.ndarray]:
-    """(n_params, flat indices of the leading-width submodel) of the widened CNN."""
+def model_layout() -> tuple[int, np.ndarray, Any]:
+    """(n_params, flat indices of the leading-width submodel, the ParamLayout) of the widened CNN."""
     from models.builder import build
     from models.structure import BASE_CHANNELS, Structure
     from runtime.profile import Profile
@@ -70,7 +73,21 @@ def model_layout() -> tuple[int, np.ndarray]:
     channels = {k: round(v * WIDTH_SCALE) for k, v in BASE_CHANNELS["cnn"].items()}
     built = build(Structure("cnn", (3, 32, 32), {**channels, "classes": 10}))
     sub = Submodel.of(built.layout, index_map_for(Profile(width=LEADING_WIDTH), built.layout.groups))
-    return built.layout.total, sub.indices
+    return built.layout.total, sub.indices, built.layout
+
+
+def own_channels(rng: np.random.Generator, layout: Any) -> np.ndarray:
+    """A per-device submodel: ⌈0.7·C⌉ random channels of every hidden group and 3 of the 10
+    classes, as Chen & Qin's class-relevant filter sets and Co-S²P's unit masks are (sorted
+    flat indices with long runs: the trailing axes of each kept channel are contiguous)."""
+    from runtime.submodel import Submodel, kept_channels
+
+    def kept(group: str, channels: int) -> int:
+        return 3 if group == "classes" else kept_channels(OWN_WIDTH, channels)
+
+    index_map = {g: np.sort(rng.choice(c, kept(g, c), replace=False)).astype(np.int64)
+                 for g, c in layout.groups.items()}
+    return Submodel.of(layout, index_map).indices
 
 
 def _cpu_s(fn: Callable[[], object]) -> float:
@@ -112,6 +129,7 @@ def _peak_extra_mb(merge: Callable[[], object]) -> float:
 # over the round, W added). The robust rules are exact (sorts and float64 sums) and have none.
 FORMS = {"dense": (False, True, True), "fedavg_weights": (False, True, False),
          "per_element_random": (True, False, True), "per_element_leading": (True, False, True),
+         "per_element_classes": (True, False, True), "masked_own": (False, True, True),
          "sparse": (False, True, True)}
 
 
@@ -124,8 +142,9 @@ def _float64_merge(g: FloatArray, contributions: list[UpdateContribution], per_e
     for c in contributions:
         v = c.values.astype(np.float64)
         idx = slice(None) if c.indices is None else c.indices
-        num[idx] += c.weight / total * (np.abs(v) if magnitude else v)
-        den[idx] += c.weight / total
+        gamma = c.weight / total * (1.0 if c.coord_weights is None else c.coord_weights.astype(np.float64))
+        num[idx] += gamma * (np.abs(v) if magnitude else v)
+        den[idx] += gamma
     if per_element:
         np.divide(num, den, out=num, where=den > 0)
     base = np.abs(g.astype(np.float64)) if magnitude else g.astype(np.float64)
@@ -142,22 +161,28 @@ def _max_err_eps32(name: str, g: FloatArray, contributions: list[UpdateContribut
     return round(float(err.max()), 3)
 
 
-def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndarray) -> list[UpdateContribution]:
+def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndarray,
+                   layout: Any = None) -> list[UpdateContribution]:
     out = []
     for i in range(N_UPDATES):
+        cw = None
         if kind == "dense":
             idx = None
+        elif kind in ("own_classes", "own_masks"):
+            idx = own_channels(rng, layout)
         elif kind == "random_half":
             idx = np.sort(rng.permutation(n)[: n // 2]).astype(np.int64)
         elif kind == "leading":
             idx = leading  # the same tier for every update, as a HeteroFL fleet of one tier would send
         else:
             idx = np.sort(rng.choice(n, int(n * SPARSE_FRACTION), replace=False)).astype(np.int64)
-        if idx is not None and kind == "random_half":  # a per-device assignment (Chen & Qin), frozen by
-            idx.flags.writeable = False  # the engine's cache; sparse uploads stay writable (admission)
+        if idx is not None and kind != "leading":  # per-device assignments (Chen & Qin) are frozen by
+            idx.flags.writeable = False  # the engine's cache, sparse uploads by admission (checked there)
         size = n if idx is None else idx.size
         values = (rng.standard_normal(size, dtype=np.float32) * 0.01).astype(np.float32)
-        out.append(UpdateContribution(idx, values, float(50 + i % 50)))
+        if kind == "own_classes":  # Chen & Qin's harvest: a weight per coordinate (served classes' samples)
+            cw = rng.uniform(1.0, 100.0, size).astype(np.float32)
+        out.append(UpdateContribution(idx, values, float(50 + i % 50), cw))
     return out
 
 
@@ -174,9 +199,72 @@ def _robust(policy: Any, cfg: RobustConfig) -> Callable[[FloatArray, list[Update
     return lambda g, c: robust_merge(g, c, policy, cfg)[0]
 
 
+KERNEL_UPDATES = 16  # one partial sum's worth of own-set updates
+
+
+def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict[str, Any]]:
+    """ns per value of `out[idx] += w · v` over 16 updates, each its own sorted random half of
+    `n` (unique indices), for each scatter candidate, interleaved with a memcpy of the values."""
+    idxs = [np.sort(rng.permutation(n)[: n // 2]).astype(np.int64) for _ in range(KERNEL_UPDATES)]
+    vals = [rng.standard_normal(i.size, dtype=np.float32) for i in idxs]
+    ws = [np.float32(50 + k) for k in range(KERNEL_UPDATES)]
+    out32, out64 = np.zeros(n, np.float32), np.zeros(n)
+    dest = np.empty(n // 2, np.float32)
+
+    def each(fn: Callable[[np.ndarray, np.ndarray, np.float32], object]) -> Callable[[], None]:
+        def all_updates() -> None:
+            for i, v, w in zip(idxs, vals, ws, strict=True):
+                fn(i, v, w)
+        return all_updates
+
+    def take_put(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
+        t = np.take(out32, i, mode="clip")  # mode="clip": no buffered copy; indices are checked
+        t += v * w
+        np.put(out32, i, t, mode="clip")
+
+    def fancy(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
+        out32[i] += v * w
+
+    mask = np.zeros(n, dtype=bool)
+
+    def bool_mask(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:  # sorted indices = mask order
+        mask.fill(False)
+        mask[i] = True
+        out32[mask] += v * w
+
+    def bincount() -> None:  # one pass over the concatenated round, float64 weights
+        out64.__iadd__(np.bincount(np.concatenate(idxs), weights=np.concatenate([v * w for v, w in zip(
+            vals, ws, strict=True)]), minlength=n))
+
+    kernels: dict[str, Callable[[], None]] = {
+        "memcpy": each(lambda i, v, w: np.copyto(dest[: v.size], v)),
+        "np_add_at": each(lambda i, v, w: accumulate._scatter_add_numpy(out32, i, v, w)),
+        "fancy_iadd": each(fancy), "take_put": each(take_put), "bool_mask": each(bool_mask),
+        "bincount_concat": bincount,
+    }
+    if accumulate.scatter_add is accumulate._scatter_add_csc:  # scipy imported: the merges' kernel
+        kernels["scipy_csc"] = each(lambda i, v, w: accumulate._scatter_add_csc(out32, i, v, w))
+    for fn in kernels.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for _ in range(repeats):
+        for name, fn in kernels.items():
+            times[name].append(_cpu_s(fn))
+    values = sum(v.size for v in vals)
+    copy_ns = statistics.median(times["memcpy"]) / values * 1e9
+    rows = []
+    for name, ts in times.items():
+        ns = statistics.median(ts) / values * 1e9
+        rows.append({"kernel": name, "ns_per_value": round(ns, 3), "memcpy_ns_per_value": round(copy_ns, 3),
+                     "fraction_of_memcpy": round(copy_ns / ns, 4), "load_1m": round(os.getloadavg()[0], 2)})
+        print(f"  aggregation kernel {name:<16} {ns:6.2f} ns/value; memcpy {copy_ns:.2f}; ratio {copy_ns / ns:.3f}",
+              flush=True)
+    return rows
+
+
 def run(repeats: int = REPEATS) -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    n, leading = model_layout()
+    n, leading, layout = model_layout()
     leading.flags.writeable = False
     global_flat = rng.standard_normal(n, dtype=np.float32)
     cases: list[tuple[str, str, Callable[[FloatArray, list[UpdateContribution]], FloatArray]]] = [
@@ -184,6 +272,8 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         ("fedavg_weights", "dense", weighted_average),
         ("per_element_random", "random_half", PerElementMerge().merge),
         ("per_element_leading", "leading", PerElementMerge().merge),
+        ("per_element_classes", "own_classes", PerElementMerge().merge),
+        ("masked_own", "own_masks", MaskedDeltaMerge().merge),
         ("sparse", "sparse", MaskedDeltaMerge().merge),
         *[(f"robust_{name}", kind, _robust(policy, cfg)) for name, kind, policy, cfg in ROBUST_CASES],
     ]
@@ -194,7 +284,7 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         if kind != made_for:
             contributions = []
             gc.collect()
-            contributions = _contributions(rng, n, kind, leading)
+            contributions = _contributions(rng, n, kind, leading, layout)
             made_for = kind
         values = [c.values for c in contributions]
         update_bytes = sum(v.nbytes for v in values)
@@ -206,8 +296,13 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         err = _max_err_eps32(name, global_flat, contributions, call())
         merge_mbs, copy_mbs = update_bytes / MB / merge_s, update_bytes / MB / copy_s
         coverage = sum(v.size for v in values) / (n * len(values))
+        # maximal runs of consecutive coordinates per value sent: ~0.5 for random sets, small for
+        # channel subsets (whose trailing axes are contiguous); 0 for dense rows
+        runs = sum(int(np.count_nonzero(np.diff(c.indices) != 1)) + 1 for c in contributions
+                   if c.indices is not None and c.indices.size)
         rows.append({
             "case": name, "updates": len(values), "n_params": n, "coverage": round(coverage, 3),
+            "runs_per_value": round(runs / sum(v.size for v in values), 4),
             "update_mb": round(update_bytes / MB, 1), "index_mb": round(index_bytes / MB, 1),
             "merge_s_median": round(merge_s, 4), "merge_mb_s": round(merge_mbs, 1),
             "memcpy_s_median": round(copy_s, 5), "memcpy_mb_s": round(copy_mbs, 1),
@@ -218,7 +313,9 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
               f" ({update_bytes / MB:6.1f} MB): {merge_s * 1e3:8.1f} ms = {merge_mbs:7.0f} MB/s;"
               f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}; peak +{peak_mb:.0f} MB;"
               f" load {load_1m:.1f}" + ("" if err is None else f"; error {err:.2f} eps32"), flush=True)
-    return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "timer": "process_time", "rows": rows}
+    kernels = scatter_kernels(rng, n, repeats)
+    return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "timer": "process_time", "rows": rows,
+            "scatter_kernels": kernels}
 
 
 if __name__ == "__main__":

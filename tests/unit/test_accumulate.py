@@ -86,7 +86,9 @@ def test_coverage_sums_match_the_reference(seed: int) -> None:
                                  None if c.coord_weights is None else c.coord_weights) for c in cs])
     got = coverage_sums(n, cs)
     assert got.den is not None
-    np.testing.assert_allclose(got.den, den, rtol=1e-12, atol=0)
+    # The counts of own-set updates are float32 partial sums too: Σ γ_i of positive terms, so
+    # within the same bound relative to itself (they were exact float64 before the scatter kernel).
+    assert np.all(np.abs(got.den - den) <= BOUND * EPS32 * den + 1e-300)
     assert np.all(np.abs(got.num - num) <= BOUND * EPS32 * mag + 1e-300)
     assert coverage_sums(n, cs, counts=False).den is None
 
