@@ -180,6 +180,9 @@ def _marks(log: Path, pid: int) -> dict[str, float]:
 
 
 def _one_start(run: Path, broker_url: str, group: Any, device: str, cold: bool, files: list[Path]) -> dict[str, Any]:
+    from testbed.bytecode import compile_runtime
+
+    compile_runtime()  # what a board has (testbed/bytecode.py); before the cache drop, so cold stays cold
     if cold:
         _drop_cache(files)
     cfg = run / "configs" / f"{device}.toml"
