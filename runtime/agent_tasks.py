@@ -21,14 +21,14 @@ from runtime.device_config import DeviceConfig
 from runtime.errors import OrchardError, ProtocolError, TransportError
 from runtime.methods import check_name
 from runtime.mqtt import MqttClient
-from runtime.outbox import Outbox
 from runtime.protocol import Artifact, Receipt, SparseTensor, Task, Update, validate_tensors
-from runtime.telemetry import Sampler
 from runtime.tiering import Measured, TierCache
-from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by Agent._start_services, after the hello (runtime/agent.py's doc)
     from runtime.manifest import StagedArtifacts
+    from runtime.outbox import Outbox
+    from runtime.telemetry import Sampler
+    from runtime.trainer_proc import TrainerProcess
 
 log = logging.getLogger("orchard.device")
 
@@ -126,6 +126,7 @@ class TaskLifecycle(ABC):
             self.queued = task
             return
         from runtime.manifest import read_manifest  # numpy, from the first task on
+        from runtime.trainer_proc import TrainerDied, TrainJob, failure_of_exit
 
         try:
             for key in self.staged.install(task.assignment.artifact_keys, task.artifact_digests,
@@ -178,6 +179,7 @@ class TaskLifecycle(ABC):
     def _poll_trainer(self) -> None:
         if self.stop_event.is_set():
             return  # shutting down: a trainer that stopped meanwhile is no failure
+        from runtime.trainer_proc import TrainerDied, failure_of_exit
         run = self.running
         if run is None:
             # A child that died while starting ends the agent (as one that cannot load its shard

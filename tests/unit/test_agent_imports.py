@@ -17,7 +17,7 @@ import runtime.__main__, runtime.agent  # everything `python -m runtime` imports
 from runtime.device_config import load_device_config
 for path in sys.argv[1:]:  # the config check canonicalises profiles through the method's spec
     load_device_config(path, None)
-print(json.dumps({'numpy': 'numpy' in sys.modules, 'onnxruntime': 'onnxruntime' in sys.modules}))
+print(json.dumps({m: m in sys.modules for m in sys.argv[0].split(',')}))
 """
 
 
@@ -29,10 +29,35 @@ def test_agent_import_path_has_no_onnxruntime_and_no_numpy(tmp_path: Path) -> No
                         f'profiles = ["{profile}"]\n\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n'
                         f'root = "orchard/t"\ncredentials = "d.toml"\nrun_id = "r1"\n')
         configs.append(str(path))
-    out = subprocess.run([sys.executable, "-c", _PROBE, *configs], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = _loaded_before_hello(configs, ("numpy", "onnxruntime"))
     assert loaded == {"numpy": False, "onnxruntime": False}, loaded
+
+
+# Started by Agent._start_services once the first hello is out (runtime/agent.py's doc): on a Zero
+# 2 W each 10 ms of CPU before the hello is 0.2 s of it.
+AFTER_HELLO = ("psutil", "runtime.telemetry", "runtime.energy", "runtime.trainer_proc", "runtime.outbox",
+               "runtime.chunks", "multiprocessing")
+
+
+def test_agent_import_path_leaves_what_the_hello_does_not_need_for_later(tmp_path: Path) -> None:
+    path = tmp_path / "dev.toml"
+    path.write_text('[device]\nid = "dev0"\nboard = "rpi-zero2w"\nshard = "s.npz"\nartifact_cache = "c"\n'
+                    'offline = "powered-off"\n\n[broker]\nurl = "mqtt://127.0.0.1:1883"\nroot = "orchard/t"\n'
+                    'credentials = "d.toml"\nrun_id = "r1"\n')
+    loaded = _loaded_before_hello([str(path)], AFTER_HELLO)
+    assert not any(loaded.values()), loaded
+    # ...and what the sampler checks a config against is the config's own constant.
+    from runtime import device_config, telemetry
+
+    assert telemetry.OFFLINE_MODES is device_config.OFFLINE_MODES
+
+
+def _loaded_before_hello(configs: list[str], modules: tuple[str, ...]) -> dict[str, bool]:
+    # sys.argv[0] of `python -c` is "-c"; the probe reads the module list from it instead.
+    probe = _PROBE.replace("sys.argv[0]", repr(",".join(modules)))
+    out = subprocess.run([sys.executable, "-c", probe, *configs], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_the_codec_path_brings_numpy_but_never_onnxruntime() -> None:
