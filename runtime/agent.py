@@ -185,6 +185,7 @@ class Agent(TaskLifecycle):
             self.mqtt.close()  # nothing else is started before the first hello
             raise
         startup.mark("connected")
+        startup.release_gc()
         next_sample = next_publish = next_expire = time.monotonic()
         self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         # No hello yet: it goes out when the server's (retained) state says it is online (see
