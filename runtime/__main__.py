@@ -10,9 +10,16 @@ import sys  # noqa: E402
 
 from runtime.errors import OrchardError, exit_code, one_line  # noqa: E402
 
+# What paho imports at its top but the agent's path never uses (runtime/startup.py defer_import):
+# urllib.request (with http.client, email, tempfile) for proxies it looks up only with PySocks
+# installed, ssl for mqtts:// (loaded by tls_set then), uuid for client ids (ours are given).
+DEFERRED_IMPORTS = ("urllib.request", "ssl", "uuid")
+
 
 def main(argv: list[str] | None = None) -> int:
     startup.hold_gc()  # until the agent is connected (runtime/startup.py)
+    for name in DEFERRED_IMPORTS:
+        startup.defer_import(name)
     try:
         return _main(argv)
     finally:

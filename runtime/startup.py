@@ -6,6 +6,13 @@ them as one line, `startup pid=<pid> <name>=<s> ... cpu_<name>=<s> ...`, at its 
 when its trainer child is ready; bench/startup_bench.py reads that line. Linux only (procfs);
 elsewhere the marks count from the first mark instead.
 
+`defer_import(name)`: a module the agent's libraries import but, on its path, never use (paho
+imports urllib.request for proxies it only looks up when PySocks is installed, and ssl for TLS)
+is put in sys.modules as a placeholder that imports the real module at its first attribute
+access (a module `__getattr__`, PEP 562), so nothing changes for whoever does use it. Not
+importlib.util.LazyLoader: on CPython < 3.12 the import statement itself reads the module's
+`__spec__`, which makes a LazyLoader module load at once.
+
 `hold_gc()` / `release_gc()`: no cyclic garbage collection from the interpreter's start until the
 agent is connected. Its imports allocate ~20k objects, which set off ~50 collections (~6 ms of
 CPU on this host, ~0.13 s of a Pi Zero 2 W's quota) that find ~500 objects of garbage.
@@ -14,8 +21,13 @@ CPU on this host, ~0.13 s of a Pi Zero 2 W's quota) that find ~500 objects of ga
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
+import sys
+import threading
 import time
+import types
+from typing import Any
 
 _marks: dict[str, float] = {}
 _cpu: dict[str, float] = {}
@@ -68,3 +80,37 @@ def release_gc() -> None:
         _gc_held = False
         gc.freeze()
         gc.enable()
+
+
+def defer_import(name: str) -> None:
+    """Import `name` at the first use of one of its attributes instead of now (module doc). A
+    module already imported, or not found, is left alone."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)  # imports its parent package, if any
+    if spec is None or spec.loader is None:
+        return
+    loader = spec.loader
+    placeholder = types.ModuleType(name)
+    lock = threading.Lock()
+
+    def load(attr: str) -> Any:
+        with lock:
+            real = sys.modules.get(name)
+            if real is None or real is placeholder:
+                real = importlib.util.module_from_spec(spec)
+                sys.modules[name] = real
+                try:
+                    loader.exec_module(real)
+                except BaseException:
+                    sys.modules[name] = placeholder
+                    raise
+                if parent:
+                    setattr(sys.modules[parent], child, real)
+        return getattr(real, attr)
+
+    placeholder.__dict__.update(__spec__=spec, __loader__=loader, __getattr__=load)
+    parent, _, child = name.rpartition(".")
+    sys.modules[name] = placeholder
+    if parent:
+        setattr(sys.modules[parent], child, placeholder)

@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import json, sys
-import runtime.__main__, runtime.agent  # everything `python -m runtime` imports before the hello
+import runtime.__main__
+from runtime import startup
+for name in runtime.__main__.DEFERRED_IMPORTS:  # as main() does, first
+    startup.defer_import(name)
+import runtime.agent  # everything `python -m runtime` imports before the hello
 from runtime.device_config import load_device_config
 for path in sys.argv[1:]:  # the config check canonicalises profiles through the method's spec
     load_device_config(path, None)
@@ -36,7 +40,9 @@ def test_agent_import_path_has_no_onnxruntime_and_no_numpy(tmp_path: Path) -> No
 # Started by Agent._start_services once the first hello is out (runtime/agent.py's doc): on a Zero
 # 2 W each 10 ms of CPU before the hello is 0.2 s of it.
 AFTER_HELLO = ("psutil", "runtime.telemetry", "runtime.energy", "runtime.trainer_proc", "runtime.outbox",
-               "runtime.chunks", "multiprocessing")
+               "runtime.chunks", "multiprocessing",
+               # behind the placeholders of runtime/__main__.py's DEFERRED_IMPORTS: never, on this path
+               "http.client", "email", "tempfile", "_ssl")
 
 
 def test_agent_import_path_leaves_what_the_hello_does_not_need_for_later(tmp_path: Path) -> None:
@@ -72,3 +78,30 @@ def test_agent_manifest_name_is_the_manifest_module_s() -> None:
     from runtime import agent, manifest
 
     assert agent.MANIFEST == manifest.MANIFEST
+
+
+_DEFER_PROBE = """
+import sys
+from runtime import startup
+startup.defer_import("urllib.request")
+import urllib.request  # binds the placeholder; runs nothing of the module
+assert "http.client" not in sys.modules, "urllib.request ran at import"
+placeholder = urllib.request
+proxies = urllib.request.getproxies()  # first use: the real module, in sys.modules and on urllib
+assert isinstance(proxies, dict) and "http.client" in sys.modules
+real = sys.modules["urllib.request"]
+assert real is not placeholder and urllib.request is real and real.getproxies is placeholder.getproxies
+from urllib.request import Request  # a from-import of the placeholder's name works too
+assert Request is real.Request
+import os
+startup.defer_import("os")  # already imported: left alone
+assert sys.modules["os"] is os
+startup.defer_import("no_such_module_here")
+assert "no_such_module_here" not in sys.modules
+print("ok")
+"""
+
+
+def test_a_deferred_import_runs_at_its_first_use_and_is_then_the_real_module() -> None:
+    out = subprocess.run([sys.executable, "-c", _DEFER_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
