@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from runtime import __version__, startup
-from runtime.agent_tasks import MANIFEST, TaskLifecycle
+from runtime.agent_tasks import MANIFEST, TaskLifecycle, cgroup_limits
 from runtime.board import load_board
 from runtime.credentials import load_credentials
 from runtime.device_config import DeviceConfig
@@ -65,7 +64,6 @@ from runtime.tiering import Limits, TierCache, choose_tier
 if TYPE_CHECKING:
     from runtime.chunks import Reassembler
     from runtime.manifest import StagedArtifacts
-    from runtime.telemetry import CgroupLimits, FreezeWatch
 
 log = logging.getLogger("orchard.device")
 
@@ -93,7 +91,8 @@ class Agent(TaskLifecycle):
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
         self.n_samples, self.label_histogram = label_histogram(cfg.shard)
         self._said_hello = False
-        # trainer, sampler, freeze, outbox, threads: set by _start_services, after the first hello.
+        # trainer, sampler, freeze, outbox, threads: set by _start_services (runtime/agent_tasks.py),
+        # after the first hello.
         self.services_up = False
         self.state = "idle"
         self.running = None
@@ -128,29 +127,6 @@ class Agent(TaskLifecycle):
             password=self.creds.password, will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
         ))
         startup.mark("agent_init")
-
-    def _start_services(self) -> None:
-        """What the hello does not need (module doc), once: the trainer child (launched, not
-        waited for), the telemetry sampler and its freeze watch, the outbox."""
-        if self.services_up:
-            return
-        from runtime.outbox import Outbox
-        from runtime.telemetry import FreezeWatch, Sampler, threads_for_quota
-        from runtime.trainer_proc import TrainerProcess
-
-        limits = _cgroup_limits()
-        quota = limits.cpu_quota_cores()
-        cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
-        self.threads = self.cfg.threads or threads_for_quota(cores, self.board.cores)
-        self.freeze: FreezeWatch = FreezeWatch.for_poll(self.cfg.poll_s)
-        self.trainer = TrainerProcess(self.cfg.shard, threads=self.threads,
-                                      providers=self.board.runtime.execution_providers, start=False)
-        self.sampler = Sampler(lambda: self.trainer.pid, self.board, self.cfg.sysfs_root, limits,
-                               offline=self.cfg.offline, freeze=self.freeze)
-        # Sealed update frames by task id, from the end of training until the server's receipt.
-        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
-        self.services_up = True
-        self.trainer.launch()
 
     @property
     def staged(self) -> StagedArtifacts:
@@ -242,30 +218,29 @@ class Agent(TaskLifecycle):
 
     def _shutdown(self) -> None:
         self.notify.stopping()
-        if not self.services_up:  # stopped before any hello: only the connection to close
-            self.mqtt.close()
-            return
-        # A last row, so the trace covers the run up to its end (a spell offline at the end too).
-        self.samples.append(self.sampler.sample(self.state))
+        if self.services_up:  # a last row, so the trace covers the run up to its end (offline too)
+            self.samples.append(self.sampler.sample(self.state))
         reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects
         while not self.mqtt.is_connected and time.monotonic() < reconnect_by:
             time.sleep(0.05)
         try:
-            self._publish_telemetry(wait_s=2.0)
+            if self.services_up:
+                self._publish_telemetry(wait_s=2.0)
             if self.mqtt.is_connected:
                 status = self._seal("status", encode_json(Status(self.id, "offline", time.time(), detail="shut down")))
                 self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
         except TransportError as exc:
             log.warning("%s: could not say goodbye: %s", self.id, exc)
-        self.trainer.close()
-        self.freeze.close()
+        if self.services_up:  # before the first hello there is neither trainer nor freeze watch
+            self.trainer.close()
+            self.freeze.close()
         self.mqtt.close()
 
     def _choose_tier(self) -> tuple[str, str]:
         """(profile, reason); with a fixed tier the configured order stands."""
         if self.tiers is None:
             return self.cfg.profiles[0], ""
-        limits = self.sampler.limits if self.services_up else _cgroup_limits()
+        limits = self.sampler.limits if self.services_up else cgroup_limits()
         quota = limits.cpu_quota_cores() or float(self.board.cores)
         cap = limits.mem_limit_mb() or float(self.board.ram_mb)
         return choose_tier(self.cfg.profiles, self.tiers.entries,
@@ -392,12 +367,6 @@ class Agent(TaskLifecycle):
                 del self._received_at[next(iter(self._received_at))]
             self._on_task(task)
 
-
-
-def _cgroup_limits() -> CgroupLimits:
-    from runtime.telemetry import CgroupLimits  # psutil and the power models: after the hello
-
-    return CgroupLimits()
 
 
 def run_device(cfg: DeviceConfig) -> int:

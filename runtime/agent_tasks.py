@@ -1,13 +1,16 @@
 """The device agent's task lifecycle: a task's artifacts, its start on the trainer child, the
 trainer's result packed into a sealed update, the outbox until the server's receipt, and the tier
 measurements each task leaves. A base class of `Agent` (runtime/agent.py), split off along that
-seam; it owns no state of its own: the agent's constructor sets every attribute declared here,
-and the agent provides the four methods declared abstract (status, sealing, tier choice, hello).
+seam; it owns no state of its own: the agent's constructor sets every attribute declared here
+but the services a task needs (trainer child, sampler, outbox), which `_start_services` sets
+once the first hello is out, and the agent provides the four methods declared abstract
+(status, sealing, tier choice, hello).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import zlib
@@ -24,10 +27,11 @@ from runtime.mqtt import MqttClient
 from runtime.protocol import Artifact, Receipt, SparseTensor, Task, Update, validate_tensors
 from runtime.tiering import Measured, TierCache
 
-if TYPE_CHECKING:  # imported by Agent._start_services, after the hello (runtime/agent.py's doc)
+if TYPE_CHECKING:  # imported by _start_services, after the hello (runtime/agent.py's doc)
     from runtime.manifest import StagedArtifacts
     from runtime.outbox import Outbox
-    from runtime.telemetry import Sampler
+    from runtime.protocol import Topics
+    from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler
     from runtime.trainer_proc import TrainerProcess
 
 log = logging.getLogger("orchard.device")
@@ -47,10 +51,15 @@ class TaskLifecycle(ABC):
     cfg: DeviceConfig
     id: str
     board: BoardConfig
+    topics: Topics
+    mqtt: MqttClient
+    # Set by _start_services, after the first hello; `services_up` says whether they are yet.
+    services_up: bool
+    threads: int
+    freeze: FreezeWatch
     trainer: TrainerProcess
     sampler: Sampler
     outbox: Outbox
-    mqtt: MqttClient
     stop_event: threading.Event
     running: _Running | None
     queued: Task | None
@@ -81,6 +90,29 @@ class TaskLifecycle(ABC):
 
     @abstractmethod
     def _announce(self) -> None: ...
+
+    def _start_services(self) -> None:
+        """What the hello does not need (runtime/agent.py's doc), once: the trainer child (launched, not
+        waited for), the telemetry sampler and its freeze watch, the outbox."""
+        if self.services_up:
+            return
+        from runtime.outbox import Outbox
+        from runtime.telemetry import FreezeWatch, Sampler, threads_for_quota
+        from runtime.trainer_proc import TrainerProcess
+
+        limits = cgroup_limits()
+        quota = limits.cpu_quota_cores()
+        cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
+        self.threads = self.cfg.threads or threads_for_quota(cores, self.board.cores)
+        self.freeze = FreezeWatch.for_poll(self.cfg.poll_s)
+        self.trainer = TrainerProcess(self.cfg.shard, threads=self.threads,
+                                      providers=self.board.runtime.execution_providers, start=False)
+        self.sampler = Sampler(lambda: self.trainer.pid, self.board, self.cfg.sysfs_root, limits,
+                               offline=self.cfg.offline, freeze=self.freeze)
+        # Sealed update frames by task id, from the end of training until the server's receipt.
+        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1))
+        self.services_up = True
+        self.trainer.launch()
 
     def _remember(self, task_id: str) -> None:
         self.done_tasks[task_id] = None
@@ -273,3 +305,9 @@ class TaskLifecycle(ABC):
         for task_id in self.outbox.task_ids():
             log.info("%s: sending update %s again (no receipt yet)", self.id, task_id)
             self._send_update(task_id)
+
+
+def cgroup_limits() -> CgroupLimits:
+    from runtime.telemetry import CgroupLimits  # psutil and the power models: after the hello
+
+    return CgroupLimits()
