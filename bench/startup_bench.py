@@ -1,27 +1,30 @@
-"""Device start-up (issue 16 part 4): process start to hello, what the agent imports, its RSS,
-and how fast a 32-device campaign is up.
+"""Device start-up (issue 16 part 4): process start to hello, what the agent imports, its RSS, and
+how fast a 32-device campaign is up.
 
 IMPORTS. Each in a fresh interpreter, `IMPORT_REPS` times, median of the child's CPU seconds
-(rusage of the reaped child): `python -c pass`, `import numpy`, the agent's import path
-(`import runtime.agent`) and the trainer child's (`runtime.trainer_proc` + `runtime.ort`). For
-the agent's path also: which heavy modules it loaded (numpy, onnxruntime) and its VmRSS.
+(rusage of the reaped child): `python -c pass`, `import numpy`, the agent's import path (`import
+runtime.agent`; `agent_as_started`: the same after the placeholders `python -m runtime` puts in
+first, runtime/__main__.py DEFERRED_IMPORTS) and the trainer child's (`runtime.trainer_proc` +
+`runtime.ort`). For the agent's path also: which heavy modules it loaded (numpy, onnxruntime)
+and its VmRSS.
 
 DEVICE. One real device (LeNet on digits, artifacts cached by a first start) against a real
-server and mosquitto (TLS), in a cgroup holding it to a board's quota on this host (Zero 2 W, the
-tightest, and Pi 4), undilated, so board seconds = wall seconds. `OTHER_BOARDS`, every other board
-kind with its own quota, start on the Zero's federation, their config naming the board, in a
-cgroup at their own quota: one cold and one warm start each, to the hello only (no trainer, RSS
-after a task, or trainer_ready mark). `cpu_budget_s`: what a hello within HELLO_BUDGET_S may
-use, HELLO_BUDGET_S x the quota. Per start: exec -> the server's
-`device_hello` event (`hello_s`); the device cgroup's CPU seconds by then (agent + trainer); the
-agent's own marks (runtime/startup.py: seconds since process start at interpreter, imports,
-config, credentials, agent_init, connected, hello and trainer_ready, and the agent's CPU seconds
-at each; the trainer child starts after the hello); VmRSS of the agent, its trainer child and the whole process tree as soon as the hello
-is seen and once its first update was accepted. `cold`: before the start, the page cache of
-every file the agent's import path reads (this venv's packages, the runtime, the stdlib) is
-dropped with posix_fadvise(DONTNEED) (pages mapped by running processes stay); `warm`: nothing
-dropped. Cold and warm starts are interleaved, `DEVICE_REPS` of each, medians reported with the
-host load.
+server and mosquitto (TLS), in a cgroup holding it to a board's quota on this host (Zero 2 W,
+the tightest, and Pi 4), undilated, so board seconds = wall seconds. `OTHER_BOARDS`, every other
+board kind with its own quota, start on the Zero's federation, their config naming the board, in
+a cgroup at their own quota: one cold and one warm start each, to the hello only (no trainer,
+RSS after a task, or trainer_ready mark). `cpu_budget_s`: what a hello within HELLO_BUDGET_S may
+use, HELLO_BUDGET_S x the quota. Per start: exec -> the server's `device_hello` event
+(`hello_s`); the device cgroup's CPU seconds by then (agent + trainer); the agent's own marks
+(runtime/startup.py: seconds since process start at interpreter, imports, config, credentials,
+agent_init, connected, hello and trainer_ready, and the agent's CPU seconds at each; the trainer
+child starts after the hello); VmRSS of the agent, its trainer child and the whole process tree
+as soon as the hello is seen and once its first update was accepted. `cold`: before the start,
+the page cache of every file the agent's import path reads (this venv's packages, the runtime,
+the stdlib) is dropped with posix_fadvise(DONTNEED) (pages mapped by running processes stay);
+`warm`: nothing dropped. Before either, runtime/'s bytecode is made fresh (testbed/bytecode.py), as
+a board's install.sh leaves it. Cold and warm starts are interleaved, `DEVICE_REPS` of each, medians
+reported with the host load.
 
 CAMPAIGN. `orchard campaign run` of 32 devices, the default campaign's board mix (3:2:2:1 Pi 4,
 Pi 5, Orin Nano, Zero 2 W), mlp on digits, dilation "auto" as the runner plans it; the bench
@@ -67,6 +70,9 @@ IMPORT_CASES = {
     "interpreter": "pass",
     "numpy": "import numpy",
     "agent": "import runtime.agent",
+    # What `python -m runtime` loads before its config: paho's unused imports deferred first.
+    "agent_as_started": ("import runtime.__main__ as m, runtime.startup as s\n"
+                         "for n in m.DEFERRED_IMPORTS: s.defer_import(n)\nimport runtime.agent"),
     "trainer_child": "import runtime.trainer_proc, runtime.ort",
 }
 _PROBE = """
