@@ -21,13 +21,9 @@ CPU on this host, ~0.13 s of a Pi Zero 2 W's quota) that find ~500 objects of ga
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import sys
-import threading
 import time
-import types
-from typing import Any
 
 _marks: dict[str, float] = {}
 _cpu: dict[str, float] = {}
@@ -87,6 +83,10 @@ def defer_import(name: str) -> None:
     module already imported, or not found, is left alone."""
     if name in sys.modules:
         return
+    import importlib.util  # here: the interpreter mark (runtime/__main__.py) counts only the interpreter
+    import threading
+    import types
+
     spec = importlib.util.find_spec(name)  # imports its parent package, if any
     if spec is None or spec.loader is None:
         return
@@ -94,7 +94,7 @@ def defer_import(name: str) -> None:
     placeholder = types.ModuleType(name)
     lock = threading.Lock()
 
-    def load(attr: str) -> Any:
+    def load(attr: str) -> object:
         with lock:
             real = sys.modules.get(name)
             if real is None or real is placeholder:
