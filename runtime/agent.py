@@ -21,8 +21,9 @@ ONNX Runtime, and imports numpy (with the frame codec and the manifests) only wh
 task or artifact arrives; the hello's sample count and label histogram come from the shard read
 without numpy (runtime/shard.py). What the hello does not need (the trainer child, the telemetry
 sampler with psutil and the power models, the outbox with the chunker) is imported and started
-right after the first hello has left (`_start_services`): on a Pi Zero 2 W (0.048 host cores)
-every 10 ms of CPU before the hello is 0.2 s of it. The trainer child runs at a lower CPU
+right after the first hello has left (`_start_services`), or sooner if the agent is idle before
+it (connected, and a whole poll passed with no online server to greet): on a Pi Zero 2 W (0.048
+host cores) every 10 ms of CPU before the hello is 0.2 s of it. The trainer child runs at a lower CPU
 priority than the agent (runtime/trainer_proc.py); it is not started earlier because nice
 weighs tasks only on one CPU's run queue, and the device's two processes on two host CPUs
 shared its quota alike. A task that arrives before the trainer is ready waits for it (`queued`).
@@ -162,7 +163,8 @@ class Agent(TaskLifecycle):
             raise
         startup.mark("connected")
         startup.release_gc()
-        next_sample = next_publish = next_expire = time.monotonic()
+        # The first wait is a whole poll too (see the idle start of the services below).
+        next_sample = next_publish = next_expire = time.monotonic() + self.cfg.poll_s
         self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
@@ -174,9 +176,13 @@ class Agent(TaskLifecycle):
                 event = self.mqtt.get(timeout_s=min(self.cfg.poll_s, max(0.0, next_sample - time.monotonic())))
                 if event is not None:
                     self._on_event(event)
+                elif not self.services_up:
+                    # A whole poll without an event before any hello: no online server to greet
+                    # (its retained state comes with the subscription), so nothing competes.
+                    self._start_services()
                 now = time.monotonic()
                 if not self.services_up:  # before the first hello: nothing to poll, sample or resend
-                    next_sample = next_publish = next_expire = now
+                    next_sample = next_publish = next_expire = now + self.cfg.poll_s
                     continue
                 self._poll_trainer()
                 if now >= next_sample:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import Harness
+from .conftest import FakeDevice, Harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +34,13 @@ def _trainer(agent: psutil.Process) -> psutil.Process | None:
 @pytest.mark.timeout(120)
 def test_agent_never_maps_onnxruntime_and_its_trainer_child_does(federation: Callable[..., Harness]) -> None:
     h = federation(devices=1, rounds=3, local_steps=5)
-    h.start()
+    h.start_server()
+    # The device starts once the server's online state is retained: then its hello goes out
+    # before anything the hello does not need starts (without one it starts them while it waits).
+    watcher = FakeDevice(h, "dev0")
+    h.wait_until(lambda: watcher._next(0.1) is None and watcher.server_online, "the server's online state")
+    watcher.close()
+    h.start_device("dev0")
     h.wait("device_hello", device="dev0")
     agent = psutil.Process(h.fed.devices["dev0"].pid)
     h.wait("update_accepted", device="dev0")
