@@ -22,7 +22,7 @@ task or artifact arrives; the hello's sample count and label histogram come from
 without numpy (runtime/shard.py). What the hello does not need (the trainer child, the telemetry
 sampler with psutil and the power models, the outbox with the chunker) is imported and started
 right after the first hello has left (`_start_services`), or sooner if the agent is idle before
-it (connected, and a whole poll passed with no online server to greet): on a Pi Zero 2 W (0.048
+it (connected, and IDLE_POLLS polls passed with no online server to greet): on a Pi Zero 2 W (0.048
 host cores) every 10 ms of CPU before the hello is 0.2 s of it. The trainer child runs at a lower CPU
 priority than the agent (runtime/trainer_proc.py); it is not started earlier because nice
 weighs tasks only on one CPU's run queue, and the device's two processes on two host CPUs
@@ -72,6 +72,10 @@ TELEMETRY_BATCH_S = 1.0  # publish buffered samples at most this often
 REASSEMBLY_TIMEOUT_S = 60.0
 REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
 SHUTDOWN_RECONNECT_S = 2.0
+# Polls (poll_s each, board time) without any event before the services start unasked: under
+# load a retained server state can take more than one poll to arrive (measured: 2 of 14 starts at
+# load 30 started the trainer before the hello with 1).
+IDLE_POLLS = 10
 HELLO_ACK_WAIT_S = 2.0  # the first hello's PUBACK, awaited before the rest starts (_announce)
 TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
 
@@ -165,6 +169,7 @@ class Agent(TaskLifecycle):
         startup.release_gc()
         # The first wait is a whole poll too (see the idle start of the services below).
         next_sample = next_publish = next_expire = time.monotonic() + self.cfg.poll_s
+        idle_polls = 0
         self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
@@ -176,10 +181,13 @@ class Agent(TaskLifecycle):
                 event = self.mqtt.get(timeout_s=min(self.cfg.poll_s, max(0.0, next_sample - time.monotonic())))
                 if event is not None:
                     self._on_event(event)
+                    idle_polls = 0
                 elif not self.services_up:
-                    # A whole poll without an event before any hello: no online server to greet
-                    # (its retained state comes with the subscription), so nothing competes.
-                    self._start_services()
+                    # IDLE_POLLS whole polls without an event before any hello: no online server
+                    # to greet (its retained state comes with the subscription), so nothing competes.
+                    idle_polls += 1
+                    if idle_polls >= IDLE_POLLS:
+                        self._start_services()
                 now = time.monotonic()
                 if not self.services_up:  # before the first hello: nothing to poll, sample or resend
                     next_sample = next_publish = next_expire = now + self.cfg.poll_s
