@@ -6,14 +6,30 @@ from runtime import startup
 
 startup.mark("interpreter")  # first: process start to here is the interpreter's own start-up
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 
 from runtime.errors import OrchardError, exit_code, one_line  # noqa: E402
 
+# What paho imports at its top but the agent's path never uses (runtime/startup.py defer_import):
+# urllib.request (with http.client, email, tempfile) for proxies it looks up only with PySocks
+# installed, ssl for mqtts:// (loaded by tls_set then), uuid for client ids (ours are given).
+DEFERRED_IMPORTS = ("urllib.request", "ssl", "uuid")
+
 
 def main(argv: list[str] | None = None) -> int:
+    startup.hold_gc()  # until the agent is connected (runtime/startup.py)
+    for name in DEFERRED_IMPORTS:
+        startup.defer_import(name)
+    try:
+        return _main(argv)
+    finally:
+        startup.release_gc()  # a no-op once the agent has released it
+
+
+def _main(argv: list[str] | None) -> int:
+    import argparse
+    import logging
+
     p = argparse.ArgumentParser(prog="python -m runtime", description="Run an Orchard device agent.")
     p.add_argument("--config", required=True, help="device TOML ([device] and [broker] tables)")
     p.add_argument("--broker", help="broker URL, overriding [broker] url (mqtt://host:port)")

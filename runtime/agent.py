@@ -19,16 +19,21 @@ for it comes, and is sent again after every reconnect (and, without one, after a
 Start-up (issue 16): what the hello needs is all that runs before it. The agent never imports
 ONNX Runtime, and imports numpy (with the frame codec and the manifests) only when the first
 task or artifact arrives; the hello's sample count and label histogram come from the shard read
-without numpy (runtime/shard.py). The trainer child is launched before the agent connects and
-starts meanwhile, at a lower CPU priority than the agent (runtime/trainer_proc.py), so its ONNX
-Runtime import uses what the agent leaves of the device's CPU quota instead of delaying the
-hello; a task that arrives before it is ready waits for it (`queued`).
+without numpy (runtime/shard.py). What the hello does not need (the trainer child, the telemetry
+sampler with psutil and the power models, the outbox with the chunker) is imported and started
+right after the first hello has left (`_start_services`), or sooner if the agent is idle before
+it (connected, and IDLE_POLLS polls passed with no online server to greet): on a Pi Zero 2 W (0.048
+host cores) every 10 ms of CPU before the hello is 0.2 s of it. The trainer child runs at a lower CPU
+priority than the agent (runtime/trainer_proc.py); it is not started earlier because nice
+weighs tasks only on one CPU's run queue, and the device's two processes on two host CPUs
+shared its quota alike. A task that arrives before the trainer is ready waits for it (`queued`).
+Telemetry rows start at the hello too: the server hears none sent before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -36,14 +41,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from runtime import __version__, startup
-from runtime.agent_tasks import MANIFEST, TaskLifecycle
+from runtime.agent_tasks import MANIFEST, TaskLifecycle, cgroup_limits
 from runtime.board import load_board
-from runtime.chunks import Reassembler, chunk_sealed
 from runtime.credentials import load_credentials
 from runtime.device_config import DeviceConfig
 from runtime.errors import ConfigError, OrchardError, ProtocolError, TransportError
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
-from runtime.outbox import Outbox
 from runtime.protocol import (
     Hello,
     Receipt,
@@ -58,11 +61,10 @@ from runtime.protocol import (
 from runtime.sdnotify import SdNotify
 from runtime.seal import Opened, open_sealed, seal
 from runtime.shard import label_histogram
-from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler, threads_for_quota
 from runtime.tiering import Limits, TierCache, choose_tier
-from runtime.trainer_proc import TrainerProcess
 
 if TYPE_CHECKING:
+    from runtime.chunks import Reassembler
     from runtime.manifest import StagedArtifacts
 
 log = logging.getLogger("orchard.device")
@@ -71,6 +73,11 @@ TELEMETRY_BATCH_S = 1.0  # publish buffered samples at most this often
 REASSEMBLY_TIMEOUT_S = 60.0
 REASSEMBLY_MAX_BYTES = 256 * 1024 * 1024
 SHUTDOWN_RECONNECT_S = 2.0
+# Polls (poll_s each, board time) without any event before the services start unasked: under
+# load a retained server state can take more than one poll to arrive (measured: 2 of 14 starts at
+# load 30 started the trainer before the hello with 1).
+IDLE_POLLS = 10
+HELLO_ACK_WAIT_S = 2.0  # the first hello's PUBACK, awaited before the rest starts (_announce)
 TELEMETRY_BACKLOG = 3600  # samples kept while the broker is unreachable (an hour at 1 Hz)
 
 
@@ -87,19 +94,12 @@ class Agent(TaskLifecycle):
         self.key: bytes = self.creds.hmac_key
         self.topics = Topics(cfg.root)
         self.board = load_board(cfg.board)
-        limits = CgroupLimits()
-        quota = limits.cpu_quota_cores()
-        cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
-        self.threads = cfg.threads or threads_for_quota(cores, self.board.cores)
         cfg.artifact_cache.mkdir(parents=True, exist_ok=True)
         self.n_samples, self.label_histogram = label_histogram(cfg.shard)
-        self.freeze = FreezeWatch.for_poll(cfg.poll_s)
-        # Launched at the end of __init__ and not waited for (see the module doc).
-        self.trainer = TrainerProcess(cfg.shard, threads=self.threads,
-                                      providers=self.board.runtime.execution_providers, start=False)
         self._said_hello = False
-        self.sampler = Sampler(lambda: self.trainer.pid, self.board, cfg.sysfs_root, limits, offline=cfg.offline,
-                               freeze=self.freeze)
+        # trainer, sampler, freeze, outbox, threads: set by _start_services (runtime/agent_tasks.py),
+        # after the first hello.
+        self.services_up = False
         self.state = "idle"
         self.running = None
         self.waiting_for_artifact = None
@@ -107,10 +107,6 @@ class Agent(TaskLifecycle):
         # given up on the running task (timed out, or the device was marked offline), so this is
         # the one that counts; it starts as soon as the trainer is free.
         self.queued = None
-        # Update frames by task id, from the end of training until the server's receipt; sealed
-        # as they are chunked (runtime/outbox.py).
-        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1),
-                             chunks=self._update_chunks)
         self.done_tasks = {}  # oldest first, at most DONE_TASKS
         self._staged: StagedArtifacts | None = None  # authenticated, not named by a task yet
         # A task's deadline counts from its arrival; the time it waits for its artifacts or the
@@ -136,7 +132,6 @@ class Agent(TaskLifecycle):
             cert_file=cfg.cert_file, key_file=cfg.key_file, username=self.creds.username,
             password=self.creds.password, will=Will(self.topics.status(self.id), offline, qos=1, retain=True),
         ))
-        self.trainer.launch()
         startup.mark("agent_init")
 
     @property
@@ -150,6 +145,7 @@ class Agent(TaskLifecycle):
     @property
     def reassembler(self) -> Reassembler:
         if self._reassembler is None:
+            from runtime.chunks import Reassembler
             from runtime.frames import DEFAULT_LIMITS  # numpy, from the first artifact or task on
 
             self._reassembler = Reassembler(REASSEMBLY_TIMEOUT_S, REASSEMBLY_MAX_BYTES,
@@ -160,6 +156,8 @@ class Agent(TaskLifecycle):
         return seal(payload, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind=kind)
 
     def _update_chunks(self, frame: bytes, msg_id: str, chunk_bytes: int) -> Iterator[bytes]:
+        from runtime.chunks import chunk_sealed  # not before the hello (runtime/agent.py's doc)
+
         return chunk_sealed(frame, key=self.key, run_id=self.cfg.run_id, device_id=self.id, kind="update",
                             msg_id=msg_id, chunk_bytes=chunk_bytes)
 
@@ -172,10 +170,13 @@ class Agent(TaskLifecycle):
         try:
             self._connect()
         except BaseException:
-            self.trainer.close()  # launched already; nothing else to undo before the loop
+            self.mqtt.close()  # nothing else is started before the first hello
             raise
         startup.mark("connected")
-        next_sample = next_publish = next_expire = time.monotonic()
+        startup.release_gc()
+        # The first wait is a whole poll too (see the idle start of the services below).
+        next_sample = next_publish = next_expire = time.monotonic() + self.cfg.poll_s
+        idle_polls = 0
         self.notify.ready(f"device {self.id} connected to {self.cfg.broker_url.split('@')[-1]}")
         # No hello yet: it goes out when the server's (retained) state says it is online (see
         # _on_message). A hello sent before the server subscribed would be lost for good.
@@ -187,8 +188,18 @@ class Agent(TaskLifecycle):
                 event = self.mqtt.get(timeout_s=min(self.cfg.poll_s, max(0.0, next_sample - time.monotonic())))
                 if event is not None:
                     self._on_event(event)
-                self._poll_trainer()
+                    idle_polls = 0
+                elif not self.services_up:
+                    # IDLE_POLLS whole polls without an event before any hello: no online server
+                    # to greet (its retained state comes with the subscription), so nothing competes.
+                    idle_polls += 1
+                    if idle_polls >= IDLE_POLLS:
+                        self._start_services()
                 now = time.monotonic()
+                if not self.services_up:  # before the first hello: nothing to poll, sample or resend
+                    next_sample = next_publish = next_expire = now + self.cfg.poll_s
+                    continue
+                self._poll_trainer()
                 if now >= next_sample:
                     self.samples.append(self.sampler.sample(self.state))
                     # On a fixed grid, so the rate does not drift below telemetry_hz; after a stall
@@ -228,27 +239,29 @@ class Agent(TaskLifecycle):
 
     def _shutdown(self) -> None:
         self.notify.stopping()
-        # A last row, so the trace covers the run up to its end (a spell offline at the end too).
-        self.samples.append(self.sampler.sample(self.state))
+        if self.services_up:  # a last row, so the trace covers the run up to its end (offline too)
+            self.samples.append(self.sampler.sample(self.state))
         reconnect_by = time.monotonic() + SHUTDOWN_RECONNECT_S  # thawed at the end: paho reconnects
         while not self.mqtt.is_connected and time.monotonic() < reconnect_by:
             time.sleep(0.05)
         try:
-            self._publish_telemetry(wait_s=2.0)
+            if self.services_up:
+                self._publish_telemetry(wait_s=2.0)
             if self.mqtt.is_connected:
                 status = self._seal("status", encode_json(Status(self.id, "offline", time.time(), detail="shut down")))
                 self.mqtt.publish(self.topics.status(self.id), status, qos=1, retain=True, wait_s=2.0)
         except TransportError as exc:
             log.warning("%s: could not say goodbye: %s", self.id, exc)
-        self.trainer.close()
-        self.freeze.close()
+        if self.services_up:  # before the first hello there is neither trainer nor freeze watch
+            self.trainer.close()
+            self.freeze.close()
         self.mqtt.close()
 
     def _choose_tier(self) -> tuple[str, str]:
         """(profile, reason); with a fixed tier the configured order stands."""
         if self.tiers is None:
             return self.cfg.profiles[0], ""
-        limits = self.sampler.limits
+        limits = self.sampler.limits if self.services_up else cgroup_limits()
         quota = limits.cpu_quota_cores() or float(self.board.cores)
         cap = limits.mem_limit_mb() or float(self.board.ram_mb)
         return choose_tier(self.cfg.profiles, self.tiers.entries,
@@ -263,11 +276,16 @@ class Agent(TaskLifecycle):
             runtime_version=__version__, profiles=profiles, n_samples=self.n_samples,
             label_histogram=self.label_histogram, artifacts=keys,
         )
-        self.mqtt.publish(self.topics.hello(self.id), self._seal("hello", encode_json(hello)), qos=1)
+        ticket = self.mqtt.publish(self.topics.hello(self.id), self._seal("hello", encode_json(hello)), qos=1)
         if not self._said_hello:
             self._said_hello = True
             startup.mark("hello")
             log.info("%s: %s", self.id, startup.line())
+            # paho's thread sends it, and needs the GIL to: started at once, the imports below
+            # would hold it for a switch interval at a time, ~0.1 s of a Zero 2 W's quota each.
+            with contextlib.suppress(TransportError):  # not acked yet: it stays queued and goes out
+                ticket.wait(HELLO_ACK_WAIT_S)
+            self._start_services()
         detail = f"tier {self.tier} by resources: {self.tier_reason}" if self.tiers is not None else ""
         self._set_state(self.state, self.running.task.task_id if self.running else None, detail=detail)
         # A row the server surely hears (it is subscribed once its state is online): rows sent
@@ -347,6 +365,7 @@ class Agent(TaskLifecycle):
                     self._announce()
                     self._flush_outbox()
             return
+        self._start_services()  # a receipt, task or artifact; the server sends none before our hello
         if msg.topic == self.topics.receipt(self.id):
             self._on_receipt(decode_json(Receipt, self._open("receipt", msg.payload).payload, source="server"))
             return

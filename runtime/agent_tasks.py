@@ -1,17 +1,21 @@
 """The device agent's task lifecycle: a task's artifacts, its start on the trainer child, the
 trainer's result packed into a sealed update, the outbox until the server's receipt, and the tier
 measurements each task leaves. A base class of `Agent` (runtime/agent.py), split off along that
-seam; it owns no state of its own: the agent's constructor sets every attribute declared here,
-and the agent provides the four methods declared abstract (status, sealing, tier choice, hello).
+seam; it owns no state of its own: the agent's constructor sets every attribute declared here
+but the services a task needs (trainer child, sampler, outbox), which `_start_services` sets
+once the first hello is out, and the agent provides the four methods declared abstract
+(status, sealing, tier choice, hello).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,14 +25,15 @@ from runtime.device_config import DeviceConfig
 from runtime.errors import OrchardError, ProtocolError, TransportError
 from runtime.methods import check_name
 from runtime.mqtt import MqttClient
-from runtime.outbox import Outbox
 from runtime.protocol import Artifact, Receipt, SparseTensor, Task, Update, validate_tensors
-from runtime.telemetry import Sampler
 from runtime.tiering import Measured, TierCache
-from runtime.trainer_proc import TrainerDied, TrainerProcess, TrainJob, failure_of_exit
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by _start_services, after the hello (runtime/agent.py's doc)
     from runtime.manifest import StagedArtifacts
+    from runtime.outbox import Outbox
+    from runtime.protocol import Topics
+    from runtime.telemetry import CgroupLimits, FreezeWatch, Sampler
+    from runtime.trainer_proc import TrainerProcess
 
 log = logging.getLogger("orchard.device")
 
@@ -47,10 +52,15 @@ class TaskLifecycle(ABC):
     cfg: DeviceConfig
     id: str
     board: BoardConfig
+    topics: Topics
+    mqtt: MqttClient
+    # Set by _start_services, after the first hello; `services_up` says whether they are yet.
+    services_up: bool
+    threads: int
+    freeze: FreezeWatch
     trainer: TrainerProcess
     sampler: Sampler
     outbox: Outbox
-    mqtt: MqttClient
     stop_event: threading.Event
     running: _Running | None
     queued: Task | None
@@ -78,6 +88,34 @@ class TaskLifecycle(ABC):
 
     @abstractmethod
     def _announce(self) -> None: ...
+
+    @abstractmethod
+    def _update_chunks(self, frame: bytes, msg_id: str, chunk_bytes: int) -> Iterator[bytes]: ...
+
+    def _start_services(self) -> None:
+        """What the hello does not need (runtime/agent.py's doc), once: the trainer child (launched, not
+        waited for), the telemetry sampler and its freeze watch, the outbox."""
+        if self.services_up:
+            return
+        from runtime.outbox import Outbox
+        from runtime.telemetry import FreezeWatch, Sampler, threads_for_quota
+        from runtime.trainer_proc import TrainerProcess
+
+        limits = cgroup_limits()
+        quota = limits.cpu_quota_cores()
+        cores = quota if quota is not None else min(float(self.board.cores), float(os.cpu_count() or 1))
+        self.threads = self.cfg.threads or threads_for_quota(cores, self.board.cores)
+        self.freeze = FreezeWatch.for_poll(self.cfg.poll_s)
+        self.trainer = TrainerProcess(self.cfg.shard, threads=self.threads,
+                                      providers=self.board.runtime.execution_providers, start=False)
+        self.sampler = Sampler(lambda: self.trainer.pid, self.board, self.cfg.sysfs_root, limits,
+                               offline=self.cfg.offline, freeze=self.freeze)
+        # Update frames by task id, from the end of training until the server's receipt; sealed
+        # as they are chunked (runtime/outbox.py).
+        self.outbox = Outbox(lambda chunk: self.mqtt.publish(self.topics.update(self.id), chunk, qos=1),
+                             chunks=self._update_chunks)
+        self.services_up = True
+        self.trainer.launch()
 
     def _remember(self, task_id: str) -> None:
         self.done_tasks[task_id] = None
@@ -123,6 +161,7 @@ class TaskLifecycle(ABC):
             self.queued = task
             return
         from runtime.manifest import read_manifest  # numpy, from the first task on
+        from runtime.trainer_proc import TrainerDied, TrainJob, failure_of_exit
 
         try:
             for key in self.staged.install(task.assignment.artifact_keys, task.artifact_digests,
@@ -175,6 +214,7 @@ class TaskLifecycle(ABC):
     def _poll_trainer(self) -> None:
         if self.stop_event.is_set():
             return  # shutting down: a trainer that stopped meanwhile is no failure
+        from runtime.trainer_proc import TrainerDied, failure_of_exit
         run = self.running
         if run is None:
             # A child that died while starting ends the agent (as one that cannot load its shard
@@ -268,3 +308,9 @@ class TaskLifecycle(ABC):
         for task_id in self.outbox.task_ids():
             log.info("%s: sending update %s again (no receipt yet)", self.id, task_id)
             self._send_update(task_id)
+
+
+def cgroup_limits() -> CgroupLimits:
+    from runtime.telemetry import CgroupLimits  # psutil and the power models: after the hello
+
+    return CgroupLimits()

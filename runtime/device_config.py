@@ -33,7 +33,6 @@ from pathlib import Path
 from runtime.errors import ConfigError
 from runtime.methods import device_profile
 from runtime.protocol import ID_PATTERN, check_topic_root
-from runtime.telemetry import OFFLINE_MODES
 from runtime.tiering import TIER_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
@@ -44,6 +43,12 @@ _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", 
 # core), but under time dilation delta the quota shrinks by delta while the wakes stay, so the
 # testbed passes DEFAULT_POLL_S x delta (the same 50 ms of board time).
 DEFAULT_POLL_S = 0.05
+# What an offline spell means for energy (runtime.telemetry.Sampler applies it). In the testbed a
+# device goes offline by having its cgroup frozen; on a board it is either still powered but
+# unreachable (network gone: the board idles, idle power is charged) or powered off (nothing is
+# charged). The same rule holds over the whole trace: at the start, in the middle and at the end.
+# Defined here, not in runtime.telemetry, so reading a config imports no psutil before the hello.
+OFFLINE_MODES = ("unreachable", "powered-off")
 UNPROVISIONED = "unprovisioned"  # what a bundle built without a lab says, until someone provisions it
 _BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file", "cert_file", "key_file", "credentials",
                           "run_id"})
@@ -68,7 +73,7 @@ class DeviceConfig:
     cert_file: str | None = None
     key_file: str | None = None
     sysfs_root: str = "/"
-    offline: str = "unreachable"  # one of runtime.telemetry.OFFLINE_MODES
+    offline: str = "unreachable"  # one of OFFLINE_MODES
     # fixed: the server assigns among `profiles`; by-resources: the device picks the first of
     # `profiles` (largest first) that fits what it measured (runtime/tiering.py)
     tier: str = "fixed"

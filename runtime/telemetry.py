@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from runtime.board import BoardConfig
+from runtime.device_config import OFFLINE_MODES as OFFLINE_MODES  # with the config key it checks
 from runtime.energy import EnergyMeter, make_power_source
 from runtime.errors import ConfigError, TrainerError
 from runtime.jetson_gpu import JetsonGpu
@@ -99,13 +100,6 @@ class CgroupLimits:
         if quota_text is None or period_text is None or int(quota_text) < 0:
             return None
         return int(quota_text) / int(period_text)
-
-
-# What an offline spell means for energy. In the testbed a device goes offline by having its
-# cgroup frozen; on a board it is either still powered but unreachable (network gone: the board
-# idles, idle power is charged) or powered off (nothing is charged). The same rule holds over
-# the whole trace: at the start, in the middle and at the end.
-OFFLINE_MODES = ("unreachable", "powered-off")
 
 
 class FreezeWatch:

@@ -13,11 +13,13 @@ ONNX Runtime exactly once, before any session or thread pool exists in it. It is
 multiprocessing's "spawn" would (the agent's sys.path, a socketpair as the pipe) but with
 subprocess, because spawn also starts multiprocessing's resource tracker: one more interpreter
 per device (~13 MB RSS and its start-up CPU) that guards nothing here. The child runs at nice
-`TRAINER_NICE`: whenever the agent has work (its start-up to the hello, keepalives, telemetry,
-packing an update) it goes first, and the trainer has every cycle the agent leaves. Nice only
-weighs tasks against each other inside one CPU cgroup or autogroup (one per session: a device
-cgroup in the testbed, the systemd service on a board), so it costs the trainer nothing against
-the rest of the host. Nothing here imports numpy
+`TRAINER_NICE`: when both want the same CPU (keepalives, telemetry, packing an update) the agent
+goes first. Nice only weighs tasks against each other inside one CPU cgroup or autogroup (one per
+session: a device cgroup in the testbed, the systemd service on a board), so it costs the
+trainer nothing against the rest of the host; and only on one CPU's run queue: on two CPUs the
+two run side by side and drain the cgroup's one quota alike (measured: launched before the
+hello, the trainer took ~0.03 of a Zero 2 W's ~0.18 CPU s to it). So the agent launches it only
+after its first hello (runtime/agent.py). Nothing here imports numpy
 or ONNX Runtime at module level: the agent imports this module and must stay off both until its
 first task (numpy) or for good (ONNX Runtime).
 """

@@ -44,6 +44,7 @@ from runtime.telemetry import OFFLINE_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 from server.config import canonical_profile, method_table
 from server.strategies import STRATEGY_NAMES, get_strategy, strategy_defaults
+from testbed.cgroups import MIN_MEM_LIMIT_MB
 from testbed.dilation import DEFAULT_RESERVE_CORES, parse_setting
 from testbed.links import LinkSpec, link_trace, parse_link
 
@@ -288,7 +289,7 @@ def _group(file: str, index: int, raw: Any, canonical: Callable[[str], str]) -> 
         name=name, board=board, count=t.integer("count", 1, 10_000, default=1), profiles=profiles,
         availability=dict(t.data.get("availability", {"kind": "always"})),
         cpu=dict(t.data.get("cpu", {"kind": "constant", "value": 1.0})),
-        mem_limit_mb=t.integer("mem_limit_mb", 16, 1 << 20) if "mem_limit_mb" in t.data else None,
+        mem_limit_mb=t.integer("mem_limit_mb", MIN_MEM_LIMIT_MB, 1 << 20) if "mem_limit_mb" in t.data else None,
         link=parse_link(f"{file}: {where}", t.data["link"], board_config) if "link" in t.data else None,
     )
     _check_traces(file, where, group)

@@ -31,7 +31,7 @@ MIN_QUOTA_US = 1_000  # the kernel rejects quotas below 1 ms (sched-bwc.rst)
 # the same burst for every device the lead is the same fraction of every task, and ratios hold.
 CPU_BURST_US = 2_000
 MIN_PERIOD_US, MAX_PERIOD_US = 10_000, 1_000_000  # below 10 ms throttling overhead grows; 1 s is the kernel's max
-MIN_MEM_LIMIT_MB = 16  # below this not even a Python interpreter starts: surely a unit mistake
+MIN_MEM_LIMIT_MB = 8  # below this not even an interpreter starts (an agent says hello in 16): a unit mistake
 MIB = 1 << 20  # "MB" throughout means MiB, as board RAM sizes do
 FREEZE_TIMEOUT_S = 5.0
 KILL_TIMEOUT_S = 5.0

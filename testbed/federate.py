@@ -22,6 +22,7 @@ from typing import Any
 from runtime.errors import ConfigError, OrchardError
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
+from testbed.bytecode import compile_runtime
 from testbed.lab_secrets import load_lab
 from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
@@ -125,6 +126,7 @@ class Federation:
 
     def start_device(self, device_id: str) -> None:
         cfg = self.run / "configs" / f"{device_id}.toml"
+        compile_runtime(self.device_python)
         self.devices[device_id] = self._spawn(device_id, ["-m", "runtime", "--config", str(cfg),
                                                           "--broker", self.broker_url], self.device_python)
 

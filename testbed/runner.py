@@ -37,6 +37,7 @@ from runtime.errors import EXIT_TRANSPORT, ConfigError, OrchardError, TransportE
 from runtime.telemetry import threads_for_quota
 from server.events import EventName
 from testbed.broker import Broker, open_broker
+from testbed.bytecode import compile_runtime
 from testbed.calibrate import HostSpeed, board_quota_cores, get_host_speed
 from testbed.campaign import Campaign, Group
 from testbed.cgroups import DEFAULT_ROOT, host_cpu_cores, run_id_for
@@ -311,6 +312,7 @@ class CampaignRunner:
                 raise OrchardError(f"server exited at start (code {self.server.returncode}): "
                                    f"{self._last_error('server')}")
             time.sleep(0.05)
+        compile_runtime()  # as a board's install.sh does (testbed/bytecode.py)
         self._events = events_path.open("a")
         self._event(event=EventName.CAMPAIGN_START, campaign=self.c.name, devices=len(self.devices))
         driver = self._trace_driver()

@@ -66,7 +66,7 @@ availability = { kind = "markov", mean_on_s = 1, mean_off_s = 100000, start = "o
 name = "tiny"
 board = "rpi5"
 count = 1
-mem_limit_mb = 16
+mem_limit_mb = 10
 """
 
 
@@ -113,7 +113,7 @@ ALL_DIE = """
 name = "tiny"
 board = "rpi5"
 count = 2
-mem_limit_mb = 16
+mem_limit_mb = 10
 """
 
 

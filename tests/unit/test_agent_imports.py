@@ -13,11 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import json, sys
-import runtime.__main__, runtime.agent  # everything `python -m runtime` imports before the hello
+import runtime.__main__
+from runtime import startup
+for name in runtime.__main__.DEFERRED_IMPORTS:  # as main() does, first
+    startup.defer_import(name)
+import runtime.agent  # everything `python -m runtime` imports before the hello
 from runtime.device_config import load_device_config
 for path in sys.argv[1:]:  # the config check canonicalises profiles through the method's spec
     load_device_config(path, None)
-print(json.dumps({'numpy': 'numpy' in sys.modules, 'onnxruntime': 'onnxruntime' in sys.modules}))
+print(json.dumps({m: m in sys.modules for m in sys.argv[0].split(',')}))
 """
 
 
@@ -29,10 +33,37 @@ def test_agent_import_path_has_no_onnxruntime_and_no_numpy(tmp_path: Path) -> No
                         f'profiles = ["{profile}"]\n\n[broker]\nurl = "mqtt://127.0.0.1:1883"\n'
                         f'root = "orchard/t"\ncredentials = "d.toml"\nrun_id = "r1"\n')
         configs.append(str(path))
-    out = subprocess.run([sys.executable, "-c", _PROBE, *configs], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = _loaded_before_hello(configs, ("numpy", "onnxruntime"))
     assert loaded == {"numpy": False, "onnxruntime": False}, loaded
+
+
+# Started by Agent._start_services once the first hello is out (runtime/agent.py's doc): on a Zero
+# 2 W each 10 ms of CPU before the hello is 0.2 s of it.
+AFTER_HELLO = ("psutil", "runtime.telemetry", "runtime.energy", "runtime.trainer_proc", "runtime.outbox",
+               "runtime.chunks", "multiprocessing",
+               # behind the placeholders of runtime/__main__.py's DEFERRED_IMPORTS: never, on this path
+               "http.client", "email", "tempfile", "_ssl")
+
+
+def test_agent_import_path_leaves_what_the_hello_does_not_need_for_later(tmp_path: Path) -> None:
+    path = tmp_path / "dev.toml"
+    path.write_text('[device]\nid = "dev0"\nboard = "rpi-zero2w"\nshard = "s.npz"\nartifact_cache = "c"\n'
+                    'offline = "powered-off"\n\n[broker]\nurl = "mqtt://127.0.0.1:1883"\nroot = "orchard/t"\n'
+                    'credentials = "d.toml"\nrun_id = "r1"\n')
+    loaded = _loaded_before_hello([str(path)], AFTER_HELLO)
+    assert not any(loaded.values()), loaded
+    # ...and what the sampler checks a config against is the config's own constant.
+    from runtime import device_config, telemetry
+
+    assert telemetry.OFFLINE_MODES is device_config.OFFLINE_MODES
+
+
+def _loaded_before_hello(configs: list[str], modules: tuple[str, ...]) -> dict[str, bool]:
+    # sys.argv[0] of `python -c` is "-c"; the probe reads the module list from it instead.
+    probe = _PROBE.replace("sys.argv[0]", repr(",".join(modules)))
+    out = subprocess.run([sys.executable, "-c", probe, *configs], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_the_codec_path_brings_numpy_but_never_onnxruntime() -> None:
@@ -47,3 +78,30 @@ def test_agent_manifest_name_is_the_manifest_module_s() -> None:
     from runtime import agent, manifest
 
     assert agent.MANIFEST == manifest.MANIFEST
+
+
+_DEFER_PROBE = """
+import sys
+from runtime import startup
+startup.defer_import("urllib.request")
+import urllib.request  # binds the placeholder; runs nothing of the module
+assert "http.client" not in sys.modules, "urllib.request ran at import"
+placeholder = urllib.request
+proxies = urllib.request.getproxies()  # first use: the real module, in sys.modules and on urllib
+assert isinstance(proxies, dict) and "http.client" in sys.modules
+real = sys.modules["urllib.request"]
+assert real is not placeholder and urllib.request is real and real.getproxies is placeholder.getproxies
+from urllib.request import Request  # a from-import of the placeholder's name works too
+assert Request is real.Request
+import os
+startup.defer_import("os")  # already imported: left alone
+assert sys.modules["os"] is os
+startup.defer_import("no_such_module_here")
+assert "no_such_module_here" not in sys.modules
+print("ok")
+"""
+
+
+def test_a_deferred_import_runs_at_its_first_use_and_is_then_the_real_module() -> None:
+    out = subprocess.run([sys.executable, "-c", _DEFER_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
