@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from models.builder import IR_VERSION, MASK_KEPT, OPSET, build
-from models.grad_rewrite import rewrite_relu_grads
+from models.grad_rewrite import rewrite_training_graph
 from models.losses import DEFAULT_VARIANT, FILTER_DROPOUT, is_masked, loss_for, parse_variant
 from models.structure import BASE_CHANNELS, EXIT_BLOCKS, Structure, full_structure, sub_structure
 from runtime import __version__ as orchard_version
@@ -38,7 +38,9 @@ from runtime.submodel import depth_blocks, index_map_for
 log = logging.getLogger(__name__)
 
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
-BUILDER_VERSION = 3  # bump when the generated graphs change, so old cache entries are not reused (3: ReluGrad rewrite)
+# Bump when the generated graphs change, so old cache entries are not reused (3: the ReluGrad
+# rewrite, 4: the MaxPool rewrite, models/grad_rewrite.py).
+BUILDER_VERSION = 4
 OPTIMIZERS = ("sgd", "adamw")
 # The graph around the model: its loss, exits, probes (models/losses.py). The default variant adds
 # nothing to the key, so caches from before variants stay valid.
@@ -183,7 +185,7 @@ def _generate(structure: Structure, optimizer: str, key: str, out: Path, variant
     # initializers in layout order; check that ORT kept it rather than trusting it.
     names = set(built.layout.names)
     training = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
-    if rewrite_relu_grads(training):
+    if rewrite_training_graph(training):
         onnx.save(training, str(out / "training_model.onnx"))
     order = tuple(i.name for i in training.graph.input if i.name in names)
     if order != built.layout.names:

@@ -37,7 +37,7 @@ from models.artifacts import (
     default_cache_dir,
 )
 from models.builder import INPUT, IR_VERSION, LOGITS, OPSET, BuiltModel, build
-from models.grad_rewrite import rewrite_relu_grads
+from models.grad_rewrite import rewrite_training_graph
 from models.structure import Structure
 from runtime import __version__ as orchard_version
 from runtime.errors import ArtifactError, ConfigError
@@ -250,7 +250,7 @@ def _generate_part(built: BuiltModel, structure: Structure, part: Part, cuts: li
                                additional_output_names=[LOGITS])
     # The runtime's buffer is the part's parameters, then the probe: check ORT kept that order.
     training = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
-    if rewrite_relu_grads(training):  # as models/artifacts.py does for whole models
+    if rewrite_training_graph(training):  # as models/artifacts.py does for whole models
         onnx.save(training, str(out / "training_model.onnx"))
     order = tuple(i.name for i in training.graph.input if i.name in set(trainable))
     if order != tuple(trainable):
