@@ -38,9 +38,9 @@ from runtime.submodel import depth_blocks, index_map_for
 log = logging.getLogger(__name__)
 
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
-# Bump when the generated graphs change, so old cache entries are not reused (3: the ReluGrad
-# rewrite, 4: the MaxPool rewrite, models/grad_rewrite.py).
-BUILDER_VERSION = 4
+# Bump when the generated graphs change, so old cache entries are not reused (models/grad_rewrite.py:
+# 3 the ReluGrad rewrite, 4 the MaxPool rewrite, 5 conv input gradients by a forward Conv).
+BUILDER_VERSION = 5
 OPTIMIZERS = ("sgd", "adamw")
 # The graph around the model: its loss, exits, probes (models/losses.py). The default variant adds
 # nothing to the key, so caches from before variants stay valid.
