@@ -39,7 +39,7 @@ def test_reference_step_time_follows_from_the_recorded_measurement() -> None:
     assert flops == pytest.approx(1.2427e9, rel=1e-4)
     derived = derive_reference_step_ms(flops, calibrate.BUILD_HOST_STEP_MS, calibrate.BUILD_HOST_GEMM_GFLOPS)
     assert pytest.approx(derived, abs=0.05) == REFERENCE_STEP_MS_AT_SPEED_1
-    assert 80 < REFERENCE_STEP_MS_AT_SPEED_1 < 130
+    assert 60 < REFERENCE_STEP_MS_AT_SPEED_1 < 130
     # The efficiency cancels on the measuring host: speed there = its GEMM rate / speed 1.0's.
     speed_on_build_host = REFERENCE_STEP_MS_AT_SPEED_1 / calibrate.BUILD_HOST_STEP_MS
     assert speed_on_build_host == pytest.approx(calibrate.BUILD_HOST_GEMM_GFLOPS / SPEED_1_FP32_GFLOPS, rel=2e-3)
