@@ -203,7 +203,8 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(steps: int = 20, rounds: int = 3, profile_steps: int = 20) -> dict[str, Any]:
+def run(steps: int = 20, rounds: int = 3, profile_steps: int = 20, models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The section; `models` limits it to those models' points (all when empty)."""
     from models.artifacts import ensure_artifacts
     from models.builder import build
     from models.structure import full_structure, sub_structure
@@ -218,6 +219,8 @@ def run(steps: int = 20, rounds: int = 3, profile_steps: int = 20) -> dict[str, 
     rows, profiles = [], []
     workdir = Path(tempfile.mkdtemp(prefix="orchard-trainer-bench-"))
     for model, shape, classes, batch, widths, thread_counts, pairs in CASES:
+        if models and model not in models:
+            continue
         full = full_structure(model, shape, classes)
         groups = build(full).layout.groups
         for threads in thread_counts:
@@ -289,7 +292,9 @@ def run(steps: int = 20, rounds: int = 3, profile_steps: int = 20) -> dict[str, 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--gemm", action="store_true", help="run the GEMM probe in this process (single-thread env)")
-    if p.parse_args().gemm:
+    p.add_argument("--models", nargs="*", default=[], help="only these models' points (default: all)")
+    a = p.parse_args()
+    if a.gemm:
         print(json.dumps(gemm_probe()))
     else:
-        print(json.dumps(run(), indent=1))
+        print(json.dumps(run(models=tuple(a.models)), indent=1))
