@@ -120,3 +120,29 @@ def test_generated_graph_gradients_equal_orts_own_pool(tmp_path: Path, model_nam
     before, after = _grads(ort_dir, names, x, labels), _grads(ours, names, x, labels)
     for name in names:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_every_rewrite_together_keeps_the_gradients(tmp_path: Path) -> None:
+    """The whole rewrite on a generated CNN graph: the pools exact, the convs' dX by a forward
+    Conv in another summation order, so every gradient agrees with ORT's own graph to float32
+    rounding (relative to each tensor's largest entry)."""
+    structure = full_structure("cnn", (3, 16, 16), 4)  # every conv input but the first >= 1,024 floats
+    built = build(structure)
+    art = training_artifacts_module()
+    ort_dir, ours = tmp_path / "ort", tmp_path / "ours"
+    ort_dir.mkdir()
+    art.generate_artifacts(built.model, requires_grad=list(built.layout.names), frozen_params=[],
+                           loss=art.LossType.CrossEntropyLoss, optimizer=art.OptimType.SGD,
+                           artifact_directory=str(ort_dir))
+    shutil.copytree(ort_dir, ours)
+    training = onnx.load(str(ours / "training_model.onnx"))
+    assert rewrite_training_graph(training) == 3 + 2 + 3  # conv2-4 dX, both pools, the 3 ReLUs not before a pool
+    onnx.save(training, str(ours / "training_model.onnx"))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, *structure.input_shape)).astype(np.float32)
+    labels = rng.integers(0, 4, 6).astype(np.int64)
+    names = list(built.layout.names)
+    before, after = _grads(ort_dir, names, x, labels), _grads(ours, names, x, labels)
+    for name in names:
+        np.testing.assert_allclose(after[name], before[name], rtol=0, atol=1e-5 * np.abs(before[name]).max(),
+                                   err_msg=name)
