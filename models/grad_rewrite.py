@@ -9,16 +9,19 @@ is exactly 0 for T <= 0 and 1 for T > 0, denormals included), in three vectorise
 together take 0.14 ms there.
 
 Max pooling. A `MaxPool` that must also output the argmax indices its `MaxPoolGrad` reads runs
-ORT's generic pooling loop, ~13x slower than the same pool without them (bench.json
-`kernels_us`: maxpool vs maxpool_with_indices). A 2x2/stride-2 pool over even H, W is rewritten
-without indices: `SpaceToDepth` puts the four window positions on their own axis, `ReduceMax`
-over it gives the same pooled values bit for bit, and the backward is
-`DepthToSpace(Equal(x_window, y) * dY)`: every window position equal to the window's maximum
-gets that window's `dY`. That differs from `MaxPoolGrad` only where a window holds its maximum at
-more than one position: ORT gives `dY` to the first of them, this to each. Where the pool's input
-is a ReLU's output and the pool's gradient only feeds that ReLU's backward, the ReLU mask is
-applied to `dY` at the pooled size (`y > 0` exactly where the chosen input is > 0), so windows
-tied at 0 get no gradient either way and the full-size mask passes go.
+ORT's generic pooling loop, ~12x slower than the same pool without them (bench.json
+`kernels_us`: maxpool vs maxpool_with_indices). A 2x2/stride-2 pool over even, static H, W is
+rewritten without indices: `SpaceToDepth` puts the four window positions on their own axis,
+`ReduceMax` over it gives the same pooled values bit for bit, and the backward is
+`DepthToSpace(Equal(x_window, y) * dY / count)`, `count` the window positions equal to its
+maximum. Where the maximum sits at one position that is dY there, bit for bit as ORT's
+`MaxPoolGrad`; where it sits at several, each gets dY / count, where ORT gives all of dY to the
+first. Such ties are not rare: a flat image region (a zero background, the zero padding) gives
+equal conv outputs at every position, so each of the tied positions getting all of dY would
+scale those regions' gradient by up to 4. Where the pool's input is a ReLU's output and the
+pool's gradient only feeds that ReLU's backward, the ReLU mask is applied to dY at the pooled
+size (y > 0 exactly where the chosen input is > 0), so windows at 0 get nothing either way and
+the full-size mask passes go.
 
 Conv input gradients. ORT's `ConvGrad` computes dX image by image as a GEMM into a column buffer
 and a col2im scatter, ~1.3-1.4x the CPU of the forward conv of the same shape, while dW and dB
@@ -169,7 +172,12 @@ def rewrite_max_pools(model: onnx.ModelProto) -> int:
                 helper.make_node("Unsqueeze", [d_y, f"{stem}_axis1"], [f"{stem}_dy5"], name=f"{stem}_dy5"),
                 helper.make_node("Equal", [f"{stem}_x5", f"{stem}_y5"], [f"{stem}_hit"], name=f"{stem}_hit"),
                 helper.make_node("Cast", [f"{stem}_hit"], [f"{stem}_hitf"], name=f"{stem}_hitf", to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{stem}_hitf", f"{stem}_dy5"], [f"{stem}_dx5"], name=f"{stem}_dx5"),
+                # Each window's dY split evenly over the positions that hold its maximum: dY itself
+                # where there is one (x / 1 is exact), and no more than dY in all where there are more.
+                helper.make_node("ReduceSum", [f"{stem}_hitf", f"{stem}_axis1"], [f"{stem}_ties"],
+                                 name=f"{stem}_ties", keepdims=1),
+                helper.make_node("Div", [f"{stem}_dy5", f"{stem}_ties"], [f"{stem}_share"], name=f"{stem}_share"),
+                helper.make_node("Mul", [f"{stem}_hitf", f"{stem}_share"], [f"{stem}_dx5"], name=f"{stem}_dx5"),
                 _i64(f"{stem}_shape4", [-1, 4 * c, h // 2, w // 2]),
                 helper.make_node("Reshape", [f"{stem}_dx5", f"{stem}_shape4"], [f"{stem}_dx4"], name=f"{stem}_dx4"),
                 helper.make_node("DepthToSpace", [f"{stem}_dx4"], [out], name=f"{stem}_dx", blocksize=2, mode="DCR"),

@@ -40,15 +40,17 @@ def _pattern(relu_grad_from: str, shape: list[int | str]) -> onnx.ModelProto:
 
 
 def _reference(t: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rule: y is the window max of x = relu(t); every position whose x equals its window's max
-    gets that window's dy, then the ReLU's mask (t > 0). ORT's MaxPoolGrad gives dy to the first
-    such position only: the two differ only in windows whose maximum is positive and tied."""
+    """The rule: y is the window max of x = relu(t); the window's dy is split evenly over the
+    positions whose x equals that max, then the ReLU's mask (t > 0). ORT's MaxPoolGrad gives all of
+    dy to the first such position: the two differ only in windows whose maximum is positive and
+    tied."""
     x = np.maximum(t, 0)
     n, c, h, w = x.shape
     win = x.reshape(n, c, h // 2, 2, w // 2, 2)
     y = win.max(axis=(3, 5))
     hit = win == y[:, :, :, None, :, None]
-    dx = (hit * dy[:, :, :, None, :, None]).reshape(x.shape)
+    count = hit.sum(axis=(3, 5), keepdims=True).astype(np.float32)
+    dx = (hit * (dy[:, :, :, None, :, None] / count)).reshape(x.shape)
     return y, np.where(t > 0, dx, np.float32(0)).astype(np.float32)
 
 
@@ -63,9 +65,9 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 def test_pool_backward_matches_numpy_reference_with_ties(relu_grad_from: str) -> None:
     rng = np.random.default_rng(0)
     t = rng.normal(size=(3, 4, 6, 8)).astype(np.float32)
-    t[0, 0, :2, :2] = 0.7  # a window tied at a positive maximum: each of the four gets dy
+    t[0, 0, :2, :2] = 0.7  # a window tied at a positive maximum: each of the four gets dy / 4
     t[0, 1, :2, :2] = -1.0  # a window that is all zero after the ReLU: none gets anything
-    t[1, 2, 2:4, 4:6] = [[0.3, 0.3], [-2.0, 0.1]]  # two tied, one below, one cut by the ReLU
+    t[1, 2, 2:4, 4:6] = [[0.3, 0.3], [-2.0, 0.1]]  # two tied (dy / 2 each), one below, one cut by the ReLU
     dy = rng.normal(size=(3, 4, 3, 4)).astype(np.float32)
     model = _pattern(relu_grad_from, ["N", 4, 6, 8])
     assert rewrite_training_graph(model) == 1 + 0  # the pool; its ReluGrad is folded into it
@@ -76,7 +78,8 @@ def test_pool_backward_matches_numpy_reference_with_ties(relu_grad_from: str) ->
     y_ref, dt_ref = _reference(t, dy)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dt, dt_ref)
-    assert (dt[0, 0, :2, :2] == dy[0, 0, 0, 0]).all() and not dt[0, 1, :2, :2].any()
+    assert (dt[0, 0, :2, :2] == dy[0, 0, 0, 0] / 4).all() and not dt[0, 1, :2, :2].any()
+    assert dt[0, 0, :2, :2].sum() == pytest.approx(dy[0, 0, 0, 0])  # the window passes on dy, no more
 
 
 def test_pools_it_cannot_rewrite_are_left_alone() -> None:
