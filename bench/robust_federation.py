@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.broker import AmqttBroker  # noqa: E402
 from testbed.federate import Federation, FederationSpec, prepare, server_rows  # noqa: E402
-from testbed.runner import stop_process_groups  # noqa: E402
+from testbed.supervisor import stop_process_groups  # noqa: E402
 
 STALL_S = 60.0  # no new version for this long: the run is over
 DEFENCES: list[tuple[str, float, dict[str, Any]]] = [

@@ -33,7 +33,8 @@ from testbed.live import LiveView
 from testbed.node import NodeLauncher, dilation_at
 from testbed.orphans import sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
-from testbed.runner import LOOP_S, STOP_GRACE_S, CampaignRunner, _best_accuracy, stop_process_groups
+from testbed.runner import LOOP_S, STOP_GRACE_S, CampaignRunner, _best_accuracy
+from testbed.supervisor import stop_process_groups
 
 CALIBRATE_TIMEOUT_S = 300.0  # a node that has no cached calibration measures its host first
 DRAIN_TIMEOUT_S = 20.0  # a node silent this long (wall) while its actor lives is waited for, not lost

@@ -26,7 +26,7 @@ from testbed.bytecode import compile_runtime
 from testbed.lab_secrets import load_lab
 from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
-from testbed.runner import stop_process_groups
+from testbed.supervisor import stop_process_groups
 
 __all__ = ["Federation", "FederationSpec", "prepare", "run_federation", "server_rows", "write_toml"]
 

@@ -31,7 +31,8 @@ from testbed.calibrate import board_quota_cores, get_host_speed
 from testbed.campaign import Campaign
 from testbed.cgroups import host_cpu_cores
 from testbed.dilation import Dilation, background_cores, plan_dilation
-from testbed.runner import LOOP_S, CampaignRunner, Device, stop_process_groups
+from testbed.runner import LOOP_S, CampaignRunner
+from testbed.supervisor import Device, stop_process_groups
 from testbed.throttle import Throttle
 
 
