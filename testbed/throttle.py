@@ -11,7 +11,8 @@
     throttle.close()                   # or cleanup_all("orchard") on Ctrl-C / after a crash
 
 The "none" backend keeps the interface but throttles nothing; its `warning` says so loudly and
-the report shows it. The v1/v2 backends live in `testbed.cgroup_backends`, file-level mechanics
+the report shows it. The v2 backend and what both share live in `testbed.cgroup_backends`, v1 in `testbed.cgroup_v1`,
+file-level mechanics
 and the seam unit tests fake (`CgroupFs`) in `testbed.cgroups`.
 """
 
@@ -24,7 +25,8 @@ from os.path import join
 from typing import Protocol
 
 from runtime.errors import OrchardError
-from testbed.cgroup_backends import V1Throttle, V2Throttle, registered_groups
+from testbed.cgroup_backends import V2Throttle, registered_groups
+from testbed.cgroup_v1 import V1Throttle
 from testbed.cgroups import (
     DEFAULT_ROOT,
     CgroupFs,

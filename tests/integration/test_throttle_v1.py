@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cgroup_backends import V1Group, registered_groups
+from testbed.cgroup_backends import registered_groups
+from testbed.cgroup_v1 import V1Group
 from testbed.cgroups import DEFAULT_ROOT, MIB, CgroupFs
 from testbed.throttle import DeviceGroup, Throttle, cleanup_all, detect_throttle
 from tests.conftest import require_or_skip
