@@ -86,7 +86,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     broker = lab_broker(load_lab(Path(args.lab)), kind=args.kind, listen=args.listen, port=args.port,
                         insecure_anonymous=args.insecure_anonymous)
-    return serve(broker, lambda line: print(line, flush=True))
+    return serve(broker, lambda line: print(line, flush=True), lab_folder=Path(args.lab))
 
 
 

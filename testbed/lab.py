@@ -37,6 +37,7 @@ from testbed.broker import LOOPBACK, AmqttBroker, Broker, MosquittoBroker
 from testbed.campaign import load_campaign
 from testbed.lab_secrets import Lab as SecretsLab
 from testbed.lab_secrets import load_lab as load_secrets
+from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run, write_toml
 from testbed.runner import server_tables
 
@@ -183,17 +184,24 @@ def lab_broker(lab: Lab, *, kind: str | None = None, listen: str | None = None, 
     return _LanMosquitto(port, listen, secrets) if kind == "mosquitto" else _LanAmqtt(port, listen, secrets)
 
 
-def serve(broker: Broker, say: Callable[[str], None], stop: threading.Event | None = None) -> int:
-    """Start the broker and keep it up until SIGINT/SIGTERM (or `stop`); 0 on a clean stop."""
+def serve(broker: Broker, say: Callable[[str], None], stop: threading.Event | None = None,
+          lab_folder: Path | None = None) -> int:
+    """Start the broker and keep it up until SIGINT/SIGTERM (or `stop`); 0 on a clean stop. Its
+    process group is in a ledger (testbed.orphans) until it stopped, so if this process is
+    SIGKILLed the next `orchard broker` (or any run) stops the broker it left."""
     stop = stop or threading.Event()
+    sweep_and_report()  # a SIGKILLed `orchard broker` left its broker holding the port: stop it first
+    ledger = RunLedger()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with broker:
+            ledger.open(lab_folder or Path.cwd()).add_process("broker", broker.pid, broker.scratch_dir)
             say(f"broker {broker.url} ({broker.kind}, pid group of its own); Ctrl-C stops it")
             while not stop.wait(0.5):
                 if not broker.running:
                     raise ConfigError(f"the {broker.kind} broker on {broker.url} exited")
     finally:
+        ledger.close()  # the with block has stopped the broker
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     say("broker stopped")

@@ -54,6 +54,7 @@ from testbed.cgroups import host_cpu_cores
 from testbed.dilation import background_cores, plan_dilation
 from testbed.links import parse_link
 from testbed.netns import Endpoint
+from testbed.orphans import RunLedger, sweep_and_report
 from testbed.shaping import RunLinks, check_links
 from testbed.throttle import detect_throttle
 
@@ -171,9 +172,22 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
     else:
         step = sum(x.bwd_s for x in layers) * setting.owner_slowdown  # each layer's train call: fwd + bwd + step
         row["estimate_s"] = {"t_tot": batches * step}
+    sweep_and_report()  # what SIGKILLed runs left: their processes would skew this run's timings
     throttle = detect_throttle(prefix="orchard", run_id=f"mpsl-{os.getpid()}-{int(time.time())}")
     row["throttle"] = throttle.backend
     procs: list[subprocess.Popen[bytes]] = []
+    ledger = RunLedger().open(work)  # so the next run stops our nodes and owners if we are SIGKILLed
+
+    def spawn(name: str, cmd: list[str], group: Any, endpoint: Endpoint | None) -> subprocess.Popen[bytes]:
+        ledger.add_cgroup(group)
+        log = (work / f"{name}.log").open("wb")
+        # A group of its own, so the sweep can stop it (and what it starts) without this process.
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_joiner(group, endpoint))
+        ledger.add_process(name, proc.pid)
+        procs.append(proc)
+        return proc
+
     run_links = RunLinks(links, dil.factor).open()
     host = run_links.broker_host  # the bridge when owners are shaped (their namespaces reach it), else loopback
     listener = socket.socket()
@@ -192,11 +206,8 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
                        f"{host}:{ports[i]}", "--owners", ",".join(owner_ids), "--lr", str(spec.lr)]
                 if i + 1 < n_nodes:
                     cmd += ["--next", f"{host}:{ports[i + 1]}"]
-                log = (work / f"node{i + 1}.log").open("wb")
                 group = throttle.create(f"node{i + 1}", 1.0 / dil.factor, None)
-                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=_joiner(group, None))
-                procs.append(proc)
+                proc = spawn(f"node{i + 1}", cmd, group, None)
                 _wait_port(host, ports[i], proc, f"compute node {i + 1}")
             node_pids = [p.pid for p in reversed(procs)]
             for port in ports:
@@ -214,12 +225,9 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
                             "last_node": f"{host}:{ports[-1]}",
                             "method_params": {"cuts": cuts, "batch": spec.batch, "timeout_s": spec.timeout_s}})
             (work / f"{k}.json").write_text(json.dumps(cfg))
-            log = (work / f"{k}.log").open("wb")
             group = throttle.create(k, q_owner / dil.factor, None)
-            proc = subprocess.Popen([sys.executable, "-m", "runtime.mpsl_owner", str(work / f"{k}.json")], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_joiner(group, run_links.endpoint(k)))
-            procs.append(proc)
+            spawn(k, [sys.executable, "-m", "runtime.mpsl_owner", str(work / f"{k}.json")], group,
+                  run_links.endpoint(k))
         owners: dict[str, FrameStream] = {}
         listener.settimeout(120.0)
         while len(owners) < spec.owners:
@@ -247,6 +255,7 @@ def run(spec: RunSpec, layers: list[LayerProfile], work: Path, cache_dir: Path |
             row["owner_link_bytes"] = {k: run_links.describe(k) for k in owner_ids}
         run_links.close()
         throttle.close()
+        ledger.close()
     return row
 
 

@@ -1,11 +1,14 @@
 """What a campaign run leaves behind when its runner dies without cleaning up (SIGKILL, a killed
 test, the host's OOM killer): its broker, server and device process groups, and their cgroups.
 
-Every runner keeps a ledger, `<state dir>/run-<pid>-<id>.json`: the runner's pid, start time and
-cmdline, and for each process group it starts (broker, server, each device and every restart) the
-leader's pid, start time and cmdline, plus the devices' cgroups and the broker's scratch dir. The
-runner removes its ledger once its own cleanup is done. `sweep_orphans()`, which every run calls
-before it starts anything, reads the ledgers of runners that are gone and stops what they left:
+Every runner keeps a ledger, `<state dir>/run-<pid>-<id>.json` (so do `orchard mpsl run`,
+`orchard broker --lab` and each cluster node's launcher, whose devices die with it but whose
+cgroups do not): the runner's pid, start time and cmdline, and for each process group it starts
+(broker, server, each device and every restart, compute nodes and data owners) the leader's pid,
+start time and cmdline, plus the devices' cgroups and scratch dirs (a broker's, a node's work
+folder). The runner removes its ledger once its own cleanup is done. `sweep_orphans()`, which
+every run calls before it starts anything, reads the ledgers of runners that are gone and
+stops what they left:
 
 - a process is identified by pid + start time (clock ticks since boot) + cmdline, never by name:
   a pid that now belongs to another process is left alone;
@@ -123,6 +126,12 @@ class RunLedger:
             self.record["paths"].append(str(scratch_dir))
         self._write()
 
+    def add_path(self, scratch_dir: Path) -> None:
+        """A scratch folder the run removes itself (only `orchard-*` under the temp dir is swept)."""
+        if self.path is not None:
+            self.record["paths"].append(str(scratch_dir))
+            self._write()
+
     def add_cgroup(self, group: object) -> None:
         if self.path is not None and isinstance(group, CgroupGroup):
             self.record["cgroups"].extend(group.place.leaves)
@@ -223,7 +232,12 @@ def sweep_orphans(folder: Path | None = None) -> list[Swept]:
     return swept
 
 
+def sweep_lines() -> list[str]:
+    """The sweep a run does before it starts: one warning line per dead run it cleaned up."""
+    return [f"warning: {found.describe()}" for found in sweep_orphans()]
+
+
 def sweep_and_report() -> None:
-    """The sweep a run does before it starts, one warning line per dead run it cleaned up."""
-    for found in sweep_orphans():
-        print(f"warning: {found.describe()}", file=sys.stderr, flush=True)
+    """sweep_lines(), printed to stderr."""
+    for line in sweep_lines():
+        print(line, file=sys.stderr, flush=True)
