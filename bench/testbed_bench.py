@@ -6,10 +6,12 @@ FLEET. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training Le
 rounds = 10^6 never stop it), with [throttle] dilation = "auto" and require = true: the runner
 slows the campaign by delta = (sum of board quotas) / (host cores - 0.5 reserved - other tenants'
 use at launch), so each device's cgroup quota is its board's / delta (= capacity / N for one board
-kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. N starts at
-`START_N` (32), doubles while it keeps up and then halves the gap to the smallest N that did not,
-down to `SEARCH_STEP` (or halves towards `MIN_N` when 32 fails); it stops early when the next point
-would not fit `SECTION_BUDGET_S` (estimated with a quiet host's delta). Per N (figures from
+kind) and a run of BOARD_S board seconds takes BOARD_S x delta wall seconds. `make bench` runs the
+fixed ladder `FIXED_LADDER` (N = 32: with the default campaign ~3 min on a quiet host). With
+ORCHARD_BENCH_TESTBED_MAX_N set (e.g. 256) it searches instead: N starts at `START_N` (32), doubles
+while it keeps up (up to that N) and then halves the gap to the smallest N that did not, down to
+`SEARCH_STEP` (or halves towards `MIN_N` when 32 fails); `fleet.mode` and `fleet.ran_n` say which
+ran. A point does not start when host memory cannot hold it. Per N (figures from
 bench/testbed_figures.py, all in board time):
   * telemetry_hz_board_median / _min: per device, samples at least one board period apart per
     board second, over [w0, w1]: from 2 board s after the last device's first sample (at latest
@@ -89,6 +91,10 @@ DEFAULT_CAMPAIGN = ROOT / "campaigns" / "default.toml"
 START_N = 32  # the issue's target; the search doubles from here, or halves towards MIN_N
 MIN_N = 8
 SEARCH_STEP = 8  # the search stops when the largest good and smallest bad N are this close
+# `make bench` runs the fixed ladder (START_N only: ~3 min with the default campaign on a quiet
+# host); ORCHARD_BENCH_TESTBED_MAX_N=256 runs the search up to that N instead (~1 h at 128).
+MAX_N_ENV = "ORCHARD_BENCH_TESTBED_MAX_N"
+FIXED_LADDER = (START_N,)
 SCALE_BOARD = "rpi4b-4gb"
 SCALE_MODEL = "lenet"
 BOARD_S = 30.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
@@ -98,7 +104,6 @@ KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
-SECTION_BUDGET_S = 780.0  # no point starts unless its estimate fits: quiet host ~ default + N=32, 64, 48
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
           "(foreign_busy_fraction shows how much of the host others used during each run)")
 
@@ -210,11 +215,11 @@ def _scale_line(r: dict[str, Any]) -> str:
             f"  wall {_fmt(r.get('command_wall_s'), '.0f')} s -> {verdict}")
 
 
-def _next_n(good: int, bad: int | None) -> int | None:
-    """The next fleet size to try: double past the largest that kept up, or halve the gap to the
-    smallest that did not, until the gap is within SEARCH_STEP."""
+def _next_n(good: int, bad: int | None, max_n: int) -> int | None:
+    """The next fleet size to try: double past the largest that kept up (up to max_n), or halve the
+    gap to the smallest that did not, until the gap is within SEARCH_STEP."""
     if bad is None:
-        return 2 * good
+        return 2 * good if 2 * good <= max_n else None
     if good == 0:
         return bad // 2 if bad // 2 >= MIN_N else None
     mid = (good + bad) // 2 // SEARCH_STEP * SEARCH_STEP
@@ -315,7 +320,8 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {
         "caveat": CAVEAT,
         "host": {"cores": cores, "mem_total_mb": round(psutil.virtual_memory().total / 2**20)},
-        "setup": {"start_n": START_N, "search_step": SEARCH_STEP, "board": SCALE_BOARD, "model": SCALE_MODEL,
+        "setup": {"start_n": START_N, "search_step": SEARCH_STEP, "fixed_ladder": list(FIXED_LADDER),
+                  "board": SCALE_BOARD, "model": SCALE_MODEL,
                   "dataset": "digits",
                   "local_steps": LOCAL_STEPS, "strategy": "semi-async k_fraction=0.5", "board_s": BOARD_S,
                   "dilation": "auto", "telemetry_hz_board_configured": 1.0,
@@ -336,21 +342,16 @@ def run() -> dict[str, Any]:
     print(_overhead_line("default", r) + (f"  [{r['error'][:160]}]" if "error" in r else ""), flush=True)
     overhead: dict[str, Any] = {"default": r}
 
-    # ---- FLEET search: from N = START_N, doubling while it keeps up, then halving the gap
-    # to the first N that does not (down to 8 when even START_N fails).
+    # ---- FLEET: the fixed ladder, or (MAX_N_ENV set) the search from N = START_N, doubling while
+    # it keeps up, then halving the gap to the first N that does not (down to 8 when START_N fails).
+    max_n = int(os.environ.get(MAX_N_ENV) or 0)
+    mode = f"search up to N={max_n} ({MAX_N_ENV})" if max_n else f"fixed ladder {list(FIXED_LADDER)}"
     rows: list[dict[str, Any]] = []
-    stopped = "search done"
-    quota, _ = _quota_and_capacity()
+    stopped = "search done" if max_n else "fixed ladder done"
     good, bad = 0, None
-    n: int | None = START_N
+    ladder = iter(FIXED_LADDER)
+    n: int | None = START_N if max_n else next(ladder, None)
     while n is not None:
-        spent = time.monotonic() - t_section
-        # Planned with the quiet host's capacity: the lead's rerun is the one the budget is for.
-        estimate = _estimate_s(n, quota, cores - 0.5)
-        if spent + estimate > SECTION_BUDGET_S:
-            stopped = (f"time budget: N={n} (~{estimate:.0f} s) would end past {SECTION_BUDGET_S:.0f} s"
-                       f" (spent {spent:.0f} s)")
-            break
         need = n * MB_PER_DEVICE_BUDGET + MEM_RESERVE_MB
         avail = psutil.virtual_memory().available / 2**20
         if avail < need:
@@ -367,12 +368,13 @@ def run() -> dict[str, Any]:
             good = n
         else:
             bad = n
-        n = _next_n(good, bad)
+        n = _next_n(good, bad, max_n) if max_n else next(ladder, None)
     keeping = [r["n"] for r in rows if r["keeps_up"]]
     largest = max(keeping) if keeping else None
     first_fail = min((r for r in rows if not r["keeps_up"]), key=lambda r: r["n"], default=None)
-    print(f"  fleet: largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
-    out["fleet"] = {"table": [_brief(r) for r in rows], "largest_keeping_up": largest,
+    print(f"  fleet ({mode}): largest N keeping up = {largest} ({stopped}); {CAVEAT}", flush=True)
+    out["fleet"] = {"mode": mode, "ran_n": [r["n"] for r in rows], "table": [_brief(r) for r in rows],
+                    "largest_keeping_up": largest,
                     "first_failing": None if first_fail is None else {"n": first_fail["n"],
                                                                        "broken": first_fail["broken"]},
                     "stopped": stopped, "section_wall_s": round(time.monotonic() - t_section, 1), "runs": rows}
