@@ -19,6 +19,7 @@ from typing import Any
 from runtime.board import BoardConfig
 from server.events import EventName
 from testbed.campaign import Campaign, Group
+from testbed.cgroups import MAX_PERIOD_US, MIN_QUOTA_US
 from testbed.orphans import RunLedger
 from testbed.shaping import RunLinks
 from testbed.throttle import DeviceGroup
@@ -27,6 +28,7 @@ from testbed.traces import TraceDriver, make_availability, make_cpu_trace
 ROOT = Path(__file__).resolve().parents[1]
 RESTART_BACKOFF_S = 2.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MIN_QUOTA_CORES = MIN_QUOTA_US / MAX_PERIOD_US
 
 
 @dataclass
@@ -113,7 +115,10 @@ class DeviceSupervisor:
 
     def _set_cpu_fraction(self, device_id: str, fraction: float) -> None:
         d = self.devices[device_id]
-        cores = max(0.01, d.base_quota_cores * fraction)
+        # Floored at the smallest quota a cgroup can hold (1 ms per 1 s period), not above it: a
+        # 0.01-core floor lifted every dilated quota below it (N >= ~50 Pi 4s on a loaded host)
+        # to 0.01 at the trace's first step, so the fleet got more CPU than dilation planned.
+        cores = max(MIN_QUOTA_CORES, d.base_quota_cores * fraction)
         d.cgroup.set_cpu_quota(cores)
         self._event(event=EventName.CPU_QUOTA, device=device_id, cores=round(cores, 4), fraction=round(fraction, 4))
 

@@ -253,3 +253,31 @@ def test_destroy_and_cleanup_all_leave_no_groups_and_no_processes(throttle: Thro
     assert _dead(grandchild)
     assert _prefix_dirs(prefix) == []
     assert not [g for g in registered_groups() if g.place.prefix == prefix]
+
+
+def test_a_cpu_trace_keeps_a_dilated_quota_below_a_hundredth_of_a_core(throttle: Throttle, prefix: str) -> None:
+    """128 dilated Pi 4s get ~0.005 core each: the trace's first step (fraction 1.0) must leave
+    that quota as it is (it lifted it to 0.01 once, giving the fleet twice the CPU dilation planned)."""
+    from server.events import EventName
+    from testbed.supervisor import MIN_QUOTA_CORES, Device, DeviceSupervisor
+
+    class Launcher(DeviceSupervisor):
+        def __init__(self, devices: list[Device]) -> None:
+            self.devices = {d.device_id: d for d in devices}
+            self.events: list[dict[str, object]] = []
+
+        def _event(self, **record: object) -> None:
+            self.events.append(record)
+
+    quota = 0.00516
+    group = throttle.create("tiny", cpu_quota_cores=quota, mem_limit_mb=None)
+    launcher = Launcher([Device("tiny", None, None, 0.19, quota, 3584, group)])  # type: ignore[arg-type]
+    launcher._set_cpu_fraction("tiny", 1.0)
+    launcher._set_cpu_fraction("tiny", 0.0)  # a trace at 0: the smallest quota a cgroup holds
+    if throttle.backend == "cgroup1":
+        leaf = join(os.path.realpath(join(DEFAULT_ROOT, "cpu")), prefix, throttle.run_id, "tiny")
+        launcher._set_cpu_fraction("tiny", 1.0)
+        period, limit = (int(CgroupFs().read(join(leaf, f)).strip()) for f in ("cpu.cfs_period_us", "cpu.cfs_quota_us"))
+        assert limit / period == pytest.approx(quota, rel=1e-3)
+    cores = [e["cores"] for e in launcher.events if e["event"] == EventName.CPU_QUOTA]
+    assert cores[:2] == [round(quota, 4), round(MIN_QUOTA_CORES, 4)]
