@@ -35,7 +35,8 @@ bench/testbed_figures.py, all in board time):
     1-min load average at the end, host busy fraction over the live window and the part of it not
     from this campaign (`foreign_busy_fraction`).
 A point keeps up when it ended without error, telemetry_hz_board_median >= 0.9, delivered_cpu_min
->= 0.9 (every device), contributed_fraction >= 0.9 and an aggregation happened in the 2nd half;
+>= 0.9 (every device), contributed_fraction >= 0.9, an aggregation happened in the 2nd half and
+every cgroup held the quota the dilation planned (within 5 %);
 `largest_keeping_up` is the largest such N, `first_failing` names the first N that did not and
 which property broke. `python bench/testbed_bench.py 32 48` runs single points (A/B runs).
 
@@ -102,6 +103,7 @@ LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in
 KEEP_HZ = 0.9
 KEEP_DELIVERED = 0.9
 KEEP_CONTRIBUTED = 0.9
+KEEP_QUOTA_TOLERANCE = 0.05  # the cgroups hold the quota dilation planned (fleet.json rounds to 4 decimals)
 MB_PER_DEVICE_BUDGET = 200  # ~110 MB measured per device; margin for the trainer's peak
 MEM_RESERVE_MB = 2048
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
@@ -166,6 +168,9 @@ def _broken(r: dict[str, Any]) -> list[str]:
         out.append(f"contributed {_fmt(r.get('contributed_fraction'), '.2f')} < {KEEP_CONTRIBUTED}")
     if not (r.get("aggregations_per_board_min_2nd_half") or 0.0) > 0:
         out.append("no aggregation in the 2nd half")
+    quota_ratio = fleet.get("quota_enforced_over_planned_max")
+    if quota_ratio is not None and abs(quota_ratio - 1.0) > KEEP_QUOTA_TOLERANCE:
+        out.append(f"enforced quota {quota_ratio:.2f}x the planned one")
     return out
 
 
@@ -268,6 +273,7 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
             "telemetry_hz_board_min": fleet.get("telemetry_hz_min"),
             "telemetry_lag_board_s_median": fleet.get("telemetry_lag_board_s_median"),
             "delivered_cpu_median": cpu.get("median"), "delivered_cpu_min": cpu.get("min"),
+            "quota_enforced_over_planned_max": fleet.get("quota_enforced_over_planned_max"),
             "trainer_delivered_cpu_median": (fleet.get("trainer_delivered_cpu") or {}).get("median"),
             "contributed_fraction": r.get("contributed_fraction"),
             "aggregations_per_board_min_2nd_half": r.get("aggregations_per_board_min_2nd_half"),
@@ -327,7 +333,8 @@ def run() -> dict[str, Any]:
                   "dilation": "auto", "telemetry_hz_board_configured": 1.0,
                   "keeps_up_when": f"no error, telemetry_hz_board_median >= {KEEP_HZ}, delivered_cpu_min >= "
                                    f"{KEEP_DELIVERED}, contributed_fraction >= {KEEP_CONTRIBUTED}, "
-                                   "aggregations in the 2nd half"},
+                                   "aggregations in the 2nd half, enforced quota within "
+                                   f"{KEEP_QUOTA_TOLERANCE:.0%} of the planned one"},
     }
     problems: list[str] = []
     out["runner_poll"] = runner_poll_cost()

@@ -15,6 +15,8 @@ stamped in board seconds on the same origin.
     tenants held the CPU. The trainer-only ratio of summary.json's fidelity check (the trainer's
     CPU over its steps / (train time x quota)) is reported next to it: it is lower by what the
     agent itself used inside the quota while the trainer trained;
+  * quota_enforced_over_planned_max: the largest ratio, over devices, of the quota the device
+    reads from its cgroup to the one the dilation planned (fleet.json); ~1 when they agree;
   * RSS: agent and trainer, as the device reports them in its telemetry (psutil of its own
     processes), per device the median over rows taken with a trainer alive.
 """
@@ -169,10 +171,14 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
             for now, newest in newest_ticks if w0 <= (now - start_unix) / dilation <= w1]
     out["telemetry_lag_board_s_median"] = _median(lags)
     per_device: dict[str, Any] = {}
+    over_planned = []
     for d in devices:
         # The quota the cgroup enforces, as the device reads it (full precision; fleet.json rounds)
         enforced = [q for r in rows[d["id"]] if (q := _num(r.get("cpu_quota_cores")))]
         quota = statistics.median(enforced) if enforced else _num(d.get("cpu_quota_cores"))
+        planned = _num(d.get("cpu_quota_cores"))
+        if enforced and planned:
+            over_planned.append(statistics.median(enforced) / planned)
         got = delivered(training_spans(rows[d["id"]]), usage_series.get(d["id"], ()), quota or 0.0, start_unix,
                         dilation) if quota else None
         if got is not None:
@@ -183,5 +189,8 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
                             "training_board_s": round(sum(b - a for rs in rows.values()
                                                           for a, b in training_spans(rs)), 1),
                             "per_device": per_device}
+    # The enforced quota over the one dilation planned (fleet.json, 4 decimals): ~1 when the
+    # devices are held to their share; above it the fleet gets more CPU than planned.
+    out["quota_enforced_over_planned_max"] = round(max(over_planned), 3) if over_planned else None
     out["rss"] = rss_split(rows)
     return out
