@@ -107,6 +107,7 @@ class TaskLifecycle(ABC):
         self.threads = self.cfg.threads or threads_for_quota(cores, self.board.cores)
         self.freeze = FreezeWatch.for_poll(self.cfg.poll_s)
         self.trainer = TrainerProcess(self.cfg.shard, threads=self.threads,
+                                      start_timeout_s=self.cfg.trainer_start_timeout_s,
                                       providers=self.board.runtime.execution_providers, start=False)
         self.sampler = Sampler(lambda: self.trainer.pid, self.board, self.cfg.sysfs_root, limits,
                                offline=self.cfg.offline, freeze=self.freeze)

@@ -10,6 +10,8 @@
     telemetry_hz = 1.0
     poll_s = 0.05                    # longest idle wait of the main loop (wall s): how soon a finished
                                      # job is seen; the testbed scales it with time dilation
+    trainer_start_timeout_s = 60     # wall s the trainer child may take to come up (the testbed
+                                     # scales it with time dilation, as poll_s)
     sysfs_root = "/"                 # where power sensors are looked up (tests use a fake tree)
     offline = "unreachable"          # energy while stopped (a frozen emulated board): "unreachable"
                                      # charges idle power, "powered-off" charges nothing
@@ -37,7 +39,7 @@ from runtime.tiering import TIER_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _DEVICE_KEYS = frozenset({"id", "board", "shard", "artifact_cache", "profiles", "threads", "telemetry_hz",
-                          "poll_s", "sysfs_root", "offline", "tier"})
+                          "poll_s", "trainer_start_timeout_s", "sysfs_root", "offline", "tier"})
 # The agent's loop wakes at least this often (wall s) to poll its trainer. Each wake costs the
 # agent ~70 us of CPU inside the board's quota: nothing on a real board (20 Hz = 0.15 % of a
 # core), but under time dilation delta the quota shrinks by delta while the wakes stay, so the
@@ -49,6 +51,9 @@ DEFAULT_POLL_S = 0.05
 # charged). The same rule holds over the whole trace: at the start, in the middle and at the end.
 # Defined here, not in runtime.telemetry, so reading a config imports no psutil before the hello.
 OFFLINE_MODES = ("unreachable", "powered-off")
+# A trainer child imports ONNX Runtime and opens its sessions (~0.5-1 CPU s); under time dilation
+# its quota shrinks by delta, so the testbed passes this x delta (the same board seconds).
+DEFAULT_TRAINER_START_TIMEOUT_S = 60.0
 UNPROVISIONED = "unprovisioned"  # what a bundle built without a lab says, until someone provisions it
 _BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file", "cert_file", "key_file", "credentials",
                           "run_id"})
@@ -68,6 +73,7 @@ class DeviceConfig:
     threads: int = 0
     telemetry_hz: float = 1.0
     poll_s: float = DEFAULT_POLL_S
+    trainer_start_timeout_s: float = DEFAULT_TRAINER_START_TIMEOUT_S
     keepalive_s: int = 10
     ca_file: str | None = None
     cert_file: str | None = None
@@ -120,6 +126,8 @@ def load_device_config(path: str | Path, broker_url: str | None = None) -> Devic
         threads=dev.integer("threads", 0, 256, default=0),
         telemetry_hz=dev.number("telemetry_hz", 0.0, 50.0, default=1.0, lo_open=True),
         poll_s=dev.number("poll_s", 0.0, 60.0, default=DEFAULT_POLL_S, lo_open=True),
+        trainer_start_timeout_s=dev.number("trainer_start_timeout_s", 0.0, 86400.0,
+                                           default=DEFAULT_TRAINER_START_TIMEOUT_S, lo_open=True),
         keepalive_s=brk.integer("keepalive_s", 2, 3600, default=10),
         ca_file=optional_path("ca_file"),
         cert_file=optional_path("cert_file"),

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.device_config import DEFAULT_POLL_S
+from runtime.device_config import DEFAULT_POLL_S, DEFAULT_TRAINER_START_TIMEOUT_S
 from runtime.errors import ConfigError, OrchardError
 from server.events import EventName
 from testbed.campaign import Campaign
@@ -147,7 +147,8 @@ class ClusterRunner(CampaignRunner):
                             self.c.seed, self.c.samples, self.c.input_shape)
             prepare_run(self.run, data, plans, self._server_tables(plans),
                         keepalive_s=math.ceil(self.dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
-                        telemetry_hz=1.0 / factor, poll_s=DEFAULT_POLL_S * factor)
+                        telemetry_hz=1.0 / factor, poll_s=DEFAULT_POLL_S * factor,
+                        trainer_start_timeout_s=DEFAULT_TRAINER_START_TIMEOUT_S * factor)
             launched = True
             self._loop_cluster(ray, self._open_broker(stack).url, started, infos, node_dilation, address)
         except KeyboardInterrupt:
@@ -163,12 +164,16 @@ class ClusterRunner(CampaignRunner):
     def _calibrate(self, ray: Any) -> dict[str, dict[str, Any]]:
         refs = {n: a.calibrate.remote() for n, a in self.actors.items()}
         try:
-            return {n: ray.get(r, timeout=CALIBRATE_TIMEOUT_S) for n, r in refs.items()}
+            infos = {n: ray.get(r, timeout=CALIBRATE_TIMEOUT_S) for n, r in refs.items()}
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, OrchardError):
                 raise cause from None
             raise OrchardError(f"[cluster]: a node failed to calibrate: {cause}") from None
+        for node, info in infos.items():  # what killed launchers left on that node's host
+            for line in info.get("swept", []):
+                print(f"{line} (node {node})", file=sys.stderr, flush=True)
+        return infos
 
     def _write_cluster_fleet(self, infos: dict[str, dict[str, Any]], node_dilation: dict[str, Dilation],
                              rows: dict[str, dict[str, Any]], address: dict[str, str]) -> None:

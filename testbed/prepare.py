@@ -26,7 +26,7 @@ from models.losses import DEFAULT_VARIANT
 from models.methods import method_artifacts
 from models.partition import parse_partition, partition
 from models.structure import full_structure
-from runtime.device_config import DEFAULT_POLL_S
+from runtime.device_config import DEFAULT_POLL_S, DEFAULT_TRAINER_START_TIMEOUT_S
 from runtime.errors import ConfigError
 from runtime.methods import spec
 from runtime.profile import parse_profile, split_variant
@@ -97,7 +97,8 @@ def _stratified(labels: npt.NDArray[np.int64], n: int, seed: int) -> npt.NDArray
 
 def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server: Mapping[str, Mapping[str, Any]],
                 keepalive_s: int = 5, offline: str = "unreachable", telemetry_hz: float = 1.0,
-                poll_s: float = DEFAULT_POLL_S, tls: bool = False, client_certs: bool = False) -> dict[str, str]:
+                poll_s: float = DEFAULT_POLL_S, trainer_start_timeout_s: float = DEFAULT_TRAINER_START_TIMEOUT_S,
+                tls: bool = False, client_certs: bool = False) -> dict[str, str]:
     """Write shards, artifacts, init weights, eval split and every config into `run` (which
     `fresh_run_dir` made). `server` holds the [rounds], [strategy] and [train] tables of the
     server TOML. Returns the artifact directory per profile."""
@@ -159,7 +160,7 @@ def prepare_run(run: Path, data: DataPlan, devices: Sequence[DevicePlan], server
             "device": {"id": plan.device_id, "board": plan.board, "shard": f"../shards/{plan.device_id}.npz",
                        "artifact_cache": f"../cache/{plan.device_id}", "profiles": list(plan.profiles),
                        "offline": offline, "threads": plan.threads or None, "telemetry_hz": telemetry_hz,
-                       "poll_s": poll_s},
+                       "poll_s": poll_s, "trainer_start_timeout_s": trainer_start_timeout_s},
             "broker": {"url": "mqtt://127.0.0.1:1883", "root": root, "keepalive_s": keepalive_s,
                        "credentials": f"../secrets/{plan.device_id}.toml", "run_id": lab.run_id, "ca_file": ca_file,
                        **client_cert(plan.device_id)},

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from runtime.agent import REASSEMBLY_TIMEOUT_S
 from runtime.board import load_board
-from runtime.device_config import DEFAULT_POLL_S
+from runtime.device_config import DEFAULT_POLL_S, DEFAULT_TRAINER_START_TIMEOUT_S
 from runtime.errors import EXIT_TRANSPORT, ConfigError, OrchardError, TransportError
 from runtime.telemetry import threads_for_quota
 from server.events import EventName
@@ -148,7 +148,9 @@ class CampaignRunner(DeviceSupervisor):
             prepare_run(self.run, data, plans, self._server_tables(plans),
                         keepalive_s=math.ceil(dilation.wall_s(self.c.keepalive_s)), offline=self.c.offline,
                         telemetry_hz=1.0 / dilation.factor,
-                        poll_s=dilation.wall_s(DEFAULT_POLL_S), tls=self.broker_spec == "mosquitto",
+                        poll_s=dilation.wall_s(DEFAULT_POLL_S),
+                        trainer_start_timeout_s=dilation.wall_s(DEFAULT_TRAINER_START_TIMEOUT_S),
+                        tls=self.broker_spec == "mosquitto",
                         client_certs=self.c.client_certs and self.broker_spec == "mosquitto")
             for (device_id, group), plan in zip(self.c.devices(), plans, strict=True):
                 board = boards[plan.board]

@@ -194,6 +194,7 @@ def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
         device = tomllib.loads((run / "configs" / f"{d['id']}.toml").read_text())["device"]
         assert device["poll_s"] == pytest.approx(0.05 * dilation) and device["telemetry_hz"] == pytest.approx(
             1 / dilation), d["id"]
+        assert device["trainer_start_timeout_s"] == pytest.approx(60 * dilation), d["id"]
     assert orchard_cgroups_left("default", before) == [] and processes_of(run) == []
 
 

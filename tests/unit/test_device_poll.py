@@ -1,4 +1,4 @@
-"""[device] poll_s: the agent's idle wait, scaled by the testbed with time dilation."""
+"""[device] poll_s and trainer_start_timeout_s: wall-time constants the testbed scales with time dilation."""
 
 from __future__ import annotations
 
@@ -39,3 +39,18 @@ def test_bad_poll_s_is_one_line_naming_the_key(tmp_path: Path, value: str) -> No
         load_device_config(_write(tmp_path, f"poll_s = {value}"))
     text = str(err.value)
     assert "poll_s" in text and "\n" not in text
+
+
+def test_trainer_start_timeout_defaults_to_60_s_and_takes_a_dilated_value(tmp_path: Path) -> None:
+    from runtime.device_config import DEFAULT_TRAINER_START_TIMEOUT_S
+
+    assert load_device_config(_write(tmp_path, "")).trainer_start_timeout_s == DEFAULT_TRAINER_START_TIMEOUT_S == 60
+    assert load_device_config(_write(tmp_path, "trainer_start_timeout_s = 2940.0")).trainer_start_timeout_s == 2940
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "\"slow\""])
+def test_bad_trainer_start_timeout_is_one_line_naming_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_device_config(_write(tmp_path, f"trainer_start_timeout_s = {value}"))
+    text = str(err.value)
+    assert "trainer_start_timeout_s" in text and "\n" not in text
