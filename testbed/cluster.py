@@ -268,7 +268,8 @@ class ClusterRunner(CampaignRunner):
         self.lost[node] = self._board_s(time.time())
         print(f"warning: cluster node {node[:8]} lost ({type(why).__name__}); its {len(self.share[node])} devices "
               "are offline", file=sys.stderr, flush=True)
-        self._event(event=EventName.NODE_LOST, node=node, devices=self.share[node], reason=type(why).__name__)
+        self._event(event=EventName.NODE_LOST, node=node, devices=self.share[node], reason=type(why).__name__,
+                    detail=str(why)[-2000:])
 
     def _shutdown_cluster(self, ray: Any) -> None:
         self._event(event=EventName.CAMPAIGN_STOPPING, reason=self.stop_reason or "error")

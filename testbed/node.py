@@ -31,6 +31,7 @@ from testbed.calibrate import board_quota_cores, get_host_speed
 from testbed.campaign import Campaign
 from testbed.cgroups import host_cpu_cores
 from testbed.dilation import Dilation, background_cores, plan_dilation
+from testbed.orphans import sweep_lines
 from testbed.runner import LOOP_S, CampaignRunner
 from testbed.supervisor import Device, stop_process_groups
 from testbed.throttle import Throttle
@@ -59,8 +60,14 @@ class NodeLauncher(CampaignRunner):
 
     # ------------------------------------------------------------ before the run
     def calibrate(self) -> dict[str, Any]:
-        """This host's speed, each device's quota and ORT threads, and the dilation this node needs."""
+        """This host's speed, each device's quota and ORT threads, and the dilation this node needs.
+        First, what killed launchers left on this host (`swept`: one line each, the head prints
+        them): a launcher's devices die with it, its cgroups stay until a sweep removes them."""
+        swept = sweep_lines()
         self.throttle = self._throttle()
+        self.ledger.open(self.run, owner_renames_itself=True)
+        if self.run.parent == Path(tempfile.gettempdir()):
+            self.ledger.add_path(self.run)  # the devices' files, removed by stop()
         host = get_host_speed(pinned=self.c.host_speed)
         groups = dict(self.c.devices())
         threads = {}
@@ -76,7 +83,7 @@ class NodeLauncher(CampaignRunner):
             dilation = plan_dilation(self.c.dilation, quotas, cores, self.c.reserve_cores, background_cores(cores))
         return {"hostname": socket.gethostname(), "cores": cores, "throttle_backend": self.throttle.backend,
                 "throttle_warning": self.throttle.warning, "host": host, "dilation": dilation,
-                "quotas": dict(self.quotas), "threads": threads}
+                "quotas": dict(self.quotas), "threads": threads, "swept": swept}
 
     def launch(self, files: dict[str, bytes], dilation: Dilation, broker_url: str, start_unix: float) -> list[
             dict[str, Any]]:
@@ -102,6 +109,7 @@ class NodeLauncher(CampaignRunner):
             mem = group.mem_limit_mb or board.memory_cap_mb
             quota = min(self.quotas[d] / dilation.factor, float(host_cpu_cores()))
             cgroup = self.throttle.create(d, quota, mem)
+            self.ledger.add_cgroup(cgroup)
             cgroup.set_cpu_weight(quota)
             self.devices[d] = Device(d, group, board, self.quotas[d], quota, mem, cgroup)
         self.throttle.prioritise_cpu()
@@ -162,6 +170,7 @@ class NodeLauncher(CampaignRunner):
         with self._lock:
             events, self._pending = self._pending, []
         shutil.rmtree(self.run, ignore_errors=True)
+        self.ledger.close()
         return {"events": events, "logs": logs}
 
 

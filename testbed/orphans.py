@@ -108,11 +108,16 @@ class RunLedger:
         self.path: Path | None = None
         self.record: dict[str, Any] = {}
 
-    def open(self, run: Path) -> RunLedger:
+    def open(self, run: Path, *, owner_renames_itself: bool = False) -> RunLedger:
+        """`owner_renames_itself`: the owner is known by pid + start time only, not its cmdline (a
+        Ray worker retitles itself per task, so a live node launcher would look gone)."""
         folder = state_dir()
         folder.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.path = folder / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        self.record = {"owner": _identity(os.getpid()), "run": str(run), "procs": [], "cgroups": [], "paths": []}
+        owner = _identity(os.getpid())
+        if owner_renames_itself:
+            owner["cmdline"] = None
+        self.record = {"owner": owner, "run": str(run), "procs": [], "cgroups": [], "paths": []}
         self._write()
         return self
 

@@ -34,12 +34,17 @@ SMALL_STORE = 80 * 1024 * 1024  # bytes: the object store carries only configs, 
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """One cluster for the module (starting one costs ~10 s here); the node-loss test runs last."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One cluster for the module (starting one costs ~10 s here); the node-loss test runs last.
+    Its runs keep their ledgers in a state dir of their own (the Ray workers inherit it), so no
+    other run on the host sweeps what a lost node left before the test looks."""
     require_or_skip("ORCHARD_REQUIRE_RAY", importlib.util.find_spec("ray") is not None,
                     "ray is not installed (pip install 'orchard[cluster]')")
     require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
     from ray.cluster_utils import Cluster
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORCHARD_RUNS_STATE", str(tmp_path_factory.mktemp("runs-state")))
 
     # The head offers no CPU, so every device (and simulation worker) lands on the two worker nodes.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": SMALL_STORE,
@@ -51,6 +56,7 @@ def cluster() -> Iterator[Any]:
         yield c
     finally:
         c.shutdown()
+        mp.undo()
 
 
 def run_cmd(path: Path, run: Path) -> list[str]:
@@ -164,9 +170,14 @@ def test_losing_a_node_takes_its_devices_offline_and_the_campaign_finishes(tmp_p
     assert summary["nodes_lost"][0]["node"] == victim_id and summary["nodes_lost"][0]["t_s"] > 0
     assert "CLUSTER NODE LOST" in (run / "report.html").read_text()
     assert processes_of(run) == [] and node_processes("cllost") == []
-    # The lost node's cgroups stay behind, as they would on a host that went away; remove them here.
-    for group in left_cgroups("cllost"):
-        for sub in sorted(group.rglob("*"), key=lambda p: -len(p.parts)):
-            if sub.is_dir():
-                sub.rmdir()
-        group.rmdir()
+    # The lost node's devices died with it, its cgroups stayed (as on a host that went away, or
+    # a launcher SIGKILLed): the next launcher on this host removes them, and says whose they were.
+    assert left_cgroups("cllost"), "the lost node's cgroups should be left behind"
+    from testbed.campaign import load_campaign
+    from testbed.node import NodeLauncher
+
+    following = NodeLauncher(load_campaign(path), ["orin-0"], 1)
+    swept = following.calibrate()["swept"]
+    following.stop()
+    assert [ln for ln in swept if "left by runner pid" in ln and "stopped" in ln], swept
+    assert left_cgroups("cllost") == []

@@ -123,3 +123,23 @@ def test_the_ledger_records_and_removes_itself(tmp_path, monkeypatch, sleepers):
     ledger.close()
     assert path is not None and not path.exists()
     RunLedger().add_process("inert", a.pid)  # never opened: records nothing, raises nothing
+
+
+def test_an_owner_that_retitles_itself_is_known_by_pid_and_start_only(tmp_path, monkeypatch, sleepers):
+    """A cluster node's launcher is a Ray worker, whose cmdline changes with each task it runs: its
+    ledger must not look dead to another run's sweep while it lives (its devices' cgroups went)."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("ORCHARD_RUNS_STATE", str(state))
+    a = _session("sleep", "60")
+    sleepers.append(a)
+    renamed = RunLedger().open(tmp_path / "node", owner_renames_itself=True)
+    renamed.add_process("pi5-0", a.pid)
+    record = json.loads(renamed.path.read_text())  # type: ignore[union-attr]
+    assert record["owner"]["cmdline"] is None
+    retitled = {**record, "owner": {**record["owner"], "cmdline": ["ray::NodeLauncher.calibrate"]}}
+    stale = state / "run-stale.json"
+    stale.write_text(json.dumps(retitled))  # the same owner, recorded with a title it no longer has
+    swept = sweep_orphans(state)
+    assert [s.processes for s in swept] == [[f"pi5-0 (pid {a.pid})"]]  # the cmdline check bites ...
+    assert renamed.path is not None and renamed.path.exists()  # ... and spares the pid + start ledger
+    renamed.close()
