@@ -22,7 +22,7 @@ from server.engine import Engine, EngineConfig
 from server.events import Action, DeviceHello, DeviceStatus, Log, NewGlobal, SendTask, Tick, UpdateReceived
 from server.methods import server_method
 from server.policies import DowngradeOnOom, ProfileByDevice, TableModel
-from server.service import MAX_OPEN_CSV, BoardClock, Outputs
+from server.outputs import MAX_OPEN_CSV, BoardClock, Outputs
 from server.strategies import get_strategy
 
 N = 8

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.errors import ConfigError
 from runtime.protocol import Update
-from server.service import BoardClock
+from server.outputs import BoardClock
 from testbed.campaign import load_campaign
 from testbed.cgroups import CPU_BURST_US, CPU_PERIOD_US, MAX_PERIOD_US, MIN_PERIOD_US, cpu_period_us, cpu_quota_us
 from testbed.dilation import MIN_CAPACITY_CORES, background_cores, parse_setting, plan_dilation
@@ -101,7 +101,7 @@ def test_every_quota_gets_the_same_burst_per_period() -> None:
 
 def test_board_clock_converts_device_wall_time_to_board_time(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = BoardClock(start_unix=1000.0, dilation=2.5)
-    monkeypatch.setattr("server.service.time.time", lambda: 1025.0)
+    monkeypatch.setattr("server.outputs.time.time", lambda: 1025.0)
     assert clock.now() == pytest.approx(10.0) and clock.at(1005.0) == pytest.approx(2.0)
     upd = Update("t1", "d", 0, 10, train_s=5.0, peak_rss_mb=1.0, energy_j=20.0, kind="weights",
                  metrics={"step_ms_median": 10.0, "wall_s": 6.0, "cpu_s": 1.0, "loss_last": 0.5})
