@@ -357,7 +357,7 @@ description = "startup bench: {n} devices, the default campaign's board mix, mlp
 
 [stop]
 rounds = 1000000
-wall_s = 600
+duration_board_s = 600
 
 [model]
 name = "mlp"

@@ -2,7 +2,7 @@
 faithfully under time dilation, and what the harness itself costs.
 
 FLEET. Campaigns of N emulated Raspberry Pi 4 boards (`SCALE_BOARD`) training LeNet-5 on digits
-(iid, `LOCAL_STEPS` local steps, semi-async K = N/2) for `BOARD_S` board seconds ([stop] wall_s;
+(iid, `LOCAL_STEPS` local steps, semi-async K = N/2) for `BOARD_S` board seconds ([stop] duration_board_s;
 rounds = 10^6 never stop it), with [throttle] dilation = "auto" and require = true: the runner
 slows the campaign by delta = (sum of board quotas) / (host cores - 0.5 reserved - other tenants'
 use at launch), so each device's cgroup quota is its board's / delta (= capacity / N for one board
@@ -98,7 +98,7 @@ MAX_N_ENV = "ORCHARD_BENCH_TESTBED_MAX_N"
 FIXED_LADDER = (START_N,)
 SCALE_BOARD = "rpi4b-4gb"
 SCALE_MODEL = "lenet"
-BOARD_S = 30.0  # [stop] wall_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
+BOARD_S = 30.0  # [stop] duration_board_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
 LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in runs (delivered CPU)
 KEEP_HZ = 0.9
 KEEP_DELIVERED = 0.9
@@ -121,7 +121,7 @@ description = "testbed bench: {n} x {SCALE_BOARD}, {SCALE_MODEL}, fixed board ti
 
 [stop]
 rounds = 1000000
-wall_s = {board_s:g}
+duration_board_s = {board_s:g}
 
 [model]
 name = "{SCALE_MODEL}"

@@ -261,7 +261,7 @@ class TaskLifecycle(ABC):
             train_s=outcome.train_s, peak_rss_mb=outcome.peak_rss_mb,
             energy_j=energy_j - run.energy_j_at_start, kind=outcome.body.form,
             metrics={"loss_first": outcome.loss_first, "loss_last": outcome.loss_last,
-                     "step_ms_median": outcome.step_ms_median, "wall_s": time.monotonic() - run.started_s,
+                     "step_ms_median": outcome.step_ms_median, "task_wall_s": time.monotonic() - run.started_s,
                      "cpu_s": outcome.cpu_s, "steps": outcome.steps, **quota},
             tensors=outcome.body.tensors(layout), report=outcome.body.report,
         )

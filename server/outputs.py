@@ -27,6 +27,10 @@ SERVER_CSV = ("round", "version", "t_s", "accuracy", "loss", "n_updates", "accep
 DEVICE_CSV = ("t_s", "state", "cpu_pct", "rss_agent_mb", "rss_trainer_mb", "mem_limit_mb", "cpu_quota_cores",
               "power_w", "energy_total_j", "temp_c", "power_source")
 
+# Update metrics in the device's own wall time, by the name each has in board time: a device
+# sends `task_wall_s` (its clock), every output says `task_board_s`, whatever the dilation.
+DILATED_METRICS = {"step_ms_median": "step_ms_median", "task_wall_s": "task_board_s"}
+
 
 @dataclass(frozen=True)
 class BoardClock:
@@ -44,10 +48,10 @@ class BoardClock:
         return (unix_s - self.start_unix) / self.dilation
 
     def update(self, update: Update) -> Update:
-        if self.dilation == 1.0:
-            return update
         d = self.dilation
-        metrics = {k: (v / d if k in ("step_ms_median", "wall_s") else v) for k, v in update.metrics.items()}
+        if d == 1.0 and all(DILATED_METRICS.get(k, k) == k for k in update.metrics):
+            return update
+        metrics = {DILATED_METRICS.get(k, k): (v / d if k in DILATED_METRICS else v) for k, v in update.metrics.items()}
         return dataclasses.replace(update, train_s=update.train_s / d, metrics=metrics,
                                    energy_j=None if update.energy_j is None else update.energy_j / d)
 

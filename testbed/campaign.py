@@ -3,7 +3,7 @@
     [campaign]  name, seed, description, offline = "unreachable" | "powered-off" (what an offline
                 spell means for energy: idle power charged, or nothing), min_devices (no task goes out
                 before this many devices said hello; default: those online at the start)
-    [stop]      rounds (aggregations), wall_s, target_accuracy        (whichever comes first)
+    [stop]      rounds (aggregations), duration_board_s, target_accuracy        (whichever comes first)
     [model]     name, dataset, data_root, partition, eval_fraction, samples, input_shape (synthetic)
     [method]    name (fedavg | heterofl | classes | fjord), and the method's keys (its spec in
                 runtime/methods/<name>.py checks them); without it each profile goes to the first
@@ -53,7 +53,7 @@ THROTTLE_BACKENDS = ("auto", "cgroup2", "cgroup1", "none")
 _TABLES = ("campaign", "stop", "model", "method", "strategy", "train", "broker", "throttle", "fleet", "cluster")
 _KEYS = {
     "campaign": frozenset({"name", "seed", "description", "offline", "min_devices"}),
-    "stop": frozenset({"rounds", "wall_s", "target_accuracy"}),
+    "stop": frozenset({"rounds", "duration_board_s", "target_accuracy"}),
     "model": frozenset({"name", "dataset", "data_root", "partition", "eval_fraction", "samples", "input_shape"}),
     "train": frozenset({"local_steps", "local_epochs", "lr", "batch_size", "upload", "encoding"}),
     "broker": frozenset({"kind", "url", "keepalive_s", "client_certs"}),
@@ -62,6 +62,8 @@ _KEYS = {
                         "link"}),
     "cluster": frozenset({"engine", "address"}),
 }
+# Keys renamed since a campaign file could hold them: one line naming the new key, not "unknown key".
+_RENAMED = {"stop": {"wall_s": "duration_board_s"}}
 CLUSTER_ENGINES = ("ray",)
 
 
@@ -89,7 +91,7 @@ class Campaign:
     seed: int
     description: str
     rounds: int | None
-    wall_s: float
+    duration_board_s: float
     target_accuracy: float | None
     model: str
     dataset: str
@@ -139,7 +141,11 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
     check_tables(file, data, _TABLES)
 
     def table(name: str) -> TomlTable:
-        return TomlTable(file, name, data.get(name, {}), _KEYS[name])
+        section = data.get(name, {})
+        for key, renamed in _RENAMED.get(name, {}).items():
+            if isinstance(section, Mapping) and key in section:
+                raise ConfigError(f"{file}: [{name}] {key} is now {renamed} (the same board seconds); rename it")
+        return TomlTable(file, name, section, _KEYS[name])
 
     camp, stop, model, train = table("campaign"), table("stop"), table("model"), table("train")
     broker, throttle = table("broker"), table("throttle")
@@ -188,7 +194,7 @@ def load_campaign(path: str | Path, data: Mapping[str, Any] | None = None) -> Ca
         seed=camp.integer("seed", 0, 2**31, default=0),
         description=str(camp.data.get("description", "")),
         rounds=rounds,
-        wall_s=stop.number("wall_s", 1.0, 7 * 24 * 3600.0, default=600.0),
+        duration_board_s=stop.number("duration_board_s", 1.0, 7 * 24 * 3600.0, default=600.0),
         target_accuracy=target,
         model=model.string("name", MODELS, default="lenet"),
         dataset=model.string("dataset", default="digits"),

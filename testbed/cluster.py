@@ -232,8 +232,8 @@ class ClusterRunner(CampaignRunner):
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
             elif not self.actors:
                 self.stop_reason = "every cluster node was lost"
-            elif now > self.c.wall_s + STOP_GRACE_S:
-                self.stop_reason = f"time limit {self.c.wall_s:.0f} board s reached"
+            elif now > self.c.duration_board_s + STOP_GRACE_S:
+                self.stop_reason = f"time limit {self.c.duration_board_s:.0f} board s reached"
             elif self.c.target_accuracy is not None and _best_accuracy(self.run) >= self.c.target_accuracy:
                 self.stop_reason = f"target accuracy {self.c.target_accuracy} reached"
             live.render(now)

@@ -147,8 +147,8 @@ class LiveView:
                 v.energy_j = _num(cols[8])
 
     def _progress(self, now_s: float) -> tuple[float, str]:
-        parts = [min(1.0, now_s / self.c.wall_s)]
-        label = f"{now_s:5.0f}/{self.c.wall_s:.0f} board s"
+        parts = [min(1.0, now_s / self.c.duration_board_s)]
+        label = f"{now_s:5.0f}/{self.c.duration_board_s:.0f} board s"
         if self.c.rounds:
             parts.append(self.version / self.c.rounds)
             label += f"  version {self.version}/{self.c.rounds}"

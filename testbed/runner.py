@@ -50,15 +50,16 @@ from testbed.traces import make_availability
 
 LOOP_S = 0.25  # board seconds between the runner's looks at traces, devices and stop rules ...
 LOOP_MAX_WALL_S = 1.0  # ... but at least once a wall second (a stopped server is noticed soon)
-STOP_GRACE_S = 30.0  # board seconds past [stop] wall_s until the runner stops a server that did not stop itself
+# Board seconds past [stop] duration_board_s until the runner stops a server that did not stop itself.
+STOP_GRACE_S = 30.0
 GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
 
 
 def server_tables(c: Campaign, min_devices: int) -> dict[str, dict[str, Any]]:
     """The server TOML's [rounds], [strategy], [method] and [train] tables for a campaign (a run
     folder's, or a lab's: testbed/lab.py)."""
-    rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.wall_s,
-                              "min_devices": min_devices, "task_timeout_s": max(60.0, c.wall_s / 4)}
+    rounds: dict[str, Any] = {"strategy": c.strategy, "time_limit_s": c.duration_board_s,
+                              "min_devices": min_devices, "task_timeout_s": max(60.0, c.duration_board_s / 4)}
     if c.rounds is not None:
         rounds["target_version"] = c.rounds
     if c.target_accuracy is not None:
@@ -292,8 +293,8 @@ class CampaignRunner(DeviceSupervisor):
                 self.stop_reason = f"server finished (exit {self.server.returncode})"
                 if self.server.returncode != 0:
                     self.server_error = f"code {self.server.returncode}: {self._last_error('server')}"
-            elif now > self.c.wall_s + STOP_GRACE_S:
-                self.stop_reason = f"time limit {self.c.wall_s:.0f} board s reached"
+            elif now > self.c.duration_board_s + STOP_GRACE_S:
+                self.stop_reason = f"time limit {self.c.duration_board_s:.0f} board s reached"
             elif self._all_gave_up():
                 self.stop_reason = (f"every device exited {GIVE_UP_EXITS} times without ever saying hello; "
                                     "nothing can run")
@@ -310,7 +311,7 @@ class CampaignRunner(DeviceSupervisor):
         return errors[-1][7:307] if errors else f"see {self.run}/logs/{name}.log"
 
     def _all_gave_up(self) -> bool:
-        # Waiting for wall_s would change nothing: every agent keeps dying before its hello.
+        # Waiting for duration_board_s would change nothing: every agent keeps dying before its hello.
         if not all(d.restarts + (d.died_at is not None) >= GIVE_UP_EXITS for d in self.devices.values()):
             return False
         try:

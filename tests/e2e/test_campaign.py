@@ -41,14 +41,14 @@ def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 
 def campaign_file(tmp: Path, name: str, fleet: str, *, strategy: str = "semi-async", rounds: int = 4,
-                  wall_s: float = 60, model: str = "lenet", extra: str = "") -> Path:
+                  duration_board_s: float = 60, model: str = "lenet", extra: str = "") -> Path:
     text = f"""
 [campaign]
 name = "{name}"
 seed = 1
 [stop]
 rounds = {rounds}
-wall_s = {wall_s}
+duration_board_s = {duration_board_s}
 [model]
 name = "{model}"
 dataset = "digits"
@@ -247,7 +247,8 @@ availability = { kind = "markov", mean_on_s = 4, mean_off_s = 8, start = "on", s
 """
     # Stopped by wall time, so the trace has several on/off cycles after the device connected; a
     # 2 s keepalive means an outage is declared after 3 s, well inside the 8 s mean outage.
-    path = campaign_file(tmp_path, "onoff", fleet, rounds=100_000, wall_s=35, extra="[broker]\nkeepalive_s = 2\n")
+    path = campaign_file(tmp_path, "onoff", fleet, rounds=100_000, duration_board_s=35,
+                         extra="[broker]\nkeepalive_s = 2\n")
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -288,7 +289,7 @@ def test_compare_sync_and_semi_async_runs_of_the_same_fleet(tmp_path, cgroups):
 
 
 def test_ctrl_c_cleans_up_and_reports_what_ran(tmp_path, cgroups):
-    path = campaign_file(tmp_path, "ctrlc", SMALL_FLEET, rounds=500, wall_s=300)
+    path = campaign_file(tmp_path, "ctrlc", SMALL_FLEET, rounds=500, duration_board_s=300)
     run = tmp_path / "run"
     before = frozenset(orchard_cgroups_left("ctrlc"))
     # A suite started in the background by a shell without job control ignores SIGINT, and children

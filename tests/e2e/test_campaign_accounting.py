@@ -71,7 +71,7 @@ mem_limit_mb = 10
 
 
 def test_devices_that_never_join_fail_the_campaign_with_one_line_naming_them(tmp_path, cgroups):
-    path = campaign_file(tmp_path, "nojoin", NEVER_JOIN, wall_s=8)
+    path = campaign_file(tmp_path, "nojoin", NEVER_JOIN, duration_board_s=8)
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
     lines = proc.stderr.strip().splitlines()
@@ -118,10 +118,10 @@ mem_limit_mb = 10
 
 
 def test_a_fleet_that_keeps_dying_before_hello_stops_early_and_fails(tmp_path, cgroups):
-    path = campaign_file(tmp_path, "alldie", ALL_DIE, wall_s=300)
+    path = campaign_file(tmp_path, "alldie", ALL_DIE, duration_board_s=300)
     started = time.monotonic()
     proc = orchard("campaign", "run", str(path), "--out", str(tmp_path / "run"), "--quiet")
-    assert time.monotonic() - started < 150  # not wall_s (300 s) + grace
+    assert time.monotonic() - started < 150  # not duration_board_s (300 s) + grace
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "made 0 aggregations (every device exited 4 times without ever saying hello" in last, last
@@ -144,7 +144,7 @@ availability = { kind = "file", path = "nap.json" }
 @pytest.mark.parametrize("offline", ["unreachable", "powered-off"])
 def test_offline_mode_decides_what_a_frozen_spell_costs(tmp_path, cgroups, offline):
     (tmp_path / "nap.json").write_text(json.dumps({"inactive": [[6, 16]]}))  # frozen for 10 s mid-run
-    path = campaign_file(tmp_path, "nap", NAP, rounds=1000, wall_s=24)
+    path = campaign_file(tmp_path, "nap", NAP, rounds=1000, duration_board_s=24)
     path.write_text(path.read_text().replace("seed = 1\n", f'seed = 1\noffline = "{offline}"\n', 1))
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")

@@ -86,7 +86,7 @@ def node_of(run: Path) -> dict[str, str]:
 
 
 def test_campaign_split_over_two_nodes_has_one_run_folder(tmp_path, cluster):
-    path = campaign_file(tmp_path, "cl2", FLEET, rounds=3, wall_s=120, extra=CLUSTER)
+    path = campaign_file(tmp_path, "cl2", FLEET, rounds=3, duration_board_s=120, extra=CLUSTER)
     run = tmp_path / "run"
     proc = subprocess.run(run_cmd(path, run), cwd=ROOT, capture_output=True, text=True, timeout=400,
                           env=env_for(cluster))
@@ -129,7 +129,7 @@ def test_simulate_on_ray_workers_of_the_cluster(tmp_path, cluster):
 def test_losing_a_node_takes_its_devices_offline_and_the_campaign_finishes(tmp_path, cluster):
     # Stopped by time, not rounds: the four Pi 5s alone would finish a round budget before the
     # broker had handed the server the lost devices' Last Wills.
-    path = campaign_file(tmp_path, "cllost", FLEET, rounds=100_000, wall_s=6, extra=CLUSTER)
+    path = campaign_file(tmp_path, "cllost", FLEET, rounds=100_000, duration_board_s=6, extra=CLUSTER)
     run = tmp_path / "run"
     proc = subprocess.Popen(run_cmd(path, run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env_for(cluster))

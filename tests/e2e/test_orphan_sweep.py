@@ -41,7 +41,7 @@ def _alive(entry: dict) -> bool:
 def test_next_run_stops_what_a_sigkilled_runner_left(tmp_path, cgroups):
     state = tmp_path / "state"
     env = {"ORCHARD_RUNS_STATE": str(state)}
-    first = campaign_file(tmp_path, "orphaned", SMALL_FLEET, rounds=500, wall_s=300)
+    first = campaign_file(tmp_path, "orphaned", SMALL_FLEET, rounds=500, duration_board_s=300)
     before = frozenset(orchard_cgroups_left("orphaned"))
     runner = subprocess.Popen([sys.executable, "-m", "testbed.cli", "campaign", "run", str(first), "--out",
                                str(tmp_path / "run1"), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -73,7 +73,7 @@ def test_next_run_stops_what_a_sigkilled_runner_left(tmp_path, cgroups):
     assert orchard_cgroups_left("orphaned", before), "the killed run's cgroups should be left behind"
     assert all(Path(p).is_dir() for p in record["paths"])  # the broker's scratch dir
 
-    second = campaign_file(tmp_path, "sweeper", ONE_DEVICE, rounds=1, wall_s=20)
+    second = campaign_file(tmp_path, "sweeper", ONE_DEVICE, rounds=1, duration_board_s=20)
     proc = orchard("campaign", "run", str(second), "--out", str(tmp_path / "run2"), "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     swept = [ln for ln in proc.stderr.splitlines() if f"left by runner pid {runner.pid}" in ln]

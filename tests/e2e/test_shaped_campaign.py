@@ -39,7 +39,7 @@ def shaping() -> netns.NetSupport:
 
 def test_shaped_devices_train_and_report_caps_and_bytes(tmp_path, shaping):
     # fedavg: every round waits for every device, so the 2 Mbit/s one must deliver updates.
-    path = campaign_file(tmp_path, "shaped", SHAPED, strategy="fedavg", rounds=3, wall_s=120)
+    path = campaign_file(tmp_path, "shaped", SHAPED, strategy="fedavg", rounds=3, duration_board_s=120)
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]

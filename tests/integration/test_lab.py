@@ -29,7 +29,7 @@ name = "tiny"
 seed = 0
 [stop]
 rounds = 2
-wall_s = 60
+duration_board_s = 60
 [model]
 name = "mlp"
 dataset = "digits"

@@ -101,7 +101,7 @@ def test_unreachable_broker_fails_the_campaign_and_run_folders_are_private(tmp_p
 name = "unreach"
 [stop]
 rounds = 2
-wall_s = 30
+duration_board_s = 30
 [model]
 name = "lenet"
 dataset = "digits"

@@ -21,8 +21,8 @@ from server import checkpoint
 from server.engine import Engine, EngineConfig
 from server.events import Action, DeviceHello, DeviceStatus, Log, NewGlobal, SendTask, Tick, UpdateReceived
 from server.methods import server_method
-from server.policies import DowngradeOnOom, ProfileByDevice, TableModel
 from server.outputs import MAX_OPEN_CSV, BoardClock, Outputs
+from server.policies import DowngradeOnOom, ProfileByDevice, TableModel
 from server.strategies import get_strategy
 
 N = 8

@@ -18,7 +18,7 @@ CAMPAIGN = """
 name = "cl"
 [stop]
 rounds = 1
-wall_s = 60
+duration_board_s = 60
 [train]
 local_steps = 2
 {extra}

@@ -3,6 +3,7 @@ per-quota CFS period, and the board clock the server converts device reports wit
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,21 @@ def test_board_clock_converts_device_wall_time_to_board_time(monkeypatch: pytest
     monkeypatch.setattr("server.outputs.time.time", lambda: 1025.0)
     assert clock.now() == pytest.approx(10.0) and clock.at(1005.0) == pytest.approx(2.0)
     upd = Update("t1", "d", 0, 10, train_s=5.0, peak_rss_mb=1.0, energy_j=20.0, kind="weights",
-                 metrics={"step_ms_median": 10.0, "wall_s": 6.0, "cpu_s": 1.0, "loss_last": 0.5})
+                 metrics={"step_ms_median": 10.0, "task_wall_s": 6.0, "cpu_s": 1.0, "loss_last": 0.5})
     board = clock.update(upd)
     assert (board.train_s, board.energy_j) == (2.0, 8.0)  # power x wall time = dilation x power x board time
-    assert dict(board.metrics) == {"step_ms_median": 4.0, "wall_s": 2.4, "cpu_s": 1.0, "loss_last": 0.5}
-    assert BoardClock(0.0).update(upd) is upd
+    assert dict(board.metrics) == {"step_ms_median": 4.0, "task_board_s": 2.4, "cpu_s": 1.0, "loss_last": 0.5}
+    # Undilated, wall time is board time, and the outputs still say board.
+    assert dict(BoardClock(0.0).update(upd).metrics)["task_board_s"] == 6.0
+    plain = dataclasses.replace(upd, metrics={"step_ms_median": 10.0, "cpu_s": 1.0})
+    assert BoardClock(0.0).update(plain) is plain
+
+
+def test_campaign_stop_duration_is_board_seconds_and_the_old_key_names_the_new(tmp_path: Path) -> None:
+    base = (ROOT / "campaigns" / "default.toml").read_text()
+    assert load_campaign(ROOT / "campaigns" / "default.toml").duration_board_s == 100.0
+    old = tmp_path / "old.toml"
+    old.write_text(base.replace("duration_board_s = 100", "wall_s = 100"))
+    with pytest.raises(ConfigError, match=r"old\.toml: \[stop\] wall_s is now duration_board_s") as err:
+        load_campaign(old)
+    assert "\n" not in str(err.value)

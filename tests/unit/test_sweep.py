@@ -33,7 +33,7 @@ BASE = '''
 [campaign]
 name = "cw"
 [stop]
-wall_s = 30
+duration_board_s = 30
 [model]
 name = "mlp"
 partition = "dirichlet:0.5"
@@ -120,7 +120,8 @@ def test_dumped_campaign_reads_back_and_loads(tmp_path: Path) -> None:
     ("[sweep]\ntarget_accuracy = 2\n[[sweep.variant]]\nname = 'a'\n", r"target_accuracy must be in \(0, 1\], got 2"),
     ("[[sweep.variant]]\nname = 'a b'\n", r"#1 needs name = .* got 'a b'"),
     ("[[sweep.variant]]\nname = 'a'\n[[sweep.variant]]\nname = 'a'\n", r"names must be unique, got \['a', 'a'\]"),
-    ("[[sweep.variant]]\nname = 'a'\nstop = { wall_s = 99 }\n", r"'a' overrides \[stop\], which every variant shares"),
+    ("[[sweep.variant]]\nname = 'a'\nstop = { duration_board_s = 99 }\n",
+     r"'a' overrides \[stop\], which every variant shares"),
     ("[[sweep.variant]]\nname = 'a'\nmodel = { name = 'cnn' }\n", r"overrides \[model\]"),
     ("[[sweep.variant]]\nname = 'a'\nstrategi = { name = 'x' }\n", r"unknown override 'strategi'"),
     ("[[sweep.variant]]\nname = 'a'\nstrategy = 'fedavg'\n", r"strategy must be a table like strategy = \{ ... \}"),
