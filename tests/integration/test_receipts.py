@@ -1,6 +1,7 @@
 """Nothing lost (issue 15, part 3): a broker SIGKILLed while updates are on their way to the
 server, then restarted on the same port. The server is held (SIGSTOP) from the moment its tasks
-are out, so every device's upload ends in the broker: PUBACKed to the device, queued for the
+are out (the broker has delivered every task frame whole, which the test sees on the devices'
+task topics), so every device's upload ends in the broker: PUBACKed to the device, queued for the
 server (a CNN update, ~400 KB, is more than the stopped server's socket takes in), and lost with
 the broker. Before receipts, nothing re-sent it and only the task timeout moved the round on
 (the issue measured 5 losses in 5). Now each device keeps the update until the server's receipt
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
+from runtime.chunks import Reassembler
 from runtime.mqtt import Message, MqttClient, MqttConfig
 from runtime.protocol import Status, Topics, decode_json
 from runtime.seal import open_sealed
@@ -42,21 +44,29 @@ class StatusWatch:
                                                           password=login.password, ca_file=ca))
         self.client.connect()
         self.client.subscribe(f"{h.root}/dev/+/status")
+        self.client.subscribe(f"{h.root}/dev/+/task")
         self.seen: list[Status] = []
+        self.tasks_delivered: set[str] = set()  # devices whose task frame the broker delivered whole
+        self._task_chunks = Reassembler(timeout_s=60.0, max_bytes=64 * 1024 * 1024)
 
     def poll(self) -> list[Status]:
         for ev in self.client.drain():
             if not isinstance(ev, Message):
                 continue
-            device_id = ev.topic.split("/")[-2]
+            device_id, kind = ev.topic.split("/")[-2:]
+            if kind == "task":
+                if self._task_chunks.feed(ev.topic, ev.payload) is not None:
+                    self.tasks_delivered.add(device_id)
+                continue
             key = self.h.lab.devices[device_id].hmac_key
             assert key is not None
             opened = open_sealed(ev.payload, key=key, run_id=self.h.lab.run_id, device_id=device_id, kind="status")
             self.seen.append(decode_json(Status, opened.payload))
         return self.seen
 
-    def training(self, device_id: str, task_id: str) -> bool:
-        return any(s.device_id == device_id and s.task_id == task_id and s.state == "training" for s in self.poll())
+    def task_delivered(self, device_id: str) -> bool:
+        self.poll()
+        return device_id in self.tasks_delivered
 
     def uploaded(self, device_id: str, task_id: str) -> bool:
         """It said uploading for the task and idle after that: its update left it."""
@@ -73,14 +83,20 @@ def test_broker_killed_with_updates_in_flight_loses_nothing(federation: Federate
     h.start()
     tasks = {d: h.wait("task_sent", device=d)[1]["task_id"] for d in h.spec.device_ids()}
     # `task_sent` is logged when the task is handed to paho, not when it has left the server:
-    # stopped before its network thread flushed it, a task never arrives. Stop the server once
-    # every device is training its task, so only the updates are in flight.
-    for device_id, task_id in tasks.items():
-        h.wait_until(lambda d=device_id, t=task_id: watch.training(d, t), f"{device_id} training {task_id}")
+    # stopped before its network thread flushed it, a task never arrives. Waiting until every
+    # device trains was not it either: one device can train and upload its task before a slower
+    # one starts (1 in 3 runs at load 30), and that update reaches a running server. So stop the
+    # server once the broker has delivered every task whole: then no update can have left yet
+    # (each still needs its 20 steps), and every update is in flight while the server is held.
+    for device_id in tasks:
+        h.wait_until(lambda d=device_id: watch.task_delivered(d), f"{device_id}'s task delivered by the broker")
     server = h.fed.server
     assert server is not None
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        # The premise, from the server's own log (flushed line by line): no update reached it yet.
+        early = [d for d, t in tasks.items() if h.find("update_received", device=d, task_id=t)]
+        assert not early, f"{early} uploaded before the server was stopped: nothing was in flight to lose"
         for device_id, task_id in tasks.items():
             h.wait_until(lambda d=device_id, t=task_id: watch.uploaded(d, t), f"{device_id} uploading {task_id}")
         time.sleep(0.3)  # the last chunks reach the broker's queue for the server
