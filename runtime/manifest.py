@@ -120,11 +120,17 @@ def install_artifact(cache: Path, key: str, files: Mapping[str, bytes], digest: 
     return True
 
 
+# Every artifact of a task arrives before the task, up to what the server pushes to one device at
+# once (server/guard.py ARTIFACT_BURST; a test keeps the two equal). At 4, a DISTREAL task (one
+# artifact per vector of its front: 8) or FjORD-KD (9) lost its first artifacts and waited forever.
+STAGED_LIMIT = 12
+
+
 class StagedArtifacts:
     """Authenticated artifacts held, at most `limit`, until a task names them with their manifest
     hash: the server pushes artifacts just before the task that needs them."""
 
-    def __init__(self, cache: Path, limit: int = 4) -> None:
+    def __init__(self, cache: Path, limit: int = STAGED_LIMIT) -> None:
         self.cache, self.limit = Path(cache), limit
         self._held: dict[str, Mapping[str, bytes]] = {}
 
