@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models.grad_rewrite import rewrite_conv_input_grads
-from runtime.ort import onnxruntime
+from tests.onnx_graphs import run_graph
 
 MS = "com.microsoft"
 
@@ -30,13 +30,6 @@ def _conv_grad(shape: tuple[int, int, int, int], c_out: int, k: int, pad: int, s
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     model.ir_version = 8
     return model
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
 
 
 def _dx_reference(dy: np.ndarray, w: np.ndarray, x_shape: tuple[int, ...], pad: int) -> np.ndarray:
@@ -60,14 +53,14 @@ def test_input_gradient_matches_numpy_and_conv_grad(c_in: int, c_out: int, k: in
     w = rng.normal(size=(c_out, c_in, k, k)).astype(np.float32)
     dy = rng.normal(size=(3, c_out, 16 + 2 * pad - k + 1, 12 + 2 * pad - k + 1)).astype(np.float32)
     feeds = {"dy": dy, "x": x, "w": w}
-    before = _run(model, feeds)
+    before = run_graph(model, feeds)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     assert rewrite_conv_input_grads(rewritten, min_input_floats=1) == 1
     grads = [n for n in rewritten.graph.node if n.op_type == "ConvGrad"]
     assert len(grads) == 1 and grads[0].output[0] == ""
     onnx.checker.check_model(rewritten)
-    dx, dw, db = _run(rewritten, feeds)
+    dx, dw, db = run_graph(rewritten, feeds)
     reference = _dx_reference(dy, w, shape, pad)
     # float32 sums of c_out*k*k products in another order: within a few ulps of the float64 sum's
     # scale, as ConvGrad's own dX is.

@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from models.grad_rewrite import rewrite_relu_grads
-from runtime.ort import onnxruntime
+from tests.onnx_graphs import run_graph
 
 
 def _relu_grad_model() -> onnx.ModelProto:
@@ -25,13 +25,6 @@ def _relu_grad_model() -> onnx.ModelProto:
     return model
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
-
-
 def test_rewrite_matches_relu_grad_and_numpy() -> None:
     rng = np.random.default_rng(0)
     t = rng.normal(size=(4, 3, 5, 5)).astype(np.float32) * 10
@@ -39,13 +32,13 @@ def test_rewrite_matches_relu_grad_and_numpy() -> None:
     flat[:6] = [0.0, -0.0, 1e-42, -1e-42, 3e38, 0.5]  # zeros, denormals, near-max, inside (0, 1)
     dy = rng.normal(size=t.shape).astype(np.float32)
     model = _relu_grad_model()
-    before = _run(model, {"dy": dy, "t": t})
+    before = run_graph(model, {"dy": dy, "t": t})
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     assert rewrite_relu_grads(rewritten) == 2
     assert not [n for n in rewritten.graph.node if n.op_type == "ReluGrad"]
     onnx.checker.check_model(rewritten)
-    after = _run(rewritten, {"dy": dy, "t": t})
+    after = run_graph(rewritten, {"dy": dy, "t": t})
     reference = np.where(t > 0, dy, np.float32(0))
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 from models.builder import build
 from models.grad_rewrite import rewrite_max_pools, rewrite_relu_grads, rewrite_training_graph
 from models.structure import full_structure
-from runtime.ort import onnxruntime, training_api, training_artifacts_module
+from runtime.ort import training_api, training_artifacts_module
+from tests.onnx_graphs import run_graph
 
 POOL = {"kernel_shape": [2, 2], "strides": [2, 2]}
 MS = "com.microsoft"
@@ -54,13 +55,6 @@ def _reference(t: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, np.where(t > 0, dx, np.float32(0)).astype(np.float32)
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
-
-
 @pytest.mark.parametrize("relu_grad_from", ["t", "x"])  # ORT's ReluGrad reads the ReLU's input or output
 def test_pool_backward_matches_numpy_reference_with_ties(relu_grad_from: str) -> None:
     rng = np.random.default_rng(0)
@@ -74,7 +68,7 @@ def test_pool_backward_matches_numpy_reference_with_ties(relu_grad_from: str) ->
     ops = [n.op_type for n in model.graph.node]
     assert "MaxPoolGrad" not in ops and "ReluGrad" not in ops and "MaxPool" not in ops
     onnx.checker.check_model(model)
-    y, dt = _run(model, {"t": t, "dy": dy})
+    y, dt = run_graph(model, {"t": t, "dy": dy})
     y_ref, dt_ref = _reference(t, dy)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dt, dt_ref)
