@@ -5,7 +5,9 @@ ORT's own MaxPool/MaxPoolGrad, gradient for gradient."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -95,11 +97,9 @@ def _grads(directory: Path, names: list[str], x: np.ndarray, labels: np.ndarray)
     return {n: np.array(state.parameters[n].grad) for n in names}
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "lenet"])
-def test_generated_graph_gradients_equal_orts_own_pool(tmp_path: Path, model_name: str) -> None:
-    """On float data without ties, every parameter gradient equals ORT's MaxPool/MaxPoolGrad's."""
-    structure = full_structure(model_name, (3, 8, 8) if model_name == "cnn" else (1, 8, 8), 4)
-    built = build(structure)
+def _ort_and_rewritten(tmp_path: Path, built: Any, rewrite: Callable[[onnx.ModelProto], int]) -> tuple[Path, Path, int]:
+    """ORT's own training artifacts for `built`, and a copy whose training graph `rewrite` changed
+    (with how many nodes it rewrote)."""
     art = training_artifacts_module()
     ort_dir, ours = tmp_path / "ort", tmp_path / "ours"
     ort_dir.mkdir()
@@ -108,8 +108,18 @@ def test_generated_graph_gradients_equal_orts_own_pool(tmp_path: Path, model_nam
                            artifact_directory=str(ort_dir))
     shutil.copytree(ort_dir, ours)
     training = onnx.load(str(ours / "training_model.onnx"))
-    assert rewrite_max_pools(training) == 2
+    rewritten = rewrite(training)
     onnx.save(training, str(ours / "training_model.onnx"))
+    return ort_dir, ours, rewritten
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "lenet"])
+def test_generated_graph_gradients_equal_orts_own_pool(tmp_path: Path, model_name: str) -> None:
+    """On float data without ties, every parameter gradient equals ORT's MaxPool/MaxPoolGrad's."""
+    structure = full_structure(model_name, (3, 8, 8) if model_name == "cnn" else (1, 8, 8), 4)
+    built = build(structure)
+    ort_dir, ours, rewritten = _ort_and_rewritten(tmp_path, built, rewrite_max_pools)
+    assert rewritten == 2
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, *structure.input_shape)).astype(np.float32)
     labels = rng.integers(0, 4, 6).astype(np.int64)
@@ -125,16 +135,8 @@ def test_every_rewrite_together_keeps_the_gradients(tmp_path: Path) -> None:
     rounding (relative to each tensor's largest entry)."""
     structure = full_structure("cnn", (3, 16, 16), 4)  # every conv input but the first >= 1,024 floats
     built = build(structure)
-    art = training_artifacts_module()
-    ort_dir, ours = tmp_path / "ort", tmp_path / "ours"
-    ort_dir.mkdir()
-    art.generate_artifacts(built.model, requires_grad=list(built.layout.names), frozen_params=[],
-                           loss=art.LossType.CrossEntropyLoss, optimizer=art.OptimType.SGD,
-                           artifact_directory=str(ort_dir))
-    shutil.copytree(ort_dir, ours)
-    training = onnx.load(str(ours / "training_model.onnx"))
-    assert rewrite_training_graph(training) == 3 + 2 + 3  # conv2-4 dX, both pools, the 3 ReLUs not before a pool
-    onnx.save(training, str(ours / "training_model.onnx"))
+    ort_dir, ours, rewritten = _ort_and_rewritten(tmp_path, built, rewrite_training_graph)
+    assert rewritten == 3 + 2 + 3  # conv2-4 dX, both pools, the 3 ReLUs not before a pool
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, *structure.input_shape)).astype(np.float32)
     labels = rng.integers(0, 4, 6).astype(np.int64)
