@@ -24,23 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from runtime.chunks import Reassembler, chunk_frame
+from runtime.chunks import Reassembler
 from runtime.credentials import load_credentials
 from runtime.errors import ConfigError, OrchardError, ProtocolError
-from runtime.frames import DEFAULT_LIMITS, decode_update, encode_artifact, encode_task
+from runtime.frames import DEFAULT_LIMITS, decode_update
 from runtime.layout import FloatArray, ParamLayout
-from runtime.manifest import manifest_digest
 from runtime.mqtt import Connected, Disconnected, Message, MqttClient, MqttConfig, Will
-from runtime.profile import parse_profile, split_variant
 from runtime.protocol import (
     ID_PATTERN,
-    Artifact,
     Hello,
     Receipt,
     ServerState,
     SparseTensor,
     Status,
-    Task,
     Telemetry,
     Tensor,
     Topics,
@@ -49,8 +45,7 @@ from runtime.protocol import (
     encode_json,
     validate_tensors,
 )
-from runtime.seal import Opened, open_sealed, seal
-from runtime.trainer import Trainer
+from runtime.seal import Opened, open_sealed
 from server import checkpoint
 from server.aggregate import IndexArray
 from server.config import ServerConfig
@@ -69,19 +64,13 @@ from server.events import (
     Tick,
     UpdateReceived,
 )
-from server.guard import (
-    ARTIFACT_BURST,
-    ARTIFACT_PER_S,
-    HELLO_BURST,
-    HELLO_MAX_BYTES,
-    HELLO_PER_S,
-    RejectLog,
-    TokenBuckets,
-)
+from server.guard import HELLO_BURST, HELLO_MAX_BYTES, HELLO_PER_S, RejectLog, TokenBuckets
 from server.methods import server_method
-from server.model import ServerModel, load_eval_data
+from server.model import ServerModel
+from server.outbound import Outbound
 from server.outputs import BoardClock, Outputs, first_start
 from server.policies import AssignPolicy, DowngradeOnOom, ProfileByDevice
+from server.scoring import Scorer
 from server.strategies import get_strategy
 
 log = logging.getLogger("orchard.server")
@@ -116,19 +105,9 @@ class Service:
         self.run_dir = run_dir
         self.topics = Topics(cfg.root)
         self.model = ServerModel(cfg.artifacts)
-        self.eval_x, self.eval_y = load_eval_data(cfg.eval_data)
-        self.evaluator = Trainer(self.model.global_dir, threads=1)
-        # Every fixed submodel is scored too, each version: a width or class profile is a model a
-        # board serves on its own (HeteroFL's per-width accuracy). Rolling windows move each round;
-        # a graph variant (`@kd-…`, `@fd`) is a training graph, not a model anyone serves.
-        # A class-subset profile is scored on the samples of its classes, as its board serves it.
         strategy = get_strategy(cfg.strategy, **cfg.strategy_params)
         method = server_method(cfg.method, cfg.method_params, self.model)
-        self.profile_evaluators = {
-            name: Trainer(art.directory, threads=1, classes=parse_profile(name).classes)
-            for name, art in sorted(self.model.profiles.items())
-            if method.profile_slices_fixed and split_variant(name)[1] is None
-            and not self.model.submodel(name, 0).is_full and parse_profile(name).window != "rolling"}
+        self.scorer = Scorer(self.model, method, cfg.eval_data)
         assign: AssignPolicy = ProfileByDevice(dict(cfg.device_profiles), cfg.default_profile)
         if cfg.downgrade_on_oom:
             assign = DowngradeOnOom(assign, method)
@@ -158,12 +137,9 @@ class Service:
                                        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes, max_sender_partials=4,
                                        max_sender_bytes=128 * 1024 * 1024)
         self.hello_limit = TokenBuckets(HELLO_BURST, HELLO_PER_S)
-        self.artifact_limit = TokenBuckets(ARTIFACT_BURST, ARTIFACT_PER_S)
         self.reject_log = RejectLog()
-        self.known_artifacts: dict[str, set[str]] = {}
         self.pending_row: dict[str, Any] | None = None
         self.finished: str | None = None
-        self._send_seq = 0
         creds = load_credentials(cfg.credentials)
         self.keys = dict(creds.device_keys)
         self.receipts: dict[tuple[str, str], Receipt] = {}
@@ -172,6 +148,7 @@ class Service:
             client_id=f"orchard-{cfg.server_id}", keepalive_s=10, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
             key_file=cfg.key_file, username=creds.username,
             password=creds.password, will=Will(self.topics.server_state, offline, qos=1, retain=True)))
+        self.outbound = Outbound(self.mqtt, self.topics, self.keys, cfg.run_id, self.model, self.out)
 
     def _clock(self) -> float:
         return self.board_clock.now()
@@ -256,7 +233,7 @@ class Service:
             self._check_sender(device_id, hello.device_id)
             self._feed(DeviceHello(device_id, hello))
             if device_id in self.engine.devices:  # the engine may refuse it (max_devices)
-                self.known_artifacts[device_id] = set(hello.artifacts)
+                self.outbound.known_artifacts[device_id] = set(hello.artifacts)
         elif kind == "status":
             if not known:
                 raise ProtocolError(f"status from {device_id!r}, which has not said hello")
@@ -285,9 +262,6 @@ class Service:
             raise ProtocolError(f"{kind} from {device_id}: no key for this device in the lab's credentials")
         return open_sealed(data, key=key, run_id=self.cfg.run_id, device_id=device_id, kind=kind)
 
-    def _seal(self, device_id: str, kind: str, payload: bytes) -> bytes:
-        return seal(payload, key=self.keys[device_id], run_id=self.cfg.run_id, device_id=device_id, kind=kind)
-
     def _send_receipt(self, device_id: str, task_id: str, accepted: bool, reason: str = "",
                       final: bool = True) -> None:
         """`final`: the engine's verdict, which settles the task, so a re-sent copy gets it again.
@@ -299,13 +273,7 @@ class Service:
             self.receipts[(device_id, task_id)] = receipt
             while len(self.receipts) > RECEIPTS_KEPT:
                 del self.receipts[next(iter(self.receipts))]
-        self._publish_receipt(receipt)
-
-    def _publish_receipt(self, receipt: Receipt) -> None:
-        payload = self._seal(receipt.device_id, "receipt", encode_json(receipt))
-        self.mqtt.publish(self.topics.receipt(receipt.device_id), payload, qos=1)
-        self.out.event({"event": EventName.RECEIPT_SENT, "device": receipt.device_id, "task_id": receipt.task_id,
-                        "accepted": receipt.accepted})
+        self.outbound.publish_receipt(receipt)
 
     @staticmethod
     def _check_sender(topic_id: str, claimed: str) -> None:
@@ -327,7 +295,7 @@ class Service:
         answered = self.receipts.get((device_id, update.task_id))
         if answered is not None:  # a re-sent copy (its receipt was lost): counted once, told again
             self.out.event({"event": EventName.UPDATE_REPEATED, "device": device_id, "task_id": update.task_id})
-            self._publish_receipt(answered)
+            self.outbound.publish_receipt(answered)
             return
         try:
             self._admit_update(device_id, update)
@@ -360,7 +328,7 @@ class Service:
                 self._send_receipt(str(record.get("device")), str(record["task_id"]),
                                    kind == EventName.UPDATE_ACCEPTED, str(record.get("reason", "")))
         elif isinstance(action, SendTask):
-            self._send_task(action)
+            self.outbound.send_task(action, self.engine.global_flat, self.cfg.train, self.board_clock.dilation)
         elif isinstance(action, NewGlobal):
             checkpoint.save(self.run_dir, self.engine)
             self.mqtt.publish(self.topics.server_state, encode_json(self._state()), qos=1, retain=True)
@@ -373,8 +341,7 @@ class Service:
                 "staleness_max": max(stale) if stale else 0,
             }
         elif isinstance(action, Evaluate):
-            served = self.engine.method.served_weights(np.asarray(self.engine.global_flat), self.model.layout)
-            ev = self.evaluator.evaluate(served, self.eval_x, self.eval_y)
+            ev = self.scorer.served(self.engine.method, self.engine.global_flat)
             self.out.event({"event": EventName.EVALUATE, "version": action.version, "accuracy": ev.accuracy,
                             "loss": ev.loss, "t": round(self._clock(), 3),
                             **({"exit_accuracy": list(ev.exit_accuracy)} if ev.exit_accuracy else {})})
@@ -385,9 +352,7 @@ class Service:
             target = self.cfg.target_accuracy
             if target is not None and ev.accuracy >= target and self.finished is None:
                 self.finished = f"target accuracy {target:g} reached"
-            flat = np.asarray(self.engine.global_flat)
-            for profile, evaluator in self.profile_evaluators.items():
-                sub = evaluator.evaluate(self.model.submodel(profile, 0).extract(flat), self.eval_x, self.eval_y)
+            for profile, sub in self.scorer.profiles(self.engine.global_flat):
                 self.out.event({"event": EventName.EVALUATE_PROFILE, "version": action.version, "profile": profile,
                                 "accuracy": sub.accuracy, "loss": sub.loss})
         elif isinstance(action, Finish):
@@ -398,47 +363,3 @@ class Service:
             self.pending_row.update(accepted_total=self.out.accepted, rejected_total=self.out.rejected)
             self.out.server_row(self.pending_row)
             self.pending_row = None
-
-    def _send_task(self, action: SendTask) -> None:
-        a = action.assignment
-        flat = np.asarray(self.engine.global_flat)
-        weights = flat if action.indices is None else flat[action.indices]
-        known = self.known_artifacts.setdefault(action.device_id, set())
-        for key in dict.fromkeys(a.artifact_keys):
-            if key in known:
-                continue
-            if not self.artifact_limit.allow(action.device_id):
-                self.out.event({"event": EventName.ARTIFACT_HELD, "device": action.device_id, "key": key,
-                                "reason": f"more than {ARTIFACT_BURST} artifact frames in "
-                                          f"{ARTIFACT_BURST / ARTIFACT_PER_S:g} s"})
-                continue
-            # frame_bytes: the sealed frame, what was chunked (as for updates and tasks).
-            frame = self._seal(action.device_id, "artifact",
-                               encode_artifact(Artifact(key, self.model.artifact_files(key))))
-            wire_bytes = self._publish_chunks(self.topics.artifact(action.device_id), frame)
-            known.add(key)
-            self.out.event({"event": EventName.ARTIFACT_SENT, "device": action.device_id, "key": key,
-                            "bytes": wire_bytes, "frame_bytes": len(frame)})
-        knobs = self.cfg.train
-        task = Task(
-            task_id=action.task_id, round=action.round, base_version=action.base_version,
-            model_id=self.model.model_name, assignment=a,
-            local_steps=knobs.local_steps, local_epochs=knobs.local_epochs, lr=knobs.lr,
-            # The engine counts board seconds; a device measures its own wall time (dilated here).
-            batch_size=knobs.batch_size, deadline_s=(action.deadline_s or 0.0) * self.board_clock.dilation,
-            upload=knobs.upload,
-            encoding=knobs.encoding, tensors=self.model.by_key(a.primary_key).manifest.layout.split(weights),
-            artifact_digests={k: manifest_digest(self.model.by_key(k).manifest.raw) for k in a.artifact_keys},
-        )
-        frame = self._seal(action.device_id, "task", encode_task(task))
-        wire_bytes = self._publish_chunks(self.topics.task(action.device_id), frame)
-        self.out.event({"event": EventName.TASK_FRAME, "device": action.device_id, "task_id": action.task_id,
-                        "bytes": wire_bytes, "frame_bytes": len(frame)})
-
-    def _publish_chunks(self, topic: str, frame: bytes) -> int:
-        """Publish `frame` as chunks; returns the bytes handed to the broker (chunk headers included)."""
-        self._send_seq += 1
-        chunks = chunk_frame(frame, f"s{self._send_seq}-{int(time.time() * 1000) % 10**9}")
-        for chunk in chunks:
-            self.mqtt.publish(topic, chunk, qos=1)
-        return sum(len(c) for c in chunks)
