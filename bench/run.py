@@ -63,9 +63,12 @@ def main() -> int:
         if not (ROOT / "bench" / f"{name}_bench.py").exists():
             continue
         print(f"[{name}]", flush=True)
-        t0 = time.perf_counter()
+        t0, load_start = time.perf_counter(), os.getloadavg()[0]
         out[name] = SECTIONS[name]()
         out[name]["bench_s"] = round(time.perf_counter() - t0, 1)
+        # The host is shared: every section's figures go with the load they were measured at.
+        out[name]["loadavg_1m_start"] = round(load_start, 2)
+        out[name]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
