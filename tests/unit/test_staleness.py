@@ -12,7 +12,7 @@ from bench.staleness_bench import run_case
 from runtime.errors import ConfigError
 from server.strategies import get_strategy
 from server.waste import work_summary
-from tests.unit.test_engine import Rig
+from tests.unit.engine_rig import Rig
 
 
 def test_straggler_simulation_default_bound_wastes_little_and_beats_fedavg_to_target() -> None:
