@@ -31,7 +31,7 @@ from runtime.frames import (
     encode_update,
 )
 from runtime.protocol import Hello, ServerState, Status, Telemetry, decode_json, encode_json
-from tests.unit.test_protocol import (
+from tests.unit.protocol_samples import (
     JSON_SAMPLES,
     artifact_frame,
     task_frame,

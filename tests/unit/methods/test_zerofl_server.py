@@ -20,7 +20,7 @@ from server.service import update_body
 from server.strategies import get_strategy
 from tests.unit.methods.conftest import Opener, mlp_layout
 from tests.unit.methods.server_rig import LayoutModel, Rig
-from tests.unit.test_protocol import forge
+from tests.unit.protocol_samples import forge
 
 LAYOUT = mlp_layout(1.0)
 DEVICES = {"a": 30, "b": 10, "c": 25}  # n_samples
