@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.errors import RoundError
 from server import aggregate as agg
+from server import weighting
 from server.aggregate import FloatArray, IndexArray
 from server.events import UpdateReceived
 from server.policies import Strategy
@@ -54,7 +55,7 @@ def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, str
     if strategy.merge.form == "weights" and upd.kind == "delta":
         values = base_vals + values  # FedAsync mixes weights; `delta` keeps the sent array
     stored = delta if strategy.merge.form == "delta" else values
-    return Payload(indices, stored, agg.l1_norm(delta), rate)
+    return Payload(indices, stored, weighting.l1_norm(delta), rate)
 
 
 def _sparse_indices(raw: IndexArray, task: TaskRecord, n: int, who: str) -> IndexArray:

@@ -10,6 +10,7 @@ import pytest
 
 from runtime.errors import RoundError
 from server import aggregate as agg
+from server import weighting
 from server.accumulate import GROUP, coverage_sums, weighted_sum_into
 from server.aggregate import UpdateContribution as UC
 
@@ -100,7 +101,7 @@ def test_merges_with_shared_tiers_and_stale_weights_match_the_reference(seed: in
     r = np.random.default_rng(200 + seed)
     n = int(r.integers(2, 300))
     g = r.standard_normal(n).astype(np.float32)
-    cs = [UC(c.indices, c.values, agg.staleness_sqrt(int(r.integers(0, 9)))) for c in coverage_round(r, n)]
+    cs = [UC(c.indices, c.values, weighting.staleness_sqrt(int(r.integers(0, 9)))) for c in coverage_round(r, n)]
     num, den = ref_coverage(n, cs)
     covered = den > 0
     expected = g.astype(np.float64)
