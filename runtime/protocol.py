@@ -130,7 +130,7 @@ class SparseTensor:
     """COO form of a tensor of `shape`: `values` at flat (row-major) `indices`; the rest is zero."""
 
     shape: tuple[int, ...]
-    indices: Int64Array
+    indices: Int64Array  # or int32: a decoded frame keeps its wire index type (frame_table.index_dtype)
     values: Float32Array
 
 
@@ -355,7 +355,7 @@ def validate_tensors(
         want = tuple(expected[name])
         if isinstance(tensor, SparseTensor):
             shape = tuple(tensor.shape)
-            ok = tensor.values.dtype == np.float32 and tensor.indices.dtype == np.int64
+            ok = tensor.values.dtype == np.float32 and tensor.indices.dtype in (np.int32, np.int64)
             dtype = f"{tensor.indices.dtype}/{tensor.values.dtype}"
         elif isinstance(tensor, np.ndarray):
             shape, ok, dtype = tuple(tensor.shape), tensor.dtype == np.float32, str(tensor.dtype)
@@ -364,7 +364,7 @@ def validate_tensors(
         if shape != want:
             raise ProtocolError(f"{ctx}: tensor {name!r} has shape {shape}, layout expects {want}")
         if not ok:
-            raise ProtocolError(f"{ctx}: tensor {name!r} has dtype {dtype}, expected float32 (int64 indices)")
+            raise ProtocolError(f"{ctx}: tensor {name!r} has dtype {dtype}, expected float32 (int32 or int64 indices)")
     if not allow_missing:
         missing = [n for n in expected if n not in tensors]
         if missing:

