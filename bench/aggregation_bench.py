@@ -24,9 +24,10 @@ shared, and a merge is single-threaded numpy. Merge and memcpy repetitions alter
 average is recorded next to it. Submodel index arrays are frozen (read-only) as the engine's
 assignment cache freezes them (`Engine.assignment_for`), and sparse uploads' indices (ZeroFL top-k,
 Co-S²P masks) as admission freezes them once it has checked them (`server/admission.py`), so a
-merge skips re-checking them.
+merge skips re-checking them; both are int32, as `check_indices` narrows them.
 
-Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
+Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the index bytes on top, int32
+as the engine and admission keep them for a model under 2**31 parameters),
 median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes,
 `fraction_of_memcpy` = merge MB/s / memcpy MB/s, and `peak_extra_mb`: the most memory the merge
 held at once beyond its inputs, in a first merge (tracemalloc, which sees numpy's buffers; the 4 MB
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from server import accumulate
+from server import aggregate as agg
 from server.accumulate import release
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
@@ -176,8 +178,9 @@ def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndar
             idx = leading  # the same tier for every update, as a HeteroFL fleet of one tier would send
         else:
             idx = np.sort(rng.choice(n, int(n * SPARSE_FRACTION), replace=False)).astype(np.int64)
-        if idx is not None and kind != "leading":  # per-device assignments (Chen & Qin) are frozen by
-            idx.flags.writeable = False  # the engine's cache, sparse uploads by admission (checked there)
+        if idx is not None and kind != "leading":  # per-device assignments (Chen & Qin) as the engine's
+            idx = agg.frozen_indices(idx, n, "bench")  # cache keeps them, sparse uploads as admission does:
+            # checked once, int32 (the model's index type), read-only
         size = n if idx is None else idx.size
         values = (rng.standard_normal(size, dtype=np.float32) * 0.01).astype(np.float32)
         if kind == "own_classes":  # Chen & Qin's harvest: a weight per coordinate (served classes' samples)
@@ -265,7 +268,7 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
 def run(repeats: int = REPEATS) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     n, leading, layout = model_layout()
-    leading.flags.writeable = False
+    leading = agg.frozen_indices(leading, n, "leading")  # as the engine's assignment cache keeps it
     global_flat = rng.standard_normal(n, dtype=np.float32)
     cases: list[tuple[str, str, Callable[[FloatArray, list[UpdateContribution]], FloatArray]]] = [
         ("dense", "dense", DenseMerge().merge),
