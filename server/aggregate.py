@@ -174,7 +174,8 @@ def check_contributions(n_params: int, contributions: Sequence[UpdateContributio
             cw = np.asarray(c.coord_weights)
             if cw.shape != values.shape:
                 raise RoundError(f"{what}: {cw.size} coordinate weights for {values.size} values")
-            if not np.isfinite(cw).all() or (cw < 0).any():
+            # Two reductions with no temporaries (NaN propagates through min): finite and >= 0.
+            if cw.size and not (float(cw.min()) >= 0.0 and float(cw.max()) < math.inf):
                 raise RoundError(f"{what}: coordinate weights must be finite and >= 0")
 
 
@@ -188,9 +189,12 @@ def _no_coord_weights(contributions: Sequence[UpdateContribution], what: str) ->
         raise RoundError(f"{what} takes no per-coordinate weights; only the per-element merges do")
 
 
-def _finish(out: Float64Array, what: str, contributions: Sequence[UpdateContribution] = ()) -> FloatArray:
+def _finish(out: Float64Array, what: str, contributions: Sequence[UpdateContribution] = (),
+            plus: FloatArray | None = None) -> FloatArray:
+    """`out` (+ `plus`, added in float64) rounded to a new float32 array, refused if not finite.
+    The add and the rounding are one pass, the same bits as adding in place and then rounding."""
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported below
-        result = out.astype(np.float32)
+        result = out.astype(np.float32) if plus is None else np.add(out, plus, out=np.empty(out.shape, np.float32))
     if not np.isfinite(result).all():
         _name_nonfinite(contributions)
         # Finite inputs, but the sum overflowed float32; refuse rather than publish inf.
@@ -261,9 +265,9 @@ def per_element_delta(
     num, den = _coverage(g.size, contributions, "per-element delta merge")
     # Where den is 0 every covering weight is 0, so num is an exact 0 there and W stays W.
     np.divide(num, den, out=num, where=den > 0)
-    num *= server_lr
-    num += g
-    return _finish(num, "per-element delta merge", contributions)
+    if server_lr != 1.0:
+        num *= server_lr
+    return _finish(num, "per-element delta merge", contributions, plus=g)
 
 
 def apply_deltas(
@@ -282,8 +286,7 @@ def apply_deltas(
     acc = coverage_sums(g.size, contributions, counts=False).num
     if server_lr != 1.0:
         acc *= server_lr
-    acc += g
-    return _finish(acc, "delta merge", contributions)
+    return _finish(acc, "delta merge", contributions, plus=g)
 
 
 def masked_delta_merge(

@@ -204,3 +204,15 @@ def test_the_engines_assignments_are_frozen_int32() -> None:
     assert idx.tolist() == table["width=0.5"].tolist()
     with pytest.raises(ConfigError, match="outside the model's"):
         engine.assignment_for("width=0.25", 0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0])
+@pytest.mark.parametrize("merge", [agg.per_element_average, agg.per_element_delta])
+def test_bad_coordinate_weights_are_refused_and_the_global_model_kept(merge: object, bad: float) -> None:
+    g = np.arange(10, dtype=np.float32)
+    before = g.copy()
+    cw = np.array([1.0, bad, 2.0], np.float32)
+    cs = [UC(np.array([1, 4, 7], np.int32), np.ones(3, np.float32), 1.0, cw)]
+    with pytest.raises(RoundError, match=r"^contribution 0: coordinate weights must be finite and >= 0$"):
+        merge(g, cs)  # type: ignore[operator]
+    assert np.array_equal(g, before)
