@@ -145,16 +145,21 @@ def _scatter_own(num: Float64Array, den: Float64Array | None, own: Sequence[Upda
     """Scatter-add updates with index arrays of their own: float32 products scattered into float32
     partial sums of `GROUP` updates (per coordinate at most GROUP terms, as in `weighted_sum_into`,
     so the same error bound), each partial added to the float64 sums. The counts `den` go the same
-    way (Σ γ_i, a sum of positive terms, so within (GROUP + 1) float32 epsilons of itself)."""
+    way (Σ γ_i, a sum of positive terms, so within (GROUP + 1) float32 epsilons of itself), except
+    when they are exact in float32 (`_exact_counts`): then one float32 sum over the whole round,
+    added once, saves an n-sized float64 add per GROUP updates."""
     n = num.shape[0]
     part: FloatArray = pooled("part", n, np.float32)
     den_part: FloatArray = pooled("prod", n if den is not None else 0, np.float32)
     ones: FloatArray = pooled("ones", largest if den is not None else 0, np.float32)
     ones.fill(1.0)
+    exact = den is not None and _exact_counts(own)
+    den_part.fill(0.0)
     with np.errstate(over="ignore", invalid="ignore"):  # the merge reports non-finite results
         for start in range(0, len(own), GROUP):
             part.fill(0.0)
-            den_part.fill(0.0)
+            if start and not exact:
+                den_part.fill(0.0)
             for c in own[start:start + GROUP]:
                 m = c.size
                 if m == 0:
@@ -169,8 +174,22 @@ def _scatter_own(num: Float64Array, den: Float64Array | None, own: Sequence[Upda
                 if den is not None:
                     scatter_add(den_part, c.indices, ones[:m] if c.coord_weights is None else cw, w)
             np.add(num, part, out=num)
-            if den is not None:
+            if den is not None and not exact:
                 np.add(den, den_part, out=den)
+    if den is not None and exact:
+        np.add(den, den_part, out=den)
+
+
+def _exact_counts(own: Sequence[UpdateContribution]) -> bool:
+    """Whether float32 sums of the round's weights are exact at every coordinate: no coordinate
+    weights, whole-number weights (sample counts, CountWeight's 1) summing below 2**24, where every
+    partial sum of whole numbers is a float32."""
+    total = 0.0
+    for c in own:
+        if c.coord_weights is not None or not float(c.weight).is_integer():
+            return False
+        total += c.weight
+    return total < 2**24
 
 
 def _scatter_add_numpy(out: FloatArray, idx: IndexArray, data: FloatArray, weight: np.float32) -> None:

@@ -216,3 +216,23 @@ def test_bad_coordinate_weights_are_refused_and_the_global_model_kept(merge: obj
     with pytest.raises(RoundError, match=r"^contribution 0: coordinate weights must be finite and >= 0$"):
         merge(g, cs)  # type: ignore[operator]
     assert np.array_equal(g, before)
+
+
+@pytest.mark.parametrize("weights", ["whole", "fractional", "whole_past_2_24"])
+def test_counts_are_exact_for_whole_weights_and_within_the_bound_otherwise(kernel: str, weights: str) -> None:
+    """Whole-number weights (sample counts) summing below 2**24 give exact float32 counts over the
+    whole round; otherwise the counts are partial sums of GROUP, within the bound."""
+    r = np.random.default_rng(11)
+    n = 300
+    cs = own_round(r, n, 3 * GROUP + 5, coord_weights=False, index_type=np.int32)
+    scale = {"whole": 1.0, "fractional": 1.0, "whole_past_2_24": 2.0**20}[weights]
+    cs = [UC(c.indices, c.values, float(r.integers(0, 100)) * scale + (0.37 if weights == "fractional" else 0.0))
+          for c in cs]
+    assert accumulate._exact_counts(cs) == (weights == "whole")
+    _, den = reference(n, cs)
+    got = coverage_sums(n, cs).den
+    assert got is not None
+    if weights == "whole":
+        assert np.array_equal(got, den)
+    else:
+        assert np.all(np.abs(got - den) <= BOUND * EPS32 * den)
