@@ -160,19 +160,20 @@ def _scatter_own(num: Float64Array, den: Float64Array | None, own: Sequence[Upda
             part.fill(0.0)
             if start and not exact:
                 den_part.fill(0.0)
-            for c in own[start:start + GROUP]:
-                m = c.size
-                if m == 0:
-                    continue
+            group = [c for c in own[start:start + GROUP] if c.size]
+            # All the group's sums, then all its counts: one float32 target at a time (a Chen &
+            # Qin round scattered ~20 % faster so than alternating the two per update).
+            for c in group:
                 assert c.indices is not None
-                w = np.float32(c.weight)
                 data = np.ascontiguousarray(c.values)
                 if c.coord_weights is not None:
                     cw = np.ascontiguousarray(c.coord_weights, dtype=np.float32)
-                    data = np.multiply(data, cw, out=pooled("scaled", largest, np.float32)[:m])
-                scatter_add(part, c.indices, data, w)
-                if den is not None:
-                    scatter_add(den_part, c.indices, ones[:m] if c.coord_weights is None else cw, w)
+                    data = np.multiply(data, cw, out=pooled("scaled", largest, np.float32)[:c.size])
+                scatter_add(part, c.indices, data, np.float32(c.weight))
+            for c in group if den is not None else ():
+                assert c.indices is not None
+                cw = ones[:c.size] if c.coord_weights is None else np.ascontiguousarray(c.coord_weights, np.float32)
+                scatter_add(den_part, c.indices, cw, np.float32(c.weight))
             np.add(num, part, out=num)
             if den is not None and not exact:
                 np.add(den, den_part, out=den)
