@@ -114,7 +114,8 @@ class _Graph:
             s = self.param(scale, np.ones((c_out, 1, 1)), (AxisGroup(cout), None, None), "scale")
             inputs[1] = self.op("Mul", [w, self.op("Unsqueeze", [s, self.const_i64(f"{scale}.w_axes", [1])])])
             if bias:
-                inputs[2] = self.op("Mul", [inputs[2], self.op("Reshape", [s, self.const_i64(f"{scale}.b_shape", [-1])])])
+                flat = self.op("Reshape", [s, self.const_i64(f"{scale}.b_shape", [-1])])
+                inputs[2] = self.op("Mul", [inputs[2], flat])
         out = self.tmp(name)
         self.nodes.append(helper.make_node(
             "Conv", inputs, [out], kernel_shape=[k, k], pads=[pad] * 4, strides=[stride, stride],
