@@ -22,7 +22,7 @@ from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHARD = ROOT / ".venv" / "bin" / "orchard"
-RUN_GRACE_S = 90.0  # past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left
+RUN_GRACE_S = 300.0  # past the expected wall time (report plots alone took >95 s at load 27): SIGINT the runner (it cleans up), then SIGKILL what is left
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
@@ -50,6 +50,8 @@ def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[s
     total = sum(cpu.values())
     window = b - a
     host_busy = hb - ha
+    wa, wb = sampler.wait_at(a), sampler.wait_at(b)
+    wait = {k: round(wb[k] - wa[k], 3) for k in HARNESS}
     return {
         "window_s": round(window, 2), "cpu_s": cpu, "harness_cpu_s": round(harness, 3),
         "campaign_cpu_s": round(total, 3),
@@ -59,6 +61,10 @@ def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[s
         "campaign_share_of_host": _share(total, window * cores),
         "host_busy_fraction": _share(host_busy, window * cores),
         "foreign_busy_fraction": _share(max(0.0, host_busy - total), window * cores),
+        # Seconds runnable but waiting for a CPU, per second of CPU used: ~0 when the harness is
+        # served at once, >> 1 when it queues behind the devices or other tenants.
+        "runqueue_wait_s": wait,
+        "runqueue_wait_per_cpu_s": {k: _share(wait[k], cpu[k]) for k in HARNESS},
     }
 
 
@@ -164,6 +170,8 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
         half = [w for w in rows if w >= span / 2]
         res["aggregations_per_board_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
     res["fleet"] = fleet_figures(run, events, fleet, sampler.usage_series, sampler.newest_ticks)
+    with contextlib.suppress(OSError):  # kept with the run, so its figures can be worked out again
+        (run / "bench_usage.json").write_text(json.dumps(sampler.usage_series))
     res["device_cpu"] = sampler.device_cpu_split()
     res["memory"]["peak_agent_rss_mb_median"] = _median(list(sampler.peak_agent_rss_mb.values()))
     res["memory"]["peak_trainer_rss_mb_median"] = _median(list(sampler.peak_trainer_rss_mb.values()))
