@@ -22,7 +22,9 @@ from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHARD = ROOT / ".venv" / "bin" / "orchard"
-RUN_GRACE_S = 300.0  # past the expected wall time (report plots alone took >95 s at load 27): SIGINT the runner (it cleans up), then SIGKILL what is left
+# Past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left. The
+# report's plots alone took > 95 s at load 27, so 90 s killed finished runs.
+RUN_GRACE_S = 300.0
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
