@@ -19,12 +19,16 @@ bench/testbed_figures.py, all in board time; verdicts and table rows: bench/test
     the server's end. Configured: 1 Hz of board time (the runner gives agents 1/delta Hz of wall
     time); ~0.97-0.98 is ideal (the agent schedules on a fixed grid);
   * delivered_cpu_median / _min: per device, the cgroup's CPU (cpuacct.usage, sampled every
-    0.5 s wall) over quota x wall time, summed over the spans between two consecutive telemetry
-    rows both taken while training. Why this definition: the quota caps the whole cgroup (agent +
-    trainer) and a training trainer always wants more than it, so anything below 1 is CPU the host
-    did not give (other devices, the harness, other tenants). `trainer_delivered_cpu_median` is
-    the report's own check (summary.json fidelity: the trainer's CPU over its steps / (train time
-    x quota)); it is lower by what the agent used inside the same quota while the trainer trained;
+    0.5 s wall) over quota x wall time, summed over the spans the device spent training by its own
+    clock (`device_status` "training" to its next status). Why this definition: the quota caps the
+    whole cgroup (agent + trainer) and a training trainer always wants more than it, so anything
+    below 1 is CPU the host did not give (other devices, the harness, other tenants); a device
+    waiting for its next task wants none, so that wait is not owed (until stop 21 it was, whenever
+    a task ended between two telemetry rows). `trainer_delivered_cpu_median` is the report's own
+    check (summary.json fidelity: the trainer's CPU over its steps / (train time x quota)); it is
+    lower by what the agent used inside the same quota while the trainer trained;
+  * between_tasks: the wait from a task's end to the device's next training (board s), the share
+    of a device's life it trained, and the server's wall s from a receipt to the next task frame;
   * device_cpu: CPU seconds of all agents and all trainers over the run (psutil): the agents'
     share of a device's CPU is overhead a real board pays in proportion to delta times less;
   * RSS: agent and trainer as the devices report them (median over devices of each device's
@@ -40,6 +44,11 @@ every cgroup held the quota the dilation planned (within 5 %);
 `largest_keeping_up` is the largest such N, `first_failing` names the first N that did not and
 which property broke. `python bench/testbed_bench.py 32 48` runs single points (A/B runs).
 
+CFS. Before any fleet, bench/testbed_cfs.py probes the kernel mechanics under the fleet: whether
+one cgroup at a Pi 4's dilated quota (0.012-0.05 core) with the testbed's period gets its quota,
+and how long a server-shaped process waits for a CPU next to saturated device groups, in the root
+group or in the run's harness group (its docstring defines both).
+
 OVERHEAD. The process tree of the `orchard campaign run` subprocess is sampled every `SAMPLE_S`
 with psutil; every process (keyed by pid + start time, so reuse is never confused) keeps its last
 seen user+system CPU seconds, so processes that exit keep what they used up to their last sample.
@@ -49,6 +58,8 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
   * over the campaign's live window (server_start -> server_stop events, cumulative figures
     interpolated between samples): harness_share_of_campaign_cpu = harness CPU / CPU of the whole
     tree, harness_share_of_host = harness CPU / (window x host cores), and the same per class;
+    runqueue_wait_s / runqueue_wait_per_cpu_s per harness class: seconds its processes' main
+    threads waited runnable for a CPU (/proc/<pid>/schedstat), and that per CPU second they used;
   * over the whole command (preparation, the live window, shutdown and report writing), with the
     runner's own CPU split into before / during / after the live window;
   * cross-checks: the device CPU from each device cgroup's cpuacct.usage (sampled, last value per
@@ -82,6 +93,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/testbed_bench.py 32`
 
+from bench.testbed_cfs import run as cfs_probes
 from bench.testbed_report import (
     KEEP_CONTRIBUTED,
     KEEP_DELIVERED,
@@ -247,6 +259,8 @@ def run() -> dict[str, Any]:
     problems: list[str] = []
     out["runner_poll"] = runner_poll_cost()
     print(f"  runner OOM poll per device per loop: {out['runner_poll']}", flush=True)
+    out["cfs"] = cfs_probes()
+    print(f"  CFS probes: {json.dumps(out['cfs'])}", flush=True)
 
     # ---- OVERHEAD on the default campaign
     try:
