@@ -184,6 +184,7 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
         ratios = [float(v["ratio"]) for v in fidelity.values()]
         res["fleet"]["trainer_delivered_cpu"] = {"median": _median(ratios), "min": min(ratios) if ratios else None,
                                                  "devices_measured": len(ratios)}
+    res["harness_cgroups"] = sampler.harness_groups  # {"server": ["harness"], ...}; absent: root group
     res["cleanup_problems"] = _check_clean(sampler, run)
     return res
 

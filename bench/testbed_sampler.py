@@ -98,6 +98,7 @@ class TreeSampler(threading.Thread):
         # worked out once the run's clock (start, dilation) is known
         self.newest_ticks: list[tuple[float, list[float]]] = []
         self.usage_series: dict[str, list[tuple[float, float]]] = {}  # device id -> (wall t, cgroup CPU s)
+        self.harness_groups: dict[str, list[str]] = {}  # server / broker -> the cgroup leaf names it sat in
         self.wait: dict[tuple[int, float], float] = {}  # harness process -> run-queue wait s (last seen)
         self.wait_series: list[tuple[float, dict[str, float]]] = []  # (wall t, cumulative wait per harness class)
         self.peak_devices_rss_mb = 0.0
@@ -157,6 +158,10 @@ class TreeSampler(threading.Thread):
                         kind = "other"
                     if kind == "devices":
                         self._add_groups(pid)
+                    elif kind in ("server", "broker"):  # the run's harness group, when it has one
+                        dirs = _proc_cgroups(pid)
+                        self.all_group_dirs.update(dirs)
+                        self.harness_groups.setdefault(kind, sorted({os.path.basename(d) for d in dirs}))
                 self.cls[key] = kind
                 self.procs[key] = p
             return self.cls[key]
