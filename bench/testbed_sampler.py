@@ -158,10 +158,6 @@ class TreeSampler(threading.Thread):
                         kind = "other"
                     if kind == "devices":
                         self._add_groups(pid)
-                    elif kind in ("server", "broker"):  # the run's harness group, when it has one
-                        dirs = _proc_cgroups(pid)
-                        self.all_group_dirs.update(dirs)
-                        self.harness_groups.setdefault(kind, sorted({os.path.basename(d) for d in dirs}))
                 self.cls[key] = kind
                 self.procs[key] = p
             return self.cls[key]
@@ -171,6 +167,10 @@ class TreeSampler(threading.Thread):
             kind = kind_of(pid)
             if kind in HARNESS and (wait := _runqueue_wait_s(pid)) is not None:
                 self.wait[key] = wait
+            if kind in ("server", "broker"):  # the run's harness group (the broker joins it once up)
+                dirs = _proc_cgroups(pid)
+                self.all_group_dirs.update(dirs)
+                self.harness_groups[kind] = sorted({os.path.basename(d) for d in dirs})
             try:
                 t = p.cpu_times()
                 self.cpu[key] = t.user + t.system
