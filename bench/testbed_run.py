@@ -96,6 +96,8 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
             break
         if not dilated and board_s is not None:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if (run / "fleet.json").stat().st_mtime < t0:  # the last run's, until --force clears it
+                    raise ValueError("stale fleet.json")
                 factor = float(json.loads((run / "fleet.json").read_text())["time_dilation"])
                 deadline = time.monotonic() + board_s * factor + RUN_GRACE_S
                 dilated = True
