@@ -28,7 +28,8 @@ bench/testbed_figures.py, all in board time; verdicts and table rows: bench/test
     check (summary.json fidelity: the trainer's CPU over its steps / (train time x quota)); it is
     lower by what the agent used inside the same quota while the trainer trained;
   * between_tasks: the wait from a task's end to the device's next training (board s), the share
-    of a device's life it trained, and the server's wall s from a receipt to the next task frame;
+    of a device's life it trained, and the wall s from a receipt to the next task frame (under
+    semi-async mostly the wait for the round to close at K updates);
   * device_cpu: CPU seconds of all agents and all trainers over the run (psutil): the agents'
     share of a device's CPU is overhead a real board pays in proportion to delta times less;
   * RSS: agent and trainer as the devices report them (median over devices of each device's

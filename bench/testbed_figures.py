@@ -20,8 +20,11 @@ stamped in board seconds on the same origin.
     it: it is lower by what the agent itself used inside the quota while the trainer trained;
   * between tasks: per device, board s from a task's end ("uploading") to its next "training"
     (the server's receipt, its next task, the task's decode); `training_share` is the share of
-    each device's life after its first task that it spent training, and `dispatch_wall_s` the
-    server's wall time from an update's receipt to that device's next task frame;
+    each device's life after its first task that it spent training, and `receipt_to_task_wall_s`
+    the wall time from an update's receipt to that device's next task frame. Under semi-async
+    that is mostly the method's own wait: a device whose update was taken gets the next global
+    model, which comes when the round closes at K updates (server/policies.py, "semi"), so it
+    grows with the spread of task times across the fleet, not with the server's latency;
   * quota_enforced_over_planned_max: the largest ratio, over devices, of the quota the device
     reads from its cgroup to the one the dilation planned (fleet.json); ~1 when they agree;
   * RSS: agent and trainer, as the device reports them in its telemetry (psutil of its own
@@ -157,7 +160,7 @@ def between_tasks(spans: Sequence[tuple[float, float, str]]) -> tuple[list[float
     return gaps, (sum(b - a for a, b in training) / life if life > 0 else None)
 
 
-def dispatch_wall_s(events: Iterable[Mapping[str, Any]]) -> list[float]:
+def receipt_to_task_wall_s(events: Iterable[Mapping[str, Any]]) -> list[float]:
     """The server's wall s from a device's `receipt_sent` to its next `task_frame`."""
     receipt: dict[str, float] = {}
     out = []
@@ -245,12 +248,12 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
                                                           for a, b, state in ss if state == "training")
                                                       / dilation, 1),
                             "per_device": per_device}
-    dispatch = dispatch_wall_s(events)
+    receipt_to_task = receipt_to_task_wall_s(events)
     out["between_tasks"] = {"board_s_median": _median([g / dilation for g in gaps_s]),
                             "training_share_median": _median(shares),
                             "training_share_min": round(min(shares), 3) if shares else None,
-                            "dispatch_wall_s_median": _median(dispatch),
-                            "dispatch_board_s_median": _median([g / dilation for g in dispatch])}
+                            "receipt_to_task_wall_s_median": _median(receipt_to_task),
+                            "receipt_to_task_board_s_median": _median([g / dilation for g in receipt_to_task])}
     # The enforced quota over the one dilation planned (fleet.json, 4 decimals): ~1 when the
     # devices are held to their share; above it the fleet gets more CPU than planned.
     out["quota_enforced_over_planned_max"] = round(max(over_planned), 3) if over_planned else None

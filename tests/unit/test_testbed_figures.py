@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.testbed_figures import between_tasks, delivered, dispatch_wall_s, status_spans
+from bench.testbed_figures import between_tasks, delivered, receipt_to_task_wall_s, status_spans
 
 QUOTA = 0.012
 T0 = 1_000_000.0  # a unix time: device_t and the usage samples share the host's clock
@@ -61,4 +61,4 @@ def test_spans_without_usage_samples_are_left_out_and_the_last_status_has_no_end
 def test_dispatch_is_receipt_to_the_next_task_frame_per_device() -> None:
     events = [{"event": kind, "device": device, "wall_t": t} for kind, device, t in (
         ("receipt_sent", "a", 5.0), ("task_frame", "b", 5.5), ("task_frame", "a", 6.25), ("task_frame", "a", 9.0))]
-    assert dispatch_wall_s(events) == [1.25]  # b had no receipt; a's second frame answers none
+    assert receipt_to_task_wall_s(events) == [1.25]  # b had no receipt; a's second frame answers none
