@@ -25,6 +25,7 @@ ORCHARD = ROOT / ".venv" / "bin" / "orchard"
 # Past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left. The
 # report's plots alone took > 95 s at load 27, so 90 s killed finished runs.
 RUN_GRACE_S = 300.0
+REPORT_GRACE_S = 900.0  # more, once the report's plots have started (at load 36 they outlasted the grace)
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
     # wall_s is the expected wall time; once fleet.json gives the run's dilation, the deadline
     # follows it (a busier host at launch means a larger dilation, so a longer run).
     deadline = time.monotonic() + wall_s + RUN_GRACE_S
-    interrupted = killed = False
+    interrupted = killed = reporting = False
     dilated = board_s is None
     rusage = None
     status = 0
@@ -101,7 +102,10 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
                 factor = float(json.loads((run / "fleet.json").read_text())["time_dilation"])
                 deadline = time.monotonic() + board_s * factor + RUN_GRACE_S
                 dilated = True
-        if time.monotonic() > deadline and not interrupted:
+        if time.monotonic() > deadline and not interrupted and not reporting and (run / "plots").is_dir():
+            reporting = True  # the campaign is over and its report is being drawn: let it finish
+            deadline = time.monotonic() + REPORT_GRACE_S
+        elif time.monotonic() > deadline and not interrupted:
             interrupted = True  # the runner turns SIGINT into a clean stop
             deadline = time.monotonic() + 40.0
             with contextlib.suppress(ProcessLookupError):

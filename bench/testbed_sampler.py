@@ -170,7 +170,9 @@ class TreeSampler(threading.Thread):
             if kind in ("server", "broker"):  # the run's harness group (the broker joins it once up)
                 dirs = _proc_cgroups(pid)
                 self.all_group_dirs.update(dirs)
-                self.harness_groups[kind] = sorted({os.path.basename(d) for d in dirs})
+                # every group it was seen in: an exiting process reads as the root group
+                self.harness_groups[kind] = sorted(set(self.harness_groups.get(kind, ()))
+                                                   | {os.path.basename(d) for d in dirs})
             try:
                 t = p.cpu_times()
                 self.cpu[key] = t.user + t.system
