@@ -55,6 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runtime.startup import PYTHON_FLAGS  # noqa: E402  (how every launcher starts a device)
+
 OUT = Path("/tmp/bench-startup")
 IMPORT_REPS = 5
 DEVICE_REPS = 3
@@ -207,8 +209,8 @@ def _one_start(run: Path, broker_url: str, group: Any, device: str, cold: bool, 
     cpu0 = group.stats().cpu_usage_s or 0.0
     t0 = time.time()
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(cfg), "--broker", broker_url],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        argv = [sys.executable, *PYTHON_FLAGS, "-m", "runtime", "--config", str(cfg), "--broker", broker_url]
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=lambda: group.add_pid(os.getpid()))
     r: dict[str, Any] = {"cold": cold}
     try:
