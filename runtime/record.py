@@ -48,8 +48,7 @@ class _FieldSpec:
 
 if TYPE_CHECKING:
     from dataclasses import field as field
-
-    from typing_extensions import dataclass_transform
+    from typing import dataclass_transform  # 3.11+: read by the type checker only
 else:
     def field(*, default: Any = MISSING, default_factory: Any = MISSING, repr: bool = True,
               compare: bool = True) -> Any:
