@@ -16,8 +16,8 @@ importlib.util.LazyLoader: on CPython < 3.12 the import statement itself reads t
 `python -S` (PYTHON_FLAGS, what every launcher of a device agent passes; `add_site_packages()`):
 no `site` at start-up. In this host's venv `site` runs two .pth files (setuptools' distutils shim and
 the editable install's finder, which imports pathlib, fnmatch and urllib.parse and adds a finder
-that every later import consults): 26 ms of CPU for `python -c pass` against 10 ms with -S, about
-0.35 s of a Pi Zero 2 W's quota. `add_site_packages()` then puts the venv's site-packages on
+that every later import consults): 29 ms of CPU for `python -c pass` against 10 ms with -S at
+load 6, about 0.4 s of a Pi Zero 2 W's quota. `add_site_packages()` then puts the venv's site-packages on
 sys.path as `site` would (and sets sys.prefix to the venv, as `site` does), without running .pth
 files: the agent's packages (paho, psutil, numpy) need none, and `runtime` itself is found from
 the working directory or PYTHONPATH. Outside a venv, or in one that includes the system's
