@@ -4,9 +4,10 @@ own-set cases (same contributions, same merge policies, same validation in serve
 
     python bench/aggregation_ab.py [REV] [REPEATS]
 
-Upload-kind cases (`masked_own`, `sparse`) give the old side writable index arrays, as admission
-left them before it froze them (so its merge re-checked them); assignment-kind cases are frozen
-on both sides (the engine's cache froze them already). Prints one line per case: median CPU ms of
+The old side gets frozen int64 copies of the index arrays, as main's engine cache and admission
+left them (before indices were kept int32); this side the frozen int32 arrays the engine and
+admission now keep. Both sides run this checkout's validation (`server/aggregate.py`), which
+checks a frozen array once. Prints one line per case: median CPU ms of
 each side, each as a fraction of a memcpy of the same values (measured in the same loop), the
 speed-up, the largest difference between the two results, each side's `peak_extra_mb` (as in
 aggregation_bench.py: a first merge, pooled buffers included), and the 1-minute load average.
@@ -31,10 +32,10 @@ import server.aggregate as agg
 from server.aggregate import UpdateContribution
 from server.policies import MaskedDeltaMerge, PerElementMerge
 
-CASES = [("per_element_random", "random_half", PerElementMerge().merge, False),
-         ("per_element_classes", "own_classes", PerElementMerge().merge, False),
-         ("masked_own", "own_masks", MaskedDeltaMerge().merge, True),
-         ("sparse", "sparse", MaskedDeltaMerge().merge, True)]
+CASES = [("per_element_random", "random_half", PerElementMerge().merge),
+         ("per_element_classes", "own_classes", PerElementMerge().merge),
+         ("masked_own", "own_masks", MaskedDeltaMerge().merge),
+         ("sparse", "sparse", MaskedDeltaMerge().merge)]
 
 
 def load_revision(rev: str) -> object:
@@ -50,13 +51,13 @@ def load_revision(rev: str) -> object:
     return module
 
 
-def compare(before: object, merge: object, g: np.ndarray, new: list[UpdateContribution], upload: bool,
+def compare(before: object, merge: object, g: np.ndarray, new: list[UpdateContribution],
             repeats: int) -> tuple[float, float, float, float, float, float]:
     """(before s, after s, memcpy s, max |after - before|, before and after peak MB of a first
     merge), times as medians over `repeats`, interleaved."""
     after_sums = agg.coverage_sums
-    old = [UpdateContribution(c.indices.copy() if upload and c.indices is not None else c.indices, c.values,
-                              c.weight, c.coord_weights) for c in new]
+    old = [UpdateContribution(None if c.indices is None else _frozen64(c.indices), c.values, c.weight,
+                              c.coord_weights) for c in new]
     dest = np.empty(g.size, np.float32)
 
     def copy_all() -> None:
@@ -85,13 +86,19 @@ def compare(before: object, merge: object, g: np.ndarray, new: list[UpdateContri
             peak_new)
 
 
+def _frozen64(idx: np.ndarray) -> np.ndarray:
+    wide = idx.astype(np.int64)
+    wide.flags.writeable = False
+    return wide
+
+
 def main(rev: str = "main", repeats: int = 7) -> None:
     before = load_revision(rev)
     rng = np.random.default_rng(0)
     n, leading, layout = ab.model_layout()
     g = rng.standard_normal(n, dtype=np.float32)
-    for name, kind, merge, upload in CASES:
-        mo, mn, mc, diff, po, pn = compare(before, merge, g, ab._contributions(rng, n, kind, leading, layout), upload,
+    for name, kind, merge in CASES:
+        mo, mn, mc, diff, po, pn = compare(before, merge, g, ab._contributions(rng, n, kind, leading, layout),
                                    repeats)
         print(f"{name:20s} before {mo * 1e3:7.1f} ms ({mc / mo:.3f} of memcpy)  after {mn * 1e3:7.1f} ms "
               f"({mc / mn:.3f})  speed-up {mo / mn:.2f}x  max|after-before| {diff:.2e}  "

@@ -24,9 +24,10 @@ shared, and a merge is single-threaded numpy. Merge and memcpy repetitions alter
 average is recorded next to it. Submodel index arrays are frozen (read-only) as the engine's
 assignment cache freezes them (`Engine.assignment_for`), and sparse uploads' indices (ZeroFL top-k,
 Co-S²P masks) as admission freezes them once it has checked them (`server/admission.py`), so a
-merge skips re-checking them.
+merge skips re-checking them; both are int32, as `check_indices` narrows them.
 
-Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the int64 index bytes on top),
+Figures: `update_mb` (values only, MB = 1e6 bytes; `index_mb` is the index bytes on top, int32
+as the engine and admission keep them for a model under 2**31 parameters),
 median CPU seconds over `repeats`, MB/s of update values, the memcpy MB/s of the same bytes,
 `fraction_of_memcpy` = merge MB/s / memcpy MB/s, and `peak_extra_mb`: the most memory the merge
 held at once beyond its inputs, in a first merge (tracemalloc, which sees numpy's buffers; the 4 MB
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from server import accumulate
+from server import aggregate as agg
 from server.accumulate import release
 from server.aggregate import FloatArray, UpdateContribution, weighted_average
 from server.policies import DenseMerge, MaskedDeltaMerge, PerElementMerge
@@ -176,8 +178,9 @@ def _contributions(rng: np.random.Generator, n: int, kind: str, leading: np.ndar
             idx = leading  # the same tier for every update, as a HeteroFL fleet of one tier would send
         else:
             idx = np.sort(rng.choice(n, int(n * SPARSE_FRACTION), replace=False)).astype(np.int64)
-        if idx is not None and kind != "leading":  # per-device assignments (Chen & Qin) are frozen by
-            idx.flags.writeable = False  # the engine's cache, sparse uploads by admission (checked there)
+        if idx is not None and kind != "leading":  # per-device assignments (Chen & Qin) as the engine's
+            idx = agg.frozen_indices(idx, n, "bench")  # cache keeps them, sparse uploads as admission does:
+            # checked once, int32 (the model's index type), read-only
         size = n if idx is None else idx.size
         values = (rng.standard_normal(size, dtype=np.float32) * 0.01).astype(np.float32)
         if kind == "own_classes":  # Chen & Qin's harvest: a weight per coordinate (served classes' samples)
@@ -204,16 +207,20 @@ KERNEL_UPDATES = 16  # one partial sum's worth of own-set updates
 
 def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict[str, Any]]:
     """ns per value of `out[idx] += w · v` over 16 updates, each its own sorted random half of
-    `n` (unique indices), for each scatter candidate, interleaved with a memcpy of the values."""
+    `n` (unique indices), for each scatter candidate, interleaved with a memcpy of the values;
+    then the per-element merges' sums AND counts (`num[idx] += w · v`, `den[idx] += w`) per
+    value, by each one-pass candidate against the two scatters the merges run."""
     idxs = [np.sort(rng.permutation(n)[: n // 2]).astype(np.int64) for _ in range(KERNEL_UPDATES)]
+    idxs32 = [i.astype(np.int32) for i in idxs]
     vals = [rng.standard_normal(i.size, dtype=np.float32) for i in idxs]
     ws = [np.float32(50 + k) for k in range(KERNEL_UPDATES)]
-    out32, out64 = np.zeros(n, np.float32), np.zeros(n)
+    out32, out64, den32 = np.zeros(n, np.float32), np.zeros(n), np.zeros(n, np.float32)
     dest = np.empty(n // 2, np.float32)
 
-    def each(fn: Callable[[np.ndarray, np.ndarray, np.float32], object]) -> Callable[[], None]:
+    def each(fn: Callable[[np.ndarray, np.ndarray, np.float32], object],
+             index: list[np.ndarray] = idxs) -> Callable[[], None]:
         def all_updates() -> None:
-            for i, v, w in zip(idxs, vals, ws, strict=True):
+            for i, v, w in zip(index, vals, ws, strict=True):
                 fn(i, v, w)
         return all_updates
 
@@ -244,6 +251,8 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
     }
     if accumulate.scatter_add is accumulate._scatter_add_csc:  # scipy imported: the merges' kernel
         kernels["scipy_csc"] = each(lambda i, v, w: accumulate._scatter_add_csc(out32, i, v, w))
+        kernels["scipy_csc_int32"] = each(lambda i, v, w: accumulate._scatter_add_csc(out32, i, v, w), idxs32)
+        kernels.update(_sums_and_counts(n, idxs32, vals, ws, out32, den32, each))
     for fn in kernels.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in kernels}
@@ -257,15 +266,57 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
         ns = statistics.median(ts) / values * 1e9
         rows.append({"kernel": name, "ns_per_value": round(ns, 3), "memcpy_ns_per_value": round(copy_ns, 3),
                      "fraction_of_memcpy": round(copy_ns / ns, 4), "load_1m": round(os.getloadavg()[0], 2)})
-        print(f"  aggregation kernel {name:<16} {ns:6.2f} ns/value; memcpy {copy_ns:.2f}; ratio {copy_ns / ns:.3f}",
+        print(f"  aggregation kernel {name:<30} {ns:6.2f} ns/value; memcpy {copy_ns:.2f}; ratio {copy_ns / ns:.3f}",
               flush=True)
     return rows
+
+
+def _sums_and_counts(n: int, idxs: list[np.ndarray], vals: list[FloatArray], ws: list[np.float32],
+                     num: FloatArray, den: FloatArray, each: Any) -> dict[str, Callable[[], None]]:
+    """Sums and counts of own-set updates per value (int32 indices): the merges' two scatters,
+    and the one-pass forms scipy's kernels allow. Each one-pass form needs a per-value pair
+    (w·v, w) the kernel multiplies by one coefficient, so it first writes that pair per value."""
+    from scipy.sparse._sparsetools import csc_matvec, csc_matvecs
+
+    m = max(i.size for i in idxs)
+    ones = np.ones(m, np.float32)
+    pairs = np.empty((m, 2), np.float32)  # (w·v, w) per value, for the (n, 2) interleaved target
+    both = np.zeros((n, 2), np.float32)
+    columns = np.arange(m + 1, dtype=np.int32)  # one CSC column per value
+    packed = np.empty(m, np.complex64)  # v + 1j per value: real part the sum, imaginary the count
+    packed.imag = 1.0
+    cplx = np.zeros(n, np.complex64)
+
+    def two(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
+        accumulate._scatter_add_csc(num, i, v, w)
+        accumulate._scatter_add_csc(den, i, ones[: i.size], w)
+
+    def interleaved(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
+        p = pairs[: i.size]
+        np.multiply(v, w, out=p[:, 0])
+        p[:, 1] = w
+        csc_matvecs(n, i.size, 2, columns[: i.size + 1], i, ones[: i.size], p, both)
+
+    def complex64(i: np.ndarray, v: np.ndarray, w: np.float32) -> None:
+        a = packed[: i.size]
+        np.copyto(a.real, v)
+        csc_matvec(n, 1, np.array([0, i.size], np.int32), i, a, np.array([w], np.complex64), cplx)
+
+    def counts_by_bincount() -> None:  # sums scattered; counts from one bincount over the round
+        for i, v, w in zip(idxs, vals, ws, strict=True):
+            accumulate._scatter_add_csc(num, i, v, w)
+        den64 = np.bincount(np.concatenate(idxs), weights=np.repeat(np.array(ws, np.float64), [i.size for i in idxs]),
+                            minlength=n)
+        np.add(den, den64, out=den, casting="unsafe")
+
+    return {"sums_counts_two_csc_int32": each(two, idxs), "sums_counts_interleaved": each(interleaved, idxs),
+            "sums_counts_complex64": each(complex64, idxs), "sums_counts_bincount": counts_by_bincount}
 
 
 def run(repeats: int = REPEATS) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     n, leading, layout = model_layout()
-    leading.flags.writeable = False
+    leading = agg.frozen_indices(leading, n, "leading")  # as the engine's assignment cache keeps it
     global_flat = rng.standard_normal(n, dtype=np.float32)
     cases: list[tuple[str, str, Callable[[FloatArray, list[UpdateContribution]], FloatArray]]] = [
         ("dense", "dense", DenseMerge().merge),

@@ -2,11 +2,12 @@
 how fast a 32-device campaign is up.
 
 IMPORTS. Each in a fresh interpreter, `IMPORT_REPS` times, median of the child's CPU seconds
-(rusage of the reaped child): `python -c pass`, `import numpy`, the agent's import path (`import
-runtime.agent`; `agent_as_started`: the same after the placeholders `python -m runtime` puts in
-first, runtime/__main__.py DEFERRED_IMPORTS) and the trainer child's (`runtime.trainer_proc` +
-`runtime.ort`). For the agent's path also: which heavy modules it loaded (numpy, onnxruntime)
-and its VmRSS.
+(rusage of the reaped child): `python -c pass` (`interpreter`; `interpreter_as_started`: `python
+-S -c pass`, the flags every device launch uses, runtime/startup.py PYTHON_FLAGS), `import numpy`,
+the agent's import path (`import runtime.agent`; `agent_as_started`: the same under `python -S`
+after runtime/__main__.py has added the venv's site-packages and put in the placeholders of its
+DEFERRED_IMPORTS) and the trainer child's (`runtime.trainer_proc` + `runtime.ort`). For the
+agent's path also: which heavy modules it loaded (numpy, onnxruntime) and its VmRSS.
 
 DEVICE. One real device (LeNet on digits, artifacts cached by a first start) against a real
 server and mosquitto (TLS), in a cgroup holding it to a board's quota on this host (Zero 2 W,
@@ -14,7 +15,8 @@ the tightest, and Pi 4), undilated, so board seconds = wall seconds. `OTHER_BOAR
 board kind with its own quota, start on the Zero's federation, their config naming the board, in
 a cgroup at their own quota: one cold and one warm start each, to the hello only (no trainer,
 RSS after a task, or trainer_ready mark). `cpu_budget_s`: what a hello within HELLO_BUDGET_S may
-use, HELLO_BUDGET_S x the quota. Per start: exec -> the server's `device_hello` event
+use, HELLO_BUDGET_S x the quota. Per start: exec of `python -S -m runtime` (as every launcher
+starts a device) -> the server's `device_hello` event
 (`hello_s`); the device cgroup's CPU seconds by then (agent + trainer); the agent's own marks
 (runtime/startup.py: seconds since process start at interpreter, imports, config, credentials,
 agent_init, connected, hello and trainer_ready, and the agent's CPU seconds at each; the trainer
@@ -55,6 +57,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runtime.startup import PYTHON_FLAGS  # noqa: E402  (how every launcher starts a device)
+
 OUT = Path("/tmp/bench-startup")
 IMPORT_REPS = 5
 DEVICE_REPS = 3
@@ -66,14 +70,18 @@ HELLO_BUDGET_S = 2.0  # the issue's target, exec -> hello
 HELLO_TIMEOUT_S = 120.0
 CAMPAIGN_N = 32
 CAMPAIGN_TIMEOUT_S = 300.0
-IMPORT_CASES = {
-    "interpreter": "pass",
-    "numpy": "import numpy",
-    "agent": "import runtime.agent",
-    # What `python -m runtime` loads before its config: paho's unused imports deferred first.
-    "agent_as_started": ("import runtime.__main__ as m, runtime.startup as s\n"
-                         "for n in m.DEFERRED_IMPORTS: s.defer_import(n)\nimport runtime.agent"),
-    "trainer_child": "import runtime.trainer_proc, runtime.ort",
+_AS_STARTED = ("import runtime.__main__ as m, runtime.startup as s\n"
+               "for n in m.DEFERRED_IMPORTS: s.defer_import(n)\nimport runtime.agent")
+IMPORT_CASES: dict[str, tuple[tuple[str, ...], str]] = {  # (interpreter flags, code)
+    "interpreter": ((), "pass"),
+    # As a device starts: `python -S` (runtime/startup.py PYTHON_FLAGS), no site, no .pth files.
+    "interpreter_as_started": (PYTHON_FLAGS, "pass"),
+    "numpy": ((), "import numpy"),
+    "agent": ((), "import runtime.agent"),
+    # What `python -S -m runtime` loads before its config: the venv's site-packages added, paho's
+    # unused imports deferred first.
+    "agent_as_started": (PYTHON_FLAGS, _AS_STARTED),
+    "trainer_child": ((), "import runtime.trainer_proc, runtime.ort"),
 }
 _PROBE = """
 import sys, re
@@ -95,8 +103,8 @@ def bench_imports() -> dict[str, Any]:
     cpu: dict[str, list[float]] = {k: [] for k in IMPORT_CASES}
     probe: dict[str, str] = {}
     for _ in range(IMPORT_REPS):  # interleaved, so a burst of load hits every case alike
-        for name, code in IMPORT_CASES.items():
-            spent, out = _child_cpu_s([sys.executable, "-c", _PROBE.format(code=code)])
+        for name, (flags, code) in IMPORT_CASES.items():
+            spent, out = _child_cpu_s([sys.executable, *flags, "-c", _PROBE.format(code=code)])
             cpu[name].append(spent)
             probe[name] = out.strip()
     for name in IMPORT_CASES:
@@ -207,8 +215,8 @@ def _one_start(run: Path, broker_url: str, group: Any, device: str, cold: bool, 
     cpu0 = group.stats().cpu_usage_s or 0.0
     t0 = time.time()
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(cfg), "--broker", broker_url],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        argv = [sys.executable, *PYTHON_FLAGS, "-m", "runtime", "--config", str(cfg), "--broker", broker_url]
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=lambda: group.add_pid(os.getpid()))
     r: dict[str, Any] = {"cold": cold}
     try:

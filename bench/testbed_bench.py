@@ -12,19 +12,24 @@ ORCHARD_BENCH_TESTBED_MAX_N set (e.g. 256) it searches instead: N starts at `STA
 while it keeps up (up to that N) and then halves the gap to the smallest N that did not, down to
 `SEARCH_STEP` (or halves towards `MIN_N` when 32 fails); `fleet.mode` and `fleet.ran_n` say which
 ran. A point does not start when host memory cannot hold it. Per N (figures from
-bench/testbed_figures.py, all in board time):
+bench/testbed_figures.py, all in board time; verdicts and table rows: bench/testbed_report.py):
   * telemetry_hz_board_median / _min: per device, samples at least one board period apart per
     board second, over [w0, w1]: from 2 board s after the last device's first sample (at latest
     the middle of the run; devices not up by then count 0 until they are) to 1.5 board s before
     the server's end. Configured: 1 Hz of board time (the runner gives agents 1/delta Hz of wall
     time); ~0.97-0.98 is ideal (the agent schedules on a fixed grid);
   * delivered_cpu_median / _min: per device, the cgroup's CPU (cpuacct.usage, sampled every
-    0.5 s wall) over quota x wall time, summed over the spans between two consecutive telemetry
-    rows both taken while training. Why this definition: the quota caps the whole cgroup (agent +
-    trainer) and a training trainer always wants more than it, so anything below 1 is CPU the host
-    did not give (other devices, the harness, other tenants). `trainer_delivered_cpu_median` is
-    the report's own check (summary.json fidelity: the trainer's CPU over its steps / (train time
-    x quota)); it is lower by what the agent used inside the same quota while the trainer trained;
+    0.5 s wall) over quota x wall time, summed over the spans the device spent training by its own
+    clock (`device_status` "training" to its next status). Why this definition: the quota caps the
+    whole cgroup (agent + trainer) and a training trainer always wants more than it, so anything
+    below 1 is CPU the host did not give (other devices, the harness, other tenants); a device
+    waiting for its next task wants none, so that wait is not owed (until stop 21 it was, whenever
+    a task ended between two telemetry rows). `trainer_delivered_cpu_median` is the report's own
+    check (summary.json fidelity: the trainer's CPU over its steps / (train time x quota)); it is
+    lower by what the agent used inside the same quota while the trainer trained;
+  * between_tasks: the wait from a task's end to the device's next training (board s), the share
+    of a device's life it trained, and the wall s from a receipt to the next task frame (under
+    semi-async mostly the wait for the round to close at K updates);
   * device_cpu: CPU seconds of all agents and all trainers over the run (psutil): the agents'
     share of a device's CPU is overhead a real board pays in proportion to delta times less;
   * RSS: agent and trainer as the devices report them (median over devices of each device's
@@ -40,6 +45,11 @@ every cgroup held the quota the dilation planned (within 5 %);
 `largest_keeping_up` is the largest such N, `first_failing` names the first N that did not and
 which property broke. `python bench/testbed_bench.py 32 48` runs single points (A/B runs).
 
+CFS. Before any fleet, bench/testbed_cfs.py probes the kernel mechanics under the fleet: whether
+one cgroup at a Pi 4's dilated quota (0.012-0.05 core) with the testbed's period gets its quota,
+and how long a server-shaped process waits for a CPU next to saturated device groups, in the root
+group or in the run's harness group (its docstring defines both).
+
 OVERHEAD. The process tree of the `orchard campaign run` subprocess is sampled every `SAMPLE_S`
 with psutil; every process (keyed by pid + start time, so reuse is never confused) keeps its last
 seen user+system CPU seconds, so processes that exit keep what they used up to their last sample.
@@ -49,6 +59,8 @@ trainer), other (anything else, e.g. a host-speed probe). harness = runner + ser
   * over the campaign's live window (server_start -> server_stop events, cumulative figures
     interpolated between samples): harness_share_of_campaign_cpu = harness CPU / CPU of the whole
     tree, harness_share_of_host = harness CPU / (window x host cores), and the same per class;
+    runqueue_wait_s / runqueue_wait_per_cpu_s per harness class: seconds its processes' main
+    threads waited runnable for a CPU (/proc/<pid>/schedstat), and that per CPU second they used;
   * over the whole command (preparation, the live window, shutdown and report writing), with the
     runner's own CPU split into before / during / after the live window;
   * cross-checks: the device CPU from each device cgroup's cpuacct.usage (sampled, last value per
@@ -82,8 +94,18 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/testbed_bench.py 32`
 
+from bench.testbed_cfs import run as cfs_probes
+from bench.testbed_report import (
+    KEEP_CONTRIBUTED,
+    KEEP_DELIVERED,
+    KEEP_HZ,
+    KEEP_QUOTA_TOLERANCE,
+    _brief,
+    _broken,
+    _overhead_line,
+    _scale_line,
+)
 from bench.testbed_run import run_campaign
-from bench.testbed_sampler import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench-testbed")
@@ -100,10 +122,6 @@ SCALE_BOARD = "rpi4b-4gb"
 SCALE_MODEL = "lenet"
 BOARD_S = 30.0  # [stop] duration_board_s: board seconds of each ladder point (wall = BOARD_S x dilation + start-up)
 LOCAL_STEPS = 1000  # a task spans a few board seconds, so training rows come in runs (delivered CPU)
-KEEP_HZ = 0.9
-KEEP_DELIVERED = 0.9
-KEEP_CONTRIBUTED = 0.9
-KEEP_QUOTA_TOLERANCE = 0.05  # the cgroups hold the quota dilation planned (fleet.json rounds to 4 decimals)
 MB_PER_DEVICE_BUDGET = 130  # peak RSS 126 MB a device at N = 128 (an upper bound: shared pages count in each)
 MEM_RESERVE_MB = 2048
 CAVEAT = ("2-core host shared with other engineers' concurrent tests: figures are noisy "
@@ -151,75 +169,6 @@ count = {n}
 """
 
 
-
-# ------------------------------------------------------------------------------ reporting
-def _broken(r: dict[str, Any]) -> list[str]:
-    """The properties a ladder point did not keep (empty: it keeps up)."""
-    fleet = r.get("fleet") or {}
-    hz, cpu = fleet.get("telemetry_hz_median"), (fleet.get("delivered_cpu") or {}).get("min")
-    out = []
-    if r.get("returncode") != 0 or "error" in r:
-        out.append(f"run failed: {str(r.get('error'))[:160]}")
-    if hz is None or hz < KEEP_HZ:
-        out.append(f"telemetry median {_fmt(hz, '.3f')} Hz < {KEEP_HZ}")
-    if cpu is None or cpu < KEEP_DELIVERED:
-        out.append(f"delivered CPU min {_fmt(cpu, '.3f')} < {KEEP_DELIVERED}")
-    if (r.get("contributed_fraction") or 0.0) < KEEP_CONTRIBUTED:
-        out.append(f"contributed {_fmt(r.get('contributed_fraction'), '.2f')} < {KEEP_CONTRIBUTED}")
-    if not (r.get("aggregations_per_board_min_2nd_half") or 0.0) > 0:
-        out.append("no aggregation in the 2nd half")
-    quota_ratio = fleet.get("quota_enforced_over_planned_max")
-    if quota_ratio is not None and abs(quota_ratio - 1.0) > KEEP_QUOTA_TOLERANCE:
-        out.append(f"enforced quota {quota_ratio:.2f}x the planned one")
-    return out
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _overhead_line(label: str, r: dict[str, Any]) -> str:
-    live = r.get("live") or {}
-    whole = r.get("whole_command") or {}
-    cpu = live.get("cpu_s", {})
-    parts = ", ".join(f"{k} {_fmt(cpu.get(k), '.1f')}" for k in CLASSES[:4])
-    return (f"  overhead {label:<8} live {_fmt(live.get('window_s'), '.1f')} s: harness "
-            f"{_fmt(live.get('harness_cpu_s'), '.1f')} CPU-s = "
-            f"{_fmt(live.get('harness_share_of_campaign_cpu'), '.1%')} of the campaign's CPU, "
-            f"{_fmt(live.get('harness_share_of_host'), '.1%')} of the host ({parts}); "
-            f"whole command {_fmt(r.get('command_wall_s'), '.0f')} s: harness "
-            f"{_fmt(whole.get('harness_share_of_campaign_cpu'), '.1%')} of {_fmt(whole.get('campaign_cpu_s'), '.1f')}"
-            f" CPU-s; host busy {_fmt(live.get('host_busy_fraction'), '.0%')}"
-            f" (others {_fmt(live.get('foreign_busy_fraction'), '.0%')})")
-
-
-def _scale_line(r: dict[str, Any]) -> str:
-    live = r.get("live") or {}
-    fleet = r.get("fleet") or {}
-    cpu = fleet.get("delivered_cpu") or {}
-    rss = fleet.get("rss") or {}
-    head = f"  fleet N={r['n']:<3}"
-    if "error" in r and fleet.get("telemetry_hz_median") is None:
-        return f"{head} ERROR {r['error'][:200]}"
-    verdict = "keeps up" if not r["broken"] else "does NOT keep up: " + "; ".join(r["broken"])
-    return (f"{head} dilation {_fmt(fleet.get('dilation'), '.2f')}"
-            f"  telemetry {_fmt(fleet.get('telemetry_hz_median'), '.3f')} Hz board"
-            f" (min {_fmt(fleet.get('telemetry_hz_min'), '.2f')},"
-            f" lag {_fmt(fleet.get('telemetry_lag_board_s_median'), '.1f')} s)"
-            f"  delivered CPU median {_fmt(cpu.get('median'), '.3f')} min {_fmt(cpu.get('min'), '.3f')}"
-            f" ({cpu.get('devices_measured')}/{cpu.get('devices')} devices)"
-            f"  contributed {_fmt(r.get('contributed_fraction'), '.0%')}"
-            f"  startup {_fmt(fleet.get('startup_board_s_median'), '.1f')} board s"
-            f"  harness {_fmt(live.get('harness_share_of_campaign_cpu'), '.1%')} of campaign CPU /"
-            f" {_fmt(live.get('harness_share_of_host'), '.1%')} of host"
-            f"  RSS agent {_fmt(rss.get('agent_mb_median'), '.0f')}"
-            f" + trainer {_fmt(rss.get('trainer_mb_median'), '.0f')} MB"
-            f"  host busy {_fmt(live.get('host_busy_fraction'), '.0%')}"
-            f" (others {_fmt(live.get('foreign_busy_fraction'), '.0%')})"
-            f"  load {_fmt(r.get('loadavg_1m_end'), '.1f')}"
-            f"  wall {_fmt(r.get('command_wall_s'), '.0f')} s -> {verdict}")
-
-
 def _next_n(good: int, bad: int | None, max_n: int) -> int | None:
     """The next fleet size to try: double past the largest that kept up (up to max_n), or halve the
     gap to the smallest that did not, until the gap is within SEARCH_STEP."""
@@ -262,34 +211,6 @@ def fleet_point(n: int) -> dict[str, Any]:
     r["broken"] = _broken(r)
     r["keeps_up"] = not r["broken"]
     return r
-
-
-def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    live, fleet = r.get("live") or {}, r.get("fleet") or {}
-    cpu, rss = fleet.get("delivered_cpu") or {}, fleet.get("rss") or {}
-    return {"n": r.get("n"), "keeps_up": r.get("keeps_up"), "broken": r.get("broken"),
-            "dilation": fleet.get("dilation"), "quota_cores_per_device": fleet.get("quota_cores_per_device"),
-            "telemetry_hz_board_median": fleet.get("telemetry_hz_median"),
-            "telemetry_hz_board_min": fleet.get("telemetry_hz_min"),
-            "telemetry_lag_board_s_median": fleet.get("telemetry_lag_board_s_median"),
-            "delivered_cpu_median": cpu.get("median"), "delivered_cpu_min": cpu.get("min"),
-            "quota_enforced_over_planned_max": fleet.get("quota_enforced_over_planned_max"),
-            "trainer_delivered_cpu_median": (fleet.get("trainer_delivered_cpu") or {}).get("median"),
-            "contributed_fraction": r.get("contributed_fraction"),
-            "aggregations_per_board_min_2nd_half": r.get("aggregations_per_board_min_2nd_half"),
-            "startup_board_s_median": fleet.get("startup_board_s_median"),
-            "harness_share_of_campaign_cpu": live.get("harness_share_of_campaign_cpu"),
-            "harness_share_of_host": live.get("harness_share_of_host"),
-            "share_of_host": live.get("share_of_host"),
-            "rss_agent_mb_median": rss.get("agent_mb_median"), "rss_trainer_mb_median": rss.get("trainer_mb_median"),
-            "rss_device_mb_max": rss.get("device_mb_max"),
-            "peak_rss_mb_median": {k: (r.get("memory") or {}).get(f"peak_{k}_rss_mb_median")
-                                   for k in ("agent", "trainer", "tracker")},
-            "peak_device_rss_mb": (r.get("memory") or {}).get("peak_device_rss_mb"),
-            "host_busy_fraction": live.get("host_busy_fraction"),
-            "foreign_busy_fraction": live.get("foreign_busy_fraction"),
-            "device_cpu": r.get("device_cpu"),
-            "loadavg_1m_end": r.get("loadavg_1m_end"), "command_wall_s": r.get("command_wall_s")}
 
 
 def runner_poll_cost(reps: int = 7, calls: int = 300) -> dict[str, Any]:
@@ -339,6 +260,8 @@ def run() -> dict[str, Any]:
     problems: list[str] = []
     out["runner_poll"] = runner_poll_cost()
     print(f"  runner OOM poll per device per loop: {out['runner_poll']}", flush=True)
+    out["cfs"] = cfs_probes()
+    print(f"  CFS probes: {json.dumps(out['cfs'])}", flush=True)
 
     # ---- OVERHEAD on the default campaign
     try:

@@ -6,15 +6,25 @@ stamped in board seconds on the same origin.
 
   * telemetry rate: per device, samples at least one board period apart (`rate_hz`) per board
     second in the steady window [w0, w1] (see `window`);
-  * delivered CPU: per device, over every span between two consecutive telemetry rows that were
-    both taken in state "training" (one task: the agent adds a row at each task end), the
-    device cgroup's CPU (cpuacct.usage / cpu.stat usage_usec, sampled by the bench, linear
-    between samples) over quota x wall span. The quota is a ceiling for the whole cgroup (agent
-    + trainer), and a training trainer always wants more than it (one thread, CPU-bound), so
-    a ratio below 1 means the host did not serve the group: other groups, the harness or other
-    tenants held the CPU. The trainer-only ratio of summary.json's fidelity check (the trainer's
-    CPU over its steps / (train time x quota)) is reported next to it: it is lower by what the
-    agent itself used inside the quota while the trainer trained;
+  * delivered CPU: per device, over every span it spent training by its own clock (from each
+    `device_status` "training" to its next status, device wall stamps `device_t`), the device
+    cgroup's CPU (cpuacct.usage / cpu.stat usage_usec, sampled by the bench, linear between
+    samples) over quota x wall span. The quota is a ceiling for the whole cgroup (agent +
+    trainer), and a training trainer always wants more than it (one thread, CPU-bound), so a
+    ratio below 1 means the host did not serve the group: other groups, the harness or other
+    tenants held the CPU. Until stop 21 the spans ran between two consecutive telemetry rows both
+    taken while training, which also counted the device's wait for its next task (the server's
+    answer; an idle device is not short of CPU) whenever a task ended between two rows: at
+    N = 128 only 0.88 of those spans was training. The trainer-only ratio of summary.json's
+    fidelity check (the trainer's CPU over its steps / (train time x quota)) is reported next to
+    it: it is lower by what the agent itself used inside the quota while the trainer trained;
+  * between tasks: per device, board s from a task's end ("uploading") to its next "training"
+    (the server's receipt, its next task, the task's decode); `training_share` is the share of
+    each device's life after its first task that it spent training, and `receipt_to_task_wall_s`
+    the wall time from an update's receipt to that device's next task frame. Under semi-async
+    that is mostly the method's own wait: a device whose update was taken gets the next global
+    model, which comes when the round closes at K updates (server/policies.py, "semi"), so it
+    grows with the spread of task times across the fleet, not with the server's latency;
   * quota_enforced_over_planned_max: the largest ratio, over devices, of the quota the device
     reads from its cgroup to the one the dilation planned (fleet.json); ~1 when they agree;
   * RSS: agent and trainer, as the device reports them in its telemetry (psutil of its own
@@ -103,18 +113,26 @@ def _interp(series: Sequence[tuple[float, float]], t: float) -> float | None:
     return u0 if t1 <= t0 else u0 + (u1 - u0) * (t - t0) / (t1 - t0)
 
 
-def training_spans(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
-    """Board-time spans between consecutive rows both taken while training."""
-    return [(a["t_s"], b["t_s"]) for a, b in itertools.pairwise(rows)
-            if a.get("state") == "training" and b.get("state") == "training" and b["t_s"] > a["t_s"]]
+def status_spans(events: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[float, float, str]]]:
+    """Per device, (start, end, state) wall spans by its own clock (`device_status` device_t): each
+    state lasts until the device's next status; the last one is left out (no end)."""
+    stamps: dict[str, list[tuple[float, str]]] = {}
+    for e in events:
+        t = _num(e.get("device_t"))
+        if e.get("event") == "device_status" and t is not None and isinstance(e.get("device"), str):
+            stamps.setdefault(e["device"], []).append((t, str(e.get("state"))))
+    out: dict[str, list[tuple[float, float, str]]] = {}
+    for device, seq in stamps.items():
+        seq.sort()
+        out[device] = [(a, b, state) for (a, state), (b, _) in itertools.pairwise(seq) if b > a]
+    return out
 
 
-def delivered(spans: Sequence[tuple[float, float]], usage: Sequence[tuple[float, float]], quota_cores: float,
-              start_unix: float, dilation: float) -> dict[str, float] | None:
-    """The cgroup's CPU over quota x wall time, summed over the training spans it has samples for."""
+def delivered(spans: Sequence[tuple[float, float]], usage: Sequence[tuple[float, float]],
+              quota_cores: float) -> dict[str, float] | None:
+    """The cgroup's CPU over quota x wall time, summed over the wall spans it has samples for."""
     got = owed = 0.0
-    for a, b in spans:
-        wa, wb = start_unix + a * dilation, start_unix + b * dilation
+    for wa, wb in spans:
         ua, ub = _interp(usage, wa), _interp(usage, wb)
         if ua is None or ub is None:
             continue
@@ -123,6 +141,38 @@ def delivered(spans: Sequence[tuple[float, float]], usage: Sequence[tuple[float,
     if owed <= 0:
         return None
     return {"cpu_s": round(got, 4), "owed_cpu_s": round(owed, 4), "ratio": round(got / owed, 4)}
+
+
+def between_tasks(spans: Sequence[tuple[float, float, str]]) -> tuple[list[float], float | None]:
+    """Wall s from each task's end ("uploading") to the next "training", and the share of the
+    time from the first "training" on that was spent training."""
+    gaps, ended = [], None
+    for a, _b, state in spans:
+        if state == "uploading":
+            ended = a
+        elif state == "training" and ended is not None:
+            gaps.append(a - ended)
+            ended = None
+    training = [(a, b) for a, b, state in spans if state == "training"]
+    if not training:
+        return gaps, None
+    life = spans[-1][1] - training[0][0]
+    return gaps, (sum(b - a for a, b in training) / life if life > 0 else None)
+
+
+def receipt_to_task_wall_s(events: Iterable[Mapping[str, Any]]) -> list[float]:
+    """The server's wall s from a device's `receipt_sent` to its next `task_frame`."""
+    receipt: dict[str, float] = {}
+    out = []
+    for e in events:
+        device, t = e.get("device"), _num(e.get("wall_t"))
+        if not isinstance(device, str) or t is None:
+            continue
+        if e.get("event") == "receipt_sent":
+            receipt[device] = t
+        elif e.get("event") == "task_frame" and device in receipt:
+            out.append(t - receipt.pop(device))
+    return out
 
 
 def _median(xs: Sequence[float]) -> float | None:
@@ -172,6 +222,9 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
     out["telemetry_lag_board_s_median"] = _median(lags)
     per_device: dict[str, Any] = {}
     over_planned = []
+    spans = status_spans(events)
+    gaps_s: list[float] = []
+    shares: list[float] = []
     for d in devices:
         # The quota the cgroup enforces, as the device reads it (full precision; fleet.json rounds)
         enforced = [q for r in rows[d["id"]] if (q := _num(r.get("cpu_quota_cores")))]
@@ -179,16 +232,28 @@ def fleet_figures(run: Path, events: Sequence[Mapping[str, Any]], fleet: Mapping
         planned = _num(d.get("cpu_quota_cores"))
         if enforced and planned:
             over_planned.append(statistics.median(enforced) / planned)
-        got = delivered(training_spans(rows[d["id"]]), usage_series.get(d["id"], ()), quota or 0.0, start_unix,
-                        dilation) if quota else None
+        mine = spans.get(d["id"], [])
+        gaps, share = between_tasks(mine)
+        gaps_s += gaps
+        if share is not None:
+            shares.append(share)
+        training = [(a, b) for a, b, state in mine if state == "training"]
+        got = delivered(training, usage_series.get(d["id"], ()), quota) if quota else None
         if got is not None:
             per_device[d["id"]] = got
     ratios = [v["ratio"] for v in per_device.values()]
     out["delivered_cpu"] = {"median": _median(ratios), "min": round(min(ratios), 4) if ratios else None,
                             "devices_measured": len(ratios), "devices": len(devices),
-                            "training_board_s": round(sum(b - a for rs in rows.values()
-                                                          for a, b in training_spans(rs)), 1),
+                            "training_board_s": round(sum(b - a for ss in spans.values()
+                                                          for a, b, state in ss if state == "training")
+                                                      / dilation, 1),
                             "per_device": per_device}
+    receipt_to_task = receipt_to_task_wall_s(events)
+    out["between_tasks"] = {"board_s_median": _median([g / dilation for g in gaps_s]),
+                            "training_share_median": _median(shares),
+                            "training_share_min": round(min(shares), 3) if shares else None,
+                            "receipt_to_task_wall_s_median": _median(receipt_to_task),
+                            "receipt_to_task_board_s_median": _median([g / dilation for g in receipt_to_task])}
     # The enforced quota over the one dilation planned (fleet.json, 4 decimals): ~1 when the
     # devices are held to their share; above it the fleet gets more CPU than planned.
     out["quota_enforced_over_planned_max"] = round(max(over_planned), 3) if over_planned else None

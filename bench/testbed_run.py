@@ -22,7 +22,10 @@ from bench.testbed_sampler import CLASSES, HARNESS, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHARD = ROOT / ".venv" / "bin" / "orchard"
-RUN_GRACE_S = 90.0  # past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left
+# Past the expected wall time: SIGINT the runner (it cleans up), then SIGKILL what is left. The
+# report's plots alone took > 95 s at load 27, so 90 s killed finished runs.
+RUN_GRACE_S = 300.0
+REPORT_GRACE_S = 900.0  # more, once the report's plots have started (at load 36 they outlasted the grace)
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
@@ -50,6 +53,8 @@ def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[s
     total = sum(cpu.values())
     window = b - a
     host_busy = hb - ha
+    wa, wb = sampler.wait_at(a), sampler.wait_at(b)
+    wait = {k: round(wb[k] - wa[k], 3) for k in HARNESS}
     return {
         "window_s": round(window, 2), "cpu_s": cpu, "harness_cpu_s": round(harness, 3),
         "campaign_cpu_s": round(total, 3),
@@ -59,6 +64,10 @@ def _cpu_figures(sampler: TreeSampler, a: float, b: float, cores: int) -> dict[s
         "campaign_share_of_host": _share(total, window * cores),
         "host_busy_fraction": _share(host_busy, window * cores),
         "foreign_busy_fraction": _share(max(0.0, host_busy - total), window * cores),
+        # Seconds runnable but waiting for a CPU, per second of CPU used: ~0 when the harness is
+        # served at once, >> 1 when it queues behind the devices or other tenants.
+        "runqueue_wait_s": wait,
+        "runqueue_wait_per_cpu_s": {k: _share(wait[k], cpu[k]) for k in HARNESS},
     }
 
 
@@ -78,7 +87,7 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
     # wall_s is the expected wall time; once fleet.json gives the run's dilation, the deadline
     # follows it (a busier host at launch means a larger dilation, so a longer run).
     deadline = time.monotonic() + wall_s + RUN_GRACE_S
-    interrupted = killed = False
+    interrupted = killed = reporting = False
     dilated = board_s is None
     rusage = None
     status = 0
@@ -88,10 +97,15 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
             break
         if not dilated and board_s is not None:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if (run / "fleet.json").stat().st_mtime < t0:  # the last run's, until --force clears it
+                    raise ValueError("stale fleet.json")
                 factor = float(json.loads((run / "fleet.json").read_text())["time_dilation"])
                 deadline = time.monotonic() + board_s * factor + RUN_GRACE_S
                 dilated = True
-        if time.monotonic() > deadline and not interrupted:
+        if time.monotonic() > deadline and not interrupted and not reporting and (run / "plots").is_dir():
+            reporting = True  # the campaign is over and its report is being drawn: let it finish
+            deadline = time.monotonic() + REPORT_GRACE_S
+        elif time.monotonic() > deadline and not interrupted:
             interrupted = True  # the runner turns SIGINT into a clean stop
             deadline = time.monotonic() + 40.0
             with contextlib.suppress(ProcessLookupError):
@@ -164,6 +178,8 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
         half = [w for w in rows if w >= span / 2]
         res["aggregations_per_board_min_2nd_half"] = round(len(half) / (span / 2) * 60, 1) if span > 0 else None
     res["fleet"] = fleet_figures(run, events, fleet, sampler.usage_series, sampler.newest_ticks)
+    with contextlib.suppress(OSError):  # kept with the run, so its figures can be worked out again
+        (run / "bench_usage.json").write_text(json.dumps(sampler.usage_series))
     res["device_cpu"] = sampler.device_cpu_split()
     res["memory"]["peak_agent_rss_mb_median"] = _median(list(sampler.peak_agent_rss_mb.values()))
     res["memory"]["peak_trainer_rss_mb_median"] = _median(list(sampler.peak_trainer_rss_mb.values()))
@@ -174,6 +190,7 @@ def run_campaign(label: str, config: Path, run: Path, wall_s: float,
         ratios = [float(v["ratio"]) for v in fidelity.values()]
         res["fleet"]["trainer_delivered_cpu"] = {"median": _median(ratios), "min": min(ratios) if ratios else None,
                                                  "devices_measured": len(ratios)}
+    res["harness_cgroups"] = sampler.harness_groups  # {"server": ["harness"], ...}; absent: root group
     res["cleanup_problems"] = _check_clean(sampler, run)
     return res
 

@@ -59,6 +59,14 @@ def _read_usage_s(group_dir: str) -> float | None:
     return None
 
 
+def _runqueue_wait_s(pid: int) -> float | None:
+    """Seconds the process's threads have waited runnable for a CPU (/proc/<pid>/schedstat, 2nd
+    field; the main thread only, where the server's and broker's work runs)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    return None
+
+
 def _last_t(path: Path) -> float | None:
     try:
         with path.open("rb") as f:
@@ -90,6 +98,9 @@ class TreeSampler(threading.Thread):
         # worked out once the run's clock (start, dilation) is known
         self.newest_ticks: list[tuple[float, list[float]]] = []
         self.usage_series: dict[str, list[tuple[float, float]]] = {}  # device id -> (wall t, cgroup CPU s)
+        self.harness_groups: dict[str, list[str]] = {}  # server / broker -> the cgroup leaf names it sat in
+        self.wait: dict[tuple[int, float], float] = {}  # harness process -> run-queue wait s (last seen)
+        self.wait_series: list[tuple[float, dict[str, float]]] = []  # (wall t, cumulative wait per harness class)
         self.peak_devices_rss_mb = 0.0
         self.peak_device_rss_mb = 0.0
         self.peak_agent_rss_mb: dict[int, float] = {}  # agent pid -> its peak RSS
@@ -154,6 +165,14 @@ class TreeSampler(threading.Thread):
         rss_by_device: dict[int, float] = {}
         for pid, (p, key, ppid) in seen.items():
             kind = kind_of(pid)
+            if kind in HARNESS and (wait := _runqueue_wait_s(pid)) is not None:
+                self.wait[key] = wait
+            if kind in ("server", "broker"):  # the run's harness group (the broker joins it once up)
+                dirs = _proc_cgroups(pid)
+                self.all_group_dirs.update(dirs)
+                # every group it was seen in: an exiting process reads as the root group
+                self.harness_groups[kind] = sorted(set(self.harness_groups.get(kind, ()))
+                                                   | {os.path.basename(d) for d in dirs})
             try:
                 t = p.cpu_times()
                 self.cpu[key] = t.user + t.system
@@ -181,6 +200,10 @@ class TreeSampler(threading.Thread):
         busy = h.user + h.nice + h.system + getattr(h, "irq", 0.0) + getattr(h, "softirq", 0.0) + getattr(
             h, "steal", 0.0)
         self.series.append((now, totals, busy))
+        waits = dict.fromkeys(HARNESS, 0.0)
+        for key, wait in self.wait.items():
+            waits[self.cls[key]] += wait
+        self.wait_series.append((now, waits))
         if rss_by_device:
             self.peak_devices_rss_mb = max(self.peak_devices_rss_mb, sum(rss_by_device.values()))
             self.peak_device_rss_mb = max(self.peak_device_rss_mb, max(rss_by_device.values()))
@@ -210,6 +233,15 @@ class TreeSampler(threading.Thread):
                 w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
                 return {k: a[k] + w * (b[k] - a[k]) for k in CLASSES}, h0 + w * (h1 - h0)
         return dict(s[-1][1]), s[-1][2]
+
+    def wait_at(self, t: float) -> dict[str, float]:
+        """Cumulative run-queue wait per harness class at wall time t (the sample at or before it)."""
+        last = dict.fromkeys(HARNESS, 0.0)
+        for t0, waits in self.wait_series:
+            if t0 > t:
+                break
+            last = waits
+        return dict(last)
 
     def _is_tracker(self, key: tuple[int, float], p: psutil.Process) -> bool:
         """A child of an agent that is multiprocessing's resource tracker, not its trainer."""

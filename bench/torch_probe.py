@@ -46,8 +46,13 @@ def _run(nodes: list[dict[str, Any]], env: dict[str, Any]) -> Any:
             y = ins[0] * ins[1] if op == "Mul" else ins[0] + ins[1]
         elif op == "Identity":
             y = ins[0]
+        elif op == "Unsqueeze":  # the ResNet's branch scale applied to its conv's weights
+            y = ins[0].unsqueeze(int(ins[1][0]))
+        elif op == "Reshape":
+            y = ins[0].reshape(ins[1].tolist())
         elif op == "Constant":
-            y = torch.tensor(np.asarray(a["value"], dtype=np.float32))
+            value = np.asarray(a["value"])
+            y = torch.tensor(value if value.dtype.kind in "iu" else value.astype(np.float32))
         else:
             raise SystemExit(f"torch_probe: op {op} is not interpreted")
         env[n["outputs"][0]] = y

@@ -34,10 +34,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--before", required=True, help="root of the other checkout")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="*", default=[], help="only these models' points (default: all)")
     a = p.parse_args()
     trees = {"before": str(Path(a.before).resolve()), "after": str(ROOT)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for model, width in CASES:
+        if a.models and model not in a.models:
+            continue
         dirs = {k: subprocess.run([sys.executable, "-c", ARTIFACT, t, model, str(width)], capture_output=True,
                                   text=True, check=True, cwd=t).stdout.split()[-1] for k, t in trees.items()}
         cpu: dict[str, list[float]] = {k: [] for k in trees}

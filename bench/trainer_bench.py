@@ -1,7 +1,9 @@
 """`make bench` trainer section: the device trainer's CPU per step against the host's fp32 GEMM
 rate and against PyTorch eager on the same network, weights and batches.
 
-- `gemm.kernels_us`: single ORT kernels on one activation of the CNN at width 0.25, CPU us.
+- `gemm.kernels_us`: single ORT kernels on one activation of the CNN at width 0.25, CPU us;
+  `gemm.alternatives_us`: the forms measured against the rewrites and not taken
+  (bench/trainer_kernels.py).
 - `gemm`: fp32 1024x1024x1024 GEMM at one thread, numpy/OpenBLAS `np.dot` and ONNX Runtime's own
   MatMul (an inference session, intra-op 1), in a fresh process with BLAS pools sized to 1.
   `ceiling_gflops` is the larger: the rate a training step's FLOPs are compared with.
@@ -78,78 +80,10 @@ def gemm_probe(reps: int = 15) -> dict[str, Any]:
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     ort_rate = rates(lambda: sess.run(None, {"a": a, "b": b}))
-    return {"n": GEMM_N, "numpy": numpy_rate, "ort_matmul": ort_rate, "kernels_us": kernel_costs(reps)}
+    from bench.trainer_kernels import alternative_costs, kernel_costs
 
-
-def kernel_costs(reps: int) -> dict[str, float]:
-    """Median CPU us of single ORT kernels on one CNN width-0.25 activation (32x8x32x32 floats),
-    one thread: the backward ReLU as ORT generates it and as models/grad_rewrite.py rewrites it;
-    max pooling with and without the index output ORT's training graph needs, and the rewrite's
-    pool forward + backward (ReLU mask folded in; ORT's MaxPoolGrad cannot run outside a training
-    session, its cost is in `profile`); the 3x3 8->8 conv's ConvGrad with all three outputs,
-    with dW and dB only, and the rewrite's dX by a forward Conv."""
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    from models.grad_rewrite import rewrite_conv_input_grads, rewrite_training_graph
-    from runtime.ort import onnxruntime
-
-    shape = [32, 8, 32, 32]
-    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
-    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
-    ms = "com.microsoft"
-    pool_pattern = [helper.make_node("Relu", ["x"], ["xr"]), helper.make_node("MaxPool", ["xr"], ["y", "i"], **pool),
-                    helper.make_node("MaxPoolGrad", ["dy_pooled", "i"], ["dxp"], **pool),
-                    helper.make_node("ReluGrad", ["dxp", "xr"], ["dx"], domain=ms)]
-    conv_grad = [helper.make_node("ConvGrad", ["dy", "x", "w"], ["dx", "dw", "db"], domain=ms, **conv)]
-    graphs = {  # name: (nodes, inputs, outputs with their element type)
-        "relu_grad_ort": ([helper.make_node("ReluGrad", ["dy", "x"], ["dx"], domain=ms)], ["dy", "x"], ["dx"]),
-        "relu_grad_rewritten": ([helper.make_node("ReluGrad", ["dy", "x"], ["dx"], domain=ms)], ["dy", "x"], ["dx"]),
-        "mul": ([helper.make_node("Mul", ["dy", "x"], ["dx"])], ["dy", "x"], ["dx"]),
-        "maxpool": ([helper.make_node("MaxPool", ["x"], ["y"], **pool)], ["x"], ["y"]),
-        "maxpool_with_indices": ([helper.make_node("MaxPool", ["x"], ["y", "i"], **pool)], ["x"], ["y", "i"]),
-        "pool_rewritten_forward_backward": (pool_pattern, ["x", "dy_pooled"], ["y", "dx"]),
-        "conv_grad": (conv_grad, ["dy", "x", "w"], ["dx", "dw", "db"]),
-        "conv_grad_weights_only": (
-            [helper.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw", "db"], domain=ms, **conv)],
-            ["dy", "x", "w"], ["dw", "db"]),
-        "conv_input_grad_rewritten": (conv_grad, ["dy", "x", "w"], ["dx"]),
-    }
-    rng = np.random.default_rng(0)
-    feeds_all = {"x": rng.normal(size=shape).astype(np.float32), "dy": rng.normal(size=shape).astype(np.float32),
-                 "dy_pooled": rng.normal(size=[32, 8, 16, 16]).astype(np.float32),
-                 "w": rng.normal(size=[8, 8, 3, 3]).astype(np.float32)}
-    feeds_all["x"] = np.maximum(feeds_all["x"], 0)  # a ReLU's output, as the pool and the conv see it
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    pooled = [32, 8, 16, 16]
-    out_shapes = {"dx": shape, "y": pooled, "i": pooled, "dw": [8, 8, 3, 3], "db": [8]}
-    out: dict[str, float] = {}
-    for name, (nodes, inputs, outputs) in graphs.items():
-        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(feeds_all[n].shape)) for n in inputs]
-        g = helper.make_graph(
-            nodes, name, ins,
-            [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "i" else TensorProto.FLOAT, out_shapes[n])
-             for n in outputs])
-        opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(ms, 1)] if any(n.domain for n in nodes) else [])
-        model = helper.make_model(g, opset_imports=opsets)
-        model.ir_version = 8
-        if name in ("relu_grad_rewritten", "pool_rewritten_forward_backward"):
-            assert rewrite_training_graph(model) == 1
-        elif name == "conv_input_grad_rewritten":
-            assert rewrite_conv_input_grads(model) == 1
-            model.graph.node.pop()  # dX only: ConvGrad's dW and dB are the weights-only row
-        sess = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        feeds = {n: feeds_all[n] for n in inputs}
-        for _ in range(3):
-            sess.run(None, feeds)
-        times = []
-        for _ in range(reps * 3):
-            c0 = time.process_time()
-            sess.run(None, feeds)
-            times.append(time.process_time() - c0)
-        out[name] = round(statistics.median(times) * 1e6, 1)
-    return out
+    return {"n": GEMM_N, "numpy": numpy_rate, "ort_matmul": ort_rate, "kernels_us": kernel_costs(reps),
+            "alternatives_us": alternative_costs(reps)}
 
 
 def _gemm() -> dict[str, Any]:

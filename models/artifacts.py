@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 ONNX_VERSION: str = getattr(onnx, "__version__", "unknown")
 # Bump when the generated graphs change, so old cache entries are not reused (models/grad_rewrite.py:
 # 3 the ReluGrad rewrite, 4 the MaxPool rewrite, 5 conv input gradients by a forward Conv, 6 a
-# pooling window's dY split over its tied maxima).
-BUILDER_VERSION = 6
+# pooling window's dY split over its tied maxima, 7 the ResNet branch scale applied to its conv's
+# weights).
+BUILDER_VERSION = 7
 OPTIMIZERS = ("sgd", "adamw")
 # The graph around the model: its loss, exits, probes (models/losses.py). The default variant adds
 # nothing to the key, so caches from before variants stay valid.

@@ -92,9 +92,14 @@ class _Graph:
 
     def conv(
         self, x: str, name: str, cin: tuple[str | None, int], cout: str, hw: tuple[int, int],
-        k: int = 3, stride: int = 1, relu: bool = True, bias: bool = True,
+        k: int = 3, stride: int = 1, relu: bool = True, bias: bool = True, scale: str | None = None,
     ) -> tuple[str, tuple[int, int]]:
-        """`cin` is (group or None, channel count if None); returns output name and spatial size."""
+        """`cin` is (group or None, channel count if None); returns output name and spatial size.
+        `scale` names a per-output-channel factor parameter (after W and b in the layout) that
+        multiplies the conv's output: it is applied to W and b instead, the same product, so that
+        nothing but the conv sits between its GEMM and a following Add + ReLU, which ONNX Runtime
+        then fuses into one FusedConv (its sum input), in the forward pass and without the
+        full-size Mul and its two full-size backward passes."""
         c_in, c_out = self.size(*cin), self.channels[cout]
         pad = k // 2
         std = math.sqrt(2.0 / (c_in * k * k))
@@ -105,6 +110,12 @@ class _Graph:
         inputs = [x, w]
         if bias:
             inputs.append(self.param(f"{name}.b", np.zeros(c_out), (AxisGroup(cout),), "bias"))
+        if scale is not None:
+            s = self.param(scale, np.ones((c_out, 1, 1)), (AxisGroup(cout), None, None), "scale")
+            inputs[1] = self.op("Mul", [w, self.op("Unsqueeze", [s, self.const_i64(f"{scale}.w_axes", [1])])])
+            if bias:
+                flat = self.op("Reshape", [s, self.const_i64(f"{scale}.b_shape", [-1])])
+                inputs[2] = self.op("Mul", [inputs[2], flat])
         out = self.tmp(name)
         self.nodes.append(helper.make_node(
             "Conv", inputs, [out], kernel_shape=[k, k], pads=[pad] * 4, strides=[stride, stride],
@@ -285,9 +296,7 @@ def _resnet(g: _Graph, x: str, in_shape: tuple[int, ...]) -> str:
         inner = f"b{i}"
         y, hw_out = g.conv(h, f"block{i}.conv1", (prev, 0), inner, hw, stride=stride)
         y = g.unit_mask(y, inner, True)
-        y, _ = g.conv(y, f"block{i}.conv2", (inner, 0), stage, hw_out, relu=False)
-        scale = g.param(f"block{i}.scale", np.ones((g.channels[stage], 1, 1)), (AxisGroup(stage), None, None), "scale")
-        y = g.op("Mul", [y, scale])
+        y, _ = g.conv(y, f"block{i}.conv2", (inner, 0), stage, hw_out, relu=False, scale=f"block{i}.scale")
         if stage != prev or stride != 1:
             skip, _ = g.conv(h, f"block{i}.proj", (prev, 0), stage, hw, k=1, stride=stride, relu=False, bias=False)
         else:

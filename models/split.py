@@ -77,7 +77,8 @@ def _per_sample(vi: onnx.ValueInfoProto) -> tuple[int, ...]:
 def layers_of(built: BuiltModel) -> list[Layer]:
     """The model's cuttable layers, in order."""
     graph = built.model.graph
-    inits = {t.name for t in graph.initializer}
+    init_order = [t.name for t in graph.initializer]
+    inits = set(init_order)
     nodes = list(graph.node)
     consumers_after: list[set[str]] = []  # tensors read by nodes i+1..end
     seen: set[str] = set()
@@ -105,17 +106,20 @@ def layers_of(built: BuiltModel) -> list[Layer]:
         start = end + 1
         has_params = any(n in inits for i in seg for n in nodes[i].input)
         if has_params and pending and any(n in inits for i in pending for n in nodes[i].input):
-            layers.append(_layer(nodes, inits, pending, prev_tensor, shapes))
+            layers.append(_layer(nodes, init_order, pending, prev_tensor, shapes))
             pending = []
         pending += seg
         prev_tensor = tensor
-    layers.append(_layer(nodes, inits, pending, prev_tensor, shapes))
+    layers.append(_layer(nodes, init_order, pending, prev_tensor, shapes))
     return layers
 
 
-def _layer(nodes: list[onnx.NodeProto], inits: set[str], idx: list[int], out: str,
+def _layer(nodes: list[onnx.NodeProto], inits: list[str], idx: list[int], out: str,
            shapes: dict[str, tuple[int, ...]]) -> Layer:
-    params = tuple(dict.fromkeys(n for i in idx for n in nodes[i].input if n in inits))
+    # In the initializers' (the layout's) order, which a part's graph and ORT keep, not the order
+    # the nodes first read them in (the ResNet's branch scale is read before its conv's weights).
+    used = {n for i in idx for n in nodes[i].input}
+    params = tuple(n for n in inits if n in used)
     return Layer(name=params[0].split(".")[0], nodes=tuple(idx), params=params, output=out, out_shape=shapes[out])
 
 

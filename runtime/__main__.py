@@ -5,6 +5,7 @@ from __future__ import annotations
 from runtime import startup
 
 startup.mark("interpreter")  # first: process start to here is the interpreter's own start-up
+startup.add_site_packages()  # started with -S (runtime/startup.py PYTHON_FLAGS): the venv's packages
 
 import sys  # noqa: E402
 
@@ -12,8 +13,9 @@ from runtime.errors import OrchardError, exit_code, one_line  # noqa: E402
 
 # What paho imports at its top but the agent's path never uses (runtime/startup.py defer_import):
 # urllib.request (with http.client, email, tempfile) for proxies it looks up only with PySocks
-# installed, ssl for mqtts:// (loaded by tls_set then), uuid for client ids (ours are given).
-DEFERRED_IMPORTS = ("urllib.request", "ssl", "uuid")
+# installed, ssl for mqtts:// (loaded by tls_set then), uuid for client ids (ours are given);
+# traceback (with linecache and tokenize), which logging imports for formatting an exception.
+DEFERRED_IMPORTS = ("urllib.request", "ssl", "uuid", "traceback")
 
 
 def main(argv: list[str] | None = None) -> int:

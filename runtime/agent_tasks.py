@@ -16,7 +16,6 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runtime import startup
@@ -26,6 +25,7 @@ from runtime.errors import OrchardError, ProtocolError, TransportError
 from runtime.methods import check_name
 from runtime.mqtt import MqttClient
 from runtime.protocol import Artifact, Receipt, SparseTensor, Task, Update, validate_tensors
+from runtime.record import record
 from runtime.tiering import Measured, TierCache
 
 if TYPE_CHECKING:  # imported by _start_services, after the hello (runtime/agent.py's doc)
@@ -41,7 +41,7 @@ DONE_TASKS = 1024  # task ids remembered, so a replayed task is not trained twic
 MANIFEST = "manifest.json"  # runtime.manifest.MANIFEST (a test checks); that module imports numpy
 
 
-@dataclass
+@record(frozen=False)
 class _Running:
     task: Task
     energy_j_at_start: float

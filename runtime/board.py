@@ -25,11 +25,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
+from runtime.record import record
 from runtime.tomlconf import TomlTable, tomllib
 
 SENSOR_KINDS = ("model", "ina3221-hwmon", "ina3221-iio", "pmic-vcgencmd", "ina2xx-hwmon", "rapl")
@@ -72,7 +72,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 _PYTHON_VERSION = re.compile(r"3\.(\d{1,2})")
 
 
-@dataclass(frozen=True)
+@record
 class PowerModel:
     """Linear power model `P = P_idle + (P_max - P_idle) * u`, both ends at one measurement point."""
 
@@ -86,7 +86,7 @@ class PowerModel:
         return self.p_idle_w + (self.p_max_w - self.p_idle_w) * u
 
 
-@dataclass(frozen=True)
+@record
 class SensorConfig:
     """Which power sensor the board has. Fields not used by `kind` keep their defaults."""
 
@@ -103,7 +103,7 @@ class SensorConfig:
     rapl_zones: tuple[str, ...] = ()  # rapl: zone `name`s to sum; empty = every "package-N"
 
 
-@dataclass(frozen=True)
+@record
 class BoardRuntime:
     """What the board's OS gives the runtime: its CPython, its architecture, and the ONNX Runtime
     execution providers to try (a Jetson with a CUDA-enabled wheel: CUDA, then CPU)."""
@@ -113,7 +113,7 @@ class BoardRuntime:
     execution_providers: tuple[str, ...] = (CPU_PROVIDER,)
 
 
-@dataclass(frozen=True)
+@record
 class BoardConfig:
     name: str
     description: str

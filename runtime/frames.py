@@ -18,7 +18,8 @@ Encodings: `dense` = float32; `fp16` = float16 on the wire, chosen per tensor by
 and widened to float32 on decode; `sparse-coo` = nnz indices (int32 when every index of the
 shape fits, else int64) followed by nnz float32 values, indices strictly increasing.
 
-Decoded arrays are *writable float32 arrays* (sparse indices: int64 copies): the server merges
+Decoded arrays are *writable float32 arrays* (sparse indices: native copies in the wire's
+index type, int32 or int64): the server merges
 them in place. A dense float32 tensor in a writable frame buffer (what `Reassembler` hands
 back) is decoded in place: the array is a view of the frame, no copy. The header is padded with
 spaces (JSON whitespace) so the body starts 8-byte aligned, which makes that view aligned.
@@ -57,6 +58,7 @@ from runtime.frame_table import (
     check_name,
     check_shape,
     check_sparse_indices,
+    index_dtype,
     parse_file_entry,
     parse_tensor_entry,
 )
@@ -185,15 +187,15 @@ def _pack_tensor(
         idx, vals = idx[order].astype(np.int64), vals[order]
         check_sparse_indices(idx, numel, name, ctx)
         check_finite(vals, name, ctx)
-        index_dtype = "int32" if numel <= 2**31 else "int64"  # max index numel-1 must fit
-        data = idx.astype("<i4" if index_dtype == "int32" else "<i8").tobytes() + vals.astype("<f4").tobytes()
+        wire_index = index_dtype(numel)
+        data = idx.astype("<i4" if wire_index == "int32" else "<i8").tobytes() + vals.astype("<f4").tobytes()
         entry = {
             "name": name,
             "dtype": "float32",
             "shape": list(shape),
             "encoding": "sparse-coo",
             "nnz": len(idx),
-            "index_dtype": index_dtype,
+            "index_dtype": wire_index,
         }
         return entry, data
     if not isinstance(tensor, np.ndarray) or tensor.dtype != np.float32:
@@ -320,7 +322,7 @@ def _read_tensor(body: memoryview, e: Entry, ctx: str) -> Tensor:
         index_bytes = ITEM_BYTES[e.index_dtype]
         idx = np.frombuffer(body, "<i4" if index_bytes == 4 else "<i8", count=e.nnz, offset=e.offset)
         vals = np.frombuffer(body, "<f4", count=e.nnz, offset=e.offset + e.nnz * index_bytes)
-        indices, values = idx.astype(np.int64), vals.astype(np.float32)
+        indices, values = idx.astype(e.index_dtype), vals.astype(np.float32)  # native order, the wire's width
         check_sparse_indices(indices, math.prod(e.shape), e.name, ctx)
         check_finite(values, e.name, ctx)
         return SparseTensor(shape=e.shape, indices=indices, values=values)

@@ -13,10 +13,10 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import LayoutError
+from runtime.record import record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,7 +27,7 @@ else:
     FloatArray = Any  # numpy is imported by the methods that use it: the agent starts without it
 
 
-@dataclass(frozen=True)
+@record
 class AxisGroup:
     """Axis of a tensor that follows a channel group; `block` elements per channel.
 
@@ -39,7 +39,7 @@ class AxisGroup:
     block: int = 1
 
 
-@dataclass(frozen=True)
+@record
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
@@ -56,7 +56,7 @@ class ParamSpec:
         return self.offset + self.size
 
 
-@dataclass(frozen=True)
+@record
 class ParamLayout:
     params: tuple[ParamSpec, ...]
     groups: Mapping[str, int]  # channel count of every group this layout's axes refer to

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Union
 
 import paho.mqtt.client as mqtt
@@ -42,24 +41,25 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.errors import ConfigError, TransportError
 from runtime.mqtt_config import DEFAULT_PORTS, BrokerUrl, MqttConfig, Will, parse_broker_url
+from runtime.record import record
 
 __all__ = ["DEFAULT_PORTS", "BrokerUrl", "Connected", "Disconnected", "Event", "Message", "MqttClient", "MqttConfig",
            "PublishTicket", "Will", "parse_broker_url"]
 
 
-@dataclass(frozen=True)
+@record
 class Connected:
     session_present: bool
     reconnect: bool  # False for the first CONNACK of this client, True after an outage
 
 
-@dataclass(frozen=True)
+@record
 class Disconnected:
     reason: str
     code: int
 
 
-@dataclass(frozen=True)
+@record
 class Message:
     topic: str
     payload: bytes

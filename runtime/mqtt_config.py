@@ -6,16 +6,16 @@ standard library and runtime.errors only, Python 3.8 compatible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from runtime.errors import ConfigError
+from runtime.record import field, record
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
-@dataclass(frozen=True)
+@record
 class BrokerUrl:
     """A parsed `mqtt://[user[:password]@]host[:port]` or `mqtts://...` URL."""
 
@@ -60,7 +60,7 @@ def parse_broker_url(url: str) -> BrokerUrl:
     )
 
 
-@dataclass(frozen=True)
+@record
 class Will:
     """Last Will: what the broker publishes when the client vanishes without a DISCONNECT."""
 
@@ -70,7 +70,7 @@ class Will:
     retain: bool = True
 
 
-@dataclass(frozen=True)
+@record
 class MqttConfig:
     client_id: str
     # The broker drops a silent client after 1.5 x keepalive and fires its will. Keep it above

@@ -12,14 +12,13 @@ draw, per mini-batch. Rates lie in [0, 1); a rate of 0 is left out of the canoni
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from runtime.errors import ConfigError
+from runtime.record import record
 
 WINDOWS = ("leading", "rolling")
 
 
-@dataclass(frozen=True)
+@record
 class Profile:
     width: float = 1.0  # fraction of channels kept in every hidden group, in (0, 1]
     window: str = "leading"  # leading (HeteroFL, FjORD) | rolling (FedRolex)

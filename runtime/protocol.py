@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
 from runtime import wire_json
 from runtime.errors import ConfigError, ProtocolError
+from runtime.record import field, record
 from runtime.wire_json import (
     context,
     dumps_canonical,
@@ -85,7 +85,7 @@ def check_topic_root(root: str) -> str:
     return root
 
 
-@dataclass(frozen=True)
+@record
 class Topics:
     """Topic names under one campaign root, e.g. `orchard/default`."""
 
@@ -125,12 +125,12 @@ class Topics:
 
 
 # ---------------------------------------------------------------- tensors
-@dataclass(frozen=True)
+@record
 class SparseTensor:
     """COO form of a tensor of `shape`: `values` at flat (row-major) `indices`; the rest is zero."""
 
     shape: tuple[int, ...]
-    indices: Int64Array
+    indices: Int64Array  # or int32: a decoded frame keeps its wire index type (frame_table.index_dtype)
     values: Float32Array
 
 
@@ -138,7 +138,7 @@ Tensor = Union[Float32Array, SparseTensor]
 
 
 # ---------------------------------------------------------------- JSON messages
-@dataclass(frozen=True)
+@record
 class Hello:
     device_id: str
     board: str
@@ -151,7 +151,7 @@ class Hello:
     artifacts: tuple[str, ...] = ()  # artifact keys already in the device's cache
 
 
-@dataclass(frozen=True)
+@record
 class Status:
     device_id: str
     state: str  # one of DEVICE_STATES
@@ -161,7 +161,7 @@ class Status:
     failure: str | None = None  # one of FAILURES when state == "failed"
 
 
-@dataclass(frozen=True)
+@record
 class TelemetrySample:
     t: float
     state: str
@@ -179,14 +179,14 @@ class TelemetrySample:
     gpu_energy_j: float | None = None  # cumulative, of the INA3221 rail that feeds the GPU
 
 
-@dataclass(frozen=True)
+@record
 class Telemetry:
     device_id: str
     power_source: str  # e.g. "model", "rapl", "ina3221", "pmic"
     samples: tuple[TelemetrySample, ...]
 
 
-@dataclass(frozen=True)
+@record
 class Receipt:
     """The server's verdict on one update, so the device knows it may drop it from its outbox."""
 
@@ -196,7 +196,7 @@ class Receipt:
     reason: str = ""  # why it was refused; empty when accepted
 
 
-@dataclass(frozen=True)
+@record
 class ServerState:
     server_id: str
     model_id: str
@@ -206,7 +206,7 @@ class ServerState:
 
 
 # ---------------------------------------------------------------- framed messages
-@dataclass(frozen=True)
+@record
 class Assignment:
     """What a device trains, as data: the method's name, its canonical profile, the artifacts
     (the first is the one whose layout the task's tensors and the update use; a method may need
@@ -222,7 +222,7 @@ class Assignment:
         return self.artifact_keys[0]
 
 
-@dataclass(frozen=True)
+@record
 class Task:
     task_id: str
     round: int
@@ -242,7 +242,7 @@ class Task:
     artifact_digests: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class Update:
     task_id: str
     device_id: str
@@ -259,7 +259,7 @@ class Update:
 
 
 
-@dataclass(frozen=True)
+@record
 class SplitMessage:
     """MP-SL traffic between a data owner and the compute nodes (methods.md §4.2): activations
     downstream (`fwd`), gradients upstream (`bwd`), one tensor `x` each; `hello` says who a
@@ -276,7 +276,7 @@ class SplitMessage:
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class Artifact:
     key: str
     files: Mapping[str, bytes]  # file name -> bytes (training/eval/optimizer models, checkpoint, manifest)
@@ -355,7 +355,7 @@ def validate_tensors(
         want = tuple(expected[name])
         if isinstance(tensor, SparseTensor):
             shape = tuple(tensor.shape)
-            ok = tensor.values.dtype == np.float32 and tensor.indices.dtype == np.int64
+            ok = tensor.values.dtype == np.float32 and tensor.indices.dtype in (np.int32, np.int64)
             dtype = f"{tensor.indices.dtype}/{tensor.values.dtype}"
         elif isinstance(tensor, np.ndarray):
             shape, ok, dtype = tuple(tensor.shape), tensor.dtype == np.float32, str(tensor.dtype)
@@ -364,7 +364,7 @@ def validate_tensors(
         if shape != want:
             raise ProtocolError(f"{ctx}: tensor {name!r} has shape {shape}, layout expects {want}")
         if not ok:
-            raise ProtocolError(f"{ctx}: tensor {name!r} has dtype {dtype}, expected float32 (int64 indices)")
+            raise ProtocolError(f"{ctx}: tensor {name!r} has dtype {dtype}, expected float32 (int32 or int64 indices)")
     if not allow_missing:
         missing = [n for n in expected if n not in tensors]
         if missing:

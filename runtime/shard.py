@@ -11,16 +11,20 @@ agree).
 from __future__ import annotations
 
 import array
-import ast
+import re
 import struct
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from runtime.errors import ConfigError
 
 _MAGIC = b"\x93NUMPY"
+# The header is the repr of a dict of these three keys (numpy's format spec). Read with these, not
+# ast.literal_eval: `import ast` is ~2 ms of a Zero 2 W's ~95 ms of CPU to the hello.
+_DESCR = re.compile(r"""['"]descr['"]\s*:\s*['"]([^'"]*)['"]""")
+_FORTRAN = re.compile(r"""['"]fortran_order['"]\s*:\s*(True|False)\b""")
+_SHAPE = re.compile(r"""['"]shape['"]\s*:\s*\(\s*((?:\d+\s*,\s*)*\d*)\s*\)""")
 # .npy descr kind -> array typecode by item size; 'q'/'Q' are 8 bytes everywhere, 'l' is not.
 _TYPECODES: dict[str, dict[int, str]] = {
     "i": {1: "b", 2: "h", 4: "i", 8: "q"},
@@ -40,14 +44,14 @@ def _read_npy(data: bytes, where: str) -> tuple[str, tuple[int, ...], memoryview
         (hlen,), start = struct.unpack("<I", data[8:12]), 12
     else:
         raise ConfigError(f"{where}: .npy format version {major} is not supported")
-    try:
-        header: Any = ast.literal_eval(data[start:start + hlen].decode("latin1"))
-        descr, shape, fortran = str(header["descr"]), tuple(header["shape"]), bool(header["fortran_order"])
-    except (ValueError, SyntaxError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{where}: bad .npy header: {exc}") from None
-    if fortran and len(shape) > 1:
+    text = data[start:start + hlen].decode("latin1")
+    descr, fortran, shape_text = (p.search(text) for p in (_DESCR, _FORTRAN, _SHAPE))
+    if descr is None or fortran is None or shape_text is None or not text.lstrip().startswith("{"):
+        raise ConfigError(f"{where}: bad .npy header {text.strip()[:80]!r}")
+    shape = tuple(int(d) for d in shape_text.group(1).split(",") if d.strip())
+    if fortran.group(1) == "True" and len(shape) > 1:
         raise ConfigError(f"{where}: Fortran-ordered arrays are not supported")
-    return descr, shape, memoryview(data)[start + hlen:]
+    return descr.group(1), shape, memoryview(data)[start + hlen:]
 
 
 def read_labels(path: str | Path, name: str = "y") -> list[int]:

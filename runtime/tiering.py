@@ -21,23 +21,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ConfigError
+from runtime.record import record
 
 TIER_MODES = ("fixed", "by-resources")
 MEMORY_MARGIN = 0.1  # room for the agent, the allocator and a batch bigger than the probe's
 
 
-@dataclass(frozen=True)
+@record
 class Measured:
     peak_rss_mb: float
     step_ms: float
     quota_cores: float  # the CPU quota the step time was measured under
 
 
-@dataclass(frozen=True)
+@record
 class Limits:
     memory_cap_mb: float
     quota_cores: float

@@ -240,7 +240,10 @@ class TrainerProcess:
         # A fresh interpreter, not a fork: ORT's thread pools do not survive a fork, and the agent
         # has paho threads. Same process group as the agent, so it shares its cgroup and netns.
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-c", _CHILD_CODE, json.dumps(sys.path), _MARKER, str(theirs.fileno()),
+        # Without `site` if the agent ran without it (runtime/startup.py PYTHON_FLAGS): the child
+        # gets the agent's sys.path, which already holds what `site` would add.
+        flags = ["-S"] if sys.flags.no_site else []
+        argv = [sys.executable, *flags, "-c", _CHILD_CODE, json.dumps(sys.path), _MARKER, str(theirs.fileno()),
                 self.shard_path, str(self.threads), json.dumps(list(self.providers))]
         try:
             popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)

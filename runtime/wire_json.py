@@ -10,7 +10,6 @@ Board code: standard library and runtime only, Python 3.8 compatible.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -22,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 from runtime.errors import ProtocolError
+from runtime.record import field_table, is_record
 from runtime.typehints import type_hints
 
 DEVICE_STATES = ("online", "idle", "training", "uploading", "offline", "failed")
@@ -126,12 +126,19 @@ def _hints(cls: type) -> dict[str, Any]:
 _OMITTED_WHEN_NONE = frozenset({"gpu_pct", "gpu_mem_mb", "gpu_energy_j"})
 
 
+def _is_message_class(cls: type) -> bool:
+    """A record, or a dataclass (without importing dataclasses: none exists before it is)."""
+    if is_record(cls):
+        return True
+    dataclasses = sys.modules.get("dataclasses")
+    return dataclasses is not None and dataclasses.is_dataclass(cls)
+
+
 def _plain(value: Any, path: str, ctx: str) -> Any:
     """Dataclasses, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [f for f in dataclasses.fields(value)
-                  if not (f.name in _OMITTED_WHEN_NONE and getattr(value, f.name) is None)]
-        return {f.name: _plain(getattr(value, f.name), f"{path}.{f.name}", ctx) for f in fields}
+    if not isinstance(value, type) and _is_message_class(type(value)):
+        names = [n for n, _ in field_table(value) if not (n in _OMITTED_WHEN_NONE and getattr(value, n) is None)]
+        return {n: _plain(getattr(value, n), f"{path}.{n}", ctx) for n in names}
     if isinstance(value, Mapping):
         for key in value:
             if not isinstance(key, str):  # json.dumps would turn 1 into "1" without a word
@@ -208,7 +215,7 @@ def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
         if not isinstance(value, dict):
             raise bad("an object")
         return {k: _check(args[1], v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and _is_message_class(hint):
         return hint(**fields_from_json(hint, value, ctx, path=path))
     raise TypeError(f"protocol schema has no rule for type {hint!r}")  # a bug here, not bad input
 
@@ -221,34 +228,34 @@ def fields_from_json(
     if not isinstance(obj, dict):
         where = f"field '{path}'" if path else "message"
         raise ProtocolError(f"{ctx}: {where} must be a JSON object, got {show(obj)}")
-    fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
-    unknown = sorted(set(obj) - {f.name for f in fields})
+    fields = [(n, has_default) for n, has_default in field_table(cls) if n not in exclude]
+    unknown = sorted(set(obj) - {n for n, _ in fields})
     if unknown:
         raise ProtocolError(f"{ctx}: unknown field '{prefix}{unknown[0]}'")
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in fields:
-        name = prefix + f.name
-        if f.name not in obj:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    for field_name, has_default in fields:
+        name = prefix + field_name
+        if field_name not in obj:
+            if not has_default:
                 raise ProtocolError(f"{ctx}: missing required field '{name}'")
             continue
-        value = _check(hints[f.name], obj[f.name], name, ctx)
-        choices = _FIELD_CHOICES.get(f.name)
+        value = _check(hints[field_name], obj[field_name], name, ctx)
+        choices = _FIELD_CHOICES.get(field_name)
         if choices is not None and value is not None and value not in choices:
             allowed = ", ".join(choices)
             raise ProtocolError(f"{ctx}: field '{name}' must be one of {allowed}, got {show(value)}")
-        pattern = _FIELD_PATTERNS.get(f.name)
+        pattern = _FIELD_PATTERNS.get(field_name)
         if pattern is not None and not pattern.fullmatch(value):
             raise ProtocolError(f"{ctx}: field '{name}' must match {pattern.pattern}, got {show(value)}")
-        element = _ELEMENT_PATTERNS.get(f.name)
+        element = _ELEMENT_PATTERNS.get(field_name)
         if element is not None:
             if not value:
                 raise ProtocolError(f"{ctx}: field '{name}' must not be empty")
             for i, item in enumerate(value):
                 if not element.fullmatch(item):
                     raise ProtocolError(f"{ctx}: field '{name}[{i}]' must match {element.pattern}, got {show(item)}")
-        kwargs[f.name] = value
+        kwargs[field_name] = value
     return kwargs
 
 
@@ -258,8 +265,8 @@ def fields_to_json(msg: Any, ctx: str, *, exclude: frozenset[str] = frozenset())
     Round-tripping through the strict parser here means a sender finds out about a NaN, a bad
     state or a float in an int field itself, instead of every receiver rejecting the message.
     """
-    fields = [f for f in dataclasses.fields(msg) if f.name not in exclude]
-    obj = {f.name: _plain(getattr(msg, f.name), f.name, ctx) for f in fields}
+    names = [n for n, _ in field_table(msg) if n not in exclude]
+    obj = {n: _plain(getattr(msg, n), n, ctx) for n in names}
     parsed = loads_strict(dumps_canonical(obj, ctx), ctx)
     checked = fields_from_json(type(msg), parsed, ctx, exclude=exclude)
     # Re-plain the checked values so an int given for a float field is written as 4.0, not 4:

@@ -145,32 +145,52 @@ def _scatter_own(num: Float64Array, den: Float64Array | None, own: Sequence[Upda
     """Scatter-add updates with index arrays of their own: float32 products scattered into float32
     partial sums of `GROUP` updates (per coordinate at most GROUP terms, as in `weighted_sum_into`,
     so the same error bound), each partial added to the float64 sums. The counts `den` go the same
-    way (Σ γ_i, a sum of positive terms, so within (GROUP + 1) float32 epsilons of itself)."""
+    way (Σ γ_i, a sum of positive terms, so within (GROUP + 1) float32 epsilons of itself), except
+    when they are exact in float32 (`_exact_counts`): then one float32 sum over the whole round,
+    added once, saves an n-sized float64 add per GROUP updates."""
     n = num.shape[0]
     part: FloatArray = pooled("part", n, np.float32)
     den_part: FloatArray = pooled("prod", n if den is not None else 0, np.float32)
     ones: FloatArray = pooled("ones", largest if den is not None else 0, np.float32)
     ones.fill(1.0)
+    exact = den is not None and _exact_counts(own)
+    den_part.fill(0.0)
     with np.errstate(over="ignore", invalid="ignore"):  # the merge reports non-finite results
         for start in range(0, len(own), GROUP):
             part.fill(0.0)
-            den_part.fill(0.0)
-            for c in own[start:start + GROUP]:
-                m = c.size
-                if m == 0:
-                    continue
+            if start and not exact:
+                den_part.fill(0.0)
+            group = [c for c in own[start:start + GROUP] if c.size]
+            # All the group's sums, then all its counts: one float32 target at a time (a Chen &
+            # Qin round scattered ~20 % faster so than alternating the two per update).
+            for c in group:
                 assert c.indices is not None
-                w = np.float32(c.weight)
                 data = np.ascontiguousarray(c.values)
                 if c.coord_weights is not None:
                     cw = np.ascontiguousarray(c.coord_weights, dtype=np.float32)
-                    data = np.multiply(data, cw, out=pooled("scaled", largest, np.float32)[:m])
-                scatter_add(part, c.indices, data, w)
-                if den is not None:
-                    scatter_add(den_part, c.indices, ones[:m] if c.coord_weights is None else cw, w)
+                    data = np.multiply(data, cw, out=pooled("scaled", largest, np.float32)[:c.size])
+                scatter_add(part, c.indices, data, np.float32(c.weight))
+            for c in group if den is not None else ():
+                assert c.indices is not None
+                cw = ones[:c.size] if c.coord_weights is None else np.ascontiguousarray(c.coord_weights, np.float32)
+                scatter_add(den_part, c.indices, cw, np.float32(c.weight))
             np.add(num, part, out=num)
-            if den is not None:
+            if den is not None and not exact:
                 np.add(den, den_part, out=den)
+    if den is not None and exact:
+        np.add(den, den_part, out=den)
+
+
+def _exact_counts(own: Sequence[UpdateContribution]) -> bool:
+    """Whether float32 sums of the round's weights are exact at every coordinate: no coordinate
+    weights, whole-number weights (sample counts, CountWeight's 1) summing below 2**24, where every
+    partial sum of whole numbers is a float32."""
+    total = 0.0
+    for c in own:
+        if c.coord_weights is not None or not float(c.weight).is_integer():
+            return False
+        total += c.weight
+    return total < 2**24
 
 
 def _scatter_add_numpy(out: FloatArray, idx: IndexArray, data: FloatArray, weight: np.float32) -> None:
@@ -180,10 +200,14 @@ def _scatter_add_numpy(out: FloatArray, idx: IndexArray, data: FloatArray, weigh
 def _scatter_add_csc(out: FloatArray, idx: IndexArray, data: FloatArray, weight: np.float32) -> None:
     # `out += A @ [weight]` for the one-column CSC matrix A = (data at rows idx): scipy's compiled
     # loop `out[idx[k]] += data[k] * weight`, with no copy when every array is contiguous and of
-    # the kernel's types (int64 rows, float32 values), as they are here.
-    rows = np.ascontiguousarray(idx, dtype=np.int64)
-    _csc_matvec(out.shape[0], 1, np.array([0, rows.shape[0]], dtype=np.int64), rows, data,
+    # the kernel's types (int32 or int64 rows, float32 values), as they are here. int32 rows, what
+    # `check_indices` gives a model of up to 2**31 parameters, scatter ~20 % faster than int64.
+    rows = idx if idx.dtype in _KERNEL_INDEX and idx.flags.c_contiguous else np.ascontiguousarray(idx, np.int64)
+    _csc_matvec(out.shape[0], 1, np.array([0, rows.shape[0]], dtype=rows.dtype), rows, data,
                 np.array([weight], dtype=np.float32), out)
+
+
+_KERNEL_INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 try:  # scipy comes with scikit-learn (the host extra); its C++ sparse kernels need no compiler

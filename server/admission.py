@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.errors import RoundError
 from server import aggregate as agg
+from server import weighting
 from server.aggregate import FloatArray, IndexArray
 from server.events import UpdateReceived
 from server.policies import Strategy
@@ -54,17 +55,13 @@ def admit_payload(event: UpdateReceived, task: TaskRecord, base: FloatArray, str
     if strategy.merge.form == "weights" and upd.kind == "delta":
         values = base_vals + values  # FedAsync mixes weights; `delta` keeps the sent array
     stored = delta if strategy.merge.form == "delta" else values
-    return Payload(indices, stored, agg.l1_norm(delta), rate)
+    return Payload(indices, stored, weighting.l1_norm(delta), rate)
 
 
 def _sparse_indices(raw: IndexArray, task: TaskRecord, n: int, who: str) -> IndexArray:
     """Indices a sparse upload (ZeroFL top-k, Co-S²P masks) brings: unique, and inside the task's
     profile. Kept as a private read-only copy, so the merge does not check them again."""
-    arr = np.asarray(raw)
-    if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):  # anything else: check_indices names it
-        arr = np.array(arr, dtype=np.int64)  # the sender's array may be reused; this one is the merge's
-        arr.flags.writeable = False
-    idx = agg.check_indices(arr, n, who)
+    idx = agg.frozen_indices(raw, n, who)
     if task.indices is not None:
         allowed = np.zeros(n, dtype=bool)
         allowed[task.indices] = True

@@ -26,6 +26,7 @@ import numpy as np
 from runtime.errors import ConfigError, RoundError
 from runtime.protocol import Assignment, Status
 from server import aggregate as agg
+from server import weighting
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
 from server.engine_tasks import TaskBook
 from server.events import (
@@ -344,7 +345,7 @@ class Engine(TaskBook):
 
         def drift_of(base: int) -> float:
             if base not in drift:
-                drift[base] = agg.l1_drift(self._global, self._history[base])
+                drift[base] = weighting.l1_drift(self._global, self._history[base])
             return drift[base]
 
         items = [WeightInput(p.n_samples, p.staleness, p.delta_l1, p.rate, p.task.base_version, drift_of)

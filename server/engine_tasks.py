@@ -15,9 +15,10 @@ from runtime.errors import ConfigError, RoundError
 from runtime.protocol import Assignment
 from server import aggregate as agg
 from server.aggregate import IndexArray
+from server.closing import RoundView
 from server.events import Action, EventName, Log, SendTask
 from server.methods import ServerMethod
-from server.policies import AssignPolicy, ModelOps, RoundView, Strategy
+from server.policies import AssignPolicy, ModelOps, Strategy
 from server.records import AcceptedUpdate, DeviceRecord, EngineConfig, IdleQueue, TaskRecord, TaskTimeMedian
 
 

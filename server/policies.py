@@ -1,5 +1,5 @@
-"""The small pieces a strategy is made of: when a round closes, how updates are weighted, how
-they merge, and which profile (submodel) each device trains.
+"""The small pieces a strategy is made of: how updates are weighted, how they merge, and which
+profile (submodel) each device trains; when a round closes is `server/closing.py`'s.
 
 A `Strategy` is a named composition of one close policy, one weight policy and one merge
 policy plus a staleness cap and a concurrency limit (see `server/strategies/`). The engine
@@ -8,7 +8,6 @@ policy plus a staleness cap and a concurrency limit (see `server/strategies/`). 
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,135 +16,10 @@ from typing import Any, ClassVar, Protocol
 from runtime.errors import ConfigError, RoundError
 from runtime.protocol import Hello
 from server import aggregate as agg
+from server import weighting
 from server.aggregate import FloatArray, IndexArray, UpdateContribution
+from server.closing import ClosePolicy
 from server.robust import RobustConfig
-
-# How tasks go out. "round": only at round start, to every idle device (sync FedAvg, stragglers
-# dropped at close). "semi": at round start to every idle device, and mid-round to devices that
-# have not taken part in this round yet (joiners, failed tasks); devices whose update was taken
-# wait for the next global model (methods.md §1.4). "continuous": any idle device gets the latest
-# model at once, up to the concurrency limit (FedBuff, FedAsync).
-DISPATCH_MODES = ("round", "semi", "continuous")
-
-
-# ---------------------------------------------------------------- close
-@dataclass(frozen=True)
-class RoundView:
-    """What a close policy may look at."""
-
-    now_s: float
-    round_started_s: float
-    n_pending: int  # accepted updates waiting for this round's merge
-    n_outstanding: int  # tasks handed out and not yet answered, abandoned or timed out
-    n_active: int  # devices online now
-    median_task_s: float | None  # median task time over the online fleet; None until half were timed
-
-
-class ClosePolicy(ABC):
-    dispatch: ClassVar[str]
-    abandon_at_close: ClassVar[bool]  # stragglers' tasks are cancelled when the round closes
-
-    def deadline_at(self, view: RoundView) -> float | None:
-        """Absolute clock time at which the round may close with fewer updates, or None."""
-        return None
-
-    @abstractmethod
-    def should_close(self, view: RoundView) -> str | None:
-        """The reason to close now, or None to keep waiting. Never closes with zero updates."""
-
-
-def _adaptive_deadline(deadline_s: float | None, factor: float, view: RoundView) -> float | None:
-    # methods.md §1.4: default D ≈ 1.5 × the median client round time. Until half the fleet has
-    # been timed there is no deadline, so the first round waits for K (or for everyone).
-    if deadline_s is not None:
-        return view.round_started_s + deadline_s
-    if view.median_task_s is None or view.median_task_s <= 0:
-        return None
-    return view.round_started_s + factor * view.median_task_s
-
-
-@dataclass(frozen=True)
-class CloseAll(ClosePolicy):
-    """Sync FedAvg: wait for every task of the round (offline devices' tasks are abandoned)."""
-
-    dispatch: ClassVar[str] = "round"
-    abandon_at_close: ClassVar[bool] = True
-
-    def should_close(self, view: RoundView) -> str | None:
-        if view.n_pending >= 1 and view.n_outstanding == 0:
-            return f"all {view.n_pending} updates in"
-        return None
-
-
-@dataclass(frozen=True)
-class CloseDeadline(ClosePolicy):
-    """FedAvg with a deadline: close when all are in or the deadline passed; drop stragglers."""
-
-    deadline_s: float | None = None  # None: deadline_factor × median task time of the fleet
-    deadline_factor: float = 1.5
-    dispatch: ClassVar[str] = "round"
-    abandon_at_close: ClassVar[bool] = True
-
-    def deadline_at(self, view: RoundView) -> float | None:
-        return _adaptive_deadline(self.deadline_s, self.deadline_factor, view)
-
-    def should_close(self, view: RoundView) -> str | None:
-        if view.n_pending == 0:
-            return None
-        if view.n_outstanding == 0:
-            return f"all {view.n_pending} updates in"
-        deadline = self.deadline_at(view)
-        if deadline is not None and view.now_s >= deadline:
-            return f"deadline passed with {view.n_pending} updates, {view.n_outstanding} stragglers dropped"
-        return None
-
-
-@dataclass(frozen=True)
-class CloseKOrDeadline(ClosePolicy):
-    """Semi-async (Co-S²P, methods.md §1.4): K = ceil(k_fraction · N_active) updates or the
-    deadline, whichever first. Stragglers keep training on their stale base."""
-
-    k: int | None = None  # fixed K; None: ceil(k_fraction × devices online)
-    k_fraction: float = 0.5
-    deadline_s: float | None = None
-    deadline_factor: float = 1.5
-    dispatch: ClassVar[str] = "semi"
-    abandon_at_close: ClassVar[bool] = False
-
-    def k_for(self, n_active: int) -> int:
-        if self.k is not None:
-            return self.k
-        return max(1, math.ceil(self.k_fraction * n_active))
-
-    def deadline_at(self, view: RoundView) -> float | None:
-        return _adaptive_deadline(self.deadline_s, self.deadline_factor, view)
-
-    def should_close(self, view: RoundView) -> str | None:
-        if view.n_pending == 0:
-            return None
-        k = self.k_for(view.n_active)
-        if view.n_pending >= k:
-            return f"K={k} of N={view.n_active} updates in"
-        if view.n_outstanding == 0:
-            return f"no task outstanding, closing with {view.n_pending} of K={k}"
-        deadline = self.deadline_at(view)
-        if deadline is not None and view.now_s >= deadline:
-            return f"deadline passed with {view.n_pending} of K={k} updates"
-        return None
-
-
-@dataclass(frozen=True)
-class CloseBuffer(ClosePolicy):
-    """FedBuff (K updates in the buffer) and FedAsync (K = 1)."""
-
-    k: int = 10
-    dispatch: ClassVar[str] = "continuous"
-    abandon_at_close: ClassVar[bool] = False
-
-    def should_close(self, view: RoundView) -> str | None:
-        if view.n_pending >= self.k:
-            return f"buffer of K={self.k} full"
-        return None
 
 
 # ---------------------------------------------------------------- weight
@@ -195,12 +69,12 @@ class StalenessWeight(WeightPolicy):
 
     def factor(self, staleness: int) -> float:
         if self.function == "polynomial":
-            return agg.staleness_polynomial(staleness, self.a)
+            return weighting.staleness_polynomial(staleness, self.a)
         if self.function == "sqrt":
-            return agg.staleness_sqrt(staleness)
+            return weighting.staleness_sqrt(staleness)
         if self.function == "hinge":
-            return agg.staleness_hinge(staleness, self.a, self.b)
-        return agg.staleness_constant(staleness)
+            return weighting.staleness_hinge(staleness, self.a, self.b)
+        return weighting.staleness_constant(staleness)
 
     def weights(self, items: Sequence[WeightInput]) -> list[float]:
         return [
@@ -214,7 +88,7 @@ class CoS2PWeight(WeightPolicy):
     """Co-S²P importance over staleness, normalised over the round (methods.md §1.3)."""
 
     def weights(self, items: Sequence[WeightInput]) -> list[float]:
-        gammas = agg.cos2p_weights(
+        gammas = weighting.cos2p_weights(
             [it.delta_l1 for it in items], [it.rate for it in items], [it.drift_l1 for it in items]
         )
         return [float(g) for g in gammas]

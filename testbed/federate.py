@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError, OrchardError
+from runtime.startup import PYTHON_FLAGS
 from server.config import canonical_profile, method_table
 from testbed.broker import Broker, open_broker
 from testbed.bytecode import compile_runtime
@@ -127,7 +128,7 @@ class Federation:
     def start_device(self, device_id: str) -> None:
         cfg = self.run / "configs" / f"{device_id}.toml"
         compile_runtime(self.device_python)
-        self.devices[device_id] = self._spawn(device_id, ["-m", "runtime", "--config", str(cfg),
+        self.devices[device_id] = self._spawn(device_id, [*PYTHON_FLAGS, "-m", "runtime", "--config", str(cfg),
                                                           "--broker", self.broker_url], self.device_python)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

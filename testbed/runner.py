@@ -45,13 +45,16 @@ from testbed.orphans import RunLedger, sweep_and_report
 from testbed.prepare import DataPlan, DevicePlan, fresh_run_dir, prepare_run
 from testbed.shaping import RunLinks, check_links
 from testbed.supervisor import Device, DeviceSupervisor, stop_process_groups
-from testbed.throttle import NullThrottle, Throttle, detect_throttle
+from testbed.throttle import DeviceGroup, NullThrottle, Throttle, detect_throttle
 from testbed.traces import make_availability
 
 LOOP_S = 0.25  # board seconds between the runner's looks at traces, devices and stop rules ...
 LOOP_MAX_WALL_S = 1.0  # ... but at least once a wall second (a stopped server is noticed soon)
 # Board seconds past [stop] duration_board_s until the runner stops a server that did not stop itself.
 STOP_GRACE_S = 30.0
+# The broker and server run in a group of their own next to the devices, weighted as the reserve
+# dilation leaves them (at least this much, for reserve_cores = 0): see Throttle.create_harness.
+MIN_HARNESS_WEIGHT_CORES = 0.1
 GIVE_UP_EXITS = 4  # exits of every device, none of which ever said hello, that end a campaign
 
 
@@ -81,6 +84,7 @@ class CampaignRunner(DeviceSupervisor):
         self.broker_spec = broker or campaign.broker
         self.devices: dict[str, Device] = {}
         self.server: subprocess.Popen[bytes] | None = None
+        self.harness: DeviceGroup | None = None  # the broker's and server's cgroup
         self._events: TextIO | None = None
         self._broker_url = ""
         self.stop_reason: str | None = None
@@ -163,6 +167,10 @@ class CampaignRunner(DeviceSupervisor):
                 cgroup.set_cpu_weight(cgroup_quota)
                 self.devices[device_id] = Device(device_id, group, board, quotas[device_id], cgroup_quota, mem, cgroup)
             throttle.prioritise_cpu()
+            self.harness = throttle.create_harness(max(self.c.reserve_cores, MIN_HARNESS_WEIGHT_CORES))
+            if self.harness is not None:  # destroyed once the broker is gone (the stack unwinds in reverse)
+                self.ledger.add_cgroup(self.harness)
+                stack.callback(self.harness.destroy)
             # Closed after the broker (the stack unwinds in reverse), once every process is gone.
             self.links = RunLinks({d: g.link for d, g in self.c.devices() if g.link is not None}, dilation.factor)
             stack.callback(self.links.close)
@@ -191,6 +199,8 @@ class CampaignRunner(DeviceSupervisor):
         broker = stack.enter_context(open_broker(self.broker_spec, host=self.links.broker_host,
                                                  lab=load_lab(self.run)))
         self.ledger.add_process("broker", broker.pid, broker.scratch_dir)
+        if self.harness is not None and broker.pid is not None:  # None: a broker not ours to place
+            self.harness.add_pid(broker.pid)
         return broker
 
     def _finish(self, stack: contextlib.ExitStack, prepared: bool, launched: bool) -> None:
@@ -258,7 +268,7 @@ class CampaignRunner(DeviceSupervisor):
         self._broker_url = broker_url
         self._start_clock()
         self.server = self._spawn("server", ["-m", "server", "--config", str(self.run / "configs" / "server.toml"),
-                                             "--out", str(self.run), "--broker", broker_url])
+                                             "--out", str(self.run), "--broker", broker_url], self.harness)
         events_path = self.run / "events.jsonl"
         while not events_path.exists():  # the server truncates it at start; append only after that
             if self.server.poll() is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.board import BoardConfig
+from runtime.startup import PYTHON_FLAGS
 from server.events import EventName
 from testbed.campaign import Campaign, Group
 from testbed.cgroups import MAX_PERIOD_US, MIN_QUOTA_US
@@ -88,8 +89,8 @@ class DeviceSupervisor:
 
     def _start_device(self, d: Device) -> None:
         config = self.run / "configs" / f"{d.device_id}.toml"
-        d.proc = self._spawn(d.device_id, ["-m", "runtime", "--config", str(config), "--broker", self._broker_url],
-                             d.cgroup)
+        d.proc = self._spawn(d.device_id, [*PYTHON_FLAGS, "-m", "runtime", "--config", str(config),
+                                           "--broker", self._broker_url], d.cgroup)
 
     def _trace_driver(self) -> TraceDriver:
         avail, cpu = {}, {}

@@ -5,6 +5,7 @@
     group.add_pid(proc.pid)            # children it starts afterwards inherit the group
     group.set_cpu_quota(0.45)          # rewritten live from CPU traces
     group.set_cpu_weight(0.9)          # cpu.shares / cpu.weight in proportion to the quota
+    harness = throttle.create_harness(0.5)   # broker + server: weighted, unlimited, not closed by close()
     group.freeze(); group.thaw()       # offline = frozen: keepalives stop, the broker fires the LWT
     group.stats()                      # cpu_usage_s, mem_peak_mb, oom_kills, nr_throttled, ...
     group.oom_kills()                  # the same counter alone: one file, for per-loop polling
@@ -84,6 +85,7 @@ class Throttle(Protocol):
     @property
     def run_id(self) -> str: ...
     def create(self, name: str, cpu_quota_cores: float | None, mem_limit_mb: int | None) -> DeviceGroup: ...
+    def create_harness(self, weight_cores: float) -> DeviceGroup | None: ...  # broker + server; caller destroys
     def prioritise_cpu(self) -> None: ...  # after create(): the quotas, not other tenants, bind
     def close(self) -> None: ...
 
@@ -157,6 +159,9 @@ class NullThrottle:
         group.set_mem_limit(mem_limit_mb)
         self._groups.append(group)
         return group
+
+    def create_harness(self, weight_cores: float) -> None:
+        check_weight_cores(weight_cores)  # nothing is weighted here, so there is no group to be in
 
     def prioritise_cpu(self) -> None:
         pass

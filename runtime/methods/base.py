@@ -16,10 +16,8 @@ The default implementation trains the primary artifact as it is: that is fedavg,
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -27,6 +25,7 @@ from runtime.errors import ConfigError, LayoutError
 from runtime.layout import FloatArray, ParamLayout
 from runtime.profile import Profile, parse_profile
 from runtime.protocol import Assignment, SparseTensor, Tensor
+from runtime.record import field, field_table, record, replace
 
 # numpy and the backend only where tensors are handled: the device config's profile check
 # imports this module (runtime/device_config.py), and the agent starts without numpy.
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 BackendOpener = Callable[[str], "TrainingBackend"]  # artifact key -> an opened backend (cached by the caller)
 
 
-@dataclass(frozen=True)
+@record
 class UpdateBody:
     """What a device method hands back: its values in the primary layout, their form, which
     coordinates they are (None: all of them, in order; else strictly increasing flat indices of
@@ -191,11 +190,11 @@ class SliceSpec(MethodSpec):
         p = parse_profile(text)
         window = (params or {}).get("window")
         if window is not None and p.width < 1.0 and "window=" not in text:
-            p = dataclasses.replace(p, window=str(window))
+            p = replace(p, window=str(window))
         default = Profile()
-        for f in dataclasses.fields(Profile):
-            if f.name not in self.allowed and getattr(p, f.name) != getattr(default, f.name):
-                raise ConfigError(f"method {self.name!r} does not take profile key {f.name!r} (profile {text!r})")
+        for name, _ in field_table(Profile):
+            if name not in self.allowed and getattr(p, name) != getattr(default, name):
+                raise ConfigError(f"method {self.name!r} does not take profile key {name!r} (profile {text!r})")
         return p
 
     def parse_profile(self, text: str, params: Mapping[str, Any] | None) -> str:

@@ -5,7 +5,7 @@ uploads a masked delta as indices + values. `admit` checks those indices are a s
 of the device's depth (every coordinate of the kept units, ⌈ρ·C⌉ units per group, nothing past
 its depth) and, once its mask is frozen (rounds >= mask_rounds), that they are the mask it
 used before; the strategy then weighs each update by importance over staleness
-(`server.aggregate.cos2p_weights`) and applies W + Σ γ_i Δ_i (`masked_delta_merge`)."""
+(`server.weighting.cos2p_weights`) and applies W + Σ γ_i Δ_i (`masked_delta_merge`)."""
 
 from __future__ import annotations
 

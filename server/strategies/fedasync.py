@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.policies import CloseBuffer, MixMerge, Strategy
+from server.closing import CloseBuffer
+from server.policies import MixMerge, Strategy
 from server.strategies._params import make_weight, param_choice, param_float, param_optional_int
 
 NAME = "fedasync"

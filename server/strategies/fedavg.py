@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.policies import CloseAll, SampleWeight, Strategy
+from server.closing import CloseAll
+from server.policies import SampleWeight, Strategy
 from server.strategies._params import make_merge, param_optional_int
 
 NAME = "fedavg"

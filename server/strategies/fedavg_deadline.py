@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.policies import CloseDeadline, SampleWeight, Strategy
+from server.closing import CloseDeadline
+from server.policies import SampleWeight, Strategy
 from server.strategies._params import make_merge, param_float, param_optional_float, param_optional_int
 
 NAME = "fedavg-deadline"

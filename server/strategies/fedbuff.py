@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.policies import BufferMerge, CloseBuffer, Strategy
+from server.closing import CloseBuffer
+from server.policies import BufferMerge, Strategy
 from server.strategies._params import make_weight, param_float, param_int, param_optional_int
 
 NAME = "fedbuff"

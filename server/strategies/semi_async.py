@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.errors import ConfigError
-from server.policies import CloseKOrDeadline, Strategy
+from server.closing import CloseKOrDeadline
+from server.policies import Strategy
 from server.strategies._params import (
     make_merge,
     make_weight,

@@ -1,7 +1,19 @@
 """Emulation fidelity of the default campaign, end to end, with real cgroups and real ORT:
 board step-time ratios follow the speed factors with and without a busy loop on one core; the
-two runs get the same quotas (the first calibrates the host, the second finds it cached), and a
-fresh calibration under the busy loop lands near the quiet one."""
+two runs get the same quotas (the first calibrates the host, the second finds it cached), and
+calibrations taken with and without the busy loop, in alternation, agree.
+
+Why the checks are shaped as they are (measured; README "Fidelity figures"):
+- The campaign runs its 30 rounds instead of stopping at its target accuracy (8-13 rounds), so
+  the on/off Pi 4 tier contributes 2-17 tasks no more: the median of two or four tasks is not a
+  measurement, and a Pi 4 / Pi 5 ratio of medians over 4 tasks came out 19.5 % off where the runs
+  with 10-17 tasks stay within 0-12 %.
+- Back-to-back calibrations agree to 0.3 %, but this VM's CPU second drifts by far more over
+  minutes to hours (5.05 -> 4.22 in one evening; a quiet calibration in a full `make test` read
+  5.154 where one 2 min later under the busy loop read 4.52). So the busy-loop check alternates
+  the two conditions (busy, idle, idle, busy) and compares medians: drift cancels, a calibration
+  that really moved with a busy core does not.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +52,20 @@ def fresh_calibration_env(tmp: Path) -> dict[str, str]:
     return {**env, "ORCHARD_CACHE": str(tmp)}
 
 
+def full_rounds_campaign(tmp: Path) -> Path:
+    """The default campaign, run to its `rounds` limit instead of stopping at its target accuracy."""
+    path = tmp / "default-full.toml"
+    if not path.exists():
+        text = DEFAULT.read_text()
+        assert "\ntarget_accuracy = 0.93" in text
+        path.write_text(text.replace("\ntarget_accuracy = 0.93", "\n"))
+    return path
+
+
 def run_default(tmp: Path, name: str) -> dict[str, Any]:
     run = tmp / name
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "campaign", "run", str(DEFAULT), "--out", str(run),
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "campaign", "run", str(full_rounds_campaign(tmp)),
+                           "--out", str(run),
                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=fresh_calibration_env(tmp / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,47 +74,92 @@ def run_default(tmp: Path, name: str) -> dict[str, Any]:
             "fleet": json.loads((run / "fleet.json").read_text())}
 
 
-def step_ms_from_events(run: Path, fleet: dict[str, Any]) -> dict[str, float]:
-    """Median per tier of each accepted task's mean step (train_s / steps), read straight from
-    events.jsonl: an independent check of the report's own figure."""
+def tasks_from_events(run: Path, fleet: dict[str, Any], dilation: float) -> dict[str, list[tuple[float, float, float]]]:
+    """Per tier, each accepted task's (board ms per step, trainer CPU ms per step, delivered share
+    of its quota), read straight from events.jsonl: an independent check of the report's figure.
+    A step's board time is CPU per step / (board quota x delivered), so when a ratio is off the
+    other two say whether the same work cost more CPU or got less of its quota."""
     board = {d["id"]: d["group"] for d in fleet["devices"]}
-    steps: dict[str, list[float]] = {}
+    tasks: dict[str, list[tuple[float, float, float]]] = {}
     for line in (run / "events.jsonl").read_text().splitlines():
         e = json.loads(line)
         if e.get("event") == "update_accepted":
-            steps.setdefault(board[e["device"]], []).append(e["train_s"] * 1e3 / e["metrics"]["steps"])
-    return {b: statistics.median(v) for b, v in steps.items()}
+            m = e["metrics"]
+            delivered = m["cpu_s"] / (e["train_s"] * dilation * m["cpu_quota_cores"])
+            tasks.setdefault(board[e["device"]], []).append(
+                (e["train_s"] * 1e3 / m["steps"], m["cpu_s"] * 1e3 / m["steps"], delivered))
+    return tasks
+
+
+def wall_s_as_the_default_campaign(run: Path, started_unix: float, target: float = 0.93) -> float:
+    """Wall time from launch until the default campaign would have stopped (its first evaluation
+    at the target accuracy, plus this run's own teardown): `make campaign`'s budget."""
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    at = {e["event"]: e["wall_t"] for e in events if e.get("event") in ("campaign_stopping", "campaign_stop")}
+    hit = next(e["wall_t"] for e in events if e.get("event") == "evaluate" and e["accuracy"] >= target)
+    return hit - started_unix + (at["campaign_stop"] - at["campaign_stopping"])
+
+
+MIN_TASKS = 8  # per tier; the full 30 rounds give the Pi 4 tier 20-40 (see the module docstring)
 
 
 def check_ratio(result: dict[str, Any]) -> float:
     expected = load_board("rpi5").speed_factor / load_board("rpi4b-4gb").speed_factor
-    medians = step_ms_from_events(result["run"], result["fleet"])
+    dilation = result["summary"]["time_dilation"]
+    tasks = tasks_from_events(result["run"], result["fleet"], dilation)
+    med = {g: [statistics.median(t[i] for t in v) for i in range(3)] for g, v in tasks.items()}
     reported = {g["group"]: g["task_step_ms_median"] for g in result["summary"]["groups"]}
     for group in ("pi4", "pi5"):  # the default campaign's Pi 4 and Pi 5 tiers
-        assert reported[group] == pytest.approx(medians[group], abs=1e-3)
-    ratio = medians["pi4"] / medians["pi5"]
-    print(f"dilation {result['summary']['time_dilation']}: Pi 4 {medians['pi4']:.2f} ms, Pi 5 "
-          f"{medians['pi5']:.2f} ms per step, ratio {ratio:.3f} (speed factors: {expected:.3f})")
-    assert abs(ratio / expected - 1) <= TOLERANCE, (ratio, expected, medians)
+        assert reported[group] == pytest.approx(med[group][0], abs=1e-3)
+    ratio = med["pi4"][0] / med["pi5"][0]
+    print(f"dilation {dilation}: Pi 4 {med['pi4'][0]:.2f} ms, Pi 5 {med['pi5'][0]:.2f} ms per step, ratio "
+          f"{ratio:.3f} (speed factors: {expected:.3f}); tasks {len(tasks['pi4'])} / {len(tasks['pi5'])}; CPU per "
+          f"step {med['pi4'][1]:.2f} / {med['pi5'][1]:.2f} ms; delivered {med['pi4'][2]:.3f} / {med['pi5'][2]:.3f}")
+    assert min(len(tasks["pi4"]), len(tasks["pi5"])) >= MIN_TASKS, {g: len(v) for g, v in tasks.items()}
+    assert abs(ratio / expected - 1) <= TOLERANCE, (ratio, expected, med)
     return ratio
+
+
+def start_busy_loop() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
+
+
+def stop(burner: subprocess.Popen[bytes]) -> None:
+    burner.kill()
+    burner.wait()
+
+
+def host_speeds_busy_and_idle(burner: subprocess.Popen[bytes]) -> tuple[list[float], list[float]]:
+    """Host speed measured afresh four times, busy loop on CPU 0 / off / off / on (the given
+    burner is running at the start and is stopped here)."""
+    from testbed.calibrate import measure_host_speed
+
+    busy, idle = [measure_host_speed().speed_factor], []
+    stop(burner)
+    idle += [measure_host_speed().speed_factor, measure_host_speed().speed_factor]
+    burner = start_busy_loop()
+    try:
+        busy.append(measure_host_speed().speed_factor)
+    finally:
+        stop(burner)
+    return busy, idle
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_board_ratios_and_quotas_hold_with_and_without_a_busy_core(tmp_path: Path, cgroups: None) -> None:
-    started = time.monotonic()
+    started_unix = time.time()
     quiet = run_default(tmp_path, "quiet")
-    assert time.monotonic() - started < 180  # `make campaign`'s budget, calibration included
+    # `make campaign`'s budget, calibration included, to where the default campaign stops
+    assert wall_s_as_the_default_campaign(quiet["run"], started_unix) < 180
     # A busy loop on CPU 0 for the whole second run, calibration included.
-    burner = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
+    burner = start_busy_loop()
     try:
         loaded = run_default(tmp_path, "loaded")
-        from testbed.calibrate import measure_host_speed
-
-        loaded_speed = measure_host_speed().speed_factor  # afresh, in CPU time, next to the busy loop
-    finally:
-        burner.kill()
-        burner.wait()
+    except BaseException:
+        stop(burner)
+        raise
+    busy_speeds, idle_speeds = host_speeds_busy_and_idle(burner)
     ratios: list[float] = []
     assert (quiet["summary"]["host_speed_source"], loaded["summary"]["host_speed_source"]) == ("measured", "cache")
     for r in (quiet, loaded):
@@ -108,12 +176,13 @@ def test_board_ratios_and_quotas_hold_with_and_without_a_busy_core(tmp_path: Pat
     q2 = {d["id"]: d["board_quota_cores"] for d in loaded["fleet"]["devices"]}
     for device, quota in q1.items():
         assert abs(q2[device] / quota - 1) <= 0.05, (device, quota, q2[device])
-    # Measured again under the busy loop, in CPU time, the host speed barely moves (wall-time
-    # calibration moved 1.33-4.49 with load). 10 %: neighbours on a shared VM still pollute caches.
-    quiet_speed = quiet["summary"]["host_speed_factor"]
-    print(f"MEASURED quiet ratio {ratios[0]:.3f}, loaded ratio {ratios[1]:.3f}; host speed {quiet_speed} quiet, "
-          f"{loaded_speed:.3f} measured again under the busy loop")
-    assert abs(loaded_speed / quiet_speed - 1) <= 0.10, (quiet_speed, loaded_speed)
+    # Measured in CPU time, the host speed barely moves with a busy core (wall-time calibration
+    # moved 1.33-4.49 with load). 10 %: neighbours on a shared VM still pollute caches.
+    busy, idle = statistics.median(busy_speeds), statistics.median(idle_speeds)
+    print(f"MEASURED quiet ratio {ratios[0]:.3f}, loaded ratio {ratios[1]:.3f}; host speed "
+          f"{quiet['summary']['host_speed_factor']} at the quiet run's start; measured afresh with / without the "
+          f"busy loop, alternating: {busy_speeds} / {idle_speeds}")
+    assert abs(busy / idle - 1) <= 0.10, (busy_speeds, idle_speeds)
 
 
 @pytest.mark.slow

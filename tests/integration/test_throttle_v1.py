@@ -168,6 +168,36 @@ def test_cpu_weight_and_period_follow_the_quota(throttle: Throttle, prefix: str)
         assert (read(join(leaf, "cpu.cfs_period_us")), read(join(leaf, "cpu.cfs_quota_us"))) == ("10000", "5000")
 
 
+def test_harness_group_is_weighted_unlimited_and_outlives_close(throttle: Throttle, prefix: str,
+                                                                 spawn: Spawn) -> None:
+    device = throttle.create("pi4-0", cpu_quota_cores=0.05, mem_limit_mb=64)
+    device.set_cpu_weight(0.05)
+    throttle.prioritise_cpu()
+    harness = throttle.create_harness(0.5)
+    assert harness is not None
+    child = spawn(BURN)
+    harness.add_pid(child.pid)
+    _go(child)
+
+    def read(path: str) -> str:
+        return CgroupFs().read(path).strip()
+
+    if throttle.backend == "cgroup1":
+        leaf = join(os.path.realpath(join(DEFAULT_ROOT, "cpu")), prefix, throttle.run_id, "harness")
+        assert (read(join(leaf, "cpu.shares")), read(join(leaf, "cpu.cfs_quota_us"))) == ("512", "-1")
+    else:
+        leaf = join(DEFAULT_ROOT, prefix, throttle.run_id, "harness")
+        assert read(join(leaf, "cpu.weight")) == "500" and read(join(leaf, "cpu.max")).startswith("max ")
+    # Unlimited and inside the prioritised tree: far more than a device's quota even on a loaded host
+    # (held to a quota, or queued in the root group behind other tenants, it gets a fraction of this).
+    assert _cpu_rate(harness, 1.0) >= 0.15
+    throttle.close()  # the devices' groups go; the broker's and server's stays until they are gone
+    assert os.path.isdir(leaf) and child.poll() is None
+    harness.destroy()
+    assert not os.path.isdir(leaf)
+    assert child.wait(timeout=10) in (-9, 137)
+
+
 def test_memory_cap_gets_an_allocating_child_oom_killed(throttle: Throttle, spawn: Spawn) -> None:
     group = throttle.create("hog", cpu_quota_cores=None, mem_limit_mb=64)
     if isinstance(group, V1Group):  # memsw too, so swap cannot let the device dodge its cap

@@ -10,6 +10,7 @@ import pytest
 
 from runtime.errors import RoundError
 from server import aggregate as agg
+from server import weighting
 from server.accumulate import GROUP, coverage_sums, weighted_sum_into
 from server.aggregate import UpdateContribution as UC
 
@@ -100,7 +101,7 @@ def test_merges_with_shared_tiers_and_stale_weights_match_the_reference(seed: in
     r = np.random.default_rng(200 + seed)
     n = int(r.integers(2, 300))
     g = r.standard_normal(n).astype(np.float32)
-    cs = [UC(c.indices, c.values, agg.staleness_sqrt(int(r.integers(0, 9)))) for c in coverage_round(r, n)]
+    cs = [UC(c.indices, c.values, weighting.staleness_sqrt(int(r.integers(0, 9)))) for c in coverage_round(r, n)]
     num, den = ref_coverage(n, cs)
     covered = den > 0
     expected = g.astype(np.float64)
@@ -114,8 +115,10 @@ def test_a_frozen_index_array_is_checked_once_and_a_writable_one_every_time() ->
     n = 10
     frozen = np.array([1, 4, 7], np.int64)
     frozen.flags.writeable = False
-    assert agg.check_indices(frozen, n, "t") is frozen
+    narrowed = agg.check_indices(frozen, n, "t")
+    assert narrowed.dtype == np.int32 and narrowed.tolist() == [1, 4, 7]  # the model's index type
     assert id(frozen) in agg._CHECKED
+    assert agg.check_indices(frozen, n, "t") is frozen  # remembered: returned at once, as it is
     with pytest.raises(RoundError, match="outside"):
         agg.check_indices(frozen, 5, "t")  # checked for n = 10 only
     writable = np.array([1, 4, 7], np.int64)
@@ -141,10 +144,42 @@ def test_a_frozen_index_array_is_checked_once_and_a_writable_one_every_time() ->
 def test_index_checks_sorted_and_unsorted(indices: list[int], error: str | None) -> None:
     idx = np.array(indices, np.int64)
     if error is None:
-        agg.check_indices(idx, 10, "t")
+        assert agg.check_indices(idx, 10, "t").tolist() == indices
     else:
         with pytest.raises(RoundError, match=error):
             agg.check_indices(idx, 10, "t")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32, np.uint64])
+def test_indices_come_back_int32_up_to_2_31_parameters_and_int64_past_it(dtype: type) -> None:
+    idx = np.array([0, 5, 9], dtype)
+    got = agg.check_indices(idx, 10, "t")
+    assert got.dtype == np.int32 and got.tolist() == [0, 5, 9]
+    assert (got is idx) == (dtype is np.int32)  # no copy when it is already the model's type
+    huge = 2**31 + 7  # sorted indices are checked without a scratch buffer of n_params
+    wide = agg.check_indices(np.array([3, 2**31 + 5], np.int64), huge, "t")
+    assert wide.dtype == np.int64 and wide.tolist() == [3, 2**31 + 5]
+    assert agg.check_indices(np.array([3, 4], np.int32), huge, "t").dtype == np.int64
+
+
+@pytest.mark.parametrize("indices", [[1, 2**32 + 3], [2**32 + 3, 1], [1, 2**31], [-(2**32) + 1, 2], [2, 1 - 2**32]])
+def test_indices_that_would_wrap_into_range_as_int32_are_refused(indices: list[int]) -> None:
+    """The range is checked on the sender's integers before they are narrowed: 2**32 + 3 must not
+    become index 3."""
+    for check in (agg.check_indices, agg.frozen_indices):
+        with pytest.raises(RoundError, match="outside the model's"):
+            check(np.array(indices, np.int64), 10, "t")
+
+
+def test_frozen_indices_are_a_private_read_only_checked_copy() -> None:
+    for dtype in (np.int32, np.int64):
+        sent = np.array([7, 2, 4], dtype)
+        got = agg.frozen_indices(sent, 10, "upload")
+        assert got.dtype == np.int32 and got.tolist() == [7, 2, 4] and not got.flags.writeable
+        assert not np.may_share_memory(got, sent) and sent.flags.writeable
+        assert id(got) in agg._CHECKED and agg.check_indices(got, 10, "t") is got
+    with pytest.raises(RoundError, match="1 repeated"):
+        agg.frozen_indices(np.array([4, 1, 4], np.int32), 10, "upload")
 
 
 @pytest.mark.parametrize("merge", ["weighted_average", "per_element_average", "per_element_delta",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from runtime.errors import RoundError
+from runtime.errors import ConfigError, RoundError
 from server import accumulate
 from server import aggregate as agg
 from server.accumulate import GROUP, coverage_sums
@@ -32,18 +32,18 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     yield request.param
 
 
-def own_round(r: np.random.Generator, n: int, count: int, coord_weights: bool) -> list[UC]:
+def own_round(r: np.random.Generator, n: int, count: int, coord_weights: bool, index_type: type = np.int64) -> list[UC]:
     """`count` updates, each its own index array: sorted random sets of random density, some
     unsorted, some empty, some runs; every 3rd with coordinate weights when asked."""
     out = []
     for k in range(count):
         size = int(r.integers(0, n + 1)) if k % 7 else 0
-        idx = r.choice(n, size, replace=False).astype(np.int64)
+        idx = r.choice(n, size, replace=False).astype(index_type)
         if k % 4:
             idx = np.sort(idx)
         if k % 5 == 1:
             start = int(r.integers(0, n // 2))
-            idx = np.arange(start, start + n // 2, dtype=np.int64)  # one contiguous run
+            idx = np.arange(start, start + n // 2, dtype=index_type)  # one contiguous run
         cw = r.uniform(0, 2, idx.size).astype(np.float32) if coord_weights and k % 3 == 0 else None
         out.append(UC(idx, (r.standard_normal(idx.size) * 10.0 ** r.uniform(-2, 2)).astype(np.float32),
                       float(r.uniform(0, 5)), cw))
@@ -63,10 +63,12 @@ def reference(n: int, cs: list[UC], absolute: bool = False) -> tuple[np.ndarray,
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("coord_weights", [False, True])
-def test_own_sets_match_the_float64_reference_within_the_bound(kernel: str, seed: int, coord_weights: bool) -> None:
+@pytest.mark.parametrize("index_type", [np.int32, np.int64])  # check_indices' type, and an unnarrowed one
+def test_own_sets_match_the_float64_reference_within_the_bound(kernel: str, seed: int, coord_weights: bool,
+                                                                index_type: type) -> None:
     r = np.random.default_rng(300 + seed)
     n = int(r.integers(2, 500))
-    cs = own_round(r, n, int(r.integers(1, 3 * GROUP + 2)), coord_weights)  # partial sums + a remainder
+    cs = own_round(r, n, int(r.integers(1, 3 * GROUP + 2)), coord_weights, index_type)  # partial sums + a remainder
     num, den = reference(n, cs)
     mag, _ = reference(n, cs, absolute=True)
     agg.check_contributions(n, cs)
@@ -167,13 +169,70 @@ def test_a_sparse_uploads_indices_are_checked_once_and_the_senders_array_is_left
         return real(indices, n_params, what)
 
     monkeypatch.setattr(agg, "_check_indices", counted)
+    merged: list[np.dtype] = []
+    real_sums = agg.coverage_sums
+
+    def recorded(n_params: int, cs: list[UC], counts: bool = True) -> accumulate.Coverage:
+        merged.extend(c.indices.dtype for c in cs if c.indices is not None)
+        return real_sums(n_params, cs, counts)
+
+    monkeypatch.setattr(agg, "coverage_sums", recorded)
     sent = np.arange(0, layout.total, 7, dtype=np.int64)
     delta = np.full(sent.size, 0.5, np.float32)
     upd = Update(rig.task("a").task_id, "a", 0, 5, 1.0, 1.0, None, "delta")
     rig.actions += rig.engine.handle(UpdateReceived("a", upd, delta, sent))
     assert rig.engine.version == 1  # merged
     assert calls == [sent.size]  # admission only
+    assert merged == [np.int32]  # the sender's int64, narrowed once by admission
     assert sent.flags.writeable
     expected = rig.g0.copy()
     expected[sent] += 0.5
     np.testing.assert_allclose(rig.engine.global_flat, expected, atol=1e-6)
+
+
+def test_the_engines_assignments_are_frozen_int32() -> None:
+    from server.engine import Engine
+    from server.policies import TableModel
+    from server.strategies import get_strategy
+
+    n = 40
+    table = {"width=0.5": np.arange(0, n, 2, dtype=np.int64), "width=0.25": np.array([1, n], dtype=np.int64)}
+    engine = Engine(get_strategy("fedavg", merge="per-element"), TableModel(n, table), np.zeros(n, np.float32),
+                    clock=lambda: 0.0)
+    _, idx = engine.assignment_for("width=0.5", 0)
+    assert idx is not None and idx.dtype == np.int32 and not idx.flags.writeable
+    assert idx.tolist() == table["width=0.5"].tolist()
+    with pytest.raises(ConfigError, match="outside the model's"):
+        engine.assignment_for("width=0.25", 0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0])
+@pytest.mark.parametrize("merge", [agg.per_element_average, agg.per_element_delta])
+def test_bad_coordinate_weights_are_refused_and_the_global_model_kept(merge: object, bad: float) -> None:
+    g = np.arange(10, dtype=np.float32)
+    before = g.copy()
+    cw = np.array([1.0, bad, 2.0], np.float32)
+    cs = [UC(np.array([1, 4, 7], np.int32), np.ones(3, np.float32), 1.0, cw)]
+    with pytest.raises(RoundError, match=r"^contribution 0: coordinate weights must be finite and >= 0$"):
+        merge(g, cs)  # type: ignore[operator]
+    assert np.array_equal(g, before)
+
+
+@pytest.mark.parametrize("weights", ["whole", "fractional", "whole_past_2_24"])
+def test_counts_are_exact_for_whole_weights_and_within_the_bound_otherwise(kernel: str, weights: str) -> None:
+    """Whole-number weights (sample counts) summing below 2**24 give exact float32 counts over the
+    whole round; otherwise the counts are partial sums of GROUP, within the bound."""
+    r = np.random.default_rng(11)
+    n = 300
+    cs = own_round(r, n, 3 * GROUP + 5, coord_weights=False, index_type=np.int32)
+    scale = {"whole": 1.0, "fractional": 1.0, "whole_past_2_24": 2.0**20}[weights]
+    cs = [UC(c.indices, c.values, float(r.integers(0, 100)) * scale + (0.37 if weights == "fractional" else 0.0))
+          for c in cs]
+    assert accumulate._exact_counts(cs) == (weights == "whole")
+    _, den = reference(n, cs)
+    got = coverage_sums(n, cs).den
+    assert got is not None
+    if weights == "whole":
+        assert np.array_equal(got, den)
+    else:
+        assert np.all(np.abs(got - den) <= BOUND * EPS32 * den)

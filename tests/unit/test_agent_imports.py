@@ -42,7 +42,9 @@ def test_agent_import_path_has_no_onnxruntime_and_no_numpy(tmp_path: Path) -> No
 AFTER_HELLO = ("psutil", "runtime.telemetry", "runtime.energy", "runtime.trainer_proc", "runtime.outbox",
                "runtime.chunks", "multiprocessing",
                # behind the placeholders of runtime/__main__.py's DEFERRED_IMPORTS: never, on this path
-               "http.client", "email", "tempfile", "_ssl")
+               "http.client", "email", "tempfile", "_ssl", "linecache", "tokenize",
+               # every value class on the path is a runtime/record.py record, not a dataclass
+               "dataclasses", "inspect", "ast")
 
 
 def test_agent_import_path_leaves_what_the_hello_does_not_need_for_later(tmp_path: Path) -> None:
@@ -105,3 +107,31 @@ print("ok")
 def test_a_deferred_import_runs_at_its_first_use_and_is_then_the_real_module() -> None:
     out = subprocess.run([sys.executable, "-c", _DEFER_PROBE], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+_SITE_PROBE = """
+import sys
+import runtime.__main__  # adds what `site` would (runtime/startup.py add_site_packages)
+import paho.mqtt.client  # from the venv's site-packages
+print(int("site" in sys.modules), int(any("__editable__" in m for m in sys.modules)), sys.prefix)
+"""
+
+
+def test_a_device_started_without_site_still_finds_the_venv_s_packages() -> None:
+    from runtime.startup import PYTHON_FLAGS
+
+    assert sys.prefix != sys.base_prefix, "the tests run in a venv (make setup)"
+    out = subprocess.run([sys.executable, *PYTHON_FLAGS, "-c", _SITE_PROBE], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    # No site, no .pth files run, and sys.prefix is the venv's, as `site` would have set it.
+    assert out.stdout.split() == ["0", "0", sys.prefix], out.stdout
+
+
+def test_without_a_venv_the_site_less_start_runs_site_itself() -> None:
+    # The interpreter the venv was made from, started with -S: no pyvenv.cfg next to it, so
+    # add_site_packages falls back to site.main() and the result is what `site` would give.
+    base = Path(sys.base_prefix) / "bin" / Path(sys.executable).name
+    probe = "import sys, runtime.__main__; print(int('site' in sys.modules))"
+    out = subprocess.run([str(base), "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["1"], out.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from runtime.errors import RoundError
 from server import aggregate as agg
+from server import weighting
 from server.aggregate import UpdateContribution as UC
 
 N = 57
@@ -137,7 +138,7 @@ def test_fedbuff_apply_matches_accumulator() -> None:
     for s, d in zip(staleness, deltas, strict=True):  # Δ̄ += Δ_i s(τ_i)
         acc += d.astype(np.float64) / math.sqrt(1 + s)
     expected = g + 0.8 * acc / len(deltas)
-    cs = [UC(None, d, agg.staleness_sqrt(s)) for s, d in zip(staleness, deltas, strict=True)]
+    cs = [UC(None, d, weighting.staleness_sqrt(s)) for s, d in zip(staleness, deltas, strict=True)]
     np.testing.assert_allclose(agg.fedbuff_apply(g, cs, 0.8), expected, atol=TOL)
 
 
@@ -156,13 +157,13 @@ def test_fedasync_mix_dense_and_submodel() -> None:
 
 # ---------------------------------------------------------------- weights
 def test_staleness_functions() -> None:
-    assert agg.staleness_polynomial(3, 0.5) == pytest.approx(0.5)
-    assert agg.staleness_sqrt(8) == pytest.approx(1 / 3)
-    assert agg.staleness_hinge(4, 10, 4) == 1.0
-    assert agg.staleness_hinge(6, 10, 4) == pytest.approx(1 / 21)
-    assert agg.staleness_constant(99) == 1.0
+    assert weighting.staleness_polynomial(3, 0.5) == pytest.approx(0.5)
+    assert weighting.staleness_sqrt(8) == pytest.approx(1 / 3)
+    assert weighting.staleness_hinge(4, 10, 4) == 1.0
+    assert weighting.staleness_hinge(6, 10, 4) == pytest.approx(1 / 21)
+    assert weighting.staleness_constant(99) == 1.0
     with pytest.raises(RoundError, match="negative"):
-        agg.staleness_sqrt(-1)
+        weighting.staleness_sqrt(-1)
 
 
 def test_cos2p_weights_match_per_tensor_reference() -> None:
@@ -184,10 +185,10 @@ def test_cos2p_weights_match_per_tensor_reference() -> None:
     def flat(d: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([d[k] for k in shapes]).astype(np.float32)
 
-    got = agg.cos2p_weights(
-        [agg.l1_norm(flat(g)) for g, _, _ in clients],
+    got = weighting.cos2p_weights(
+        [weighting.l1_norm(flat(g)) for g, _, _ in clients],
         [rate for _, rate, _ in clients],
-        [agg.l1_drift(flat(history[current]), flat(history[tau])) for _, _, tau in clients],
+        [weighting.l1_drift(flat(history[current]), flat(history[tau])) for _, _, tau in clients],
         importance_cap=None,  # the paper's rule; the clip on top is tested in test_robust_merges.py
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -195,7 +196,7 @@ def test_cos2p_weights_match_per_tensor_reference() -> None:
 
 
 def test_normalise_l1_all_zero_gives_equal_weights() -> None:
-    np.testing.assert_allclose(agg.normalise_l1(np.zeros(4)), [0.25] * 4)
+    np.testing.assert_allclose(weighting.normalise_l1(np.zeros(4)), [0.25] * 4)
 
 
 # ---------------------------------------------------------------- validation and immutability

@@ -160,7 +160,7 @@ def test_systemd_unit_is_hardened_notifies_and_caps_memory_from_the_board(built,
     text = (bundle / UNIT_NAME).read_text()
     keys = _unit_keys(text)
     assert keys["Restart"] == ["always"] and keys["RestartSec"] == ["5"]
-    assert keys["ExecStart"] == ["/opt/orchard/venv/bin/python -m runtime --config /opt/orchard/device.toml"]
+    assert keys["ExecStart"] == ["/opt/orchard/venv/bin/python -S -m runtime --config /opt/orchard/device.toml"]
     assert keys["WorkingDirectory"] == ["/opt/orchard"]
     assert "ORCHARD_FIRMWARE_CONFIGS=/opt/orchard/firmware_configs" in keys["Environment"]
     assert keys["WantedBy"] == ["multi-user.target"]

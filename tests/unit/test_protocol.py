@@ -112,6 +112,7 @@ def test_sparse_is_sorted_and_int64_indices_for_huge_shapes() -> None:
     got = decode_update(frame, limits=limits).tensors["x"]
     assert isinstance(got, SparseTensor)
     assert got.indices.tolist() == [3, big - 1] and got.values.tolist() == [2.0, 1.0]
+    assert got.indices.dtype == np.int64
     rejects(decode_update, frame, match="exceeds 268435456 elements")  # default limits
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import ConfigError, RoundError
-from server import aggregate as agg
-from server import robust
+from server import robust, weighting
 from server.aggregate import UpdateContribution
 from server.policies import DenseMerge, PerElementMerge
 from server.strategies import get_strategy, strategy_defaults
@@ -138,17 +137,17 @@ def test_median_merge_under_per_element_policy_uses_its_server_lr() -> None:
 
 def test_cos2p_importance_is_clipped_so_a_scaled_delta_cannot_buy_weight() -> None:
     honest = [10.0, 11.0, 9.0]
-    w_clean = agg.cos2p_weights([*honest, 10.0], [1.0] * 4, [0.0] * 4)
-    w_attack = agg.cos2p_weights([*honest, 1000.0], [1.0] * 4, [0.0] * 4)
+    w_clean = weighting.cos2p_weights([*honest, 10.0], [1.0] * 4, [0.0] * 4)
+    w_attack = weighting.cos2p_weights([*honest, 1000.0], [1.0] * 4, [0.0] * 4)
     assert w_attack[3] <= 3.0 * 10.0 / (10 + 11 + 9 + 30.0) + 1e-12  # capped at 3 x median 10
-    unclipped = agg.cos2p_weights([*honest, 1000.0], [1.0] * 4, [0.0] * 4, importance_cap=None)
+    unclipped = weighting.cos2p_weights([*honest, 1000.0], [1.0] * 4, [0.0] * 4, importance_cap=None)
     assert unclipped[3] > 0.95 > w_attack[3]
     assert w_clean[3] == pytest.approx(0.25)
-    np.testing.assert_allclose(agg.clip_importance(np.array([1.0, 2.0, 50.0]), np.ones(3), 3.0), [1.0, 2.0, 6.0])
+    np.testing.assert_allclose(weighting.clip_importance(np.array([1.0, 2.0, 50.0]), np.ones(3), 3.0), [1.0, 2.0, 6.0])
     # Per unit of rate: a dense client (importance ~1/rate of a narrow one's per unit) is not clipped.
     imp, rates = np.array([0.25, 0.25, 0.26, 1.0]), np.array([0.25, 0.25, 0.25, 1.0])
-    np.testing.assert_allclose(agg.clip_importance(imp, rates, 3.0), imp)
-    np.testing.assert_allclose(agg.clip_importance(np.array([0.25, 0.25, 0.26, 9.0]), rates, 3.0),
+    np.testing.assert_allclose(weighting.clip_importance(imp, rates, 3.0), imp)
+    np.testing.assert_allclose(weighting.clip_importance(np.array([0.25, 0.25, 0.26, 9.0]), rates, 3.0),
                                [0.25, 0.25, 0.26, 3.0])
 
 

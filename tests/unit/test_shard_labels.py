@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,26 @@ def test_bad_shards_are_one_clear_error(tmp_path: Path, make: object, message: s
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the shard"):
         label_histogram(tmp_path / "nope.npz")
+
+
+def _npy_with_header(header: str) -> bytes:
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + bytes(16)
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("{'descr': '<i8', 'shape': (2,), }", "bad .npy header"),  # no fortran_order
+    ("{'descr': '<i8', 'fortran_order': False, 'shape': (2, x), }", "bad .npy header"),
+    ("[1, 2]", "bad .npy header"),
+    ("{'descr': '<i8', 'fortran_order': True, 'shape': (2, 2), }", "Fortran-ordered"),
+    ("{'descr': '<i8', 'fortran_order': False, 'shape': (), }", "labels must be 1-D, got shape ()"),
+])
+def test_a_bad_npy_header_is_one_clear_error(tmp_path: Path, header: str, message: str) -> None:
+    import zipfile
+
+    path = tmp_path / "shard.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("y.npy", _npy_with_header(header))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_labels(path)

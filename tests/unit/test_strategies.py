@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 
 from runtime.errors import ConfigError
+from server.closing import CloseAll, CloseBuffer, CloseDeadline, CloseKOrDeadline
 from server.engine import EngineConfig
 from server.memory import Periodic, SimDevice, Windows, simulate
 from server.policies import (
     BufferMerge,
-    CloseAll,
-    CloseBuffer,
-    CloseDeadline,
-    CloseKOrDeadline,
     CoS2PWeight,
     DenseMerge,
     MaskedDeltaMerge,

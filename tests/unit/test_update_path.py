@@ -107,7 +107,7 @@ def test_mixed_tensors_decode_from_a_reassembled_frame() -> None:
     got = receive(frame)
     np.testing.assert_allclose(got.tensors["h"], tensors["h"], atol=1e-3)  # type: ignore[arg-type]
     s = got.tensors["s"]
-    assert isinstance(s, SparseTensor) and s.indices.tolist() == [1, 3, 17] and s.indices.dtype == np.int64
+    assert isinstance(s, SparseTensor) and s.indices.tolist() == [1, 3, 17] and s.indices.dtype == np.int32
     np.testing.assert_array_equal(got.tensors["w"], tensors["w"])  # type: ignore[arg-type]
 
 
