@@ -4,7 +4,7 @@ two runs get the same quotas (the first calibrates the host, the second finds it
 calibrations taken with and without the busy loop, in alternation, agree.
 
 Why the checks are shaped as they are (measured; README "Fidelity figures"):
-- The campaign runs its 30 rounds instead of stopping at its target accuracy (8-13 rounds), so
+- The campaign runs 20 rounds instead of stopping at its target accuracy (8-13 rounds), so
   the on/off Pi 4 tier contributes 2-17 tasks no more: the median of two or four tasks is not a
   measurement, and a Pi 4 / Pi 5 ratio of medians over 4 tasks came out 19.5 % off where the runs
   with 10-17 tasks stay within 0-12 %.
@@ -52,13 +52,17 @@ def fresh_calibration_env(tmp: Path) -> dict[str, str]:
     return {**env, "ORCHARD_CACHE": str(tmp)}
 
 
+ROUNDS = 20
+
+
 def full_rounds_campaign(tmp: Path) -> Path:
-    """The default campaign, run to its `rounds` limit instead of stopping at its target accuracy."""
+    """The default campaign, run to a fixed number of rounds instead of stopping at its target accuracy."""
     path = tmp / "default-full.toml"
     if not path.exists():
         text = DEFAULT.read_text()
-        assert "\ntarget_accuracy = 0.93" in text
-        path.write_text(text.replace("\ntarget_accuracy = 0.93", "\n"))
+        assert "\ntarget_accuracy = 0.93" in text and "\nrounds = 30" in text
+        # 20 rounds, not the file's 30: 16 Pi 4 tasks per run (measured), inside the suite's 15 min budget
+        path.write_text(text.replace("\ntarget_accuracy = 0.93", "\n").replace("\nrounds = 30", f"\nrounds = {ROUNDS}"))
     return path
 
 
@@ -100,7 +104,7 @@ def wall_s_as_the_default_campaign(run: Path, started_unix: float, target: float
     return hit - started_unix + (at["campaign_stop"] - at["campaign_stopping"])
 
 
-MIN_TASKS = 8  # per tier; the full 30 rounds give the Pi 4 tier 20-40 (see the module docstring)
+MIN_TASKS = 8  # per tier; 20 rounds gave the Pi 4 tier 16 (30 rounds gave 27-30)
 
 
 def check_ratio(result: dict[str, Any]) -> float:
