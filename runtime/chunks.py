@@ -26,11 +26,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ProtocolError
 from runtime.protocol import PROTOCOL_VERSION
+from runtime.record import field, record
 from runtime.seal import MAC_BYTES, MacStream, seal_head
 from runtime.wire_json import ID_PATTERN, show
 
@@ -111,7 +111,7 @@ class FrameBuffer(bytearray):
         self.mac: MacStream | None = None
 
 
-@dataclass
+@record(frozen=False)
 class _Partial:
     started_s: float
     total: int

@@ -21,13 +21,13 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.errors import OrchardError, ProtocolError, TransportError, one_line
 from runtime.layout import FloatArray
 from runtime.protocol import SplitMessage
+from runtime.record import record
 from runtime.split import PartRunner, fedavg
 from runtime.split_link import FrameStream, parse_addr
 from runtime.split_queue import EdfQueue
@@ -36,7 +36,7 @@ log = logging.getLogger("orchard.compute_node")
 X = "x"  # the one tensor of a fwd/bwd/weights message
 
 
-@dataclass(frozen=True)
+@record
 class _Task:
     msg: SplitMessage
     source: FrameStream

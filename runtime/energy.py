@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -37,6 +36,7 @@ from runtime.power_sensors import (
     read_number,
     read_text,
 )
+from runtime.record import record
 
 __all__ = [
     "CpuTimeUtilisation",
@@ -171,7 +171,7 @@ def make_power_source(
     return ModelSource(board.power, utilisation, fallback_reason=reason)
 
 
-@dataclass(frozen=True)
+@record
 class PowerSample:
     t_s: float
     power_w: float

@@ -8,13 +8,13 @@ Board code: numpy and runtime only, Python 3.8 compatible.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import ProtocolError
+from runtime.record import record
 from runtime.wire_json import NAME_PATTERN, show
 
 ENCODINGS = ("dense", "fp16", "sparse-coo")
@@ -30,10 +30,12 @@ def index_dtype(numel: int) -> str:
     to 2**31 values (the last index, numel - 1, fits), else "int64". Sparse frames carry indices
     in it, and the server keeps merge indices in it (half the bytes, ~20 % faster scatters)."""
     return "int32" if numel <= 2**31 else "int64"
+
+
 _MAX_NAME_CHARS = 256
 
 
-@dataclass(frozen=True)
+@record
 class FrameLimits:
     """Caps a receiver enforces before allocating anything; senders check the same ones."""
 
@@ -47,7 +49,7 @@ class FrameLimits:
 DEFAULT_LIMITS = FrameLimits()
 
 
-@dataclass(frozen=True)
+@record
 class Entry:
     name: str
     encoding: str  # one of ENCODINGS, or "file"

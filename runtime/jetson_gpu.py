@@ -16,16 +16,16 @@ GPU rail's energy is integrated here on its own; the board total stays the senso
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from runtime.power_sensors import PowerReadError, PowerSource, gpu_rail, read_number, read_text
+from runtime.record import record
 
 GPU_NODE_NAMES = ("gv11b", "gp10b", "ga10b", "gb10b", "gpu")
 
 
-@dataclass(frozen=True)
+@record
 class GpuReading:
     load_pct: float | None
     mem_mb: float | None

@@ -14,19 +14,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import ArtifactError, LayoutError
 from runtime.layout import ParamLayout
+from runtime.record import record
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
 
-@dataclass(frozen=True)
+@record
 class Manifest:
     key: str
     model: str

@@ -22,10 +22,10 @@ from __future__ import annotations
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from runtime.chunks import DEFAULT_CHUNK_BYTES, chunk_frame
 from runtime.protocol import Receipt
+from runtime.record import record
 
 RESEND_AFTER_S = 120.0
 MAX_BACKOFF_DOUBLINGS = 5
@@ -35,7 +35,7 @@ MAX_BACKOFF_DOUBLINGS = 5
 Chunker = typing.Callable[[bytes, str, int], typing.Iterable[bytes]]  # typing's: board Pythons from 3.8
 
 
-@dataclass
+@record(frozen=False)
 class _Pending:
     frame: bytes
     sends: int = 0

@@ -22,11 +22,11 @@ import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from runtime.errors import EXIT_SENSOR, OrchardError, register_exit_code
+from runtime.record import record
 
 Clock = Callable[[], float]
 
@@ -141,7 +141,7 @@ class RaplSource(PowerSource):
 # Jetson INA3221
 
 
-@dataclass(frozen=True)
+@record
 class _Rail:
     label: str
     paths: tuple[Path, ...]  # hwmon: (mV file, mA file); iio: (mW file,)

@@ -17,7 +17,8 @@ missing, repeated or unknown argument, value equality and hashing over the compa
 deletion. `dataclasses.is_dataclass`, `fields`, `replace` and `asdict` work on records: their
 `__dataclass_fields__` (real `dataclasses.Field` objects) is built on first access, which is the
 first time `dataclasses` is imported on that path. `record(frozen=False)` makes a mutable one
-(not hashable, as a dataclass with eq and not frozen).
+(not hashable, as a dataclass with eq and not frozen); `record(eq=False)` keeps identity equality
+and hashing, as `dataclass(eq=False)` does.
 
 Board code: Python 3.8 compatible; `dataclasses` private names used: `_FIELD` (the field kind).
 """
@@ -154,7 +155,7 @@ def _is_classvar(hint: Any) -> bool:
     return isinstance(text, str) and text.startswith(("ClassVar", "typing.ClassVar"))
 
 
-def _make(cls: type, frozen: bool) -> type:
+def _make(cls: type, frozen: bool, eq: bool) -> type:
     specs: list[_Spec] = []
     for base in reversed(cls.__mro__[1:]):
         specs.extend(base.__dict__.get("__record_fields__", ()))
@@ -184,9 +185,10 @@ def _make(cls: type, frozen: bool) -> type:
     attrs: dict[str, Any] = {
         "__record_fields__": tuple(specs), "__record_names__": tuple(s[0] for s in specs),
         "__record_post_init__": cls.__dict__.get("__post_init__"), "__init__": _init, "__repr__": _repr,
-        "__eq__": _eq, "__hash__": _hash if frozen else None, "__match_args__": tuple(s[0] for s in specs),
-        "__dataclass_fields__": _DataclassFields(cls),
+        "__match_args__": tuple(s[0] for s in specs), "__dataclass_fields__": _DataclassFields(cls),
     }
+    if eq:
+        attrs.update(__eq__=_eq, __hash__=_hash if frozen else None)
     if frozen:
         attrs.update(__setattr__=_setattr, __delattr__=_delattr)
     for key, value in attrs.items():
@@ -204,14 +206,14 @@ def record(cls: type[T]) -> type[T]: ...
 
 
 @overload
-def record(*, frozen: bool = True) -> Callable[[type[T]], type[T]]: ...
+def record(*, frozen: bool = True, eq: bool = True) -> Callable[[type[T]], type[T]]: ...
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
-def record(cls: type | None = None, *, frozen: bool = True) -> Any:
+def record(cls: type | None = None, *, frozen: bool = True, eq: bool = True) -> Any:
     if cls is None:
-        return lambda c: _make(c, frozen)
-    return _make(cls, frozen)
+        return lambda c: _make(c, frozen, eq)
+    return _make(cls, frozen, eq)
 
 
 def is_record(obj: Any) -> bool:

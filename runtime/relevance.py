@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy.typing as npt
 
 from runtime.errors import ArtifactError, ConfigError
 from runtime.layout import FloatArray, ParamLayout
+from runtime.record import record
 
 PROBE_PREFIX = "relevance_probe."
 SELECTOR = "selector"  # the one-hot (batch, classes) input choosing each sample's class logit
@@ -75,7 +75,7 @@ def relevance_from_products(products: Mapping[str, npt.NDArray[np.floating[Any]]
     return out
 
 
-@dataclass(frozen=True)
+@record
 class Relevance:
     """Normalised scores per hidden group, (channels, classes), and the global version they came from."""
 

@@ -12,7 +12,6 @@ All of it reduces to one int64 array of flat indices into the global buffer (`Su
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Collection, Mapping
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy.typing as npt
 from runtime.errors import ConfigError, LayoutError
 from runtime.layout import FloatArray, ParamLayout, ParamSpec
 from runtime.profile import Profile
+from runtime.record import record
 
 IndexArray = npt.NDArray[np.int64]
 IndexMap = Mapping[str, IndexArray]
@@ -99,7 +99,7 @@ def _check_index_map(layout: ParamLayout, index_map: IndexMap) -> None:
             raise LayoutError(f"index set of group {group!r} must be strictly increasing")
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class Submodel:
     """A global layout restricted by an index map; `indices` gathers the submodel's flat buffer."""
 

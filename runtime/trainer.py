@@ -14,7 +14,6 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ from runtime.backend import EVAL_CONTROLS, EXIT_PREFIX, INPUT, LABELS, LOGITS, M
 from runtime.errors import ConfigError, TrainerError
 from runtime.layout import FloatArray
 from runtime.methods.base import DeviceMethod
+from runtime.record import record
 
 
-@dataclass(frozen=True)
+@record
 class TrainConfig:
     steps: int = 0  # > 0: exactly this many optimizer steps, cycling through epochs
     epochs: int = 1  # used when steps == 0
@@ -43,7 +43,7 @@ class TrainConfig:
             raise ConfigError(f"learning rate {self.lr} must be a positive number")
 
 
-@dataclass(frozen=True)
+@record
 class TrainResult:
     weights: FloatArray
     steps: int
@@ -57,7 +57,7 @@ class TrainResult:
     # says whether the cgroup delivered its quota
 
 
-@dataclass(frozen=True)
+@record
 class EvalResult:
     loss: float
     accuracy: float  # of `logits` (a multi-exit model's deepest exit)

@@ -37,12 +37,12 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from runtime.errors import OrchardError, TrainerError
 from runtime.protocol import Assignment
+from runtime.record import field_table, record
 
 if TYPE_CHECKING:
     from runtime.layout import FloatArray
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 _KEEP_SESSIONS = 2  # sessions cached beyond the running task's; each holds its model and gradient buffers
 
 
-@dataclass(frozen=True)
+@record
 class TrainJob:
     job_id: str
     artifact_root: str  # the device's artifact cache: one folder per key
@@ -67,7 +67,7 @@ class TrainJob:
     deadline_at: float | None = None
 
 
-@dataclass(frozen=True)
+@record
 class TrainOutcome:
     job_id: str
     body: UpdateBody | None  # what the device method packed; None when training failed
@@ -320,9 +320,9 @@ class TrainerProcess:
             self.launch()
         self.wait_ready(self.start_timeout_s)  # returns at once when it is up (the agent waits for `ready`)
         assert self._conn is not None
-        # Assignment stays a dataclass through the (local, trusted) pipe; asdict would flatten it.
+        # The job's fields as they are (the Assignment stays a record through the local, trusted pipe).
         try:
-            self._conn.send({"op": "train", "job": {**asdict(job), "assignment": job.assignment}})
+            self._conn.send({"op": "train", "job": {name: getattr(job, name) for name, _ in field_table(job)}})
             self._conn.send_bytes(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
         except OSError:  # a broken pipe: the child died between jobs
             self._proc.join(5)

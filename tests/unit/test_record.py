@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,6 +83,20 @@ def test_frozen_post_init_and_mutable_variant() -> None:
     b.n = 2
     assert b == Box(2) and Box.__hash__ is None
 
+    @record(eq=False)
+    class Held:  # identity equality and hashing, as dataclass(frozen=True, eq=False)
+        n: int
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class HeldDc:
+        n: int
+
+    h = Held(1)
+    assert h != Held(1) and h == h and hash(h) == object.__hash__(h)
+    assert (HeldDc(1) == HeldDc(1)) == (Held(1) == Held(1)) and Held.__hash__ is HeldDc.__hash__
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.n = 2  # type: ignore[misc]
+
 
 def test_dataclasses_helpers_work_on_records() -> None:
     rec, dc = _pair()
@@ -111,3 +127,12 @@ def test_class_definition_errors_match_dataclasses() -> None:
         class Order:
             a: int = 0
             b: int
+
+
+def test_runtime_declares_its_value_classes_as_records() -> None:
+    """One way to declare a value class on the board: `@record` (a dataclass on the hello's path
+    brings the `dataclasses` import back; off it, two spellings of one thing)."""
+    root = Path(__file__).resolve().parents[2] / "runtime"
+    offenders = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py"))
+                 if p.name != "record.py" and re.search(r"^\s*@(dataclasses\.)?dataclass\b", p.read_text(), re.M)]
+    assert offenders == []
