@@ -100,7 +100,8 @@ def wall_s_as_the_default_campaign(run: Path, started_unix: float, target: float
     at the target accuracy, plus this run's own teardown): `make campaign`'s budget."""
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     at = {e["event"]: e["wall_t"] for e in events if e.get("event") in ("campaign_stopping", "campaign_stop")}
-    hit = next(e["wall_t"] for e in events if e.get("event") == "evaluate" and e["accuracy"] >= target)
+    hit = next((e["wall_t"] for e in events if e.get("event") == "evaluate" and e["accuracy"] >= target), None)
+    assert hit is not None, f"the campaign never evaluated at accuracy >= {target}"
     return hit - started_unix + (at["campaign_stop"] - at["campaign_stopping"])
 
 
