@@ -126,17 +126,9 @@ def _hints(cls: type) -> dict[str, Any]:
 _OMITTED_WHEN_NONE = frozenset({"gpu_pct", "gpu_mem_mb", "gpu_energy_j"})
 
 
-def _is_message_class(cls: type) -> bool:
-    """A record, or a dataclass (without importing dataclasses: none exists before it is)."""
-    if is_record(cls):
-        return True
-    dataclasses = sys.modules.get("dataclasses")
-    return dataclasses is not None and dataclasses.is_dataclass(cls)
-
-
 def _plain(value: Any, path: str, ctx: str) -> Any:
-    """Dataclasses, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
-    if not isinstance(value, type) and _is_message_class(type(value)):
+    """Records, mappings and tuples -> JSON-ready dicts and lists; numpy scalars -> Python."""
+    if not isinstance(value, type) and is_record(type(value)):
         names = [n for n, _ in field_table(value) if not (n in _OMITTED_WHEN_NONE and getattr(value, n) is None)]
         return {n: _plain(getattr(value, n), f"{path}.{n}", ctx) for n in names}
     if isinstance(value, Mapping):
@@ -215,7 +207,7 @@ def _check(hint: Any, value: Any, path: str, ctx: str) -> Any:
         if not isinstance(value, dict):
             raise bad("an object")
         return {k: _check(args[1], v, f"{path}[{k!r}]", ctx) for k, v in value.items()}
-    if isinstance(hint, type) and _is_message_class(hint):
+    if isinstance(hint, type) and is_record(hint):
         return hint(**fields_from_json(hint, value, ctx, path=path))
     raise TypeError(f"protocol schema has no rule for type {hint!r}")  # a bug here, not bad input
 
