@@ -265,7 +265,7 @@ def scatter_kernels(rng: np.random.Generator, n: int, repeats: int) -> list[dict
     for name, ts in times.items():
         ns = statistics.median(ts) / values * 1e9
         rows.append({"kernel": name, "ns_per_value": round(ns, 3), "memcpy_ns_per_value": round(copy_ns, 3),
-                     "fraction_of_memcpy": round(copy_ns / ns, 4), "load_1m": round(os.getloadavg()[0], 2)})
+                     "fraction_of_memcpy": round(copy_ns / ns, 4), "loadavg_1m": round(os.getloadavg()[0], 2)})
         print(f"  aggregation kernel {name:<30} {ns:6.2f} ns/value; memcpy {copy_ns:.2f}; ratio {copy_ns / ns:.3f}",
               flush=True)
     return rows
@@ -341,7 +341,7 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
         update_bytes = sum(v.nbytes for v in values)
         index_bytes = sum(c.indices.nbytes for c in contributions if c.indices is not None)
         call = lambda m=merge, c=contributions: m(global_flat, c)  # noqa: E731
-        load_1m = os.getloadavg()[0]
+        loadavg_1m = os.getloadavg()[0]
         merge_s, copy_s = _interleaved(call, values, repeats)
         peak_mb = _peak_extra_mb(call)
         err = _max_err_eps32(name, global_flat, contributions, call())
@@ -358,12 +358,12 @@ def run(repeats: int = REPEATS) -> dict[str, Any]:
             "merge_s_median": round(merge_s, 4), "merge_mb_s": round(merge_mbs, 1),
             "memcpy_s_median": round(copy_s, 5), "memcpy_mb_s": round(copy_mbs, 1),
             "fraction_of_memcpy": round(merge_mbs / copy_mbs, 4),
-            "peak_extra_mb": round(peak_mb, 1), "load_1m": round(load_1m, 2), "max_err_eps32": err,
+            "peak_extra_mb": round(peak_mb, 1), "loadavg_1m": round(loadavg_1m, 2), "max_err_eps32": err,
         })
         print(f"  aggregation {name:<20} {len(values)} x {coverage:4.0%} of {n:,} params"
               f" ({update_bytes / MB:6.1f} MB): {merge_s * 1e3:8.1f} ms = {merge_mbs:7.0f} MB/s;"
               f" memcpy {copy_mbs:6.0f} MB/s; ratio {merge_mbs / copy_mbs:.3f}; peak +{peak_mb:.0f} MB;"
-              f" load {load_1m:.1f}" + ("" if err is None else f"; error {err:.2f} eps32"), flush=True)
+              f" load {loadavg_1m:.1f}" + ("" if err is None else f"; error {err:.2f} eps32"), flush=True)
     kernels = scatter_kernels(rng, n, repeats)
     return {"n_params": n, "updates": N_UPDATES, "repeats": repeats, "timer": "process_time", "rows": rows,
             "scatter_kernels": kernels}

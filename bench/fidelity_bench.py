@@ -50,7 +50,7 @@ def run(boards: tuple[str, ...] = BOARDS, steps: int = 40) -> dict[str, Any]:
     out: dict[str, Any] = {"host_speed": dataclasses.asdict(host), "host_efficiency": round(host.efficiency, 3),
                            "host_speed_cached": round(cached.speed_factor, 4),
                            "reference_step_ms_at_speed_1": REFERENCE_STEP_MS_AT_SPEED_1,
-                           "tolerance": TOLERANCE, "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+                           "tolerance": TOLERANCE, "loadavg_1m_start": round(os.getloadavg()[0], 2)}
     try:
         throttle = detect_throttle(prefix="orchard-bench", required=True)
     except OrchardError as exc:
@@ -80,7 +80,7 @@ def run(boards: tuple[str, ...] = BOARDS, steps: int = 40) -> dict[str, Any]:
     out["backend"] = throttle.backend
     out["rows"] = rows
     out["all_within_tolerance"] = all(r["within_tolerance"] for r in rows)
-    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    out["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     return out
 
 

@@ -147,7 +147,7 @@ def mac_cost(n_bytes: int, repeats: int = 9) -> dict[str, Any]:
     """CPU ms per `n_bytes` of each MAC candidate (MAC_PROBE), with and without SHA extensions."""
     has_sha_ni = " sha_ni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
     out: dict[str, Any] = {"payload_bytes": n_bytes, "repeats": repeats, "host_sha_ni": has_sha_ni,
-                           "loadavg_1min": round(os.getloadavg()[0], 2)}
+                           "loadavg_1m": round(os.getloadavg()[0], 2)}
     for name, extra in (("host", {}), ("no_sha_extensions", {"OPENSSL_ia32cap": ":~0x20000000"})):
         proc = subprocess.run([sys.executable, "-c", MAC_PROBE, str(n_bytes), str(repeats)], capture_output=True,
                               text=True, check=True, env={**os.environ, **extra})

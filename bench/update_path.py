@@ -227,7 +227,7 @@ def steps_cpu(n_params: int = UPDATE_PARAMS, repeats: int = 9) -> dict[str, Any]
         split["open_ms"].append((time.process_time() - cpu1) * 1000)
     out.update({k: round(statistics.median(v), 2) for k, v in split.items()})
     out.update(sealed_bytes=len(sealed), chunks=len(chunks), repeats=repeats,
-               loadavg_1min=round(os.getloadavg()[0], 2))
+               loadavg_1m=round(os.getloadavg()[0], 2))
     return out
 
 
@@ -284,7 +284,7 @@ def measure(brokers: dict[str, Broker], configs: list[tuple[str, int, int, str]]
         "update_params": n_params,
         "sealed_bytes": sealed,
         "repeats": repeats,
-        "loadavg_1min": round(statistics.median(loads), 2),
+        "loadavg_1m": round(statistics.median(loads), 2),
         "raw_tcp_s": round(raw_s, 4),
         "raw_tcp_spread_s": round(max(r[0] for r in raw_rows) - min(r[0] for r in raw_rows), 4),
         "raw_tcp_cpu_ms": round(statistics.median(r[1] for r in raw_rows), 2),

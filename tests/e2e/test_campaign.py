@@ -165,10 +165,8 @@ def test_campaign_requiring_cgroups_on_a_host_without_them(tmp_path):
 
 
 # ----------------------------------------------------------------- real campaigns
-def test_default_campaign_leaves_a_complete_run_folder(tmp_path, cgroups):
-    run = tmp_path / "default"
-    before = frozenset(orchard_cgroups_left("default"))
-    proc = orchard("campaign", "run", str(ROOT / "campaigns" / "default.toml"), "--out", str(run), "--quiet")
+def test_default_campaign_leaves_a_complete_run_folder(default_run):
+    run, proc, before = default_run.run, default_run.proc, default_run.cgroups_before
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     for key in ("campaign", "strategy", "duration_board_s", "rounds", "final_accuracy", "best_accuracy",
@@ -243,11 +241,12 @@ def test_on_off_availability_shows_offline_last_will_and_rejoin(tmp_path, cgroup
 name = "flaky"
 board = "rpi4b-4gb"
 count = 1
-availability = { kind = "markov", mean_on_s = 4, mean_off_s = 8, start = "on", seed = 3 }
+availability = { kind = "markov", mean_on_s = 4, mean_off_s = 8, start = "on", seed = 4 }
 """
-    # Stopped by wall time, so the trace has several on/off cycles after the device connected; a
-    # 2 s keepalive means an outage is declared after 3 s, well inside the 8 s mean outage.
-    path = campaign_file(tmp_path, "onoff", fleet, rounds=100_000, duration_board_s=35,
+    # Stopped by board time. This seed's trace (device seed 1 + 3 mixed with 4) is on for 6.0 s,
+    # off until 16.7 s and on again until 20.2 s: an outage well after the hello, long past the
+    # 3 s a 2 s keepalive takes to declare it, and a rejoin with time for a task after it.
+    path = campaign_file(tmp_path, "onoff", fleet, rounds=100_000, duration_board_s=23,
                          extra="[broker]\nkeepalive_s = 2\n")
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")

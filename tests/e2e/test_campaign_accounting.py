@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.board import load_board
-from tests.e2e.test_campaign import ROOT, SMALL_FLEET, campaign_file, cgroups, events, orchard
+from tests.e2e.test_campaign import SMALL_FLEET, campaign_file, cgroups, events, orchard
 
 __all__ = ["cgroups"]  # the fixture, shared with test_campaign.py
 
@@ -31,9 +31,8 @@ def csv_energy_j(path: Path) -> float:
     return total
 
 
-def test_default_campaign_energy_adds_up_and_wastes_little(tmp_path, cgroups):
-    run = tmp_path / "default"
-    proc = orchard("campaign", "run", str(ROOT / "campaigns" / "default.toml"), "--out", str(run), "--quiet")
+def test_default_campaign_energy_adds_up_and_wastes_little(default_run):
+    run, proc = default_run.run, default_run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     work = summary["wasted_work"]
@@ -144,7 +143,7 @@ availability = { kind = "file", path = "nap.json" }
 @pytest.mark.parametrize("offline", ["unreachable", "powered-off"])
 def test_offline_mode_decides_what_a_frozen_spell_costs(tmp_path, cgroups, offline):
     (tmp_path / "nap.json").write_text(json.dumps({"inactive": [[6, 16]]}))  # frozen for 10 s mid-run
-    path = campaign_file(tmp_path, "nap", NAP, rounds=1000, duration_board_s=24)
+    path = campaign_file(tmp_path, "nap", NAP, rounds=1000, duration_board_s=20)  # 4 s past the thaw
     path.write_text(path.read_text().replace("seed = 1\n", f'seed = 1\noffline = "{offline}"\n', 1))
     run = tmp_path / "run"
     proc = orchard("campaign", "run", str(path), "--out", str(run), "--quiet")
