@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_or_skip
-from tests.e2e.test_campaign import ROOT, cgroups_writable, orchard, orchard_cgroups_left
+from tests.e2e.test_campaign import ROOT, orchard, orchard_cgroups_left, require_cgroups
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class DefaultRun:
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
     """`make campaign`'s run, done once: the tests that read its folder (contents, energy, wasted
     work) only read it, and each run costs ~20 s of the suite's 15 minutes."""
-    require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
+    require_cgroups()
     before = frozenset(orchard_cgroups_left("default"))
     run = tmp_path_factory.mktemp("default-campaign") / "default"
     proc = orchard("campaign", "run", str(ROOT / "campaigns" / "default.toml"), "--out", str(run), "--quiet")

@@ -30,9 +30,13 @@ def cgroups_writable() -> bool:
         return (CGROUP_ROOT / "cgroup.controllers").exists() and os.access(CGROUP_ROOT, os.W_OK)
 
 
+def require_cgroups() -> None:
+    require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
+
+
 @pytest.fixture
 def cgroups() -> None:
-    require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
+    require_cgroups()
 
 
 def orchard(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_or_skip
-from tests.e2e.test_campaign import CGROUP_ROOT, ROOT, campaign_file, cgroups_writable, events, processes_of
+from tests.e2e.test_campaign import CGROUP_ROOT, ROOT, campaign_file, events, processes_of, require_cgroups
 
 FLEET = """
 [[fleet]]
@@ -40,7 +40,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     other run on the host sweeps what a lost node left before the test looks."""
     require_or_skip("ORCHARD_REQUIRE_RAY", importlib.util.find_spec("ray") is not None,
                     "ray is not installed (pip install 'orchard[cluster]')")
-    require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
+    require_cgroups()
     from ray.cluster_utils import Cluster
 
     mp = pytest.MonkeyPatch()

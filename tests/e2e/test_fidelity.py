@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 
 from runtime.board import load_board
-from tests.conftest import require_or_skip
-from tests.e2e.test_campaign import ROOT, cgroups_writable, orchard
+from tests.e2e.test_campaign import ROOT, orchard, require_cgroups
 
 DEFAULT = ROOT / "campaigns" / "default.toml"
 TOLERANCE = 0.20
@@ -38,7 +37,7 @@ TOLERANCE = 0.20
 
 @pytest.fixture
 def cgroups() -> None:
-    require_or_skip("ORCHARD_REQUIRE_CGROUPS", cgroups_writable(), "cgroups are not writable here (needs root)")
+    require_cgroups()
 
 
 def fresh_calibration_env(tmp: Path) -> dict[str, str]:
